@@ -1,0 +1,218 @@
+"""Denoiser: a network, its schedule and its prediction type, seen as D, E or velocity.
+
+With x = alpha x0 + sigma eps, D the data prediction and E the noise prediction:
+    eps:      E = out,            D = (x - sigma E) / alpha
+    x0:       D = out,            E = (x - alpha D) / sigma
+    v:        D = alpha x - sigma v, E = sigma x + alpha v      (v = alpha eps - sigma x0, alpha^2 + sigma^2 = 1)
+    velocity: D = x - t v,        E = x + (1 - t) v           (flow x = (1 - t) x0 + t eps, v = dx/dt)
+The probability-flow velocity of any schedule is dx/dt = alpha' D + sigma' E.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .errors import FewstepError, ModelOutputError, ShapeError
+from .schedules import Schedule
+
+PREDICTIONS = ("eps", "x0", "v", "velocity")
+BASES = ("D", "E", "v")
+
+
+def _cat_cond(cond: Mapping[str, Any], uncond: Mapping[str, Any]) -> dict[str, Any]:
+    """Concatenate cond and uncond keyword arguments along the batch dimension."""
+    out: dict[str, Any] = {}
+    for k, v in cond.items():
+        u = uncond.get(k, v)
+        if isinstance(v, Tensor):
+            u = u if isinstance(u, Tensor) else torch.as_tensor(u, dtype=v.dtype, device=v.device)
+            if u.shape != v.shape:
+                u = u.expand_as(v) if u.dim() == v.dim() or u.numel() == 1 else u
+            out[k] = torch.cat([v, u.to(v.device, v.dtype)], 0)
+        else:
+            out[k] = v
+    return out
+
+
+class Denoiser(nn.Module):
+    """Wrap ``net(x, t_net, **cond)`` into the internal form.
+
+    Args:
+        net: the network; called as ``net(x, t_net, **cond)`` with x of shape (B, ...) and
+            t_net of shape (B,), and must return a tensor shaped like x.
+        schedule: the model's :class:`~fewstep.schedules.Schedule`.
+        prediction: what the network outputs: ``eps``, ``x0``, ``v`` or ``velocity``.
+        sample_shape: shape of one sample, without the batch dimension (used by ``eval``).
+        guidance_scale: classifier-free guidance weight w (None: no guidance); guided
+            E = E_u + w (E_c - E_u), cond and uncond run in one batched call (1 NFE).
+        uncond: keyword arguments for the unconditional half (e.g. ``{"class_labels": null}``);
+            a callable ``uncond(cond) -> dict`` is also accepted.
+        name: a label used in tables.
+        prior: optional callable ``prior(generator, shape) -> Tensor`` for the starting noise
+            (default: standard normal).
+        cond_sampler: optional callable ``cond_sampler(seeds: list[int]) -> dict`` giving the
+            conditioning for samples drawn from those seeds (e.g. class labels).
+    """
+
+    def __init__(
+        self,
+        net: Callable[..., Tensor],
+        schedule: Schedule,
+        prediction: str = "eps",
+        sample_shape: tuple[int, ...] | None = None,
+        guidance_scale: float | None = None,
+        uncond: Mapping[str, Any] | Callable[[dict], dict] | None = None,
+        name: str | None = None,
+        prior: Callable[[torch.Generator, tuple[int, ...]], Tensor] | None = None,
+        cond_sampler: Callable[[list[int]], dict[str, Any]] | None = None,
+        identity: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if prediction not in PREDICTIONS:
+            raise FewstepError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
+        if prediction == "v" and schedule.kind != "vp":
+            raise FewstepError("prediction 'v' needs a VP schedule (alpha^2 + sigma^2 = 1)")
+        if prediction == "velocity" and schedule.kind != "flow":
+            raise FewstepError("prediction 'velocity' needs the Flow schedule (x = (1 - t) x0 + t eps)")
+        self.net = net
+        self.schedule = schedule
+        self.prediction = prediction
+        self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
+        self.guidance_scale = guidance_scale
+        self.uncond = uncond
+        self.name = name or getattr(net, "__class__", type(net)).__name__
+        self.prior = prior
+        self.cond_sampler = cond_sampler
+        self.identity = dict(identity or {})
+        self.nfe = 0
+
+    # ------------------------------------------------------------------ network call
+    def raw(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
+        """The network output at solver time t (scalar), guidance applied. Counts 1 NFE."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        t_net = self.schedule.net_time(t).to(device=x.device, dtype=x.dtype).expand(x.shape[0])
+        w = self.guidance_scale
+        if w is not None and w != 1.0:
+            unc = self.uncond(cond) if callable(self.uncond) else dict(self.uncond or {})
+            both = _cat_cond(cond, unc)
+            out = self.net(torch.cat([x, x], 0), torch.cat([t_net, t_net], 0), **both)
+            self._check_shape(out, (2 * x.shape[0], *x.shape[1:]))
+            out_c, out_u = out.chunk(2, 0)
+            out = out_u + w * (out_c - out_u)
+        else:
+            out = self.net(x, t_net, **cond)
+            self._check_shape(out, tuple(x.shape))
+        self.nfe += 1
+        return out
+
+    def _check_shape(self, out: Any, want: tuple[int, ...]) -> None:
+        if not isinstance(out, Tensor):
+            out = getattr(out, "sample", out)
+            if not isinstance(out, Tensor):
+                raise ShapeError(f"the network must return a tensor; got {type(out).__name__}")
+        if tuple(out.shape) != want:
+            raise ShapeError(
+                f"the network returned shape {tuple(out.shape)} for input shape {want}: "
+                f"it must return one {self.prediction} prediction shaped like its input"
+            )
+
+    # ------------------------------------------------------------------ conversions
+    def convert(self, out: Tensor, x: Tensor, t: Tensor | float, basis: str) -> Tensor:
+        """Convert a raw network output at (x, t) to basis 'D', 'E' or 'v' (dx/dt)."""
+        s = self.schedule
+        t = torch.as_tensor(t, dtype=torch.float64)
+        alpha, sigma = s.alpha(t), s.sigma(t)
+        p = self.prediction
+        if p == "x0" and basis == "D":
+            return out
+        if p == "eps" and basis == "E":
+            return out
+        if p == "velocity" and basis == "v":
+            return out
+        D, E = self.to_DE(out, x, t)
+        if basis == "D":
+            return D
+        if basis == "E":
+            return E
+        if basis == "v":
+            da, ds = s.d_alpha(t), s.d_sigma(t)
+            return float(da) * D + float(ds) * E
+        raise FewstepError(f"unknown basis {basis!r}; valid: {', '.join(BASES)}")
+
+    def to_DE(self, out: Tensor, x: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:
+        """(D, E) from a raw output. Uses only alpha, sigma at t (float64 scalars)."""
+        s = self.schedule
+        t = torch.as_tensor(t, dtype=torch.float64)
+        a, g = float(s.alpha(t)), float(s.sigma(t))
+        p = self.prediction
+        if p == "eps":
+            E = out
+            D = (x - g * E) / a
+        elif p == "x0":
+            D = out
+            E = (x - a * D) / g
+        elif p == "v":
+            D = a * x - g * out
+            E = g * x + a * out
+        else:  # velocity, flow schedule: alpha = 1 - t, sigma = t
+            tt = float(t)
+            D = x - tt * out
+            E = x + (1.0 - tt) * out
+        return D, E
+
+    def predict(self, x: Tensor, t: Tensor | float, basis: str = "D", **cond: Any) -> Tensor:
+        """One network call at solver time t, returned in ``basis`` ('D', 'E' or 'v')."""
+        return self.convert(self.raw(x, t, **cond), x, t, basis)
+
+    def forward(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
+        """The data prediction D(x, t)."""
+        return self.predict(x, t, "D", **cond)
+
+    # ------------------------------------------------------------------ identity
+    def fingerprint(self) -> str:
+        """sha256 over the schedule, prediction and every parameter and buffer of ``net``."""
+        h = hashlib.sha256()
+        h.update(repr(sorted(self.schedule.config().items())).encode())
+        h.update(self.prediction.encode())
+        h.update(repr(sorted(self.identity.items())).encode())
+        if isinstance(self.net, nn.Module):
+            for k, v in sorted(self.net.state_dict().items()):
+                h.update(k.encode())
+                h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                         if v.numel() else b"")
+        return h.hexdigest()[:16]
+
+    def noise(self, seeds: list[int] | range, device: str | torch.device = "cpu") -> Tensor:
+        """Standard starting noise, one generator per seed: shape (len(seeds), *sample_shape).
+
+        The result does not depend on how seeds are batched.
+        """
+        if self.sample_shape is None:
+            raise FewstepError("this Denoiser has no sample_shape: pass sample_shape=(...) when you build it")
+        rows = []
+        for seed in seeds:
+            g = torch.Generator().manual_seed(int(seed))
+            if self.prior is not None:
+                rows.append(self.prior(g, self.sample_shape))
+            else:
+                rows.append(torch.randn(self.sample_shape, generator=g))
+        return torch.stack(rows).to(device)
+
+    def cond_for(self, seeds: list[int] | range, device: str | torch.device = "cpu") -> dict[str, Any]:
+        """Conditioning keyword arguments for samples drawn from ``seeds`` (empty if unconditional)."""
+        if self.cond_sampler is None:
+            return {}
+        return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.cond_sampler(list(seeds)).items()}
+
+
+def check_finite(out: Tensor, where: str) -> None:
+    """Raise ModelOutputError naming ``where`` if ``out`` holds NaN or inf."""
+    if not torch.isfinite(out).all():
+        bad = "NaN" if torch.isnan(out).any() else "inf"
+        raise ModelOutputError(
+            f"the model returned {bad} {where}: check the model, its prediction type and its schedule"
+        )
