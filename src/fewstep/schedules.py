@@ -85,6 +85,8 @@ class Schedule:
         t = _t(t).detach().clone().requires_grad_(True)
         with torch.enable_grad():
             y = fn(t)
+            if not y.requires_grad:  # constant in t (e.g. alpha = 1 for VE)
+                return torch.zeros_like(t).detach()
             (g,) = torch.autograd.grad(y.sum(), t)
         return g
 

@@ -1,0 +1,103 @@
+"""Time grids: N + 1 solver times t_0 = t_max > t_1 > ... > t_N for N steps (float64).
+
+Named grids end at the schedule's clean end (t_end, sigma = 0), so the last step lands on the
+data; its evaluations are t_0 .. t_{N-1}.
+- ``time``: uniform in t from t_max to t_end.
+- ``quadratic``: t_end + (t_max - t_end) (1 - i/N)^2 (dense near the data).
+- ``logsnr``: N evaluation points uniform in lambda from the noise end to t_min, then t_end.
+- ``karras`` (alias ``edm``): N points s_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho
+  in s = sigma / alpha, then t_end (rho = 7).
+An explicit grid is any strictly decreasing sequence inside [t_end, t_max].
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import GridError, SolverNameError
+from .schedules import Schedule
+
+F64 = torch.float64
+
+
+def time_uniform(schedule: Schedule, n: int) -> Tensor:
+    return torch.linspace(schedule.t_max, schedule.t_end, n + 1, dtype=F64)
+
+
+def time_quadratic(schedule: Schedule, n: int) -> Tensor:
+    u = 1.0 - torch.arange(n + 1, dtype=F64) / n
+    return schedule.t_end + (schedule.t_max - schedule.t_end) * u**2
+
+
+def logsnr_uniform(schedule: Schedule, n: int) -> Tensor:
+    lo, hi = schedule.lambda_range()
+    lam = torch.linspace(lo, hi, n, dtype=F64)
+    t = schedule.t_of_lambda(lam)
+    t[0] = schedule.t_max
+    if n == 1:
+        t = torch.tensor([schedule.t_max], dtype=F64)
+    return torch.cat([t, torch.tensor([schedule.t_end], dtype=F64)])
+
+
+def karras(schedule: Schedule, n: int, rho: float = 7.0) -> Tensor:
+    lo, hi = schedule.lambda_range()
+    s_max, s_min = torch.exp(torch.tensor(-lo, dtype=F64)), torch.exp(torch.tensor(-hi, dtype=F64))
+    u = torch.arange(n, dtype=F64) / max(n - 1, 1)
+    s = (s_max ** (1 / rho) + u * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+    t = schedule.t_of_lambda(-torch.log(s))
+    t[0] = schedule.t_max
+    return torch.cat([t, torch.tensor([schedule.t_end], dtype=F64)])
+
+
+GRIDS = {"time": time_uniform, "quadratic": time_quadratic, "logsnr": logsnr_uniform, "karras": karras}
+ALIASES = {"edm": "karras", "uniform": "time", "time_uniform": "time", "time_quadratic": "quadratic",
+           "logSNR": "logsnr", "lambda": "logsnr"}
+
+
+def check_grid(t: Tensor, schedule: Schedule) -> Tensor:
+    """Validate an explicit grid: 1-D, at least 2 points, strictly decreasing, inside the range."""
+    if t.dim() != 1 or t.numel() < 2:
+        raise GridError(f"a grid needs at least 2 times in a 1-D list; got shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise GridError("grid times must be finite numbers")
+    d = t[1:] - t[:-1]
+    if not torch.all(d < 0):
+        bad = int(torch.nonzero(d >= 0)[0])
+        raise GridError(
+            f"grid must be strictly decreasing from the noise end to the data end; "
+            f"t[{bad}]={float(t[bad]):g} is followed by t[{bad + 1}]={float(t[bad + 1]):g}"
+        )
+    lo, hi = float(t.min()), float(t.max())
+    tol = 1e-9 * max(1.0, abs(schedule.t_max))
+    if lo < schedule.t_end - tol or hi > schedule.t_max + tol:
+        raise GridError(
+            f"grid times must lie in [{schedule.t_end:g}, {schedule.t_max:g}] for {schedule.describe()}; "
+            f"got [{lo:g}, {hi:g}]"
+        )
+    return t
+
+
+def make_grid(schedule: Schedule, n: int, grid: str | Sequence[float] | Tensor = "logsnr", **kwargs) -> Tensor:
+    """Grid of n steps (n + 1 times, float64, decreasing) by name or from an explicit list.
+
+    An explicit list must have exactly n + 1 entries.
+    """
+    if isinstance(grid, str):
+        name = ALIASES.get(grid, grid)
+        if name not in GRIDS:
+            raise SolverNameError(f"unknown grid {grid!r}; valid: {', '.join(GRIDS)} (or an explicit list of times)")
+        if n < 1:
+            raise GridError(f"a grid needs at least 1 step; got {n}")
+        return check_grid(GRIDS[name](schedule, n, **kwargs), schedule)
+    t = torch.as_tensor(grid, dtype=F64).detach().clone() if not isinstance(grid, Tensor) else grid.to(F64)
+    check_grid(t, schedule)
+    if t.numel() != n + 1:
+        raise GridError(f"an explicit grid for {n} steps needs {n + 1} times; got {t.numel()}")
+    return t
+
+
+def grid_names() -> list[str]:
+    return list(GRIDS)
