@@ -1,0 +1,23 @@
+# Two commands: `make demo` (the main job on a built-in model) and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test setup bench
+
+$(BIN)/fewstep: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test,all]"
+	touch $(BIN)/fewstep
+
+setup: $(BIN)/fewstep
+
+demo: setup
+	$(BIN)/fewstep demo --out out/demo
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/classic.py

@@ -1,0 +1,101 @@
+"""``fewstep.fit.fit``: teacher data, one method, an artifact on disk."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..denoiser import Denoiser
+from ..errors import FewstepError
+from ..seeds import check_fit_seeds, fit_seeds, val_seeds
+from ..solvers.learned import LoadedSolver, save_solver, solver_doc
+from .methods import METHODS, FitConfig, FitOutcome, fit_solver
+from .teacher import TeacherData, TeacherSpec, default_teacher, generate_teacher, parse_teacher
+
+
+@dataclass
+class FitResult:
+    solver: LoadedSolver
+    doc: dict[str, Any]
+    outcome: FitOutcome
+    path: Path | None = None
+
+
+def _detach_tab(tab):
+    from ..solvers.kernel import Tableau
+
+    d = lambda v: None if v is None else v.detach().clone()  # noqa: E731
+    return Tableau(tab.basis, d(tab.t), d(tab.a), d(tab.B), d(tab.C), d(tab.c), tab.name, d(tab.B_mask),
+                   d(tab.C_mask))
+
+
+def fit(
+    model: Denoiser,
+    method: str = "s4s-alt",
+    nfe: int = 5,
+    out: str | Path | None = None,
+    teacher: str | TeacherSpec | None = None,
+    samples: int = 700,
+    val_samples: int = 200,
+    seed: int = 0,
+    progress: bool = True,
+    cache_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    **overrides: Any,
+) -> FitResult:
+    """Fit a learned solver for ``model`` at ``nfe`` evaluations and (optionally) save it to ``out``.
+
+    Training noises come from seeds [seed, seed + samples), validation noises from the
+    validation range; neither overlaps the evaluation range. ``overrides`` set
+    :class:`FitConfig` fields (start, k, steps, rounds, batch, lr_coef, lr_grid, relax, loss, ...).
+    """
+    if method not in METHODS:
+        raise FewstepError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    if nfe < 1:
+        raise FewstepError(f"nfe must be at least 1; got {nfe}")
+    bad = set(overrides) - set(FitConfig.__dataclass_fields__)
+    if bad:
+        raise FewstepError(f"unknown fit settings {sorted(bad)}; valid: {', '.join(FitConfig.__dataclass_fields__)}")
+    cfg = replace(FitConfig(method=method, nfe=nfe, seed=seed), **overrides)
+    spec = parse_teacher(teacher) if isinstance(teacher, str) else (teacher or default_teacher(model))
+    t0 = time.perf_counter()
+    tr_seeds, va_seeds = fit_seeds(samples, seed), val_seeds(val_samples, seed)
+    check_fit_seeds(list(tr_seeds) + list(va_seeds))
+    keep = method == "dss"
+    train = generate_teacher(model, tr_seeds, spec, keep_states=keep, cache_dir=cache_dir, device=device,
+                             progress=progress)
+    val = generate_teacher(model, va_seeds, spec, cache_dir=cache_dir, device=device, progress=progress)
+    t_teacher = time.perf_counter() - t0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        total = cfg.steps if method != "s4s-alt" else 2 * cfg.rounds * max(1, cfg.steps // (2 * cfg.rounds))
+        bar = tqdm(total=total, desc=f"fit {method} NFE {nfe}", unit="step", dynamic_ncols=True)
+    try:
+        outcome = fit_solver(model, train, val, cfg, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    wall = time.perf_counter() - t0
+    with torch.no_grad():
+        tab = _detach_tab(outcome.solver.tableau())
+    doc = solver_doc(
+        tab, model.schedule, model, method,
+        label=method,
+        start={"solver": outcome.start, "val_rmse": outcome.start_val},
+        teacher={"spec": str(spec), "train_seeds": [tr_seeds.start, tr_seeds.stop],
+                 "val_seeds": [va_seeds.start, va_seeds.stop]},
+        fit=cfg.as_dict(),
+        validation={"rmse_to_teacher": outcome.val, "start_rmse_to_teacher": outcome.start_val,
+                    "kept_start": outcome.kept_start,
+                    "classic_ranking": [{"solver": s, "rmse_to_teacher": v} for v, s in outcome.ranking[:8]]},
+        timing={"teacher_s": round(t_teacher, 2), "total_s": round(wall, 2)},
+        history=outcome.state.history,
+    )
+    path = save_solver(out, doc) if out is not None else None
+    return FitResult(LoadedSolver(doc, path), doc, outcome, path)

@@ -1,0 +1,72 @@
+"""Seed ranges: every starting noise is drawn from its own seed, and the ranges never overlap.
+
+* fitting (teacher pairs):  seeds ``[FIT_SEED_START, VAL_SEED_START)``
+* validation (model choice): seeds ``[VAL_SEED_START, EVAL_SEED_START)``
+* evaluation (reported numbers): seeds ``>= EVAL_SEED_START``
+
+Numbers measured on the noises a solver was fitted on are not results, so fitting code calls
+:func:`check_fit_seeds` and refuses evaluation seeds.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from .errors import FewstepError
+
+FIT_SEED_START = 0
+VAL_SEED_START = 500_000
+EVAL_SEED_START = 1_000_000
+
+
+def _count(n: int, what: str) -> int:
+    if isinstance(n, bool) or int(n) != n or n < 0:
+        raise FewstepError(f"the number of {what} seeds must be a non-negative integer; got {n!r}")
+    return int(n)
+
+
+def fit_seeds(n: int, start: int = 0) -> range:
+    """``n`` fitting seeds, ``start`` counted from FIT_SEED_START (stays below VAL_SEED_START)."""
+    n = _count(n, "fit")
+    lo = FIT_SEED_START + int(start)
+    if lo < FIT_SEED_START or lo + n > VAL_SEED_START:
+        raise FewstepError(
+            f"fit seeds [{lo}, {lo + n}) leave the fitting range [{FIT_SEED_START}, {VAL_SEED_START})"
+        )
+    return range(lo, lo + n)
+
+
+def val_seeds(n: int, start: int = 0) -> range:
+    """``n`` validation seeds, ``start`` counted from VAL_SEED_START (stays below EVAL_SEED_START)."""
+    n = _count(n, "validation")
+    lo = VAL_SEED_START + int(start)
+    if lo < VAL_SEED_START or lo + n > EVAL_SEED_START:
+        raise FewstepError(
+            f"validation seeds [{lo}, {lo + n}) leave the validation range [{VAL_SEED_START}, {EVAL_SEED_START})"
+        )
+    return range(lo, lo + n)
+
+
+def eval_seeds(n: int, start: int = EVAL_SEED_START) -> range:
+    """``n`` evaluation seeds from the absolute seed ``start`` (at least EVAL_SEED_START)."""
+    n = _count(n, "evaluation")
+    start = int(start)
+    if start < EVAL_SEED_START:
+        raise FewstepError(
+            f"evaluation seeds must start at or above EVAL_SEED_START={EVAL_SEED_START}; got start={start}"
+        )
+    return range(start, start + n)
+
+
+def check_fit_seeds(seeds: Iterable[int]) -> None:
+    """Raise FewstepError if any fitting/validation seed lies in the evaluation range."""
+    if isinstance(seeds, range):  # O(1): the largest element is at one end
+        top = (seeds[-1] if seeds.step > 0 else seeds[0]) if len(seeds) else None
+        bad = [top] if top is not None and top >= EVAL_SEED_START else []
+    else:
+        bad = [int(s) for s in seeds if int(s) >= EVAL_SEED_START][:1]
+    if bad:
+        raise FewstepError(
+            f"seed {bad[0]} is an evaluation seed (>= {EVAL_SEED_START}): fitting and validation must use "
+            f"seeds below {EVAL_SEED_START} (see fewstep.seeds.fit_seeds / val_seeds)"
+        )

@@ -1,0 +1,243 @@
+"""Learned solvers: the kernel's tables as parameters.
+
+One parameterisation covers S4S, S4S-Alt, LD3 and DSS. For step i with grid t_0 > ... > t_N:
+
+    x_{i+1} = a_i x_i + phi_i * sum_j W[i, j] F_j          (predictor)
+    x_{i+1} = a_i x_i + phi_i * sum_j V[i, j] F_j          (corrector, optional, j <= i + 1)
+
+with, by basis (all functions of the grid, so a learned grid stays consistent):
+    D (data prediction):  a_i = sigma_{i+1}/sigma_i,  phi_i = alpha_{i+1} - sigma_{i+1} alpha_i / sigma_i
+                          (= alpha_{i+1} (1 - e^{-h_i}) = sigma_{i+1} (omega_{i+1} - omega_i), omega = alpha/sigma)
+    E (noise prediction): a_i = alpha_{i+1}/alpha_i,  phi_i = sigma_{i+1} - alpha_{i+1} sigma_i / alpha_i
+    v (velocity):         a_i = 1,                    phi_i = t_{i+1} - t_i
+W = I is DDIM (D, E) or Euler (v). S4S leaves W free over the last k evaluations; DSS makes every
+row sum to one (the diagonal is 1 - the rest). The grid is t_i = t_max - (t_max - t_end) *
+cumsum(softmax(r))_i: strictly monotone with fixed endpoints by construction. Decoupled
+evaluation times are c_i = t_i + d_i tanh(delta_i) with d_i a fraction of the neighbouring steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..denoiser import Denoiser
+from ..errors import ArtifactError
+from ..io import write_text
+from ..schedules import Schedule, schedule_from_config
+from .kernel import Tableau
+
+F64 = torch.float64
+SCHEMA = "fewstep.solver/1"
+
+
+def step_scales(schedule: Schedule, t: Tensor, basis: str) -> tuple[Tensor, Tensor]:
+    """(a, phi) of shape (N,) for grid t (N+1,), differentiable in t."""
+    if basis == "v":
+        return torch.ones_like(t[:-1]), t[1:] - t[:-1]
+    al, sg = schedule.alpha(t), schedule.sigma(t)
+    if basis == "D":
+        a = sg[1:] / sg[:-1]
+        return a, al[1:] - a * al[:-1]
+    a = al[1:] / al[:-1]
+    return a, sg[1:] - a * sg[:-1]
+
+
+def window_mask(n: int, k: int, corrector: bool = False) -> Tensor:
+    """Last-k evaluations per step: (N, N) predictor mask, or (N, N+1) corrector mask (k+1 wide)."""
+    if corrector:
+        m = torch.zeros(n, n + 1, dtype=torch.bool)
+        for i in range(n - 1):
+            m[i, max(0, i - k + 1): i + 2] = True
+        return m
+    m = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        m[i, max(0, i - k + 1): i + 1] = True
+    return m
+
+
+class LearnedSolver(nn.Module):
+    """A parameterised N-step solver (see the module docstring).
+
+    Args:
+        schedule: the model's schedule.
+        t_init: starting grid (N+1,), e.g. the grid of the classic starting solver.
+        basis: 'D', 'E' or 'v'.
+        W_init: (N, N) starting predictor weights (normalised by phi), V_init: (N, N+1) or None.
+        mask, V_mask: which weights are free (others are fixed at 0).
+        rows_sum_to_one: DSS form (the diagonal is implicit).
+        decouple: learn evaluation-time offsets, at most ``decouple`` times the smaller adjacent step.
+    """
+
+    def __init__(self, schedule: Schedule, t_init: Tensor, basis: str, W_init: Tensor, mask: Tensor,
+                 V_init: Tensor | None = None, V_mask: Tensor | None = None, rows_sum_to_one: bool = False,
+                 decouple: float = 0.0, method: str = "s4s", start: str = "") -> None:
+        super().__init__()
+        self.schedule, self.basis, self.method, self.start = schedule, basis, method, start
+        self.rows_sum_to_one, self.decouple = rows_sum_to_one, float(decouple)
+        t_init = t_init.detach().to(F64)
+        n = t_init.numel() - 1
+        self.N = n
+        self.t_max, self.t_end = float(t_init[0]), float(t_init[-1])
+        steps = (t_init[:-1] - t_init[1:]) / (self.t_max - self.t_end)
+        self.r = nn.Parameter(torch.log(steps.clamp_min(1e-12)))
+        self.delta = nn.Parameter(torch.zeros(n, dtype=F64))
+        m = torch.tril(mask.bool(), -1) if rows_sum_to_one else mask.bool()
+        self.register_buffer("mask", m.clone())
+        self.W = nn.Parameter((W_init.to(F64) * m).clone())
+        if V_init is not None:
+            self.register_buffer("V_mask", V_mask.bool().clone())
+            self.V = nn.Parameter((V_init.to(F64) * V_mask).clone())
+        else:
+            self.V_mask, self.V = None, None
+        self.nfe = n
+        self.name = method
+        self.grid_label = "learned"
+        self.info: dict[str, Any] = {}
+
+    # --------------------------------------------------------------------------- parameters
+    def grid(self) -> Tensor:
+        """t (N+1,), strictly decreasing from t_max to t_end."""
+        w = torch.softmax(self.r, 0)
+        cum = torch.cat([torch.zeros(1, dtype=F64, device=w.device), torch.cumsum(w, 0)])
+        t = self.t_max - (self.t_max - self.t_end) * cum
+        return torch.cat([t[:1] * 0 + self.t_max, t[1:-1], t[-1:] * 0 + self.t_end])
+
+    def eval_times(self, t: Tensor) -> Tensor | None:
+        if self.decouple <= 0:
+            return None
+        steps = t[:-1] - t[1:]  # (N,)
+        left = torch.cat([steps[:1], steps[:-1]])  # step before point i (point 0: its own step)
+        d = self.decouple * torch.minimum(left, steps)
+        d = torch.cat([torch.zeros(1, dtype=F64, device=t.device), d[1:]])  # c_0 = t_0: endpoint fixed
+        return t[:-1] + d * torch.tanh(self.delta)
+
+    def weights(self) -> Tensor:
+        if not self.rows_sum_to_one:
+            return self.W * self.mask
+        off = self.W * self.mask
+        return off + torch.diag(1.0 - off.sum(1))
+
+    def coef_groups(self) -> dict[str, list[nn.Parameter]]:
+        g = {"grid": [self.r] + ([self.delta] if self.decouple > 0 else []), "coef": [self.W]}
+        if self.V is not None:
+            g["coef"].append(self.V)
+        return g
+
+    def tableau(self, model: Denoiser | None = None) -> Tableau:
+        """The kernel tables (differentiable in the parameters)."""
+        t = self.grid()
+        a, phi = step_scales(self.schedule, t, self.basis)
+        W = self.weights()
+        B = phi[:, None] * W
+        C = None if self.V is None else phi[:, None] * (self.V * self.V_mask)
+        bm = torch.diag(torch.ones(self.N, dtype=torch.bool)) | self.mask
+        return Tableau(self.basis, t, a, B, C, self.eval_times(t), name=self.method, B_mask=bm,
+                       C_mask=self.V_mask)
+
+
+class LoadedSolver:
+    """A learned solver read from disk: fixed tables plus the metadata it was saved with."""
+
+    def __init__(self, doc: dict[str, Any], path: Path | None = None, force: bool = False) -> None:
+        self.doc, self.path, self.force = doc, path, force
+        self.nfe = int(doc["nfe"])
+        self.name = doc.get("label") or f"{doc['method']}"
+        self.grid_label = "learned"
+        self.schedule = schedule_from_config(doc["schedule"])
+        self._tab = tableau_from_doc(doc["tableau"], name=self.name)
+
+    def check(self, model: Denoiser) -> None:
+        """Refuse a model with another schedule or fingerprint (unless force)."""
+        if self.force:
+            return
+        want = self.doc["model"]["fingerprint"]
+        if model.schedule.config() != self.doc["schedule"]:
+            raise ArtifactError(
+                f"solver {self.path or self.name} was fitted for schedule {self.schedule.describe()}, "
+                f"not {model.schedule.describe()}; refit it for this model (or force=True / --force)"
+            )
+        got = model.fingerprint()
+        if got != want:
+            raise ArtifactError(
+                f"solver {self.path or self.name} was fitted for model {self.doc['model'].get('name')} "
+                f"(fingerprint {want}), not this one (fingerprint {got}); refit it (or force=True / --force)"
+            )
+
+    def tableau(self, model: Denoiser | None = None) -> Tableau:
+        if model is not None:
+            self.check(model)
+        return self._tab
+
+
+def _floats(v: Tensor | None) -> Any:
+    return None if v is None else v.detach().to(F64).cpu().tolist()
+
+
+def tableau_to_doc(tab: Tableau) -> dict[str, Any]:
+    return {"basis": tab.basis, "t": _floats(tab.t), "eval_times": _floats(tab.eval_times), "a": _floats(tab.a),
+            "B": _floats(tab.B), "C": _floats(tab.C),
+            "B_mask": None if tab.B_mask is None else tab.B_mask.int().tolist(),
+            "C_mask": None if tab.C_mask is None else tab.C_mask.int().tolist()}
+
+
+def tableau_from_doc(d: dict[str, Any], name: str = "learned") -> Tableau:
+    try:
+        T = lambda v: None if v is None else torch.tensor(v, dtype=F64)  # noqa: E731
+        M = lambda v: None if v is None else torch.tensor(v, dtype=torch.bool)  # noqa: E731
+        tab = Tableau(d["basis"], T(d["t"]), T(d["a"]), T(d["B"]), T(d.get("C")), T(d.get("eval_times")),
+                      name=name, B_mask=M(d.get("B_mask")), C_mask=M(d.get("C_mask")))
+        tab.validate()
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"malformed solver tables ({e}); the artifact is damaged or not a fewstep solver") from None
+    t = tab.t
+    if not torch.all(t[1:] < t[:-1]):
+        raise ArtifactError("the artifact's grid is not strictly decreasing; it is damaged")
+    return tab
+
+
+def save_solver(path: str | os.PathLike, doc: dict[str, Any]) -> Path:
+    """Write ``doc`` (see :func:`solver_doc`) to DIR/solver.json atomically; returns the file path."""
+    p = Path(path)
+    f = p if p.suffix == ".json" else p / "solver.json"
+    write_text(f, json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    return f
+
+
+def solver_doc(tab: Tableau, schedule: Schedule, model: Denoiser, method: str, **extra: Any) -> dict[str, Any]:
+    """The JSON document of a learned solver."""
+    return {"schema": SCHEMA, "method": method, "label": extra.pop("label", method), "nfe": tab.N,
+            "schedule": schedule.config(),
+            "model": {"fingerprint": model.fingerprint(), "name": model.name},
+            "grid": _floats(tab.t), "eval_times": _floats(tab.eval_times),
+            "tableau": tableau_to_doc(tab), **extra}
+
+
+def load_solver(path: str | os.PathLike, force: bool = False) -> LoadedSolver:
+    """Read a learned solver (a directory holding solver.json, or the JSON file). Never unpickles."""
+    p = Path(path)
+    f = p / "solver.json" if p.is_dir() else p
+    if not f.is_file():
+        raise ArtifactError(f"no learned solver at {p}: expected a directory with solver.json (from `fewstep fit`)")
+    try:
+        doc = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{f} is not valid JSON ({e}); the artifact is damaged") from None
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        raise ArtifactError(f"{f} is not a fewstep solver (schema {doc.get('schema') if isinstance(doc, dict) else None!r}, "
+                            f"expected {SCHEMA!r})")
+    for key in ("method", "nfe", "schedule", "model", "tableau"):
+        if key not in doc:
+            raise ArtifactError(f"{f} lacks the field {key!r}; the artifact is damaged")
+    out = LoadedSolver(doc, p, force)
+    if out._tab.N != out.nfe:
+        raise ArtifactError(f"{f}: nfe {out.nfe} does not match its tables ({out._tab.N} steps)")
+    if not math.isfinite(sum(out._tab.B.flatten().tolist())):
+        raise ArtifactError(f"{f}: non-finite coefficients")
+    return out

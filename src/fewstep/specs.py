@@ -1,0 +1,70 @@
+"""Model specs: ``zoo:NAME``, ``path/to/file.py:factory``, ``package.module:factory``, ``diffusers:DIR``.
+
+A factory is a callable taking no required argument and returning a :class:`fewstep.Denoiser`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from typing import Any
+
+from .denoiser import Denoiser
+from .errors import ModelSpecError
+
+FORMS = "zoo:NAME, path/to/file.py:factory, package.module:factory or diffusers:DIR"
+
+
+def _call_factory(fn: Any, spec: str, **kwargs: Any) -> Denoiser:
+    if not callable(fn):
+        raise ModelSpecError(f"{spec!r}: the factory is not callable")
+    try:
+        model = fn(**kwargs) if kwargs else fn()
+    except TypeError as e:
+        raise ModelSpecError(f"{spec!r}: calling the factory failed ({e}); it must take no required arguments") from None
+    if not isinstance(model, Denoiser):
+        raise ModelSpecError(f"{spec!r}: the factory returned {type(model).__name__}, not a fewstep.Denoiser")
+    if model.name in (None, "", type(model.net).__name__):
+        model.name = spec
+    return model
+
+
+def load_model(spec: str, device: str = "cpu", **kwargs: Any) -> Denoiser:
+    """Build the Denoiser named by ``spec`` on ``device``."""
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ModelSpecError(f"model spec {spec!r} is not one of: {FORMS}")
+    head, _, tail = spec.partition(":")
+    if head == "zoo":
+        from . import zoo
+
+        return zoo.load(tail, device=device, **kwargs)
+    if head == "diffusers":
+        try:
+            from .integrations.diffusers_in import load_diffusers
+        except ImportError as e:
+            raise ModelSpecError(f"{spec!r}: the diffusers integration is not available ({e})") from None
+        return load_diffusers(tail, device=device, **kwargs)
+    path, _, attr = spec.rpartition(":")
+    if not attr:
+        raise ModelSpecError(f"model spec {spec!r} names no factory after ':'; expected {FORMS}")
+    if path.endswith(".py"):
+        if not os.path.isfile(path):
+            raise ModelSpecError(f"model file {path!r} does not exist")
+        name = "fewstep_user_" + os.path.splitext(os.path.basename(path))[0]
+        mspec = importlib.util.spec_from_file_location(name, path)
+        if mspec is None or mspec.loader is None:
+            raise ModelSpecError(f"cannot import {path!r}")
+        mod = importlib.util.module_from_spec(mspec)
+        sys.modules[name] = mod
+        mspec.loader.exec_module(mod)
+    else:
+        try:
+            mod = importlib.import_module(path)
+        except ImportError as e:
+            raise ModelSpecError(f"cannot import module {path!r} ({e}); expected {FORMS}") from None
+    if not hasattr(mod, attr):
+        raise ModelSpecError(f"{path!r} has no attribute {attr!r}")
+    model = _call_factory(getattr(mod, attr), spec, **kwargs)
+    return model.to(device) if hasattr(model, "to") else model
