@@ -11,6 +11,7 @@ The probability-flow velocity of any schedule is dx/dt = alpha' D + sigma' E.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
@@ -20,6 +21,36 @@ from .errors import FewstepError, ModelOutputError, ShapeError
 from .schedules import Schedule
 
 PREDICTIONS = ("eps", "x0", "v", "velocity")
+
+
+@dataclass
+class TimeScalars:
+    """Schedule scalars at one solver time: Python floats, or 0-d tensors that carry autograd."""
+
+    alpha: Any
+    sigma: Any
+    d_alpha: Any
+    d_sigma: Any
+
+    @classmethod
+    def of(cls, schedule: Schedule, t: Tensor | float) -> "TimeScalars":
+        t = torch.as_tensor(t, dtype=torch.float64)
+        al, sg = schedule.alpha(t), schedule.sigma(t)
+        da, ds = schedule.d_alpha(t.detach()), schedule.d_sigma(t.detach())
+        if t.requires_grad:
+            return cls(al, sg, float(da), float(ds))
+        return cls(float(al), float(sg), float(da), float(ds))
+
+    @classmethod
+    def many(cls, schedule: Schedule, t: Tensor) -> list["TimeScalars"]:
+        """One TimeScalars per entry of the 1-D tensor t, computed in one vectorised pass."""
+        t = t.to(torch.float64)
+        al, sg = schedule.alpha(t), schedule.sigma(t)
+        da, ds = schedule.d_alpha(t.detach()).tolist(), schedule.d_sigma(t.detach()).tolist()
+        if t.requires_grad:
+            return [cls(al[i], sg[i], da[i], ds[i]) for i in range(t.numel())]
+        al, sg = al.tolist(), sg.tolist()
+        return [cls(al[i], sg[i], da[i], ds[i]) for i in range(t.numel())]
 BASES = ("D", "E", "v")
 
 
@@ -121,33 +152,33 @@ class Denoiser(nn.Module):
             )
 
     # ------------------------------------------------------------------ conversions
-    def convert(self, out: Tensor, x: Tensor, t: Tensor | float, basis: str) -> Tensor:
-        """Convert a raw network output at (x, t) to basis 'D', 'E' or 'v' (dx/dt)."""
-        s = self.schedule
-        t = torch.as_tensor(t, dtype=torch.float64)
-        alpha, sigma = s.alpha(t), s.sigma(t)
+    def scalars(self, t: Tensor | float) -> "TimeScalars":
+        """alpha, sigma and their t-derivatives at solver time(s) t (vectorised, float64)."""
+        return TimeScalars.of(self.schedule, t)
+
+    def convert(self, out: Tensor, x: Tensor, t: Tensor | float, basis: str, sc: "TimeScalars | None" = None) -> Tensor:
+        """Convert a raw network output at (x, t) to basis 'D', 'E' or 'v' (dx/dt).
+
+        ``sc`` are precomputed scalars at t (the kernel computes them once per solve); their
+        alpha, sigma keep autograd when t does, so learned evaluation times get exact gradients.
+        """
         p = self.prediction
-        if p == "x0" and basis == "D":
+        if (p, basis) in (("x0", "D"), ("eps", "E"), ("velocity", "v")):
             return out
-        if p == "eps" and basis == "E":
-            return out
-        if p == "velocity" and basis == "v":
-            return out
-        D, E = self.to_DE(out, x, t)
+        if basis not in BASES:
+            raise FewstepError(f"unknown basis {basis!r}; valid: {', '.join(BASES)}")
+        sc = sc or self.scalars(t)
+        D, E = self.to_DE(out, x, t, sc)
         if basis == "D":
             return D
         if basis == "E":
             return E
-        if basis == "v":
-            da, ds = s.d_alpha(t), s.d_sigma(t)
-            return float(da) * D + float(ds) * E
-        raise FewstepError(f"unknown basis {basis!r}; valid: {', '.join(BASES)}")
+        return sc.d_alpha * D + sc.d_sigma * E
 
-    def to_DE(self, out: Tensor, x: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:
-        """(D, E) from a raw output. Uses only alpha, sigma at t (float64 scalars)."""
-        s = self.schedule
-        t = torch.as_tensor(t, dtype=torch.float64)
-        a, g = float(s.alpha(t)), float(s.sigma(t))
+    def to_DE(self, out: Tensor, x: Tensor, t: Tensor | float, sc: "TimeScalars | None" = None) -> tuple[Tensor, Tensor]:
+        """(D, E) from a raw output at solver time t."""
+        sc = sc or self.scalars(t)
+        a, g = sc.alpha, sc.sigma
         p = self.prediction
         if p == "eps":
             E = out
@@ -159,14 +190,14 @@ class Denoiser(nn.Module):
             D = a * x - g * out
             E = g * x + a * out
         else:  # velocity, flow schedule: alpha = 1 - t, sigma = t
-            tt = float(t)
-            D = x - tt * out
-            E = x + (1.0 - tt) * out
+            D = x - g * out
+            E = x + a * out
         return D, E
 
-    def predict(self, x: Tensor, t: Tensor | float, basis: str = "D", **cond: Any) -> Tensor:
+    def predict(self, x: Tensor, t: Tensor | float, basis: str = "D", sc: "TimeScalars | None" = None,
+                **cond: Any) -> Tensor:
         """One network call at solver time t, returned in ``basis`` ('D', 'E' or 'v')."""
-        return self.convert(self.raw(x, t, **cond), x, t, basis)
+        return self.convert(self.raw(x, t, **cond), x, t, basis, sc)
 
     def forward(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
         """The data prediction D(x, t)."""

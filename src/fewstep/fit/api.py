@@ -69,6 +69,7 @@ def fit(
     train = generate_teacher(model, tr_seeds, spec, keep_states=keep, cache_dir=cache_dir, device=device,
                              progress=progress)
     val = generate_teacher(model, va_seeds, spec, cache_dir=cache_dir, device=device, progress=progress)
+    train, val = train.to(device), val.to(device)
     t_teacher = time.perf_counter() - t0
     bar = None
     if progress:

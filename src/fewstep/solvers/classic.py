@@ -42,12 +42,10 @@ class GridPoints:
     def of(cls, schedule: Schedule, t: torch.Tensor) -> "GridPoints":
         t = t.detach().to(F64)
         with torch.no_grad():
-            lam = schedule.lambda_(t).numpy().copy()
-        # a noise end with alpha = 0 (flows at t = 1) has lambda = -inf: use the finite floor
-        # of the schedule's log-SNR range there, as DPM-Solver does with t_max = 1 - eps
-        lam[np.isneginf(lam)] = min(schedule.lambda_range()[0], float(np.min(lam[np.isfinite(lam)], initial=0.0)))
-        with torch.no_grad():
-            return cls(t.numpy().copy(), schedule.alpha(t).numpy(), schedule.sigma(t).numpy(), lam)
+            # lambda is -inf at a noise end with alpha = 0 (flows at t = 1) and +inf at the clean
+            # end; the generators take the limits (a difference over an infinite step drops out)
+            return cls(t.numpy().copy(), schedule.alpha(t).numpy(), schedule.sigma(t).numpy(),
+                       schedule.lambda_(t).numpy())
 
     @property
     def s(self) -> np.ndarray:
@@ -57,6 +55,10 @@ class GridPoints:
     @property
     def N(self) -> int:
         return len(self.t) - 1
+
+    def history(self, i: int) -> int:
+        """How many evaluations up to step i sit at a finite log-SNR (usable in differences)."""
+        return int(np.sum(np.isfinite(self.lambda_[: i + 1])))
 
     def h(self, i: int) -> float:
         return float(self.lambda_[i + 1] - self.lambda_[i])
@@ -190,13 +192,15 @@ def unipc(schedule: Schedule, t: torch.Tensor, order: int = 2, variant: str = "b
     a, B = _empty(n)
     C = np.zeros((n, n + 1))
     orders = [min(order, n - i) if lower_order_final else order for i in range(n)]
-    orders = [min(p, i + 1) for i, p in enumerate(orders)]
+    orders = [max(1, min(p, i + 1, g.history(i))) for i, p in enumerate(orders)]
     if g.sigma[-1] == 0:
         orders[-1] = 1
     for i in range(n):
         a[i] = _a_D(g, i)
         for j, w in _unipc_rows(g, i, orders[i], variant, False).items():
             B[i, j] += w
+        if variant == "bh1" and not math.isfinite(g.h(i)):
+            continue  # B(h) = h is unbounded over an infinite step: no corrector there
         if corrector and i < n - 1:
             for j, w in _unipc_rows(g, i, orders[i], variant, True).items():
                 C[i, j] += w

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..denoiser import BASES, Denoiser, check_finite
+from ..denoiser import BASES, Denoiser, TimeScalars, check_finite
 from ..errors import FewstepError, ModelOutputError
 
 F64 = torch.float64
@@ -122,7 +122,9 @@ def run_tableau(
     a = _coefs(tab.a, dt, dev)
     B = _coefs(tab.B, dt, dev)
     C = _coefs(tab.C, dt, dev) if tab.C is not None else None
-    c_times = tab.eval_times.detach()
+    c_all = tab.eval_times
+    c_times = c_all.detach()
+    scal = TimeScalars.many(model.schedule, c_all)  # conversion scalars, once per solve
     b_rows, c_rows = tab.rows()
     # the last step that needs F_j: drop it afterwards to keep memory flat on long solves
     last_use = [0] * (n + 1)
@@ -132,11 +134,11 @@ def run_tableau(
     name = tab.name
 
     def evaluate(xi: Tensor, j: int) -> Tensor:
-        tj = c_times[j]
+        tj = c_all[j] if c_all.requires_grad else c_times[j]
         if use_checkpoint and torch.is_grad_enabled():
-            out = checkpoint(lambda z: model.predict(z, tj, tab.basis, **cond), xi, use_reentrant=False)
+            out = checkpoint(lambda z: model.predict(z, tj, tab.basis, scal[j], **cond), xi, use_reentrant=False)
         else:
-            out = model.predict(xi, tj, tab.basis, **cond)
+            out = model.predict(xi, tj, tab.basis, scal[j], **cond)
         if check and not torch.isfinite(out).all():
             try:
                 check_finite(out, f"at step {j} (t={float(tj):.6g}) of solver {name}")

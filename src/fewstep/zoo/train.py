@@ -139,6 +139,30 @@ def make_net(recipe: dict[str, Any]) -> tuple[DigitsMLP, Schedule]:
 
 
 # ----------------------------------------------------------------------------- training
+class _Adam:
+    """AdamW with foreach ops (torch.optim would import torch._dynamo: seconds on first use)."""
+
+    def __init__(self, params: list[Tensor], lr: float, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.params, self.wd, self.b1, self.b2, self.eps = params, float(weight_decay), *betas, eps
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = 0
+
+    def step(self, grads: list[Tensor] | tuple[Tensor, ...], lr: float) -> None:
+        self.t += 1
+        b1, b2 = self.b1, self.b2
+        torch._foreach_lerp_(self.m, list(grads), 1.0 - b1)
+        torch._foreach_mul_(self.v, b2)
+        torch._foreach_addcmul_(self.v, list(grads), list(grads), value=1.0 - b2)
+        denom = torch._foreach_sqrt(self.v)
+        torch._foreach_div_(denom, math.sqrt(1.0 - b2**self.t))
+        torch._foreach_add_(denom, self.eps)
+        if self.wd:
+            torch._foreach_mul_(self.params, 1.0 - lr * self.wd)
+        torch._foreach_addcdiv_(self.params, self.m, denom, value=-lr / (1.0 - b1**self.t))
+
+
 def train(recipe: dict[str, Any], log: bool = False) -> dict[str, Tensor]:
     """Train a network from ``recipe`` on the CPU; returns the EMA state dict (float32)."""
     from .digits import digits_data
@@ -152,10 +176,10 @@ def train(recipe: dict[str, Any], log: bool = False) -> dict[str, Tensor]:
     ema = copy.deepcopy(net).requires_grad_(False)
     g = torch.Generator().manual_seed(int(recipe["seed"]) + 1)
     steps, bs = int(recipe["steps"]), int(recipe["batch"])
-    opt = torch.optim.AdamW(net.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
+    params = [p for p in net.parameters()]
+    opt = _Adam(params, recipe["lr"], recipe["weight_decay"])
+    ema_params = list(ema.parameters())
     warm = max(1, int(recipe["warmup"]))
-    sched_fn = lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1.0 + math.cos(math.pi * min(i, steps) / steps))  # noqa: E731
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, sched_fn)
     objective = recipe["objective"]
     if objective == "eps":
         # continuous DDPM index u in [0, T - 1]; alpha, sigma from the schedule at t = (u + 1) / T
@@ -183,16 +207,17 @@ def train(recipe: dict[str, Any], log: bool = False) -> dict[str, Tensor]:
             raise ModelSpecError(f"unknown objective {objective!r}")
         out = net(xt, t_net)
         loss = torch.mean((out - target) ** 2)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if recipe["grad_clip"]:
-            nn.utils.clip_grad_norm_(net.parameters(), recipe["grad_clip"])
-        opt.step()
-        lr_sched.step()
-        d = min(float(recipe["ema"]), (1.0 + step) / (10.0 + step))
+        grads = torch.autograd.grad(loss, params)
+        lr = recipe["lr"] * min(1.0, (step + 1) / warm) * 0.5 * (1.0 + math.cos(math.pi * step / steps))
         with torch.no_grad():
-            for pe, p in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(p, 1.0 - d)
+            if recipe["grad_clip"]:
+                norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+                scale = float(recipe["grad_clip"]) / max(float(norm), float(recipe["grad_clip"]))
+                if scale < 1.0:
+                    grads = torch._foreach_mul(grads, scale)
+            opt.step(grads, lr)
+            d = min(float(recipe["ema"]), (1.0 + step) / (10.0 + step))
+            torch._foreach_lerp_(ema_params, params, 1.0 - d)
         if log and (step + 1) % 500 == 0:
             print(f"  step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - t0:.1f} s)",
                   file=sys.stderr)
