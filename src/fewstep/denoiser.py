@@ -21,6 +21,7 @@ from .errors import FewstepError, ModelOutputError, ShapeError
 from .schedules import Schedule
 
 PREDICTIONS = ("eps", "x0", "v", "velocity")
+BASES = ("D", "E", "v")
 
 
 @dataclass
@@ -35,23 +36,33 @@ class TimeScalars:
     @classmethod
     def of(cls, schedule: Schedule, t: Tensor | float) -> "TimeScalars":
         t = torch.as_tensor(t, dtype=torch.float64)
-        al, sg = schedule.alpha(t), schedule.sigma(t)
-        da, ds = schedule.d_alpha(t.detach()), schedule.d_sigma(t.detach())
-        if t.requires_grad:
-            return cls(al, sg, float(da), float(ds))
-        return cls(float(al), float(sg), float(da), float(ds))
+        return cls.many(schedule, t.reshape(1))[0]
 
     @classmethod
     def many(cls, schedule: Schedule, t: Tensor) -> list["TimeScalars"]:
-        """One TimeScalars per entry of the 1-D tensor t, computed in one vectorised pass."""
+        """One TimeScalars per entry of the 1-D tensor t, computed in one vectorised pass.
+
+        When t carries autograd (learned times), alpha, sigma and their derivatives stay
+        differentiable in t (the derivatives through a double-backward graph).
+        """
         t = t.to(torch.float64)
-        al, sg = schedule.alpha(t), schedule.sigma(t)
-        da, ds = schedule.d_alpha(t.detach()).tolist(), schedule.d_sigma(t.detach()).tolist()
         if t.requires_grad:
+            with torch.enable_grad():
+                al, sg = schedule.alpha(t), schedule.sigma(t)
+                da = _grad_or_zero(al, t)
+                ds = _grad_or_zero(sg, t)
             return [cls(al[i], sg[i], da[i], ds[i]) for i in range(t.numel())]
-        al, sg = al.tolist(), sg.tolist()
+        al, sg = schedule.alpha(t).tolist(), schedule.sigma(t).tolist()
+        da, ds = schedule.d_alpha(t).tolist(), schedule.d_sigma(t).tolist()
         return [cls(al[i], sg[i], da[i], ds[i]) for i in range(t.numel())]
-BASES = ("D", "E", "v")
+
+
+def _grad_or_zero(y: Tensor, t: Tensor) -> Tensor:
+    """dy/dt elementwise for y = f(t) elementwise, keeping the graph (zeros if y is constant)."""
+    if not y.requires_grad:
+        return torch.zeros_like(t)
+    (g,) = torch.autograd.grad(y.sum(), t, create_graph=True, allow_unused=True)
+    return torch.zeros_like(t) if g is None else g
 
 
 def _cat_cond(cond: Mapping[str, Any], uncond: Mapping[str, Any]) -> dict[str, Any]:

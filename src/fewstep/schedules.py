@@ -148,7 +148,7 @@ class VPDiscrete(Schedule):
     """Discrete-time VP (DDPM) schedule from a beta table.
 
     Solver time t in [0, 1]: the DDPM index k sits at t = (k + 1) / T, and t = 0 is the clean
-    end (alpha = 1). log(alpha) is piecewise linear in t between those points. The network
+    end (alpha = 1). log(alpha) is a C1 cubic Hermite interpolant through those points. The network
     gets the fractional index t * T - 1 (clamped at 0).
     """
 
@@ -177,6 +177,11 @@ class VPDiscrete(Schedule):
         la = 0.5 * torch.log(self.alphas_cumprod)
         self._knots_t = torch.arange(0, self.T + 1, dtype=F64) / self.T  # (T+1,)
         self._knots_la = torch.cat([torch.zeros(1, dtype=F64), la])  # (T+1,)
+        y = self._knots_la
+        m = torch.empty_like(y)  # slopes per knot interval (Catmull-Rom; one-sided at the ends)
+        m[1:-1] = 0.5 * (y[2:] - y[:-2])
+        m[0], m[-1] = y[1] - y[0], y[-1] - y[-2]
+        self._knots_m = m
         self.t_max, self.t_min, self.t_end = 1.0, 1.0 / self.T, 0.0
 
     def config(self) -> dict[str, Any]:
@@ -193,13 +198,25 @@ class VPDiscrete(Schedule):
         """Solver time of DDPM index k (k = -1 is the clean end)."""
         return (_t(k) + 1.0) / self.T
 
-    def log_alpha(self, t: Tensor) -> Tensor:
-        t = _t(t)
+    def _hermite(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """log(alpha) and d log(alpha)/dt: C1 cubic Hermite through the knots (exact at them).
+
+        A C1 interpolant keeps the probability-flow velocity continuous in t, which the
+        velocity-basis solvers and gradient-based grid learning need.
+        """
         u = (t * self.T).clamp(0, self.T)
         i = torch.floor(u.detach()).clamp(0, self.T - 1).long()
         w = u - i.to(F64)
-        la = self._knots_la.to(t.device)
-        return la[i] + w * (la[i + 1] - la[i])
+        y = self._knots_la.to(t.device)
+        m = self._knots_m.to(t.device)
+        y0, y1, m0, m1 = y[i], y[i + 1], m[i], m[i + 1]
+        w2, w3 = w * w, w * w * w
+        val = (2 * w3 - 3 * w2 + 1) * y0 + (w3 - 2 * w2 + w) * m0 + (-2 * w3 + 3 * w2) * y1 + (w3 - w2) * m1
+        der = (6 * w2 - 6 * w) * y0 + (3 * w2 - 4 * w + 1) * m0 + (-6 * w2 + 6 * w) * y1 + (3 * w2 - 2 * w) * m1
+        return val, der * self.T
+
+    def log_alpha(self, t: Tensor) -> Tensor:
+        return self._hermite(_t(t))[0]
 
     def log_sigma(self, t: Tensor) -> Tensor:
         return 0.5 * torch.log(-torch.expm1(2.0 * self.log_alpha(t)))
@@ -208,12 +225,15 @@ class VPDiscrete(Schedule):
         lam = _t(lambda_)
         la = -0.5 * torch.nn.functional.softplus(-2.0 * lam)  # log alpha for that lambda
         knots = self._knots_la.to(lam.device)
-        # knots decrease with t: search on the negated (increasing) table
+        # start from the piecewise-linear inverse (knots decrease with t), then Newton on the Hermite
         neg = (-knots).contiguous()
         j = torch.searchsorted(neg, (-la).detach().contiguous()).clamp(1, self.T)
         l0, l1 = knots[j - 1], knots[j]
-        w = (la - l0) / (l1 - l0)
-        return ((j - 1).to(F64) + w) / self.T
+        t = ((j - 1).to(F64) + ((la - l0) / (l1 - l0)).clamp(0, 1)) / self.T
+        for _ in range(4):
+            val, der = self._hermite(t)
+            t = (t - (val - la) / der).clamp(0.0, 1.0)
+        return t
 
     def net_time(self, t: Tensor | float) -> Tensor:
         return (_t(t) * self.T - 1.0).clamp_min(0.0)

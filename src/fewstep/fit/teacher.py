@@ -127,8 +127,8 @@ def default_teacher(model: Denoiser) -> TeacherSpec:
     (``"unipc@logsnr:50"``) where the learned solver's error approaches these figures.
     """
     if model.schedule.kind == "flow":
-        return TeacherSpec("euler", "time", 100)
-    return TeacherSpec("unipc", "logsnr", 20)
+        return TeacherSpec("adams4", "time", 100)
+    return TeacherSpec("unipc3", "logsnr", 100)
 
 
 def dss_teacher(model: Denoiser) -> TeacherSpec:

@@ -107,7 +107,8 @@ class LearnedSolver(nn.Module):
         w = torch.softmax(self.r, 0)
         cum = torch.cat([torch.zeros(1, dtype=F64, device=w.device), torch.cumsum(w, 0)])
         t = self.t_max - (self.t_max - self.t_end) * cum
-        return torch.cat([t[:1] * 0 + self.t_max, t[1:-1], t[-1:] * 0 + self.t_end])
+        ends = torch.tensor([self.t_max, self.t_end], dtype=F64, device=w.device)  # constants: no gradient path
+        return torch.cat([ends[:1], t[1:-1], ends[1:]])
 
     def eval_times(self, t: Tensor) -> Tensor | None:
         if self.decouple <= 0:

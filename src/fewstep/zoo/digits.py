@@ -36,7 +36,7 @@ def _digits_cpu() -> tuple[Tensor, Tensor]:
 def digits_data(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
     """(images (1797, 1, 8, 8) in [-1, 1], labels (1797,)) from ``sklearn.datasets.load_digits``."""
     x, y = _digits_cpu()
-    return x.to(device=device, dtype=dtype), y.to(device)
+    return x.to(device=device, dtype=dtype, copy=True), y.to(device, copy=True)
 
 
 class EmpiricalDenoiser(nn.Module):
@@ -48,10 +48,10 @@ class EmpiricalDenoiser(nn.Module):
 
     def __init__(self, data: Tensor, labels: Tensor | None, schedule: Schedule, chunk: int = 256) -> None:
         super().__init__()
-        data = torch.as_tensor(data, dtype=F64)
+        data = torch.as_tensor(data, dtype=F64).clone()
         self.register_buffer("data", data.reshape(data.shape[0], -1))
         self.register_buffer("sq_norms", (self.data**2).sum(-1))
-        self.register_buffer("labels", torch.as_tensor(labels).long() if labels is not None
+        self.register_buffer("labels", torch.as_tensor(labels).long().clone() if labels is not None
                              else torch.zeros(data.shape[0], dtype=torch.long))
         self.schedule = schedule
         self.chunk = int(chunk)
@@ -100,6 +100,7 @@ def build_digits_empirical(
         identity={"zoo": "digits-empirical", "data": "sklearn-digits-1797", "scale": "x/8-1",
                   "conditional": bool(conditional)},
     )
-    den.data = net.data.reshape(-1, *SHAPE)
-    den.labels = net.labels
+    # views of the net's buffers, registered so that .to(device) moves them too
+    den.register_buffer("data", net.data.reshape(-1, *SHAPE), persistent=False)
+    den.register_buffer("labels", net.labels, persistent=False)
     return den

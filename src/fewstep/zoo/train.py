@@ -45,6 +45,7 @@ BASE_RECIPE: dict[str, Any] = {
     "weight_decay": 0.0,
     "ema": 0.999,
     "grad_clip": 1.0,
+    "t_power": 1.0,  # times u^p with u uniform: p > 1 puts more training on the low-noise end
 }
 RECIPES: dict[str, dict[str, Any]] = {
     "digits-eps": {**BASE_RECIPE, "objective": "eps", "schedule": VPDiscrete("linear").config()},
@@ -105,9 +106,11 @@ class DigitsMLP(nn.Module):
     """
 
     def __init__(self, hidden: int = 256, blocks: int = 3, temb: int = 128, time_scale: float = 1.0,
-                 dim: int = 64) -> None:
+                 dim: int = 64, in_std: Tensor | None = None) -> None:
         super().__init__()
         self.time_scale = float(time_scale)
+        # optional input scaling: in_std[k] is the std of x at u = k / (len - 1), u = t_net * time_scale
+        self.register_buffer("in_std", in_std.float() if in_std is not None else None)
         self.temb_dim = int(temb)
         self.time_mlp = nn.Sequential(nn.Linear(temb, temb), nn.SiLU(), nn.Linear(temb, temb))
         self.inp = nn.Linear(dim, hidden)
@@ -122,8 +125,17 @@ class DigitsMLP(nn.Module):
         t_net = torch.as_tensor(t_net, device=x.device)
         if t_net.dim() == 0:
             t_net = t_net.expand(b)
-        e = self.time_mlp(timestep_embedding(t_net * self.time_scale, self.temb_dim)).to(x.dtype)
-        h = self.inp(x.reshape(b, -1))
+        u = t_net * self.time_scale
+        e = self.time_mlp(timestep_embedding(u, self.temb_dim)).to(x.dtype)
+        xin = x.reshape(b, -1)
+        if self.in_std is not None:
+            k = self.in_std.numel() - 1
+            pos = (u.to(self.in_std.dtype) * k).clamp(0, k)
+            i = pos.floor().clamp(max=k - 1).long()
+            w = pos - i
+            std = self.in_std[i] * (1 - w) + self.in_std[i + 1] * w
+            xin = xin / std.to(x.dtype)[:, None]
+        h = self.inp(xin)
         for blk in self.blocks:
             h = blk(h, e)
         return self.out(torch.nn.functional.silu(self.out_norm(h))).reshape(x.shape)
@@ -135,7 +147,13 @@ def make_net(recipe: dict[str, Any]) -> tuple[DigitsMLP, Schedule]:
     sched = schedule_from_config(recipe["schedule"])
     ts = 1.0 / sched.T if isinstance(sched, VPDiscrete) else 1.0
     a = recipe["arch"]
-    return DigitsMLP(hidden=a["hidden"], blocks=a["blocks"], temb=a["temb"], time_scale=ts), sched
+    in_std = None
+    if a.get("cin"):  # E[x0^2] per pixel of the data; x_t has E[x^2] = alpha^2 m2 + sigma^2
+        u = torch.linspace(0.0, 1.0, 1001, dtype=torch.float64)
+        t = (u * sched.T + 1.0) / sched.T if isinstance(sched, VPDiscrete) else u
+        in_std = torch.sqrt(sched.alpha(t) ** 2 * float(a["cin"]) + sched.sigma(t) ** 2)
+    net = DigitsMLP(hidden=a["hidden"], blocks=a["blocks"], temb=a["temb"], time_scale=ts, in_std=in_std)
+    return net, sched
 
 
 # ----------------------------------------------------------------------------- training
@@ -164,7 +182,15 @@ class _Adam:
 
 
 def train(recipe: dict[str, Any], log: bool = False) -> dict[str, Tensor]:
-    """Train a network from ``recipe`` on the CPU; returns the EMA state dict (float32)."""
+    """Train a network from ``recipe`` on the CPU; returns the EMA state dict (float32).
+
+    Works inside a caller's ``torch.no_grad()`` or ``torch.inference_mode()`` block.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        return _train(recipe, log)
+
+
+def _train(recipe: dict[str, Any], log: bool) -> dict[str, Tensor]:
     from .digits import digits_data
 
     x_all, _ = digits_data(torch.float32)
@@ -193,7 +219,7 @@ def train(recipe: dict[str, Any], log: bool = False) -> dict[str, Tensor]:
         x0 = x_all[perm[pos:pos + bs]]
         pos += bs
         eps = torch.randn(x0.shape, generator=g)
-        u = torch.rand(bs, generator=g, dtype=torch.float64)
+        u = torch.rand(bs, generator=g, dtype=torch.float64) ** float(recipe["t_power"])
         if objective == "eps":
             idx = u * (T - 1)
             t = (idx + 1.0) / T
@@ -261,6 +287,7 @@ def _write(path: Path, state: dict[str, Tensor], recipe: dict[str, Any], seconds
     os.close(fd)
     try:
         save_file(state, tmp, metadata=meta)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
