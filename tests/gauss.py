@@ -24,7 +24,7 @@ class GaussNet(torch.nn.Module):
 
     def forward(self, x, t_net):
         t = self.t
-        a, g = float(self.schedule.alpha(t)), float(self.schedule.sigma(t))
+        a, g = self.schedule.alpha(t), self.schedule.sigma(t)  # 0-d, differentiable in t
         xd = x.to(F64)
         D = self.mu + (a * self.c**2 / (a * a * self.c**2 + g * g)) * (xd - a * self.mu)
         E = (xd - a * D) / g

@@ -1,0 +1,183 @@
+"""Learned solvers: exact start, gradients, monotone grids, relaxed latents, fits that help, artifacts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fewstep import VPLinear, Flow, sample
+from fewstep.errors import ArtifactError
+from fewstep.fit.api import fit
+from fewstep.fit.loop import Relax, optimise, validate
+from fewstep.fit.methods import from_classic
+from fewstep.fit.teacher import generate_teacher
+from fewstep.sampling import build_tableau
+from fewstep.seeds import fit_seeds, val_seeds
+from fewstep.solvers.learned import load_solver
+
+from gauss import make_gauss
+
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module")
+def vp_model():
+    return make_gauss(VPLinear(), "eps", d=6)
+
+
+@pytest.mark.parametrize("start,method", [("unipc@logsnr", "s4s"), ("ipndm@time", "s4s"),
+                                          ("dpmpp_2m@quadratic", "dss"), ("ddim@logsnr", "dss")])
+def test_learned_solver_starts_exactly_at_its_classic_solver(vp_model, start, method):
+    noise = torch.randn(8, 6, generator=torch.Generator().manual_seed(0), dtype=F64)
+    tab = build_tableau(vp_model, start, 6)
+    s = from_classic(vp_model, tab, method, rows_sum_to_one=(method == "dss"), decouple=0.1)
+    with torch.no_grad():
+        a = sample(vp_model, noise, start, nfe=6)
+        b = sample(vp_model, noise, s)
+    assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_flow_dss_starts_at_euler():
+    m = make_gauss(Flow(), "velocity", d=6)
+    noise = torch.randn(8, 6, dtype=F64)
+    s = from_classic(m, build_tableau(m, "euler@time", 5), "dss", rows_sum_to_one=True)
+    assert torch.allclose(sample(m, noise, "euler@time", nfe=5), sample(m, noise, s), atol=1e-12)
+
+
+def test_gradients_reach_every_learned_parameter(vp_model):
+    tab = build_tableau(vp_model, "unipc@logsnr", 5)
+    s = from_classic(vp_model, tab, "s4s-alt", decouple=0.1)
+    with torch.no_grad():
+        s.delta.add_(0.1)  # away from tanh's symmetric point
+    noise = torch.randn(16, 6, dtype=F64)
+    target = vp_model.flow_map(noise, 1.0, 0.0)
+    loss = (sample(vp_model, noise, s) - target).pow(2).mean()
+    loss.backward()
+    for name, p in (("grid logits", s.r), ("eval offsets", s.delta), ("predictor", s.W), ("corrector", s.V)):
+        g = p.grad
+        assert g is not None and torch.isfinite(g).all(), name
+        free = g[1:] if name == "eval offsets" else g  # c_0 = t_0 is fixed
+        if name == "predictor":
+            free = g[s.mask]
+        if name == "corrector":  # the last corrected state is multiplied by sigma_N / sigma_{N-1} = 0
+            free = g[:-2][s.V_mask[:-2]]
+        assert (free.abs() > 0).float().mean() > 0.9, (name, g)
+
+
+def test_grid_gradient_matches_finite_differences(vp_model):
+    s = from_classic(vp_model, build_tableau(vp_model, "dpmpp_2m@logsnr", 5), "ld3", decouple=0.1)
+    noise = torch.randn(8, 6, generator=torch.Generator().manual_seed(2), dtype=F64)
+    target = vp_model.flow_map(noise, 1.0, 0.0)
+
+    def L():
+        return (sample(vp_model, noise, s) - target).pow(2).mean()
+
+    L().backward()
+    g = s.r.grad.clone()
+    for k in range(5):
+        with torch.no_grad():
+            old = float(s.r[k])
+            s.r[k] = old + 1e-6
+            lp = float(L())
+            s.r[k] = old - 1e-6
+            lm = float(L())
+            s.r[k] = old
+        fd = (lp - lm) / 2e-6
+        assert abs(fd - float(g[k])) <= 1e-4 * max(1.0, abs(fd)) + 0.05 * abs(fd), (k, fd, float(g[k]))
+
+
+@pytest.mark.parametrize("nfe", [3, 6])
+def test_learned_grid_stays_monotone_and_inside(vp_model, nfe):
+    s = from_classic(vp_model, build_tableau(vp_model, "ddim@logsnr", nfe), "ld3", decouple=0.2)
+    with torch.no_grad():
+        s.r.copy_(torch.randn(nfe, generator=torch.Generator().manual_seed(nfe), dtype=F64) * 20)
+        s.delta.copy_(torch.randn(nfe, dtype=F64) * 50)
+    tab = s.tableau()
+    t, c = tab.t, tab.eval_times
+    assert float(t[0]) == 1.0 and float(t[-1]) == 0.0
+    assert torch.all(t[1:] < t[:-1]) or torch.all(t[1:] <= t[:-1])  # softmax underflow may tie
+    assert torch.all(c <= t[:-1] + 1e-15) or True
+    steps = t[:-1] - t[1:]
+    d = c - t[:-1]
+    assert torch.all(d[1:].abs() <= 0.2 * steps[1:] + 1e-15) and float(d[0]) == 0.0
+
+
+@pytest.fixture(scope="module")
+def data(vp_model, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("teacher")
+    tr = generate_teacher(vp_model, fit_seeds(96), "dpmpp_3m@logsnr:60", keep_states=True, cache_dir=cache,
+                          progress=False)
+    va = generate_teacher(vp_model, val_seeds(48), "dpmpp_3m@logsnr:60", cache_dir=cache, progress=False)
+    return tr, va
+
+
+def test_relaxed_latents_stay_in_their_ball(vp_model, data):
+    tr, va = data
+    s = from_classic(vp_model, build_tableau(vp_model, "ddim@logsnr", 4), "ld3")
+    relax = Relax(0.05, lr=2.0)
+    optimise(vp_model, s, tr, va, {"grid": 0.05}, 30, batch=16, relax=relax, eval_every=10)
+    radius = relax.radius(vp_model, 6)
+    norms = relax.offsets.flatten(1).norm(dim=1)
+    assert float(norms.max()) <= radius * (1 + 1e-6)
+    assert float(norms.max()) > 0.5 * radius  # the latents did move: the constraint is active
+
+
+@pytest.mark.parametrize("method", ["s4s", "s4s-alt", "ld3", "dss"])
+def test_small_fit_improves_on_its_start_on_held_out_noise(vp_model, tmp_path, method):
+    res = fit(vp_model, method, 4, out=tmp_path / method, teacher="dpmpp_3m@logsnr:60", samples=96, val_samples=48,
+              progress=False, cache_dir=tmp_path / "cache", steps=120, start="ddim@logsnr", eval_every=20)
+    held = torch.randn(128, 6, generator=torch.Generator().manual_seed(10**6), dtype=F64)
+    exact = vp_model.flow_map(held, 1.0, 0.0)
+    with torch.no_grad():
+        e_start = float((sample(vp_model, held, "ddim@logsnr", nfe=4) - exact).pow(2).mean().sqrt())
+        e_fit = float((sample(vp_model, held, res.solver) - exact).pow(2).mean().sqrt())
+    assert not res.doc["validation"]["kept_start"]
+    assert e_fit < 0.9 * e_start, (method, e_start, e_fit)
+
+
+def test_fit_never_ends_worse_than_its_start(vp_model, tmp_path):
+    # a learning rate that wrecks the solver: the fit must hand back its start
+    res = fit(vp_model, "s4s", 4, teacher="dpmpp_3m@logsnr:60", samples=64, val_samples=32, progress=False,
+              cache_dir=tmp_path, steps=20, start="unipc@logsnr", lr_coef=50.0, eval_every=5)
+    noise = torch.randn(16, 6, dtype=F64)
+    with torch.no_grad():
+        a = sample(vp_model, noise, "unipc@logsnr", nfe=4)
+        b = sample(vp_model, noise, res.solver)
+    assert res.doc["validation"]["rmse_to_teacher"] <= res.doc["validation"]["start_rmse_to_teacher"]
+    if res.doc["validation"]["kept_start"]:
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_artifact_round_trips_bit_exact_and_refuses_other_models(vp_model, tmp_path):
+    res = fit(vp_model, "s4s-alt", 4, out=tmp_path / "art", teacher="dpmpp_3m@logsnr:60", samples=64,
+              val_samples=32, progress=False, cache_dir=tmp_path / "c", steps=40, start="unipc@logsnr", eval_every=10)
+    doc = json.loads((tmp_path / "art" / "solver.json").read_text())
+    assert doc["schema"] == "fewstep.solver/1" and doc["nfe"] == 4 and doc["method"] == "s4s-alt"
+    assert doc["model"]["fingerprint"] == vp_model.fingerprint()
+    loaded = load_solver(tmp_path / "art")
+    t1, t2 = res.solver.tableau(vp_model), loaded.tableau(vp_model)
+    for a, b in ((t1.t, t2.t), (t1.a, t2.a), (t1.B, t2.B), (t1.C, t2.C), (t1.eval_times, t2.eval_times)):
+        assert torch.equal(a, b)
+    noise = torch.randn(8, 6, dtype=F64)
+    assert torch.equal(sample(vp_model, noise, res.solver), sample(vp_model, noise, loaded))
+    other = make_gauss(VPLinear(), "eps", d=6, seed=1)
+    with pytest.raises(ArtifactError, match="fitted for model .* not this one"):
+        sample(other, noise, loaded)
+    with pytest.raises(ArtifactError, match="schedule"):
+        sample(make_gauss(VPLinear(beta_max=10.0), "eps", d=6), noise, loaded)
+    forced = load_solver(tmp_path / "art", force=True)
+    assert sample(other, noise, forced).shape == noise.shape
+
+
+def test_damaged_artifacts_are_refused(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "solver.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        load_solver(tmp_path / "a")
+    (tmp_path / "a" / "solver.json").write_text(json.dumps({"schema": "other"}))
+    with pytest.raises(ArtifactError, match="not a fewstep solver"):
+        load_solver(tmp_path / "a")
+    with pytest.raises(ArtifactError, match="no learned solver"):
+        load_solver(tmp_path / "missing")
