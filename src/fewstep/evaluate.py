@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .denoiser import Denoiser
-from .errors import FewstepError
+from .errors import ArtifactError, FewstepError, SolverNameError
 from .grids import grid_names
 from .sampling import parse_solver, sample
 from .seeds import EVAL_SEED_START
@@ -124,6 +124,8 @@ def run_solver(model: Denoiser, seeds: Sequence[int], solver: Any, nfe: int, ref
     t0 = time.perf_counter()
     try:
         x = solve_batched(model, seeds, solver, nfe, batch_size=batch_size, device=device)
+    except (ArtifactError, SolverNameError):
+        raise  # the user named something that cannot run on this model: stop, do not tabulate
     except FewstepError as e:
         return Run(name, grid, used, error=str(e))
     secs = time.perf_counter() - t0

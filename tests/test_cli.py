@@ -1,0 +1,111 @@
+"""The command line end to end: eval, sample, fit, show, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fewstep.cli import app
+
+runner = CliRunner()
+
+FACTORY = textwrap.dedent('''
+    import sys
+    sys.path.insert(0, {tests!r})
+    from fewstep import VPLinear
+    from gauss import make_gauss
+
+    def model():
+        return make_gauss(VPLinear(), "eps", d=6)
+''')
+
+
+@pytest.fixture()
+def user_model(tmp_path):
+    import os
+
+    f = tmp_path / "mymodel.py"
+    f.write_text(FACTORY.format(tests=os.path.dirname(__file__)))
+    return f"{f}:model"
+
+
+def _run(args, code=0):
+    r = runner.invoke(app, args)
+    assert r.exit_code == code, (r.output, r.exception)
+    return r
+
+
+def test_eval_json_has_the_documented_shape(user_model):
+    r = _run(["eval", "--model", user_model, "--nfe", "5", "--solver", "unipc@logsnr", "--solver", "ddim@time",
+              "--samples", "32", "--json"])
+    rep = json.loads(r.stdout)
+    assert set(rep) >= {"model", "nfe", "samples", "seed", "reference", "results"}
+    assert rep["nfe"] == 5 and rep["samples"] == 32 and rep["seed"] == 1_000_000
+    assert set(rep["reference"]) == {"solver", "nfe", "self_error"}
+    assert rep["reference"]["self_error"] < 1e-3
+    res = {r["solver"]: r for r in rep["results"]}
+    assert set(res) == {"unipc", "ddim"}
+    assert 0 < res["unipc"]["rmse"] < res["ddim"]["rmse"]  # a second-order solver beats DDIM here
+
+
+def test_eval_every_classic_solver_by_default(user_model):
+    r = _run(["eval", "--model", user_model, "--nfe", "4", "--samples", "16", "--json"])
+    rep = json.loads(r.stdout)
+    names = {(x["solver"], x["grid"]) for x in rep["results"]}
+    assert ("dpmpp_3m", "logsnr") in names and ("ipndm", "karras") in names and ("heun", "time") in names
+    assert len(names) >= 60
+
+
+def test_eval_table_on_a_zoo_model():
+    r = _run(["eval", "--model", "zoo:gaussian", "--nfe", "6", "--solver", "dpmpp_2m@logsnr", "--samples", "16"])
+    assert "dpmpp_2m" in r.stdout and "reference" in r.stdout
+
+
+def test_sample_writes_safetensors_and_png(tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "s.safetensors"
+    _run(["sample", "--model", "zoo:digits-empirical", "--solver", "unipc@quadratic", "--nfe", "5", "--n", "4",
+          "--out", str(out)])
+    x = load_file(str(out))["samples"]
+    assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()
+    png = out.with_suffix(".png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fit_show_eval_with_the_artifact(user_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    art = tmp_path / "solver"
+    r = _run(["fit", "--model", user_model, "--method", "s4s", "--nfe", "4", "--out", str(art), "--samples", "64",
+              "--val-samples", "32", "--steps", "40", "--teacher", "dpmpp_3m@logsnr:60", "--eval-samples", "32",
+              "--json"])
+    rep = json.loads(r.stdout)
+    assert rep["artifact"] == str(art / "solver.json")
+    assert any(x["grid"] == "learned" for x in rep["results"])
+    doc = json.loads((art / "solver.json").read_text())
+    assert doc["method"] == "s4s" and doc["nfe"] == 4
+    r = _run(["show", str(art)])
+    assert "predictor coefficients" in r.stdout and "start" in r.stdout
+    r = _run(["eval", "--model", user_model, "--nfe", "4", "--solver", str(art), "--samples", "16", "--json"])
+    assert json.loads(r.stdout)["results"][0]["grid"] == "learned"
+    # the artifact refuses another model with one line
+    r = _run(["eval", "--model", "zoo:gaussian", "--nfe", "4", "--solver", str(art), "--samples", "8"], code=2)
+    assert "error:" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["eval", "--model", "zoo:nope"], "valid"),
+    (["eval", "--model", "nonsense"], "is not one of"),
+    (["eval", "--model", "zoo:gaussian", "--solver", "dpm9@logsnr", "--samples", "4"], "unknown solver"),
+    (["eval", "--model", "zoo:gaussian", "--solver", "ddim@cosine", "--samples", "4"], "unknown grid"),
+    (["sample", "--model", "zoo:gaussian", "--solver", "dpmpp_3m@logsnr", "--nfe", "2", "--out", "/tmp/x"],
+     "needs at least 3 NFE"),
+])
+def test_bad_input_gets_one_clear_line(args, msg):
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2
+    assert msg in r.output and "Traceback" not in r.output
