@@ -35,9 +35,9 @@ class GaussNet(torch.nn.Module):
 class GaussDenoiser(Denoiser):
     """Passes the exact solver time to the analytic net (the net time may be clamped or scaled)."""
 
-    def raw(self, x, t, **cond):
+    def raw(self, x, t, t_net=None, **cond):
         self.net.t = torch.as_tensor(t, dtype=F64)
-        return super().raw(x, t, **cond)
+        return super().raw(x, t, t_net, **cond)
 
     def flow_map(self, x: torch.Tensor, t_from: float, t_to: float) -> torch.Tensor:
         """Exact ODE solution: (x_t - alpha_t mu) / sqrt(alpha_t^2 c^2 + sigma_t^2) is constant."""

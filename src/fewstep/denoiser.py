@@ -32,6 +32,7 @@ class TimeScalars:
     sigma: Any
     d_alpha: Any
     d_sigma: Any
+    t_net: float | None = None  # the network's time input, when no gradient needs to reach it
 
     @classmethod
     def of(cls, schedule: Schedule, t: Tensor | float) -> "TimeScalars":
@@ -39,7 +40,7 @@ class TimeScalars:
         return cls.many(schedule, t.reshape(1))[0]
 
     @classmethod
-    def many(cls, schedule: Schedule, t: Tensor) -> list["TimeScalars"]:
+    def many(cls, schedule: Schedule, t: Tensor, with_net_time: bool = False) -> list["TimeScalars"]:
         """One TimeScalars per entry of the 1-D tensor t, computed in one vectorised pass.
 
         When t carries autograd (learned times), alpha, sigma and their derivatives stay
@@ -54,7 +55,8 @@ class TimeScalars:
             return [cls(al[i], sg[i], da[i], ds[i]) for i in range(t.numel())]
         al, sg = schedule.alpha(t).tolist(), schedule.sigma(t).tolist()
         da, ds = schedule.d_alpha(t).tolist(), schedule.d_sigma(t).tolist()
-        return [cls(al[i], sg[i], da[i], ds[i]) for i in range(t.numel())]
+        tn = schedule.net_time(t).tolist() if with_net_time else [None] * t.numel()
+        return [cls(al[i], sg[i], da[i], ds[i], tn[i]) for i in range(t.numel())]
 
 
 def _grad_or_zero(y: Tensor, t: Tensor) -> Tensor:
@@ -133,10 +135,16 @@ class Denoiser(nn.Module):
         self.nfe = 0
 
     # ------------------------------------------------------------------ network call
-    def raw(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
-        """The network output at solver time t (scalar), guidance applied. Counts 1 NFE."""
-        t = torch.as_tensor(t, dtype=torch.float64)
-        t_net = self.schedule.net_time(t).to(device=x.device, dtype=x.dtype).expand(x.shape[0])
+    def raw(self, x: Tensor, t: Tensor | float, t_net: float | None = None, **cond: Any) -> Tensor:
+        """The network output at solver time t (scalar), guidance applied. Counts 1 NFE.
+
+        ``t_net``: the network's time input if already known (skips the schedule mapping).
+        """
+        if t_net is not None:
+            t_net = torch.full((x.shape[0],), t_net, dtype=x.dtype, device=x.device)
+        else:
+            t = torch.as_tensor(t, dtype=torch.float64)
+            t_net = self.schedule.net_time(t).to(device=x.device, dtype=x.dtype).expand(x.shape[0])
         w = self.guidance_scale
         if w is not None and w != 1.0:
             unc = self.uncond(cond) if callable(self.uncond) else dict(self.uncond or {})
@@ -191,6 +199,8 @@ class Denoiser(nn.Module):
         sc = sc or self.scalars(t)
         a, g = sc.alpha, sc.sigma
         p = self.prediction
+        if isinstance(a, float) and not (out.requires_grad or x.requires_grad):
+            return self._to_DE_fast(out, x, a, g)
         if p == "eps":
             E = out
             D = (x - g * E) / a
@@ -205,10 +215,21 @@ class Denoiser(nn.Module):
             E = x + a * out
         return D, E
 
+    def _to_DE_fast(self, out: Tensor, x: Tensor, a: float, g: float) -> tuple[Tensor, Tensor]:
+        """The same conversions with fused in-place ops (no autograd): the sampling hot path."""
+        p = self.prediction
+        if p == "eps":
+            return torch.add(x, out, alpha=-g).div_(a), out
+        if p == "x0":
+            return out, torch.add(x, out, alpha=-a).div_(g)
+        if p == "v":
+            return torch.mul(x, a).add_(out, alpha=-g), torch.mul(x, g).add_(out, alpha=a)
+        return torch.add(x, out, alpha=-g), torch.add(x, out, alpha=a)
+
     def predict(self, x: Tensor, t: Tensor | float, basis: str = "D", sc: "TimeScalars | None" = None,
                 **cond: Any) -> Tensor:
         """One network call at solver time t, returned in ``basis`` ('D', 'E' or 'v')."""
-        return self.convert(self.raw(x, t, **cond), x, t, basis, sc)
+        return self.convert(self.raw(x, t, sc.t_net if sc is not None else None, **cond), x, t, basis, sc)
 
     def forward(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
         """The data prediction D(x, t)."""

@@ -91,12 +91,20 @@ def make_grid(schedule: Schedule, n: int, grid: str | Sequence[float] | Tensor =
             raise SolverNameError(f"unknown grid {grid!r}; valid: {', '.join(GRIDS)} (or an explicit list of times)")
         if n < 1:
             raise GridError(f"a grid needs at least 1 step; got {n}")
-        return check_grid(GRIDS[name](schedule, n, **kwargs), schedule)
+        key = (name, n, repr(sorted(schedule.config().items())), tuple(sorted(kwargs.items())))
+        if key not in _CACHE:  # named grids depend only on (schedule, n): build once
+            if len(_CACHE) > 512:
+                _CACHE.clear()
+            _CACHE[key] = check_grid(GRIDS[name](schedule, n, **kwargs), schedule)
+        return _CACHE[key].clone()
     t = torch.as_tensor(grid, dtype=F64).detach().clone() if not isinstance(grid, Tensor) else grid.to(F64)
     check_grid(t, schedule)
     if t.numel() != n + 1:
         raise GridError(f"an explicit grid for {n} steps needs {n + 1} times; got {t.numel()}")
     return t
+
+
+_CACHE: dict[tuple, Tensor] = {}
 
 
 def grid_names() -> list[str]:

@@ -373,6 +373,16 @@ def make_tableau(name: str, schedule: Schedule, t: torch.Tensor, **kwargs) -> Ta
     n = int(t.numel()) - 1
     if n < info.min_nfe:
         raise NFEError(f"{name} needs at least {info.min_nfe} NFE (got {n}): raise --nfe or use a lower-order solver")
-    tab = info.make(schedule, t, **{**info.kwargs, **kwargs})
-    tab.name = name
+    key = (name, repr(sorted(schedule.config().items())), tuple(t.detach().to(F64).tolist()),
+           tuple(sorted(kwargs.items())))
+    tab = _CACHE.get(key)
+    if tab is None:  # tables depend only on (solver, schedule, grid): build once, reuse (read-only)
+        tab = info.make(schedule, t, **{**info.kwargs, **kwargs})
+        tab.name = name
+        if len(_CACHE) > 512:
+            _CACHE.clear()
+        _CACHE[key] = tab
     return tab
+
+
+_CACHE: dict[tuple, Tableau] = {}

@@ -13,6 +13,7 @@ N steps cost exactly N model evaluations. Classic solvers and learned solvers ar
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -45,6 +46,7 @@ class Tableau:
     B_mask: Tensor | None = None
     C_mask: Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    _plans: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def N(self) -> int:
@@ -119,18 +121,26 @@ def run_tableau(
     cond = cond or {}
     n = tab.N
     dt, dev = x.dtype, x.device
-    a = _coefs(tab.a, dt, dev)
-    B = _coefs(tab.B, dt, dev)
-    C = _coefs(tab.C, dt, dev) if tab.C is not None else None
-    c_all = tab.eval_times
+    grad = tab.B.requires_grad or tab.a.requires_grad or (tab.C is not None and tab.C.requires_grad) \
+        or tab.eval_times.requires_grad
+    key = (id(model.schedule), dt, str(dev))
+    plan = None if grad else tab._plans.get(key)
+    if plan is None:
+        c_all = tab.eval_times
+        b_rows, c_rows = tab.rows()
+        # the last step that needs F_j: drop it afterwards to keep memory flat on long solves
+        last_use = [0] * (n + 1)
+        for i in range(n):
+            for j in b_rows[i] + (c_rows[i] if c_rows else []):
+                last_use[j] = max(last_use[j], i)
+        plan = (_coefs(tab.a, dt, dev), _coefs(tab.B, dt, dev),
+                _coefs(tab.C, dt, dev) if tab.C is not None else None,
+                c_all, TimeScalars.many(model.schedule, c_all, with_net_time=not grad),  # once per tableau
+                b_rows, c_rows, last_use)
+        if not grad:
+            tab._plans[key] = plan
+    a, B, C, c_all, scal, b_rows, c_rows, last_use = plan
     c_times = c_all.detach()
-    scal = TimeScalars.many(model.schedule, c_all)  # conversion scalars, once per solve
-    b_rows, c_rows = tab.rows()
-    # the last step that needs F_j: drop it afterwards to keep memory flat on long solves
-    last_use = [0] * (n + 1)
-    for i in range(n):
-        for j in b_rows[i] + (c_rows[i] if c_rows else []):
-            last_use[j] = max(last_use[j], i)
     name = tab.name
 
     def evaluate(xi: Tensor, j: int) -> Tensor:
@@ -139,7 +149,7 @@ def run_tableau(
             out = checkpoint(lambda z: model.predict(z, tj, tab.basis, scal[j], **cond), xi, use_reentrant=False)
         else:
             out = model.predict(xi, tj, tab.basis, scal[j], **cond)
-        if check and not torch.isfinite(out).all():
+        if check and not math.isfinite(float(out.sum())):
             try:
                 check_finite(out, f"at step {j} (t={float(tj):.6g}) of solver {name}")
             except ModelOutputError as e:
@@ -147,9 +157,14 @@ def run_tableau(
         return out
 
     def combine(coef_a: Any, M: Any, i: int, js: list[int], xi: Tensor, F: dict[int, Tensor]) -> Tensor:
-        acc = xi * coef_a[i]
+        if grad:
+            acc = xi * coef_a[i]
+            for j in js:
+                acc = acc + M[i][j] * F[j]
+            return acc
+        acc = torch.mul(xi, coef_a[i])
         for j in js:
-            acc = acc + M[i][j] * F[j]
+            acc.add_(F[j], alpha=M[i][j])
         return acc
 
     traj = [x] if return_trajectory else None
@@ -163,7 +178,7 @@ def run_tableau(
         for j in [j for j in F if last_use[j] <= i and j <= i]:
             del F[j]
         x = x_new
-        if check and not torch.isfinite(x).all():
+        if check and not math.isfinite(float(x.sum())):
             raise ModelOutputError(
                 f"solver {name} produced NaN/inf at step {i} (t={float(tab.t[i + 1]):.6g}) from finite model outputs: "
                 f"its coefficients are unstable on this grid; try another solver or grid"
