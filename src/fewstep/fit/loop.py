@@ -107,6 +107,7 @@ def optimise(
     label: str = "",
     use_checkpoint: bool = False,
     on_eval: Callable[[FitState], None] | None = None,
+    cosine: bool = True,
 ) -> FitState:
     """Optimise the parameter groups named in ``lrs`` ({'grid': lr, 'coef': lr}) for ``steps`` steps.
 
@@ -134,6 +135,7 @@ def optimise(
         opt = torch.optim.Adam(params)
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}; valid: adam, lion")
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps), eta_min=0.0) if cosine else None
     loss_fn = per_sample_loss(loss)
     gen = torch.Generator().manual_seed(seed + state.step)
     n = len(train)
@@ -169,6 +171,8 @@ def optimise(
         bad = any(p.grad is not None and not torch.isfinite(p.grad).all() for g in params for p in g["params"])
         if not bad:
             opt.step()
+        if sched is not None:
+            sched.step()
         if relax is not None and off.grad is not None and torch.isfinite(off.grad).all():
             with torch.no_grad():
                 new = relax.project(off - relax.lr * radius * off.grad / off.grad.flatten(1).norm(dim=1).clamp_min(1e-30)
