@@ -107,7 +107,7 @@ def optimise(
     label: str = "",
     use_checkpoint: bool = False,
     on_eval: Callable[[FitState], None] | None = None,
-    cosine: bool = True,
+    cosine: bool = False,
 ) -> FitState:
     """Optimise the parameter groups named in ``lrs`` ({'grid': lr, 'coef': lr}) for ``steps`` steps.
 
