@@ -145,6 +145,9 @@ def fit_cmd(
     seed: int = typer.Option(0, help="first training seed"),
     start: Optional[str] = typer.Option(None, help="starting classic solver NAME@GRID (default: best on validation)"),
     steps: Optional[int] = typer.Option(None, help="optimisation steps"),
+    loss: str = typer.Option("l2", help="l2 or l1 (a callable from Python)"),
+    relax: Optional[float] = typer.Option(None, help="LD3 relaxation radius (relative to the noise norm; 0 off)"),
+    checkpoint: bool = typer.Option(False, "--checkpoint", help="recompute model activations in backward (memory)"),
     eval_samples: int = typer.Option(256, help="held-out samples for the closing table (0: skip)"),
     as_json: bool = typer.Option(False, "--json", help="print the closing comparison as JSON"),
     device: str = typer.Option("cpu"),
@@ -157,7 +160,8 @@ def fit_cmd(
     from .specs import load_model
 
     _setup(device, threads)
-    over = {k: v for k, v in {"start": start, "steps": steps}.items() if v is not None}
+    over = {k: v for k, v in {"start": start, "steps": steps, "relax": relax}.items() if v is not None}
+    over.update(loss=loss, use_checkpoint=checkpoint)
     try:
         m = load_model(model, device=device)
         res = fit(m, method, nfe, out=out, teacher=teacher, samples=samples, val_samples=val_samples, seed=seed,
