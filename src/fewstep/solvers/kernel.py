@@ -149,7 +149,7 @@ def run_tableau(
             out = checkpoint(lambda z: model.predict(z, tj, tab.basis, scal[j], **cond), xi, use_reentrant=False)
         else:
             out = model.predict(xi, tj, tab.basis, scal[j], **cond)
-        if check and not math.isfinite(float(out.sum())):
+        if check and not math.isfinite(float(out.detach().sum())):
             try:
                 check_finite(out, f"at step {j} (t={float(tj):.6g}) of solver {name}")
             except ModelOutputError as e:
@@ -178,7 +178,7 @@ def run_tableau(
         for j in [j for j in F if last_use[j] <= i and j <= i]:
             del F[j]
         x = x_new
-        if check and not math.isfinite(float(x.sum())):
+        if check and not math.isfinite(float(x.detach().sum())):
             raise ModelOutputError(
                 f"solver {name} produced NaN/inf at step {i} (t={float(tab.t[i + 1]):.6g}) from finite model outputs: "
                 f"its coefficients are unstable on this grid; try another solver or grid"
