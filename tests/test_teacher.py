@@ -65,7 +65,7 @@ def test_seed_ranges():
     assert fit_seeds(2, start=10) == range(10, 12)
     assert val_seeds(2) == range(VAL_SEED_START, VAL_SEED_START + 2)
     assert eval_seeds(2) == range(EVAL_SEED_START, EVAL_SEED_START + 2)
-    with pytest.raises(FewstepError, match="fitting range"):
+    with pytest.raises(FewstepError, match="fit range"):
         fit_seeds(10, start=VAL_SEED_START - 5)
     with pytest.raises(FewstepError, match="EVAL_SEED_START"):
         eval_seeds(3, start=0)

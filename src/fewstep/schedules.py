@@ -105,16 +105,6 @@ class Schedule:
         """Scale of x at t_max for unit-variance noise (1 for VP and flow, sigma_max for VE)."""
         return 1.0
 
-    def check_times(self, t: Tensor, what: str = "grid") -> None:
-        """Raise a one-line error if any time leaves [t_end, t_max]."""
-        lo, hi = float(t.min()), float(t.max())
-        tol = 1e-9 * max(1.0, abs(self.t_max))
-        if lo < self.t_end - tol or hi > self.t_max + tol:
-            raise FewstepError(
-                f"{what} times must lie in [{self.t_end:g}, {self.t_max:g}] for {self.describe()}; "
-                f"got values in [{lo:g}, {hi:g}]"
-            )
-
     def describe(self) -> str:
         cfg = self.config()
         args = ", ".join(f"{k}={v}" for k, v in cfg.items() if k not in ("type", "betas"))

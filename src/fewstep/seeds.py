@@ -25,26 +25,22 @@ def _count(n: int, what: str) -> int:
     return int(n)
 
 
+def _block(n: int, start: int, lo_range: int, hi_range: int, what: str) -> range:
+    n = _count(n, what)
+    lo = lo_range + int(start)
+    if lo < lo_range or lo + n > hi_range:
+        raise FewstepError(f"{what} seeds [{lo}, {lo + n}) leave the {what} range [{lo_range}, {hi_range})")
+    return range(lo, lo + n)
+
+
 def fit_seeds(n: int, start: int = 0) -> range:
     """``n`` fitting seeds, ``start`` counted from FIT_SEED_START (stays below VAL_SEED_START)."""
-    n = _count(n, "fit")
-    lo = FIT_SEED_START + int(start)
-    if lo < FIT_SEED_START or lo + n > VAL_SEED_START:
-        raise FewstepError(
-            f"fit seeds [{lo}, {lo + n}) leave the fitting range [{FIT_SEED_START}, {VAL_SEED_START})"
-        )
-    return range(lo, lo + n)
+    return _block(n, start, FIT_SEED_START, VAL_SEED_START, "fit")
 
 
 def val_seeds(n: int, start: int = 0) -> range:
     """``n`` validation seeds, ``start`` counted from VAL_SEED_START (stays below EVAL_SEED_START)."""
-    n = _count(n, "validation")
-    lo = VAL_SEED_START + int(start)
-    if lo < VAL_SEED_START or lo + n > EVAL_SEED_START:
-        raise FewstepError(
-            f"validation seeds [{lo}, {lo + n}) leave the validation range [{VAL_SEED_START}, {EVAL_SEED_START})"
-        )
-    return range(lo, lo + n)
+    return _block(n, start, VAL_SEED_START, EVAL_SEED_START, "validation")
 
 
 def eval_seeds(n: int, start: int = EVAL_SEED_START) -> range:
