@@ -181,10 +181,10 @@ def optimise(
         state.step += 1
         if progress is not None:
             progress.update(1)
-            progress.set_postfix_str(f"{label} loss {float(L):.3g} val {state.best_val:.4g}")
+            progress.set_postfix_str(f"{label} loss {float(L.detach()):.3g} val {state.best_val:.4g}")
         if (it + 1) % eval_every == 0 or it == steps - 1:
             v = validate(model, solver, val)
-            state.history.append({"step": state.step, "loss": float(L), "val": v})
+            state.history.append({"step": state.step, "loss": float(L.detach()), "val": v})
             if v < state.best_val:
                 state.best_val = v
                 state.best = {k: x.detach().clone() for k, x in solver.state_dict().items()}
