@@ -1,0 +1,291 @@
+"""``FewStepScheduler``: any fewstep solver inside an unmodified diffusers pipeline.
+
+    >>> pipe.scheduler = FewStepScheduler.from_solver("unipc@logsnr", pipe.scheduler.config, nfe=5)
+    >>> pipe.scheduler = FewStepScheduler.from_solver(fewstep.load_solver("out/solver"), denoiser)
+
+It runs the kernel of :mod:`fewstep.solvers.kernel` one evaluation at a time. Step i receives the
+raw network output at the predicted x_i (guidance already applied by the pipeline), converts it to
+the tableau's basis (F_i), then
+    corrector (i >= 1):  x_i     = a_{i-1} x_{i-1} + sum_j C[i-1, j] F_j      (F_i now known)
+    predictor:           x_{i+1} = a_i x_i + sum_j B[i, j] F_j
+and returns x_{i+1}. ``timesteps`` are the network times of the evaluation times c_i (fractional
+DDPM indices for VP models, sigma * num_train_timesteps for flows), so decoupled learned
+evaluation times work unchanged. ``set_timesteps`` resets the history; the tableau fixes the number
+of steps, so a different ``num_inference_steps`` is ignored (pipelines always pass their own default).
+Everything that defines the solver is in the config, so ``save_pretrained`` / ``from_pretrained``
+round-trip exactly; a pipeline saved with it records this module, so ``DiffusionPipeline.from_pretrained``
+loads it back (or ``FewStepScheduler.from_pretrained(dir, subfolder="scheduler")``).
+Image-to-image (starting part-way, ``add_noise``) is not supported: the tableau starts at the noise end.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput, logging
+from torch import Tensor
+
+from ..denoiser import Denoiser, TimeScalars
+from ..errors import ArtifactError, FewstepError, SolverNameError
+from ..grids import make_grid
+from ..sampling import parse_solver
+from ..schedules import Flow, Schedule, VPDiscrete, schedule_from_config
+from ..solvers.classic import SOLVERS, SPECIAL, make_tableau, solver_names
+from ..solvers.kernel import Tableau
+from ..solvers.learned import load_solver, tableau_from_doc, tableau_to_doc
+from .diffusers_in import PREDICTION_TYPES, prediction_name, schedule_from_diffusers
+
+logger = logging.get_logger(__name__)
+DIFFUSERS_NAMES = {v: k for k, v in PREDICTION_TYPES.items()}
+
+
+@dataclass
+class FewStepSchedulerOutput(BaseOutput):
+    """prev_sample: x_{i+1} (B, ...); pred_original_sample: the data prediction D at this evaluation."""
+
+    prev_sample: Tensor
+    pred_original_sample: Tensor | None = None
+
+
+def _no_net(*_: Any, **__: Any) -> Tensor:
+    raise FewstepError("FewStepScheduler only converts outputs; the pipeline calls the network")
+
+
+class FewStepScheduler(SchedulerMixin, ConfigMixin):
+    """A diffusers scheduler running one fewstep tableau (classic or learned).
+
+    Config: ``schedule`` (fewstep schedule config), ``prediction_type`` (diffusers name of what the
+    network outputs), either ``solver`` ("NAME@GRID") with ``nfe``, ``grid`` (explicit list or name,
+    overrides @GRID) and ``solver_options``, or ``tableau`` (a learned solver's tables as lists).
+    Build it with :meth:`from_solver`.
+    """
+
+    config_name = "scheduler_config.json"
+    order = 1
+    _compatibles: list[str] = []
+
+    @register_to_config
+    def __init__(
+        self,
+        schedule: dict[str, Any] | None = None,
+        prediction_type: str = "epsilon",
+        solver: str | None = "unipc@logsnr",
+        nfe: int | None = 5,
+        grid: str | list[float] | None = None,
+        solver_options: dict[str, Any] | None = None,
+        tableau: dict[str, Any] | None = None,
+        solver_label: str | None = None,
+        num_train_timesteps: int = 1000,
+        flow_grid: dict[str, Any] | None = None,
+    ) -> None:
+        if not schedule:
+            raise FewstepError("FewStepScheduler needs the model's schedule: build it with "
+                               "FewStepScheduler.from_solver(solver, pipe.scheduler.config, nfe=N)")
+        sched = schedule_from_config(dict(schedule))
+        self._den = Denoiser(_no_net, sched, prediction_name("FewStepScheduler", prediction_type))
+        if tableau is not None:
+            tab = tableau_from_doc(dict(tableau), name=solver_label or "learned")
+        else:
+            tab = _classic_tableau(sched, solver, nfe, grid, solver_options or {})
+        self.tab = tab
+        self._plan(tab)
+        self.init_noise_sigma = float(sched.init_noise_scale())
+        self.num_inference_steps = tab.N
+        self._asked_steps: set[int] = set()
+        self._begin_index: int | None = None
+        self._reset()
+
+    # --------------------------------------------------------------------------- construction
+    @classmethod
+    def from_solver(cls, solver: Any, schedule: Any, nfe: int | None = None, grid: Any = None,
+                    prediction_type: str | None = None, **solver_options: Any) -> "FewStepScheduler":
+        """A scheduler running ``solver`` for the model described by ``schedule``.
+
+        Args:
+            solver: a classic "NAME@GRID" spec, a learned-solver directory, a loaded or in-memory
+                learned solver (``.tableau(model)``), or a :class:`~fewstep.Tableau`.
+            schedule: the model: a :class:`~fewstep.Denoiser` (learned solvers are checked against
+                its fingerprint), a diffusers scheduler or config dict, or a fewstep Schedule (then
+                pass ``prediction_type``).
+            nfe: evaluations for a classic solver (a learned solver fixes its own; must agree if given).
+            grid: grid name or explicit (nfe + 1,) list of solver times for a classic solver.
+            prediction_type: what the network outputs (diffusers or fewstep name); overrides the schedule's.
+            solver_options: keyword arguments of the classic solver (e.g. ``order=3``).
+        """
+        model = schedule if isinstance(schedule, Denoiser) else None
+        flow_grid = None
+        if model is not None:
+            sched, pred = model.schedule, model.prediction
+            flow_grid = model.identity.get("flow_grid")
+        elif isinstance(schedule, Schedule):
+            if prediction_type is None:
+                raise FewstepError("with a fewstep Schedule, pass prediction_type= (what the network outputs)")
+            sched, pred = schedule, None
+        else:
+            info = schedule_from_diffusers(schedule)
+            sched, pred, flow_grid = info.schedule, info.prediction, info.flow_grid
+        if prediction_type is not None:
+            pred = prediction_name("FewStepScheduler", prediction_type)
+        kw: dict[str, Any] = dict(schedule=sched.config(), prediction_type=DIFFUSERS_NAMES[pred],
+                                  num_train_timesteps=_train_steps(sched), flow_grid=flow_grid)
+        if isinstance(solver, (str, os.PathLike)) and (os.path.exists(solver) or str(solver).endswith(".json")):
+            solver = load_solver(solver)
+        if isinstance(solver, str):
+            if nfe is None:
+                raise FewstepError(f"solver {solver!r} needs an NFE budget: pass nfe=N")
+            if grid is not None and not isinstance(grid, str):
+                grid = [float(v) for v in torch.as_tensor(grid, dtype=torch.float64).flatten().tolist()]
+            _classic_tableau(sched, solver, nfe, grid, solver_options)  # fail now, not on load
+            return cls(solver=solver, nfe=int(nfe), grid=grid, solver_options=solver_options or None, **kw)
+        if solver_options or grid is not None:
+            raise FewstepError("grid and solver options apply to classic solvers only; a tableau fixes its own")
+        tab = _learned_tableau(solver, sched, model)
+        if nfe is not None and int(nfe) != tab.N:
+            raise FewstepError(f"solver {tab.name} makes {tab.N} evaluations, not nfe={nfe}; drop nfe or refit")
+        return cls(solver=None, nfe=tab.N, tableau=tableau_to_doc(tab), solver_label=tab.name, **kw)
+
+    def _plan(self, tab: Tableau) -> None:
+        """Per-step coefficients as Python floats (as the kernel uses them) and the network times."""
+        self._a, self._B = tab.a.tolist(), tab.B.tolist()
+        self._C = tab.C.tolist() if tab.C is not None else None
+        self._b_rows, self._c_rows = tab.rows()
+        c = tab.eval_times.detach().to(torch.float64)
+        self._c = c.tolist()
+        self._scal = TimeScalars.many(self._den.schedule, c, with_net_time=True)
+        self._last_use = [0] * (tab.N + 1)
+        for i in range(tab.N):
+            for j in self._b_rows[i] + (self._c_rows[i] if self._c_rows else []):
+                self._last_use[j] = max(self._last_use[j], i)
+        self._timesteps = torch.tensor([s.t_net for s in self._scal], dtype=torch.float32)
+        self.timesteps = self._timesteps.clone()
+
+    def _reset(self) -> None:
+        self._step_index: int | None = None
+        self._F: dict[int, Tensor] = {}
+        self._x_prev: Tensor | None = None
+
+    # --------------------------------------------------------------------------- diffusers API
+    @property
+    def step_index(self) -> int | None:
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        if begin_index != 0:
+            raise FewstepError("FewStepScheduler starts at the noise end (begin_index 0); img2img is not supported")
+        self._begin_index = 0
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
+                      **kwargs: Any) -> None:
+        """Reset the solver history and place ``timesteps`` on ``device``.
+
+        The tableau fixes the number of steps N: another ``num_inference_steps`` is ignored (logged once).
+        Custom ``timesteps`` / ``sigmas`` are refused: the solver's grid is part of the solver.
+        """
+        if kwargs.get("timesteps") is not None or kwargs.get("sigmas") is not None:
+            raise FewstepError("FewStepScheduler runs its solver's own grid: drop timesteps=/sigmas= "
+                               "(build another solver with grid=[...] instead)")
+        n = self.num_inference_steps
+        if num_inference_steps is not None and int(num_inference_steps) != n \
+                and int(num_inference_steps) not in self._asked_steps:
+            self._asked_steps.add(int(num_inference_steps))
+            logger.info(f"FewStepScheduler: the solver makes {n} evaluations; num_inference_steps="
+                        f"{num_inference_steps} is ignored")
+        self.timesteps = self._timesteps.to(device) if device is not None else self._timesteps.clone()
+        self._reset()
+
+    def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
+        """The network takes the state as is (VP and flow models): identity."""
+        return sample
+
+    def __len__(self) -> int:
+        return int(self.config.num_train_timesteps)
+
+    def _index(self, timestep: Any) -> int:
+        i = self._step_index if self._step_index is not None else (self._begin_index or 0)
+        n = self.num_inference_steps
+        if i >= n:
+            raise FewstepError(f"the solver's {n} steps are done: call set_timesteps() before another run")
+        got = float(torch.as_tensor(timestep).flatten()[0])
+        want = float(self._timesteps[i])
+        if not math.isclose(got, want, rel_tol=1e-5, abs_tol=1e-5):
+            raise FewstepError(f"step {i} got timestep {got:g} but the solver evaluates at {want:g}: step through "
+                               f"scheduler.timesteps in order, after set_timesteps()")
+        return i
+
+    def step(self, model_output: Tensor, timestep: Any, sample: Tensor, return_dict: bool = True,
+             **kwargs: Any) -> FewStepSchedulerOutput | tuple:
+        """One evaluation: the output at the predicted x_i -> x_{i+1} (shapes (B, ...)); extra kwargs ignored."""
+        i = self._index(timestep)
+        out = model_output.to(sample.dtype)
+        sc, c = self._scal[i], self._c[i]
+        F = self._den.convert(out, sample, c, self.tab.basis, sc)
+        self._F[i] = F.clone() if F is model_output else F
+        x = sample
+        if i >= 1 and self._C is not None and self._c_rows[i - 1]:
+            x = self._combine(self._C, i - 1, self._c_rows[i - 1], self._x_prev)
+        x_next = self._combine(self._B, i, self._b_rows[i], x)
+        self._x_prev = x
+        for j in [j for j in self._F if self._last_use[j] < i]:  # every use (corrector i-1 included) done
+            del self._F[j]
+        self._step_index = i + 1
+        D = self._F[i] if self.tab.basis == "D" else self._den.convert(out, sample, c, "D", sc)
+        if not return_dict:
+            return (x_next, D)
+        return FewStepSchedulerOutput(prev_sample=x_next, pred_original_sample=D)
+
+    def _combine(self, M: list[list[float]], i: int, js: list[int], x: Tensor) -> Tensor:
+        """a_i x + sum_j M[i][j] F_j, in the kernel's order."""
+        acc = torch.mul(x, self._a[i])
+        for j in js:
+            acc.add_(self._F[j], alpha=M[i][j])
+        return acc
+
+
+def _train_steps(sched: Schedule) -> int:
+    if isinstance(sched, VPDiscrete):
+        return sched.T
+    if isinstance(sched, Flow):
+        return int(round(sched.time_scale))
+    return 1000
+
+
+def _classic_tableau(sched: Schedule, solver: str | None, nfe: int | None, grid: Any,
+                     options: dict[str, Any]) -> Tableau:
+    if not solver:
+        raise FewstepError("FewStepScheduler needs solver='NAME@GRID' or a learned tableau")
+    name, g = parse_solver(str(solver))
+    if name in SPECIAL:
+        raise SolverNameError(f"{name} takes 2 evaluations per step and is no multistep tableau: "
+                              f"use a multistep solver ({', '.join(SOLVERS)})")
+    if name not in SOLVERS:
+        valid = ", ".join(n for n in solver_names() if n not in SPECIAL)
+        raise SolverNameError(f"unknown solver {name!r}; valid: {valid}")
+    if nfe is None or int(nfe) < 1:
+        raise FewstepError(f"solver {name} needs an NFE budget of at least 1; got {nfe!r}")
+    t = make_grid(sched, int(nfe), grid if grid is not None else (g or "logsnr"))
+    return make_tableau(name, sched, t, **options)
+
+
+def _learned_tableau(solver: Any, sched: Schedule, model: Denoiser | None) -> Tableau:
+    if isinstance(solver, Tableau):
+        return solver.validate()
+    if not hasattr(solver, "tableau"):
+        raise SolverNameError(f"solver must be a 'NAME@GRID' spec, a learned solver or a Tableau; "
+                              f"got {type(solver).__name__}")
+    own = getattr(solver, "schedule", None)
+    if own is not None and own.config() != sched.config():
+        raise ArtifactError(f"solver {getattr(solver, 'name', '')} was made for {own.describe()}, "
+                            f"not this model's {sched.describe()}")
+    with torch.no_grad():
+        tab = solver.tableau(model)
+    return tab
