@@ -23,6 +23,7 @@ The scheduler config says what the network was trained on; fewstep's solvers pic
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import inspect
 import json
 from dataclasses import dataclass
@@ -463,7 +464,8 @@ def load_diffusers(path: str | Path, device: str | torch.device = "cpu", guidanc
     if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
         raise ModelSpecError(f"{sub}/config.json names {cls_name!r}, not a diffusers model class")
     try:
-        model = cls.from_pretrained(str(sub), local_files_only=True, use_safetensors=True)
+        lean = importlib.util.find_spec("accelerate") is not None  # without it diffusers warns, then loads plainly
+        model = cls.from_pretrained(str(sub), local_files_only=True, use_safetensors=True, low_cpu_mem_usage=lean)
     except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelSpecError(f"cannot load {cls_name} from {sub} ({first}); it needs safetensors weights") from None
