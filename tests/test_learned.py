@@ -181,3 +181,59 @@ def test_damaged_artifacts_are_refused(tmp_path):
         load_solver(tmp_path / "a")
     with pytest.raises(ArtifactError, match="no learned solver"):
         load_solver(tmp_path / "missing")
+
+
+def _killed_at_step(n, monkeypatch, run):
+    """Run ``run()`` with the training step ``n`` raising KeyboardInterrupt (a kill), then restore."""
+    import fewstep.fit.loop as loop
+
+    real, calls = loop._objective, {"n": 0}
+
+    def dies(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "_objective", dies)
+    try:
+        return run()
+    finally:
+        monkeypatch.setattr(loop, "_objective", real)
+
+
+@pytest.mark.parametrize("method", ["s4s-alt", "dss", "ld3"])
+def test_interrupted_fit_resumes_to_the_uninterrupted_result(vp_model, tmp_path, monkeypatch, method):
+    kw = dict(teacher="dpmpp_3m@logsnr:60", samples=64, val_samples=32, progress=False, cache_dir=tmp_path / "c",
+              steps=48, start="ddim@logsnr", eval_every=8, rounds=2)
+    whole = fit(vp_model, method, 4, out=tmp_path / "whole", **kw)
+    with pytest.raises(KeyboardInterrupt):
+        _killed_at_step(21, monkeypatch, lambda: fit(vp_model, method, 4, out=tmp_path / "cut", **kw))
+    assert (tmp_path / "cut" / "fit-checkpoint.safetensors").is_file()
+    assert not (tmp_path / "cut" / "solver.json").exists()
+    again = fit(vp_model, method, 4, out=tmp_path / "cut", **kw)
+    assert 8 <= again.doc["timing"]["resumed_from_step"] <= 20  # the last checkpoint before the kill
+    assert not (tmp_path / "cut" / "fit-checkpoint.safetensors").exists()  # removed once the artifact is written
+    assert again.doc["tableau"] == whole.doc["tableau"]  # bit-exact: same batches, same optimizer state
+    assert again.doc["history"] == whole.doc["history"]
+
+
+def test_a_checkpoint_for_other_settings_is_not_resumed(vp_model, tmp_path, monkeypatch):
+    kw = dict(teacher="dpmpp_3m@logsnr:60", samples=64, val_samples=32, progress=False, cache_dir=tmp_path / "c",
+              start="ddim@logsnr", eval_every=8)
+    with pytest.raises(KeyboardInterrupt):
+        _killed_at_step(12, monkeypatch, lambda: fit(vp_model, "s4s", 4, out=tmp_path / "a", steps=40, **kw))
+    res = fit(vp_model, "s4s", 4, out=tmp_path / "a", steps=24, **kw)  # another step count: another fit
+    assert res.doc["timing"]["resumed_from_step"] == 0
+
+
+def test_clearly_better_is_a_paired_test():
+    from fewstep.fit.loop import clearly_better
+
+    g = torch.Generator().manual_seed(0)
+    old = torch.rand(200, generator=g, dtype=F64)
+    assert clearly_better(old * 0.8, old)
+    assert not clearly_better(old, old)
+    noisy = old + 0.3 * torch.randn(200, generator=g, dtype=F64)  # lower mean by luck only
+    noisy = noisy - float((noisy - old).mean()) - 0.005
+    assert float(noisy.mean()) < float(old.mean()) and not clearly_better(noisy, old)

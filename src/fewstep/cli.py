@@ -148,6 +148,7 @@ def fit_cmd(
     loss: str = typer.Option("l2", help="l2 or l1 (a callable from Python)"),
     relax: Optional[float] = typer.Option(None, help="LD3 relaxation radius (relative to the noise norm; 0 off)"),
     checkpoint: bool = typer.Option(False, "--checkpoint", help="recompute model activations in backward (memory)"),
+    restart: bool = typer.Option(False, "--restart", help="ignore a checkpoint of an interrupted fit in OUT and start over"),
     eval_samples: int = typer.Option(256, help="held-out samples for the closing table (0: skip)"),
     as_json: bool = typer.Option(False, "--json", help="print the closing comparison as JSON"),
     device: str = typer.Option("cpu"),
@@ -165,9 +166,14 @@ def fit_cmd(
     try:
         m = load_model(model, device=device)
         res = fit(m, method, nfe, out=out, teacher=teacher, samples=samples, val_samples=val_samples, seed=seed,
-                  progress=not as_json, device=device, **over)
+                  progress=not as_json, device=device, resume=not restart, **over)
     except FewstepError as e:
         _fail(str(e))
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted: the fit's state is saved in {out}; run the same command again to resume", err=True)
+        raise typer.Exit(130)
+    if res.outcome.resumed_from and not as_json:
+        typer.echo(f"resumed an interrupted fit from step {res.outcome.resumed_from}")
     v = res.doc["validation"]
     if not as_json:
         typer.echo(f"wrote {res.path}  (start {res.doc['start']['solver']}: validation RMSE to teacher "

@@ -242,6 +242,8 @@ class Denoiser(nn.Module):
         h.update(repr(sorted(self.schedule.config().items())).encode())
         h.update(self.prediction.encode())
         h.update(repr(sorted(self.identity.items())).encode())
+        if self.prior is not None:  # another source distribution is another model
+            h.update(self.noise([0, 1]).to(torch.float64).numpy().tobytes())
         if isinstance(self.net, nn.Module):
             for k, v in sorted(self.net.state_dict().items()):
                 h.update(k.encode())

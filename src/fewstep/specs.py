@@ -1,4 +1,5 @@
-"""Model specs: ``zoo:NAME``, ``path/to/file.py:factory``, ``package.module:factory``, ``diffusers:DIR``.
+"""Model specs: ``zoo:NAME``, ``path/to/file.py:factory``, ``package.module:factory``, ``diffusers:DIR``,
+``torchcfm:NAME_OR_PATH`` (the pretrained TorchCFM 2-D flow models, loaded without unpickling code).
 
 A factory is a callable taking no required argument and returning a :class:`fewstep.Denoiser`.
 """
@@ -14,7 +15,7 @@ from typing import Any
 from .denoiser import Denoiser
 from .errors import ModelSpecError
 
-FORMS = "zoo:NAME, path/to/file.py:factory, package.module:factory or diffusers:DIR"
+FORMS = "zoo:NAME, path/to/file.py:factory, package.module:factory, diffusers:DIR or torchcfm:NAME_OR_PATH"
 
 
 def _call_factory(fn: Any, spec: str, **kwargs: Any) -> Denoiser:
@@ -40,6 +41,10 @@ def load_model(spec: str, device: str = "cpu", **kwargs: Any) -> Denoiser:
         from . import zoo
 
         return zoo.load(tail, device=device, **kwargs)
+    if head == "torchcfm":
+        from .zoo.torchcfm import load_torchcfm
+
+        return load_torchcfm(tail, device=device, **kwargs)
     if head == "diffusers":
         try:
             from .integrations.diffusers_in import load_diffusers

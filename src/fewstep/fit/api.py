@@ -13,7 +13,8 @@ from ..denoiser import Denoiser
 from ..errors import FewstepError
 from ..seeds import check_fit_seeds, fit_seeds, val_seeds
 from ..solvers.learned import LoadedSolver, save_solver, solver_doc
-from .methods import METHODS, FitConfig, FitOutcome, fit_solver
+from .checkpoint import FitCheckpoint, fit_key
+from .methods import METHODS, FitConfig, FitOutcome, fit_solver, plan_phases
 from .teacher import TeacherData, TeacherSpec, default_teacher, generate_teacher, parse_teacher
 
 
@@ -45,6 +46,7 @@ def fit(
     progress: bool = True,
     cache_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
+    resume: bool = True,
     **overrides: Any,
 ) -> FitResult:
     """Fit a learned solver for ``model`` at ``nfe`` evaluations and (optionally) save it to ``out``.
@@ -52,6 +54,9 @@ def fit(
     Training noises come from seeds [seed, seed + samples), validation noises from the
     validation range; neither overlaps the evaluation range. ``overrides`` set
     :class:`FitConfig` fields (start, k, steps, rounds, batch, lr_coef, lr_grid, relax, loss, ...).
+    With ``out``, the fit's state is checkpointed in ``out`` after every validation and a fit run
+    again with the same settings continues from there (``resume=False`` starts over); the
+    checkpoint is removed once the artifact is written.
     """
     if method not in METHODS:
         raise FewstepError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
@@ -71,14 +76,23 @@ def fit(
     val = generate_teacher(model, va_seeds, spec, cache_dir=cache_dir, device=device, progress=progress)
     train, val = train.to(device), val.to(device)
     t_teacher = time.perf_counter() - t0
+    ckpt = None
+    if out is not None:
+        folder = Path(out).parent if Path(out).suffix == ".json" else Path(out)
+        key = fit_key({"fingerprint": model.fingerprint(), "guidance": model.guidance_scale, "cfg": cfg.as_dict(),
+                       "teacher": str(spec), "train": [tr_seeds.start, tr_seeds.stop],
+                       "val": [va_seeds.start, va_seeds.stop]})
+        ckpt = FitCheckpoint(folder, key)
+        if not resume:
+            ckpt.remove()
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        total = cfg.steps if method != "s4s-alt" else 2 * cfg.rounds * max(1, cfg.steps // (2 * cfg.rounds))
+        total = sum(p.steps for p in plan_phases(cfg))
         bar = tqdm(total=total, desc=f"fit {method} NFE {nfe}", unit="step", dynamic_ncols=True)
     try:
-        outcome = fit_solver(model, train, val, cfg, progress=bar)
+        outcome = fit_solver(model, train, val, cfg, progress=bar, checkpoint=ckpt)
     finally:
         if bar is not None:
             bar.close()
@@ -95,8 +109,10 @@ def fit(
         validation={"rmse_to_teacher": outcome.val, "start_rmse_to_teacher": outcome.start_val,
                     "kept_start": outcome.kept_start,
                     "classic_ranking": [{"solver": s, "rmse_to_teacher": v} for v, s in outcome.ranking[:8]]},
-        timing={"teacher_s": round(t_teacher, 2), "total_s": round(wall, 2)},
+        timing={"teacher_s": round(t_teacher, 2), "total_s": round(wall, 2), "resumed_from_step": outcome.resumed_from},
         history=outcome.state.history,
     )
     path = save_solver(out, doc) if out is not None else None
+    if ckpt is not None:
+        ckpt.remove()
     return FitResult(LoadedSolver(doc, path), doc, outcome, path)

@@ -1,12 +1,17 @@
-"""The optimisation loop shared by every method: batches, losses, the relaxed objective,
-validation with keep-the-best, progress and resumable checkpoints."""
+"""The optimisation loop shared by every method: phases of steps, losses, the relaxed objective,
+validation with keep-the-best, progress, and a state that a checkpoint can restore exactly.
+
+A fit is a list of :class:`Phase` (S4S: one coefficient phase; S4S-Alt: grid and coefficient
+phases in turn; DSS: one joint phase). The training batch of global step k is drawn from a
+generator seeded by (seed, k) alone, so a run resumed from a checkpoint takes the same batches,
+and ends with the same parameters, as a run that was never interrupted.
+"""
 
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -18,17 +23,20 @@ from ..solvers.learned import LearnedSolver
 from .teacher import TeacherData
 
 LossFn = Callable[[Tensor, Tensor], Tensor]  # (student (B, ...), target (B, ...)) -> (B,)
+LOSSES = ("l2", "l1", "rmse")
 
 
 def per_sample_loss(kind: str | LossFn) -> LossFn:
-    """'l2' (mean squared error), 'l1', or a user callable returning per-sample losses (B,)."""
+    """'l2' (mean squared error), 'l1', 'rmse', or a user callable returning per-sample losses (B,)."""
     if callable(kind):
         return kind
     if kind == "l2":
         return lambda x, y: (x - y).flatten(1).pow(2).mean(1)
     if kind == "l1":
         return lambda x, y: (x - y).flatten(1).abs().mean(1)
-    raise ValueError(f"unknown loss {kind!r}; valid: l2, l1 or a callable (student, target) -> per-sample loss")
+    if kind == "rmse":  # the reported metric itself: less dominated by the few worst samples than l2
+        return lambda x, y: (x - y).flatten(1).pow(2).mean(1).clamp_min(1e-20).sqrt()
+    raise ValueError(f"unknown loss {kind!r}; valid: {', '.join(LOSSES)} or a callable (student, target) -> per-sample loss")
 
 
 def huber(x: Tensor, y: Tensor, delta: float) -> Tensor:
@@ -42,6 +50,7 @@ class Relax:
     """LD3's relaxed objective: each training noise owns a latent within ||x' - x|| <= radius.
 
     radius = r * sigma_T * sqrt(dim) (r is relative to the typical norm of the noise).
+    ``offsets`` (K, ...) hold x' - x for the K training noises and persist across phases.
     """
 
     r: float
@@ -58,17 +67,35 @@ class Relax:
 
 
 @dataclass
+class Phase:
+    """One stretch of optimisation: which parameter groups move, how, for how many steps."""
+
+    label: str
+    lrs: dict[str, float]  # {'grid': lr, 'coef': lr}
+    steps: int
+    optimizer: str = "adam"
+    batch: int = 20
+    dss_weights: tuple[float, float] | None = None  # (trajectory, final) weights of DSS's objective
+    restore_best: bool = True  # start from the best parameters found so far
+
+
+@dataclass
 class FitState:
-    step: int = 0
+    """Everything a fit needs to continue where it stopped (see :mod:`fewstep.fit.checkpoint`)."""
+
+    step: int = 0  # global optimisation steps done
+    phase: int = 0  # index of the phase in progress
+    phase_step: int = 0  # steps done in that phase
     best_val: float = math.inf
     best: dict[str, Tensor] | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    opt_state: dict[str, Any] | None = None  # optimizer state of the phase in progress
 
 
-def student(model: Denoiser, solver: LearnedSolver, noise: Tensor, cond: dict[str, Any],
+def student(model: Denoiser, solver: Any, noise: Tensor, cond: dict[str, Any],
             trajectory: bool = False, use_checkpoint: bool = False):
-    """Run the learned solver from unit noise (B, ...)."""
+    """Run a (learned) solver from unit noise (B, ...)."""
     x = noise * model.schedule.init_noise_scale()
     return run_tableau(model, x, solver.tableau(), cond, return_trajectory=trajectory, use_checkpoint=use_checkpoint)
 
@@ -78,14 +105,66 @@ def _cond_rows(cond: dict[str, Any], idx: Tensor) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def validate(model: Denoiser, solver: LearnedSolver, val: TeacherData, batch: int = 256) -> float:
-    """Mean per-sample RMSE of the solver to the teacher's outputs on the validation noises."""
-    tot, n = 0.0, len(val)
-    for k in range(0, n, batch):
-        idx = torch.arange(k, min(n, k + batch))
+def val_errors(model: Denoiser, solver: Any, val: TeacherData, batch: int = 256) -> Tensor:
+    """Per-sample RMSE (K,) of the solver to the teacher's outputs on the validation noises."""
+    out = []
+    for k in range(0, len(val), batch):
+        idx = torch.arange(k, min(len(val), k + batch))
         x = student(model, solver, val.noise[idx], _cond_rows(val.cond, idx))
-        tot += float((x - val.target[idx]).double().flatten(1).pow(2).mean(1).sqrt().sum())
-    return tot / n
+        out.append((x - val.target[idx]).double().flatten(1).pow(2).mean(1).sqrt().cpu())
+    return torch.cat(out)
+
+
+def validate(model: Denoiser, solver: Any, val: TeacherData, batch: int = 256) -> float:
+    """Mean per-sample RMSE of the solver to the teacher's outputs on the validation noises."""
+    return float(val_errors(model, solver, val, batch).mean())
+
+
+def clearly_better(new: Tensor, old: Tensor, z: float = 2.0) -> bool:
+    """True if per-sample errors ``new`` beat ``old`` (same noises) beyond z standard errors.
+
+    A paired test: the mean of new - old must lie below zero by ``z`` times its standard error.
+    Validation noises are few and per-sample errors heavy-tailed (a sample that lands in another
+    mode), so a bare "lower mean" picks fits that lose on fresh noise.
+    """
+    d = (new - old).double()
+    if not torch.isfinite(d).all():
+        return False
+    sem = float(d.std() / math.sqrt(d.numel())) if d.numel() > 1 else 0.0
+    return float(d.mean()) + z * sem < 0.0
+
+
+def _batch_index(n: int, batch: int, seed: int, step: int) -> Tensor:
+    """The training rows of global step ``step``: a function of (seed, step) only."""
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) % (2**63 - 1))
+    return torch.randperm(n, generator=g)[:batch]
+
+
+def _make_optimizer(name: str, params: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    if name == "lion":
+        from lion_pytorch import Lion
+
+        return Lion(params, weight_decay=0.0)
+    if name == "adam":
+        return torch.optim.Adam(params)
+    raise ValueError(f"unknown optimizer {name!r}; valid: adam, lion")
+
+
+def _objective(model: Denoiser, solver: LearnedSolver, train: TeacherData, idx: Tensor, noise: Tensor,
+               loss_fn: LossFn, dss_weights: tuple[float, float] | None, use_checkpoint: bool) -> Tensor:
+    cond = _cond_rows(train.cond, idx)
+    if dss_weights is None:
+        x = student(model, solver, noise, cond, use_checkpoint=use_checkpoint)
+        return loss_fn(x, train.target[idx]).mean()
+    x, traj = student(model, solver, noise, cond, trajectory=True, use_checkpoint=use_checkpoint)
+    L = dss_weights[1] * huber(x, train.target[idx], 1e-3).mean()
+    if dss_weights[0] > 0 and train.states is not None:
+        t = solver.grid().detach()
+        tt = train.times.to(t)
+        for i in range(1, len(traj) - 1):
+            j = int(torch.argmin((tt - t[i]).abs()))
+            L = L + dss_weights[0] * (traj[i] - train.states[idx, j]).flatten(1).pow(2).mean()
+    return L
 
 
 def optimise(
@@ -106,8 +185,7 @@ def optimise(
     progress: Any = None,
     label: str = "",
     use_checkpoint: bool = False,
-    on_eval: Callable[[FitState], None] | None = None,
-    cosine: bool = False,
+    on_eval: Callable[[FitState, torch.optim.Optimizer], None] | None = None,
 ) -> FitState:
     """Optimise the parameter groups named in ``lrs`` ({'grid': lr, 'coef': lr}) for ``steps`` steps.
 
@@ -115,70 +193,48 @@ def optimise(
     teacher's nearest state plus w_final * Huber(1e-3) on the final sample.
     Keeps (in ``state.best``) the parameters with the best validation RMSE, starting from the
     current parameters, so the result is never worse on validation than the start.
+    ``state.opt_state`` (if set) restores the optimizer; ``on_eval(state, opt)`` runs after
+    every validation (a checkpoint hook).
     """
     state = state or FitState()
     groups = solver.coef_groups()
-    params = []
-    for g, lr in lrs.items():
-        if lr > 0:
-            params.append({"params": groups[g], "lr": lr})
+    params = [{"params": groups[g], "lr": lr} for g, lr in lrs.items() if lr > 0]
     for p in solver.parameters():
         p.requires_grad_(False)
     for g in params:
         for p in g["params"]:
             p.requires_grad_(True)
-    if optimizer == "lion":
-        from lion_pytorch import Lion
-
-        opt = Lion(params, weight_decay=0.0)
-    elif optimizer == "adam":
-        opt = torch.optim.Adam(params)
-    else:
-        raise ValueError(f"unknown optimizer {optimizer!r}; valid: adam, lion")
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps), eta_min=0.0) if cosine else None
+    opt = _make_optimizer(optimizer, params)
+    if state.opt_state is not None:
+        opt.load_state_dict(state.opt_state)
     loss_fn = per_sample_loss(loss)
-    gen = torch.Generator().manual_seed(seed + state.step)
     n = len(train)
     dim = int(train.noise[0].numel())
     if relax is not None and relax.offsets is None:
         relax.offsets = torch.zeros_like(train.noise)
     radius = relax.radius(model, dim) if relax is not None else 0.0
+    scale = model.schedule.init_noise_scale()
     if state.best is None:
         state.best_val = validate(model, solver, val)
         state.best = {k: v.detach().clone() for k, v in solver.state_dict().items()}
     t0 = time.perf_counter()
     for it in range(steps):
-        idx = torch.randperm(n, generator=gen)[:batch]
+        idx = _batch_index(n, batch, seed, state.step)
         noise = train.noise[idx]
-        cond = _cond_rows(train.cond, idx)
         if relax is not None:
             off = relax.offsets[idx].clone().requires_grad_(True)
-            noise = noise + off / model.schedule.init_noise_scale()
-        if dss_weights is None:
-            x = student(model, solver, noise, cond, use_checkpoint=use_checkpoint)
-            L = loss_fn(x, train.target[idx]).mean()
-        else:
-            x, traj = student(model, solver, noise, cond, trajectory=True, use_checkpoint=use_checkpoint)
-            L = dss_weights[1] * huber(x, train.target[idx], 1e-3).mean()
-            if dss_weights[0] > 0 and train.states is not None:
-                t = solver.grid().detach()
-                tt = train.times.to(t)
-                for i in range(1, len(traj) - 1):
-                    j = int(torch.argmin((tt - t[i]).abs()))
-                    L = L + dss_weights[0] * (traj[i] - train.states[idx, j]).flatten(1).pow(2).mean()
+            noise = noise + off / scale
+        L = _objective(model, solver, train, idx, noise, loss_fn, dss_weights, use_checkpoint)
         opt.zero_grad(set_to_none=True)
         L.backward()
-        bad = any(p.grad is not None and not torch.isfinite(p.grad).all() for g in params for p in g["params"])
-        if not bad:
+        if all(p.grad is None or torch.isfinite(p.grad).all() for g in params for p in g["params"]):
             opt.step()
-        if sched is not None:
-            sched.step()
         if relax is not None and off.grad is not None and torch.isfinite(off.grad).all():
             with torch.no_grad():
-                new = relax.project(off - relax.lr * radius * off.grad / off.grad.flatten(1).norm(dim=1).clamp_min(1e-30)
-                                    .view(-1, *[1] * (off.dim() - 1)), radius)
-                relax.offsets[idx] = new
+                gn = off.grad.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *[1] * (off.dim() - 1))
+                relax.offsets[idx] = relax.project(off - relax.lr * radius * off.grad / gn, radius)
         state.step += 1
+        state.phase_step += 1
         if progress is not None:
             progress.update(1)
             progress.set_postfix_str(f"{label} loss {float(L.detach()):.3g} val {state.best_val:.4g}")
@@ -188,11 +244,47 @@ def optimise(
             if v < state.best_val:
                 state.best_val = v
                 state.best = {k: x.detach().clone() for k, x in solver.state_dict().items()}
+            state.seconds += time.perf_counter() - t0
+            t0 = time.perf_counter()
             if on_eval is not None:
-                on_eval(state)
+                on_eval(state, opt)
     state.seconds += time.perf_counter() - t0
     for p in solver.parameters():
         p.requires_grad_(False)
+    return state
+
+
+def run_phases(
+    model: Denoiser,
+    solver: LearnedSolver,
+    train: TeacherData,
+    val: TeacherData,
+    phases: list[Phase],
+    state: FitState,
+    loss: str | LossFn = "l2",
+    relax: Relax | None = None,
+    eval_every: int = 25,
+    seed: int = 0,
+    progress: Any = None,
+    use_checkpoint: bool = False,
+    on_eval: Callable[[FitState, torch.optim.Optimizer], None] | None = None,
+) -> FitState:
+    """Run ``phases`` in order from ``state`` (a fresh state, or one restored from a checkpoint)."""
+    while state.phase < len(phases):
+        ph = phases[state.phase]
+        if state.phase_step == 0:
+            state.opt_state = None
+            if ph.restore_best:
+                restore_best(solver, state)
+        left = ph.steps - state.phase_step
+        if left > 0:
+            state = optimise(model, solver, train, val, ph.lrs, left, batch=ph.batch, loss=loss,
+                             optimizer=ph.optimizer, relax=relax, dss_weights=ph.dss_weights, eval_every=eval_every,
+                             seed=seed, state=state, progress=progress, label=ph.label,
+                             use_checkpoint=use_checkpoint, on_eval=on_eval)
+        state.phase += 1
+        state.phase_step = 0
+        state.opt_state = None
     return state
 
 

@@ -24,7 +24,8 @@ from ..evaluate import classic_specs
 from ..sampling import build_tableau
 from ..solvers.kernel import Tableau
 from ..solvers.learned import LearnedSolver, step_scales, window_mask
-from .loop import FitState, Relax, optimise, restore_best, validate
+from .checkpoint import FitCheckpoint
+from .loop import FitState, Phase, Relax, clearly_better, restore_best, run_phases, val_errors, validate
 from .teacher import TeacherData
 
 METHODS = ("s4s", "s4s-alt", "ld3", "dss")
@@ -43,8 +44,13 @@ def from_classic(model: Denoiser, tab: Tableau, method: str, k: int = 3, rows_su
     use_c = tab.C is not None if corrector is None else corrector
     V = V_mask = None
     if use_c:
-        V = (tab.C / phi[:, None]) if tab.C is not None else torch.zeros(n, n + 1, dtype=F64)
-        V_mask = window_mask(n, k, corrector=True) | ((tab.C != 0) if tab.C is not None else False)
+        # a step without a classic corrector starts with the corrector equal to its predictor
+        # (the corrected state is then the predicted one), so the start stays exact
+        V = torch.cat([W, torch.zeros(n, 1, dtype=F64)], 1)
+        if tab.C is not None:
+            has = (tab.C != 0).any(1)
+            V[has] = tab.C[has] / phi[has, None]
+        V_mask = window_mask(n, k, corrector=True) | (V != 0)
         V_mask[n - 1] = False
     s = LearnedSolver(model.schedule, tab.t, tab.basis, W, mask, V, V_mask, rows_sum_to_one=rows_sum_to_one,
                       decouple=decouple, method=method, start=start)
@@ -107,6 +113,7 @@ class FitConfig:
     eval_every: int = 25
     seed: int = 0
     use_checkpoint: bool = False
+    corrector: bool | None = None  # learn a corrector (None: only if the start has one)
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -124,49 +131,76 @@ class FitOutcome:
     kept_start: bool
     state: FitState
     ranking: list[tuple[float, str]] = field(default_factory=list)
+    resumed_from: int = 0  # the global step a checkpoint restored (0: a fresh fit)
 
 
-def fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitConfig, progress: Any = None) -> FitOutcome:
-    """Fit one method; returns the learned solver (or its start if the fit did not help)."""
+def plan_phases(cfg: FitConfig) -> list[Phase]:
+    """The optimisation phases of ``cfg.method``."""
+    opt = cfg.optimizer or ("lion" if cfg.method == "dss" else "adam")
+    if cfg.method == "s4s":
+        return [Phase("coef", {"coef": cfg.lr_coef}, cfg.steps, opt, cfg.batch)]
+    if cfg.method == "ld3":
+        return [Phase("grid", {"grid": cfg.lr_grid}, cfg.steps, opt, cfg.batch)]
+    if cfg.method == "s4s-alt":
+        per = max(1, cfg.steps // (2 * cfg.rounds))
+        out = []
+        for r in range(cfg.rounds):
+            out.append(Phase(f"round {r + 1} grid", {"grid": cfg.lr_grid}, per, opt, cfg.batch))
+            out.append(Phase(f"round {r + 1} coef", {"coef": cfg.lr_coef}, per, opt, cfg.batch))
+        return out
+    lr = 1e-2 if opt == "lion" else cfg.lr_coef  # dss: the paper's Lion at 1e-2, grid and coefficients jointly
+    return [Phase("dss", {"grid": lr, "coef": lr}, cfg.steps, opt, max(cfg.batch, 32), dss_weights=(1.0, 1000.0))]
+
+
+def _build(model: Denoiser, cfg: FitConfig, start: str, tab: Tableau | None = None, learn: bool = True) -> LearnedSolver:
+    """The learned solver at ``start`` (``learn=False``: exactly the start, no extra corrector)."""
+    tab = tab if tab is not None else build_tableau(model, start, cfg.nfe)
+    dss = cfg.method == "dss"
+    return from_classic(model, tab, cfg.method, k=cfg.k, rows_sum_to_one=dss,
+                        decouple=cfg.decouple if learn and cfg.method == "s4s-alt" else 0.0,
+                        corrector=None if dss or not learn else cfg.corrector, start=start)
+
+
+def fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitConfig, progress: Any = None,
+               checkpoint: FitCheckpoint | None = None) -> FitOutcome:
+    """Fit one method; returns the learned solver (or its start if the fit did not clearly help).
+
+    With ``checkpoint``, the state is saved after every validation and a matching checkpoint is
+    resumed from; the result is the same as that of an uninterrupted fit.
+    """
     if cfg.method not in METHODS:
         raise FewstepError(f"unknown method {cfg.method!r}; valid: {', '.join(METHODS)}")
-    dss = cfg.method == "dss"
-    ranking = rank_classic(model, cfg.nfe, val, predictor_only=dss) if cfg.start is None else []
-    start = cfg.start or (ranking[0][1] if ranking else None)
-    if start is None:
-        raise FewstepError(f"no classic solver runs at NFE {cfg.nfe} on this model to start from")
+    relax = Relax(cfg.relax) if cfg.relax > 0 else (Relax(0.05) if cfg.method == "ld3" else None)
+    saved = checkpoint.peek() if checkpoint is not None else None
+    if saved is not None:
+        start, ranking = saved["start"], [tuple(r) for r in saved["ranking"]]
+    else:
+        ranking = rank_classic(model, cfg.nfe, val, predictor_only=cfg.method == "dss") if cfg.start is None else []
+        start = cfg.start or (ranking[0][1] if ranking else None)
+        if start is None:
+            raise FewstepError(f"no classic solver runs at NFE {cfg.nfe} on this model to start from")
     tab = build_tableau(model, start, cfg.nfe)
-    solver = from_classic(model, tab, cfg.method, k=cfg.k, rows_sum_to_one=dss,
-                          decouple=cfg.decouple if cfg.method in ("s4s-alt",) else 0.0, start=start)
-    start_val = validate(model, solver, val)
-    state = FitState()
-    relax = Relax(cfg.relax) if cfg.relax > 0 else None
-    common = dict(batch=cfg.batch, loss=cfg.loss, eval_every=cfg.eval_every, seed=cfg.seed, progress=progress,
-                  use_checkpoint=cfg.use_checkpoint)
-    if cfg.method == "s4s":
-        state = optimise(model, solver, train, val, {"coef": cfg.lr_coef}, cfg.steps, relax=relax,
-                         optimizer=cfg.optimizer or "adam", state=state, label="coef", **common)
-    elif cfg.method == "ld3":
-        state = optimise(model, solver, train, val, {"grid": cfg.lr_grid}, cfg.steps, relax=relax or Relax(0.05),
-                         optimizer=cfg.optimizer or "adam", state=state, label="grid", **common)
-    elif cfg.method == "s4s-alt":
-        per = max(1, cfg.steps // (2 * cfg.rounds))
-        for r in range(cfg.rounds):
-            restore_best(solver, state)  # each phase starts from the best so far
-            state = optimise(model, solver, train, val, {"grid": cfg.lr_grid}, per, relax=relax,
-                             optimizer=cfg.optimizer or "adam", state=state, label=f"round {r + 1} grid", **common)
-            restore_best(solver, state)
-            state = optimise(model, solver, train, val, {"coef": cfg.lr_coef}, per, relax=relax,
-                             optimizer=cfg.optimizer or "adam", state=state, label=f"round {r + 1} coef", **common)
-    else:  # dss
-        lr = 1e-2 if cfg.optimizer in (None, "lion") else cfg.lr_coef
-        state = optimise(model, solver, train, val, {"grid": lr, "coef": lr}, cfg.steps,
-                         optimizer=cfg.optimizer or "lion", dss_weights=(1.0, 1000.0), state=state, label="dss",
-                         **{**common, "batch": max(cfg.batch, 32)})
+    start_solver = _build(model, cfg, start, tab, learn=False)
+    start_err = val_errors(model, start_solver, val)
+    solver = _build(model, cfg, start, tab)
+    state, resumed = FitState(), 0
+    if saved is not None:
+        state, _ = checkpoint.load(solver, relax)
+        resumed = state.step
+    phases = plan_phases(cfg)
+    extra = {"start": start, "ranking": [list(r) for r in ranking]}
+    on_eval = None
+    if checkpoint is not None:
+        def on_eval(st: FitState, opt: Any) -> None:
+            checkpoint.save(st, solver, opt, relax, extra)
+    if progress is not None and resumed:
+        progress.update(resumed)
+    state = run_phases(model, solver, train, val, phases, state, loss=cfg.loss, relax=relax,
+                       eval_every=cfg.eval_every, seed=cfg.seed, progress=progress,
+                       use_checkpoint=cfg.use_checkpoint, on_eval=on_eval)
     restore_best(solver, state)
-    val_rmse = validate(model, solver, val)
-    kept = not val_rmse < start_val
-    if kept:  # the fit did not help on validation: return the starting solver itself
-        solver = from_classic(model, tab, cfg.method, k=cfg.k, rows_sum_to_one=dss, start=start)
-        val_rmse = start_val
-    return FitOutcome(solver, start, start_val, val_rmse, kept, state, ranking)
+    err = val_errors(model, solver, val)
+    kept = not clearly_better(err, start_err)
+    if kept:  # the fit did not clearly help on validation: return the starting solver itself
+        solver, err = start_solver, start_err
+    return FitOutcome(solver, start, float(start_err.mean()), float(err.mean()), kept, state, ranking, resumed)
