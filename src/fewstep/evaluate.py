@@ -1,8 +1,14 @@
-"""Measuring solvers: per-sample RMSE to a converged reference on held-out seeds.
+"""Measuring solvers: per-sample RMSE to a converged reference on held-out seeds, and optional metrics.
 
 The reference is a long classic solve (or the model's exact solution where it has one); its
 own error is reported as the RMSE between it and the same solve at twice the steps.
 Noise comes from per-sample seeds (``Denoiser.noise``), so nothing depends on batch size.
+
+With ``metrics=`` (see :mod:`fewstep.metrics.suite`) every row also gets Frechet distance /
+KID, PSNR, sliced Wasserstein and exact log-likelihood where they suit the model, and the
+results gain a first row for the reference solve itself (``"role": "reference"``): its
+distribution metrics against the same data reference set are the floor for every solver
+(model error plus the finite-sample bias at these sample counts), its RMSE is its self-error.
 """
 
 from __future__ import annotations
@@ -13,11 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .denoiser import Denoiser
 from .errors import ArtifactError, FewstepError, SolverNameError
 from .grids import grid_names
+from .metrics.reference import DataReference, model_data, user_data
+from .metrics.suite import DISTRIBUTION, ROW_KEYS, MetricSuite, parse_metrics, select_metrics
 from .sampling import parse_solver, sample
 from .seeds import EVAL_SEED_START
 from .solvers.classic import SOLVERS, SPECIAL
@@ -92,21 +100,27 @@ def solve_batched(model: Denoiser, seeds: Sequence[int], solver: Any, nfe: int |
     return torch.cat(outs)
 
 
-def reference_samples(model: Denoiser, seeds: Sequence[int], reference: str | None = None, nfe: int | None = None,
-                      batch_size: int = 500, device: str | torch.device = "cpu") -> tuple[Tensor, dict[str, Any]]:
-    """Reference samples and {"solver", "nfe", "self_error"}."""
+def _reference_pair(model: Denoiser, seeds: Sequence[int], reference: str | None, nfe: int | None,
+                    batch_size: int, device: str | torch.device, twice: bool = True) -> tuple[Tensor, Tensor, str, int]:
+    """(reference samples, the same solve at half the steps, solver label, NFE); exact models: both exact."""
     exact = getattr(model, "exact_solution", None)
     if reference is None and exact is not None:
         with torch.no_grad():
             noise = model.noise(list(seeds), device)
             ref = exact(noise * model.schedule.init_noise_scale()).cpu()
-        return ref, {"solver": "exact", "nfe": 0, "self_error": 0.0}
+        return ref, ref, "exact", 0
     d_spec, d_nfe = default_reference(model)
     spec, n = reference or d_spec, int(nfe or d_nfe)
-    ref = solve_batched(model, seeds, spec, n, batch_size=batch_size, device=device)
     ref2 = solve_batched(model, seeds, spec, 2 * n, batch_size=batch_size, device=device)
-    self_err = float(per_sample_rmse(ref, ref2).mean())
-    return ref2, {"solver": spec, "nfe": 2 * n, "self_error": self_err}
+    ref = solve_batched(model, seeds, spec, n, batch_size=batch_size, device=device) if twice else ref2
+    return ref2, ref, spec, 2 * n
+
+
+def reference_samples(model: Denoiser, seeds: Sequence[int], reference: str | None = None, nfe: int | None = None,
+                      batch_size: int = 500, device: str | torch.device = "cpu") -> tuple[Tensor, dict[str, Any]]:
+    """Reference samples and {"solver", "nfe", "self_error"}."""
+    ref2, ref, spec, n = _reference_pair(model, seeds, reference, nfe, batch_size, device)
+    return ref2, {"solver": spec, "nfe": n, "self_error": float(per_sample_rmse(ref, ref2).mean())}
 
 
 def run_solver(model: Denoiser, seeds: Sequence[int], solver: Any, nfe: int, ref: Tensor,
@@ -145,6 +159,10 @@ def evaluate(
     batch_size: int = 500,
     device: str | torch.device = "cpu",
     model_name: str | None = None,
+    metrics: str | Sequence[str] | None = None,
+    data: Tensor | None = None,
+    feature: nn.Module | str | None = None,
+    data_samples: int = 2048,
 ) -> dict[str, Any]:
     """Compare solvers on ``samples`` held-out seeds starting at ``seed``.
 
@@ -152,20 +170,54 @@ def evaluate(
         solvers: "NAME@GRID" strings and/or learned solvers; None means every classic solver
             on every grid.
         nfe: one budget or several.
+        metrics: None (RMSE only, the fast path), "auto" (every metric that suits the model), or
+            names from ("fd", "kid", "psnr", "swd", "loglik"); see :mod:`fewstep.metrics.suite`.
+        data: the data reference set (M, *sample_shape) for fd / kid / swd; default: the model's
+            data where known (:func:`fewstep.metrics.reference.model_data`), else the reference
+            solver's samples on the ``data_samples`` seeds after the evaluation seeds.
+        feature: feature network for fd / kid (any nn.Module, e.g. Inception with your weights,
+            or "digits"); default: the built-in digits classifier for digits models.
+        data_samples: size of a drawn data reference set (analytic models, reference-solver fallback).
+    FD is biased upwards at small sample counts (see :mod:`fewstep.metrics.frechet`): compare
+    rows at the same ``samples`` and read them against the reference row, which measures the floor.
+
     Returns:
         {"model", "nfe", "samples", "seed", "reference": {...}, "results": [{"solver", "grid",
         "nfe", "rmse", "rmse_sem", "seconds", ("error")}]}, results sorted by NFE then RMSE.
+        With metrics: every result also has "fd", "kid", "kid_std", "psnr", "swd", "loglik" (None
+        where not measured); results[0] is the reference row ({"solver": "reference", "grid": the
+        reference solver, "role": "reference", "rmse": its self-error, ...}); and "metrics" says
+        what was measured against what ({"names", "feature", "data_reference": {"source", "n"[, "loglik"]}}).
     """
     nfes = [int(nfe)] if isinstance(nfe, int) else [int(n) for n in nfe]
     seeds = list(range(seed, seed + samples))
-    ref, ref_info = reference_samples(model, seeds, reference, reference_nfe, batch_size, device)
+    names = None
+    if parse_metrics(metrics) != ():
+        names = select_metrics(model, metrics, feature)  # bad metric requests fail before any solve
+    t0 = time.perf_counter()
+    ref, ref_half, ref_spec, ref_nfe = _reference_pair(model, seeds, reference, reference_nfe, batch_size, device)
+    ref_secs = time.perf_counter() - t0
+    self_err = per_sample_rmse(ref_half, ref)
+    ref_info = {"solver": ref_spec, "nfe": ref_nfe, "self_error": float(self_err.mean())}
+    suite, cond = None, {}
+    if names is not None:
+        dref = None
+        if any(m in DISTRIBUTION for m in names):
+            dref = _data_reference(model, data, seed + samples, data_samples, reference, reference_nfe, batch_size,
+                                   device)
+        suite = MetricSuite(model, names, dref, feature)
+        cond = model.cond_for(seeds)
     specs = list(solvers) if solvers else classic_specs(model)
     results = []
     for n in nfes:
         for s in specs:
-            results.append(run_solver(model, seeds, s, n, ref, batch_size, device).as_dict())
+            run = run_solver(model, seeds, s, n, ref, batch_size, device, keep_samples=suite is not None)
+            row = run.as_dict()
+            if suite is not None:
+                row.update(suite.row(run.samples, ref, cond) if run.samples is not None else dict.fromkeys(ROW_KEYS))
+            results.append(row)
     results.sort(key=lambda r: (r["nfe"], math.inf if r["rmse"] is None else r["rmse"]))
-    return {
+    report = {
         "model": model_name or model.name,
         "nfe": nfes[0] if len(nfes) == 1 else nfes,
         "samples": samples,
@@ -173,33 +225,71 @@ def evaluate(
         "reference": ref_info,
         "results": results,
     }
+    if suite is not None:
+        sem = float(self_err.std() / math.sqrt(len(self_err))) if len(self_err) > 1 else 0.0
+        results.insert(0, {"solver": "reference", "grid": ref_spec, "nfe": ref_nfe, "rmse": ref_info["self_error"],
+                           "rmse_sem": sem, "seconds": ref_secs, "role": "reference",
+                           **suite.row(ref, ref_half, cond)})
+        report["metrics"] = suite.info()
+    return report
+
+
+def _data_reference(model: Denoiser, data: Tensor | None, first_seed: int, n: int, reference: str | None,
+                    reference_nfe: int | None, batch_size: int, device: str | torch.device) -> DataReference:
+    """The user's set, the model's data, or the reference solve on seeds [first_seed, first_seed + n)."""
+    if data is not None:
+        return user_data(data, model.sample_shape)
+    own = model_data(model, n)
+    if own is not None:
+        return own
+    seeds = list(range(first_seed, first_seed + int(n)))
+    x, _, spec, nfe = _reference_pair(model, seeds, reference, reference_nfe, batch_size, device, twice=False)
+    return DataReference(x, f"reference solve {spec} at {nfe} NFE ({n} samples, seeds {seeds[0]}..{seeds[-1]})")
 
 
 def best_classic(results: list[dict[str, Any]], nfe: int) -> dict[str, Any] | None:
     """The lowest-RMSE classic result at exactly ``nfe`` evaluations."""
-    ok = [r for r in results if r["nfe"] == nfe and r["rmse"] is not None and r.get("grid") != "learned"]
+    ok = [r for r in results if r["nfe"] == nfe and r["rmse"] is not None and r.get("grid") != "learned"
+          and r.get("role") != "reference"]
     return min(ok, key=lambda r: r["rmse"]) if ok else None
 
 
+#: metric columns of format_table: (row key, header, format)
+_METRIC_COLUMNS = (("fd", "FD", ".4g"), ("kid", "KID", ".3g"), ("psnr", "PSNR", ".2f"), ("swd", "SWD", ".4g"),
+                   ("loglik", "loglik", ".4g"))
+
+
 def format_table(report: dict[str, Any], top: int | None = None) -> str:
-    """Plain-text table of a report (used when rich is not installed and in tests)."""
+    """Plain-text table of a report (used when rich is not installed and in tests).
+
+    Metric columns appear for the metrics the report has; the reference row (the floor) comes first.
+    """
     ref = report["reference"]
-    lines = [f"model {report['model']}  samples {report['samples']}  seeds from {report['seed']}",
-             f"reference {ref['solver']} at {ref['nfe']} NFE, self-error {ref['self_error']:.3g}",
-             f"{'solver':<14}{'grid':<11}{'nfe':>4}{'rmse':>12}{'± sem':>10}"]
     rows = report["results"]
-    shown = 0
-    last_nfe = None
+    cols = [c for c in _METRIC_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    gw = max([11] + [len(str(r["grid"])) + 2 for r in rows])
+    lines = [f"model {report['model']}  samples {report['samples']}  seeds from {report['seed']}",
+             f"reference {ref['solver']} at {ref['nfe']} NFE, self-error {ref['self_error']:.3g}"]
+    info = report.get("metrics")
+    if info and info.get("data_reference"):
+        feat = f"; features: {info['feature']}" if info.get("feature") else ""
+        lines.append(f"FD/KID/SWD against {info['data_reference']['source']}{feat}; the reference row is the floor")
+    lines.append(f"{'solver':<14}{'grid':<{gw}}{'nfe':>4}{'rmse':>12}{'± sem':>10}"
+                 + "".join(f"{h:>10}" for _, h, _ in cols))
+    shown, last_nfe = 0, None
     for r in rows:
-        if r["nfe"] != last_nfe:
-            shown, last_nfe = 0, r["nfe"]
-        if top is not None and shown >= top:
-            continue
-        shown += 1
+        if r.get("role") != "reference":
+            if r["nfe"] != last_nfe:
+                shown, last_nfe = 0, r["nfe"]
+            if top is not None and shown >= top:
+                continue
+            shown += 1
+        head = f"{r['solver']:<14}{str(r['grid']):<{gw}}{r['nfe']:>4}"
         if r["rmse"] is None:
-            lines.append(f"{r['solver']:<14}{str(r['grid']):<11}{r['nfe']:>4}{'—':>12}  {r.get('error', '')[:60]}")
-        else:
-            lines.append(f"{r['solver']:<14}{str(r['grid']):<11}{r['nfe']:>4}{r['rmse']:>12.4g}{r['rmse_sem']:>10.2g}")
+            lines.append(f"{head}{'—':>12}  {(r.get('error') or '')[:60]}")
+            continue
+        extra = "".join(f"{'—':>10}" if r.get(k) is None else f"{r[k]:>10{fmt}}" for k, _, fmt in cols)
+        lines.append(f"{head}{r['rmse']:>12.4g}{r['rmse_sem']:>10.2g}{extra}")
     return "\n".join(lines)
 
 
