@@ -47,7 +47,8 @@ def test_eval_json_has_the_documented_shape(user_model):
     assert rep["nfe"] == 5 and rep["samples"] == 32 and rep["seed"] == 1_000_000
     assert set(rep["reference"]) == {"solver", "nfe", "self_error"}
     assert rep["reference"]["self_error"] < 1e-3
-    res = {r["solver"]: r for r in rep["results"]}
+    assert rep["results"][0]["role"] == "reference" and rep["results"][0]["swd"] is not None  # the floor row
+    res = {r["solver"]: r for r in rep["results"][1:]}
     assert set(res) == {"unipc", "ddim"}
     assert 0 < res["unipc"]["rmse"] < res["ddim"]["rmse"]  # a second-order solver beats DDIM here
 
@@ -91,7 +92,8 @@ def test_fit_show_eval_with_the_artifact(user_model, tmp_path, monkeypatch):
     r = _run(["show", str(art)])
     assert "predictor coefficients" in r.stdout and "start" in r.stdout
     r = _run(["eval", "--model", user_model, "--nfe", "4", "--solver", str(art), "--samples", "16", "--json"])
-    assert json.loads(r.stdout)["results"][0]["grid"] == "learned"
+    rows = json.loads(r.stdout)["results"]
+    assert [x["grid"] for x in rows] == ["dpmpp_3m@logsnr", "learned"]  # the reference (floor) row, the artifact
     # the artifact refuses another model with one line
     r = _run(["eval", "--model", "zoo:gaussian", "--nfe", "4", "--solver", str(art), "--samples", "8"], code=2)
     assert "error:" in r.output and "Traceback" not in r.output
@@ -109,3 +111,53 @@ def test_bad_input_gets_one_clear_line(args, msg):
     r = runner.invoke(app, args)
     assert r.exit_code == 2
     assert msg in r.output and "Traceback" not in r.output
+
+
+def _png_size(path):
+    import struct
+
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    return struct.unpack(">II", data[16:24])
+
+
+def test_bench_fits_every_nfe_and_plots(user_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "bench"
+    r = _run(["bench", "--model", user_model, "--nfe", "3", "--nfe", "4", "--method", "s4s", "--steps", "60",
+              "--fit-samples", "64", "--samples", "64", "--plot", "--out", str(out)])
+    b = json.loads((out / "bench.json").read_text())
+    assert [row["nfe"] for row in b["rows"]] == [3, 4]
+    for row in b["rows"]:
+        assert row["best_learned"]["solver"] == "s4s" and row["best_classic"]["grid"] != "learned"
+        assert row["ratio"] == row["best_learned"]["rmse"] / row["best_classic"]["rmse"]
+        assert row["ratio"] < 1.0  # the fit beats the best of ~70 classic solvers and grids here
+    assert b["report"]["results"][0]["role"] == "reference"
+    for name in ("rmse_vs_nfe.png", "swd_vs_nfe.png", "samples_nfe4.png", "s4s-nfe3_vs_start.png"):
+        w, h = _png_size(out / name)
+        assert w > 300 and h > 200, name
+    assert (out / "s4s-nfe4" / "solver.json").is_file()
+    assert "learned / classic" in r.stdout
+
+
+def test_eval_plot_writes_pictures(tmp_path):
+    out = tmp_path / "plots"
+    r = _run(["eval", "--model", "zoo:gmm2d", "--nfe", "3", "--nfe", "6", "--solver", "unipc@logsnr",
+              "--solver", "ddim@logsnr", "--samples", "64", "--plot", str(out)])
+    assert "SWD" in r.stdout and "loglik" in r.stdout and "reference (floor)" in r.stdout
+    for name in ("rmse_vs_nfe.png", "swd_vs_nfe.png", "loglik_vs_nfe.png", "samples_nfe6.png"):
+        _png_size(out / name)
+
+
+def test_guidance_table_over_scales(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    r = _run(["guidance", "--model", "zoo:gmm2d", "--fit-scale", "2", "--scale", "1.5", "--scale", "2",
+              "--scale", "4", "--nfe", "4", "--method", "s4s", "--steps", "40", "--fit-samples", "64",
+              "--samples", "64", "--out", str(tmp_path / "g"), "--json"])
+    rows = json.loads(r.stdout)
+    assert [x["scale"] for x in rows] == [1.5, 2.0, 4.0]
+    at_fit = rows[1]
+    assert at_fit["learned_rmse"] == at_fit["refit_rmse"]  # at its own scale the solver is its own refit
+    for x in rows:
+        assert x["best_classic_rmse"] > 0 and x["learned_rmse"] > 0
+    assert (tmp_path / "g" / "s4s-nfe4-w2").is_dir() and (tmp_path / "g" / "s4s-nfe4-w4").is_dir()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, List, Optional
@@ -34,14 +33,31 @@ def _setup(device: str, threads: Optional[int]) -> None:
         _fail(f"--device {device}: CUDA is not available on this machine; use --device cpu")
 
 
-def resolve_solver(spec: str) -> Any:
+def _load(spec: str, device: str, guidance: Optional[float] = None) -> Any:
+    from .specs import load_model
+
+    return load_model(spec, device=device, **({"guidance_scale": guidance} if guidance is not None else {}))
+
+
+def _metrics(value: str) -> Any:
+    return None if value.strip().lower() in ("none", "off", "") else value
+
+
+def _fit_kwargs(steps: Optional[int], samples: int) -> dict[str, Any]:
+    return {"samples": samples, **({"steps": steps} if steps else {})}
+
+
+def resolve_solver(spec: str, force: bool = False) -> Any:
     """A classic 'NAME@GRID' string, or a learned-solver artifact directory/file."""
     p = Path(spec)
     if p.exists() and (p.is_dir() or p.suffix == ".json"):
         from .solvers.learned import load_solver
 
-        return load_solver(p)
+        return load_solver(p, force=force)
     return spec
+
+
+FORCE_HELP = "use a learned solver even if it was fitted for another model or schedule"
 
 
 def _print_report(report: dict[str, Any], as_json: bool, top: Optional[int] = None) -> None:
@@ -56,27 +72,40 @@ def _print_report(report: dict[str, Any], as_json: bool, top: Optional[int] = No
 
         typer.echo(format_table(report, top))
         return
+    from .evaluate import _METRIC_COLUMNS
+
     ref = report["reference"]
+    rows = report["results"]
+    cols = [c for c in _METRIC_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    info = report.get("metrics") or {}
+    caption = f"reference {ref['solver']} at {ref['nfe']} NFE, self-error {ref['self_error']:.3g}"
+    if info.get("data_reference"):
+        caption += f"; {', '.join(h for _, h, _ in cols if h not in ('PSNR', 'loglik'))} against {info['data_reference']['source']}"
     table = Table(title=f"{report['model']}: RMSE to reference on {report['samples']} held-out samples "
-                        f"(seeds from {report['seed']})",
-                  caption=f"reference {ref['solver']} at {ref['nfe']} NFE, self-error {ref['self_error']:.3g}")
+                        f"(seeds from {report['seed']})", caption=caption)
     for col, just in (("solver", "left"), ("grid", "left"), ("NFE", "right"), ("RMSE", "right"), ("± sem", "right")):
         table.add_column(col, justify=just)
+    for _, head, _ in cols:
+        table.add_column(head, justify="right")
     shown: dict[int, int] = {}
-    for r in report["results"]:
-        shown[r["nfe"]] = shown.get(r["nfe"], 0) + 1
-        if top is not None and shown[r["nfe"]] > top:
-            continue
+    for r in rows:
+        if r.get("role") != "reference":
+            shown[r["nfe"]] = shown.get(r["nfe"], 0) + 1
+            if top is not None and shown[r["nfe"]] > top:
+                continue
+        name = "reference (floor)" if r.get("role") == "reference" else r["solver"]
         if r["rmse"] is None:
-            table.add_row(r["solver"], str(r["grid"]), str(r["nfe"]), "—", (r.get("error") or "")[:50])
-        else:
-            table.add_row(r["solver"], str(r["grid"]), str(r["nfe"]), f"{r['rmse']:.4g}", f"{r['rmse_sem']:.2g}")
-    Console().print(table)
+            table.add_row(name, str(r["grid"]), str(r["nfe"]), "—", (r.get("error") or "")[:50])
+            continue
+        extra = ["—" if r.get(k) is None else format(r[k], fmt) for k, _, fmt in cols]
+        table.add_row(name, str(r["grid"]), str(r["nfe"]), f"{r['rmse']:.4g}", f"{r['rmse_sem']:.2g}", *extra,
+                      style="green" if r.get("role") == "reference" else ("bold red" if r.get("grid") == "learned" else None))
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
 @app.command("eval")
 def eval_cmd(
-    model: str = typer.Option(..., help="zoo:NAME, file.py:factory, package.module:factory or diffusers:DIR"),
+    model: str = typer.Option(..., help="zoo:NAME, file.py:factory, package.module:factory, diffusers:DIR or torchcfm:NAME"),
     nfe: List[int] = typer.Option([5], help="NFE budget (repeat for several)"),
     solver: Optional[List[str]] = typer.Option(None, help="NAME@GRID or a learned-solver directory (repeatable); "
                                                           "default: every classic solver on every grid"),
@@ -84,26 +113,40 @@ def eval_cmd(
     seed: Optional[int] = typer.Option(None, help="first per-sample seed (default: the evaluation range)"),
     reference: Optional[str] = typer.Option(None, help="reference solver NAME@GRID (default: a long classic solve)"),
     reference_nfe: Optional[int] = typer.Option(None, help="reference NFE"),
+    metrics: str = typer.Option("auto", help="auto, none, or a comma list of fd,kid,psnr,swd,loglik"),
+    guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale of the model"),
+    plot: Optional[Path] = typer.Option(None, help="write PNGs here: metrics against NFE, samples side by side, "
+                                                   "learned solvers against their start"),
     top: Optional[int] = typer.Option(None, help="show only the best TOP rows per NFE"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
     device: str = typer.Option("cpu"),
     threads: Optional[int] = typer.Option(None, help="torch threads"),
 ) -> None:
-    """RMSE of solvers against a converged reference on held-out noise."""
+    """Solvers against a converged reference on held-out noise: RMSE, and FD / KID / PSNR / SWD / loglik."""
     from .evaluate import evaluate
     from .seeds import EVAL_SEED_START
-    from .specs import load_model
 
     _setup(device, threads)
     try:
-        m = load_model(model, device=device)
-        solvers = [resolve_solver(s) for s in solver] if solver else None
-        rep = evaluate(m, nfe=nfe, solvers=solvers, samples=samples,
+        m = _load(model, device, guidance)
+        chosen = [resolve_solver(s, force) for s in solver] if solver else None
+        classic = None if chosen is None else [s for s in chosen if isinstance(s, str)]
+        learned = [] if chosen is None else [s for s in chosen if not isinstance(s, str)]
+        rep = evaluate(m, nfe=nfe, solvers=classic, samples=samples,
                        seed=EVAL_SEED_START if seed is None else seed, reference=reference,
-                       reference_nfe=reference_nfe, device=device, model_name=model)
+                       reference_nfe=reference_nfe, device=device, model_name=model, metrics=_metrics(metrics),
+                       learned=learned)
+        if plot is not None:
+            from .bench import report_plots
+
+            paths = report_plots(rep, m, plot, learned, device=device)
     except FewstepError as e:
         _fail(str(e))
     _print_report(rep, as_json, top)
+    if plot is not None and not as_json:
+        for p in paths:
+            typer.echo(f"wrote {p}")
 
 
 @app.command("sample")
@@ -114,17 +157,18 @@ def sample_cmd(
     n: int = typer.Option(16, help="number of samples"),
     out: Path = typer.Option(..., help="output .safetensors file (a PNG grid is written beside it for images)"),
     seed: int = typer.Option(0, help="first per-sample seed"),
+    guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale of the model"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     device: str = typer.Option("cpu"),
 ) -> None:
     """Draw samples and write them (safetensors, plus a PNG grid for image-shaped models)."""
     from .io import save_samples
     from .evaluate import solve_batched
-    from .specs import load_model
 
     _setup(device, None)
     try:
-        m = load_model(model, device=device)
-        s = resolve_solver(solver)
+        m = _load(model, device, guidance)
+        s = resolve_solver(solver, force)
         x = solve_batched(m, list(range(seed, seed + n)), s, nfe, device=device)
         paths = save_samples(x, out, meta={"model": model, "solver": solver, "nfe": str(nfe), "seed": str(seed)})
     except FewstepError as e:
@@ -149,6 +193,7 @@ def fit_cmd(
     relax: Optional[float] = typer.Option(None, help="LD3 relaxation radius (relative to the noise norm; 0 off)"),
     checkpoint: bool = typer.Option(False, "--checkpoint", help="recompute model activations in backward (memory)"),
     restart: bool = typer.Option(False, "--restart", help="ignore a checkpoint of an interrupted fit in OUT and start over"),
+    guidance: Optional[float] = typer.Option(None, help="fit at this classifier-free guidance scale"),
     eval_samples: int = typer.Option(256, help="held-out samples for the closing table (0: skip)"),
     as_json: bool = typer.Option(False, "--json", help="print the closing comparison as JSON"),
     device: str = typer.Option("cpu"),
@@ -158,13 +203,12 @@ def fit_cmd(
     from .evaluate import evaluate
     from .fit.api import fit
     from .seeds import EVAL_SEED_START
-    from .specs import load_model
 
     _setup(device, threads)
     over = {k: v for k, v in {"start": start, "steps": steps, "relax": relax}.items() if v is not None}
     over.update(loss=loss, use_checkpoint=checkpoint)
     try:
-        m = load_model(model, device=device)
+        m = _load(model, device, guidance)
         res = fit(m, method, nfe, out=out, teacher=teacher, samples=samples, val_samples=val_samples, seed=seed,
                   progress=not as_json, device=device, resume=not restart, **over)
     except FewstepError as e:
@@ -182,13 +226,10 @@ def fit_cmd(
     if eval_samples > 0:
         try:
             rep = evaluate(m, nfe=nfe, solvers=None, samples=eval_samples, seed=EVAL_SEED_START, device=device,
-                           model_name=model)
-            mine = evaluate(m, nfe=nfe, solvers=[res.solver], samples=eval_samples, seed=EVAL_SEED_START,
-                            device=device, model_name=model)
+                           model_name=model, learned=[res.solver])
         except FewstepError as e:
             _fail(str(e))
-        rep["results"] = sorted(mine["results"] + rep["results"],
-                                key=lambda r: float("inf") if r["rmse"] is None else r["rmse"])
+        rep["results"] = sorted(rep["results"], key=lambda r: float("inf") if r["rmse"] is None else r["rmse"])
         rep["artifact"] = str(res.path)
         _print_report(rep, as_json, top=6)
 
@@ -217,18 +258,18 @@ def demo_cmd(
     """The main job: fit a learned solver, compare it with every classic solver, plot error vs NFE."""
     from .evaluate import best_classic, evaluate
     from .fit.api import fit
+    from .io import write_text
     from .plots import error_vs_nfe
     from .seeds import EVAL_SEED_START
-    from .specs import load_model
 
     _setup(device, None)
     try:
-        m = load_model(model, device=device)
+        m = _load(model, device)
         res = fit(m, method, nfe, out=out / f"{method}-nfe{nfe}", device=device)
         nfes = [3, 4, 5, 6, 8, 10]
-        rep = evaluate(m, nfe=nfes, samples=samples, seed=EVAL_SEED_START, device=device, model_name=model)
-        mine = evaluate(m, nfe=nfe, solvers=[res.solver], samples=samples, seed=EVAL_SEED_START, device=device,
-                        model_name=model)["results"][0]
+        rep = evaluate(m, nfe=nfes, samples=samples, seed=EVAL_SEED_START, device=device, model_name=model,
+                       learned=[res.solver])
+        mine = next(r for r in rep["results"] if r.get("grid") == "learned")
     except FewstepError as e:
         _fail(str(e))
     typer.echo(f"\nlearned solver written to {res.path}")
@@ -242,9 +283,78 @@ def demo_cmd(
         if b:
             typer.echo(f"  {'best classic: ' + b['solver'] + '@' + str(b['grid']):<28}{n:>4}{b['rmse']:>10.4g}"
                        f"{b['rmse'] / mine['rmse']:>11.2f}x")
-    png = error_vs_nfe(rep, out / "error_vs_nfe.png", learned=[mine], title=f"{model}: held-out RMSE vs NFE")
-    (out / "report.json").write_text(json.dumps({"classic": rep, "learned": mine}, indent=1))
+    png = error_vs_nfe(rep, out / "error_vs_nfe.png", title=f"{model}: held-out RMSE vs NFE")
+    write_text(out / "report.json", json.dumps(rep, indent=1))
     typer.echo(f"plot: {png}")
+
+
+@app.command("bench")
+def bench_cmd(
+    model: str = typer.Option(..., help="model spec"),
+    nfe: List[int] = typer.Option([3, 4, 5, 6, 8, 10], help="NFE budgets (repeat)"),
+    method: List[str] = typer.Option(["s4s-alt", "dss"], help="learned methods (repeat): s4s, s4s-alt, dss, ld3"),
+    out: Path = typer.Option(Path("out/bench"), help="artifacts, bench.json and plots go here"),
+    samples: int = typer.Option(256, help="held-out samples"),
+    metrics: str = typer.Option("auto", help="auto, none, or a comma list of fd,kid,psnr,swd,loglik"),
+    guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale"),
+    steps: Optional[int] = typer.Option(None, help="optimisation steps per fit (default: the method's)"),
+    fit_samples: int = typer.Option(700, help="training noises per fit"),
+    plot: bool = typer.Option(False, "--plot", help="write PNGs into OUT"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+    device: str = typer.Option("cpu"),
+    threads: Optional[int] = typer.Option(None, help="torch threads"),
+) -> None:
+    """Fit learned solvers at every NFE and compare them with the best classic solver (any solver, any grid)."""
+    from .bench import format_bench, report_plots, run_bench
+    from .io import write_text
+
+    _setup(device, threads)
+    log = (lambda msg: typer.echo(msg, err=True))
+    try:
+        m = _load(model, device, guidance)
+        b = run_bench(m, nfe, method, out, samples=samples, metrics=_metrics(metrics), device=device,
+                      progress=not as_json, model_name=model, log=log, fit_kwargs=_fit_kwargs(steps, fit_samples))
+        paths = report_plots(b["report"], m, out, b["solvers"], device=device) if plot else []
+    except FewstepError as e:
+        _fail(str(e))
+    b.pop("solvers")
+    write_text(out / "bench.json", json.dumps(b, indent=1))
+    if as_json:
+        typer.echo(json.dumps(b, indent=1))
+        return
+    typer.echo(format_bench(b))
+    for p in [out / "bench.json", *paths]:
+        typer.echo(f"wrote {p}")
+
+
+@app.command("guidance")
+def guidance_cmd(
+    model: str = typer.Option(..., help="model spec of a guided model (its factory takes guidance_scale)"),
+    fit_scale: float = typer.Option(..., help="guidance scale the solver is fitted at"),
+    scale: List[float] = typer.Option(..., help="guidance scales to evaluate at (repeat)"),
+    nfe: int = typer.Option(5, help="NFE budget"),
+    method: str = typer.Option("s4s-alt", help="learned method"),
+    out: Path = typer.Option(Path("out/guidance"), help="artifacts go here"),
+    samples: int = typer.Option(256, help="held-out samples per scale"),
+    refit: bool = typer.Option(True, "--refit/--no-refit", help="also fit a solver at every scale, for comparison"),
+    steps: Optional[int] = typer.Option(None, help="optimisation steps per fit (default: the method's)"),
+    fit_samples: int = typer.Option(700, help="training noises per fit"),
+    as_json: bool = typer.Option(False, "--json"),
+    device: str = typer.Option("cpu"),
+    threads: Optional[int] = typer.Option(None, help="torch threads"),
+) -> None:
+    """How a solver fitted at one guidance scale does at others: when to refit."""
+    from .bench import format_guidance, guidance_table
+
+    _setup(device, threads)
+    try:
+        rows = guidance_table(lambda w: _load(model, device, w), fit_scale, scale, nfe, method, out, samples=samples,
+                              refit=refit, device=device, progress=not as_json,
+                              fit_kwargs=_fit_kwargs(steps, fit_samples),
+                              log=lambda msg: typer.echo(msg, err=True))
+    except FewstepError as e:
+        _fail(str(e))
+    typer.echo(json.dumps(rows, indent=1) if as_json else format_guidance(rows, nfe, method))
 
 
 @app.command("zoo")

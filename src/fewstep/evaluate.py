@@ -163,6 +163,7 @@ def evaluate(
     data: Tensor | None = None,
     feature: nn.Module | str | None = None,
     data_samples: int = 2048,
+    learned: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Compare solvers on ``samples`` held-out seeds starting at ``seed``.
 
@@ -178,6 +179,7 @@ def evaluate(
         feature: feature network for fd / kid (any nn.Module, e.g. Inception with your weights,
             or "digits"); default: the built-in digits classifier for digits models.
         data_samples: size of a drawn data reference set (analytic models, reference-solver fallback).
+        learned: learned solvers (artifacts) evaluated once each at their own NFE, beside ``solvers``.
     FD is biased upwards at small sample counts (see :mod:`fewstep.metrics.frechet`): compare
     rows at the same ``samples`` and read them against the reference row, which measures the floor.
 
@@ -207,15 +209,15 @@ def evaluate(
                                    device)
         suite = MetricSuite(model, names, dref, feature)
         cond = model.cond_for(seeds)
-    specs = list(solvers) if solvers else classic_specs(model)
+    specs = list(solvers) if solvers is not None else classic_specs(model)
     results = []
-    for n in nfes:
-        for s in specs:
-            run = run_solver(model, seeds, s, n, ref, batch_size, device, keep_samples=suite is not None)
-            row = run.as_dict()
-            if suite is not None:
-                row.update(suite.row(run.samples, ref, cond) if run.samples is not None else dict.fromkeys(ROW_KEYS))
-            results.append(row)
+    jobs = [(s, n) for n in nfes for s in specs] + [(s, int(s.nfe)) for s in learned]
+    for s, n in jobs:
+        run = run_solver(model, seeds, s, n, ref, batch_size, device, keep_samples=suite is not None)
+        row = run.as_dict()
+        if suite is not None:
+            row.update(suite.row(run.samples, ref, cond) if run.samples is not None else dict.fromkeys(ROW_KEYS))
+        results.append(row)
     results.sort(key=lambda r: (r["nfe"], math.inf if r["rmse"] is None else r["rmse"]))
     report = {
         "model": model_name or model.name,

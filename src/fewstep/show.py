@@ -10,11 +10,24 @@ import torch
 from .grids import make_grid
 from .sampling import parse_solver
 from .solvers.classic import make_tableau
-from .solvers.learned import load_solver
+from .solvers.kernel import Tableau
+from .solvers.learned import LoadedSolver, load_solver
 
 
 def _fmt_row(v: list[float]) -> str:
     return " ".join(f"{x:+.4f}" if x != 0 else "   .   " for x in v)
+
+
+def start_tableau(solver: LoadedSolver) -> Tableau | None:
+    """The tableau of the classic solver a learned artifact started from (None if unknown)."""
+    spec = (solver.doc.get("start") or {}).get("solver")
+    if not spec:
+        return None
+    name, grid = parse_solver(spec)
+    try:
+        return make_tableau(name, solver.schedule, make_grid(solver.schedule, solver.nfe, grid or "logsnr"))
+    except Exception:  # noqa: BLE001 - a start that no longer builds is only not shown
+        return None
 
 
 def describe(path: str | Path, as_json: bool = False) -> str:
@@ -23,13 +36,7 @@ def describe(path: str | Path, as_json: bool = False) -> str:
     doc = s.doc
     tab = s.tableau()
     start_spec = (doc.get("start") or {}).get("solver")
-    start_tab = None
-    if start_spec:
-        name, grid = parse_solver(start_spec)
-        try:
-            start_tab = make_tableau(name, s.schedule, make_grid(s.schedule, tab.N, grid or "logsnr"))
-        except Exception:  # noqa: BLE001 - a start that no longer builds is only not shown
-            start_tab = None
+    start_tab = start_tableau(s)
     if as_json:
         out = {"learned": {"grid": tab.t.tolist(), "eval_times": tab.eval_times.tolist(), "a": tab.a.tolist(),
                            "B": tab.B.tolist(), "C": None if tab.C is None else tab.C.tolist()},

@@ -33,7 +33,8 @@ F64 = torch.float64
 
 
 def from_classic(model: Denoiser, tab: Tableau, method: str, k: int = 3, rows_sum_to_one: bool = False,
-                 decouple: float = 0.0, corrector: bool | None = None, start: str = "") -> LearnedSolver:
+                 decouple: float = 0.0, corrector: bool | None = None, start: str = "",
+                 scale_a: bool = False) -> LearnedSolver:
     """A learned solver that reproduces the classic tableau ``tab`` exactly at initialisation."""
     n = tab.N
     a, phi = step_scales(model.schedule, tab.t, tab.basis)
@@ -53,7 +54,7 @@ def from_classic(model: Denoiser, tab: Tableau, method: str, k: int = 3, rows_su
         V_mask = window_mask(n, k, corrector=True) | (V != 0)
         V_mask[n - 1] = False
     s = LearnedSolver(model.schedule, tab.t, tab.basis, W, mask, V, V_mask, rows_sum_to_one=rows_sum_to_one,
-                      decouple=decouple, method=method, start=start)
+                      decouple=decouple, method=method, start=start, scale_a=scale_a)
     if rows_sum_to_one:
         off = torch.tril(W, -1)
         if not torch.allclose(torch.diag(W), 1.0 - off.sum(1), atol=1e-8):
@@ -114,6 +115,7 @@ class FitConfig:
     seed: int = 0
     use_checkpoint: bool = False
     corrector: bool | None = None  # learn a corrector (None: only if the start has one)
+    scale_a: bool = False  # also learn a scale of each step's carried state a_i
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -158,7 +160,8 @@ def _build(model: Denoiser, cfg: FitConfig, start: str, tab: Tableau | None = No
     dss = cfg.method == "dss"
     return from_classic(model, tab, cfg.method, k=cfg.k, rows_sum_to_one=dss,
                         decouple=cfg.decouple if learn and cfg.method == "s4s-alt" else 0.0,
-                        corrector=None if dss or not learn else cfg.corrector, start=start)
+                        corrector=None if dss or not learn else cfg.corrector, start=start,
+                        scale_a=learn and cfg.scale_a and not dss)
 
 
 def fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitConfig, progress: Any = None,

@@ -77,7 +77,7 @@ class LearnedSolver(nn.Module):
 
     def __init__(self, schedule: Schedule, t_init: Tensor, basis: str, W_init: Tensor, mask: Tensor,
                  V_init: Tensor | None = None, V_mask: Tensor | None = None, rows_sum_to_one: bool = False,
-                 decouple: float = 0.0, method: str = "s4s", start: str = "") -> None:
+                 decouple: float = 0.0, method: str = "s4s", start: str = "", scale_a: bool = False) -> None:
         super().__init__()
         self.schedule, self.basis, self.method, self.start = schedule, basis, method, start
         self.rows_sum_to_one, self.decouple = rows_sum_to_one, float(decouple)
@@ -96,6 +96,8 @@ class LearnedSolver(nn.Module):
             self.V = nn.Parameter((V_init.to(F64) * V_mask).clone())
         else:
             self.V_mask, self.V = None, None
+        # optional learned scale of the carried state: a_i -> a_i exp(u_i) (starts at 0: the basis' a_i)
+        self.u = nn.Parameter(torch.zeros(n, dtype=F64)) if scale_a else None
         self.nfe = n
         self.name = method
         self.grid_label = "learned"
@@ -129,12 +131,16 @@ class LearnedSolver(nn.Module):
         g = {"grid": [self.r] + ([self.delta] if self.decouple > 0 else []), "coef": [self.W]}
         if self.V is not None:
             g["coef"].append(self.V)
+        if self.u is not None:
+            g["coef"].append(self.u)
         return g
 
     def tableau(self, model: Denoiser | None = None) -> Tableau:
         """The kernel tables (differentiable in the parameters)."""
         t = self.grid()
         a, phi = step_scales(self.schedule, t, self.basis)
+        if self.u is not None:
+            a = a * torch.exp(self.u)
         W = self.weights()
         B = phi[:, None] * W
         C = None if self.V is None else phi[:, None] * (self.V * self.V_mask)

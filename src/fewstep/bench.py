@@ -1,0 +1,188 @@
+"""Side-by-side measurements: learned solvers against the best classic solver over NFE budgets,
+and a learned solver fitted at one guidance scale evaluated at others.
+
+"Best classic" is always the best over every classic solver and every grid, chosen on the same
+held-out noises the learned solvers are measured on.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .denoiser import Denoiser
+from .evaluate import best_classic, evaluate
+from .seeds import EVAL_SEED_START
+
+PREFERRED_NFE = 5  # the budget whose samples and solver tables the plots show when it is asked
+
+
+def _best_learned(results: list[dict[str, Any]], nfe: int) -> dict[str, Any] | None:
+    ok = [r for r in results if r["nfe"] == nfe and r.get("grid") == "learned" and r["rmse"] is not None]
+    return min(ok, key=lambda r: r["rmse"]) if ok else None
+
+
+def run_bench(
+    model: Denoiser,
+    nfes: Sequence[int],
+    methods: Sequence[str],
+    out: str | Path,
+    samples: int = 256,
+    metrics: str | Sequence[str] | None = "auto",
+    device: str = "cpu",
+    progress: bool = True,
+    model_name: str | None = None,
+    fit_kwargs: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Fit every method at every NFE (artifacts in ``out/<method>-nfe<N>``) and measure them.
+
+    Returns {"report": the evaluate() report with classic and learned rows, "rows": one summary per
+    NFE ({"nfe", "best_classic", "best_learned", "ratio"}), "fits": per-fit wall times and artifacts,
+    "solvers": the loaded learned solvers}.
+    """
+    from .fit.api import fit
+
+    out = Path(out)
+    fits: list[dict[str, Any]] = []
+    arts = []
+    for n in nfes:
+        for meth in methods:
+            t0 = time.perf_counter()
+            res = fit(model, meth, int(n), out=out / f"{meth}-nfe{n}", progress=progress, device=device,
+                      **(fit_kwargs or {}))
+            secs = time.perf_counter() - t0
+            fits.append({"method": meth, "nfe": int(n), "seconds": round(secs, 1), "start": res.doc["start"]["solver"],
+                         "kept_start": res.doc["validation"]["kept_start"], "artifact": str(res.path)})
+            log(f"fitted {meth} at NFE {n} in {secs:.0f} s (start {res.doc['start']['solver']}"
+                f"{', kept' if res.doc['validation']['kept_start'] else ''})")
+            arts.append(res.solver)
+    rep = evaluate(model, nfe=list(nfes), samples=samples, seed=EVAL_SEED_START, device=device,
+                   model_name=model_name, metrics=metrics, learned=arts)
+    rows = []
+    for n in nfes:
+        b, lrn = best_classic(rep["results"], int(n)), _best_learned(rep["results"], int(n))
+        rows.append({"nfe": int(n), "best_classic": b, "best_learned": lrn,
+                     "ratio": None if not (b and lrn) else lrn["rmse"] / b["rmse"]})
+    return {"report": rep, "rows": rows, "fits": fits, "solvers": arts}
+
+
+def report_plots(rep: dict[str, Any], model: Denoiser, out: str | Path, learned: Sequence[Any] = (),
+                 device: str = "cpu", show_nfe: int | None = None, n_show: int | None = None) -> list[Path]:
+    """An evaluation's pictures: every metric against NFE, samples side by side (reference, best
+    classic, best learned; the same noises) and each learned artifact's tables against its start."""
+    from .evaluate import solve_batched
+    from .plots import METRIC_LABELS, metric_vs_nfe, sample_panels, solver_vs_start
+
+    out = Path(out)
+    paths = []
+    for metric in METRIC_LABELS:
+        if any(r.get(metric) is not None for r in rep["results"]):
+            paths.append(metric_vs_nfe(rep, out / f"{metric}_vs_nfe.png", metric))
+    asked = rep["nfe"] if isinstance(rep["nfe"], list) else [rep["nfe"]]
+    asked = sorted(set(asked) | {int(s.nfe) for s in learned})
+    show = show_nfe or (PREFERRED_NFE if PREFERRED_NFE in asked else asked[len(asked) // 2])
+    shape = model.sample_shape or ()
+    n_show = n_show or (36 if len(shape) == 3 else 1000)
+    seeds = list(range(rep["seed"], rep["seed"] + n_show))
+    ref = rep["reference"]
+    panels = []
+    if ref["solver"] != "exact":
+        panels.append((f"reference {ref['solver']} ({ref['nfe']} NFE)",
+                       solve_batched(model, seeds, ref["solver"], ref["nfe"], device=device)))
+    b = best_classic(rep["results"], show)
+    if b:
+        panels.append((f"best classic {b['solver']}@{b['grid']} ({show} NFE)",
+                       solve_batched(model, seeds, f"{b['solver']}@{b['grid']}", show, device=device)))
+    lrn = _best_learned(rep["results"], show)
+    pick = [s for s in learned if int(s.nfe) == show and lrn is not None and s.name == lrn["solver"]]
+    if pick:
+        panels.append((f"learned {pick[0].name} ({show} NFE)", solve_batched(model, seeds, pick[0], show, device=device)))
+    if panels:
+        paths.append(sample_panels(panels, out / f"samples_nfe{show}.png", title=f"{rep['model']}: the same noises"))
+    for s in learned:
+        if getattr(s, "doc", None) is not None:
+            paths.append(solver_vs_start(s, out / f"{s.name}-nfe{s.nfe}_vs_start.png"))
+    return paths
+
+
+def format_bench(bench: dict[str, Any]) -> str:
+    """Markdown table: per NFE the best classic and best learned solver, RMSE (and FD/SWD), ratio."""
+    rep = bench["report"]
+    extra = [k for k in ("fd", "swd") if any(r.get(k) is not None for r in rep["results"])]
+    ref = next((r for r in rep["results"] if r.get("role") == "reference"), None)
+    head = "| NFE | best classic | RMSE | " + "".join(f"{k.upper()} | " for k in extra) + \
+           "best learned | RMSE | " + "".join(f"{k.upper()} | " for k in extra) + "learned / classic (RMSE) |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in bench["rows"]:
+        b, lrn = r["best_classic"], r["best_learned"]
+        cells = [str(r["nfe"])]
+        for x, label in ((b, lambda x: f"{x['solver']}@{x['grid']}"), (lrn, lambda x: x["solver"])):
+            cells += ["—"] * (2 + len(extra)) if x is None else \
+                [label(x), f"{x['rmse']:.4g}"] + [f"{x[k]:.4g}" if x.get(k) is not None else "—" for k in extra]
+        cells.append("—" if r["ratio"] is None else f"**{r['ratio']:.2f}**")
+        lines.append("| " + " | ".join(cells) + " |")
+    if ref is not None and extra:
+        lines.append("")
+        lines.append(f"reference solve {ref['grid']} ({ref['nfe']} NFE), the floor: "
+                     + ", ".join(f"{k.upper()} {ref[k]:.4g}" for k in extra if ref.get(k) is not None))
+    return "\n".join(lines)
+
+
+def guidance_table(
+    build: Callable[[float], Denoiser],
+    fit_scale: float,
+    scales: Sequence[float],
+    nfe: int,
+    method: str,
+    out: str | Path,
+    samples: int = 256,
+    refit: bool = True,
+    device: str = "cpu",
+    progress: bool = True,
+    fit_kwargs: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """A solver fitted at guidance ``fit_scale``, evaluated at every scale in ``scales``.
+
+    ``build(w)`` returns the model guided at scale w. Each row: the scale, the best classic
+    solver there, the solver fitted at ``fit_scale``, and (``refit``) one fitted at that scale.
+    """
+    from .fit.api import fit
+
+    out = Path(out)
+    base = fit(build(fit_scale), method, nfe, out=out / f"{method}-nfe{nfe}-w{fit_scale:g}", progress=progress,
+               device=device, **(fit_kwargs or {}))
+    rows = []
+    for w in scales:
+        m = build(w)
+        learned = [base.solver]
+        refitted = None
+        if refit and float(w) != float(fit_scale):
+            refitted = fit(m, method, nfe, out=out / f"{method}-nfe{nfe}-w{w:g}", progress=progress, device=device,
+                           **(fit_kwargs or {}))
+            learned.append(refitted.solver)
+        rep = evaluate(m, nfe=nfe, samples=samples, device=device, learned=learned)
+        lr = [r for r in rep["results"] if r.get("grid") == "learned"]
+        b = best_classic(rep["results"], nfe)
+        fixed = lr[0]["rmse"]
+        own = lr[1]["rmse"] if refitted is not None else fixed
+        rows.append({"scale": float(w), "best_classic": f"{b['solver']}@{b['grid']}", "best_classic_rmse": b["rmse"],
+                     "fitted_at": float(fit_scale), "learned_rmse": fixed, "refit_rmse": own,
+                     "ratio": fixed / b["rmse"], "refit_ratio": own / b["rmse"]})
+        log(f"guidance {w:g}: best classic {b['rmse']:.4g}, fitted at {fit_scale:g} {fixed:.4g}, refit {own:.4g}")
+    return rows
+
+
+def format_guidance(rows: list[dict[str, Any]], nfe: int, method: str) -> str:
+    """Markdown table of :func:`guidance_table` rows."""
+    w0 = rows[0]["fitted_at"] if rows else 0.0
+    lines = [f"| guidance scale | best classic ({nfe} NFE) | RMSE | {method} fitted at {w0:g} | ratio | "
+             f"{method} refit at this scale | ratio |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mark = " (fit scale)" if r["scale"] == r["fitted_at"] else ""
+        lines.append(f"| {r['scale']:g}{mark} | {r['best_classic']} | {r['best_classic_rmse']:.4g} | "
+                     f"{r['learned_rmse']:.4g} | {r['ratio']:.2f} | {r['refit_rmse']:.4g} | {r['refit_ratio']:.2f} |")
+    return "\n".join(lines)
+
