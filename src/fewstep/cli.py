@@ -152,7 +152,8 @@ def eval_cmd(
 @app.command("sample")
 def sample_cmd(
     model: str = typer.Option(..., help="model spec"),
-    solver: str = typer.Option("dpmpp_3m@logsnr", help="NAME@GRID or a learned-solver directory"),
+    solver: Optional[str] = typer.Option(None, help="NAME@GRID or a learned-solver directory "
+                                                    "(default: adams2@time for flows, dpmpp_3m@logsnr otherwise)"),
     nfe: int = typer.Option(5, help="NFE budget"),
     n: int = typer.Option(16, help="number of samples"),
     out: Path = typer.Option(..., help="output .safetensors file (a PNG grid is written beside it for images)"),
@@ -168,6 +169,9 @@ def sample_cmd(
     _setup(device, None)
     try:
         m = _load(model, device, guidance)
+        from .sampling import default_solver
+
+        solver = solver or default_solver(m)
         s = resolve_solver(solver, force)
         x = solve_batched(m, list(range(seed, seed + n)), s, nfe, device=device)
         paths = save_samples(x, out, meta={"model": model, "solver": solver, "nfe": str(nfe), "seed": str(seed)})
@@ -189,7 +193,7 @@ def fit_cmd(
     seed: int = typer.Option(0, help="first training seed"),
     start: Optional[str] = typer.Option(None, help="starting classic solver NAME@GRID (default: best on validation)"),
     steps: Optional[int] = typer.Option(None, help="optimisation steps"),
-    loss: str = typer.Option("l2", help="l2 or l1 (a callable from Python)"),
+    loss: str = typer.Option("l2", help="l2 (per-sample L2 distance), mse or l1 (a callable, e.g. LPIPS, from Python)"),
     relax: Optional[float] = typer.Option(None, help="LD3 relaxation radius (relative to the noise norm; 0 off)"),
     checkpoint: bool = typer.Option(False, "--checkpoint", help="recompute model activations in backward (memory)"),
     restart: bool = typer.Option(False, "--restart", help="ignore a checkpoint of an interrupted fit in OUT and start over"),

@@ -21,6 +21,12 @@ def parse_solver(spec: str) -> tuple[str, str | None]:
     return name.strip(), (grid.strip() or None)
 
 
+def default_solver(model: Denoiser) -> str:
+    """A sound classic default: ``adams2@time`` for flows (logSNR grids crowd the steps at the ends of
+    a flow's path), ``dpmpp_3m@logsnr`` otherwise. ``fewstep eval`` finds the best for a model."""
+    return "adams2@time" if model.schedule.kind == "flow" else "dpmpp_3m@logsnr"
+
+
 def build_tableau(model: Denoiser, solver: Any, nfe: int | None, grid: Any = "logsnr", **solver_kwargs: Any) -> Tableau:
     """Resolve ``solver`` (a classic name, a Tableau, or an object with ``.tableau(model)``)."""
     if isinstance(solver, Tableau):
@@ -41,7 +47,7 @@ def build_tableau(model: Denoiser, solver: Any, nfe: int | None, grid: Any = "lo
 def sample(
     model: Denoiser,
     noise: Tensor,
-    solver: Any = "dpmpp_3m",
+    solver: Any = None,
     nfe: int | None = 5,
     grid: str | Sequence[float] | Tensor = "logsnr",
     callback: Callable[[dict[str, Any]], None] | None = None,
@@ -55,7 +61,8 @@ def sample(
     Args:
         model: a :class:`~fewstep.Denoiser`.
         noise: unit-variance starting noise, shape (B, *model.sample_shape).
-        solver: a classic solver name (optionally ``NAME@GRID``), a Tableau, or a learned solver.
+        solver: a classic solver name (optionally ``NAME@GRID``), a Tableau, or a learned solver;
+            None: :func:`default_solver`.
         nfe: number of model evaluations (for ``heun``: the largest count of steps that fits).
         grid: grid name (time, quadratic, logsnr, karras) or an explicit list of nfe + 1 times.
         callback: called after every step with {"i", "t", "x", "F"}.
@@ -71,6 +78,8 @@ def sample(
             f"noise has shape {tuple(noise.shape)} but this model's samples have shape (B, {', '.join(map(str, model.sample_shape))})"
         )
     x = noise * model.schedule.init_noise_scale()
+    if solver is None:
+        solver = default_solver(model)
     if isinstance(solver, str) and parse_solver(solver)[0] in SPECIAL:
         name, g = parse_solver(solver)
         if nfe is None:

@@ -14,6 +14,7 @@ from ..errors import FewstepError
 from ..seeds import check_fit_seeds, fit_seeds, val_seeds
 from ..solvers.learned import LoadedSolver, save_solver, solver_doc
 from .checkpoint import FitCheckpoint, fit_key
+from .loop import LOSSES
 from .methods import METHODS, FitConfig, FitOutcome, fit_solver, plan_phases
 from .teacher import TeacherData, TeacherSpec, default_teacher, generate_teacher, parse_teacher
 
@@ -66,6 +67,8 @@ def fit(
     if bad:
         raise FewstepError(f"unknown fit settings {sorted(bad)}; valid: {', '.join(FitConfig.__dataclass_fields__)}")
     cfg = replace(FitConfig(method=method, nfe=nfe, seed=seed), **overrides)
+    if not callable(cfg.loss) and cfg.loss not in LOSSES:
+        raise FewstepError(f"unknown loss {cfg.loss!r}; valid: {', '.join(LOSSES)} or a callable (student, target) -> (B,)")
     spec = parse_teacher(teacher) if isinstance(teacher, str) else (teacher or default_teacher(model))
     t0 = time.perf_counter()
     tr_seeds, va_seeds = fit_seeds(samples, seed), val_seeds(val_samples, seed)
