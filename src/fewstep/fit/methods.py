@@ -41,7 +41,13 @@ def from_classic(model: Denoiser, tab: Tableau, method: str, k: int = 3, rows_su
     if not torch.allclose(a, tab.a, rtol=1e-9, atol=1e-12):
         raise FewstepError(f"cannot start from {tab.name}: its a_i are not those of basis {tab.basis}")
     W = tab.B / phi[:, None]
-    mask = (window_mask(n, n) if rows_sum_to_one else window_mask(n, k)) | (tab.B != 0)
+    if rows_sum_to_one:  # DSS: the full history, but at N <= 6 the last two steps use only F_{i-1}, F_i
+        mask = window_mask(n, n)
+        if n <= 6:
+            mask[max(0, n - 2):] &= window_mask(n, 2)[max(0, n - 2):]
+    else:
+        mask = window_mask(n, k)
+    mask = mask | (tab.B != 0)
     use_c = tab.C is not None if corrector is None else corrector
     V = V_mask = None
     if use_c:
