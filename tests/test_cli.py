@@ -124,19 +124,19 @@ def _png_size(path):
 def test_bench_fits_every_nfe_and_plots(user_model, tmp_path, monkeypatch):
     monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "bench"
-    r = _run(["bench", "--model", user_model, "--nfe", "3", "--nfe", "4", "--method", "s4s", "--steps", "60",
+    r = _run(["bench", "--model", user_model, "--nfe", "3", "--nfe", "4", "--method", "s4s-alt", "--steps", "60",
               "--fit-samples", "64", "--samples", "64", "--plot", "--out", str(out)])
     b = json.loads((out / "bench.json").read_text())
     assert [row["nfe"] for row in b["rows"]] == [3, 4]
     for row in b["rows"]:
-        assert row["best_learned"]["solver"] == "s4s" and row["best_classic"]["grid"] != "learned"
+        assert row["best_learned"]["solver"] == "s4s-alt" and row["best_classic"]["grid"] != "learned"
         assert row["ratio"] == row["best_learned"]["rmse"] / row["best_classic"]["rmse"]
         assert row["ratio"] < 1.0  # the fit beats the best of ~70 classic solvers and grids here
     assert b["report"]["results"][0]["role"] == "reference"
-    for name in ("rmse_vs_nfe.png", "swd_vs_nfe.png", "samples_nfe4.png", "s4s-nfe3_vs_start.png"):
+    for name in ("rmse_vs_nfe.png", "swd_vs_nfe.png", "samples_nfe4.png", "s4s-alt-nfe3_vs_start.png"):
         w, h = _png_size(out / name)
         assert w > 300 and h > 200, name
-    assert (out / "s4s-nfe4" / "solver.json").is_file()
+    assert (out / "s4s-alt-nfe4" / "solver.json").is_file()
     assert "learned / classic" in r.stdout
 
 
