@@ -38,7 +38,7 @@ def _batch(den, n: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- API
 def test_names_and_errors():
-    assert set(zoo.NAMES) == {"gaussian", "gmm2d", "gmm", "digits-empirical", "digits-eps", "digits-flow"}
+    assert set(zoo.NAMES) == {"gaussian", "gmm2d", "gmm", "digits-empirical", "digits-eps", "digits-flow", "digits-unet"}
     with pytest.raises(ModelSpecError) as e:
         zoo.load("nope")
     msg = str(e.value)
