@@ -35,6 +35,7 @@ def run_bench(
     model_name: str | None = None,
     fit_kwargs: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
+    eval_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fit every method at every NFE (artifacts in ``out/<method>-nfe<N>``) and measure them.
 
@@ -59,7 +60,7 @@ def run_bench(
                 f"{', kept' if res.doc['validation']['kept_start'] else ''})")
             arts.append(res.solver)
     rep = evaluate(model, nfe=list(nfes), samples=samples, seed=EVAL_SEED_START, device=device,
-                   model_name=model_name, metrics=metrics, learned=arts)
+                   model_name=model_name, metrics=metrics, learned=arts, **(eval_kwargs or {}))
     rows = []
     for n in nfes:
         b, lrn = best_classic(rep["results"], int(n)), _best_learned(rep["results"], int(n))
@@ -143,6 +144,7 @@ def guidance_table(
     progress: bool = True,
     fit_kwargs: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
+    eval_kwargs: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """A solver fitted at guidance ``fit_scale``, evaluated at every scale in ``scales``.
 
@@ -154,20 +156,21 @@ def guidance_table(
     out = Path(out)
     base = fit(build(fit_scale), method, nfe, out=out / f"{method}-nfe{nfe}-w{fit_scale:g}", progress=progress,
                device=device, **(fit_kwargs or {}))
+    base.solver.name = f"{method} fitted at w={fit_scale:g}"
     rows = []
     for w in scales:
         m = build(w)
         learned = [base.solver]
-        refitted = None
         if refit and float(w) != float(fit_scale):
             refitted = fit(m, method, nfe, out=out / f"{method}-nfe{nfe}-w{w:g}", progress=progress, device=device,
                            **(fit_kwargs or {}))
+            refitted.solver.name = f"{method} fitted at w={w:g}"
             learned.append(refitted.solver)
-        rep = evaluate(m, nfe=nfe, samples=samples, device=device, learned=learned)
-        lr = [r for r in rep["results"] if r.get("grid") == "learned"]
+        rep = evaluate(m, nfe=nfe, samples=samples, device=device, learned=learned, **(eval_kwargs or {}))
+        by_name = {r["solver"]: r["rmse"] for r in rep["results"] if r.get("grid") == "learned"}
         b = best_classic(rep["results"], nfe)
-        fixed = lr[0]["rmse"]
-        own = lr[1]["rmse"] if refitted is not None else fixed
+        fixed = by_name[base.solver.name]
+        own = by_name[learned[-1].name]
         rows.append({"scale": float(w), "best_classic": f"{b['solver']}@{b['grid']}", "best_classic_rmse": b["rmse"],
                      "fitted_at": float(fit_scale), "learned_rmse": fixed, "refit_rmse": own,
                      "ratio": fixed / b["rmse"], "refit_ratio": own / b["rmse"]})
