@@ -189,7 +189,8 @@ def fit_cmd(
     out: Path = typer.Option(..., help="output directory for the artifact"),
     teacher: Optional[str] = typer.Option(None, help="teacher NAME@GRID:NFE (default: see docs)"),
     samples: int = typer.Option(700, help="training noises"),
-    val_samples: int = typer.Option(200, help="validation noises"),
+    val_samples: int = typer.Option(200, help="validation noises (checkpoint selection)"),
+    confirm_samples: int = typer.Option(200, help="confirmation noises (does the fit beat its start?)"),
     seed: int = typer.Option(0, help="first training seed"),
     start: Optional[str] = typer.Option(None, help="starting classic solver NAME@GRID (default: best on validation)"),
     steps: Optional[int] = typer.Option(None, help="optimisation steps"),
@@ -213,7 +214,8 @@ def fit_cmd(
     over.update(loss=loss, use_checkpoint=checkpoint)
     try:
         m = _load(model, device, guidance)
-        res = fit(m, method, nfe, out=out, teacher=teacher, samples=samples, val_samples=val_samples, seed=seed,
+        res = fit(m, method, nfe, out=out, teacher=teacher, samples=samples, val_samples=val_samples,
+                  confirm_samples=confirm_samples, seed=seed,
                   progress=not as_json, device=device, resume=not restart, **over)
     except FewstepError as e:
         _fail(str(e))

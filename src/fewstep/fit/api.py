@@ -43,6 +43,7 @@ def fit(
     teacher: str | TeacherSpec | None = None,
     samples: int = 700,
     val_samples: int = 200,
+    confirm_samples: int = 200,
     seed: int = 0,
     progress: bool = True,
     cache_dir: str | Path | None = None,
@@ -52,8 +53,9 @@ def fit(
 ) -> FitResult:
     """Fit a learned solver for ``model`` at ``nfe`` evaluations and (optionally) save it to ``out``.
 
-    Training noises come from seeds [seed, seed + samples), validation noises from the
-    validation range; neither overlaps the evaluation range. ``overrides`` set
+    Training noises come from seeds [seed, seed + samples), validation noises (checkpoint
+    selection) and confirmation noises (the keep-the-start decision, made on noises the selection
+    never saw) from the validation range; none overlaps the evaluation range. ``overrides`` set
     :class:`FitConfig` fields (start, k, steps, rounds, batch, lr_coef, lr_grid, relax, loss, ...).
     With ``out``, the fit's state is checkpointed in ``out`` after every validation and a fit run
     again with the same settings continues from there (``resume=False`` starts over); the
@@ -72,19 +74,23 @@ def fit(
     spec = parse_teacher(teacher) if isinstance(teacher, str) else (teacher or default_teacher(model))
     t0 = time.perf_counter()
     tr_seeds, va_seeds = fit_seeds(samples, seed), val_seeds(val_samples, seed)
-    check_fit_seeds(list(tr_seeds) + list(va_seeds))
+    co_seeds = val_seeds(confirm_samples, seed + val_samples)  # right after the validation block
+    check_fit_seeds(list(tr_seeds) + list(va_seeds) + list(co_seeds))
     keep = method == "dss"
     train = generate_teacher(model, tr_seeds, spec, keep_states=keep, cache_dir=cache_dir, device=device,
                              progress=progress)
     val = generate_teacher(model, va_seeds, spec, cache_dir=cache_dir, device=device, progress=progress)
+    confirm = generate_teacher(model, co_seeds, spec, cache_dir=cache_dir, device=device,
+                               progress=progress) if confirm_samples else None
     train, val = train.to(device), val.to(device)
+    confirm = confirm.to(device) if confirm is not None else None
     t_teacher = time.perf_counter() - t0
     ckpt = None
     if out is not None:
         folder = Path(out).parent if Path(out).suffix == ".json" else Path(out)
         key = fit_key({"fingerprint": model.fingerprint(), "guidance": model.guidance_scale, "cfg": cfg.as_dict(),
                        "teacher": str(spec), "train": [tr_seeds.start, tr_seeds.stop],
-                       "val": [va_seeds.start, va_seeds.stop]})
+                       "val": [va_seeds.start, va_seeds.stop], "confirm": [co_seeds.start, co_seeds.stop]})
         ckpt = FitCheckpoint(folder, key)
         if not resume:
             ckpt.remove()
@@ -95,7 +101,7 @@ def fit(
         total = sum(p.steps for p in plan_phases(cfg))
         bar = tqdm(total=total, desc=f"fit {method} NFE {nfe}", unit="step", dynamic_ncols=True)
     try:
-        outcome = fit_solver(model, train, val, cfg, progress=bar, checkpoint=ckpt)
+        outcome = fit_solver(model, train, val, cfg, progress=bar, checkpoint=ckpt, confirm=confirm)
     finally:
         if bar is not None:
             bar.close()
@@ -107,10 +113,11 @@ def fit(
         label=method,
         start={"solver": outcome.start, "val_rmse": outcome.start_val},
         teacher={"spec": str(spec), "train_seeds": [tr_seeds.start, tr_seeds.stop],
-                 "val_seeds": [va_seeds.start, va_seeds.stop]},
+                 "val_seeds": [va_seeds.start, va_seeds.stop], "confirm_seeds": [co_seeds.start, co_seeds.stop]},
         fit=cfg.as_dict(),
         validation={"rmse_to_teacher": outcome.val, "start_rmse_to_teacher": outcome.start_val,
-                    "kept_start": outcome.kept_start,
+                    "kept_start": outcome.kept_start, "confirm_rmse_to_teacher": outcome.confirm,
+                    "confirm_start_rmse_to_teacher": outcome.confirm_start,
                     "classic_ranking": [{"solver": s, "rmse_to_teacher": v} for v, s in outcome.ranking[:8]]},
         timing={"teacher_s": round(t_teacher, 2), "total_s": round(wall, 2), "resumed_from_step": outcome.resumed_from},
         history=outcome.state.history,

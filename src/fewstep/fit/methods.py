@@ -122,6 +122,7 @@ class FitConfig:
     use_checkpoint: bool = False
     corrector: bool | None = None  # learn a corrector (None: for s4s and s4s-alt, else only if the start has one)
     scale_a: bool | None = None  # also learn a scale of each step's carried state a_i (None: for s4s, s4s-alt)
+    polish: float = 0.0  # S4S-Alt: fraction of the steps spent on a final joint phase at a tenth of the rates
     warmup: bool = True  # linear learning-rate warm-up over the first tenth (at most 50 steps) of each phase
 
     def as_dict(self) -> dict[str, Any]:
@@ -141,6 +142,8 @@ class FitOutcome:
     state: FitState
     ranking: list[tuple[float, str]] = field(default_factory=list)
     resumed_from: int = 0  # the global step a checkpoint restored (0: a fresh fit)
+    confirm: float | None = None  # RMSE to the teacher on the confirmation noises (None: no confirmation set)
+    confirm_start: float | None = None
 
 
 def plan_phases(cfg: FitConfig) -> list[Phase]:
@@ -151,11 +154,14 @@ def plan_phases(cfg: FitConfig) -> list[Phase]:
     if cfg.method == "ld3":
         return [Phase("grid", {"grid": cfg.lr_grid}, cfg.steps, opt, cfg.batch)]
     if cfg.method == "s4s-alt":
-        per = max(1, cfg.steps // (2 * cfg.rounds))
+        polish = int(cfg.steps * cfg.polish)
+        per = max(1, (cfg.steps - polish) // (2 * cfg.rounds))
         out = []
         for r in range(cfg.rounds):
             out.append(Phase(f"round {r + 1} grid", {"grid": cfg.lr_grid}, per, opt, cfg.batch))
             out.append(Phase(f"round {r + 1} coef", {"coef": cfg.lr_coef}, per, opt, cfg.batch))
+        if polish:  # grid and coefficients together at a tenth of the rates, from the best so far
+            out.append(Phase("polish", {"grid": cfg.lr_grid / 10, "coef": cfg.lr_coef / 10}, polish, opt, cfg.batch))
         return out
     lr = 1e-2 if opt == "lion" else cfg.lr_coef  # dss: the paper's Lion at 1e-2, grid and coefficients jointly
     return [Phase("dss", {"grid": lr, "coef": lr}, cfg.steps, opt, max(cfg.batch, 32), dss_weights=(1.0, 1000.0))]
@@ -193,9 +199,12 @@ def _scale_a(cfg: FitConfig) -> bool:
 
 
 def fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitConfig, progress: Any = None,
-               checkpoint: FitCheckpoint | None = None) -> FitOutcome:
+               checkpoint: FitCheckpoint | None = None, confirm: TeacherData | None = None) -> FitOutcome:
     """Fit one method; returns the learned solver (or its start if the fit did not clearly help).
 
+    The best parameters are chosen on ``val``; whether they beat the start is decided by a paired
+    test on ``confirm`` (noises the choice never saw: choosing the best of many checkpoints on the
+    same noises flatters it), or on ``val`` when no confirmation set is given.
     With ``checkpoint``, the state is saved after every validation and a matching checkpoint is
     resumed from; the result is the same as that of an uninterrupted fit.
     """
@@ -231,7 +240,13 @@ def fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitCo
                        use_checkpoint=cfg.use_checkpoint, on_eval=on_eval, warmup=cfg.warmup)
     restore_best(solver, state)
     err = val_errors(model, solver, val)
-    kept = not clearly_better(err, start_err)
-    if kept:  # the fit did not clearly help on validation: return the starting solver itself
-        solver, err = start_solver, start_err
-    return FitOutcome(solver, start, float(start_err.mean()), float(err.mean()), kept, state, ranking, resumed)
+    co = co_start = None
+    if confirm is not None:
+        co, co_start = val_errors(model, solver, confirm), val_errors(model, start_solver, confirm)
+        kept = not clearly_better(co, co_start)
+    else:
+        kept = not clearly_better(err, start_err)
+    if kept:  # the fit did not clearly help: return the starting solver itself
+        solver, err, co = start_solver, start_err, co_start
+    return FitOutcome(solver, start, float(start_err.mean()), float(err.mean()), kept, state, ranking, resumed,
+                      None if co is None else float(co.mean()), None if co_start is None else float(co_start.mean()))
