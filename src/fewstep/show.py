@@ -59,6 +59,10 @@ def describe(path: str | Path, as_json: bool = False) -> str:
         st = f"{float(start_tab.t[i]):12.6g}" if start_tab is not None else f"{'':>12}"
         lines.append(f"{i:>3} {float(tab.t[i]):12.6g} {c} {st} {float(lam[i]):15.4f}")
     lines.append("")
+    lines.append(f"carried state a_i (x_(i+1) = a_i x_i + ...), learned vs start {start_spec}:")
+    lines.append(f"     learned {_fmt_row(tab.a.tolist())}")
+    if start_tab is not None:
+        lines.append(f"     start   {_fmt_row(start_tab.a.tolist())}")
     lines.append(f"predictor coefficients B (row i: weights on F_0..F_i), learned vs start {start_spec}:")
     for i in range(tab.N):
         lines.append(f"  {i:>2} learned {_fmt_row(tab.B[i, : i + 1].tolist())}")
