@@ -24,6 +24,7 @@ import torch
 
 from fewstep.evaluate import best_classic, evaluate, reference_samples, run_solver
 from fewstep.fit.api import fit
+from fewstep.metrics.frechet import FeatureDistances
 from fewstep.metrics.sliced import sliced_wasserstein
 from fewstep.seeds import EVAL_SEED_START
 from fewstep.zoo.torchcfm import NAMES, load_torchcfm
@@ -37,6 +38,11 @@ def swd_to(data: torch.Tensor, x: torch.Tensor) -> float:
     return sliced_wasserstein(x, data, n_projections=512, seed=0)
 
 
+def fd_to(data: torch.Tensor, x: torch.Tensor) -> float:
+    """Frechet distance of samples x (N, 2) to the data (M, 2) in raw coordinates (Gaussian fits)."""
+    return FeatureDistances(data).frechet(x)
+
+
 def bench_model(name: str, nfes: list[int], methods: list[str], samples: int,
                 fit_overrides: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows {model, nfe, method, rmse, swd, fit_s, ...} for one model, and its reference figures."""
@@ -45,6 +51,7 @@ def bench_model(name: str, nfes: list[int], methods: list[str], samples: int,
     data = m.sample_data(DATA_SIZE, torch.Generator().manual_seed(DATA_SEED))
     ref, ref_info = reference_samples(m, seeds)
     ref_info["swd"] = swd_to(data, ref)
+    ref_info["fd"] = fd_to(data, ref)
     rep = evaluate(m, nfe=nfes, samples=samples, model_name=f"torchcfm:{name}")
     rows = []
     for n in nfes:
@@ -52,13 +59,14 @@ def bench_model(name: str, nfes: list[int], methods: list[str], samples: int,
         spec = f"{b['solver']}@{b['grid']}"
         classic = run_solver(m, seeds, spec, n, ref, keep_samples=True)
         rows.append({"model": name, "nfe": n, "method": "best classic", "solver": spec, "rmse": classic.rmse,
-                     "swd": swd_to(data, classic.samples)})
+                     "swd": swd_to(data, classic.samples), "fd": fd_to(data, classic.samples)})
         for meth in methods:
             t0 = time.perf_counter()
             res = fit(m, meth, n, progress=False, **fit_overrides)
             secs = time.perf_counter() - t0
             run = run_solver(m, seeds, res.solver, n, ref, keep_samples=True)
             rows.append({"model": name, "nfe": n, "method": meth, "rmse": run.rmse, "swd": swd_to(data, run.samples),
+                         "fd": fd_to(data, run.samples),
                          "fit_s": secs, "start": res.doc["start"]["solver"],
                          "kept_start": res.doc["validation"]["kept_start"]})
     return rows, ref_info
@@ -67,10 +75,11 @@ def bench_model(name: str, nfes: list[int], methods: list[str], samples: int,
 def print_table(name: str, rows: list[dict[str, Any]], ref_info: dict[str, Any], methods: list[str]) -> None:
     """One markdown table per model: RMSE (fit time) per method, ratio, and SW2 to the data."""
     print(f"## torchcfm:{name} (reference {ref_info['solver']} at {ref_info['nfe']} NFE, self-error "
-          f"{ref_info['self_error']:.2g}, SW2 to the data {ref_info['swd']:.4f})\n")
+          f"{ref_info['self_error']:.2g}, SW2 to the data {ref_info['swd']:.4f}, FD {ref_info['fd']:.4f})\n")
     print("| NFE | best classic | " + " | ".join(methods) +
-          " | best learned / best classic | SW2 best classic | SW2 best learned | SW2 reference |")
-    print("|" + "---|" * (len(methods) + 6))
+          " | best learned / best classic | SW2 best classic | SW2 best learned | SW2 reference (floor) "
+          "| FD best classic | FD best learned | FD reference (floor) |")
+    print("|" + "---|" * (len(methods) + 9))
     for n in sorted({r["nfe"] for r in rows}):
         at = [r for r in rows if r["nfe"] == n]
         b = next(r for r in at if r["method"] == "best classic")
@@ -80,8 +89,10 @@ def print_table(name: str, rows: list[dict[str, Any]], ref_info: dict[str, Any],
         best = min(learned, key=lambda r: r["rmse"]) if learned else None
         ratio = f"**{best['rmse'] / b['rmse']:.2f}**" if best else "-"
         swd_l = f"{best['swd']:.4f}" if best else "-"
+        fd_l = f"{best['fd']:.4f}" if best else "-"
         print(f"| {n} | {b['rmse']:.4g} {b['solver']} | " + " | ".join(cells) +
-              f" | {ratio} | {b['swd']:.4f} | {swd_l} | {ref_info['swd']:.4f} |", flush=True)
+              f" | {ratio} | {b['swd']:.4f} | {swd_l} | {ref_info['swd']:.4f} | {b['fd']:.4f} | {fd_l} "
+              f"| {ref_info['fd']:.4f} |", flush=True)
     print()
 
 
