@@ -161,3 +161,17 @@ def test_guidance_table_over_scales(tmp_path, monkeypatch):
     for x in rows:
         assert x["best_classic_rmse"] > 0 and x["learned_rmse"] > 0
     assert (tmp_path / "g" / "s4s-nfe4-w2").is_dir() and (tmp_path / "g" / "s4s-nfe4-w4").is_dir()
+
+
+def test_demo_runs_the_main_job(user_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    r = _run(["demo", "--model", user_model, "--samples", "32", "--out", str(out)])
+    assert "s4s-alt (learned)" in r.stdout and r.stdout.count("best classic:") == 6
+    rep = json.loads((out / "report.json").read_text())
+    mine = next(x for x in rep["results"] if x["grid"] == "learned")
+    best5 = min(x["rmse"] for x in rep["results"] if x["nfe"] == 5 and x["grid"] != "learned" and x["rmse"])
+    assert mine["nfe"] == 5 and mine["rmse"] < best5  # the learned solver beats every classic one at its budget
+    for name in ("error_vs_nfe.png", "solver_vs_start.png"):
+        _png_size(out / name)
+    assert (out / "s4s-alt-nfe5" / "solver.json").is_file()

@@ -265,7 +265,7 @@ def demo_cmd(
     from .evaluate import best_classic, evaluate
     from .fit.api import fit
     from .io import write_text
-    from .plots import error_vs_nfe
+    from .plots import error_vs_nfe, solver_vs_start
     from .seeds import EVAL_SEED_START
 
     _setup(device, None)
@@ -290,8 +290,9 @@ def demo_cmd(
             typer.echo(f"  {'best classic: ' + b['solver'] + '@' + str(b['grid']):<28}{n:>4}{b['rmse']:>10.4g}"
                        f"{b['rmse'] / mine['rmse']:>11.2f}x")
     png = error_vs_nfe(rep, out / "error_vs_nfe.png", title=f"{model}: held-out RMSE vs NFE")
+    tables = solver_vs_start(res.solver, out / "solver_vs_start.png")
     write_text(out / "report.json", json.dumps(rep, indent=1))
-    typer.echo(f"plot: {png}")
+    typer.echo(f"plots: {png} (error against NFE), {tables} (the learned solver against its start)")
 
 
 @app.command("bench")
