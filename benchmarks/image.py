@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="out/bench-unet")
+    ap.add_argument("--reuse", action="store_true", help="load finished fits found in --out instead of refitting")
     ap.add_argument("--docs", default=None, help="copy the sample and solver pictures here (e.g. docs)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -45,7 +46,7 @@ def main() -> None:
     fit_kwargs = {"samples": 256, "val_samples": 128, "teacher": "unipc3@logsnr:50", "steps": args.steps, "batch": 16}
     b = run_bench(m, nfes, args.methods.split(","), args.out, samples=args.samples, metrics="auto",
                   model_name="zoo:digits-unet", progress=False, fit_kwargs=fit_kwargs,
-                  eval_kwargs={"reference_nfe": 200})
+                  eval_kwargs={"reference_nfe": 200}, reuse=args.reuse)
     paths = report_plots(b["report"], m, args.out, b["solvers"])
     b.pop("solvers")
     Path(args.out, "bench.json").write_text(json.dumps(b, indent=1))

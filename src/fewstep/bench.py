@@ -13,6 +13,8 @@ from typing import Any, Callable, Sequence
 
 from .denoiser import Denoiser
 from .evaluate import best_classic, evaluate
+from .fit.checkpoint import NAME as CHECKPOINT_NAME
+from .solvers.learned import load_solver
 from .seeds import EVAL_SEED_START
 
 PREFERRED_NFE = 5  # the budget whose samples and solver tables the plots show when it is asked
@@ -36,8 +38,12 @@ def run_bench(
     fit_kwargs: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
     eval_kwargs: dict[str, Any] | None = None,
+    reuse: bool = False,
 ) -> dict[str, Any]:
     """Fit every method at every NFE (artifacts in ``out/<method>-nfe<N>``) and measure them.
+
+    With ``reuse``, a finished artifact already in its directory (solver.json and no fit
+    checkpoint) is loaded instead of refitted; its recorded wall time is reported.
 
     Returns {"report": the evaluate() report with classic and learned rows, "rows": one summary per
     NFE ({"nfe", "best_classic", "best_learned", "ratio"}), "fits": per-fit wall times and artifacts,
@@ -50,15 +56,20 @@ def run_bench(
     arts = []
     for n in nfes:
         for meth in methods:
-            t0 = time.perf_counter()
-            res = fit(model, meth, int(n), out=out / f"{meth}-nfe{n}", progress=progress, device=device,
-                      **(fit_kwargs or {}))
-            secs = time.perf_counter() - t0
-            fits.append({"method": meth, "nfe": int(n), "seconds": round(secs, 1), "start": res.doc["start"]["solver"],
-                         "kept_start": res.doc["validation"]["kept_start"], "artifact": str(res.path)})
-            log(f"fitted {meth} at NFE {n} in {secs:.0f} s (start {res.doc['start']['solver']}"
-                f"{', kept' if res.doc['validation']['kept_start'] else ''})")
-            arts.append(res.solver)
+            d = out / f"{meth}-nfe{n}"
+            if reuse and (d / "solver.json").exists() and not (d / CHECKPOINT_NAME).exists():
+                solver = load_solver(d)
+                solver.check(model)
+                doc, secs, how = solver.doc, float(solver.doc["timing"]["total_s"]), "reused"
+            else:
+                t0 = time.perf_counter()
+                res = fit(model, meth, int(n), out=d, progress=progress, device=device, **(fit_kwargs or {}))
+                solver, doc, secs, how = res.solver, res.doc, time.perf_counter() - t0, "fitted"
+            fits.append({"method": meth, "nfe": int(n), "seconds": round(secs, 1), "start": doc["start"]["solver"],
+                         "kept_start": doc["validation"]["kept_start"], "artifact": str(d)})
+            log(f"{how} {meth} at NFE {n} ({secs:.0f} s, start {doc['start']['solver']}"
+                f"{', kept' if doc['validation']['kept_start'] else ''})")
+            arts.append(solver)
     rep = evaluate(model, nfe=list(nfes), samples=samples, seed=EVAL_SEED_START, device=device,
                    model_name=model_name, metrics=metrics, learned=arts, **(eval_kwargs or {}))
     rows = []
