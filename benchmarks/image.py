@@ -1,13 +1,15 @@
 """The image model: learned solvers against the best classic solver on zoo:digits-unet.
 
     python benchmarks/image.py [--nfe 3,4,5,6,8,10] [--methods s4s-alt,dss] [--guidance 2] [--out out/bench-unet]
+                               [--reuse] [--docs docs]
 
 A class-conditional diffusers UNet2DModel (loaded through the diffusers adapter) sampled with
 classifier-free guidance (one guided call = 1 NFE). Held-out RMSE to a converged reference, and
 Frechet distance / KID in the digits classifier's features against the digits themselves, with
 the reference solve's own figures as the floor. Fits use a smaller budget than the defaults (the
 UNet costs about 100x the digits MLP per call): 256 training and 128 validation noises, a 50-NFE
-UniPC teacher, 300 steps of batch 16.
+UniPC teacher, 300 steps of batch 16 (S4S-Alt: 2 rounds). With --reuse, finished fits found in
+--out (for example fitted in parallel processes with the same settings) are loaded, not redone.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from fewstep import VPLinear, Flow, sample
 from fewstep.errors import ArtifactError
 from fewstep.fit.api import fit
 from fewstep.fit.loop import Relax, optimise, validate
-from fewstep.fit.methods import from_classic
+from fewstep.fit.methods import FitConfig, from_classic, plan_phases
 from fewstep.fit.teacher import generate_teacher
 from fewstep.sampling import build_tableau
 from fewstep.seeds import fit_seeds, val_seeds
@@ -241,3 +241,11 @@ def test_clearly_better_is_a_paired_test():
     noisy = old + 0.3 * torch.randn(200, generator=g, dtype=F64)  # lower mean by luck only
     noisy = noisy - float((noisy - old).mean()) - 0.005
     assert float(noisy.mean()) < float(old.mean()) and not clearly_better(noisy, old)
+
+
+@pytest.mark.parametrize("steps,rounds,per", [(2000, 8, 125), (300, 2, 75), (60, 1, 30), (1000, 6, 83)])
+def test_s4s_alt_rounds_adapt_to_the_step_budget(steps, rounds, per):
+    phases = plan_phases(FitConfig(method="s4s-alt", steps=steps))
+    assert len(phases) == 2 * rounds and {p.steps for p in phases} == {per}
+    assert [p.label for p in phases[:2]] == ["round 1 grid", "round 1 coef"]
+    assert len(plan_phases(FitConfig(method="s4s-alt", steps=steps, rounds=3))) == 6  # an explicit choice wins

@@ -15,7 +15,7 @@ from ..seeds import check_fit_seeds, fit_seeds, val_seeds
 from ..solvers.learned import LoadedSolver, save_solver, solver_doc
 from .checkpoint import FitCheckpoint, fit_key
 from .loop import LOSSES
-from .methods import METHODS, FitConfig, FitOutcome, fit_solver, plan_phases
+from .methods import METHODS, FitConfig, FitOutcome, default_rounds, fit_solver, plan_phases
 from .teacher import TeacherData, TeacherSpec, default_teacher, generate_teacher, parse_teacher
 
 
@@ -69,6 +69,8 @@ def fit(
     if bad:
         raise FewstepError(f"unknown fit settings {sorted(bad)}; valid: {', '.join(FitConfig.__dataclass_fields__)}")
     cfg = replace(FitConfig(method=method, nfe=nfe, seed=seed), **overrides)
+    if cfg.method == "s4s-alt" and cfg.rounds is None:
+        cfg = replace(cfg, rounds=default_rounds(cfg.steps))
     if not callable(cfg.loss) and cfg.loss not in LOSSES:
         raise FewstepError(f"unknown loss {cfg.loss!r}; valid: {', '.join(LOSSES)} or a callable (student, target) -> (B,)")
     spec = parse_teacher(teacher) if isinstance(teacher, str) else (teacher or default_teacher(model))
