@@ -325,7 +325,8 @@ def test_load_diffusers_round_trip(dit, tmp_path):
         assert torch.equal(den(x, 0.5, class_labels=labels), ref(x, 0.5, class_labels=labels))
         out = fewstep.sample(den, den.noise(range(20, 26)), "unipc", nfe=4, cond=den.cond_for(range(20, 26)))
     assert out.shape == (6, 4, 8, 8) and torch.isfinite(out).all()
-    assert load_diffusers(folder, guidance_scale=3.0).fingerprint() != den.fingerprint()
+    # the scale is not part of the model: a solver fitted at 2 may be tried at 3 (its artifact records 2)
+    assert load_diffusers(folder, guidance_scale=3.0).fingerprint() == den.fingerprint()
 
     unet_dir = tmp_path / "ddpm"
     diffusers.DDPMPipeline(unet=_unet(), scheduler=diffusers.DDPMScheduler()).save_pretrained(unet_dir)

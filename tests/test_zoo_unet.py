@@ -24,7 +24,7 @@ pytest.importorskip("sklearn")
 
 SHORT = {"steps": 3, "batch": 8}
 # the committed weights' fingerprint (schedule, prediction, identity and every weight byte)
-FINGERPRINT = "75d479b6f3026ace"
+FINGERPRINT = "57abdc5e0cc05815"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -143,7 +143,8 @@ def test_denoiser_metadata_and_fingerprint():
     assert den.schedule == fewstep.VPDiscrete("linear")
     assert den.identity["zoo"] == "digits-unet" and den.identity["recipe_hash"] == recipe_hash(U.RECIPE)
     assert den.fingerprint() == U.build_digits_unet().fingerprint() == FINGERPRINT
-    assert _model(2.0).fingerprint() not in (FINGERPRINT, _model(3.0).fingerprint())
+    # guided is another model than unguided; the scale is not (a solver may be tried at another scale)
+    assert _model(2.0).fingerprint() != FINGERPRINT and _model(2.0).fingerprint() == _model(3.0).fingerprint()
     # one label 0..9 per seed, independent of batching and of guidance
     seeds = range(100, 140)
     lab = den.cond_for(seeds)["class_labels"]

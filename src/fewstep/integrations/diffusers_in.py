@@ -382,7 +382,7 @@ def from_diffusers(
     net = DiffusersNet(model, c_in, c_out == 2 * c_in)
     identity: dict[str, Any] = {
         "diffusers": type(model).__name__, "learned_sigma": c_out == 2 * c_in,
-        "guidance_scale": float(guidance_scale) if guided else None,
+        "guided": bool(guided),  # not the scale: a solver fitted at one scale may be used at another
         "null_class": null_class if guided and class_cond else None,
     }
     if info.flow_grid:
