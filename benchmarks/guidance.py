@@ -9,6 +9,7 @@ fitted at --fit-scale, and one refitted at that scale; held-out RMSE and ratios 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import time
 
@@ -33,8 +34,6 @@ def main() -> None:
     ap.add_argument("--reference-nfe", type=int, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    import json
-
     print(f"# {args.model}: {args.method} at {args.nfe} NFE fitted at guidance {args.fit_scale:g}")
     print(f"machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n")
     t0 = time.perf_counter()
