@@ -1,6 +1,7 @@
 """How a learned solver fitted at one guidance scale does at others (so users know when to refit).
 
     python benchmarks/guidance.py [--model zoo:gmm] [--fit-scale 2] [--scales 1,1.5,2,3,4,6] [--nfe 5]
+                                 [--fit JSON] [--reuse]
 
 For each evaluation scale: the best classic solver there (any solver, any grid), the solver
 fitted at --fit-scale, and one refitted at that scale; held-out RMSE and ratios to the best classic.
@@ -32,6 +33,7 @@ def main() -> None:
     ap.add_argument("--out", default="out/guidance")
     ap.add_argument("--fit", default="{}", help="JSON of fit settings (e.g. smaller budgets for a UNet)")
     ap.add_argument("--reference-nfe", type=int, default=None)
+    ap.add_argument("--reuse", action="store_true", help="load finished fits in --out (after an interruption)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# {args.model}: {args.method} at {args.nfe} NFE fitted at guidance {args.fit_scale:g}")
@@ -42,7 +44,8 @@ def main() -> None:
                           samples=args.samples, refit=not args.no_refit, progress=False,
                           fit_kwargs=json.loads(args.fit),
                           eval_kwargs={"reference_nfe": args.reference_nfe} if args.reference_nfe else None,
-                          log=lambda msg: None)
+                          log=lambda msg: print(msg, flush=True) if msg.startswith(("fitted", "reused")) else None,
+                          reuse=args.reuse)
     print(format_guidance(rows, args.nfe, args.method))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 

@@ -1,14 +1,14 @@
 """Learned solvers against the best classic solver on the six pretrained TorchCFM moons models.
 
     python benchmarks/torchcfm.py [--models cfm,otcfm] [--nfe 3,4,5,6,7,8,9,10] [--methods s4s,s4s-alt,dss,ld3]
-                                  [--samples 1000] [--threads 2] [--steps N] [--json out.json]
+                                  [--samples 1000] [--threads 2] [--steps N] [--fit JSON] [--json out.json]
 
 For each model and NFE: the best classic solver (best over every classic solver and every grid,
 chosen on the same held-out noises), each method's held-out RMSE to the converged reference and
 its fit wall time (teacher included), the ratio best learned / best classic, and the sliced
 Wasserstein distance (SW2) to the moons data of the best classic solver, the best learned
 solver and the reference solve itself (the floor: model error plus the metric's finite-sample
-bias). Default fit settings unless --steps is given (for quick smoke runs). The checkpoints are
+bias). Default fit settings unless --fit (JSON of fit settings) or --steps is given. The checkpoints are
 read from $FEWSTEP_TORCHCFM_DIR or ../shared/data/torchcfm-gaussian-moons.
 """
 
@@ -104,16 +104,19 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=1000, help="held-out samples")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=None, help="fit steps (default: the fit's own)")
+    ap.add_argument("--fit", default="{}", help='JSON of fit settings, e.g. \'{"samples": 4000, "batch": 256}\'')
     ap.add_argument("--json", default=None, help="write every row and reference figure to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     nfes = [int(n) for n in args.nfe.split(",")]
     methods = [m for m in args.methods.split(",") if m]
-    overrides = {} if args.steps is None else {"steps": args.steps}
+    overrides = json.loads(args.fit)
+    if args.steps is not None:
+        overrides["steps"] = args.steps
     print(f"# TorchCFM moons: learned vs best classic, held-out RMSE ({args.samples} samples, seeds from "
           f"{EVAL_SEED_START}) and SW2 to {DATA_SIZE} moons\n")
     print(f"machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
-          f"{time.strftime('%Y-%m-%d')}{', fit steps ' + str(args.steps) if args.steps else ''}\n")
+          f"{time.strftime('%Y-%m-%d')}{', fit settings ' + json.dumps(overrides) if overrides else ''}\n")
     out: dict[str, Any] = {"samples": args.samples, "nfe": nfes, "methods": methods, "fit": overrides,
                            "models": {}, "rows": []}
     for name in args.models.split(","):

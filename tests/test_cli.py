@@ -161,6 +161,12 @@ def test_guidance_table_over_scales(tmp_path, monkeypatch):
     for x in rows:
         assert x["best_classic_rmse"] > 0 and x["learned_rmse"] > 0
     assert (tmp_path / "g" / "s4s-nfe4-w2").is_dir() and (tmp_path / "g" / "s4s-nfe4-w4").is_dir()
+    # after an interruption, --reuse loads the finished fits instead of fitting again: same table
+    again = _run(["guidance", "--model", "zoo:gmm2d", "--fit-scale", "2", "--scale", "1.5", "--scale", "2",
+                  "--scale", "4", "--nfe", "4", "--method", "s4s", "--steps", "40", "--fit-samples", "64",
+                  "--samples", "64", "--out", str(tmp_path / "g"), "--json", "--reuse"])
+    assert json.loads(again.stdout) == rows
+    assert "reused s4s at guidance 2" in again.stderr and "fitted s4s" not in again.stderr
 
 
 def test_demo_runs_the_main_job(user_model, tmp_path, monkeypatch):

@@ -25,6 +25,21 @@ def _best_learned(results: list[dict[str, Any]], nfe: int) -> dict[str, Any] | N
     return min(ok, key=lambda r: r["rmse"]) if ok else None
 
 
+def _fit_or_reuse(model: Denoiser, method: str, nfe: int, d: Path, reuse: bool, progress: bool, device: str,
+                  fit_kwargs: dict[str, Any] | None) -> tuple[Any, float, str]:
+    """(solver, wall seconds, "fitted" or "reused"): a finished artifact in ``d`` (solver.json and
+    no fit checkpoint) is loaded when ``reuse``, with its recorded wall time; otherwise fit into ``d``."""
+    from .fit.api import fit
+
+    if reuse and (d / "solver.json").exists() and not (d / CHECKPOINT_NAME).exists():
+        solver = load_solver(d)
+        solver.check(model)
+        return solver, float(solver.doc["timing"]["total_s"]), "reused"
+    t0 = time.perf_counter()
+    res = fit(model, method, nfe, out=d, progress=progress, device=device, **(fit_kwargs or {}))
+    return res.solver, time.perf_counter() - t0, "fitted"
+
+
 def run_bench(
     model: Denoiser,
     nfes: Sequence[int],
@@ -49,22 +64,14 @@ def run_bench(
     NFE ({"nfe", "best_classic", "best_learned", "ratio"}), "fits": per-fit wall times and artifacts,
     "solvers": the loaded learned solvers}.
     """
-    from .fit.api import fit
-
     out = Path(out)
     fits: list[dict[str, Any]] = []
     arts = []
     for n in nfes:
         for meth in methods:
             d = out / f"{meth}-nfe{n}"
-            if reuse and (d / "solver.json").exists() and not (d / CHECKPOINT_NAME).exists():
-                solver = load_solver(d)
-                solver.check(model)
-                doc, secs, how = solver.doc, float(solver.doc["timing"]["total_s"]), "reused"
-            else:
-                t0 = time.perf_counter()
-                res = fit(model, meth, int(n), out=d, progress=progress, device=device, **(fit_kwargs or {}))
-                solver, doc, secs, how = res.solver, res.doc, time.perf_counter() - t0, "fitted"
+            solver, secs, how = _fit_or_reuse(model, meth, int(n), d, reuse, progress, device, fit_kwargs)
+            doc = solver.doc
             fits.append({"method": meth, "nfe": int(n), "seconds": round(secs, 1), "start": doc["start"]["solver"],
                          "kept_start": doc["validation"]["kept_start"], "artifact": str(d)})
             log(f"{how} {meth} at NFE {n} ({secs:.0f} s, start {doc['start']['solver']}"
@@ -156,31 +163,36 @@ def guidance_table(
     fit_kwargs: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
     eval_kwargs: dict[str, Any] | None = None,
+    reuse: bool = False,
 ) -> list[dict[str, Any]]:
     """A solver fitted at guidance ``fit_scale``, evaluated at every scale in ``scales``.
 
     ``build(w)`` returns the model guided at scale w. Each row: the scale, the best classic
     solver there, the solver fitted at ``fit_scale``, and (``refit``) one fitted at that scale.
+    Artifacts go to ``out/<method>-nfe<N>-w<scale>``; with ``reuse``, finished ones are loaded.
     """
-    from .fit.api import fit
-
     out = Path(out)
-    base = fit(build(fit_scale), method, nfe, out=out / f"{method}-nfe{nfe}-w{fit_scale:g}", progress=progress,
-               device=device, **(fit_kwargs or {}))
-    base.solver.name = f"{method} fitted at w={fit_scale:g}"
+    base, _, how = _fit_or_reuse(build(fit_scale), method, nfe, out / f"{method}-nfe{nfe}-w{fit_scale:g}", reuse,
+                                 progress, device, fit_kwargs)
+    log(f"{how} {method} at guidance {fit_scale:g}")
+    base.name = f"{method} fitted at w={fit_scale:g}"
+    # the table uses this solver at other scales on purpose, where the model's fingerprint may differ
+    # (a diffusers model at w = 1 is unguided: one call per evaluation, another identity)
+    base.force = True
     rows = []
     for w in scales:
         m = build(w)
-        learned = [base.solver]
+        learned = [base]
         if refit and float(w) != float(fit_scale):
-            refitted = fit(m, method, nfe, out=out / f"{method}-nfe{nfe}-w{w:g}", progress=progress, device=device,
-                           **(fit_kwargs or {}))
-            refitted.solver.name = f"{method} fitted at w={w:g}"
-            learned.append(refitted.solver)
+            own, _, how = _fit_or_reuse(m, method, nfe, out / f"{method}-nfe{nfe}-w{w:g}", reuse, progress, device,
+                                        fit_kwargs)
+            log(f"{how} {method} at guidance {w:g}")
+            own.name = f"{method} fitted at w={w:g}"
+            learned.append(own)
         rep = evaluate(m, nfe=nfe, samples=samples, device=device, learned=learned, **(eval_kwargs or {}))
         by_name = {r["solver"]: r["rmse"] for r in rep["results"] if r.get("grid") == "learned"}
         b = best_classic(rep["results"], nfe)
-        fixed = by_name[base.solver.name]
+        fixed = by_name[base.name]
         own = by_name[learned[-1].name]
         rows.append({"scale": float(w), "best_classic": f"{b['solver']}@{b['grid']}", "best_classic_rmse": b["rmse"],
                      "fitted_at": float(fit_scale), "learned_rmse": fixed, "refit_rmse": own,

@@ -307,6 +307,7 @@ def bench_cmd(
     steps: Optional[int] = typer.Option(None, help="optimisation steps per fit (default: the method's)"),
     fit_samples: int = typer.Option(700, help="training noises per fit"),
     plot: bool = typer.Option(False, "--plot", help="write PNGs into OUT"),
+    reuse: bool = typer.Option(False, "--reuse", help="load the finished fits already in OUT (after an interruption)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
     device: str = typer.Option("cpu"),
     threads: Optional[int] = typer.Option(None, help="torch threads"),
@@ -320,7 +321,8 @@ def bench_cmd(
     try:
         m = _load(model, device, guidance)
         b = run_bench(m, nfe, method, out, samples=samples, metrics=_metrics(metrics), device=device,
-                      progress=not as_json, model_name=model, log=log, fit_kwargs=_fit_kwargs(steps, fit_samples))
+                      progress=not as_json, model_name=model, log=log, fit_kwargs=_fit_kwargs(steps, fit_samples),
+                      reuse=reuse)
         paths = report_plots(b["report"], m, out, b["solvers"], device=device) if plot else []
     except FewstepError as e:
         _fail(str(e))
@@ -346,6 +348,7 @@ def guidance_cmd(
     refit: bool = typer.Option(True, "--refit/--no-refit", help="also fit a solver at every scale, for comparison"),
     steps: Optional[int] = typer.Option(None, help="optimisation steps per fit (default: the method's)"),
     fit_samples: int = typer.Option(700, help="training noises per fit"),
+    reuse: bool = typer.Option(False, "--reuse", help="load the finished fits already in OUT (after an interruption)"),
     as_json: bool = typer.Option(False, "--json"),
     device: str = typer.Option("cpu"),
     threads: Optional[int] = typer.Option(None, help="torch threads"),
@@ -358,7 +361,7 @@ def guidance_cmd(
         rows = guidance_table(lambda w: _load(model, device, w), fit_scale, scale, nfe, method, out, samples=samples,
                               refit=refit, device=device, progress=not as_json,
                               fit_kwargs=_fit_kwargs(steps, fit_samples),
-                              log=lambda msg: typer.echo(msg, err=True))
+                              log=lambda msg: typer.echo(msg, err=True), reuse=reuse)
     except FewstepError as e:
         _fail(str(e))
     typer.echo(json.dumps(rows, indent=1) if as_json else format_guidance(rows, nfe, method))
