@@ -83,12 +83,13 @@ def test_fit_show_eval_with_the_artifact(user_model, tmp_path, monkeypatch):
     art = tmp_path / "solver"
     r = _run(["fit", "--model", user_model, "--method", "s4s", "--nfe", "4", "--out", str(art), "--samples", "64",
               "--val-samples", "32", "--steps", "40", "--teacher", "dpmpp_3m@logsnr:60", "--eval-samples", "32",
-              "--json"])
+              "--batch", "16", "--lr-coef", "0.02", "--k", "2", "--json"])
     rep = json.loads(r.stdout)
     assert rep["artifact"] == str(art / "solver.json")
     assert any(x["grid"] == "learned" for x in rep["results"])
     doc = json.loads((art / "solver.json").read_text())
     assert doc["method"] == "s4s" and doc["nfe"] == 4
+    assert (doc["fit"]["batch"], doc["fit"]["lr_coef"], doc["fit"]["k"]) == (16, 0.02, 2)  # the options reach the fit
     r = _run(["show", str(art)])
     assert "predictor coefficients" in r.stdout and "start" in r.stdout
     r = _run(["eval", "--model", user_model, "--nfe", "4", "--solver", str(art), "--samples", "16", "--json"])

@@ -194,6 +194,10 @@ def fit_cmd(
     seed: int = typer.Option(0, help="first training seed"),
     start: Optional[str] = typer.Option(None, help="starting classic solver NAME@GRID (default: best on validation)"),
     steps: Optional[int] = typer.Option(None, help="optimisation steps"),
+    batch: Optional[int] = typer.Option(None, help="training noises per step"),
+    lr_coef: Optional[float] = typer.Option(None, help="learning rate of the coefficients"),
+    lr_grid: Optional[float] = typer.Option(None, help="learning rate of the grid and evaluation times"),
+    k: Optional[int] = typer.Option(None, help="past evaluations each step combines (S4S)"),
     loss: str = typer.Option("l2", help="l2 (per-sample L2 distance), mse or l1 (a callable, e.g. LPIPS, from Python)"),
     relax: Optional[float] = typer.Option(None, help="LD3 relaxation radius (relative to the noise norm; 0 off)"),
     checkpoint: bool = typer.Option(False, "--checkpoint", help="recompute model activations in backward (memory)"),
@@ -210,7 +214,8 @@ def fit_cmd(
     from .seeds import EVAL_SEED_START
 
     _setup(device, threads)
-    over = {k: v for k, v in {"start": start, "steps": steps, "relax": relax}.items() if v is not None}
+    over = {name: v for name, v in {"start": start, "steps": steps, "relax": relax, "batch": batch, "lr_coef": lr_coef,
+                                    "lr_grid": lr_grid, "k": k}.items() if v is not None}
     over.update(loss=loss, use_checkpoint=checkpoint)
     try:
         m = _load(model, device, guidance)
