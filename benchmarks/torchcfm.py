@@ -8,7 +8,9 @@ chosen on the same held-out noises), each method's held-out RMSE to the converge
 its fit wall time (teacher included), the ratio best learned / best classic, and the sliced
 Wasserstein distance (SW2) to the moons data of the best classic solver, the best learned
 solver and the reference solve itself (the floor: model error plus the metric's finite-sample
-bias). Default fit settings unless --fit (JSON of fit settings) or --steps is given. The checkpoints are
+bias). FD to the reference is the Frechet distance between a solver's samples and the reference
+solve's samples from the same noises: how close the solver lands to the teacher's distribution.
+Default fit settings unless --fit (JSON of fit settings) or --steps is given. The checkpoints are
 read from $FEWSTEP_TORCHCFM_DIR or ../shared/data/torchcfm-gaussian-moons.
 """
 
@@ -52,6 +54,7 @@ def bench_model(name: str, nfes: list[int], methods: list[str], samples: int,
     ref, ref_info = reference_samples(m, seeds)
     ref_info["swd"] = swd_to(data, ref)
     ref_info["fd"] = fd_to(data, ref)
+    to_ref = FeatureDistances(ref)  # FD to the reference solve's own samples on the same noises (0 for itself)
     rep = evaluate(m, nfe=nfes, samples=samples, model_name=f"torchcfm:{name}")
     rows = []
     for n in nfes:
@@ -59,14 +62,15 @@ def bench_model(name: str, nfes: list[int], methods: list[str], samples: int,
         spec = f"{b['solver']}@{b['grid']}"
         classic = run_solver(m, seeds, spec, n, ref, keep_samples=True)
         rows.append({"model": name, "nfe": n, "method": "best classic", "solver": spec, "rmse": classic.rmse,
-                     "swd": swd_to(data, classic.samples), "fd": fd_to(data, classic.samples)})
+                     "swd": swd_to(data, classic.samples), "fd": fd_to(data, classic.samples),
+                     "fd_ref": to_ref.frechet(classic.samples)})
         for meth in methods:
             t0 = time.perf_counter()
             res = fit(m, meth, n, progress=False, **fit_overrides)
             secs = time.perf_counter() - t0
             run = run_solver(m, seeds, res.solver, n, ref, keep_samples=True)
             rows.append({"model": name, "nfe": n, "method": meth, "rmse": run.rmse, "swd": swd_to(data, run.samples),
-                         "fd": fd_to(data, run.samples),
+                         "fd": fd_to(data, run.samples), "fd_ref": to_ref.frechet(run.samples),
                          "fit_s": secs, "start": res.doc["start"]["solver"],
                          "kept_start": res.doc["validation"]["kept_start"]})
     return rows, ref_info
@@ -78,8 +82,8 @@ def print_table(name: str, rows: list[dict[str, Any]], ref_info: dict[str, Any],
           f"{ref_info['self_error']:.2g}, SW2 to the data {ref_info['swd']:.4f}, FD {ref_info['fd']:.4f})\n")
     print("| NFE | best classic | " + " | ".join(methods) +
           " | best learned / best classic | SW2 best classic | SW2 best learned | SW2 reference (floor) "
-          "| FD best classic | FD best learned | FD reference (floor) |")
-    print("|" + "---|" * (len(methods) + 9))
+          "| FD best classic | FD best learned | FD reference (floor) | FD to reference: best classic | best learned |")
+    print("|" + "---|" * (len(methods) + 11))
     for n in sorted({r["nfe"] for r in rows}):
         at = [r for r in rows if r["nfe"] == n]
         b = next(r for r in at if r["method"] == "best classic")
@@ -92,7 +96,7 @@ def print_table(name: str, rows: list[dict[str, Any]], ref_info: dict[str, Any],
         fd_l = f"{best['fd']:.4f}" if best else "-"
         print(f"| {n} | {b['rmse']:.4g} {b['solver']} | " + " | ".join(cells) +
               f" | {ratio} | {b['swd']:.4f} | {swd_l} | {ref_info['swd']:.4f} | {b['fd']:.4f} | {fd_l} "
-              f"| {ref_info['fd']:.4f} |", flush=True)
+              f"| {ref_info['fd']:.4f} | {b['fd_ref']:.2e} | {best['fd_ref'] if best else float('nan'):.2e} |", flush=True)
     print()
 
 

@@ -282,3 +282,25 @@ def test_evaluate_metrics_choices_and_errors():
         evaluate(den, nfe=4, solvers=["ddim@logsnr"], samples=8, metrics="fd")
     with pytest.raises(ShapeError, match="shape"):
         evaluate(den, nfe=4, solvers=["ddim@logsnr"], samples=8, metrics="swd", data=torch.zeros(10, 4))
+
+
+def test_fd_to_the_reference_solve_needs_no_data():
+    # fd_ref: FD to the reference solve's samples from the same seeds; no data set involved
+    den = make_gauss(__import__("fewstep").VPLinear(), "eps", d=3)
+    rep = evaluate(den, nfe=[3, 8], solvers=["ddim@logsnr"], samples=64, metrics=["fd_ref"],
+                   feature=torch.nn.Identity())
+    assert rep["metrics"]["data_reference"] is None and rep["metrics"]["feature"] == "Identity"
+    ref_row, few, many = rep["results"][0], _by(rep, "ddim", 3), _by(rep, "ddim", 8)
+    assert few["fd"] is None and few["fd_ref"] > many["fd_ref"] > ref_row["fd_ref"] >= 0
+    from fewstep.evaluate import run_solver
+    from fewstep.seeds import eval_seeds
+
+    ref = _reference_of(den, 64)
+    x = run_solver(den, eval_seeds(64), "ddim@logsnr", 3, ref, keep_samples=True).samples
+    assert few["fd_ref"] == pytest.approx(frechet_distance(x, ref), rel=1e-6)
+    assert "FD to ref" in format_table(rep)
+    # named only: "auto" leaves it out, and without a feature network it names the fix
+    assert "fd_ref" not in evaluate(zoo.load("gmm2d"), nfe=3, solvers=["ddim@logsnr"], samples=16,
+                                    metrics="auto", reference_nfe=40)["metrics"]["names"]
+    with pytest.raises(FewstepError, match="feature="):
+        evaluate(den, nfe=4, solvers=["ddim@logsnr"], samples=8, metrics="fd_ref")

@@ -113,7 +113,7 @@ def eval_cmd(
     seed: Optional[int] = typer.Option(None, help="first per-sample seed (default: the evaluation range)"),
     reference: Optional[str] = typer.Option(None, help="reference solver NAME@GRID (default: a long classic solve)"),
     reference_nfe: Optional[int] = typer.Option(None, help="reference NFE"),
-    metrics: str = typer.Option("auto", help="auto, none, or a comma list of fd,kid,psnr,swd,loglik"),
+    metrics: str = typer.Option("auto", help="auto, none, or a comma list of fd,kid,fd_ref,psnr,swd,loglik"),
     guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale of the model"),
     plot: Optional[Path] = typer.Option(None, help="write PNGs here: metrics against NFE, samples side by side, "
                                                    "learned solvers against their start"),
@@ -307,7 +307,7 @@ def bench_cmd(
     method: List[str] = typer.Option(["s4s-alt", "dss"], help="learned methods (repeat): s4s, s4s-alt, dss, ld3"),
     out: Path = typer.Option(Path("out/bench"), help="artifacts, bench.json and plots go here"),
     samples: int = typer.Option(256, help="held-out samples"),
-    metrics: str = typer.Option("auto", help="auto, none, or a comma list of fd,kid,psnr,swd,loglik"),
+    metrics: str = typer.Option("auto", help="auto, none, or a comma list of fd,kid,fd_ref,psnr,swd,loglik"),
     guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale"),
     steps: Optional[int] = typer.Option(None, help="optimisation steps per fit (default: the method's)"),
     fit_samples: int = typer.Option(700, help="training noises per fit"),

@@ -172,7 +172,7 @@ def evaluate(
             on every grid.
         nfe: one budget or several.
         metrics: None (RMSE only, the fast path), "auto" (every metric that suits the model), or
-            names from ("fd", "kid", "psnr", "swd", "loglik"); see :mod:`fewstep.metrics.suite`.
+            names from ("fd", "kid", "fd_ref", "psnr", "swd", "loglik"); see :mod:`fewstep.metrics.suite`.
         data: the data reference set (M, *sample_shape) for fd / kid / swd; default: the model's
             data where known (:func:`fewstep.metrics.reference.model_data`), else the reference
             solver's samples on the ``data_samples`` seeds after the evaluation seeds.
@@ -186,7 +186,7 @@ def evaluate(
     Returns:
         {"model", "nfe", "samples", "seed", "reference": {...}, "results": [{"solver", "grid",
         "nfe", "rmse", "rmse_sem", "seconds", ("error")}]}, results sorted by NFE then RMSE.
-        With metrics: every result also has "fd", "kid", "kid_std", "psnr", "swd", "loglik" (None
+        With metrics: every result also has "fd", "kid", "kid_std", "fd_ref", "psnr", "swd", "loglik" (None
         where not measured); results[0] is the reference row ({"solver": "reference", "grid": the
         reference solver, "role": "reference", "rmse": its self-error, ...}); and "metrics" says
         what was measured against what ({"names", "feature", "data_reference": {"source", "n"[, "loglik"]}}).
@@ -257,7 +257,7 @@ def best_classic(results: list[dict[str, Any]], nfe: int) -> dict[str, Any] | No
 
 
 #: metric columns of format_table: (row key, header, format)
-_METRIC_COLUMNS = (("fd", "FD", ".4g"), ("kid", "KID", ".3g"), ("psnr", "PSNR", ".2f"), ("swd", "SWD", ".4g"),
+_METRIC_COLUMNS = (("fd", "FD", ".4g"), ("kid", "KID", ".3g"), ("fd_ref", "FD to ref", ".4g"), ("psnr", "PSNR", ".2f"), ("swd", "SWD", ".4g"),
                    ("loglik", "loglik", ".4g"))
 
 

@@ -4,6 +4,10 @@ Metric names (``METRICS``) and the row keys they fill (``ROW_KEYS``):
 
 * ``fd``: Frechet distance to the data reference set in a feature network's space (row keys
   ``fd``); ``kid``: kernel distance in the same space (``kid``, ``kid_std``). Lower is better.
+* ``fd_ref``: Frechet distance, in the same feature space, to the reference solve's samples from
+  the same seeds (``fd_ref``): how close a solver lands to the teacher's distribution, with no
+  data set needed (the reference row's figure is its distance to its own half-NFE solve). Only
+  when named (not in ``"auto"``). Lower is better.
 * ``psnr``: mean over samples of the per-sample PSNR (dB) against the reference solve from the
   same seed (``psnr``), each capped at ``PSNR_CAP`` dB so that samples equal to their reference
   (exact-data models land on training images) count as a finite figure. Higher is better.
@@ -34,8 +38,9 @@ from .pixel import psnr
 from .reference import DataReference, is_digits_model
 from .sliced import sliced_wasserstein
 
-METRICS: tuple[str, ...] = ("fd", "kid", "psnr", "swd", "loglik")
-ROW_KEYS: tuple[str, ...] = ("fd", "kid", "kid_std", "psnr", "swd", "loglik")
+METRICS: tuple[str, ...] = ("fd", "kid", "fd_ref", "psnr", "swd", "loglik")
+ROW_KEYS: tuple[str, ...] = ("fd", "kid", "kid_std", "fd_ref", "psnr", "swd", "loglik")
+FEATURE_METRICS: tuple[str, ...] = ("fd", "kid", "fd_ref")  # need a feature network
 DISTRIBUTION: tuple[str, ...] = ("fd", "kid", "swd")
 SWD_MAX_DIM = 32
 PSNR_CAP = 100.0  # dB: an RMS error of 1e-5 of the data range
@@ -74,12 +79,12 @@ def select_metrics(model: Any, metrics: str | Iterable[str] | None, feature: Any
     has_features = feature is not None or _digits_features_fit(model)
     if req == "auto":
         dim = math.prod(shape) if shape else 0
-        fit = {"fd": has_features, "kid": has_features, "psnr": is_image(shape),
+        fit = {"fd": has_features, "kid": has_features, "fd_ref": False, "psnr": is_image(shape),
                "swd": 0 < dim <= SWD_MAX_DIM, "loglik": has_log_prob(model)}
         return tuple(m for m in METRICS if fit[m])
     name = getattr(model, "name", "this model")
     for m in req:
-        if m in ("fd", "kid") and not has_features:
+        if m in FEATURE_METRICS and not has_features:
             raise FewstepError(f"metric {m!r} needs a feature network for {name}: pass feature=<nn.Module> "
                                "(e.g. Inception with your weights), or drop it")
         if m == "loglik" and not has_log_prob(model):
@@ -111,26 +116,52 @@ class MetricSuite:
                                "reference set: pass data=<samples>")
         self.distances = None
         self.feature_label: str | None = None
-        if "fd" in self.names or "kid" in self.names:
+        self.kid_subsets, self.kid_subset_size = int(kid_subsets), int(kid_subset_size)
+        self._feature: Any = None
+        self._to_ref: tuple[Any, Any] = (None, None)  # (key of the reference samples, their FeatureDistances)
+        if any(n in FEATURE_METRICS for n in self.names):
             from .features import FeatureMap, digits_features
-            from .frechet import FeatureDistances
 
             if feature is None or feature == "digits":
                 check_digits_shape(tuple(getattr(model, "sample_shape", None) or ()))
-                fmap = digits_features()
+                self._feature = digits_features()
             elif isinstance(feature, nn.Module):
-                fmap = feature if isinstance(feature, FeatureMap) else FeatureMap(feature, example=data.samples[:1])
+                self._feature = feature  # wrapped in a FeatureMap at the first samples it sees
             else:
                 raise FewstepError(f"feature must be an nn.Module or 'digits'; got {feature!r}")
-            self.feature_label = fmap.label
-            self.distances = FeatureDistances(data.samples, fmap, kid_subsets, kid_subset_size, seed)
+            if isinstance(self._feature, FeatureMap):
+                self.feature_label = self._feature.label
+        if "fd" in self.names or "kid" in self.names:
+            from .frechet import FeatureDistances
+
+            self.distances = FeatureDistances(data.samples, self._fmap(data.samples), self.kid_subsets,
+                                              self.kid_subset_size, seed)
+
+    def _fmap(self, example: Tensor) -> Any:
+        """The feature map (a user's nn.Module is wrapped once, its output shape probed on ``example``)."""
+        from .features import FeatureMap
+
+        if not isinstance(self._feature, FeatureMap):
+            self._feature = FeatureMap(self._feature, example=example[:1])
+            self.feature_label = self._feature.label
+        return self._feature
+
+    def _fd_to(self, ref: Tensor, x: Tensor) -> float:
+        """FD between x and ``ref`` (the features of ``ref`` are kept while the same tensor comes back)."""
+        from .frechet import FeatureDistances
+
+        key = (ref.data_ptr(), tuple(ref.shape), ref._version)
+        if self._to_ref[0] != key:
+            self._to_ref = (key, FeatureDistances(ref, self._fmap(ref), self.kid_subsets, self.kid_subset_size,
+                                                  self.seed))
+        return self._to_ref[1].frechet(x)
 
     @property
     def needs_data(self) -> bool:
         return any(n in DISTRIBUTION for n in self.names)
 
     def row(self, x: Tensor, ref: Tensor | None = None, cond: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The metrics of samples x (B, *shape); ``ref`` (B, *shape) is the per-seed reference for PSNR.
+        """The metrics of samples x (B, *shape); ``ref`` (B, *shape) is the per-seed reference (PSNR, fd_ref).
 
         Every key of ``ROW_KEYS`` is present; metrics not selected (or samples that are not finite) give None.
         """
@@ -142,6 +173,8 @@ class MetricSuite:
                 out["fd"] = self.distances.frechet(x)
             if "kid" in self.names:
                 out["kid"], out["kid_std"] = self.distances.kid(x)
+        if "fd_ref" in self.names and ref is not None:
+            out["fd_ref"] = self._fd_to(ref, x)
         if "psnr" in self.names and ref is not None:
             out["psnr"] = float(psnr(x, ref, self.data_range).clamp(max=PSNR_CAP).mean())
         if "swd" in self.names:
@@ -159,5 +192,5 @@ class MetricSuite:
         return d
 
 
-__all__ = ["DISTRIBUTION", "METRICS", "MetricSuite", "PSNR_CAP", "ROW_KEYS", "SWD_MAX_DIM", "parse_metrics",
+__all__ = ["DISTRIBUTION", "FEATURE_METRICS", "METRICS", "MetricSuite", "PSNR_CAP", "ROW_KEYS", "SWD_MAX_DIM", "parse_metrics",
            "select_metrics"]
