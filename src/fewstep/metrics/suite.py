@@ -118,7 +118,7 @@ class MetricSuite:
         self.feature_label: str | None = None
         self.kid_subsets, self.kid_subset_size = int(kid_subsets), int(kid_subset_size)
         self._feature: Any = None
-        self._to_ref: tuple[Any, Any] = (None, None)  # (key of the reference samples, their FeatureDistances)
+        self._to_ref: tuple[Any, int, Any] = (None, -1, None)  # (reference samples, their version, FeatureDistances)
         if any(n in FEATURE_METRICS for n in self.names):
             from .features import FeatureMap, digits_features
 
@@ -150,11 +150,11 @@ class MetricSuite:
         """FD between x and ``ref`` (the features of ``ref`` are kept while the same tensor comes back)."""
         from .frechet import FeatureDistances
 
-        key = (ref.data_ptr(), tuple(ref.shape), ref._version)
-        if self._to_ref[0] != key:
-            self._to_ref = (key, FeatureDistances(ref, self._fmap(ref), self.kid_subsets, self.kid_subset_size,
-                                                  self.seed))
-        return self._to_ref[1].frechet(x)
+        held, version, dist = self._to_ref
+        if held is not ref or version != ref._version:
+            dist = FeatureDistances(ref, self._fmap(ref), self.kid_subsets, self.kid_subset_size, self.seed)
+            self._to_ref = (ref, ref._version, dist)
+        return dist.frechet(x)
 
     @property
     def needs_data(self) -> bool:
