@@ -298,7 +298,7 @@ def test_fd_to_the_reference_solve_needs_no_data():
     ref = _reference_of(den, 64)
     x = run_solver(den, eval_seeds(64), "ddim@logsnr", 3, ref, keep_samples=True).samples
     assert few["fd_ref"] == pytest.approx(frechet_distance(x, ref), rel=1e-6)
-    assert "FD to ref" in format_table(rep)
+    assert "FD to ref: to the reference solve's samples" in format_table(rep)
     # named only: "auto" leaves it out, and without a feature network it names the fix
     assert "fd_ref" not in evaluate(zoo.load("gmm2d"), nfe=3, solvers=["ddim@logsnr"], samples=16,
                                     metrics="auto", reference_nfe=40)["metrics"]["names"]

@@ -73,6 +73,7 @@ def _print_report(report: dict[str, Any], as_json: bool, top: Optional[int] = No
         typer.echo(format_table(report, top))
         return
     from .evaluate import _METRIC_COLUMNS
+    from .metrics.suite import DISTRIBUTION
 
     ref = report["reference"]
     rows = report["results"]
@@ -80,7 +81,9 @@ def _print_report(report: dict[str, Any], as_json: bool, top: Optional[int] = No
     info = report.get("metrics") or {}
     caption = f"reference {ref['solver']} at {ref['nfe']} NFE, self-error {ref['self_error']:.3g}"
     if info.get("data_reference"):
-        caption += f"; {', '.join(h for _, h, _ in cols if h not in ('PSNR', 'loglik'))} against {info['data_reference']['source']}"
+        caption += f"; {', '.join(h for k, h, _ in cols if k in DISTRIBUTION)} against {info['data_reference']['source']}"
+    if any(k == "fd_ref" for k, _, _ in cols):
+        caption += "; FD to ref: to the reference solve's samples from the same seeds"
     table = Table(title=f"{report['model']}: RMSE to reference on {report['samples']} held-out samples "
                         f"(seeds from {report['seed']})", caption=caption)
     for col, just in (("solver", "left"), ("grid", "left"), ("NFE", "right"), ("RMSE", "right"), ("± sem", "right")):

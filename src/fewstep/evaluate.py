@@ -276,6 +276,8 @@ def format_table(report: dict[str, Any], top: int | None = None) -> str:
     if info and info.get("data_reference"):
         feat = f"; features: {info['feature']}" if info.get("feature") else ""
         lines.append(f"FD/KID/SWD against {info['data_reference']['source']}{feat}; the reference row is the floor")
+    if any(k == "fd_ref" for k, _, _ in cols):
+        lines.append("FD to ref: to the reference solve's samples from the same seeds")
     lines.append(f"{'solver':<14}{'grid':<{gw}}{'nfe':>4}{'rmse':>12}{'± sem':>10}"
                  + "".join(f"{h:>10}" for _, h, _ in cols))
     shown, last_nfe = 0, None
