@@ -72,7 +72,7 @@ def _print_report(report: dict[str, Any], as_json: bool, top: Optional[int] = No
 
         typer.echo(format_table(report, top))
         return
-    from .evaluate import _METRIC_COLUMNS
+    from .evaluate import _METRIC_COLUMNS, FD_REF_NOTE
     from .metrics.suite import DISTRIBUTION
 
     ref = report["reference"]
@@ -83,7 +83,7 @@ def _print_report(report: dict[str, Any], as_json: bool, top: Optional[int] = No
     if info.get("data_reference"):
         caption += f"; {', '.join(h for k, h, _ in cols if k in DISTRIBUTION)} against {info['data_reference']['source']}"
     if any(k == "fd_ref" for k, _, _ in cols):
-        caption += "; FD to ref: to the reference solve's samples from the same seeds"
+        caption += f"; {FD_REF_NOTE}"
     table = Table(title=f"{report['model']}: RMSE to reference on {report['samples']} held-out samples "
                         f"(seeds from {report['seed']})", caption=caption)
     for col, just in (("solver", "left"), ("grid", "left"), ("NFE", "right"), ("RMSE", "right"), ("± sem", "right")):

@@ -257,8 +257,10 @@ def best_classic(results: list[dict[str, Any]], nfe: int) -> dict[str, Any] | No
 
 
 #: metric columns of format_table: (row key, header, format)
-_METRIC_COLUMNS = (("fd", "FD", ".4g"), ("kid", "KID", ".3g"), ("fd_ref", "FD to ref", ".4g"), ("psnr", "PSNR", ".2f"), ("swd", "SWD", ".4g"),
-                   ("loglik", "loglik", ".4g"))
+_METRIC_COLUMNS = (("fd", "FD", ".4g"), ("kid", "KID", ".3g"), ("fd_ref", "FD to ref", ".4g"),
+                   ("psnr", "PSNR", ".2f"), ("swd", "SWD", ".4g"), ("loglik", "loglik", ".4g"))
+#: what the "FD to ref" column measures (a caption line under tables that show it)
+FD_REF_NOTE = "FD to ref: to the reference solve's samples from the same seeds"
 
 
 def format_table(report: dict[str, Any], top: int | None = None) -> str:
@@ -277,7 +279,7 @@ def format_table(report: dict[str, Any], top: int | None = None) -> str:
         feat = f"; features: {info['feature']}" if info.get("feature") else ""
         lines.append(f"FD/KID/SWD against {info['data_reference']['source']}{feat}; the reference row is the floor")
     if any(k == "fd_ref" for k, _, _ in cols):
-        lines.append("FD to ref: to the reference solve's samples from the same seeds")
+        lines.append(FD_REF_NOTE)
     lines.append(f"{'solver':<14}{'grid':<{gw}}{'nfe':>4}{'rmse':>12}{'± sem':>10}"
                  + "".join(f"{h:>10}" for _, h, _ in cols))
     shown, last_nfe = 0, None

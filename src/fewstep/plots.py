@@ -16,8 +16,10 @@ from .errors import FewstepError
 from .io import atomic_path, is_image
 
 METRIC_LABELS = {"rmse": "held-out RMSE to the reference", "fd": "Frechet distance to the data",
-                 "kid": "KID to the data", "fd_ref": "Frechet distance to the reference solve", "swd": "sliced Wasserstein distance to the data",
-                 "psnr": "PSNR to the reference (dB)", "loglik": "average log-likelihood"}
+                 "kid": "KID to the data", "fd_ref": "Frechet distance to the reference solve",
+                 "swd": "sliced Wasserstein distance to the data", "psnr": "PSNR to the reference (dB)",
+                 "loglik": "average log-likelihood"}
+#: True for the distances, which metric plots also draw on a log axis
 LOWER_IS_BETTER = {"rmse": True, "fd": True, "kid": True, "fd_ref": True, "swd": True, "psnr": False, "loglik": False}
 
 
@@ -111,7 +113,7 @@ def metric_vs_nfe(report: dict[str, Any], out: str | Path, metric: str = "rmse",
                 color=plt.cm.autumn(k / max(1, len(by_name))), label=f"learned: {name}")
     if ref is not None:
         ax.axhline(ref[metric], color="green", lw=1, ls=":", label=f"reference solve (floor): {ref['grid']}")
-    if metric in ("rmse", "fd", "kid", "fd_ref", "swd") and all(v > 0 for r in classic + learned for v in [r[metric]]):
+    if LOWER_IS_BETTER.get(metric, False) and all(v > 0 for r in classic + learned for v in [r[metric]]):
         ax.set_yscale("log")
         shown = [r[metric] for r in list(overall.values()) + learned] + ([ref[metric]] if ref else [])
         top = 30 * max(shown)  # a diverging solver (Adams-2 at NFE 3 on a UNet: FD 4e5) would flatten the rest

@@ -192,5 +192,5 @@ class MetricSuite:
         return d
 
 
-__all__ = ["DISTRIBUTION", "FEATURE_METRICS", "METRICS", "MetricSuite", "PSNR_CAP", "ROW_KEYS", "SWD_MAX_DIM", "parse_metrics",
-           "select_metrics"]
+__all__ = ["DISTRIBUTION", "FEATURE_METRICS", "METRICS", "MetricSuite", "PSNR_CAP", "ROW_KEYS", "SWD_MAX_DIM",
+           "parse_metrics", "select_metrics"]
