@@ -95,6 +95,21 @@ def test_fit_show_eval_with_the_artifact(user_model, tmp_path, monkeypatch):
     r = _run(["eval", "--model", user_model, "--nfe", "4", "--solver", str(art), "--samples", "16", "--json"])
     rows = json.loads(r.stdout)["results"]
     assert [x["grid"] for x in rows] == ["dpmpp_3m@logsnr", "learned"]  # the reference (floor) row, the artifact
+    # --top never hides the learned solver, even when it ranks below the classic rows shown
+    r = _run(["eval", "--model", user_model, "--nfe", "4", "--solver", "unipc@logsnr", "--solver", "ddim@time",
+              "--solver", str(art), "--samples", "16", "--top", "1", "--metrics", "none"])
+    assert "learned" in r.stdout and "unipc" in r.stdout and "ddim" not in r.stdout
+    # fewstep sample takes the artifact: the same samples as fewstep.sample from the same seeds
+    out = tmp_path / "s.safetensors"
+    _run(["sample", "--model", user_model, "--solver", str(art), "--n", "5", "--seed", "7", "--out", str(out)])
+    from safetensors.torch import load_file
+
+    from fewstep import load_solver, sample
+    from fewstep.specs import load_model
+
+    m = load_model(user_model)
+    want = sample(m, m.noise(list(range(7, 12))), load_solver(art))
+    assert torch.allclose(load_file(str(out))["samples"].to(want.dtype), want, atol=1e-6)
     # the artifact refuses another model with one line
     r = _run(["eval", "--model", "zoo:gaussian", "--nfe", "4", "--solver", str(art), "--samples", "8"], code=2)
     assert "error:" in r.output and "Traceback" not in r.output

@@ -92,7 +92,7 @@ def _print_report(report: dict[str, Any], as_json: bool, top: Optional[int] = No
         table.add_column(head, justify="right")
     shown: dict[int, int] = {}
     for r in rows:
-        if r.get("role") != "reference":
+        if r.get("role") != "reference" and r.get("grid") != "learned":  # learned rows always show
             shown[r["nfe"]] = shown.get(r["nfe"], 0) + 1
             if top is not None and shown[r["nfe"]] > top:
                 continue
@@ -237,6 +237,8 @@ def fit_cmd(
         typer.echo(f"wrote {res.path}  (start {res.doc['start']['solver']}: validation RMSE to teacher "
                    f"{v['start_rmse_to_teacher']:.4g} -> {v['rmse_to_teacher']:.4g}"
                    f"{', kept the start' if v['kept_start'] else ''}; {res.doc['timing']['total_s']:.0f} s)")
+    if eval_samples <= 0 and as_json:
+        typer.echo(json.dumps({"artifact": str(res.path), "solver": res.doc}, indent=2))
     if eval_samples > 0:
         try:
             rep = evaluate(m, nfe=nfe, solvers=None, samples=eval_samples, seed=EVAL_SEED_START, device=device,

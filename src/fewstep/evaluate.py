@@ -284,7 +284,7 @@ def format_table(report: dict[str, Any], top: int | None = None) -> str:
                  + "".join(f"{h:>10}" for _, h, _ in cols))
     shown, last_nfe = 0, None
     for r in rows:
-        if r.get("role") != "reference":
+        if r.get("role") != "reference" and r.get("grid") != "learned":  # learned rows always show
             if r["nfe"] != last_nfe:
                 shown, last_nfe = 0, r["nfe"]
             if top is not None and shown >= top:

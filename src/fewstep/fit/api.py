@@ -15,7 +15,8 @@ from ..seeds import check_fit_seeds, fit_seeds, val_seeds
 from ..solvers.learned import LoadedSolver, save_solver, solver_doc
 from .checkpoint import FitCheckpoint, fit_key
 from .loop import LOSSES
-from .methods import METHODS, FitConfig, FitOutcome, default_rounds, fit_solver, plan_phases
+from .methods import (METHODS, FitConfig, FitOutcome, default_rounds, fit_solver, learning_rates, optimizer_name,
+                      plan_phases)
 from .teacher import TeacherData, TeacherSpec, default_teacher, generate_teacher, parse_teacher
 
 
@@ -71,6 +72,8 @@ def fit(
     cfg = replace(FitConfig(method=method, nfe=nfe, seed=seed), **overrides)
     if cfg.method == "s4s-alt" and cfg.rounds is None:
         cfg = replace(cfg, rounds=default_rounds(cfg.steps))
+    lr_coef, lr_grid = learning_rates(cfg)  # recorded in the artifact as used
+    cfg = replace(cfg, lr_coef=lr_coef, lr_grid=lr_grid, optimizer=optimizer_name(cfg))
     if not callable(cfg.loss) and cfg.loss not in LOSSES:
         raise FewstepError(f"unknown loss {cfg.loss!r}; valid: {', '.join(LOSSES)} or a callable (student, target) -> (B,)")
     spec = parse_teacher(teacher) if isinstance(teacher, str) else (teacher or default_teacher(model))

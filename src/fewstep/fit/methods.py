@@ -41,13 +41,16 @@ def from_classic(model: Denoiser, tab: Tableau, method: str, k: int = 3, rows_su
     if not torch.allclose(a, tab.a, rtol=1e-9, atol=1e-12):
         raise FewstepError(f"cannot start from {tab.name}: its a_i are not those of basis {tab.basis}")
     W = tab.B / phi[:, None]
-    if rows_sum_to_one:  # DSS: the full history, but at N <= 6 the last two steps use only F_{i-1}, F_i
-        mask = window_mask(n, n)
-        if n <= 6:
-            mask[max(0, n - 2):] &= window_mask(n, 2)[max(0, n - 2):]
+    if rows_sum_to_one:
+        mask = dss_mask(n)
+        outside = (tab.B != 0) & ~(mask | torch.eye(n, dtype=torch.bool))
+        if outside.any():
+            i = int(torch.nonzero(outside)[0, 0])
+            raise FewstepError(f"cannot start DSS from {tab.name}: its step {i} uses evaluations that DSS's form leaves "
+                               f"out (at N <= 6 the last two steps use only the current and previous one); start "
+                               f"from a lower-order solver (e.g. ddim, dpmpp_2m, euler, adams2)")
     else:
-        mask = window_mask(n, k)
-    mask = mask | (tab.B != 0)
+        mask = window_mask(n, k) | (tab.B != 0)
     use_c = tab.C is not None if corrector is None else corrector
     V = V_mask = None
     if use_c:
@@ -68,10 +71,35 @@ def from_classic(model: Denoiser, tab: Tableau, method: str, k: int = 3, rows_su
     return s
 
 
+def dss_mask(n: int) -> Tensor:
+    """DSS's free coefficients (N, N): the full history, but at N <= 6 the last two steps use only
+    the previous evaluation beside the current one (the diagonal is implicit: rows sum to one)."""
+    mask = window_mask(n, n)
+    if n <= 6:
+        mask[max(0, n - 2):] &= window_mask(n, 2)[max(0, n - 2):]
+    return torch.tril(mask, -1)
+
+
+def dss_basis(model: Denoiser) -> str:
+    """DSS's form: velocity for flow schedules, data prediction (omega = alpha / sigma) otherwise."""
+    return "v" if model.schedule.kind == "flow" else "D"
+
+
+def dss_start_ok(model: Denoiser, tab: Tableau) -> bool:
+    """Can DSS start from ``tab``: a predictor in DSS's basis whose rows fit DSS's mask."""
+    n = tab.N
+    allowed = dss_mask(n) | torch.eye(n, dtype=torch.bool)
+    return tab.C is None and tab.basis == dss_basis(model) and not ((tab.B != 0) & ~allowed).any()
+
+
 @torch.no_grad()
 def rank_classic(model: Denoiser, nfe: int, val: TeacherData, predictor_only: bool = False,
-                 candidates: list[str] | None = None) -> list[tuple[float, str]]:
-    """(validation RMSE to the teacher, 'NAME@GRID') for classic solvers at ``nfe``, best first."""
+                 candidates: list[str] | None = None,
+                 accept: Callable[[Tableau], bool] | None = None) -> list[tuple[float, str]]:
+    """(validation RMSE to the teacher, 'NAME@GRID') for classic solvers at ``nfe``, best first.
+
+    ``accept(tableau)`` filters the candidates (e.g. the starts a method can represent).
+    """
     out = []
     for spec in candidates or classic_specs(model):
         if spec.startswith("heun"):
@@ -80,7 +108,7 @@ def rank_classic(model: Denoiser, nfe: int, val: TeacherData, predictor_only: bo
             tab = build_tableau(model, spec, nfe)
         except FewstepError:
             continue
-        if predictor_only and tab.C is not None:
+        if (predictor_only and tab.C is not None) or (accept is not None and not accept(tab)):
             continue
         try:
             v = validate(model, _Fixed(tab), val)
@@ -111,8 +139,8 @@ class FitConfig:
     steps: int = 2000  # optimisation steps in total
     rounds: int | None = None  # S4S-Alt alternations (None: default_rounds(steps))
     batch: int = 48
-    lr_coef: float = 3e-2
-    lr_grid: float = 5e-2
+    lr_coef: float | None = None  # None: 3e-2 with Adam, 1e-2 with Lion (the DSS paper's)
+    lr_grid: float | None = None  # None: 5e-2 with Adam, 1e-2 with Lion
     decouple: float = 0.1
     relax: float = 0.0  # LD3 ball radius, relative to the noise norm; 0 disables
     loss: str | Callable = "l2"  # per-sample L2 distance; "mse" (its square), "l1", or a callable
@@ -156,26 +184,42 @@ def default_rounds(steps: int) -> int:
     return max(1, min(8, steps // 150))
 
 
+def optimizer_name(cfg: FitConfig) -> str:
+    """Adam for the S4S family, Lion for DSS (as in their papers), unless ``cfg.optimizer`` says."""
+    return cfg.optimizer or ("lion" if cfg.method == "dss" else "adam")
+
+
+def learning_rates(cfg: FitConfig) -> tuple[float, float]:
+    """(coefficients, grid) learning rates: ``cfg``'s, else 3e-2 / 5e-2 with Adam (measured on the zoo
+    models: coefficients want large steps) and 1e-2 / 1e-2 with Lion (the DSS paper's constant rate)."""
+    lion = optimizer_name(cfg) == "lion"
+    coef = cfg.lr_coef if cfg.lr_coef is not None else (1e-2 if lion else 3e-2)
+    grid = cfg.lr_grid if cfg.lr_grid is not None else (1e-2 if lion else 5e-2)
+    return coef, grid
+
+
 def plan_phases(cfg: FitConfig) -> list[Phase]:
     """The optimisation phases of ``cfg.method``."""
-    opt = cfg.optimizer or ("lion" if cfg.method == "dss" else "adam")
+    opt = optimizer_name(cfg)
+    lr_coef, lr_grid = learning_rates(cfg)
     if cfg.method == "s4s":
-        return [Phase("coef", {"coef": cfg.lr_coef}, cfg.steps, opt, cfg.batch)]
+        return [Phase("coef", {"coef": lr_coef}, cfg.steps, opt, cfg.batch)]
     if cfg.method == "ld3":
-        return [Phase("grid", {"grid": cfg.lr_grid}, cfg.steps, opt, cfg.batch)]
+        return [Phase("grid", {"grid": lr_grid}, cfg.steps, opt, cfg.batch)]
     if cfg.method == "s4s-alt":
         polish = int(cfg.steps * cfg.polish)
         rounds = cfg.rounds or default_rounds(cfg.steps)
         per = max(1, (cfg.steps - polish) // (2 * rounds))
         out = []
         for r in range(rounds):
-            out.append(Phase(f"round {r + 1} grid", {"grid": cfg.lr_grid}, per, opt, cfg.batch))
-            out.append(Phase(f"round {r + 1} coef", {"coef": cfg.lr_coef}, per, opt, cfg.batch))
+            out.append(Phase(f"round {r + 1} grid", {"grid": lr_grid}, per, opt, cfg.batch))
+            out.append(Phase(f"round {r + 1} coef", {"coef": lr_coef}, per, opt, cfg.batch))
         if polish:  # grid and coefficients together at a tenth of the rates, from the best so far
-            out.append(Phase("polish", {"grid": cfg.lr_grid / 10, "coef": cfg.lr_coef / 10}, polish, opt, cfg.batch))
+            out.append(Phase("polish", {"grid": lr_grid / 10, "coef": lr_coef / 10}, polish, opt, cfg.batch))
         return out
-    lr = 1e-2 if opt == "lion" else cfg.lr_coef  # dss: the paper's Lion at 1e-2, grid and coefficients jointly
-    return [Phase("dss", {"grid": lr, "coef": lr}, cfg.steps, opt, max(cfg.batch, 32), dss_weights=(1.0, 1000.0))]
+    # dss: grid and coefficients jointly (the paper: Lion at 1e-2), batch at least the paper's 32
+    return [Phase("dss", {"grid": lr_grid, "coef": lr_coef}, cfg.steps, opt, max(cfg.batch, 32),
+                  dss_weights=(1.0, 1000.0))]
 
 
 def _build(model: Denoiser, cfg: FitConfig, start: str, tab: Tableau | None = None, learn: bool = True) -> LearnedSolver:
@@ -226,11 +270,17 @@ def fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitCo
     if saved is not None:
         start, ranking = saved["start"], [tuple(r) for r in saved["ranking"]]
     else:
-        ranking = rank_classic(model, cfg.nfe, val, predictor_only=cfg.method == "dss") if cfg.start is None else []
+        dss = cfg.method == "dss"
+        accept = (lambda tab: dss_start_ok(model, tab)) if dss else None
+        ranking = rank_classic(model, cfg.nfe, val, predictor_only=dss, accept=accept) if cfg.start is None else []
         start = cfg.start or (ranking[0][1] if ranking else None)
         if start is None:
             raise FewstepError(f"no classic solver runs at NFE {cfg.nfe} on this model to start from")
     tab = build_tableau(model, start, cfg.nfe)
+    if cfg.method == "dss" and tab.basis != dss_basis(model):
+        want = "velocity (euler, adams2)" if dss_basis(model) == "v" else "data prediction (ddim, dpmpp_2m)"
+        raise FewstepError(f"DSS works in the {want} form on this {model.schedule.kind} model; {start} is not in it: "
+                           f"start from a solver of that form")
     start_solver = _build(model, cfg, start, tab, learn=False)
     start_err = val_errors(model, start_solver, val)
     solver = _build(model, cfg, start, tab)

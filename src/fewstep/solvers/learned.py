@@ -12,7 +12,8 @@ with, by basis (all functions of the grid, so a learned grid stays consistent):
     v (velocity):         a_i = 1,                    phi_i = t_{i+1} - t_i
 W = I is DDIM (D, E) or Euler (v). S4S leaves W free over the last k evaluations; DSS makes every
 row sum to one (the diagonal is 1 - the rest). The grid is t_i = t_max - (t_max - t_end) *
-cumsum(softmax(r))_i: strictly monotone with fixed endpoints by construction. Decoupled
+cumsum(w)_i with steps w = eps + (1 - N eps) softmax(r) (eps = MIN_STEP): strictly monotone with
+fixed endpoints by construction. Decoupled
 evaluation times are c_i = t_i + d_i tanh(delta_i) with d_i a fraction of the neighbouring steps.
 """
 
@@ -35,6 +36,8 @@ from .kernel import Tableau
 
 F64 = torch.float64
 SCHEMA = "fewstep.solver/1"
+#: the smallest step of a learned grid, as a fraction of [t_end, t_max] (keeps it strictly monotone)
+MIN_STEP = 1e-9
 
 
 def step_scales(schedule: Schedule, t: Tensor, basis: str) -> tuple[Tensor, Tensor]:
@@ -86,7 +89,8 @@ class LearnedSolver(nn.Module):
         self.N = n
         self.t_max, self.t_end = float(t_init[0]), float(t_init[-1])
         steps = (t_init[:-1] - t_init[1:]) / (self.t_max - self.t_end)
-        self.r = nn.Parameter(torch.log(steps.clamp_min(1e-12)))
+        free = (steps - MIN_STEP) / (1.0 - n * MIN_STEP)  # inverse of grid()'s floor: the start is exact
+        self.r = nn.Parameter(torch.log(free.clamp_min(1e-300)))
         self.delta = nn.Parameter(torch.zeros(n, dtype=F64))
         m = torch.tril(mask.bool(), -1) if rows_sum_to_one else mask.bool()
         self.register_buffer("mask", m.clone())
@@ -105,8 +109,12 @@ class LearnedSolver(nn.Module):
 
     # --------------------------------------------------------------------------- parameters
     def grid(self) -> Tensor:
-        """t (N+1,), strictly decreasing from t_max to t_end."""
-        w = torch.softmax(self.r, 0)
+        """t (N+1,), strictly decreasing from t_max to t_end.
+
+        Each step is at least MIN_STEP of the interval, so no step can underflow to a tie
+        however far the logits r move.
+        """
+        w = MIN_STEP + (1.0 - self.N * MIN_STEP) * torch.softmax(self.r, 0)
         cum = torch.cat([torch.zeros(1, dtype=F64, device=w.device), torch.cumsum(w, 0)])
         t = self.t_max - (self.t_max - self.t_end) * cum
         ends = torch.tensor([self.t_max, self.t_end], dtype=F64, device=w.device)  # constants: no gradient path

@@ -1,0 +1,124 @@
+"""Fit options: DSS's forms and starts, learning rates per optimiser, losses, activation checkpointing,
+and DSS's trajectory objective."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fewstep import Flow, VPLinear
+from fewstep.errors import FewstepError
+from fewstep.fit.api import fit
+from fewstep.fit.loop import _objective, per_sample_loss
+from fewstep.fit.methods import FitConfig, dss_start_ok, from_classic, plan_phases
+from fewstep.fit.teacher import generate_teacher
+from fewstep.sampling import build_tableau
+from fewstep.seeds import fit_seeds
+
+from gauss import make_gauss
+
+F64 = torch.float64
+KW = dict(teacher="dpmpp_3m@logsnr:60", samples=64, val_samples=32, confirm_samples=32, progress=False, eval_every=10)
+
+
+@pytest.fixture(scope="module")
+def vp_model():
+    return make_gauss(VPLinear(), "eps", d=6)
+
+
+@pytest.fixture(scope="module")
+def flow_model():
+    return make_gauss(Flow(), "velocity", d=6)
+
+
+def test_dss_fits_in_data_prediction_form_on_vp_and_velocity_form_on_flows(vp_model, flow_model, tmp_path):
+    res = fit(vp_model, "dss", 4, cache_dir=tmp_path, steps=20, **KW)
+    assert res.doc["tableau"]["basis"] == "D"
+    assert build_tableau(vp_model, res.doc["start"]["solver"], 4).basis == "D"
+    kw = dict(KW, teacher="adams4@time:60")
+    res = fit(flow_model, "dss", 4, cache_dir=tmp_path, steps=20, **kw)
+    assert res.doc["tableau"]["basis"] == "v"
+    assert res.doc["fit"]["optimizer"] == "lion" and res.doc["fit"]["lr_coef"] == 1e-2
+
+
+def test_dss_refuses_a_start_outside_its_form(vp_model, flow_model, tmp_path):
+    with pytest.raises(FewstepError, match="data prediction"):
+        fit(vp_model, "dss", 4, cache_dir=tmp_path, steps=5, start="ipndm@time", **KW)  # noise prediction
+    tab = build_tableau(flow_model, "adams3@time", 5)  # its last steps use three evaluations
+    assert not dss_start_ok(flow_model, tab)
+    with pytest.raises(FewstepError, match="leaves out"):
+        from_classic(flow_model, tab, "dss", rows_sum_to_one=True)
+    assert dss_start_ok(flow_model, build_tableau(flow_model, "adams2@time", 5))
+    assert dss_start_ok(vp_model, build_tableau(vp_model, "dpmpp_3m@logsnr", 6))  # lower order at the end
+    assert not dss_start_ok(vp_model, build_tableau(vp_model, "unipc@logsnr", 6))  # a corrector
+
+
+def test_learning_rates_follow_the_optimiser_unless_given():
+    (dss,) = plan_phases(FitConfig(method="dss", steps=10))
+    assert dss.optimizer == "lion" and dss.lrs == {"grid": 1e-2, "coef": 1e-2} and dss.batch >= 32
+    (dss,) = plan_phases(FitConfig(method="dss", steps=10, lr_coef=0.003, lr_grid=0.004))
+    assert dss.lrs == {"grid": 0.004, "coef": 0.003}  # the user's rates reach DSS
+    grid, coef = plan_phases(FitConfig(method="s4s-alt", steps=300))[:2]
+    assert grid.optimizer == "adam" and grid.lrs == {"grid": 5e-2} and coef.lrs == {"coef": 3e-2}
+    (s4s,) = plan_phases(FitConfig(method="s4s", steps=10, optimizer="lion"))
+    assert s4s.lrs == {"coef": 1e-2}
+
+
+def test_losses_l1_and_a_user_callable(vp_model, tmp_path):
+    x = torch.tensor([[0.0, 3.0], [1.0, 1.0]], dtype=F64)
+    y = torch.tensor([[0.0, 0.0], [0.0, 0.0]], dtype=F64)
+    assert torch.allclose(per_sample_loss("l1")(x, y), torch.tensor([1.5, 1.0], dtype=F64))
+    assert torch.allclose(per_sample_loss("mse")(x, y), torch.tensor([4.5, 1.0], dtype=F64))
+    assert torch.allclose(per_sample_loss("l2")(x, y), torch.tensor([4.5, 1.0], dtype=F64).sqrt())
+    calls = []
+
+    def huberish(student, target):
+        calls.append(student.shape[0])
+        return torch.nn.functional.smooth_l1_loss(student, target, reduction="none", beta=0.01).flatten(1).mean(1)
+
+    res = fit(vp_model, "s4s", 4, cache_dir=tmp_path, steps=30, start="ddim@logsnr", loss=huberish, batch=20, **KW)
+    assert len(calls) == 30 and set(calls) == {20}  # every step, on the batch
+    assert res.doc["fit"]["loss"] == "huberish"
+    assert res.doc["validation"]["rmse_to_teacher"] < res.doc["validation"]["start_rmse_to_teacher"]
+    res = fit(vp_model, "s4s", 4, cache_dir=tmp_path, steps=30, start="ddim@logsnr", loss="l1", **KW)
+    assert res.doc["validation"]["rmse_to_teacher"] < res.doc["validation"]["start_rmse_to_teacher"]
+    with pytest.raises(FewstepError, match="unknown loss"):
+        fit(vp_model, "s4s", 4, cache_dir=tmp_path, steps=3, loss="lpips", **KW)
+
+
+def _grads(model, solver, data, idx, dss_weights, use_checkpoint):
+    solver.zero_grad()
+    for p in solver.parameters():
+        p.requires_grad_(True)
+    L = _objective(model, solver, data, idx, data.noise[idx], per_sample_loss("l2"), dss_weights, use_checkpoint)
+    L.backward()
+    return float(L.detach()), {n: p.grad.clone() for n, p in solver.named_parameters() if p.grad is not None}
+
+
+def test_activation_checkpointing_gives_the_same_gradients(vp_model, tmp_path):
+    data = generate_teacher(vp_model, fit_seeds(16), "dpmpp_3m@logsnr:60", keep_states=True, cache_dir=tmp_path,
+                            progress=False)
+    s = from_classic(vp_model, build_tableau(vp_model, "unipc@logsnr", 5), "s4s-alt", decouple=0.1)
+    idx = torch.arange(16)
+    for w in (None, (1.0, 1000.0)):
+        L0, g0 = _grads(vp_model, s, data, idx, w, False)
+        L1, g1 = _grads(vp_model, s, data, idx, w, True)
+        assert L0 == L1 and g0.keys() == g1.keys()
+        for n in g0:
+            assert torch.allclose(g0[n], g1[n], rtol=1e-12, atol=1e-15), n
+
+
+def test_dss_trajectory_term_pulls_the_states_to_the_teachers(vp_model, tmp_path):
+    data = generate_teacher(vp_model, fit_seeds(16), "ddim@time:100", keep_states=True, cache_dir=tmp_path,
+                            progress=False)
+    s = from_classic(vp_model, build_tableau(vp_model, "ddim@time", 5), "dss", rows_sum_to_one=True)
+    idx = torch.arange(16)
+    L_traj, g_traj = _grads(vp_model, s, data, idx, (1.0, 0.0), False)
+    L_final, _ = _grads(vp_model, s, data, idx, (0.0, 1000.0), False)
+    L_both, _ = _grads(vp_model, s, data, idx, (1.0, 1000.0), False)
+    assert L_traj > 0 and g_traj["W"].abs().max() > 0  # the intermediate states carry a loss and a gradient
+    assert L_both == pytest.approx(L_traj + L_final, rel=1e-6)  # teacher data are float32
+    # DDIM on the teacher's own grid (every 20th of its 100 uniform steps) has a small state error
+    s100 = from_classic(vp_model, build_tableau(vp_model, "ddim@time", 100), "dss", rows_sum_to_one=True)
+    L_100, _ = _grads(vp_model, s100, data, idx, (1.0, 0.0), False)
+    assert L_100 < 1e-12 < L_traj
