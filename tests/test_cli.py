@@ -110,6 +110,9 @@ def test_fit_show_eval_with_the_artifact(user_model, tmp_path, monkeypatch):
     m = load_model(user_model)
     want = sample(m, m.noise(list(range(7, 12))), load_solver(art))
     assert torch.allclose(load_file(str(out))["samples"].to(want.dtype), want, atol=1e-6)
+    # ... and to be scored on the noises it was fitted on
+    r = _run(["eval", "--model", user_model, "--solver", str(art), "--samples", "8", "--seed", "40"], code=2)
+    assert "overlap the train seeds [0, 64)" in r.output and "Traceback" not in r.output
     # the artifact refuses another model with one line
     r = _run(["eval", "--model", "zoo:gaussian", "--nfe", "4", "--solver", str(art), "--samples", "8"], code=2)
     assert "error:" in r.output and "Traceback" not in r.output

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fewstep import VPLinear, Flow, sample
-from fewstep.errors import ArtifactError
+from fewstep.errors import ArtifactError, FewstepError
 from fewstep.fit.api import fit
 from fewstep.fit.loop import Relax, optimise, validate
 from fewstep.fit.methods import FitConfig, from_classic, plan_phases
@@ -125,6 +125,21 @@ def test_relaxed_latents_stay_in_their_ball(vp_model, data):
     assert float(norms.max()) > 0.5 * radius  # the latents did move: the constraint is active
 
 
+def test_relaxed_latents_persist_across_phases(vp_model, data):
+    tr, va = data
+    s = from_classic(vp_model, build_tableau(vp_model, "ddim@logsnr", 4), "s4s-alt", decouple=0.1)
+    relax = Relax(0.05, lr=2.0)
+    optimise(vp_model, s, tr, va, {"grid": 0.05}, 12, batch=16, relax=relax, eval_every=6, seed=1)
+    after_grid = relax.offsets.clone()
+    moved = after_grid.flatten(1).norm(dim=1) > 0
+    assert moved.any()
+    optimise(vp_model, s, tr, va, {"coef": 0.03}, 2, batch=16, relax=relax, eval_every=2, seed=2)
+    touched = relax.offsets.ne(after_grid).flatten(1).any(1)
+    keep = moved & ~touched  # latents the second phase did not draw: exactly as the first left them
+    assert keep.any() and torch.equal(relax.offsets[keep], after_grid[keep])
+    assert touched.any()
+
+
 @pytest.mark.parametrize("method", ["s4s", "s4s-alt", "ld3", "dss"])
 def test_small_fit_improves_on_its_start_on_held_out_noise(vp_model, tmp_path, method):
     res = fit(vp_model, method, 4, out=tmp_path / method, teacher="dpmpp_3m@logsnr:60", samples=96, val_samples=48,
@@ -174,6 +189,27 @@ def test_artifact_round_trips_bit_exact_and_refuses_other_models(vp_model, tmp_p
         sample(make_gauss(VPLinear(beta_max=10.0), "eps", d=6), noise, loaded)
     forced = load_solver(tmp_path / "art", force=True)
     assert sample(other, noise, forced).shape == noise.shape
+
+
+def test_artifact_keeps_its_parameters_and_a_fit_can_refine_it(vp_model, tmp_path):
+    kw = dict(teacher="dpmpp_3m@logsnr:60", samples=64, val_samples=32, progress=False, cache_dir=tmp_path / "c",
+              eval_every=10)
+    first = fit(vp_model, "s4s-alt", 4, out=tmp_path / "a", steps=40, start="unipc@logsnr", **kw)
+    assert first.doc["params"] == "params.safetensors" and (tmp_path / "a" / "params.safetensors").is_file()
+    s = load_solver(tmp_path / "a").learned()  # the trainable solver: its tables are the artifact's, exactly
+    with torch.no_grad():
+        tab = s.tableau()
+    assert torch.equal(tab.B, first.solver.tableau().B) and torch.equal(tab.t, first.solver.tableau().t)
+    again = fit(vp_model, "s4s-alt", 4, out=tmp_path / "b", steps=40, start=str(tmp_path / "a"), **kw)
+    v0, v1 = first.doc["validation"], again.doc["validation"]
+    assert v1["start_rmse_to_teacher"] == pytest.approx(v0["rmse_to_teacher"], rel=1e-9)  # starts where it ended
+    assert v1["rmse_to_teacher"] <= v1["start_rmse_to_teacher"]
+    assert again.doc["start"]["solver"] == str(tmp_path / "a")
+    with pytest.raises(FewstepError, match="refine it with --method s4s-alt --nfe 4"):
+        fit(vp_model, "s4s", 4, steps=5, start=str(tmp_path / "a"), **kw)
+    (tmp_path / "a" / "params.safetensors").write_bytes(b"junk")
+    with pytest.raises(ArtifactError, match="not a readable fewstep solver-parameter file"):
+        load_solver(tmp_path / "a").learned()
 
 
 def test_damaged_artifacts_are_refused(tmp_path):

@@ -195,7 +195,8 @@ def fit_cmd(
     val_samples: int = typer.Option(200, help="validation noises (checkpoint selection)"),
     confirm_samples: int = typer.Option(200, help="confirmation noises (does the fit beat its start?)"),
     seed: int = typer.Option(0, help="first training seed"),
-    start: Optional[str] = typer.Option(None, help="starting classic solver NAME@GRID (default: best on validation)"),
+    start: Optional[str] = typer.Option(None, help="starting classic solver NAME@GRID (default: best on validation), "
+                                                   "or a learned-solver directory to refine"),
     steps: Optional[int] = typer.Option(None, help="optimisation steps"),
     batch: Optional[int] = typer.Option(None, help="training noises per step"),
     lr_coef: Optional[float] = typer.Option(None, help="learning rate of the coefficients"),

@@ -56,6 +56,18 @@ def classic_specs(model: Denoiser) -> list[str]:
     return out
 
 
+def check_held_out(solver: Any, lo: int, hi: int) -> None:
+    """Refuse to score a learned solver on seeds [lo, hi) that it was fitted or selected on."""
+    teacher = (getattr(solver, "doc", None) or {}).get("teacher") or {}
+    for what in ("train_seeds", "val_seeds", "confirm_seeds"):
+        a, b = teacher.get(what) or (0, 0)
+        if a < hi and lo < b:
+            name = getattr(solver, "path", None) or getattr(solver, "name", "learned solver")
+            raise FewstepError(f"evaluation seeds [{lo}, {hi}) overlap the {what.replace('_', ' ')} [{a}, {b}) that "
+                               f"{name} was fitted on: numbers on those noises are not results; evaluate on "
+                               f"seeds from {EVAL_SEED_START} (the default)")
+
+
 def per_sample_rmse(x: Tensor, ref: Tensor) -> Tensor:
     """RMSE over all but the batch dimension: shape (B,)."""
     return (x - ref).double().flatten(1).pow(2).mean(1).sqrt()
@@ -196,6 +208,9 @@ def evaluate(
     names = None
     if parse_metrics(metrics) != ():
         names = select_metrics(model, metrics, feature)  # bad metric requests fail before any solve
+    specs = list(solvers) if solvers is not None else classic_specs(model)
+    for s in [*specs, *learned]:  # before any solve
+        check_held_out(s, seed, seed + samples)
     t0 = time.perf_counter()
     ref, ref_half, ref_spec, ref_nfe = _reference_pair(model, seeds, reference, reference_nfe, batch_size, device)
     ref_secs = time.perf_counter() - t0
@@ -209,7 +224,6 @@ def evaluate(
                                    device)
         suite = MetricSuite(model, names, dref, feature)
         cond = model.cond_for(seeds)
-    specs = list(solvers) if solvers is not None else classic_specs(model)
     results = []
     jobs = [(s, n) for n in nfes for s in specs] + [(s, int(s.nfe)) for s in learned]
     for s, n in jobs:
@@ -299,5 +313,5 @@ def format_table(report: dict[str, Any], top: int | None = None) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ALL_GRIDS", "Run", "best_classic", "classic_specs", "default_reference", "evaluate", "format_table",
+__all__ = ["ALL_GRIDS", "Run", "best_classic", "check_held_out", "classic_specs", "default_reference", "evaluate", "format_table",
            "grid_names", "per_sample_rmse", "reference_samples", "run_solver", "solve_batched"]

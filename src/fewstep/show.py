@@ -19,12 +19,17 @@ def _fmt_row(v: list[float]) -> str:
 
 
 def start_tableau(solver: LoadedSolver) -> Tableau | None:
-    """The tableau of the classic solver a learned artifact started from (None if unknown)."""
+    """The tableau of the solver a learned artifact started from: a classic NAME@GRID, or the learned
+    artifact it refined (None if unknown or gone)."""
     spec = (solver.doc.get("start") or {}).get("solver")
     if not spec:
         return None
     name, grid = parse_solver(spec)
     try:
+        if not grid:  # a refined artifact's folder
+            from .solvers.learned import load_solver
+
+            return load_solver(spec, force=True).tableau()
         return make_tableau(name, solver.schedule, make_grid(solver.schedule, solver.nfe, grid or "logsnr"))
     except Exception:  # noqa: BLE001 - a start that no longer builds is only not shown
         return None

@@ -12,7 +12,7 @@ import torch
 from ..denoiser import Denoiser
 from ..errors import FewstepError
 from ..seeds import check_fit_seeds, fit_seeds, val_seeds
-from ..solvers.learned import LoadedSolver, save_solver, solver_doc
+from ..solvers.learned import PARAMS, LoadedSolver, save_params, save_solver, solver_doc
 from .checkpoint import FitCheckpoint, fit_key
 from .loop import LOSSES
 from .methods import (METHODS, FitConfig, FitOutcome, default_rounds, fit_solver, learning_rates, optimizer_name,
@@ -127,7 +127,13 @@ def fit(
         timing={"teacher_s": round(t_teacher, 2), "total_s": round(wall, 2), "resumed_from_step": outcome.resumed_from},
         history=outcome.state.history,
     )
-    path = save_solver(out, doc) if out is not None else None
+    path = None
+    if out is not None:
+        folder = Path(out).parent if Path(out).suffix == ".json" else Path(out)
+        params = f"{Path(out).stem}.{PARAMS}" if Path(out).suffix == ".json" else PARAMS
+        save_params(folder / params, outcome.solver)  # first: the JSON names it
+        doc["params"] = params
+        path = save_solver(out, doc)
     if ckpt is not None:
         ckpt.remove()
     return FitResult(LoadedSolver(doc, path), doc, outcome, path)

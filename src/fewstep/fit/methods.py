@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -23,7 +24,7 @@ from ..errors import FewstepError
 from ..evaluate import classic_specs
 from ..sampling import build_tableau
 from ..solvers.kernel import Tableau
-from ..solvers.learned import LearnedSolver, step_scales, window_mask
+from ..solvers.learned import LearnedSolver, load_solver, step_scales, window_mask
 from .checkpoint import FitCheckpoint
 from .loop import FitState, Phase, Relax, clearly_better, restore_best, run_phases, val_errors, validate
 from .teacher import TeacherData
@@ -134,7 +135,7 @@ class _Fixed:
 class FitConfig:
     method: str = "s4s-alt"
     nfe: int = 5
-    start: str | None = None  # NAME@GRID; None: the best classic on validation
+    start: str | None = None  # NAME@GRID, or a learned-solver folder to refine; None: the best classic on validation
     k: int = 3
     steps: int = 2000  # optimisation steps in total
     rounds: int | None = None  # S4S-Alt alternations (None: default_rounds(steps))
@@ -232,6 +233,24 @@ def _build(model: Denoiser, cfg: FitConfig, start: str, tab: Tableau | None = No
                         scale_a=learn and _scale_a(cfg))
 
 
+def is_artifact(start: str) -> bool:
+    """Is ``start`` a learned-solver folder (or its solver.json) rather than a classic NAME@GRID?"""
+    p = Path(start)
+    return "@" not in str(start) and ((p / "solver.json").is_file() or (p.suffix == ".json" and p.is_file()))
+
+
+def _from_artifact(model: Denoiser, cfg: FitConfig, path: str) -> LearnedSolver:
+    """The trainable solver saved in a learned-solver artifact, checked against the model and ``cfg``."""
+    loaded = load_solver(path)
+    loaded.check(model)
+    if loaded.nfe != cfg.nfe or loaded.doc["method"] != cfg.method:
+        raise FewstepError(f"{path} is a {loaded.doc['method']} solver at NFE {loaded.nfe}; refine it with "
+                           f"--method {loaded.doc['method']} --nfe {loaded.nfe}")
+    s = loaded.learned()
+    s.start = str(path)
+    return s
+
+
 def _corrector(cfg: FitConfig, basis: str) -> bool | None:
     """S4S's predictor-corrector variant by default: a learned corrector reuses each next
     evaluation (no extra NFE). Measured: on digits-eps (velocity basis) at NFE 5 it cut the held-out
@@ -276,14 +295,17 @@ def fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitCo
         start = cfg.start or (ranking[0][1] if ranking else None)
         if start is None:
             raise FewstepError(f"no classic solver runs at NFE {cfg.nfe} on this model to start from")
-    tab = build_tableau(model, start, cfg.nfe)
-    if cfg.method == "dss" and tab.basis != dss_basis(model):
-        want = "velocity (euler, adams2)" if dss_basis(model) == "v" else "data prediction (ddim, dpmpp_2m)"
-        raise FewstepError(f"DSS works in the {want} form on this {model.schedule.kind} model; {start} is not in it: "
-                           f"start from a solver of that form")
-    start_solver = _build(model, cfg, start, tab, learn=False)
+    if is_artifact(start):  # refine a learned solver: its own parameters are the start
+        start_solver, solver = _from_artifact(model, cfg, start), _from_artifact(model, cfg, start)
+    else:
+        tab = build_tableau(model, start, cfg.nfe)
+        if cfg.method == "dss" and tab.basis != dss_basis(model):
+            want = "velocity (euler, adams2)" if dss_basis(model) == "v" else "data prediction (ddim, dpmpp_2m)"
+            raise FewstepError(f"DSS works in the {want} form on this {model.schedule.kind} model; {start} is not in "
+                               f"it: start from a solver of that form")
+        start_solver = _build(model, cfg, start, tab, learn=False)
+        solver = _build(model, cfg, start, tab)
     start_err = val_errors(model, start_solver, val)
-    solver = _build(model, cfg, start, tab)
     state, resumed = FitState(), 0
     if saved is not None:
         state, _ = checkpoint.load(solver, relax)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..denoiser import Denoiser
 from ..errors import ArtifactError
-from ..io import write_text
+from ..io import atomic_path, write_text
 from ..schedules import Schedule, schedule_from_config
 from .kernel import Tableau
 
@@ -143,6 +143,12 @@ class LearnedSolver(nn.Module):
             g["coef"].append(self.u)
         return g
 
+    def structure(self) -> dict[str, Any]:
+        """What, besides the parameter tensors, rebuilds this solver (see :func:`save_params`)."""
+        return {"N": self.N, "basis": self.basis, "method": self.method, "start": self.start,
+                "rows_sum_to_one": self.rows_sum_to_one, "decouple": self.decouple, "t_max": self.t_max,
+                "t_end": self.t_end, "corrector": self.V is not None, "scale_a": self.u is not None}
+
     def tableau(self, model: Denoiser | None = None) -> Tableau:
         """The kernel tables (differentiable in the parameters)."""
         t = self.grid()
@@ -155,6 +161,55 @@ class LearnedSolver(nn.Module):
         bm = torch.diag(torch.ones(self.N, dtype=torch.bool)) | self.mask
         return Tableau(self.basis, t, a, B, C, self.eval_times(t), name=self.method, B_mask=bm,
                        C_mask=self.V_mask)
+
+
+PARAMS = "params.safetensors"
+PARAMS_KIND = "fewstep.solver-params/1"
+
+
+def save_params(path: str | os.PathLike, solver: LearnedSolver) -> Path:
+    """Write the solver's raw parameters (grid logits, offsets, weights, masks) to safetensors, atomically.
+
+    The JSON tables are what sampling uses; these let a later fit continue from the solver.
+    """
+    from safetensors.torch import save_file
+
+    p = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in solver.state_dict().items()}
+    tensors = {k: (v.to(torch.uint8) if v.dtype == torch.bool else v) for k, v in tensors.items()}
+    with atomic_path(p) as tmp:
+        save_file(tensors, str(tmp), metadata={"kind": PARAMS_KIND, "structure": json.dumps(solver.structure())})
+    return p
+
+
+def load_params(path: str | os.PathLike, schedule: Schedule) -> LearnedSolver:
+    """Rebuild a :class:`LearnedSolver` from :func:`save_params`' file (no code is unpickled)."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise ArtifactError(f"no {PARAMS} at {p.parent}: this artifact keeps only its tables (fit it again to refine it)")
+    try:
+        with safe_open(str(p), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("kind") != PARAMS_KIND:
+            raise ValueError(f"kind {meta.get('kind')!r}, expected {PARAMS_KIND!r}")
+        st = json.loads(meta["structure"])
+        n = int(st["N"])
+        t0 = torch.linspace(float(st["t_max"]), float(st["t_end"]), n + 1, dtype=F64)
+        mask = tensors["mask"].bool()
+        V_mask = tensors["V_mask"].bool() if st["corrector"] else None
+        V = torch.zeros(n, n + 1, dtype=F64) if st["corrector"] else None
+        s = LearnedSolver(schedule, t0, st["basis"], torch.zeros(n, n, dtype=F64), mask, V, V_mask,
+                          rows_sum_to_one=bool(st["rows_sum_to_one"]), decouple=float(st["decouple"]),
+                          method=st["method"], start=st.get("start", ""), scale_a=bool(st["scale_a"]))
+        s.load_state_dict({k: (v.bool() if k.endswith("mask") else v) for k, v in tensors.items()})
+    except ArtifactError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any defect of the file is named, not raised from deep inside
+        raise ArtifactError(f"{p} is not a readable fewstep solver-parameter file ({e}); the artifact is damaged") from None
+    return s
 
 
 class LoadedSolver:
@@ -189,6 +244,23 @@ class LoadedSolver:
         if model is not None:
             self.check(model)
         return self._tab
+
+    def learned(self) -> LearnedSolver:
+        """The trainable solver behind the tables (from params.safetensors), to continue fitting.
+
+        Refused if its tables do not reproduce the artifact's (a mixed-up or damaged folder).
+        """
+        if self.path is None:
+            raise ArtifactError("this solver was not read from a folder; its parameters are not available")
+        folder = self.path if self.path.is_dir() else self.path.parent
+        s = load_params(folder / self.doc.get("params", PARAMS), self.schedule)
+        with torch.no_grad():
+            tab = s.tableau()
+        for name in ("t", "a", "B"):
+            if not torch.allclose(getattr(tab, name), getattr(self._tab, name), rtol=1e-9, atol=1e-12):
+                raise ArtifactError(f"{folder / PARAMS} does not reproduce {folder}'s tables ({name} differs); "
+                                    f"the artifact is damaged")
+        return s
 
 
 def _floats(v: Tensor | None) -> Any:
