@@ -13,6 +13,7 @@ from fewstep.fit.loop import _objective, per_sample_loss
 from fewstep.fit.methods import FitConfig, dss_start_ok, from_classic, plan_phases
 from fewstep.fit.teacher import generate_teacher
 from fewstep.sampling import build_tableau
+from fewstep.solvers.learned import step_scales
 from fewstep.seeds import fit_seeds
 
 from gauss import make_gauss
@@ -31,18 +32,22 @@ def flow_model():
     return make_gauss(Flow(), "velocity", d=6)
 
 
-def test_dss_fits_in_data_prediction_form_on_vp_and_velocity_form_on_flows(vp_model, flow_model, tmp_path):
-    res = fit(vp_model, "dss", 4, cache_dir=tmp_path, steps=20, **KW)
-    assert res.doc["tableau"]["basis"] == "D"
-    assert build_tableau(vp_model, res.doc["start"]["solver"], 4).basis == "D"
-    kw = dict(KW, teacher="adams4@time:60")
-    res = fit(flow_model, "dss", 4, cache_dir=tmp_path, steps=20, **kw)
-    assert res.doc["tableau"]["basis"] == "v"
+@pytest.mark.parametrize("start,basis", [("ddim@logsnr", "D"), ("dpmpp_2m@quadratic", "D"), ("euler@time", "v"),
+                                         ("adams2@quadratic", "v"), (None, None)])
+def test_dss_fits_in_the_vp_form_or_the_flow_form(vp_model, tmp_path, start, basis):
+    res = fit(vp_model, "dss", 4, cache_dir=tmp_path, steps=20, start=start, **KW)
+    start_tab = build_tableau(vp_model, res.doc["start"]["solver"], 4)
+    assert res.doc["tableau"]["basis"] == start_tab.basis == (basis or start_tab.basis)  # the start's form
+    assert start_tab.basis in ("D", "v") and start_tab.C is None
     assert res.doc["fit"]["optimizer"] == "lion" and res.doc["fit"]["lr_coef"] == 1e-2
+    B = torch.tensor(res.doc["tableau"]["B"], dtype=F64)
+    a, phi = step_scales(vp_model.schedule, torch.tensor(res.doc["grid"], dtype=F64), start_tab.basis)
+    assert torch.allclose((B / phi[:, None]).sum(1), torch.ones(4, dtype=F64), atol=1e-9)  # rows sum to one
+    assert torch.allclose(torch.tensor(res.doc["tableau"]["a"], dtype=F64), a, atol=1e-12)  # the form's a_i
 
 
-def test_dss_refuses_a_start_outside_its_form(vp_model, flow_model, tmp_path):
-    with pytest.raises(FewstepError, match="data prediction"):
+def test_dss_refuses_a_start_outside_its_forms(vp_model, flow_model, tmp_path):
+    with pytest.raises(FewstepError, match="predicts noise"):
         fit(vp_model, "dss", 4, cache_dir=tmp_path, steps=5, start="ipndm@time", **KW)  # noise prediction
     tab = build_tableau(flow_model, "adams3@time", 5)  # its last steps use three evaluations
     assert not dss_start_ok(flow_model, tab)

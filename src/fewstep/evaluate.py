@@ -313,5 +313,5 @@ def format_table(report: dict[str, Any], top: int | None = None) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ALL_GRIDS", "Run", "best_classic", "check_held_out", "classic_specs", "default_reference", "evaluate", "format_table",
-           "grid_names", "per_sample_rmse", "reference_samples", "run_solver", "solve_batched"]
+__all__ = ["ALL_GRIDS", "Run", "best_classic", "check_held_out", "classic_specs", "default_reference", "evaluate",
+           "format_table", "grid_names", "per_sample_rmse", "reference_samples", "run_solver", "solve_batched"]
