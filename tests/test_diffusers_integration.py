@@ -220,6 +220,8 @@ def test_ddpm_pipeline_learned_solver(unet, tmp_path):
     with pytest.raises(ArtifactError, match="fingerprint"):  # another model's weights
         FewStepScheduler.from_solver(loaded, from_diffusers(_unet(seed=9), diffusers.DDPMScheduler(
             prediction_type="v_prediction")))
+    with pytest.warns(UserWarning, match="only be checked against the schedule"):  # no network to check
+        FewStepScheduler.from_solver(loaded, diffusers.DDPMScheduler(prediction_type="v_prediction").config)
 
 
 def test_dit_pipeline_guided(dit):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -286,6 +287,11 @@ def _learned_tableau(solver: Any, sched: Schedule, model: Denoiser | None) -> Ta
     if own is not None and own.config() != sched.config():
         raise ArtifactError(f"solver {getattr(solver, 'name', '')} was made for {own.describe()}, "
                             f"not this model's {sched.describe()}")
+    if model is None and getattr(solver, "doc", None) is not None and not getattr(solver, "force", False):
+        warnings.warn(f"solver {getattr(solver, 'path', None) or solver.name} can only be checked against the "
+                      f"schedule here, not against the network it was fitted for; pass the model "
+                      f"(FewStepScheduler.from_solver(solver, from_diffusers(unet, config))) to check its "
+                      f"fingerprint too", stacklevel=3)
     with torch.no_grad():
         tab = solver.tableau(model)
     return tab
