@@ -337,6 +337,31 @@ def test_load_diffusers_round_trip(dit, tmp_path):
     assert plain.fingerprint() == from_diffusers(_unet(), diffusers.DDPMScheduler()).fingerprint()
 
 
+def test_cli_fits_and_evaluates_a_diffusers_folder(dit, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from fewstep.cli import app
+
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "dit"
+    diffusers.DiTPipeline(transformer=dit, vae=_vae(), scheduler=diffusers.DDIMScheduler()).save_pretrained(folder)
+    (folder / "fewstep.json").write_text(json.dumps({"num_classes": 10, "guidance_scale": 2.0}))
+    art = tmp_path / "solver"
+    r = CliRunner().invoke(app, ["fit", "--model", f"diffusers:{folder}", "--method", "s4s", "--nfe", "3",
+                                 "--out", str(art), "--samples", "24", "--val-samples", "12", "--confirm-samples",
+                                 "12", "--steps", "6", "--batch", "8", "--teacher", "dpmpp_2m@logsnr:12",
+                                 "--eval-samples", "0", "--json"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    doc = json.loads((art / "solver.json").read_text())
+    assert doc["model"]["fingerprint"] == load_diffusers(folder).fingerprint() and doc["model"]["guidance_scale"] == 2.0
+    r = CliRunner().invoke(app, ["eval", "--model", f"diffusers:{folder}", "--solver", str(art), "--solver",
+                                 "ddim@time", "--nfe", "3", "--samples", "6", "--reference-nfe", "10",
+                                 "--metrics", "none", "--json"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    rows = json.loads(r.stdout)["results"]
+    assert {x["grid"] for x in rows} == {"time", "learned"} and all(x["rmse"] > 0 for x in rows)
+
+
 def test_load_diffusers_errors(tmp_path):
     with pytest.raises(ModelSpecError, match="does not exist"):
         load_diffusers(tmp_path / "missing")
