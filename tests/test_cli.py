@@ -118,6 +118,34 @@ def test_fit_show_eval_with_the_artifact(user_model, tmp_path, monkeypatch):
     assert "error:" in r.output and "Traceback" not in r.output
 
 
+FEATURES = textwrap.dedent('''
+    import torch
+
+    def features():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh())
+
+    def not_a_network():
+        return 3
+''')
+
+
+def test_eval_takes_a_feature_network_from_a_file(user_model, tmp_path):
+    f = tmp_path / "feats.py"
+    f.write_text(FEATURES)
+    args = ["eval", "--model", user_model, "--nfe", "4", "--solver", "ddim@time", "--solver", "unipc@logsnr",
+            "--samples", "64", "--metrics", "fd,kid,fd_ref", "--json"]
+    rep = json.loads(_run(args + ["--feature", f"{f}:features"]).stdout)
+    ref, rows = rep["results"][0], {r["solver"]: r for r in rep["results"][1:]}
+    assert rep["metrics"]["feature"] and all(r["fd"] is not None and r["kid"] is not None for r in rep["results"])
+    assert rows["unipc"]["fd_ref"] < rows["ddim"]["fd_ref"]  # closer to the reference's samples, as in RMSE
+    assert ref["fd_ref"] < rows["unipc"]["fd_ref"]
+    r = _run(args + ["--feature", f"{f}:not_a_network"], code=2)
+    assert "not a torch nn.Module" in r.output and "Traceback" not in r.output
+    r = _run(args + ["--feature", f"{tmp_path}/missing.py:features"], code=2)
+    assert "does not exist" in r.output
+
+
 @pytest.mark.parametrize("args,msg", [
     (["eval", "--model", "zoo:nope"], "valid"),
     (["eval", "--model", "nonsense"], "is not one of"),

@@ -117,6 +117,8 @@ def eval_cmd(
     reference: Optional[str] = typer.Option(None, help="reference solver NAME@GRID (default: a long classic solve)"),
     reference_nfe: Optional[int] = typer.Option(None, help="reference NFE"),
     metrics: str = typer.Option("auto", help="auto, none, or a comma list of fd,kid,fd_ref,psnr,swd,loglik"),
+    feature: Optional[str] = typer.Option(None, help="feature network for FD/KID: digits, file.py:factory or "
+                                                     "module:factory returning an nn.Module (e.g. Inception)"),
     guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale of the model"),
     plot: Optional[Path] = typer.Option(None, help="write PNGs here: metrics against NFE, samples side by side, "
                                                    "learned solvers against their start"),
@@ -133,13 +135,18 @@ def eval_cmd(
     _setup(device, threads)
     try:
         m = _load(model, device, guidance)
+        feat = None
+        if feature is not None:
+            from .specs import load_feature
+
+            feat = load_feature(feature, device)
         chosen = [resolve_solver(s, force) for s in solver] if solver else None
         classic = None if chosen is None else [s for s in chosen if isinstance(s, str)]
         learned = [] if chosen is None else [s for s in chosen if not isinstance(s, str)]
         rep = evaluate(m, nfe=nfe, solvers=classic, samples=samples,
                        seed=EVAL_SEED_START if seed is None else seed, reference=reference,
                        reference_nfe=reference_nfe, device=device, model_name=model, metrics=_metrics(metrics),
-                       learned=learned)
+                       learned=learned, feature=feat)
         if plot is not None:
             from .bench import report_plots
 

@@ -51,12 +51,18 @@ def load_model(spec: str, device: str = "cpu", **kwargs: Any) -> Denoiser:
         except ImportError as e:
             raise ModelSpecError(f"{spec!r}: the diffusers integration is not available ({e})") from None
         return load_diffusers(tail, device=device, **kwargs)
+    model = _call_factory(_factory(spec, "model", FORMS), spec, **kwargs)
+    return model.to(device) if hasattr(model, "to") else model
+
+
+def _factory(spec: str, what: str, forms: str) -> Any:
+    """The attribute named by ``path/to/file.py:attr`` or ``package.module:attr``."""
     path, _, attr = spec.rpartition(":")
-    if not attr:
-        raise ModelSpecError(f"model spec {spec!r} names no factory after ':'; expected {FORMS}")
+    if not attr or not path:
+        raise ModelSpecError(f"{what} spec {spec!r} names no factory after ':'; expected {forms}")
     if path.endswith(".py"):
         if not os.path.isfile(path):
-            raise ModelSpecError(f"model file {path!r} does not exist")
+            raise ModelSpecError(f"{what} file {path!r} does not exist")
         name = "fewstep_user_" + os.path.splitext(os.path.basename(path))[0]
         mspec = importlib.util.spec_from_file_location(name, path)
         if mspec is None or mspec.loader is None:
@@ -68,8 +74,29 @@ def load_model(spec: str, device: str = "cpu", **kwargs: Any) -> Denoiser:
         try:
             mod = importlib.import_module(path)
         except ImportError as e:
-            raise ModelSpecError(f"cannot import module {path!r} ({e}); expected {FORMS}") from None
+            raise ModelSpecError(f"cannot import module {path!r} ({e}); expected {forms}") from None
     if not hasattr(mod, attr):
         raise ModelSpecError(f"{path!r} has no attribute {attr!r}")
-    model = _call_factory(getattr(mod, attr), spec, **kwargs)
-    return model.to(device) if hasattr(model, "to") else model
+    return getattr(mod, attr)
+
+
+FEATURE_FORMS = "digits, path/to/file.py:factory or package.module:factory (returning a torch nn.Module)"
+
+
+def load_feature(spec: str, device: str = "cpu") -> Any:
+    """A feature network for FD / KID: ``"digits"`` (the built-in classifier) or a factory spec whose
+    callable, taking no required argument, returns an ``nn.Module`` mapping samples (B, ...) to (B, F)."""
+    if spec == "digits":
+        return spec
+    fn = _factory(spec, "feature", FEATURE_FORMS)
+    if not callable(fn):
+        raise ModelSpecError(f"{spec!r}: the factory is not callable")
+    try:
+        net = fn()
+    except TypeError as e:
+        raise ModelSpecError(f"{spec!r}: calling the factory failed ({e}); it must take no required arguments") from None
+    from torch import nn
+
+    if not isinstance(net, nn.Module):
+        raise ModelSpecError(f"{spec!r}: the factory returned {type(net).__name__}, not a torch nn.Module")
+    return net.to(device).eval()
