@@ -18,15 +18,21 @@ from .errors import ModelSpecError
 FORMS = "zoo:NAME, path/to/file.py:factory, package.module:factory, diffusers:DIR or torchcfm:NAME_OR_PATH"
 
 
-def _call_factory(fn: Any, spec: str, **kwargs: Any) -> Denoiser:
+def _call(fn: Any, spec: str, kind: type, kind_name: str, **kwargs: Any) -> Any:
+    """Call the factory named by ``spec`` and check that it returned a ``kind``."""
     if not callable(fn):
         raise ModelSpecError(f"{spec!r}: the factory is not callable")
     try:
-        model = fn(**kwargs) if kwargs else fn()
+        obj = fn(**kwargs) if kwargs else fn()
     except TypeError as e:
         raise ModelSpecError(f"{spec!r}: calling the factory failed ({e}); it must take no required arguments") from None
-    if not isinstance(model, Denoiser):
-        raise ModelSpecError(f"{spec!r}: the factory returned {type(model).__name__}, not a fewstep.Denoiser")
+    if not isinstance(obj, kind):
+        raise ModelSpecError(f"{spec!r}: the factory returned {type(obj).__name__}, not a {kind_name}")
+    return obj
+
+
+def _call_factory(fn: Any, spec: str, **kwargs: Any) -> Denoiser:
+    model = _call(fn, spec, Denoiser, "fewstep.Denoiser", **kwargs)
     if model.name in (None, "", type(model.net).__name__):
         model.name = spec
     return model
@@ -88,15 +94,6 @@ def load_feature(spec: str, device: str = "cpu") -> Any:
     callable, taking no required argument, returns an ``nn.Module`` mapping samples (B, ...) to (B, F)."""
     if spec == "digits":
         return spec
-    fn = _factory(spec, "feature", FEATURE_FORMS)
-    if not callable(fn):
-        raise ModelSpecError(f"{spec!r}: the factory is not callable")
-    try:
-        net = fn()
-    except TypeError as e:
-        raise ModelSpecError(f"{spec!r}: calling the factory failed ({e}); it must take no required arguments") from None
     from torch import nn
 
-    if not isinstance(net, nn.Module):
-        raise ModelSpecError(f"{spec!r}: the factory returned {type(net).__name__}, not a torch nn.Module")
-    return net.to(device).eval()
+    return _call(_factory(spec, "feature", FEATURE_FORMS), spec, nn.Module, "torch nn.Module").to(device).eval()

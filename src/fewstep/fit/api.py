@@ -91,8 +91,8 @@ def fit(
     confirm = confirm.to(device) if confirm is not None else None
     t_teacher = time.perf_counter() - t0
     ckpt = None
+    folder = None if out is None else (Path(out).parent if Path(out).suffix == ".json" else Path(out))
     if out is not None:
-        folder = Path(out).parent if Path(out).suffix == ".json" else Path(out)
         key = fit_key({"fingerprint": model.fingerprint(), "guidance": model.guidance_scale, "cfg": cfg.as_dict(),
                        "teacher": str(spec), "train": [tr_seeds.start, tr_seeds.stop],
                        "val": [va_seeds.start, va_seeds.stop], "confirm": [co_seeds.start, co_seeds.stop]})
@@ -129,7 +129,6 @@ def fit(
     )
     path = None
     if out is not None:
-        folder = Path(out).parent if Path(out).suffix == ".json" else Path(out)
         params = f"{Path(out).stem}.{PARAMS}" if Path(out).suffix == ".json" else PARAMS
         save_params(folder / params, outcome.solver)  # first: the JSON names it
         doc["params"] = params

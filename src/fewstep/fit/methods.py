@@ -11,6 +11,7 @@ and keeps its starting point when it cannot beat it on validation.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,9 @@ def from_classic(model: Denoiser, tab: Tableau, method: str, k: int = 3, rows_su
         raise FewstepError(f"cannot start from {tab.name}: its a_i are not those of basis {tab.basis}")
     W = tab.B / phi[:, None]
     if rows_sum_to_one:
+        if tab.basis not in DSS_FORMS:
+            raise FewstepError(f"DSS works in the velocity form (start from euler or adams2) or the data-prediction "
+                               f"form (ddim, dpmpp_2m); {tab.name} predicts noise: start from a solver of either form")
         mask = dss_mask(n)
         outside = (tab.B != 0) & ~(mask | torch.eye(n, dtype=torch.bool))
         if outside.any():
@@ -299,12 +303,10 @@ def fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitCo
         if start is None:
             raise FewstepError(f"no classic solver runs at NFE {cfg.nfe} on this model to start from")
     if is_artifact(start):  # refine a learned solver: its own parameters are the start
-        start_solver, solver = _from_artifact(model, cfg, start), _from_artifact(model, cfg, start)
+        start_solver = _from_artifact(model, cfg, start)
+        solver = copy.deepcopy(start_solver)
     else:
         tab = build_tableau(model, start, cfg.nfe)
-        if cfg.method == "dss" and tab.basis not in DSS_FORMS:
-            raise FewstepError(f"DSS works in the velocity form (start from euler or adams2) or the data-prediction "
-                               f"form (ddim, dpmpp_2m); {start} predicts noise: start from a solver of either form")
         start_solver = _build(model, cfg, start, tab, learn=False)
         solver = _build(model, cfg, start, tab)
     start_err = val_errors(model, start_solver, val)

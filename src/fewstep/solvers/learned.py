@@ -253,12 +253,13 @@ class LoadedSolver:
         if self.path is None:
             raise ArtifactError("this solver was not read from a folder; its parameters are not available")
         folder = self.path if self.path.is_dir() else self.path.parent
-        s = load_params(folder / self.doc.get("params", PARAMS), self.schedule)
+        params = folder / self.doc.get("params", PARAMS)
+        s = load_params(params, self.schedule)
         with torch.no_grad():
             tab = s.tableau()
         for name in ("t", "a", "B"):
             if not torch.allclose(getattr(tab, name), getattr(self._tab, name), rtol=1e-9, atol=1e-12):
-                raise ArtifactError(f"{folder / PARAMS} does not reproduce {folder}'s tables ({name} differs); "
+                raise ArtifactError(f"{params} does not reproduce {folder}'s tables ({name} differs); "
                                     f"the artifact is damaged")
         return s
 
