@@ -22,7 +22,7 @@ import fewstep
 from fewstep.errors import ArtifactError, FewstepError, ModelSpecError, ShapeError, SolverNameError
 from fewstep.fit.methods import from_classic
 from fewstep.sampling import build_tableau
-from fewstep.solvers.learned import save_solver, solver_doc
+from fewstep.solvers.artifact import save_solver, solver_doc
 from fewstep.specs import load_model
 
 diffusers = pytest.importorskip("diffusers")

@@ -15,7 +15,7 @@ from fewstep.fit.methods import FitConfig, from_classic, plan_phases
 from fewstep.fit.teacher import generate_teacher
 from fewstep.sampling import build_tableau
 from fewstep.seeds import fit_seeds, val_seeds
-from fewstep.solvers.learned import load_solver
+from fewstep.solvers.artifact import load_solver
 
 from gauss import make_gauss
 

@@ -10,7 +10,7 @@ import torch
 import fewstep
 from fewstep import EDM, Flow, VPDiscrete, VPLinear, make_grid, make_tableau, sample
 from fewstep.errors import GridError, ModelOutputError, NFEError, ShapeError, SolverNameError
-from fewstep.solvers.classic import SOLVERS
+from fewstep.solvers.registry import SOLVERS
 
 from gauss import make_gauss
 

@@ -6,7 +6,7 @@ from .grids import make_grid
 from .sampling import sample
 from .schedules import EDM, Flow, Schedule, VPDiscrete, VPLinear
 from .solvers import Tableau, make_tableau, solver_names
-from .solvers.learned import load_solver
+from .solvers.artifact import load_solver
 
 __all__ = ["Denoiser", "EDM", "FewstepError", "Flow", "Schedule", "Tableau", "VPDiscrete", "VPLinear",
            "load_solver", "make_grid", "make_tableau", "sample", "solver_names"]

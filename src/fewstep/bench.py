@@ -12,17 +12,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .denoiser import Denoiser
-from .evaluate import best_classic, evaluate
+from .evaluate import evaluate, solve_batched
 from .fit.checkpoint import NAME as CHECKPOINT_NAME
-from .solvers.learned import load_solver
+from .report import Report, bench_rows, render_bench_markdown, render_guidance_markdown
 from .seeds import EVAL_SEED_START
+from .solvers.artifact import load_solver
 
 PREFERRED_NFE = 5  # the budget whose samples and solver tables the plots show when it is asked
-
-
-def _best_learned(results: list[dict[str, Any]], nfe: int) -> dict[str, Any] | None:
-    ok = [r for r in results if r["nfe"] == nfe and r.get("grid") == "learned" and r["rmse"] is not None]
-    return min(ok, key=lambda r: r["rmse"]) if ok else None
 
 
 def _fit_or_reuse(model: Denoiser, method: str, nfe: int, d: Path, reuse: bool, progress: bool, device: str,
@@ -79,19 +75,13 @@ def run_bench(
             arts.append(solver)
     rep = evaluate(model, nfe=list(nfes), samples=samples, seed=EVAL_SEED_START, device=device,
                    model_name=model_name, metrics=metrics, learned=arts, **(eval_kwargs or {}))
-    rows = []
-    for n in nfes:
-        b, lrn = best_classic(rep["results"], int(n)), _best_learned(rep["results"], int(n))
-        rows.append({"nfe": int(n), "best_classic": b, "best_learned": lrn,
-                     "ratio": None if not (b and lrn) else lrn["rmse"] / b["rmse"]})
-    return {"report": rep, "rows": rows, "fits": fits, "solvers": arts}
+    return {"report": rep, "rows": bench_rows(Report.from_dict(rep), nfes), "fits": fits, "solvers": arts}
 
 
 def report_plots(rep: dict[str, Any], model: Denoiser, out: str | Path, learned: Sequence[Any] = (),
                  device: str = "cpu", show_nfe: int | None = None, n_show: int | None = None) -> list[Path]:
     """An evaluation's pictures: every metric against NFE, samples side by side (reference, best
     classic, best learned; the same noises) and each learned artifact's tables against its start."""
-    from .evaluate import solve_batched
     from .plots import METRIC_LABELS, metric_vs_nfe, sample_panels, solver_vs_start
 
     out = Path(out)
@@ -105,17 +95,17 @@ def report_plots(rep: dict[str, Any], model: Denoiser, out: str | Path, learned:
     shape = model.sample_shape or ()
     n_show = n_show or (36 if len(shape) == 3 else 1000)
     seeds = list(range(rep["seed"], rep["seed"] + n_show))
+    typed = Report.from_dict(rep)
     ref = rep["reference"]
     panels = []
     if ref["solver"] != "exact":
         panels.append((f"reference {ref['solver']} ({ref['nfe']} NFE)",
                        solve_batched(model, seeds, ref["solver"], ref["nfe"], device=device)))
-    b = best_classic(rep["results"], show)
+    b = typed.best_classic(show)
     if b:
-        panels.append((f"best classic {b['solver']}@{b['grid']} ({show} NFE)",
-                       solve_batched(model, seeds, f"{b['solver']}@{b['grid']}", show, device=device)))
-    lrn = _best_learned(rep["results"], show)
-    pick = [s for s in learned if int(s.nfe) == show and lrn is not None and s.name == lrn["solver"]]
+        panels.append((f"best classic {b.label} ({show} NFE)", solve_batched(model, seeds, b.label, show, device=device)))
+    lrn = typed.best_learned(show)
+    pick = [s for s in learned if int(s.nfe) == show and lrn is not None and s.name == lrn.solver]
     if pick:
         panels.append((f"learned {pick[0].name} ({show} NFE)", solve_batched(model, seeds, pick[0], show, device=device)))
     if panels:
@@ -127,26 +117,8 @@ def report_plots(rep: dict[str, Any], model: Denoiser, out: str | Path, learned:
 
 
 def format_bench(bench: dict[str, Any]) -> str:
-    """Markdown table: per NFE the best classic and best learned solver, RMSE (and FD/SWD), ratio."""
-    rep = bench["report"]
-    extra = [k for k in ("fd", "swd") if any(r.get(k) is not None for r in rep["results"])]
-    ref = next((r for r in rep["results"] if r.get("role") == "reference"), None)
-    head = "| NFE | best classic | RMSE | " + "".join(f"{k.upper()} | " for k in extra) + \
-           "best learned | RMSE | " + "".join(f"{k.upper()} | " for k in extra) + "learned / classic (RMSE) |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in bench["rows"]:
-        b, lrn = r["best_classic"], r["best_learned"]
-        cells = [str(r["nfe"])]
-        for x, label in ((b, lambda x: f"{x['solver']}@{x['grid']}"), (lrn, lambda x: x["solver"])):
-            cells += ["—"] * (2 + len(extra)) if x is None else \
-                [label(x), f"{x['rmse']:.4g}"] + [f"{x[k]:.4g}" if x.get(k) is not None else "—" for k in extra]
-        cells.append("—" if r["ratio"] is None else f"**{r['ratio']:.2f}**")
-        lines.append("| " + " | ".join(cells) + " |")
-    if ref is not None and extra:
-        lines.append("")
-        lines.append(f"reference solve {ref['grid']} ({ref['nfe']} NFE), the floor: "
-                     + ", ".join(f"{k.upper()} {ref[k]:.4g}" for k in extra if ref.get(k) is not None))
-    return "\n".join(lines)
+    """Markdown table of a bench (see :func:`fewstep.report.render_bench_markdown`)."""
+    return render_bench_markdown(bench)
 
 
 def guidance_table(
@@ -190,25 +162,18 @@ def guidance_table(
             own.name = f"{method} fitted at w={w:g}"
             learned.append(own)
         rep = evaluate(m, nfe=nfe, samples=samples, device=device, learned=learned, **(eval_kwargs or {}))
-        by_name = {r["solver"]: r["rmse"] for r in rep["results"] if r.get("grid") == "learned"}
-        b = best_classic(rep["results"], nfe)
+        typed = Report.from_dict(rep)
+        by_name = {r.solver: r.rmse for r in typed.rows if r.kind == "learned"}
+        b = typed.best_classic(nfe)
         fixed = by_name[base.name]
         own = by_name[learned[-1].name]
-        rows.append({"scale": float(w), "best_classic": f"{b['solver']}@{b['grid']}", "best_classic_rmse": b["rmse"],
+        rows.append({"scale": float(w), "best_classic": b.label, "best_classic_rmse": b.rmse,
                      "fitted_at": float(fit_scale), "learned_rmse": fixed, "refit_rmse": own,
-                     "ratio": fixed / b["rmse"], "refit_ratio": own / b["rmse"]})
-        log(f"guidance {w:g}: best classic {b['rmse']:.4g}, fitted at {fit_scale:g} {fixed:.4g}, refit {own:.4g}")
+                     "ratio": fixed / b.rmse, "refit_ratio": own / b.rmse})
+        log(f"guidance {w:g}: best classic {b.rmse:.4g}, fitted at {fit_scale:g} {fixed:.4g}, refit {own:.4g}")
     return rows
 
 
 def format_guidance(rows: list[dict[str, Any]], nfe: int, method: str) -> str:
-    """Markdown table of :func:`guidance_table` rows."""
-    w0 = rows[0]["fitted_at"] if rows else 0.0
-    lines = [f"| guidance scale | best classic ({nfe} NFE) | RMSE | {method} fitted at {w0:g} | ratio | "
-             f"{method} refit at this scale | ratio |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        mark = " (fit scale)" if r["scale"] == r["fitted_at"] else ""
-        lines.append(f"| {r['scale']:g}{mark} | {r['best_classic']} | {r['best_classic_rmse']:.4g} | "
-                     f"{r['learned_rmse']:.4g} | {r['ratio']:.2f} | {r['refit_rmse']:.4g} | {r['refit_ratio']:.2f} |")
-    return "\n".join(lines)
-
+    """Markdown table of :func:`guidance_table` rows (see :func:`fewstep.report.render_guidance_markdown`)."""
+    return render_guidance_markdown(rows, nfe, method)

@@ -48,13 +48,10 @@ def _fit_kwargs(steps: Optional[int], samples: int) -> dict[str, Any]:
 
 
 def resolve_solver(spec: str, force: bool = False) -> Any:
-    """A classic 'NAME@GRID' string, or a learned-solver artifact directory/file."""
-    p = Path(spec)
-    if p.exists() and (p.is_dir() or p.suffix == ".json"):
-        from .solvers.learned import load_solver
+    """A classic 'NAME@GRID' string stays a string (its budget comes with --nfe); a path is a learned artifact."""
+    from .solvers.resolve import is_artifact_spec, resolve_solver as resolve
 
-        return load_solver(p, force=force)
-    return spec
+    return resolve(spec, force=force) if is_artifact_spec(spec) else spec
 
 
 FORCE_HELP = "use a learned solver even if it was fitted for another model or schedule"
@@ -64,46 +61,9 @@ def _print_report(report: dict[str, Any], as_json: bool, top: Optional[int] = No
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        from .evaluate import format_table
+    from .report import Report, render_rich
 
-        typer.echo(format_table(report, top))
-        return
-    from .evaluate import _METRIC_COLUMNS, FD_REF_NOTE
-    from .metrics.suite import DISTRIBUTION
-
-    ref = report["reference"]
-    rows = report["results"]
-    cols = [c for c in _METRIC_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
-    info = report.get("metrics") or {}
-    caption = f"reference {ref['solver']} at {ref['nfe']} NFE, self-error {ref['self_error']:.3g}"
-    if info.get("data_reference"):
-        caption += f"; {', '.join(h for k, h, _ in cols if k in DISTRIBUTION)} against {info['data_reference']['source']}"
-    if any(k == "fd_ref" for k, _, _ in cols):
-        caption += f"; {FD_REF_NOTE}"
-    table = Table(title=f"{report['model']}: RMSE to reference on {report['samples']} held-out samples "
-                        f"(seeds from {report['seed']})", caption=caption)
-    for col, just in (("solver", "left"), ("grid", "left"), ("NFE", "right"), ("RMSE", "right"), ("± sem", "right")):
-        table.add_column(col, justify=just)
-    for _, head, _ in cols:
-        table.add_column(head, justify="right")
-    shown: dict[int, int] = {}
-    for r in rows:
-        if r.get("role") != "reference" and r.get("grid") != "learned":  # learned rows always show
-            shown[r["nfe"]] = shown.get(r["nfe"], 0) + 1
-            if top is not None and shown[r["nfe"]] > top:
-                continue
-        name = "reference (floor)" if r.get("role") == "reference" else r["solver"]
-        if r["rmse"] is None:
-            table.add_row(name, str(r["grid"]), str(r["nfe"]), "—", (r.get("error") or "")[:50])
-            continue
-        extra = ["—" if r.get(k) is None else format(r[k], fmt) for k, _, fmt in cols]
-        table.add_row(name, str(r["grid"]), str(r["nfe"]), f"{r['rmse']:.4g}", f"{r['rmse_sem']:.2g}", *extra,
-                      style="green" if r.get("role") == "reference" else ("bold red" if r.get("grid") == "learned" else None))
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    render_rich(Report.from_dict(report), top)
 
 
 @app.command("eval")
@@ -280,10 +240,11 @@ def demo_cmd(
     device: str = typer.Option("cpu"),
 ) -> None:
     """The main job: fit a learned solver, compare it with every classic solver, plot error vs NFE."""
-    from .evaluate import best_classic, evaluate
+    from .evaluate import evaluate
     from .fit.api import fit
     from .io import write_text
     from .plots import error_vs_nfe, solver_vs_start
+    from .report import Report, render_versus
     from .seeds import EVAL_SEED_START
 
     _setup(device, None)
@@ -293,20 +254,16 @@ def demo_cmd(
         nfes = [3, 4, 5, 6, 8, 10]
         rep = evaluate(m, nfe=nfes, samples=samples, seed=EVAL_SEED_START, device=device, model_name=model,
                        learned=[res.solver])
-        mine = next(r for r in rep["results"] if r.get("grid") == "learned")
+        typed = Report.from_dict(rep)
+        mine = typed.best_learned(nfe)
     except FewstepError as e:
         _fail(str(e))
     typer.echo(f"\nlearned solver written to {res.path}")
     typer.echo(f"held-out RMSE to the reference ({samples} samples, seeds from {EVAL_SEED_START}; "
                f"reference {rep['reference']['solver']} at {rep['reference']['nfe']} NFE, "
                f"self-error {rep['reference']['self_error']:.2g}):")
-    typer.echo(f"  {'solver':<28}{'NFE':>4}{'RMSE':>10}{'vs learned':>12}")
-    typer.echo(f"  {method + ' (learned)':<28}{nfe:>4}{mine['rmse']:>10.4g}{1.0:>11.2f}x")
-    for n in nfes:
-        b = best_classic(rep["results"], n)
-        if b:
-            typer.echo(f"  {'best classic: ' + b['solver'] + '@' + str(b['grid']):<28}{n:>4}{b['rmse']:>10.4g}"
-                       f"{b['rmse'] / mine['rmse']:>11.2f}x")
+    for line in render_versus(typed, mine, nfes):
+        typer.echo(line)
     png = error_vs_nfe(rep, out / "error_vs_nfe.png", title=f"{model}: held-out RMSE vs NFE")
     tables = solver_vs_start(res.solver, out / "solver_vs_start.png")
     write_text(out / "report.json", json.dumps(rep, indent=1))

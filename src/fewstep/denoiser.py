@@ -11,60 +11,16 @@ The probability-flow velocity of any schedule is dx/dt = alpha' D + sigma' E.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from .errors import FewstepError, ModelOutputError, ShapeError
-from .schedules import Schedule
+from .schedules import Schedule, TimeScalars
 
 PREDICTIONS = ("eps", "x0", "v", "velocity")
 BASES = ("D", "E", "v")
-
-
-@dataclass
-class TimeScalars:
-    """Schedule scalars at one solver time: Python floats, or 0-d tensors that carry autograd."""
-
-    alpha: Any
-    sigma: Any
-    d_alpha: Any
-    d_sigma: Any
-    t_net: float | None = None  # the network's time input, when no gradient needs to reach it
-
-    @classmethod
-    def of(cls, schedule: Schedule, t: Tensor | float) -> "TimeScalars":
-        t = torch.as_tensor(t, dtype=torch.float64)
-        return cls.many(schedule, t.reshape(1))[0]
-
-    @classmethod
-    def many(cls, schedule: Schedule, t: Tensor, with_net_time: bool = False) -> list["TimeScalars"]:
-        """One TimeScalars per entry of the 1-D tensor t, computed in one vectorised pass.
-
-        When t carries autograd (learned times), alpha, sigma and their derivatives stay
-        differentiable in t (the derivatives through a double-backward graph).
-        """
-        t = t.to(torch.float64)
-        if t.requires_grad:
-            with torch.enable_grad():
-                al, sg = schedule.alpha(t), schedule.sigma(t)
-                da = _grad_or_zero(al, t)
-                ds = _grad_or_zero(sg, t)
-            return [cls(al[i], sg[i], da[i], ds[i]) for i in range(t.numel())]
-        al, sg = schedule.alpha(t).tolist(), schedule.sigma(t).tolist()
-        da, ds = schedule.d_alpha(t).tolist(), schedule.d_sigma(t).tolist()
-        tn = schedule.net_time(t).tolist() if with_net_time else [None] * t.numel()
-        return [cls(al[i], sg[i], da[i], ds[i], tn[i]) for i in range(t.numel())]
-
-
-def _grad_or_zero(y: Tensor, t: Tensor) -> Tensor:
-    """dy/dt elementwise for y = f(t) elementwise, keeping the graph (zeros if y is constant)."""
-    if not y.requires_grad:
-        return torch.zeros_like(t)
-    (g,) = torch.autograd.grad(y.sum(), t, create_graph=True, allow_unused=True)
-    return torch.zeros_like(t) if g is None else g
 
 
 def _cat_cond(cond: Mapping[str, Any], uncond: Mapping[str, Any]) -> dict[str, Any]:

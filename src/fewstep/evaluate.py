@@ -26,13 +26,12 @@ from .errors import ArtifactError, FewstepError, SolverNameError
 from .grids import grid_names
 from .metrics.reference import DataReference, model_data, user_data
 from .metrics.suite import DISTRIBUTION, ROW_KEYS, MetricSuite, parse_metrics, select_metrics
-from .sampling import parse_solver, sample
+from .report import FD_REF_NOTE, Report, Row, best_classic, render_plain
+from .sampling import sample
 from .seeds import EVAL_SEED_START
-from .solvers.classic import SOLVERS, SPECIAL
-from .solvers.heun import heun_nfe, heun_steps
-
-#: grids each classic solver is run on when no solver is named
-ALL_GRIDS = ("time", "quadratic", "logsnr", "karras")
+from .solvers.artifact import LoadedSolver
+from .solvers.registry import ALL_GRIDS, classic_specs
+from .solvers.resolve import Solver, resolve_solver
 
 
 def default_reference(model: Denoiser) -> tuple[str, int]:
@@ -42,62 +41,22 @@ def default_reference(model: Denoiser) -> tuple[str, int]:
     return "dpmpp_3m@logsnr", 400
 
 
-def classic_specs(model: Denoiser) -> list[str]:
-    """Every classic solver on every grid that suits the model's schedule."""
-    out = []
-    for name in list(SOLVERS) + list(SPECIAL):
-        if name in ("unipc_bh2",):  # alias of unipc
-            continue
-        if model.schedule.kind == "flow" and SOLVERS.get(name) is not None and SOLVERS[name].make.__name__ in (
-            "ipndm", "deis", "deis_tab"):
-            continue  # need alpha > 0 at the noise end
-        for g in ALL_GRIDS:
-            out.append(f"{name}@{g}")
-    return out
-
-
 def check_held_out(solver: Any, lo: int, hi: int) -> None:
     """Refuse to score a learned solver on seeds [lo, hi) that it was fitted or selected on."""
-    teacher = (getattr(solver, "doc", None) or {}).get("teacher") or {}
+    if not isinstance(solver, LoadedSolver):
+        return
+    teacher = solver.doc.get("teacher") or {}
     for what in ("train_seeds", "val_seeds", "confirm_seeds"):
         a, b = teacher.get(what) or (0, 0)
         if a < hi and lo < b:
-            name = getattr(solver, "path", None) or getattr(solver, "name", "learned solver")
             raise FewstepError(f"evaluation seeds [{lo}, {hi}) overlap the {what.replace('_', ' ')} [{a}, {b}) that "
-                               f"{name} was fitted on: numbers on those noises are not results; evaluate on "
-                               f"seeds from {EVAL_SEED_START} (the default)")
+                               f"{solver.path or solver.name} was fitted on: numbers on those noises are not "
+                               f"results; evaluate on seeds from {EVAL_SEED_START} (the default)")
 
 
 def per_sample_rmse(x: Tensor, ref: Tensor) -> Tensor:
     """RMSE over all but the batch dimension: shape (B,)."""
     return (x - ref).double().flatten(1).pow(2).mean(1).sqrt()
-
-
-@dataclass
-class Run:
-    """What one solver did on the evaluation noise."""
-
-    solver: str
-    grid: str | None
-    nfe: int
-    rmse: float | None = None
-    rmse_sem: float | None = None
-    seconds: float | None = None
-    error: str | None = None
-    samples: Tensor | None = field(default=None, repr=False)
-
-    def as_dict(self) -> dict[str, Any]:
-        d = {"solver": self.solver, "grid": self.grid, "nfe": self.nfe, "rmse": self.rmse,
-             "rmse_sem": self.rmse_sem, "seconds": self.seconds}
-        if self.error:
-            d["error"] = self.error
-        return d
-
-
-def _label(solver: Any) -> tuple[str, str | None]:
-    if isinstance(solver, str):
-        return parse_solver(solver)
-    return getattr(solver, "name", type(solver).__name__), getattr(solver, "grid_label", "learned")
 
 
 def solve_batched(model: Denoiser, seeds: Sequence[int], solver: Any, nfe: int | None, grid: Any = "logsnr",
@@ -135,29 +94,47 @@ def reference_samples(model: Denoiser, seeds: Sequence[int], reference: str | No
     return ref2, {"solver": spec, "nfe": n, "self_error": float(per_sample_rmse(ref, ref2).mean())}
 
 
+@dataclass
+class Run:
+    """What one solver did on the evaluation noise: its report row and (if kept) its samples."""
+
+    row: Row
+    samples: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def rmse(self) -> float | None:
+        return self.row.rmse
+
+
 def run_solver(model: Denoiser, seeds: Sequence[int], solver: Any, nfe: int, ref: Tensor,
-               batch_size: int = 500, device: str | torch.device = "cpu", keep_samples: bool = False) -> Run:
-    """Evaluate one solver; a solver that cannot run records its error instead of raising."""
-    name, grid = _label(solver)
-    used = nfe
-    if isinstance(solver, str) and name in SPECIAL:
-        try:
-            used = heun_nfe(heun_steps(nfe))
-        except FewstepError as e:
-            return Run(name, grid, nfe, error=str(e))
-    elif not isinstance(solver, str):
-        used = int(getattr(solver, "nfe", nfe))
-    t0 = time.perf_counter()
+               batch_size: int = 500, device: str | torch.device = "cpu", keep_samples: bool = False,
+               kind: str | None = None) -> Run:
+    """Evaluate one solver. A solver that cannot run on this model records its error in the row instead
+    of raising; a solver that names nothing runnable (an unknown name, another model's artifact) raises."""
+    if isinstance(solver, str) and "@" in solver:
+        name, grid = solver.split("@", 1)
+    else:
+        name, grid = str(solver), None
     try:
-        x = solve_batched(model, seeds, solver, nfe, batch_size=batch_size, device=device)
+        s: Solver = resolve_solver(solver, model, nfe)
+        name, grid = s.name, s.grid_label
+        used = s.tableau(model).N
     except (ArtifactError, SolverNameError):
         raise  # the user named something that cannot run on this model: stop, do not tabulate
     except FewstepError as e:
-        return Run(name, grid, used, error=str(e))
+        return Run(Row(kind or "classic", name, grid, nfe, error=str(e)))
+    row_kind = kind or ("learned" if s.kind == "learned" else "classic")
+    t0 = time.perf_counter()
+    try:
+        x = solve_batched(model, seeds, s, used, batch_size=batch_size, device=device)
+    except (ArtifactError, SolverNameError):
+        raise
+    except FewstepError as e:
+        return Run(Row(row_kind, name, grid, used, error=str(e)))
     secs = time.perf_counter() - t0
     r = per_sample_rmse(x, ref)
     sem = float(r.std() / math.sqrt(len(r))) if len(r) > 1 else 0.0
-    return Run(name, grid, used, float(r.mean()), sem, secs, samples=x if keep_samples else None)
+    return Run(Row(row_kind, name, grid, used, float(r.mean()), sem, secs), x if keep_samples else None)
 
 
 def evaluate(
@@ -208,7 +185,7 @@ def evaluate(
     names = None
     if parse_metrics(metrics) != ():
         names = select_metrics(model, metrics, feature)  # bad metric requests fail before any solve
-    specs = list(solvers) if solvers is not None else classic_specs(model)
+    specs = list(solvers) if solvers is not None else classic_specs(model.schedule)
     for s in [*specs, *learned]:  # before any solve
         check_held_out(s, seed, seed + samples)
     t0 = time.perf_counter()
@@ -224,30 +201,22 @@ def evaluate(
                                    device)
         suite = MetricSuite(model, names, dref, feature)
         cond = model.cond_for(seeds)
-    results = []
+    rows: list[Row] = []
     jobs = [(s, n) for n in nfes for s in specs] + [(s, int(s.nfe)) for s in learned]
     for s, n in jobs:
         run = run_solver(model, seeds, s, n, ref, batch_size, device, keep_samples=suite is not None)
-        row = run.as_dict()
         if suite is not None:
-            row.update(suite.row(run.samples, ref, cond) if run.samples is not None else dict.fromkeys(ROW_KEYS))
-        results.append(row)
-    results.sort(key=lambda r: (r["nfe"], math.inf if r["rmse"] is None else r["rmse"]))
-    report = {
-        "model": model_name or model.name,
-        "nfe": nfes[0] if len(nfes) == 1 else nfes,
-        "samples": samples,
-        "seed": seed,
-        "reference": ref_info,
-        "results": results,
-    }
+            run.row.metrics = suite.row(run.samples, ref, cond) if run.samples is not None \
+                else dict.fromkeys(ROW_KEYS)
+        rows.append(run.row)
+    rows.sort(key=lambda r: (r.nfe, math.inf if r.rmse is None else r.rmse))
+    report = Report(model_name or model.name, nfes[0] if len(nfes) == 1 else nfes, samples, seed, ref_info, rows)
     if suite is not None:
         sem = float(self_err.std() / math.sqrt(len(self_err))) if len(self_err) > 1 else 0.0
-        results.insert(0, {"solver": "reference", "grid": ref_spec, "nfe": ref_nfe, "rmse": ref_info["self_error"],
-                           "rmse_sem": sem, "seconds": ref_secs, "role": "reference",
-                           **suite.row(ref, ref_half, cond)})
-        report["metrics"] = suite.info()
-    return report
+        rows.insert(0, Row("reference", "reference", ref_spec, ref_nfe, ref_info["self_error"], sem, ref_secs,
+                           metrics=suite.row(ref, ref_half, cond)))
+        report.metrics = suite.info()
+    return report.as_dict()
 
 
 def _data_reference(model: Denoiser, data: Tensor | None, first_seed: int, n: int, reference: str | None,
@@ -263,55 +232,10 @@ def _data_reference(model: Denoiser, data: Tensor | None, first_seed: int, n: in
     return DataReference(x, f"reference solve {spec} at {nfe} NFE ({n} samples, seeds {seeds[0]}..{seeds[-1]})")
 
 
-def best_classic(results: list[dict[str, Any]], nfe: int) -> dict[str, Any] | None:
-    """The lowest-RMSE classic result at exactly ``nfe`` evaluations."""
-    ok = [r for r in results if r["nfe"] == nfe and r["rmse"] is not None and r.get("grid") != "learned"
-          and r.get("role") != "reference"]
-    return min(ok, key=lambda r: r["rmse"]) if ok else None
-
-
-#: metric columns of format_table: (row key, header, format)
-_METRIC_COLUMNS = (("fd", "FD", ".4g"), ("kid", "KID", ".3g"), ("fd_ref", "FD to ref", ".4g"),
-                   ("psnr", "PSNR", ".2f"), ("swd", "SWD", ".4g"), ("loglik", "loglik", ".4g"))
-#: what the "FD to ref" column measures (a caption line under tables that show it)
-FD_REF_NOTE = "FD to ref: to the reference solve's samples from the same seeds"
-
-
 def format_table(report: dict[str, Any], top: int | None = None) -> str:
-    """Plain-text table of a report (used when rich is not installed and in tests).
-
-    Metric columns appear for the metrics the report has; the reference row (the floor) comes first.
-    """
-    ref = report["reference"]
-    rows = report["results"]
-    cols = [c for c in _METRIC_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
-    gw = max([11] + [len(str(r["grid"])) + 2 for r in rows])
-    lines = [f"model {report['model']}  samples {report['samples']}  seeds from {report['seed']}",
-             f"reference {ref['solver']} at {ref['nfe']} NFE, self-error {ref['self_error']:.3g}"]
-    info = report.get("metrics")
-    if info and info.get("data_reference"):
-        feat = f"; features: {info['feature']}" if info.get("feature") else ""
-        lines.append(f"FD/KID/SWD against {info['data_reference']['source']}{feat}; the reference row is the floor")
-    if any(k == "fd_ref" for k, _, _ in cols):
-        lines.append(FD_REF_NOTE)
-    lines.append(f"{'solver':<14}{'grid':<{gw}}{'nfe':>4}{'rmse':>12}{'± sem':>10}"
-                 + "".join(f"{h:>10}" for _, h, _ in cols))
-    shown, last_nfe = 0, None
-    for r in rows:
-        if r.get("role") != "reference" and r.get("grid") != "learned":  # learned rows always show
-            if r["nfe"] != last_nfe:
-                shown, last_nfe = 0, r["nfe"]
-            if top is not None and shown >= top:
-                continue
-            shown += 1
-        head = f"{r['solver']:<14}{str(r['grid']):<{gw}}{r['nfe']:>4}"
-        if r["rmse"] is None:
-            lines.append(f"{head}{'—':>12}  {(r.get('error') or '')[:60]}")
-            continue
-        extra = "".join(f"{'—':>10}" if r.get(k) is None else f"{r[k]:>10{fmt}}" for k, _, fmt in cols)
-        lines.append(f"{head}{r['rmse']:>12.4g}{r['rmse_sem']:>10.2g}{extra}")
-    return "\n".join(lines)
+    """Plain-text table of an :func:`evaluate` report (see :func:`fewstep.report.render_plain`)."""
+    return render_plain(Report.from_dict(report), top)
 
 
-__all__ = ["ALL_GRIDS", "Run", "best_classic", "check_held_out", "classic_specs", "default_reference", "evaluate",
+__all__ = ["ALL_GRIDS", "FD_REF_NOTE", "Run", "best_classic", "check_held_out", "default_reference", "evaluate",
            "format_table", "grid_names", "per_sample_rmse", "reference_samples", "run_solver", "solve_batched"]

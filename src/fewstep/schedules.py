@@ -12,6 +12,7 @@ reversed) is the schedule's business: :meth:`Schedule.net_time` maps solver time
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -27,6 +28,49 @@ def _t(t: Tensor | float | Sequence[float]) -> Tensor:
     if isinstance(t, Tensor):
         return t if t.dtype == F64 else t.to(F64)
     return torch.as_tensor(t, dtype=F64)
+
+
+@dataclass
+class TimeScalars:
+    """Schedule scalars at one solver time: Python floats, or 0-d tensors that carry autograd."""
+
+    alpha: Any
+    sigma: Any
+    d_alpha: Any
+    d_sigma: Any
+    t_net: float | None = None  # the network's time input, when no gradient needs to reach it
+
+    @classmethod
+    def of(cls, schedule: "Schedule", t: Tensor | float) -> "TimeScalars":
+        t = torch.as_tensor(t, dtype=F64)
+        return cls.many(schedule, t.reshape(1))[0]
+
+    @classmethod
+    def many(cls, schedule: "Schedule", t: Tensor, with_net_time: bool = False) -> list["TimeScalars"]:
+        """One TimeScalars per entry of the 1-D tensor t, computed in one vectorised pass.
+
+        When t carries autograd (learned times), alpha, sigma and their derivatives stay
+        differentiable in t (the derivatives through a double-backward graph).
+        """
+        t = t.to(F64)
+        if t.requires_grad:
+            with torch.enable_grad():
+                al, sg = schedule.alpha(t), schedule.sigma(t)
+                da = _grad_or_zero(al, t)
+                ds = _grad_or_zero(sg, t)
+            return [cls(al[i], sg[i], da[i], ds[i]) for i in range(t.numel())]
+        al, sg = schedule.alpha(t).tolist(), schedule.sigma(t).tolist()
+        da, ds = schedule.d_alpha(t).tolist(), schedule.d_sigma(t).tolist()
+        tn = schedule.net_time(t).tolist() if with_net_time else [None] * t.numel()
+        return [cls(al[i], sg[i], da[i], ds[i], tn[i]) for i in range(t.numel())]
+
+
+def _grad_or_zero(y: Tensor, t: Tensor) -> Tensor:
+    """dy/dt elementwise for y = f(t) elementwise, keeping the graph (zeros if y is constant)."""
+    if not y.requires_grad:
+        return torch.zeros_like(t)
+    (g,) = torch.autograd.grad(y.sum(), t, create_graph=True, allow_unused=True)
+    return torch.zeros_like(t) if g is None else g
 
 
 class Schedule:
@@ -100,6 +144,27 @@ class Schedule:
     def net_time(self, t: Tensor | float) -> Tensor:
         """The network's time input for solver time t (default: ``time_scale * t``)."""
         return _t(t) * self.time_scale
+
+    def solver_time(self, t_net: Tensor | float) -> Tensor:
+        """Inverse of :meth:`net_time`: the solver time (float64) of a network time input."""
+        return _t(t_net) / self.time_scale
+
+    def scalars(self, t: Tensor) -> list[TimeScalars]:
+        """alpha, sigma, their t-derivatives and the network time at each entry of the 1-D tensor t.
+
+        Differentiable in t when t carries autograd; otherwise Python floats, remembered per tuple of
+        times (a schedule never changes, and a solve asks for the same evaluation times every time).
+        """
+        if t.requires_grad:
+            return TimeScalars.many(self, t)
+        key = tuple(t.detach().to(F64).cpu().tolist())
+        cache = self.__dict__.setdefault("_scalars", {})
+        got = cache.get(key)
+        if got is None:
+            if len(cache) > 256:
+                cache.clear()
+            got = cache[key] = TimeScalars.many(self, t.detach(), with_net_time=True)
+        return got
 
     def init_noise_scale(self) -> float:
         """Scale of x at t_max for unit-variance noise (1 for VP and flow, sigma_max for VE)."""
@@ -228,6 +293,10 @@ class VPDiscrete(Schedule):
     def net_time(self, t: Tensor | float) -> Tensor:
         return (_t(t) * self.T - 1.0).clamp_min(0.0)
 
+    def solver_time(self, t_net: Tensor | float) -> Tensor:
+        """The solver time of a DDPM index (the clamp below t_min is not inverted: index 0 is t_min)."""
+        return (_t(t_net) + 1.0) / self.T
+
 
 class VPLinear(Schedule):
     """Continuous VP schedule with linear beta(t) = beta_min + t (beta_max - beta_min), t in [0, 1]."""
@@ -310,6 +379,10 @@ class Flow(Schedule):
     def net_time(self, t: Tensor | float) -> Tensor:
         t = _t(t)
         return (1.0 - t if self.time_reversed else t) * self.time_scale
+
+    def solver_time(self, t_net: Tensor | float) -> Tensor:
+        t = _t(t_net) / self.time_scale
+        return 1.0 - t if self.time_reversed else t
 
 
 SCHEDULES = {"vp_discrete": VPDiscrete, "vp_linear": VPLinear, "edm": EDM, "flow": Flow}

@@ -5,13 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
-from .grids import make_grid
-from .sampling import parse_solver
-from .solvers.classic import make_tableau
+from .errors import FewstepError
+from .solvers.artifact import LoadedSolver, load_solver
 from .solvers.kernel import Tableau
-from .solvers.learned import LoadedSolver, load_solver
+from .solvers.resolve import resolve_solver
 
 
 def _fmt_row(v: list[float]) -> str:
@@ -24,14 +21,9 @@ def start_tableau(solver: LoadedSolver) -> Tableau | None:
     spec = (solver.doc.get("start") or {}).get("solver")
     if not spec:
         return None
-    name, grid = parse_solver(spec)
     try:
-        if not grid:  # a refined artifact's folder
-            from .solvers.learned import load_solver
-
-            return load_solver(spec, force=True).tableau()
-        return make_tableau(name, solver.schedule, make_grid(solver.schedule, solver.nfe, grid or "logsnr"))
-    except Exception:  # noqa: BLE001 - a start that no longer builds is only not shown
+        return resolve_solver(spec, solver.schedule, solver.nfe, force=True).tableau(solver.schedule)
+    except (FewstepError, OSError):  # a start that no longer builds is only not shown
         return None
 
 

@@ -12,7 +12,7 @@ import torch
 from ..denoiser import Denoiser
 from ..errors import FewstepError
 from ..seeds import check_fit_seeds, fit_seeds, val_seeds
-from ..solvers.learned import PARAMS, LoadedSolver, save_params, save_solver, solver_doc
+from ..solvers.artifact import PARAMS, LoadedSolver, save_params, save_solver, solver_doc
 from .checkpoint import FitCheckpoint, fit_key
 from .loop import LOSSES
 from .methods import (METHODS, FitConfig, FitOutcome, default_rounds, fit_solver, learning_rates, optimizer_name,

@@ -22,10 +22,12 @@ from torch import Tensor
 
 from ..denoiser import Denoiser
 from ..errors import FewstepError
-from ..evaluate import classic_specs
 from ..sampling import build_tableau
+from ..solvers.artifact import load_solver
 from ..solvers.kernel import Tableau
-from ..solvers.learned import LearnedSolver, load_solver, step_scales, window_mask
+from ..solvers.learned import LearnedSolver, step_scales, window_mask
+from ..solvers.registry import classic_specs
+from ..solvers.resolve import TableauSolver, is_artifact_spec
 from .checkpoint import FitCheckpoint
 from .loop import FitState, Phase, Relax, clearly_better, restore_best, run_phases, val_errors, validate
 from .teacher import TeacherData
@@ -109,33 +111,23 @@ def rank_classic(model: Denoiser, nfe: int, val: TeacherData, predictor_only: bo
     ``accept(tableau)`` filters the candidates (e.g. the starts a method can represent).
     """
     out = []
-    for spec in candidates or classic_specs(model):
-        if spec.startswith("heun"):
-            continue
+    for spec in candidates or classic_specs(model.schedule):
         try:
             tab = build_tableau(model, spec, nfe)
         except FewstepError:
             continue
+        if tab.staged or tab.N != nfe:  # internal stages: no learned solver starts from them
+            continue
         if (predictor_only and tab.C is not None) or (accept is not None and not accept(tab)):
             continue
         try:
-            v = validate(model, _Fixed(tab), val)
+            v = validate(model, TableauSolver(tab), val)
         except FewstepError:
             continue
         if math.isfinite(v):
             out.append((v, spec))
     out.sort()
     return out
-
-
-class _Fixed:
-    """A fixed tableau seen through the learned-solver interface (for validation)."""
-
-    def __init__(self, tab: Tableau):
-        self._tab = tab
-
-    def tableau(self, model=None) -> Tableau:
-        return self._tab
 
 
 @dataclass
@@ -240,12 +232,6 @@ def _build(model: Denoiser, cfg: FitConfig, start: str, tab: Tableau | None = No
                         scale_a=learn and _scale_a(cfg))
 
 
-def is_artifact(start: str) -> bool:
-    """Is ``start`` a learned-solver folder (or its solver.json) rather than a classic NAME@GRID?"""
-    p = Path(start)
-    return "@" not in str(start) and ((p / "solver.json").is_file() or (p.suffix == ".json" and p.is_file()))
-
-
 def _from_artifact(model: Denoiser, cfg: FitConfig, path: str) -> LearnedSolver:
     """The trainable solver saved in a learned-solver artifact, checked against the model and ``cfg``."""
     loaded = load_solver(path)
@@ -302,7 +288,7 @@ def fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitCo
         start = cfg.start or (ranking[0][1] if ranking else None)
         if start is None:
             raise FewstepError(f"no classic solver runs at NFE {cfg.nfe} on this model to start from")
-    if is_artifact(start):  # refine a learned solver: its own parameters are the start
+    if is_artifact_spec(start):  # refine a learned solver: its own parameters are the start
         start_solver = _from_artifact(model, cfg, start)
         solver = copy.deepcopy(start_solver)
     else:

@@ -41,11 +41,10 @@ from torch import Tensor
 
 from ..denoiser import Denoiser
 from ..errors import FewstepError
-from ..grids import ALIASES, GRIDS, make_grid
+from ..grids import ALIASES, GRIDS
 from ..sampling import build_tableau, sample
 from ..seeds import check_fit_seeds
-from ..solvers.classic import SPECIAL, solver_names
-from ..solvers.heun import heun_steps
+from ..solvers.registry import solver_info, solver_names
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -102,8 +101,7 @@ def parse_teacher(spec: str | TeacherSpec) -> TeacherSpec:
     nfe = int(nfe_s)
     if nfe < 1:
         raise FewstepError(f"teacher NFE must be a positive integer; got {nfe} in {spec!r} ({_FORM})")
-    if name in SPECIAL:
-        heun_steps(nfe)  # raises NFEError naming the minimum
+    solver_info(name).steps(nfe)  # raises NFEError naming the minimum
     return TeacherSpec(name, grid, nfe)
 
 
@@ -136,14 +134,11 @@ def dss_teacher(model: Denoiser) -> TeacherSpec:
 
 
 def teacher_times(model: Denoiser, spec: str | TeacherSpec) -> Tensor:
-    """Solver times (float64, decreasing) of the teacher's states: its grid, N + 1 points.
-
-    For ``heun`` the states are one per Heun step, so N = heun_steps(nfe).
-    """
+    """Solver times (float64, decreasing) of the teacher's states: its grid's solution points (a
+    multi-stage teacher's internal stages are not states), M + 1 points."""
     spec = parse_teacher(spec)
-    if spec.solver in SPECIAL:
-        return make_grid(model.schedule, heun_steps(spec.nfe), spec.grid)
-    return build_tableau(model, spec.solver, spec.nfe, spec.grid).t.detach().to(F64).cpu().clone()
+    tab = build_tableau(model, spec.solver, spec.nfe, spec.grid)
+    return tab.solution_times().detach().to(F64).cpu().clone()
 
 
 # ---------------------------------------------------------------------------------- teacher data

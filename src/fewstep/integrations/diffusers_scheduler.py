@@ -3,15 +3,13 @@
     >>> pipe.scheduler = FewStepScheduler.from_solver("unipc@logsnr", pipe.scheduler.config, nfe=5)
     >>> pipe.scheduler = FewStepScheduler.from_solver(fewstep.load_solver("out/solver"), denoiser)
 
-It runs the kernel of :mod:`fewstep.solvers.kernel` one evaluation at a time. Step i receives the
-raw network output at the predicted x_i (guidance already applied by the pipeline), converts it to
-the tableau's basis (F_i), then
-    corrector (i >= 1):  x_i     = a_{i-1} x_{i-1} + sum_j C[i-1, j] F_j      (F_i now known)
-    predictor:           x_{i+1} = a_i x_i + sum_j B[i, j] F_j
-and returns x_{i+1}. ``timesteps`` are the network times of the evaluation times c_i (fractional
-DDPM indices for VP models, sigma * num_train_timesteps for flows), so decoupled learned
-evaluation times work unchanged. ``set_timesteps`` resets the history; the tableau fixes the number
-of steps, so a different ``num_inference_steps`` is ignored (pipelines always pass their own default).
+It is the kernel's :class:`~fewstep.solvers.kernel.Stepper` plus a diffusers config: step i receives
+the raw network output at the evaluation point x_i (guidance already applied by the pipeline),
+converts it to the tableau's basis (F_i) and lets the stepper correct x_i and predict x_{i+1}.
+``timesteps`` are the network times of the evaluation times c_i (fractional DDPM indices for VP
+models, sigma * num_train_timesteps for flows), so decoupled learned evaluation times work unchanged.
+``set_timesteps`` resets the history; the tableau fixes the number of steps, so a different
+``num_inference_steps`` is ignored (pipelines always pass their own default).
 Everything that defines the solver is in the config, so ``save_pretrained`` / ``from_pretrained``
 round-trip exactly; a pipeline saved with it records this module, so ``DiffusionPipeline.from_pretrained``
 loads it back (or ``FewStepScheduler.from_pretrained(dir, subfolder="scheduler")``).
@@ -32,14 +30,12 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput, logging
 from torch import Tensor
 
-from ..denoiser import Denoiser, TimeScalars
+from ..denoiser import Denoiser
 from ..errors import ArtifactError, FewstepError, SolverNameError
-from ..grids import make_grid
-from ..sampling import parse_solver
 from ..schedules import Flow, Schedule, VPDiscrete, schedule_from_config
-from ..solvers.classic import SOLVERS, SPECIAL, make_tableau, solver_names
-from ..solvers.kernel import Tableau
-from ..solvers.learned import load_solver, tableau_from_doc, tableau_to_doc
+from ..solvers.artifact import tableau_from_doc, tableau_to_doc
+from ..solvers.kernel import Stepper, Tableau
+from ..solvers.resolve import ClassicSolver, Solver, resolve_solver
 from .diffusers_in import PREDICTION_TYPES, prediction_name, schedule_from_diffusers
 
 logger = logging.get_logger(__name__)
@@ -95,7 +91,9 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         else:
             tab = _classic_tableau(sched, solver, nfe, grid, solver_options or {})
         self.tab = tab
-        self._plan(tab)
+        self._stepper = Stepper(tab, sched)
+        self._timesteps = torch.tensor([sc.t_net for sc in self._stepper.scalars], dtype=torch.float32)
+        self.timesteps = self._timesteps.clone()
         self.init_noise_sigma = float(sched.init_noise_scale())
         self.num_inference_steps = tab.N
         self._asked_steps: set[int] = set()
@@ -135,15 +133,15 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
             pred = prediction_name("FewStepScheduler", prediction_type)
         kw: dict[str, Any] = dict(schedule=sched.config(), prediction_type=DIFFUSERS_NAMES[pred],
                                   num_train_timesteps=_train_steps(sched), flow_grid=flow_grid)
-        if isinstance(solver, (str, os.PathLike)) and (os.path.exists(solver) or str(solver).endswith(".json")):
-            solver = load_solver(solver)
-        if isinstance(solver, str):
-            if nfe is None:
-                raise FewstepError(f"solver {solver!r} needs an NFE budget: pass nfe=N")
+        spec = solver
+        if isinstance(solver, (str, os.PathLike)):
+            solver = resolve_solver(str(solver), sched, nfe, grid, **solver_options)
+        if isinstance(solver, ClassicSolver):
             if grid is not None and not isinstance(grid, str):
                 grid = [float(v) for v in torch.as_tensor(grid, dtype=torch.float64).flatten().tolist()]
-            _classic_tableau(sched, solver, nfe, grid, solver_options)  # fail now, not on load
-            return cls(solver=solver, nfe=int(nfe), grid=grid, solver_options=solver_options or None, **kw)
+            spec = str(spec) if isinstance(spec, (str, os.PathLike)) else solver.name
+            _classic_tableau(sched, spec, solver.budget, grid, solver_options)  # fail now, not on load
+            return cls(solver=spec, nfe=solver.budget, grid=grid, solver_options=solver_options or None, **kw)
         if solver_options or grid is not None:
             raise FewstepError("grid and solver options apply to classic solvers only; a tableau fixes its own")
         tab = _learned_tableau(solver, sched, model)
@@ -151,25 +149,8 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
             raise FewstepError(f"solver {tab.name} makes {tab.N} evaluations, not nfe={nfe}; drop nfe or refit")
         return cls(solver=None, nfe=tab.N, tableau=tableau_to_doc(tab), solver_label=tab.name, **kw)
 
-    def _plan(self, tab: Tableau) -> None:
-        """Per-step coefficients as Python floats (as the kernel uses them) and the network times."""
-        self._a, self._B = tab.a.tolist(), tab.B.tolist()
-        self._C = tab.C.tolist() if tab.C is not None else None
-        self._b_rows, self._c_rows = tab.rows()
-        c = tab.eval_times.detach().to(torch.float64)
-        self._c = c.tolist()
-        self._scal = TimeScalars.many(self._den.schedule, c, with_net_time=True)
-        self._last_use = [0] * (tab.N + 1)
-        for i in range(tab.N):
-            for j in self._b_rows[i] + (self._c_rows[i] if self._c_rows else []):
-                self._last_use[j] = max(self._last_use[j], i)
-        self._timesteps = torch.tensor([s.t_net for s in self._scal], dtype=torch.float32)
-        self.timesteps = self._timesteps.clone()
-
     def _reset(self) -> None:
         self._step_index: int | None = None
-        self._F: dict[int, Tensor] = {}
-        self._x_prev: Tensor | None = None
 
     # --------------------------------------------------------------------------- diffusers API
     @property
@@ -225,31 +206,20 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
 
     def step(self, model_output: Tensor, timestep: Any, sample: Tensor, return_dict: bool = True,
              **kwargs: Any) -> FewStepSchedulerOutput | tuple:
-        """One evaluation: the output at the predicted x_i -> x_{i+1} (shapes (B, ...)); extra kwargs ignored."""
+        """One evaluation: the output at the evaluation point x_i -> x_{i+1} (shapes (B, ...)); extra kwargs ignored."""
         i = self._index(timestep)
+        st = self._stepper
+        if i == 0:
+            st.start(sample)
         out = model_output.to(sample.dtype)
-        sc, c = self._scal[i], self._c[i]
+        sc, c = st.scalars[i], float(st.times[i])
         F = self._den.convert(out, sample, c, self.tab.basis, sc)
-        self._F[i] = F.clone() if F is model_output else F
-        x = sample
-        if i >= 1 and self._C is not None and self._c_rows[i - 1]:
-            x = self._combine(self._C, i - 1, self._c_rows[i - 1], self._x_prev)
-        x_next = self._combine(self._B, i, self._b_rows[i], x)
-        self._x_prev = x
-        for j in [j for j in self._F if self._last_use[j] < i]:  # every use (corrector i-1 included) done
-            del self._F[j]
+        x_next = st.step(i, F.clone() if F is model_output else F, x_eval=sample)
         self._step_index = i + 1
-        D = self._F[i] if self.tab.basis == "D" else self._den.convert(out, sample, c, "D", sc)
+        D = F if self.tab.basis == "D" else self._den.convert(out, sample, c, "D", sc)
         if not return_dict:
             return (x_next, D)
         return FewStepSchedulerOutput(prev_sample=x_next, pred_original_sample=D)
-
-    def _combine(self, M: list[list[float]], i: int, js: list[int], x: Tensor) -> Tensor:
-        """a_i x + sum_j M[i][j] F_j, in the kernel's order."""
-        acc = torch.mul(x, self._a[i])
-        for j in js:
-            acc.add_(self._F[j], alpha=M[i][j])
-        return acc
 
 
 def _train_steps(sched: Schedule) -> int:
@@ -264,17 +234,13 @@ def _classic_tableau(sched: Schedule, solver: str | None, nfe: int | None, grid:
                      options: dict[str, Any]) -> Tableau:
     if not solver:
         raise FewstepError("FewStepScheduler needs solver='NAME@GRID' or a learned tableau")
-    name, g = parse_solver(str(solver))
-    if name in SPECIAL:
-        raise SolverNameError(f"{name} takes 2 evaluations per step and is no multistep tableau: "
-                              f"use a multistep solver ({', '.join(SOLVERS)})")
-    if name not in SOLVERS:
-        valid = ", ".join(n for n in solver_names() if n not in SPECIAL)
-        raise SolverNameError(f"unknown solver {name!r}; valid: {valid}")
-    if nfe is None or int(nfe) < 1:
-        raise FewstepError(f"solver {name} needs an NFE budget of at least 1; got {nfe!r}")
-    t = make_grid(sched, int(nfe), grid if grid is not None else (g or "logsnr"))
-    return make_tableau(name, sched, t, **options)
+    s = resolve_solver(str(solver), sched, nfe, grid, **options)
+    if not isinstance(s, ClassicSolver):
+        raise SolverNameError(f"{solver!r} is not a classic solver name")
+    if s.info.stages > 1:
+        raise SolverNameError(f"{s.name} takes {s.info.stages} evaluations per step at repeated timesteps; "
+                              f"FewStepScheduler runs multistep solvers (one evaluation per step): choose another")
+    return s.tableau(sched)
 
 
 def _learned_tableau(solver: Any, sched: Schedule, model: Denoiser | None) -> Tableau:

@@ -10,19 +10,20 @@ s_i = sigma_i / alpha_i, h_i = lambda_{i+1} - lambda_i.
 - ``deis``               basis E in (y, s): Lagrange polynomial of E in log s, integrated over s exactly.
 - ``deis_tab``           basis E in (y, s): Lagrange polynomial of E in t, integrated over s (Gauss-Legendre).
 - ``euler``, ``adams2..4`` basis v: variable-step Adams-Bashforth in t (a_i = 1).
+
+The registry (names, NFE rules, what a solver needs of the schedule) is :mod:`.registry`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 from numpy.polynomial import Polynomial
 
-from ..errors import FewstepError, NFEError, SolverNameError
+from ..errors import FewstepError
 from ..schedules import Schedule
 from .kernel import Tableau
 
@@ -320,69 +321,3 @@ def adams(schedule: Schedule, t: torch.Tensor, order: int = 1) -> Tableau:
         for k in range(p):
             B[i, i - k] = float(_lagrange(nodes, k).integ()(g.t[i + 1] - g.t[i]))
     return _tableau("euler" if order == 1 else f"adams{order}", "v", t, a, B)
-
-
-# ----------------------------------------------------------------------------- registry
-@dataclass(frozen=True)
-class SolverInfo:
-    name: str
-    make: Callable[..., Tableau]
-    kwargs: dict
-    min_nfe: int
-    doc: str
-
-
-SOLVERS: dict[str, SolverInfo] = {}
-
-
-def _reg(name: str, make: Callable[..., Tableau], min_nfe: int, doc: str, **kwargs) -> None:
-    SOLVERS[name] = SolverInfo(name, make, kwargs, min_nfe, doc)
-
-
-_reg("ddim", ddim, 1, "DDIM = DPM-Solver++(1), data prediction")
-_reg("dpmpp_2m", dpmpp, 2, "DPM-Solver++(2M)", order=2)
-_reg("dpmpp_3m", dpmpp, 3, "DPM-Solver++(3M)", order=3)
-_reg("unipc", unipc, 2, "UniPC-2, bh2", order=2, variant="bh2")
-_reg("unipc_bh1", unipc, 2, "UniPC-2, bh1", order=2, variant="bh1")
-_reg("unipc_bh2", unipc, 2, "UniPC-2, bh2", order=2, variant="bh2")
-_reg("unipc3", unipc, 3, "UniPC-3, bh2", order=3, variant="bh2")
-_reg("ipndm", ipndm, 4, "iPNDM order 4", order=4)
-_reg("ipndm2", ipndm, 2, "iPNDM order 2", order=2)
-_reg("ipndm3", ipndm, 3, "iPNDM order 3", order=3)
-_reg("deis", deis, 3, "DEIS (log-rho AB) order 3", order=3)
-_reg("deis2", deis, 2, "DEIS (log-rho AB) order 2", order=2)
-_reg("deis_tab", deis_tab, 3, "DEIS tAB order 3 (polynomial in t)", order=3)
-_reg("euler", adams, 1, "Euler on dx/dt", order=1)
-_reg("adams2", adams, 2, "Adams-Bashforth 2 on dx/dt", order=2)
-_reg("adams3", adams, 3, "Adams-Bashforth 3 on dx/dt", order=3)
-_reg("adams4", adams, 4, "Adams-Bashforth 4 on dx/dt", order=4)
-
-#: not a multistep method: 2 evaluations per step (see solvers/heun.py)
-SPECIAL = {"heun": 3}
-
-
-def solver_names() -> list[str]:
-    return list(SOLVERS) + list(SPECIAL)
-
-
-def make_tableau(name: str, schedule: Schedule, t: torch.Tensor, **kwargs) -> Tableau:
-    """The classic solver ``name`` on grid t (N + 1 times, N = NFE)."""
-    if name not in SOLVERS:
-        raise SolverNameError(f"unknown solver {name!r}; valid: {', '.join(solver_names())}")
-    info = SOLVERS[name]
-    n = int(t.numel()) - 1
-    if n < info.min_nfe:
-        raise NFEError(f"{name} needs at least {info.min_nfe} NFE (got {n}): raise --nfe or use a lower-order solver")
-    key = (name, repr(sorted(schedule.config().items())), tuple(t.detach().to(F64).tolist()),
-           tuple(sorted(kwargs.items())))
-    tab = _CACHE.get(key)
-    if tab is None:  # tables depend only on (solver, schedule, grid): build once, reuse (read-only)
-        tab = info.make(schedule, t, **{**info.kwargs, **kwargs})
-        tab.name = name
-        if len(_CACHE) > 512:
-            _CACHE.clear()
-        _CACHE[key] = tab
-    return tab
-
-
-_CACHE: dict[tuple, Tableau] = {}

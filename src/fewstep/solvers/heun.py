@@ -1,19 +1,28 @@
-"""Heun's method (EDM): 2 evaluations per step, Euler on a final step to sigma = 0.
+"""Heun's method (EDM) as a two-stage tableau: 2 evaluations per step, Euler on a last step to sigma = 0.
 
-For schedules with alpha > 0 at the start it integrates dy/ds = E in y = x / alpha,
-s = sigma / alpha (EDM's form, and what diffusers' HeunDiscreteScheduler does); for a flow
-schedule starting at alpha = 0 it integrates dx/dt = v in (x, t).
+For schedules with alpha > 0 at the start it integrates dy/ds = E in y = x / alpha, s = sigma / alpha
+(EDM's form, and what diffusers' HeunDiscreteScheduler does); for a flow schedule starting at
+alpha = 0 it integrates dx/dt = v in (x, t). With u the integration variable and r_i the scale of
+x (alpha_i, or 1), Heun's step i from x_i is, in kernel states:
+
+    stage    x'      = (r_{i+1} / r_i) x_i + r_{i+1} du_i F(x_i, t_i)                   (Euler)
+    solution x_{i+1} = x' - r_{i+1} du_i / 2 F(x_i, t_i) + r_{i+1} du_i / 2 F(x', t_{i+1})
+
+The stage sits at t_{i+1}, a repeated time, and is marked as not a solution point.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..denoiser import Denoiser
-from ..errors import ModelOutputError, NFEError
+from ..errors import NFEError
+from ..schedules import Schedule
+from .kernel import Tableau, run_tableau
 
 F64 = torch.float64
 
@@ -27,7 +36,38 @@ def heun_steps(nfe: int, final_zero: bool = True) -> int:
 
 
 def heun_nfe(n_steps: int, final_zero: bool = True) -> int:
+    """Evaluations of ``n_steps`` Heun steps (one fewer when the last step ends at sigma = 0)."""
     return 2 * n_steps - (1 if final_zero else 0)
+
+
+def heun(schedule: Schedule, t: Tensor) -> Tableau:
+    """Heun's tableau on grid t (n + 1 times): 2n evaluations, 2n - 1 when t ends at sigma = 0."""
+    t = t.detach().to(F64)
+    with torch.no_grad():
+        alpha, sigma = schedule.alpha(t).numpy(), schedule.sigma(t).numpy()
+    xt_space = bool(alpha[0] <= 0)
+    u = t.numpy() if xt_space else sigma / alpha  # integration variable: t or s
+    r = np.ones_like(alpha) if xt_space else alpha  # x = r y
+    n = t.numel() - 1
+    two = [bool(sigma[i + 1] > 0) for i in range(n)]
+    m = sum(2 if s else 1 for s in two)
+    a, B = np.zeros(m), np.zeros((m, m))
+    times, points = [float(t[0])], [True]
+    k = 0
+    for i in range(n):
+        du, ratio, rn = float(u[i + 1] - u[i]), float(r[i + 1] / r[i]), float(r[i + 1])
+        a[k], B[k, k] = ratio, rn * du
+        times.append(float(t[i + 1]))
+        points.append(not two[i])  # the Euler stage, or the solution of a last Euler step
+        k += 1
+        if two[i]:
+            a[k], B[k, k - 1], B[k, k] = 1.0, -0.5 * rn * du, 0.5 * rn * du
+            times.append(float(t[i + 1]))
+            points.append(True)
+            k += 1
+    tt = lambda v: torch.as_tensor(v, dtype=F64)  # noqa: E731
+    return Tableau(basis="v" if xt_space else "E", t=tt(times), a=tt(a), B=tt(B), name="heun",
+                   points=torch.tensor(points), info={"steps": n}).validate()
 
 
 def run_heun(
@@ -38,37 +78,5 @@ def run_heun(
     callback: Callable[[dict[str, Any]], None] | None = None,
     return_trajectory: bool = False,
 ) -> Tensor | tuple[Tensor, list[Tensor]]:
-    """Heun from x at t[0] through the grid t (n + 1 times). Shapes: x (B, ...), t (n+1,)."""
-    cond = cond or {}
-    sch = model.schedule
-    t = t.detach().to(F64)
-    alpha, sigma = sch.alpha(t), sch.sigma(t)
-    xt_space = bool(alpha[0] <= 0)
-    basis = "v" if xt_space else "E"
-    u = t if xt_space else sigma / alpha  # integration variable: t or s
-    scale = torch.ones_like(alpha) if xt_space else alpha
-
-    def f(z: Tensor, i: int) -> Tensor:
-        out = model.predict(z, t[i], basis, **cond)
-        if not torch.isfinite(out).all():
-            raise ModelOutputError(f"the model returned NaN/inf at t={float(t[i]):.6g} of solver heun")
-        return out
-
-    y = x / float(scale[0])
-    traj = [x] if return_trajectory else None
-    n = t.numel() - 1
-    for i in range(n):
-        du = float(u[i + 1] - u[i])
-        d = f(y * float(scale[i]), i)
-        y_new = y + du * d
-        if float(sigma[i + 1]) > 0:
-            d2 = f(y_new * float(scale[i + 1]), i + 1)
-            y_new = y + du * 0.5 * (d + d2)
-        y = y_new
-        xi = y * float(scale[i + 1])
-        if traj is not None:
-            traj.append(xi)
-        if callback is not None:
-            callback({"i": i, "t": float(t[i + 1]), "x": xi, "F": d})
-    x = y * float(scale[-1])
-    return (x, traj) if return_trajectory else x
+    """Heun from x at t[0] through the grid t (n + 1 times) on the kernel. Shapes: x (B, ...), t (n+1,)."""
+    return run_tableau(model, x, heun(model.schedule, t), cond, callback, return_trajectory)

@@ -1,7 +1,7 @@
 """The one solver kernel: a linear multistep method given by coefficient tables.
 
-With grid t_0 > ... > t_N, evaluation times c_i (= t_i unless decoupled) and F_j the model
-output at step j in the solver's basis (D, E or velocity v):
+With states x_0 .. x_N at times t_0 .. t_N, evaluation times c_i (= t_i unless decoupled) and F_j
+the model output at step j in the solver's basis (D, E or velocity v):
 
     predictor:  x_{i+1} = a_i x_i + sum_{j <= i}   B[i, j] F_j
     corrector:  x_{i+1} = a_i x_i + sum_{j <= i+1} C[i, j] F_j   (i < N - 1; F_{i+1} is the
@@ -9,6 +9,12 @@ output at step j in the solver's basis (D, E or velocity v):
 
 N steps cost exactly N model evaluations. Classic solvers and learned solvers are both a
 :class:`Tableau`; the tables may carry autograd (learned parameters train through here).
+A multi-stage method (Heun) is a tableau too: its internal stages are states at repeated times,
+and ``points`` marks which states are the solution (the others stay out of trajectories).
+
+:class:`Stepper` advances a tableau one evaluation at a time (``step(i, F_i) -> next evaluation
+point``); :func:`run_tableau` is a loop over it that calls the model, and the diffusers scheduler is
+the same stepper fed by the pipeline's network calls.
 """
 
 from __future__ import annotations
@@ -21,19 +27,22 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..denoiser import BASES, Denoiser, TimeScalars, check_finite
+from ..denoiser import BASES, Denoiser, check_finite
 from ..errors import FewstepError, ModelOutputError
+from ..schedules import Schedule
 
 F64 = torch.float64
 
 
 @dataclass
 class Tableau:
-    """Coefficient tables of one N-step solver.
+    """Coefficient tables of one N-evaluation solver.
 
-    Shapes: t (N+1,), a (N,), B (N, N) lower triangular, C (N, N+1) or None, c (N,) or None.
+    Shapes: t (N+1,), a (N,), B (N, N) lower triangular, C (N, N+1) or None, c (N,) or None,
+    points (N+1,) bool or None (every state is a solution point).
     ``B_mask``/``C_mask`` mark the structurally non-zero entries (default: entries != 0);
     learned solvers set them so a coefficient that passes through 0 keeps its gradient.
+    Tables are read-only once built (classic tables are shared between solves).
     """
 
     basis: str
@@ -46,15 +55,30 @@ class Tableau:
     B_mask: Tensor | None = None
     C_mask: Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
-    _plans: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    points: Tensor | None = None
+    _static: Any = field(default=None, repr=False, compare=False)
 
     @property
     def N(self) -> int:
+        """The number of model evaluations (steps of the kernel)."""
         return int(self.a.shape[0])
 
     @property
     def eval_times(self) -> Tensor:
         return self.t[:-1] if self.c is None else self.c
+
+    @property
+    def staged(self) -> bool:
+        """True if some states are internal stages (a multi-stage method such as Heun)."""
+        return self.points is not None and not bool(self.points.all())
+
+    def solution_times(self) -> Tensor:
+        """The times of the solution points (t without internal stages), (M + 1,)."""
+        return self.t if self.points is None else self.t[self.points]
+
+    def requires_grad(self) -> bool:
+        return self.B.requires_grad or self.a.requires_grad or (self.C is not None and self.C.requires_grad) \
+            or self.eval_times.requires_grad
 
     def validate(self) -> "Tableau":
         n = self.N
@@ -68,6 +92,8 @@ class Tableau:
             raise FewstepError(f"tableau C has shape {tuple(self.C.shape)}; need ({n}, {n + 1})")
         if self.c is not None and tuple(self.c.shape) != (n,):
             raise FewstepError(f"tableau eval times have shape {tuple(self.c.shape)}; need ({n},)")
+        if self.points is not None and tuple(self.points.shape) != (n + 1,):
+            raise FewstepError(f"tableau points have shape {tuple(self.points.shape)}; need ({n + 1},)")
         if torch.triu(self._mask(self.B, self.B_mask), 1).any():
             raise FewstepError("tableau B must be lower triangular (a step can only use past evaluations)")
         return self
@@ -87,11 +113,96 @@ class Tableau:
         return b_rows, c_rows
 
 
-def _coefs(v: Tensor, dtype: torch.dtype, device: torch.device) -> Any:
-    """Python floats when no gradient is needed (fast), else a tensor in the state's dtype."""
-    if v.requires_grad:
-        return v.to(device=device, dtype=dtype)
-    return v.tolist()
+@dataclass
+class _Static:
+    """What stepping needs of a tableau alone: rows, last uses and (without autograd) float tables."""
+
+    b_rows: list[list[int]]
+    c_rows: list[list[int]] | None
+    last_use: list[int]  # the step after which F_j is no longer needed (a corrector row i is used at step i + 1)
+    a: Any
+    B: Any
+    C: Any
+
+
+def _static(tab: Tableau, grad: bool) -> _Static:
+    if not grad and tab._static is not None:
+        return tab._static
+    b_rows, c_rows = tab.rows()
+    last_use = [0] * (tab.N + 1)
+    for i in range(tab.N):
+        for j in b_rows[i]:
+            last_use[j] = max(last_use[j], i)
+        for j in (c_rows[i] if c_rows else []):
+            last_use[j] = max(last_use[j], i + 1)
+    if grad:
+        return _Static(b_rows, c_rows, last_use, tab.a, tab.B, tab.C)
+    st = _Static(b_rows, c_rows, last_use, tab.a.tolist(), tab.B.tolist(), None if tab.C is None else tab.C.tolist())
+    tab._static = st
+    return st
+
+
+class Stepper:
+    """Advance a tableau one evaluation at a time.
+
+        stepper = Stepper(tab, schedule)
+        x = stepper.start(x0)                    # the first evaluation point, x_0
+        for i in range(tab.N):
+            F = <model output at (x, stepper.times[i]) in tab.basis>
+            x = stepper.step(i, F)               # the next evaluation point; after the last step, x_N
+            # stepper.state: the corrected x_i (the solution at t_i)
+
+    ``step(i, F_i, x_eval)`` takes the evaluation point from the caller when it differs from the one
+    returned (e.g. a pipeline that casts its latents). Without autograd the combinations run in place
+    with float coefficients (the sampling hot path); with it (learned tables) they stay differentiable.
+    """
+
+    def __init__(self, tab: Tableau, schedule: Schedule) -> None:
+        self.tab = tab
+        self.grad = tab.requires_grad()
+        st = _static(tab, self.grad)
+        self.b_rows, self.c_rows, self.last_use = st.b_rows, st.c_rows, st.last_use
+        self._a, self._B, self._C = st.a, st.B, st.C
+        self.times = tab.eval_times
+        self.scalars = schedule.scalars(self.times)  # differentiable when the times are learned
+        self.F: dict[int, Tensor] = {}
+        self.state: Tensor | None = None  # the corrected state x_i of the step in progress
+        self._x_eval: Tensor | None = None
+
+    def start(self, x0: Tensor) -> Tensor:
+        """Begin a solve at x0 (the state at t_0); returns the first evaluation point."""
+        self.F = {}
+        self.state, self._x_eval = x0, x0
+        if self.grad:  # the tables' autograd carries over into the state's dtype and device
+            conv = lambda v: None if v is None else v.to(device=x0.device, dtype=x0.dtype)  # noqa: E731
+            self._a, self._B, self._C = conv(self.tab.a), conv(self.tab.B), conv(self.tab.C)
+        return x0
+
+    def step(self, i: int, F_i: Tensor, x_eval: Tensor | None = None) -> Tensor:
+        """Record F_i (the output at the evaluation point x_i), correct x_i, predict x_{i+1}."""
+        if x_eval is None:
+            x_eval = self._x_eval
+        self.F[i] = F_i
+        x = x_eval
+        if i >= 1 and self.c_rows is not None and self.c_rows[i - 1]:
+            x = self._combine(self._C, i - 1, self.c_rows[i - 1], self.state)
+        x_next = self._combine(self._B, i, self.b_rows[i], x)
+        for j in [j for j in self.F if self.last_use[j] <= i]:
+            del self.F[j]
+        self.state, self._x_eval = x, x_next
+        return x_next
+
+    def _combine(self, M: Any, i: int, js: list[int], x: Tensor) -> Tensor:
+        """a_i x + sum_j M[i, j] F_j."""
+        if self.grad:
+            acc = x * self._a[i]
+            for j in js:
+                acc = acc + M[i][j] * self.F[j]
+            return acc
+        acc = torch.mul(x, self._a[i])
+        for j in js:
+            acc.add_(self.F[j], alpha=M[i][j])
+        return acc
 
 
 def run_tableau(
@@ -111,8 +222,8 @@ def run_tableau(
         x: the state at t_0 (already scaled), shape (B, ...).
         tab: the coefficient tables.
         cond: conditioning keyword arguments passed to every model call.
-        callback: called after every step with {"i", "t", "x", "F"}.
-        return_trajectory: also return the N + 1 states [x_0, ..., x_N].
+        callback: called after every solution step with {"i", "t", "x", "F"}.
+        return_trajectory: also return the states at the solution points [x_0, ..., x_N].
         use_checkpoint: recompute each model call in the backward pass (saves memory).
         check: stop with a clear error if the model returns NaN or inf.
     Returns:
@@ -120,71 +231,46 @@ def run_tableau(
     """
     cond = cond or {}
     n = tab.N
-    dt, dev = x.dtype, x.device
-    grad = tab.B.requires_grad or tab.a.requires_grad or (tab.C is not None and tab.C.requires_grad) \
-        or tab.eval_times.requires_grad
-    key = (id(model.schedule), dt, str(dev))
-    plan = None if grad else tab._plans.get(key)
-    if plan is None:
-        c_all = tab.eval_times
-        b_rows, c_rows = tab.rows()
-        # the last step that needs F_j: drop it afterwards to keep memory flat on long solves
-        last_use = [0] * (n + 1)
-        for i in range(n):
-            for j in b_rows[i] + (c_rows[i] if c_rows else []):
-                last_use[j] = max(last_use[j], i)
-        plan = (_coefs(tab.a, dt, dev), _coefs(tab.B, dt, dev),
-                _coefs(tab.C, dt, dev) if tab.C is not None else None,
-                c_all, TimeScalars.many(model.schedule, c_all, with_net_time=not grad),  # once per tableau
-                b_rows, c_rows, last_use)
-        if not grad:
-            tab._plans[key] = plan
-    a, B, C, c_all, scal, b_rows, c_rows, last_use = plan
-    c_times = c_all.detach()
-    name = tab.name
+    stepper = Stepper(tab, model.schedule)
+    times, scal = stepper.times, stepper.scalars
+    c_times = times.detach()
+    # the solution step each kernel state closes (internal stages of a multi-stage method close none)
+    points = [True] * (n + 1) if tab.points is None else tab.points.tolist()
+    closes = [sum(points[1:k + 1]) - 1 for k in range(n + 1)]
 
     def evaluate(xi: Tensor, j: int) -> Tensor:
-        tj = c_all[j] if c_all.requires_grad else c_times[j]
+        tj = times[j] if times.requires_grad else c_times[j]
         if use_checkpoint and torch.is_grad_enabled():
             out = checkpoint(lambda z: model.predict(z, tj, tab.basis, scal[j], **cond), xi, use_reentrant=False)
         else:
             out = model.predict(xi, tj, tab.basis, scal[j], **cond)
         if check and not math.isfinite(float(out.detach().sum())):
             try:
-                check_finite(out, f"at step {j} (t={float(tj):.6g}) of solver {name}")
+                check_finite(out, f"at step {j} (t={float(tj):.6g}) of solver {tab.name}")
             except ModelOutputError as e:
                 raise ModelOutputError(str(e)) from None
         return out
 
-    def combine(coef_a: Any, M: Any, i: int, js: list[int], xi: Tensor, F: dict[int, Tensor]) -> Tensor:
-        if grad:
-            acc = xi * coef_a[i]
-            for j in js:
-                acc = acc + M[i][j] * F[j]
-            return acc
-        acc = torch.mul(xi, coef_a[i])
-        for j in js:
-            acc.add_(F[j], alpha=M[i][j])
-        return acc
+    def settled(i: int, xi: Tensor, F: Tensor | None) -> None:
+        """x_{i+1} is final: check it and report it (solution points only)."""
+        if check and not math.isfinite(float(xi.detach().sum())):
+            raise ModelOutputError(
+                f"solver {tab.name} produced NaN/inf at step {i} (t={float(tab.t[i + 1]):.6g}) from finite model "
+                f"outputs: its coefficients are unstable on this grid; try another solver or grid"
+            )
+        if not points[i + 1]:
+            return
+        if traj is not None:
+            traj.append(xi)
+        if callback is not None:
+            callback({"i": closes[i + 1], "t": float(tab.t[i + 1]), "x": xi, "F": F})
 
     traj = [x] if return_trajectory else None
-    F: dict[int, Tensor] = {0: evaluate(x, 0)}
+    xe = stepper.start(x)
     for i in range(n):
-        x_new = combine(a, B, i, b_rows[i], x, F)
-        if i < n - 1:
-            F[i + 1] = evaluate(x_new, i + 1)
-            if C is not None and c_rows[i]:
-                x_new = combine(a, C, i, c_rows[i], x, F)
-        for j in [j for j in F if last_use[j] <= i and j <= i]:
-            del F[j]
-        x = x_new
-        if check and not math.isfinite(float(x.detach().sum())):
-            raise ModelOutputError(
-                f"solver {name} produced NaN/inf at step {i} (t={float(tab.t[i + 1]):.6g}) from finite model outputs: "
-                f"its coefficients are unstable on this grid; try another solver or grid"
-            )
-        if traj is not None:
-            traj.append(x)
-        if callback is not None:
-            callback({"i": i, "t": float(tab.t[i + 1]), "x": x, "F": F.get(i + 1)})
-    return (x, traj) if return_trajectory else x
+        F = evaluate(xe, i)
+        xe = stepper.step(i, F)
+        if i >= 1:
+            settled(i - 1, stepper.state, F)
+    settled(n - 1, xe, None)
+    return (xe, traj) if return_trajectory else xe

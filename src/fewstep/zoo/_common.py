@@ -1,4 +1,4 @@
-"""Helpers shared by the zoo models: time inversion, schedule arguments, kwargs checks."""
+"""Helpers shared by the zoo models: schedule arguments, batched times, class labels."""
 
 from __future__ import annotations
 
@@ -8,25 +8,9 @@ import torch
 from torch import Tensor
 
 from ..errors import ModelSpecError
-from ..schedules import Flow, Schedule, VPDiscrete, schedule_from_config
+from ..schedules import Schedule, schedule_from_config
 
 F64 = torch.float64
-
-
-def solver_time(schedule: Schedule, t_net: Tensor) -> Tensor:
-    """Invert ``schedule.net_time``: the solver time (float64) of the network time ``t_net``.
-
-    Exact for VPLinear, EDM and Flow; for VPDiscrete the index clamp below t_min is not
-    invertible and times under t_min map to t_min (networks are only evaluated on
-    [t_min, t_max]).
-    """
-    t_net = torch.as_tensor(t_net).to(F64)
-    if isinstance(schedule, VPDiscrete):
-        return (t_net + 1.0) / schedule.T
-    t = t_net / schedule.time_scale
-    if isinstance(schedule, Flow) and schedule.time_reversed:
-        t = 1.0 - t
-    return t
 
 
 def as_schedule(schedule: Schedule | Mapping[str, Any] | None, default: Schedule) -> Schedule:

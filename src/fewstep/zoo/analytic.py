@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..denoiser import Denoiser
 from ..errors import ModelSpecError
 from ..schedules import Schedule, VPLinear
-from ._common import F64, as_schedule, batch_times, labels_or_none, seeded_labels, solver_time
+from ._common import F64, as_schedule, batch_times, labels_or_none, seeded_labels
 
 LOG2PI = math.log(2.0 * math.pi)
 
@@ -47,7 +47,7 @@ class GaussianEps(nn.Module):
         self.schedule = schedule
 
     def _stats(self, t_net: Tensor, batch: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        t = solver_time(self.schedule, batch_times(t_net, batch, device))
+        t = self.schedule.solver_time(batch_times(t_net, batch, device))
         a, s = self.schedule.alpha(t), self.schedule.sigma(t)
         var = a**2 * self.c.to(device) ** 2 + s**2  # (B, d)
         return a, s, var
@@ -176,7 +176,7 @@ class GMMDenoiser(nn.Module):
         x64 = x.reshape(b, -1).to(F64)
         m, s2, lw = self.means.to(dev), self.stds.to(dev) ** 2, self.log_weights.to(dev)
         dim = m.shape[1]
-        t = solver_time(self.schedule, batch_times(t_net, b, dev))  # (B, 1)
+        t = self.schedule.solver_time(batch_times(t_net, b, dev))  # (B, 1)
         a, sg = self.schedule.alpha(t), self.schedule.sigma(t)
         var = a**2 * s2 + sg**2  # (B, K)
         resid = x64[:, None, :] - a[:, :, None] * m  # (B, K, D)

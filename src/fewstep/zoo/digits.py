@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..denoiser import Denoiser
 from ..errors import ModelSpecError
 from ..schedules import Schedule, VPLinear
-from ._common import F64, as_schedule, batch_times, labels_or_none, solver_time
+from ._common import F64, as_schedule, batch_times, labels_or_none
 
 SHAPE = (1, 8, 8)
 
@@ -59,7 +59,7 @@ class EmpiricalDenoiser(nn.Module):
     def forward(self, x: Tensor, t_net: Tensor, class_labels: Any = None, **_: Any) -> Tensor:
         b = x.shape[0]
         dev = x.device
-        t = solver_time(self.schedule, batch_times(t_net, b, dev))  # (B, 1)
+        t = self.schedule.solver_time(batch_times(t_net, b, dev))  # (B, 1)
         a, sg = self.schedule.alpha(t), self.schedule.sigma(t)
         inv2v = 0.5 / (sg**2).clamp_min(1e-30)  # at sigma = 0 this picks the nearest image
         lab = labels_or_none(class_labels, b, dev)
