@@ -10,7 +10,8 @@ import torch
 from fewstep import VPLinear, Flow, sample
 from fewstep.errors import ArtifactError, FewstepError
 from fewstep.fit.api import fit
-from fewstep.fit.loop import Relax, optimise, validate
+from fewstep.fit.config import Phase
+from fewstep.fit.loop import FitSession, Relax, optimise, validate
 from fewstep.fit.methods import FitConfig, from_classic, plan_phases
 from fewstep.fit.teacher import generate_teacher
 from fewstep.sampling import build_tableau
@@ -118,7 +119,7 @@ def test_relaxed_latents_stay_in_their_ball(vp_model, data):
     tr, va = data
     s = from_classic(vp_model, build_tableau(vp_model, "ddim@logsnr", 4), "ld3")
     relax = Relax(0.05, lr=2.0)
-    optimise(vp_model, s, tr, va, {"grid": 0.05}, 30, batch=16, relax=relax, eval_every=10)
+    optimise(FitSession(vp_model, s, tr, va, FitConfig(eval_every=10), relax), Phase("grid", {"grid": 0.05}, 30, batch=16))
     radius = relax.radius(vp_model, 6)
     norms = relax.offsets.flatten(1).norm(dim=1)
     assert float(norms.max()) <= radius * (1 + 1e-6)
@@ -129,11 +130,11 @@ def test_relaxed_latents_persist_across_phases(vp_model, data):
     tr, va = data
     s = from_classic(vp_model, build_tableau(vp_model, "ddim@logsnr", 4), "s4s-alt", decouple=0.1)
     relax = Relax(0.05, lr=2.0)
-    optimise(vp_model, s, tr, va, {"grid": 0.05}, 12, batch=16, relax=relax, eval_every=6, seed=1)
+    optimise(FitSession(vp_model, s, tr, va, FitConfig(eval_every=6, seed=1), relax), Phase("grid", {"grid": 0.05}, 12, batch=16))
     after_grid = relax.offsets.clone()
     moved = after_grid.flatten(1).norm(dim=1) > 0
     assert moved.any()
-    optimise(vp_model, s, tr, va, {"coef": 0.03}, 2, batch=16, relax=relax, eval_every=2, seed=2)
+    optimise(FitSession(vp_model, s, tr, va, FitConfig(eval_every=2, seed=2), relax), Phase("coef", {"coef": 0.03}, 2, batch=16))
     touched = relax.offsets.ne(after_grid).flatten(1).any(1)
     keep = moved & ~touched  # latents the second phase did not draw: exactly as the first left them
     assert keep.any() and torch.equal(relax.offsets[keep], after_grid[keep])

@@ -16,7 +16,7 @@ from .evaluate import evaluate, solve_batched
 from .fit.checkpoint import NAME as CHECKPOINT_NAME
 from .report import Report, bench_rows, render_bench_markdown, render_guidance_markdown
 from .seeds import EVAL_SEED_START
-from .solvers.artifact import load_solver
+from .solvers.artifact import LoadedSolver, load_solver
 
 PREFERRED_NFE = 5  # the budget whose samples and solver tables the plots show when it is asked
 
@@ -111,7 +111,7 @@ def report_plots(rep: dict[str, Any], model: Denoiser, out: str | Path, learned:
     if panels:
         paths.append(sample_panels(panels, out / f"samples_nfe{show}.png", title=f"{rep['model']}: the same noises"))
     for s in learned:
-        if getattr(s, "doc", None) is not None:
+        if isinstance(s, LoadedSolver):
             paths.append(solver_vs_start(s, out / f"{s.name}-nfe{s.nfe}_vs_start.png"))
     return paths
 

@@ -193,7 +193,23 @@ class Denoiser(nn.Module):
 
     # ------------------------------------------------------------------ identity
     def fingerprint(self) -> str:
-        """sha256 over the schedule, prediction and every parameter and buffer of ``net``."""
+        """sha256 over the schedule, prediction and every parameter and buffer of ``net`` (16 hex digits).
+
+        Hashing every weight is slow for a large network, so the result is kept and reused until a
+        weight tensor is replaced or changed in place (its version counter moves), or the schedule,
+        prediction, identity or prior change.
+        """
+        tensors = self.net.state_dict() if isinstance(self.net, nn.Module) else {}
+        key = (repr(sorted(self.schedule.config().items())), self.prediction, repr(sorted(self.identity.items())),
+               id(self.prior), tuple((k, v.data_ptr(), v._version) for k, v in tensors.items()))
+        cached = self.__dict__.get("_fingerprint")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        fp = self._hash_weights()
+        self.__dict__["_fingerprint"] = (key, fp)
+        return fp
+
+    def _hash_weights(self) -> str:
         h = hashlib.sha256()
         h.update(repr(sorted(self.schedule.config().items())).encode())
         h.update(self.prediction.encode())

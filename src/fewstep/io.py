@@ -1,11 +1,19 @@
-"""File output: atomic writes, sample files and PNG grids."""
+"""Files: the one atomic writer (files and folders), the cache root, sample files and PNG grids.
+
+Everything fewstep writes goes through :func:`atomic_path` / :func:`atomic_dir`: written beside its
+target under a temporary name, flushed to disk, given the usual permissions (0644 / 0755 under the
+process's umask) and renamed into place, so a target is either the old one or the whole new one.
+"""
 
 from __future__ import annotations
 
+import glob
 import math
 import os
+import shutil
 import struct
 import tempfile
+import time
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,25 +23,95 @@ import torch
 from torch import Tensor
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+FILE_MODE = 0o666 & ~_UMASK
+DIR_MODE = 0o777 & ~_UMASK
+#: temporaries older than this (seconds) were left by a killed process and may be removed
+STALE_SECONDS = 3600.0
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cache folder: ``cache_dir``, else ``$FEWSTEP_CACHE``, else ``~/.cache/fewstep``."""
+    root = cache_dir or os.environ.get("FEWSTEP_CACHE") or os.path.join("~", ".cache", "fewstep")
+    return Path(os.path.expanduser(str(root)))
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The file is flushed to disk and gets the usual mode (0644 under a normal umask) before the rename.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write bytes atomically (write, then rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write text atomically (write, then rename)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; swap it in for ``path`` only if the block succeeds.
+
+    An existing ``path`` is moved aside first and removed after the swap.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    try:
+        yield tmp
+        for p in tmp.rglob("*"):
+            p.chmod(DIR_MODE if p.is_dir() else FILE_MODE)
+        tmp.chmod(DIR_MODE)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        for p in (tmp, old):
+            if p.exists():
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, max_age: float = STALE_SECONDS) -> list[Path]:
+    """Remove this module's temporaries (``.NAME.*.tmp``) in ``folder`` older than ``max_age`` seconds:
+    what a process killed in the middle of a write left behind. Returns what was removed."""
+    now, gone = time.time(), []
+    for name in glob.glob(os.path.join(glob.escape(str(folder)), ".*.tmp")):
+        p = Path(name)
+        try:
+            if now - p.stat().st_mtime > max_age:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+                gone.append(p)
+        except OSError:
+            continue
+    return gone
 
 
 def image_grid(x: Tensor, nrow: int | None = None, pad: int = 1) -> Tensor:

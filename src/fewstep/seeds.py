@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import torch
+from torch import Tensor
+
 from .errors import FewstepError
 
 FIT_SEED_START = 0
@@ -66,3 +69,17 @@ def check_fit_seeds(seeds: Iterable[int]) -> None:
             f"seed {bad[0]} is an evaluation seed (>= {EVAL_SEED_START}): fitting and validation must use "
             f"seeds below {EVAL_SEED_START} (see fewstep.seeds.fit_seeds / val_seeds)"
         )
+
+
+def seeded_labels(seeds: list[int], weights: Tensor, salt: int) -> Tensor:
+    """One label per seed, drawn from ``weights`` with a generator of its own per seed.
+
+    The stream is salted so labels are independent of the starting noise drawn from the
+    same seed; the result does not depend on how seeds are batched.
+    """
+    w = weights.detach().cpu().to(torch.float64)
+    out = []
+    for seed in seeds:
+        g = torch.Generator().manual_seed((int(seed) * 1_000_003 + salt) % (2**63 - 1))
+        out.append(int(torch.multinomial(w, 1, generator=g)))
+    return torch.tensor(out, dtype=torch.long)

@@ -13,10 +13,11 @@ from ..denoiser import Denoiser
 from ..errors import FewstepError
 from ..seeds import check_fit_seeds, fit_seeds, val_seeds
 from ..solvers.artifact import PARAMS, LoadedSolver, save_params, save_solver, solver_doc
+from ..solvers.kernel import Tableau
+from ..solvers.learned import LearnedSolver
 from .checkpoint import FitCheckpoint, fit_key
-from .loop import LOSSES
-from .methods import (METHODS, FitConfig, FitOutcome, default_rounds, fit_solver, learning_rates, optimizer_name,
-                      plan_phases)
+from .config import FitConfig, plan_phases
+from .methods import FitOutcome, fit_solver
 from .teacher import TeacherData, TeacherSpec, default_teacher, generate_teacher, parse_teacher
 
 
@@ -28,9 +29,7 @@ class FitResult:
     path: Path | None = None
 
 
-def _detach_tab(tab):
-    from ..solvers.kernel import Tableau
-
+def _detach_tab(tab: Tableau) -> Tableau:
     d = lambda v: None if v is None else v.detach().clone()  # noqa: E731
     return Tableau(tab.basis, d(tab.t), d(tab.a), d(tab.B), d(tab.C), d(tab.c), tab.name, d(tab.B_mask),
                    d(tab.C_mask))
@@ -62,77 +61,96 @@ def fit(
     again with the same settings continues from there (``resume=False`` starts over); the
     checkpoint is removed once the artifact is written.
     """
-    if method not in METHODS:
-        raise FewstepError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    if nfe < 1:
-        raise FewstepError(f"nfe must be at least 1; got {nfe}")
     bad = set(overrides) - set(FitConfig.__dataclass_fields__)
     if bad:
         raise FewstepError(f"unknown fit settings {sorted(bad)}; valid: {', '.join(FitConfig.__dataclass_fields__)}")
-    cfg = replace(FitConfig(method=method, nfe=nfe, seed=seed), **overrides)
-    if cfg.method == "s4s-alt" and cfg.rounds is None:
-        cfg = replace(cfg, rounds=default_rounds(cfg.steps))
-    lr_coef, lr_grid = learning_rates(cfg)  # recorded in the artifact as used
-    cfg = replace(cfg, lr_coef=lr_coef, lr_grid=lr_grid, optimizer=optimizer_name(cfg))
-    if not callable(cfg.loss) and cfg.loss not in LOSSES:
-        raise FewstepError(f"unknown loss {cfg.loss!r}; valid: {', '.join(LOSSES)} or a callable (student, target) -> (B,)")
+    cfg = replace(FitConfig(method=method, nfe=nfe, seed=seed), **overrides).resolved()
     spec = parse_teacher(teacher) if isinstance(teacher, str) else (teacher or default_teacher(model))
     t0 = time.perf_counter()
-    tr_seeds, va_seeds = fit_seeds(samples, seed), val_seeds(val_samples, seed)
-    co_seeds = val_seeds(confirm_samples, seed + val_samples)  # right after the validation block
-    check_fit_seeds(list(tr_seeds) + list(va_seeds) + list(co_seeds))
-    keep = method == "dss"
-    train = generate_teacher(model, tr_seeds, spec, keep_states=keep, cache_dir=cache_dir, device=device,
-                             progress=progress)
-    val = generate_teacher(model, va_seeds, spec, cache_dir=cache_dir, device=device, progress=progress)
-    confirm = generate_teacher(model, co_seeds, spec, cache_dir=cache_dir, device=device,
-                               progress=progress) if confirm_samples else None
-    train, val = train.to(device), val.to(device)
-    confirm = confirm.to(device) if confirm is not None else None
+    data = FitData.generate(model, cfg, spec, samples, val_samples, confirm_samples, cache_dir, device, progress)
     t_teacher = time.perf_counter() - t0
-    ckpt = None
     folder = None if out is None else (Path(out).parent if Path(out).suffix == ".json" else Path(out))
-    if out is not None:
-        key = fit_key({"fingerprint": model.fingerprint(), "guidance": model.guidance_scale, "cfg": cfg.as_dict(),
-                       "teacher": str(spec), "train": [tr_seeds.start, tr_seeds.stop],
-                       "val": [va_seeds.start, va_seeds.stop], "confirm": [co_seeds.start, co_seeds.stop]})
-        ckpt = FitCheckpoint(folder, key)
+    ckpt = None
+    if folder is not None:
+        ckpt = FitCheckpoint(folder, fit_key({"fingerprint": model.fingerprint(), "guidance": model.guidance_scale,
+                                              "cfg": cfg.as_dict(), "teacher": str(spec), **data.seed_ranges()}))
         if not resume:
             ckpt.remove()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        total = sum(p.steps for p in plan_phases(cfg))
-        bar = tqdm(total=total, desc=f"fit {method} NFE {nfe}", unit="step", dynamic_ncols=True)
+    bar = _progress(progress, sum(p.steps for p in plan_phases(cfg)), f"fit {cfg.method} NFE {cfg.nfe}")
     try:
-        outcome = fit_solver(model, train, val, cfg, progress=bar, checkpoint=ckpt, confirm=confirm)
+        outcome = fit_solver(model, data.train, data.val, cfg, progress=bar, checkpoint=ckpt, confirm=data.confirm)
     finally:
         if bar is not None:
             bar.close()
-    wall = time.perf_counter() - t0
+    timing = {"teacher_s": round(t_teacher, 2), "total_s": round(time.perf_counter() - t0, 2),
+              "resumed_from_step": outcome.resumed_from}
+    doc = artifact_doc(model, cfg, spec, data, outcome, timing)
+    path = None if out is None else write_artifact(out, doc, outcome.solver)
+    if ckpt is not None:
+        ckpt.remove()
+    return FitResult(LoadedSolver(doc, path), doc, outcome, path)
+
+
+@dataclass
+class FitData:
+    """A fit's teacher data: training, validation and confirmation noises with the teacher's results."""
+
+    train: TeacherData
+    val: TeacherData
+    confirm: TeacherData | None
+    ranges: dict[str, range]
+
+    @classmethod
+    def generate(cls, model: Denoiser, cfg: FitConfig, spec: TeacherSpec, samples: int, val_samples: int,
+                 confirm_samples: int, cache_dir: str | Path | None, device: str | torch.device,
+                 progress: bool) -> "FitData":
+        tr, va = fit_seeds(samples, cfg.seed), val_seeds(val_samples, cfg.seed)
+        co = val_seeds(confirm_samples, cfg.seed + val_samples)  # right after the validation block
+        check_fit_seeds(list(tr) + list(va) + list(co))
+        run = lambda seeds, keep=False: generate_teacher(model, seeds, spec, keep_states=keep,  # noqa: E731
+                                                         cache_dir=cache_dir, device=device,
+                                                         progress=progress).to(device)
+        return cls(run(tr, cfg.method == "dss"), run(va), run(co) if confirm_samples else None,
+                   {"train": tr, "val": va, "confirm": co})
+
+    def seed_ranges(self) -> dict[str, list[int]]:
+        """{"train": [lo, hi], "val": ..., "confirm": ...}."""
+        return {k: [r.start, r.stop] for k, r in self.ranges.items()}
+
+
+def artifact_doc(model: Denoiser, cfg: FitConfig, spec: TeacherSpec, data: FitData, outcome: FitOutcome,
+                 timing: dict[str, Any]) -> dict[str, Any]:
+    """The solver.json document of a finished fit."""
     with torch.no_grad():
         tab = _detach_tab(outcome.solver.tableau())
-    doc = solver_doc(
-        tab, model.schedule, model, method,
-        label=method,
+    r = data.seed_ranges()
+    return solver_doc(
+        tab, model.schedule, model, cfg.method,
+        label=cfg.method,
         start={"solver": outcome.start, "val_rmse": outcome.start_val},
-        teacher={"spec": str(spec), "train_seeds": [tr_seeds.start, tr_seeds.stop],
-                 "val_seeds": [va_seeds.start, va_seeds.stop], "confirm_seeds": [co_seeds.start, co_seeds.stop]},
+        teacher={"spec": str(spec), "train_seeds": r["train"], "val_seeds": r["val"], "confirm_seeds": r["confirm"]},
         fit=cfg.as_dict(),
         validation={"rmse_to_teacher": outcome.val, "start_rmse_to_teacher": outcome.start_val,
                     "kept_start": outcome.kept_start, "confirm_rmse_to_teacher": outcome.confirm,
                     "confirm_start_rmse_to_teacher": outcome.confirm_start,
                     "classic_ranking": [{"solver": s, "rmse_to_teacher": v} for v, s in outcome.ranking[:8]]},
-        timing={"teacher_s": round(t_teacher, 2), "total_s": round(wall, 2), "resumed_from_step": outcome.resumed_from},
+        timing=timing,
         history=outcome.state.history,
     )
-    path = None
-    if out is not None:
-        params = f"{Path(out).stem}.{PARAMS}" if Path(out).suffix == ".json" else PARAMS
-        save_params(folder / params, outcome.solver)  # first: the JSON names it
-        doc["params"] = params
-        path = save_solver(out, doc)
-    if ckpt is not None:
-        ckpt.remove()
-    return FitResult(LoadedSolver(doc, path), doc, outcome, path)
+
+
+def write_artifact(out: str | Path, doc: dict[str, Any], solver: LearnedSolver) -> Path:
+    """params.safetensors first (the JSON names it), then solver.json; both atomically. Returns the JSON path."""
+    folder = Path(out).parent if Path(out).suffix == ".json" else Path(out)
+    params = f"{Path(out).stem}.{PARAMS}" if Path(out).suffix == ".json" else PARAMS
+    save_params(folder / params, solver)
+    doc["params"] = params
+    return save_solver(out, doc)
+
+
+def _progress(progress: bool, total: int, desc: str) -> Any:
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)

@@ -1,7 +1,7 @@
 """The optimisation loop shared by every method: phases of steps, losses, the relaxed objective,
 validation with keep-the-best, progress, and a state that a checkpoint can restore exactly.
 
-A fit is a list of :class:`Phase` (S4S: one coefficient phase; S4S-Alt: grid and coefficient
+A fit is a list of :class:`~.config.Phase` (S4S: one coefficient phase; S4S-Alt: grid and coefficient
 phases in turn; DSS: one joint phase). The training batch of global step k is drawn from a
 generator seeded by (seed, k) alone, so a run resumed from a checkpoint takes the same batches,
 and ends with the same parameters, as a run that was never interrupted.
@@ -21,10 +21,10 @@ from ..denoiser import Denoiser
 from ..errors import ModelOutputError
 from ..solvers.kernel import run_tableau
 from ..solvers.learned import LearnedSolver
+from .config import LOSSES, FitConfig, Phase
 from .teacher import TeacherData
 
 LossFn = Callable[[Tensor, Tensor], Tensor]  # (student (B, ...), target (B, ...)) -> (B,)
-LOSSES = ("l2", "mse", "l1")
 
 
 def per_sample_loss(kind: str | LossFn) -> LossFn:
@@ -71,19 +71,6 @@ class Relax:
         n = d.flatten(1).norm(dim=1).clamp_min(1e-30)
         scale = torch.clamp(radius / n, max=1.0)
         return d * scale.view(-1, *[1] * (d.dim() - 1))
-
-
-@dataclass
-class Phase:
-    """One stretch of optimisation: which parameter groups move, how, for how many steps."""
-
-    label: str
-    lrs: dict[str, float]  # {'grid': lr, 'coef': lr}
-    steps: int
-    optimizer: str = "adam"
-    batch: int = 20
-    dss_weights: tuple[float, float] | None = None  # (trajectory, final) weights of DSS's objective
-    restore_best: bool = True  # start from the best parameters found so far
 
 
 @dataclass
@@ -177,50 +164,48 @@ def _objective(model: Denoiser, solver: LearnedSolver, train: TeacherData, idx: 
     return L
 
 
-def optimise(
-    model: Denoiser,
-    solver: LearnedSolver,
-    train: TeacherData,
-    val: TeacherData,
-    lrs: dict[str, float],
-    steps: int,
-    batch: int = 20,
-    loss: str | LossFn = "l2",
-    optimizer: str = "adam",
-    relax: Relax | None = None,
-    dss_weights: tuple[float, float] | None = None,
-    eval_every: int = 25,
-    seed: int = 0,
-    state: FitState | None = None,
-    progress: Any = None,
-    label: str = "",
-    use_checkpoint: bool = False,
-    on_eval: Callable[[FitState, torch.optim.Optimizer], None] | None = None,
-    warmup: bool = True,
-) -> FitState:
-    """Optimise the parameter groups named in ``lrs`` ({'grid': lr, 'coef': lr}) for ``steps`` steps.
+@dataclass
+class FitSession:
+    """What one fit works on, beside its phases: the model, the solver being fitted, the teacher data,
+    the settings, the relaxed latents (LD3) and the hooks (progress bar, checkpoint after validation)."""
 
-    ``dss_weights=(w_traj, w_final)`` switches to DSS's objective: per-step state MSE to the
-    teacher's nearest state plus w_final * Huber(1e-3) on the final sample.
-    Keeps (in ``state.best``) the parameters with the best validation RMSE, starting from the
-    current parameters, so the result is never worse on validation than the start.
-    ``state.opt_state`` (if set) restores the optimizer; ``on_eval(state, opt)`` runs after
-    every validation (a checkpoint hook).
+    model: Denoiser
+    solver: LearnedSolver
+    train: TeacherData
+    val: TeacherData
+    cfg: FitConfig = field(default_factory=FitConfig)
+    relax: Relax | None = None
+    progress: Any = None
+    on_eval: Callable[[FitState, torch.optim.Optimizer], None] | None = None
+
+
+def optimise(session: FitSession, phase: Phase, state: FitState | None = None, steps: int | None = None) -> FitState:
+    """Run ``phase`` (its parameter groups, learning rates, optimizer and batch) for ``steps`` steps
+    (default: the phase's), continuing ``state``.
+
+    A phase with ``dss_weights=(w_traj, w_final)`` uses DSS's objective: per-step state MSE to the
+    teacher's nearest state plus w_final * Huber(1e-3) on the final sample. Keeps (in ``state.best``)
+    the parameters with the best validation RMSE, starting from the current parameters, so the result
+    is never worse on validation than the start. ``state.opt_state`` (if set) restores the optimizer;
+    ``session.on_eval(state, opt)`` runs after every validation (a checkpoint hook).
     """
+    model, solver, train, val, cfg, relax = (session.model, session.solver, session.train, session.val,
+                                             session.cfg, session.relax)
     state = state or FitState()
+    steps = phase.steps if steps is None else steps
     groups = solver.coef_groups()
-    params = [{"params": groups[g], "lr": lr} for g, lr in lrs.items() if lr > 0]
+    params = [{"params": groups[g], "lr": lr} for g, lr in phase.lrs.items() if lr > 0]
     for p in solver.parameters():
         p.requires_grad_(False)
     for g in params:
         for p in g["params"]:
             p.requires_grad_(True)
-    opt = _make_optimizer(optimizer, params)
+    opt = _make_optimizer(phase.optimizer, params)
     if state.opt_state is not None:
         opt.load_state_dict(state.opt_state)
         for g, p in zip(opt.param_groups, params):  # the checkpoint holds a warm-up lr: restart from the base
             g["lr"] = p["lr"]
-    loss_fn = per_sample_loss(loss)
+    loss_fn = per_sample_loss(cfg.loss)
     n = len(train)
     dim = int(train.noise[0].numel())
     if relax is not None and relax.offsets is None:
@@ -231,7 +216,7 @@ def optimise(
         state.best_val = validate(model, solver, val)
         state.best = {k: v.detach().clone() for k, v in solver.state_dict().items()}
     base = [g["lr"] for g in opt.param_groups]
-    warm = max(1, min(50, (state.phase_step + steps) // 10)) if warmup else 1
+    warm = max(1, min(50, (state.phase_step + steps) // 10)) if cfg.warmup else 1
     t0 = time.perf_counter()
     bad = 0
     for it in range(steps):
@@ -239,14 +224,14 @@ def optimise(
         # throw a solver in a sensitive basis (E near the noise end) far from its start
         for g, lr in zip(opt.param_groups, base):
             g["lr"] = lr * min(1.0, (state.phase_step + 1) / warm)
-        idx = _batch_index(n, batch, seed, state.step)
+        idx = _batch_index(n, phase.batch, cfg.seed, state.step)
         noise = train.noise[idx]
         if relax is not None:
             off = relax.offsets[idx].clone().requires_grad_(True)
             noise = noise + off / scale
         opt.zero_grad(set_to_none=True)
         try:
-            L = _objective(model, solver, train, idx, noise, loss_fn, dss_weights, use_checkpoint)
+            L = _objective(model, solver, train, idx, noise, loss_fn, phase.dss_weights, cfg.use_checkpoint)
             L.backward()
             failed = not all(p.grad is None or torch.isfinite(p.grad).all() for g in params for p in g["params"])
         except ModelOutputError:  # the solve blew up at these parameters: skip the step
@@ -266,10 +251,10 @@ def optimise(
                 relax.offsets[idx] = relax.project(off - relax.lr * radius * off.grad / gn, radius)
         state.step += 1
         state.phase_step += 1
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix_str(f"{label} loss {float(L.detach()):.3g} val {state.best_val:.4g}")
-        if (it + 1) % eval_every == 0 or it == steps - 1:
+        if session.progress is not None:
+            session.progress.update(1)
+            session.progress.set_postfix_str(f"{phase.label} loss {float(L.detach()):.3g} val {state.best_val:.4g}")
+        if (it + 1) % cfg.eval_every == 0 or it == steps - 1:
             v = validate(model, solver, val)
             state.history.append({"step": state.step, "loss": float(L.detach()), "val": v})
             if v < state.best_val:
@@ -277,43 +262,25 @@ def optimise(
                 state.best = {k: x.detach().clone() for k, x in solver.state_dict().items()}
             state.seconds += time.perf_counter() - t0
             t0 = time.perf_counter()
-            if on_eval is not None:
-                on_eval(state, opt)
+            if session.on_eval is not None:
+                session.on_eval(state, opt)
     state.seconds += time.perf_counter() - t0
     for p in solver.parameters():
         p.requires_grad_(False)
     return state
 
 
-def run_phases(
-    model: Denoiser,
-    solver: LearnedSolver,
-    train: TeacherData,
-    val: TeacherData,
-    phases: list[Phase],
-    state: FitState,
-    loss: str | LossFn = "l2",
-    relax: Relax | None = None,
-    eval_every: int = 25,
-    seed: int = 0,
-    progress: Any = None,
-    use_checkpoint: bool = False,
-    on_eval: Callable[[FitState, torch.optim.Optimizer], None] | None = None,
-    warmup: bool = True,
-) -> FitState:
+def run_phases(session: FitSession, phases: list[Phase], state: FitState) -> FitState:
     """Run ``phases`` in order from ``state`` (a fresh state, or one restored from a checkpoint)."""
     while state.phase < len(phases):
         ph = phases[state.phase]
         if state.phase_step == 0:
             state.opt_state = None
             if ph.restore_best:
-                restore_best(solver, state)
+                restore_best(session.solver, state)
         left = ph.steps - state.phase_step
         if left > 0:
-            state = optimise(model, solver, train, val, ph.lrs, left, batch=ph.batch, loss=loss,
-                             optimizer=ph.optimizer, relax=relax, dss_weights=ph.dss_weights, eval_every=eval_every,
-                             seed=seed, state=state, progress=progress, label=ph.label,
-                             use_checkpoint=use_checkpoint, on_eval=on_eval, warmup=warmup)
+            state = optimise(session, ph, state, steps=left)
         state.phase += 1
         state.phase_step = 0
         state.opt_state = None

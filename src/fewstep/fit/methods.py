@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -29,10 +28,10 @@ from ..solvers.learned import LearnedSolver, step_scales, window_mask
 from ..solvers.registry import classic_specs
 from ..solvers.resolve import TableauSolver, is_artifact_spec
 from .checkpoint import FitCheckpoint
-from .loop import FitState, Phase, Relax, clearly_better, restore_best, run_phases, val_errors, validate
+from .config import METHODS, FitConfig, plan_phases
+from .loop import FitSession, FitState, Relax, clearly_better, restore_best, run_phases, val_errors, validate
 from .teacher import TeacherData
 
-METHODS = ("s4s", "s4s-alt", "ld3", "dss")
 F64 = torch.float64
 
 
@@ -90,8 +89,7 @@ def dss_mask(n: int) -> Tensor:
 #: DSS's two forms: the flow form (velocity, x_{i+1} = x_i + dt_i vhat_i) and the VP form (data
 #: prediction, x_{i+1} = sigma_{i+1}/sigma_i x_i + sigma_{i+1} (omega_{i+1} - omega_i) sum_j M_ij D_j).
 #: Either applies to any schedule; a fit takes the form of its start, so the better start decides
-#: (measured on zoo:digits-eps at NFE 5: the VP form from DPM-Solver++ 0.122 held out, the flow form
-#: from Adams-2 on the quadratic grid 0.035).
+#: (on digits-eps the flow form wins clearly: BENCHMARKS.md, section 2).
 DSS_FORMS = ("v", "D")
 
 
@@ -131,36 +129,6 @@ def rank_classic(model: Denoiser, nfe: int, val: TeacherData, predictor_only: bo
 
 
 @dataclass
-class FitConfig:
-    method: str = "s4s-alt"
-    nfe: int = 5
-    start: str | None = None  # NAME@GRID, or a learned-solver folder to refine; None: the best classic on validation
-    k: int = 3
-    steps: int = 2000  # optimisation steps in total
-    rounds: int | None = None  # S4S-Alt alternations (None: default_rounds(steps))
-    batch: int = 48
-    lr_coef: float | None = None  # None: 3e-2 with Adam, 1e-2 with Lion (the DSS paper's)
-    lr_grid: float | None = None  # None: 5e-2 with Adam, 1e-2 with Lion
-    decouple: float = 0.1
-    relax: float = 0.0  # LD3 ball radius, relative to the noise norm; 0 disables
-    loss: str | Callable = "l2"  # per-sample L2 distance; "mse" (its square), "l1", or a callable
-    optimizer: str | None = None  # default: adam (S4S family), lion (DSS)
-    eval_every: int = 25
-    seed: int = 0
-    use_checkpoint: bool = False
-    corrector: bool | None = None  # learn a corrector (None: for s4s and s4s-alt, else only if the start has one)
-    scale_a: bool | None = None  # also learn a scale of each step's carried state a_i (None: for s4s, s4s-alt)
-    polish: float = 0.0  # S4S-Alt: fraction of the steps spent on a final joint phase at a tenth of the rates
-    warmup: bool = True  # linear learning-rate warm-up over the first tenth (at most 50 steps) of each phase
-
-    def as_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        if callable(d["loss"]):
-            d["loss"] = getattr(d["loss"], "__name__", "callable")
-        return d
-
-
-@dataclass
 class FitOutcome:
     solver: LearnedSolver
     start: str
@@ -172,54 +140,6 @@ class FitOutcome:
     resumed_from: int = 0  # the global step a checkpoint restored (0: a fresh fit)
     confirm: float | None = None  # RMSE to the teacher on the confirmation noises (None: no confirmation set)
     confirm_start: float | None = None
-
-
-def default_rounds(steps: int) -> int:
-    """S4S-Alt's alternations for a budget of ``steps``: 8, but no phase shorter than 75 steps.
-
-    Short phases do not settle before the other half of the parameters moves. Measured on
-    zoo:digits-unet at NFE 5 with 300 steps (validation RMSE to the teacher, start 0.0470):
-    1 round 0.0337, 2 rounds 0.0288, 8 rounds (19-step phases) 0.0385.
-    """
-    return max(1, min(8, steps // 150))
-
-
-def optimizer_name(cfg: FitConfig) -> str:
-    """Adam for the S4S family, Lion for DSS (as in their papers), unless ``cfg.optimizer`` says."""
-    return cfg.optimizer or ("lion" if cfg.method == "dss" else "adam")
-
-
-def learning_rates(cfg: FitConfig) -> tuple[float, float]:
-    """(coefficients, grid) learning rates: ``cfg``'s, else 3e-2 / 5e-2 with Adam (measured on the zoo
-    models: coefficients want large steps) and 1e-2 / 1e-2 with Lion (the DSS paper's constant rate)."""
-    lion = optimizer_name(cfg) == "lion"
-    coef = cfg.lr_coef if cfg.lr_coef is not None else (1e-2 if lion else 3e-2)
-    grid = cfg.lr_grid if cfg.lr_grid is not None else (1e-2 if lion else 5e-2)
-    return coef, grid
-
-
-def plan_phases(cfg: FitConfig) -> list[Phase]:
-    """The optimisation phases of ``cfg.method``."""
-    opt = optimizer_name(cfg)
-    lr_coef, lr_grid = learning_rates(cfg)
-    if cfg.method == "s4s":
-        return [Phase("coef", {"coef": lr_coef}, cfg.steps, opt, cfg.batch)]
-    if cfg.method == "ld3":
-        return [Phase("grid", {"grid": lr_grid}, cfg.steps, opt, cfg.batch)]
-    if cfg.method == "s4s-alt":
-        polish = int(cfg.steps * cfg.polish)
-        rounds = cfg.rounds or default_rounds(cfg.steps)
-        per = max(1, (cfg.steps - polish) // (2 * rounds))
-        out = []
-        for r in range(rounds):
-            out.append(Phase(f"round {r + 1} grid", {"grid": lr_grid}, per, opt, cfg.batch))
-            out.append(Phase(f"round {r + 1} coef", {"coef": lr_coef}, per, opt, cfg.batch))
-        if polish:  # grid and coefficients together at a tenth of the rates, from the best so far
-            out.append(Phase("polish", {"grid": lr_grid / 10, "coef": lr_coef / 10}, polish, opt, cfg.batch))
-        return out
-    # dss: grid and coefficients jointly (the paper: Lion at 1e-2), batch at least the paper's 32
-    return [Phase("dss", {"grid": lr_grid, "coef": lr_coef}, cfg.steps, opt, max(cfg.batch, 32),
-                  dss_weights=(1.0, 1000.0))]
 
 
 def _build(model: Denoiser, cfg: FitConfig, start: str, tab: Tableau | None = None, learn: bool = True) -> LearnedSolver:
@@ -245,10 +165,9 @@ def _from_artifact(model: Denoiser, cfg: FitConfig, path: str) -> LearnedSolver:
 
 
 def _corrector(cfg: FitConfig, basis: str) -> bool | None:
-    """S4S's predictor-corrector variant by default: a learned corrector reuses each next
-    evaluation (no extra NFE). Measured: on digits-eps (velocity basis) at NFE 5 it cut the held-out
-    error by 10%; from a noise-prediction start (iPNDM, basis E) it made the fit diverge on gmm
-    (validation 0.03 without, kept start 0.10 with), so it is off for basis E unless asked for."""
+    """S4S's predictor-corrector variant by default: a learned corrector reuses each next evaluation (no
+    extra NFE). It helps from velocity and data-prediction starts and made fits from noise-prediction
+    starts (iPNDM, basis E) diverge, so it is off for basis E unless asked for (BENCHMARKS.md, section 2)."""
     if cfg.method == "dss":
         return None
     if cfg.corrector is None:
@@ -259,7 +178,7 @@ def _corrector(cfg: FitConfig, basis: str) -> bool | None:
 def _scale_a(cfg: FitConfig) -> bool:
     """Learn a_i -> a_i exp(u_i) for the S4S family by default: it lets the update absorb the linear
     part of the ODE that the basis does not integrate exactly (e.g. velocity-basis Adams on a VP
-    model). Held-out RMSE at NFE 5: digits-flow 0.0293 -> 0.0257, digits-eps 0.0275 -> 0.0264."""
+    model); measured gains in BENCHMARKS.md, section 2."""
     if cfg.method in ("dss", "ld3"):
         return False
     return cfg.method in ("s4s", "s4s-alt") if cfg.scale_a is None else bool(cfg.scale_a)
@@ -308,9 +227,7 @@ def fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitCo
             checkpoint.save(st, solver, opt, relax, extra)
     if progress is not None and resumed:
         progress.update(resumed)
-    state = run_phases(model, solver, train, val, phases, state, loss=cfg.loss, relax=relax,
-                       eval_every=cfg.eval_every, seed=cfg.seed, progress=progress,
-                       use_checkpoint=cfg.use_checkpoint, on_eval=on_eval, warmup=cfg.warmup)
+    state = run_phases(FitSession(model, solver, train, val, cfg, relax, progress, on_eval), phases, state)
     restore_best(solver, state)
     err = val_errors(model, solver, val)
     co = co_start = None

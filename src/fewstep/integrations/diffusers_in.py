@@ -428,7 +428,7 @@ def _fewstep_json(root: Path) -> dict[str, Any]:
 
 def uniform_labels(num_classes: int) -> Callable[[list[int]], dict[str, Tensor]]:
     """cond_sampler drawing one uniform label per seed, each seed its own generator (batch-independent)."""
-    from ..zoo._common import seeded_labels
+    from ..seeds import seeded_labels
 
     weights = torch.ones(int(num_classes), dtype=F64)
     return lambda seeds: {"class_labels": seeded_labels(list(seeds), weights, salt=LABEL_SALT)}

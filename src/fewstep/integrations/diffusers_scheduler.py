@@ -33,8 +33,9 @@ from torch import Tensor
 from ..denoiser import Denoiser
 from ..errors import ArtifactError, FewstepError, SolverNameError
 from ..schedules import Flow, Schedule, VPDiscrete, schedule_from_config
-from ..solvers.artifact import tableau_from_doc, tableau_to_doc
+from ..solvers.artifact import LoadedSolver, tableau_from_doc, tableau_to_doc
 from ..solvers.kernel import Stepper, Tableau
+from ..solvers.learned import LearnedSolver
 from ..solvers.resolve import ClassicSolver, Solver, resolve_solver
 from .diffusers_in import PREDICTION_TYPES, prediction_name, schedule_from_diffusers
 
@@ -244,20 +245,15 @@ def _classic_tableau(sched: Schedule, solver: str | None, nfe: int | None, grid:
 
 
 def _learned_tableau(solver: Any, sched: Schedule, model: Denoiser | None) -> Tableau:
-    if isinstance(solver, Tableau):
-        return solver.validate()
-    if not hasattr(solver, "tableau"):
-        raise SolverNameError(f"solver must be a 'NAME@GRID' spec, a learned solver or a Tableau; "
-                              f"got {type(solver).__name__}")
-    own = getattr(solver, "schedule", None)
-    if own is not None and own.config() != sched.config():
-        raise ArtifactError(f"solver {getattr(solver, 'name', '')} was made for {own.describe()}, "
-                            f"not this model's {sched.describe()}")
-    if model is None and getattr(solver, "doc", None) is not None and not getattr(solver, "force", False):
-        warnings.warn(f"solver {getattr(solver, 'path', None) or solver.name} can only be checked against the "
-                      f"schedule here, not against the network it was fitted for; pass the model "
-                      f"(FewStepScheduler.from_solver(solver, from_diffusers(unet, config))) to check its "
-                      f"fingerprint too", stacklevel=3)
+    s: Solver = resolve_solver(solver)
+    if isinstance(s, LoadedSolver):
+        if model is None and not s.force:
+            warnings.warn(f"solver {s.path or s.name} can only be checked against the schedule here, not against the "
+                          f"network it was fitted for; pass the model (FewStepScheduler.from_solver(solver, "
+                          f"from_diffusers(unet, config))) to check its fingerprint too", stacklevel=3)
+        with torch.no_grad():
+            return s.tableau(model if model is not None else sched)
+    if isinstance(s, LearnedSolver) and s.schedule.config() != sched.config():
+        raise ArtifactError(f"solver {s.name} was made for {s.schedule.describe()}, not this model's {sched.describe()}")
     with torch.no_grad():
-        tab = solver.tableau(model)
-    return tab
+        return s.tableau(model).validate()

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import FewstepError
+from ..training import ForeachAdamW, read_weights, recipe_hash, weights_dir, write_weights
 
 RECIPE: dict[str, Any] = {
     "version": 1,
@@ -95,7 +96,6 @@ def train_classifier(recipe: dict[str, Any]) -> dict[str, Tensor]:
 
 def _train(recipe: dict[str, Any]) -> dict[str, Tensor]:
     from ..zoo.digits import digits_data
-    from ..zoo.train import _Adam
 
     x_all, y_all = digits_data(torch.float32)
     tr, te = heldout_split(recipe, x_all.shape[0])
@@ -105,7 +105,7 @@ def _train(recipe: dict[str, Any]) -> dict[str, Tensor]:
         net = DigitsClassifier(**recipe["arch"])
     g = torch.Generator().manual_seed(int(recipe["seed"]) + 1)
     params = [p for n, p in net.named_parameters()]
-    opt = _Adam(params, recipe["lr"], recipe["weight_decay"])
+    opt = ForeachAdamW(params, recipe["lr"], recipe["weight_decay"])
     steps, bs, noise = int(recipe["steps"]), int(recipe["batch"]), float(recipe["noise"])
     for step in range(steps):
         idx = torch.randint(0, x.shape[0], (bs,), generator=g)
@@ -122,9 +122,7 @@ def _train(recipe: dict[str, Any]) -> dict[str, Tensor]:
 
 def classifier_path(recipe: dict[str, Any]) -> Path:
     """Cache file of the classifier trained from ``recipe``."""
-    from ..zoo.train import cache_dir, recipe_hash
-
-    return cache_dir().parent / "metrics" / f"digits-classifier-{recipe_hash(recipe)}.safetensors"
+    return weights_dir("metrics") / f"digits-classifier-{recipe_hash(recipe)}.safetensors"
 
 
 _MEMORY: dict[str, dict[str, Tensor]] = {}
@@ -132,19 +130,17 @@ _MEMORY: dict[str, dict[str, Tensor]] = {}
 
 def load_digits_classifier(retrain: bool = False, **overrides: Any) -> DigitsClassifier:
     """The trained digits classifier (eval mode, frozen): from memory, the cache, or trained now."""
-    from ..zoo.train import _read, _write, recipe_hash
-
     recipe = recipe_for(**overrides)
     h = recipe_hash(recipe)
     state = None if retrain else _MEMORY.get(h)
     path = classifier_path(recipe)
     if state is None and not retrain and path.exists():
-        state = _read(path, recipe)
+        state = read_weights(path, recipe)
     if state is None:
         t0 = time.perf_counter()
         state = train_classifier(recipe)
         try:
-            _write(path, state, recipe, time.perf_counter() - t0)
+            write_weights(path, state, recipe, time.perf_counter() - t0)
         except OSError as e:  # read-only cache: keep it in memory for this process
             print(f"digits classifier not cached ({e.strerror or e}); kept in memory", file=sys.stderr)
     _MEMORY[h] = state

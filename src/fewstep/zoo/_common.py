@@ -43,17 +43,3 @@ def labels_or_none(class_labels: Any, batch: int, device: torch.device) -> Tenso
     if lab.numel() != batch:
         raise ModelSpecError(f"class_labels must hold one label per sample: got {lab.numel()} for a batch of {batch}")
     return lab
-
-
-def seeded_labels(seeds: list[int], weights: Tensor, salt: int) -> Tensor:
-    """One label per seed, drawn from ``weights`` with a generator of its own per seed.
-
-    The stream is salted so labels are independent of the starting noise drawn from the
-    same seed; the result does not depend on how seeds are batched.
-    """
-    w = weights.detach().cpu().to(F64)
-    out = []
-    for seed in seeds:
-        g = torch.Generator().manual_seed((int(seed) * 1_000_003 + salt) % (2**63 - 1))
-        out.append(int(torch.multinomial(w, 1, generator=g)))
-    return torch.tensor(out, dtype=torch.long)

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from ..denoiser import Denoiser
 from ..errors import ModelSpecError
 from ..schedules import Schedule, VPLinear
-from ._common import F64, as_schedule, batch_times, labels_or_none, seeded_labels
+from ..seeds import seeded_labels
+from ._common import F64, as_schedule, batch_times, labels_or_none
 
 LOG2PI = math.log(2.0 * math.pi)
 

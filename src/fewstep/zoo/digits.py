@@ -83,7 +83,7 @@ def build_digits_empirical(
     guidance_scale: float | None = None, conditional: bool | None = None,
 ) -> Denoiser:
     """zoo:digits-empirical: the exact denoiser of the 1797 training digits (x0-prediction)."""
-    from ._common import seeded_labels
+    from ..seeds import seeded_labels
 
     if conditional is None:
         conditional = guidance_scale is not None

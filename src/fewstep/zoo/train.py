@@ -13,12 +13,8 @@ mismatch or an unreadable file means retraining.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +24,7 @@ from torch import Tensor, nn
 
 from ..errors import ModelSpecError
 from ..schedules import Flow, Schedule, VPDiscrete
+from ..training import ForeachAdamW, read_weights, recipe_hash, weights_dir, write_weights
 
 RECIPE_VERSION = 1
 
@@ -69,10 +66,6 @@ def recipe_for(name: str, **overrides: Any) -> dict[str, Any]:
         else:
             raise ModelSpecError(f"unknown recipe field {k!r}; valid: {', '.join(sorted(r))}")
     return r
-
-
-def recipe_hash(recipe: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # ----------------------------------------------------------------------------- network
@@ -157,30 +150,6 @@ def make_net(recipe: dict[str, Any]) -> tuple[DigitsMLP, Schedule]:
 
 
 # ----------------------------------------------------------------------------- training
-class _Adam:
-    """AdamW with foreach ops (torch.optim would import torch._dynamo: seconds on first use)."""
-
-    def __init__(self, params: list[Tensor], lr: float, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        self.params, self.wd, self.b1, self.b2, self.eps = params, float(weight_decay), *betas, eps
-        self.m = [torch.zeros_like(p) for p in params]
-        self.v = [torch.zeros_like(p) for p in params]
-        self.t = 0
-
-    def step(self, grads: list[Tensor] | tuple[Tensor, ...], lr: float) -> None:
-        self.t += 1
-        b1, b2 = self.b1, self.b2
-        torch._foreach_lerp_(self.m, list(grads), 1.0 - b1)
-        torch._foreach_mul_(self.v, b2)
-        torch._foreach_addcmul_(self.v, list(grads), list(grads), value=1.0 - b2)
-        denom = torch._foreach_sqrt(self.v)
-        torch._foreach_div_(denom, math.sqrt(1.0 - b2**self.t))
-        torch._foreach_add_(denom, self.eps)
-        if self.wd:
-            torch._foreach_mul_(self.params, 1.0 - lr * self.wd)
-        torch._foreach_addcdiv_(self.params, self.m, denom, value=-lr / (1.0 - b1**self.t))
-
-
 def train(recipe: dict[str, Any], log: bool = False) -> dict[str, Tensor]:
     """Train a network from ``recipe`` on the CPU; returns the EMA state dict (float32).
 
@@ -203,7 +172,7 @@ def _train(recipe: dict[str, Any], log: bool) -> dict[str, Tensor]:
     g = torch.Generator().manual_seed(int(recipe["seed"]) + 1)
     steps, bs = int(recipe["steps"]), int(recipe["batch"])
     params = [p for p in net.parameters()]
-    opt = _Adam(params, recipe["lr"], recipe["weight_decay"])
+    opt = ForeachAdamW(params, recipe["lr"], recipe["weight_decay"])
     ema_params = list(ema.parameters())
     warm = max(1, int(recipe["warmup"]))
     objective = recipe["objective"]
@@ -251,47 +220,11 @@ def _train(recipe: dict[str, Any], log: bool) -> dict[str, Tensor]:
 
 
 # ----------------------------------------------------------------------------- cache
-def cache_dir() -> Path:
-    root = os.environ.get("FEWSTEP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fewstep")
-    return Path(root) / "zoo"
-
-
 def cache_path(name: str, recipe: dict[str, Any]) -> Path:
-    return cache_dir() / f"{name}-{recipe_hash(recipe)}.safetensors"
+    return weights_dir("zoo") / f"{name}-{recipe_hash(recipe)}.safetensors"
 
 
 _MEMORY: dict[str, dict[str, Tensor]] = {}
-
-
-def _read(path: Path, recipe: dict[str, Any]) -> dict[str, Tensor] | None:
-    try:
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("recipe_hash") != recipe_hash(recipe):
-            return None
-        return load_file(str(path))
-    except Exception:  # noqa: BLE001 - unreadable or partial file: retrain
-        return None
-
-
-def _write(path: Path, state: dict[str, Tensor], recipe: dict[str, Any], seconds: float) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"recipe_hash": recipe_hash(recipe), "recipe": json.dumps(recipe, sort_keys=True),
-            "train_seconds": f"{seconds:.1f}", "torch": torch.__version__}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def trained_state(name: str, recipe: dict[str, Any], retrain: bool = False) -> dict[str, Tensor]:
@@ -300,7 +233,7 @@ def trained_state(name: str, recipe: dict[str, Any], retrain: bool = False) -> d
     if not retrain and h in _MEMORY:
         return _MEMORY[h]
     path = cache_path(name, recipe)
-    state = None if retrain or not path.exists() else _read(path, recipe)
+    state = None if retrain or not path.exists() else read_weights(path, recipe)
     if state is None:
         est = max(1, round(EXPECTED_SECONDS * recipe["steps"] / BASE_RECIPE["steps"]))
         print(f"training zoo:{name} ({'retrain' if retrain else 'first use'}, ~{est} s)...", file=sys.stderr)
@@ -308,7 +241,7 @@ def trained_state(name: str, recipe: dict[str, Any], retrain: bool = False) -> d
         state = train(recipe)
         dt = time.perf_counter() - t0
         try:
-            _write(path, state, recipe, dt)
+            write_weights(path, state, recipe, dt)
             where = str(path)
         except OSError as e:  # read-only cache: keep it in memory for this process
             where = f"memory only ({e.strerror or e})"

@@ -23,7 +23,6 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -35,8 +34,9 @@ from torch import Tensor
 
 from ..denoiser import Denoiser
 from ..errors import ModelSpecError
+from ..io import atomic_dir
 from ..schedules import VPDiscrete, schedule_from_config
-from .train import _Adam, cache_dir, recipe_hash
+from ..training import ForeachAdamW, recipe_hash, weights_dir
 
 NAME = "digits-unet"
 SHAPE = (1, 16, 16)
@@ -147,7 +147,7 @@ def _train(recipe: dict[str, Any], log: bool) -> dict[str, Tensor]:
         net = make_unet(recipe)
     ema = copy.deepcopy(net).requires_grad_(False)
     params, ema_params = list(net.parameters()), list(ema.parameters())
-    opt = _Adam(params, recipe["lr"], recipe["weight_decay"])
+    opt = ForeachAdamW(params, recipe["lr"], recipe["weight_decay"])
     g = torch.Generator().manual_seed(int(recipe["seed"]) + 1)
     steps, bs, warm = int(recipe["steps"]), int(recipe["batch"]), max(1, int(recipe["warmup"]))
     clip = float(recipe["grad_clip"])
@@ -188,10 +188,7 @@ def save_pipeline(state: dict[str, Tensor], recipe: dict[str, Any], path: str | 
     from diffusers import DDPMPipeline
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    old = path.parent / f".{path.name}.old-{os.getpid()}"
-    try:
+    with atomic_dir(path) as tmp:
         with torch.random.fork_rng(devices=[]):
             net = make_unet(recipe)
         net.load_state_dict(state)
@@ -202,16 +199,6 @@ def save_pipeline(state: dict[str, Tensor], recipe: dict[str, Any], path: str | 
         prov = {"recipe_hash": recipe_hash(recipe), "recipe": recipe, "torch": torch.__version__,
                 "train_seconds": None if seconds is None else round(seconds, 1)}
         (tmp / "recipe.json").write_text(json.dumps(prov, indent=1, sort_keys=True) + "\n")
-        for p in tmp.rglob("*"):
-            p.chmod(0o755 if p.is_dir() else 0o644)
-        tmp.chmod(0o755)
-        if path.exists():  # retraining over an older folder: move it aside, then swap in the new one
-            os.replace(path, old)
-        os.replace(tmp, path)
-    finally:
-        for p in (tmp, old):
-            if p.exists():
-                shutil.rmtree(p, ignore_errors=True)
     return path
 
 
@@ -240,7 +227,7 @@ def trained_pipeline(recipe: dict[str, Any], retrain: bool = False) -> Path:
             return WEIGHTS_DIR
         if h in _TRAINED and folder_recipe_hash(_TRAINED[h]) == h:
             return _TRAINED[h]
-    path = cache_dir() / f"{NAME}-{h}"
+    path = weights_dir("zoo") / f"{NAME}-{h}"
     if not retrain and folder_recipe_hash(path) == h:
         return path
     minutes = EXPECTED_SECONDS * recipe["steps"] / RECIPE["steps"] / 60.0

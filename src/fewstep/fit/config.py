@@ -1,0 +1,116 @@
+"""A fit's settings (:class:`FitConfig`) and the optimisation phases each method runs (:func:`plan_phases`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+METHODS = ("s4s", "s4s-alt", "ld3", "dss")
+LOSSES = ("l2", "mse", "l1")
+
+
+@dataclass
+class Phase:
+    """One stretch of optimisation: which parameter groups move, how, for how many steps."""
+
+    label: str
+    lrs: dict[str, float]  # {'grid': lr, 'coef': lr}
+    steps: int
+    optimizer: str = "adam"
+    batch: int = 20
+    dss_weights: tuple[float, float] | None = None  # (trajectory, final) weights of DSS's objective
+    restore_best: bool = True  # start from the best parameters found so far
+
+
+@dataclass
+class FitConfig:
+    method: str = "s4s-alt"
+    nfe: int = 5
+    start: str | None = None  # NAME@GRID, or a learned-solver folder to refine; None: the best classic on validation
+    k: int = 3
+    steps: int = 2000  # optimisation steps in total
+    rounds: int | None = None  # S4S-Alt alternations (None: default_rounds(steps))
+    batch: int = 48
+    lr_coef: float | None = None  # None: 3e-2 with Adam, 1e-2 with Lion (the DSS paper's)
+    lr_grid: float | None = None  # None: 5e-2 with Adam, 1e-2 with Lion
+    decouple: float = 0.1
+    relax: float = 0.0  # LD3 ball radius, relative to the noise norm; 0 disables
+    loss: str | Callable = "l2"  # per-sample L2 distance; "mse" (its square), "l1", or a callable
+    optimizer: str | None = None  # default: adam (S4S family), lion (DSS)
+    eval_every: int = 25
+    seed: int = 0
+    use_checkpoint: bool = False
+    corrector: bool | None = None  # learn a corrector (None: for s4s and s4s-alt, else only if the start has one)
+    scale_a: bool | None = None  # also learn a scale of each step's carried state a_i (None: for s4s, s4s-alt)
+    polish: float = 0.0  # S4S-Alt: fraction of the steps spent on a final joint phase at a tenth of the rates
+    warmup: bool = True  # linear learning-rate warm-up over the first tenth (at most 50 steps) of each phase
+
+    def resolved(self) -> "FitConfig":
+        """This config checked, with every default that depends on the method filled in (rounds, learning
+        rates, optimizer), as the artifact records it."""
+        from ..errors import FewstepError
+
+        if self.method not in METHODS:
+            raise FewstepError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
+        if self.nfe < 1:
+            raise FewstepError(f"nfe must be at least 1; got {self.nfe}")
+        if not callable(self.loss) and self.loss not in LOSSES:
+            raise FewstepError(f"unknown loss {self.loss!r}; valid: {', '.join(LOSSES)} or a callable "
+                               f"(student, target) -> (B,)")
+        lr_coef, lr_grid = learning_rates(self)
+        rounds = self.rounds if self.rounds is not None or self.method != "s4s-alt" else default_rounds(self.steps)
+        return replace(self, rounds=rounds, lr_coef=lr_coef, lr_grid=lr_grid, optimizer=optimizer_name(self))
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        if callable(d["loss"]):
+            d["loss"] = getattr(d["loss"], "__name__", "callable")
+        return d
+
+
+
+def default_rounds(steps: int) -> int:
+    """S4S-Alt's alternations for a budget of ``steps``: 8, but no phase shorter than 75 steps.
+
+    Short phases do not settle before the other half of the parameters moves (measured: BENCHMARKS.md,
+    the image model).
+    """
+    return max(1, min(8, steps // 150))
+
+
+def optimizer_name(cfg: FitConfig) -> str:
+    """Adam for the S4S family, Lion for DSS (as in their papers), unless ``cfg.optimizer`` says."""
+    return cfg.optimizer or ("lion" if cfg.method == "dss" else "adam")
+
+
+def learning_rates(cfg: FitConfig) -> tuple[float, float]:
+    """(coefficients, grid) learning rates: ``cfg``'s, else 3e-2 / 5e-2 with Adam (coefficients want large
+    steps; see BENCHMARKS.md) and 1e-2 / 1e-2 with Lion (the DSS paper's constant rate)."""
+    lion = optimizer_name(cfg) == "lion"
+    coef = cfg.lr_coef if cfg.lr_coef is not None else (1e-2 if lion else 3e-2)
+    grid = cfg.lr_grid if cfg.lr_grid is not None else (1e-2 if lion else 5e-2)
+    return coef, grid
+
+
+def plan_phases(cfg: FitConfig) -> list[Phase]:
+    """The optimisation phases of ``cfg.method``."""
+    opt = optimizer_name(cfg)
+    lr_coef, lr_grid = learning_rates(cfg)
+    if cfg.method == "s4s":
+        return [Phase("coef", {"coef": lr_coef}, cfg.steps, opt, cfg.batch)]
+    if cfg.method == "ld3":
+        return [Phase("grid", {"grid": lr_grid}, cfg.steps, opt, cfg.batch)]
+    if cfg.method == "s4s-alt":
+        polish = int(cfg.steps * cfg.polish)
+        rounds = cfg.rounds or default_rounds(cfg.steps)
+        per = max(1, (cfg.steps - polish) // (2 * rounds))
+        out = []
+        for r in range(rounds):
+            out.append(Phase(f"round {r + 1} grid", {"grid": lr_grid}, per, opt, cfg.batch))
+            out.append(Phase(f"round {r + 1} coef", {"coef": lr_coef}, per, opt, cfg.batch))
+        if polish:  # grid and coefficients together at a tenth of the rates, from the best so far
+            out.append(Phase("polish", {"grid": lr_grid / 10, "coef": lr_coef / 10}, polish, opt, cfg.batch))
+        return out
+    # dss: grid and coefficients jointly (the paper: Lion at 1e-2), batch at least the paper's 32
+    return [Phase("dss", {"grid": lr_grid, "coef": lr_coef}, cfg.steps, opt, max(cfg.batch, 32),
+                  dss_weights=(1.0, 1000.0))]
