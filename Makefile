@@ -9,6 +9,8 @@ $(BIN)/fewstep: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test,all]"
+	$(BIN)/pip install -q --no-deps k-diffusion==0.1.1.post1
+	$(BIN)/pip install -q torchsde torchdiffeq
 	touch $(BIN)/fewstep
 
 setup: $(BIN)/fewstep

@@ -29,13 +29,16 @@ LAYERS = [
     ["show"],
     ["plots"],
     ["bench", "specs"],
-    ["cli", "__main__"],
+    ["cli"],
+    ["__main__"],
 ]
 #: inside a package, the same rule over its modules
 INNER = {
-    "solvers": [["kernel"], ["classic", "heun"], ["registry", "learned"], ["artifact"], ["resolve"], ["__init__"]],
+    "solvers": [["kernel"], ["classic", "heun", "artifact_check"], ["registry", "learned"], ["artifact"], ["resolve"],
+                ["__init__"]],
     "fit": [["config", "teacher_spec", "teacher_cache"], ["teacher"], ["loop"], ["checkpoint"], ["methods"],
             ["api"], ["__init__"]],
+    "cli": [["common"], ["fitting", "measure", "sampling"], ["__init__"]],
 }
 
 

@@ -50,11 +50,8 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Tiny batches: one thread (tests/conftest.py)."""
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -41,12 +41,8 @@ BATCH = 4
 
 # ----------------------------------------------------------------------------- models
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny batches: one thread is fastest, and far faster than several on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Tiny batches: one thread (tests/conftest.py)."""
 
 
 class _CastIn(torch.nn.Module):

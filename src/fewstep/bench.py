@@ -23,17 +23,22 @@ PREFERRED_NFE = 5  # the budget whose samples and solver tables the plots show w
 
 def _fit_or_reuse(model: Denoiser, method: str, nfe: int, d: Path, reuse: bool, progress: bool, device: str,
                   fit_kwargs: dict[str, Any] | None) -> tuple[Any, float, str]:
-    """(solver, wall seconds, "fitted" or "reused"): a finished artifact in ``d`` (solver.json and
-    no fit checkpoint) is loaded when ``reuse``, with its recorded wall time; otherwise fit into ``d``."""
-    from .fit.api import fit
+    """(solver, wall seconds, how): a finished artifact in ``d`` (solver.json and no fit checkpoint) fitted
+    with the same settings is loaded when ``reuse``, with its recorded wall time; otherwise fit into ``d``
+    (``how`` says which, and why a finished fit was not reused)."""
+    from .fit.api import fit, same_fit
 
+    how = "fitted"
     if reuse and (d / "solver.json").exists() and not (d / CHECKPOINT_NAME).exists():
         solver = load_solver(d)
         solver.check(model)
-        return solver, float(solver.doc["timing"]["total_s"]), "reused"
+        diff = same_fit(solver.doc, model, method, nfe, **(fit_kwargs or {}))
+        if not diff:
+            return solver, float(solver.doc["timing"]["total_s"]), "reused"
+        how = f"refitted (its finished fit had other settings: {'; '.join(diff[:4])})"
     t0 = time.perf_counter()
     res = fit(model, method, nfe, out=d, progress=progress, device=device, **(fit_kwargs or {}))
-    return res.solver, time.perf_counter() - t0, "fitted"
+    return res.solver, time.perf_counter() - t0, how
 
 
 def run_bench(

@@ -33,3 +33,7 @@ class ArtifactError(FewstepError):
 
 class ModelSpecError(FewstepError):
     """A model spec (zoo:NAME, file.py:factory, package.module:factory) that cannot be loaded."""
+
+
+class NothingToRunError(FewstepError):
+    """None of the solvers asked for can run on this model (found before any expensive work)."""

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .denoiser import Denoiser
-from .errors import ArtifactError, FewstepError, SolverNameError
+from .errors import ArtifactError, FewstepError, NothingToRunError, SolverNameError
 from .grids import grid_names
 from .metrics.reference import DataReference, model_data, user_data
 from .metrics.suite import DISTRIBUTION, ROW_KEYS, MetricSuite, parse_metrics, select_metrics
@@ -188,6 +188,8 @@ def evaluate(
     specs = list(solvers) if solvers is not None else classic_specs(model.schedule)
     for s in [*specs, *learned]:  # before any solve
         check_held_out(s, seed, seed + samples)
+    jobs = [(s, n) for n in nfes for s in specs] + [(s, int(s.nfe)) for s in learned]
+    _check_runnable(model, jobs)
     t0 = time.perf_counter()
     ref, ref_half, ref_spec, ref_nfe = _reference_pair(model, seeds, reference, reference_nfe, batch_size, device)
     ref_secs = time.perf_counter() - t0
@@ -202,7 +204,6 @@ def evaluate(
         suite = MetricSuite(model, names, dref, feature)
         cond = model.cond_for(seeds)
     rows: list[Row] = []
-    jobs = [(s, n) for n in nfes for s in specs] + [(s, int(s.nfe)) for s in learned]
     for s, n in jobs:
         run = run_solver(model, seeds, s, n, ref, batch_size, device, keep_samples=suite is not None)
         if suite is not None:
@@ -217,6 +218,22 @@ def evaluate(
                            metrics=suite.row(ref, ref_half, cond)))
         report.metrics = suite.info()
     return report.as_dict()
+
+
+def _check_runnable(model: Denoiser, jobs: list[tuple[Any, int]]) -> None:
+    """Raise NothingToRunError (before the expensive reference solve) if no job can build its tables."""
+    first = None
+    for s, n in jobs:
+        try:
+            resolve_solver(s, model, n).tableau(model)
+            return
+        except (ArtifactError, SolverNameError):
+            raise
+        except FewstepError as e:
+            first = first or e
+    if first is not None:
+        raise NothingToRunError(f"none of the {len(jobs)} requested solver runs can run on this model; the first "
+                                f"says: {first}")
 
 
 def _data_reference(model: Denoiser, data: Tensor | None, first_seed: int, n: int, reference: str | None,

@@ -10,7 +10,9 @@ from __future__ import annotations
 import glob
 import math
 import os
+import re
 import shutil
+import socket
 import struct
 import tempfile
 import time
@@ -34,6 +36,8 @@ FILE_MODE = 0o666 & ~_UMASK
 DIR_MODE = 0o777 & ~_UMASK
 #: temporaries older than this (seconds) were left by a killed process and may be removed
 STALE_SECONDS = 3600.0
+_HOST = socket.gethostname().replace(".", "_")
+_TMP_RE = re.compile(r"^\..+\.([^.]+)-(\d+)\.[^.]+\.tmp$")
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -50,7 +54,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -83,7 +88,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale_temporaries(path.parent, path.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=".tmp", dir=path.parent))
     old = path.parent / f".{path.name}.old-{os.getpid()}"
     try:
         yield tmp
@@ -99,17 +105,32 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def remove_stale_temporaries(folder: str | os.PathLike, max_age: float = STALE_SECONDS) -> list[Path]:
-    """Remove this module's temporaries (``.NAME.*.tmp``) in ``folder`` older than ``max_age`` seconds:
-    what a process killed in the middle of a write left behind. Returns what was removed."""
+def _alive(host: str, pid: int) -> bool:
+    """Is the process that named a temporary still running (always True for another host's)?"""
+    if host != _HOST:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, name: str = "*", max_age: float = STALE_SECONDS) -> list[Path]:
+    """Remove the temporaries of :func:`atomic_path` / :func:`atomic_dir` in ``folder`` (for target ``name``,
+    default all) that a killed process left: their process on this host is gone, or they are older than
+    ``max_age`` seconds. Returns what was removed."""
     now, gone = time.time(), []
-    for name in glob.glob(os.path.join(glob.escape(str(folder)), ".*.tmp")):
-        p = Path(name)
+    for p in Path(folder).glob(f".{glob.escape(name) if name != '*' else '*'}.*.tmp"):
+        m = _TMP_RE.match(p.name)
         try:
-            if now - p.stat().st_mtime > max_age:
+            dead = m is not None and not _alive(m.group(1), int(m.group(2)))
+            if dead or now - p.stat().st_mtime > max_age:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
                 gone.append(p)
-        except OSError:
+        except (OSError, ValueError):
             continue
     return gone
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import torch
 from torch import Tensor
 
 from .denoiser import Denoiser
@@ -35,6 +36,7 @@ def sample(
     return_trajectory: bool = False,
     cond: dict[str, Any] | None = None,
     use_checkpoint: bool = False,
+    max_batch: int | None = None,
     **solver_kwargs: Any,
 ) -> Tensor | tuple[Tensor, list[Tensor]]:
     """Sample ``model`` from standard ``noise`` with ``nfe`` model evaluations.
@@ -50,6 +52,8 @@ def sample(
         callback: called after every step with {"i", "t", "x", "F"}.
         return_trajectory: also return the list of states at the grid times.
         cond: conditioning keyword arguments for the network (e.g. class_labels).
+        max_batch: solve at most this many samples at once (default :func:`chunk_size`): a batch of
+            millions of noises is solved in chunks with flat memory (the callback then runs per chunk).
     Returns:
         samples of the same shape as ``noise`` (and the trajectory if asked). Differentiable.
     """
@@ -61,4 +65,32 @@ def sample(
         )
     tab = build_tableau(model, solver if solver is not None else default_solver(model), nfe, grid, **solver_kwargs)
     x = noise * model.schedule.init_noise_scale()
-    return run_tableau(model, x, tab, cond, callback, return_trajectory, use_checkpoint=use_checkpoint)
+    n = x.shape[0]
+    chunk = max_batch or chunk_size(tuple(noise.shape[1:]))
+    if n <= chunk:
+        return run_tableau(model, x, tab, cond, callback, return_trajectory, use_checkpoint=use_checkpoint)
+    outs, trajs = [], []
+    for k in range(0, n, chunk):  # a long batch in chunks: memory stays flat, per-sample results are the same
+        part = {key: (v[k:k + chunk] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n else v)
+                for key, v in (cond or {}).items()}
+        out = run_tableau(model, x[k:k + chunk], tab, part, callback, return_trajectory, use_checkpoint=use_checkpoint)
+        if return_trajectory:
+            out, traj = out
+            trajs.append(traj)
+        outs.append(out)
+    if return_trajectory:
+        return torch.cat(outs), [torch.cat(states) for states in zip(*trajs)]
+    return torch.cat(outs)
+
+
+#: the most numbers a chunk of samples holds (its network activations are a multiple of it)
+CHUNK_NUMEL = 2**24
+MAX_CHUNK = 8192
+
+
+def chunk_size(sample_shape: tuple[int, ...]) -> int:
+    """Samples :func:`sample` solves at once: at most MAX_CHUNK, and at most CHUNK_NUMEL numbers."""
+    numel = 1
+    for d in sample_shape:
+        numel *= int(d)
+    return max(1, min(MAX_CHUNK, CHUNK_NUMEL // max(numel, 1)))

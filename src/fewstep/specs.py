@@ -1,7 +1,10 @@
 """Model specs: ``zoo:NAME``, ``path/to/file.py:factory``, ``package.module:factory``, ``diffusers:DIR``,
 ``torchcfm:NAME_OR_PATH`` (the pretrained TorchCFM 2-D flow models, loaded without unpickling code).
 
-A factory is a callable taking no required argument and returning a :class:`fewstep.Denoiser`.
+A factory is a callable taking no required argument and returning a :class:`fewstep.Denoiser`. A factory
+spec runs that file's or module's code (as ``python file.py`` would): use specs you trust. An error in
+that code is reported in one line naming the file; ``FEWSTEP_DEBUG=1`` (``fewstep --debug``) shows its
+traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +21,20 @@ from .errors import ModelSpecError
 FORMS = "zoo:NAME, path/to/file.py:factory, package.module:factory, diffusers:DIR or torchcfm:NAME_OR_PATH"
 
 
+def _debug() -> bool:
+    return os.environ.get("FEWSTEP_DEBUG", "") not in ("", "0")
+
+
+def _user_error(spec: str, what: str, e: BaseException) -> ModelSpecError:
+    """One line for an exception raised by the user's own code (the traceback with FEWSTEP_DEBUG=1 / --debug)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    where = ""
+    if isinstance(e, SyntaxError) and e.lineno:
+        where = f" at line {e.lineno}"
+    return ModelSpecError(f"{spec!r}: {what} raised {type(e).__name__}{where}: {lines[0][:200] if lines else ''} "
+                          f"(rerun with --debug or FEWSTEP_DEBUG=1 for the traceback)")
+
+
 def _call(fn: Any, spec: str, kind: type, kind_name: str, **kwargs: Any) -> Any:
     """Call the factory named by ``spec`` and check that it returned a ``kind``."""
     if not callable(fn):
@@ -25,7 +42,13 @@ def _call(fn: Any, spec: str, kind: type, kind_name: str, **kwargs: Any) -> Any:
     try:
         obj = fn(**kwargs) if kwargs else fn()
     except TypeError as e:
+        if _debug():
+            raise
         raise ModelSpecError(f"{spec!r}: calling the factory failed ({e}); it must take no required arguments") from None
+    except Exception as e:  # noqa: BLE001 - the user's code: any failure becomes one line naming it
+        if _debug():
+            raise
+        raise _user_error(spec, "the factory", e) from None
     if not isinstance(obj, kind):
         raise ModelSpecError(f"{spec!r}: the factory returned {type(obj).__name__}, not a {kind_name}")
     return obj
@@ -75,12 +98,26 @@ def _factory(spec: str, what: str, forms: str) -> Any:
             raise ModelSpecError(f"cannot import {path!r}")
         mod = importlib.util.module_from_spec(mspec)
         sys.modules[name] = mod
-        mspec.loader.exec_module(mod)
+        try:
+            mspec.loader.exec_module(mod)
+        except Exception as e:  # noqa: BLE001 - SyntaxError, ImportError, anything the file raises
+            sys.modules.pop(name, None)
+            if _debug():
+                raise
+            raise _user_error(spec, f"running {path}", e) from None
     else:
         try:
             mod = importlib.import_module(path)
-        except ImportError as e:
-            raise ModelSpecError(f"cannot import module {path!r} ({e}); expected {forms}") from None
+        except ModuleNotFoundError as e:
+            if e.name and path.startswith(e.name):
+                raise ModelSpecError(f"cannot import module {path!r} ({e}); expected {forms}") from None
+            if _debug():
+                raise
+            raise _user_error(spec, f"importing {path}", e) from None
+        except Exception as e:  # noqa: BLE001
+            if _debug():
+                raise
+            raise _user_error(spec, f"importing {path}", e) from None
     if not hasattr(mod, attr):
         raise ModelSpecError(f"{path!r} has no attribute {attr!r}")
     return getattr(mod, attr)

@@ -61,11 +61,7 @@ def fit(
     again with the same settings continues from there (``resume=False`` starts over); the
     checkpoint is removed once the artifact is written.
     """
-    bad = set(overrides) - set(FitConfig.__dataclass_fields__)
-    if bad:
-        raise FewstepError(f"unknown fit settings {sorted(bad)}; valid: {', '.join(FitConfig.__dataclass_fields__)}")
-    cfg = replace(FitConfig(method=method, nfe=nfe, seed=seed), **overrides).resolved()
-    spec = parse_teacher(teacher) if isinstance(teacher, str) else (teacher or default_teacher(model))
+    cfg, spec = fit_plan(model, method, nfe, teacher, seed, **overrides)
     t0 = time.perf_counter()
     data = FitData.generate(model, cfg, spec, samples, val_samples, confirm_samples, cache_dir, device, progress)
     t_teacher = time.perf_counter() - t0
@@ -89,6 +85,33 @@ def fit(
     if ckpt is not None:
         ckpt.remove()
     return FitResult(LoadedSolver(doc, path), doc, outcome, path)
+
+
+def fit_plan(model: Denoiser, method: str, nfe: int, teacher: str | TeacherSpec | None = None, seed: int = 0,
+             **overrides: Any) -> tuple[FitConfig, TeacherSpec]:
+    """The resolved settings and teacher :func:`fit` would use (checked; nothing runs)."""
+    bad = set(overrides) - set(FitConfig.__dataclass_fields__)
+    if bad:
+        raise FewstepError(f"unknown fit settings {sorted(bad)}; valid: {', '.join(FitConfig.__dataclass_fields__)}")
+    cfg = replace(FitConfig(method=method, nfe=nfe, seed=seed), **overrides).resolved()
+    spec = parse_teacher(teacher) if isinstance(teacher, str) else (teacher or default_teacher(model))
+    return cfg, spec
+
+
+def same_fit(doc: dict[str, Any], model: Denoiser, method: str, nfe: int, teacher: str | TeacherSpec | None = None,
+             samples: int = 700, val_samples: int = 200, confirm_samples: int = 200, seed: int = 0,
+             **overrides: Any) -> list[str]:
+    """How an artifact's recorded fit differs from the fit these arguments ask for ([] if it is the same)."""
+    cfg, spec = fit_plan(model, method, nfe, teacher, seed, **overrides)
+    want = {**{f"fit.{k}": v for k, v in cfg.as_dict().items()}, "teacher": str(spec),
+            "train_seeds": [cfg.seed, cfg.seed + samples], "val_seeds": [val_seeds(val_samples, cfg.seed).start,
+                                                                         val_seeds(val_samples, cfg.seed).stop],
+            "confirm_seeds": [val_seeds(confirm_samples, cfg.seed + val_samples).start,
+                              val_seeds(confirm_samples, cfg.seed + val_samples).stop]}
+    t = doc.get("teacher") or {}
+    have = {**{f"fit.{k}": v for k, v in (doc.get("fit") or {}).items()}, "teacher": t.get("spec"),
+            "train_seeds": t.get("train_seeds"), "val_seeds": t.get("val_seeds"), "confirm_seeds": t.get("confirm_seeds")}
+    return [f"{k.removeprefix('fit.')} {have.get(k)!r} -> {v!r}" for k, v in want.items() if have.get(k) != v]
 
 
 @dataclass
@@ -133,7 +156,8 @@ def artifact_doc(model: Denoiser, cfg: FitConfig, spec: TeacherSpec, data: FitDa
         validation={"rmse_to_teacher": outcome.val, "start_rmse_to_teacher": outcome.start_val,
                     "kept_start": outcome.kept_start, "confirm_rmse_to_teacher": outcome.confirm,
                     "confirm_start_rmse_to_teacher": outcome.confirm_start,
-                    "classic_ranking": [{"solver": s, "rmse_to_teacher": v} for v, s in outcome.ranking[:8]]},
+                    "classic_ranking": [{"solver": s, "rmse_to_teacher": v} for v, s in outcome.ranking[:8]],
+                    "notes": outcome.notes},
         timing=timing,
         history=outcome.state.history,
     )

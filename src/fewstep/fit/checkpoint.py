@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from ..errors import FewstepError
 from ..io import atomic_path
-from .loop import FitState, Relax
+from .loop import FitState, Relax, finite_or_none
 
 NAME = "fit-checkpoint.safetensors"
 KIND = "fewstep.fit-checkpoint/1"
@@ -53,8 +54,15 @@ def _unflatten_opt(tensors: dict[str, Tensor], plain: dict[str, Any]) -> dict[st
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
+RESTART = "run the same command with --restart (fit(..., resume=False)) to start the fit over"
+
+
 class FitCheckpoint:
-    """Save and restore a fit's state at ``folder/fit-checkpoint.safetensors``."""
+    """Save and restore a fit's state at ``folder/fit-checkpoint.safetensors``.
+
+    The file carries a checksum over its tensors and its JSON document; a damaged or edited
+    checkpoint is refused in one line that names it and the fix (``--restart``).
+    """
 
     def __init__(self, folder: str | Path, key: str) -> None:
         self.path = Path(folder) / NAME
@@ -74,48 +82,104 @@ class FitCheckpoint:
             t, opt_plain = _flatten_opt(opt.state_dict())
             tensors.update(t)
         doc = {"kind": KIND, "key": self.key, "step": state.step, "phase": state.phase,
-               "phase_step": state.phase_step, "best_val": state.best_val, "history": state.history,
-               "seconds": state.seconds, "opt": opt_plain, **extra}
+               "phase_step": state.phase_step, "best_val": finite_or_none(state.best_val), "history": state.history,
+               "seconds": state.seconds, "skipped": state.skipped, "opt": opt_plain, **extra}
+        text = json.dumps(doc, allow_nan=False)
         with atomic_path(self.path) as tmp:
-            save_file(tensors, str(tmp), metadata={"doc": json.dumps(doc)})
+            save_file(tensors, str(tmp), metadata={"doc": text, "checksum": _checksum(tensors, text)})
+
+    def _read(self) -> tuple[dict[str, Any], dict[str, Tensor]] | None:
+        """(document, tensors) of a checkpoint that belongs to this fit; None if absent or another fit's."""
+        if not self.path.is_file():
+            return None
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path), "pt") as f:
+                meta = f.metadata() or {}
+                doc = json.loads(meta.get("doc", "{}"))
+                if not isinstance(doc, dict) or doc.get("kind") != KIND or doc.get("key") != self.key:
+                    return None
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001 - a damaged checkpoint is named, not used
+            raise self._refuse(f"is unreadable ({_first_line(e)})") from None
+        if meta.get("checksum") != _checksum(tensors, meta.get("doc", "")):
+            raise self._refuse("does not match its checksum (edited or damaged)")
+        return doc, tensors
+
+    def _refuse(self, problem: str) -> FewstepError:
+        return FewstepError(f"fit checkpoint {self.path} {problem}: {RESTART}")
 
     def peek(self) -> dict[str, Any] | None:
         """The checkpoint's JSON document if it belongs to this fit, else None."""
-        if not self.path.is_file():
-            return None
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(self.path), "pt") as f:
-                doc = json.loads((f.metadata() or {}).get("doc", "{}"))
-        except Exception as e:  # noqa: BLE001 - a damaged checkpoint is named, not used
-            raise FewstepError(f"fit checkpoint {self.path} is unreadable ({e}): delete it to start the fit over") from None
-        return doc if doc.get("kind") == KIND and doc.get("key") == self.key else None
+        got = self._read()
+        return None if got is None else got[0]
 
     def load(self, solver: torch.nn.Module, relax: Relax | None) -> tuple[FitState, dict[str, Any]] | None:
         """Restore into ``solver`` (and ``relax``); None if there is no checkpoint for this fit."""
-        if not self.path.is_file():
+        got = self._read()
+        if got is None:
             return None
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(self.path), "pt") as f:
-                doc = json.loads((f.metadata() or {}).get("doc", "{}"))
-                if doc.get("kind") != KIND or doc.get("key") != self.key:
-                    return None
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # noqa: BLE001 - a damaged checkpoint is named, then ignored
-            raise FewstepError(f"fit checkpoint {self.path} is unreadable ({e}): delete it to start the fit over") from None
+        doc, tensors = got
         cur = {k[4:]: v for k, v in tensors.items() if k.startswith("cur.")}
         best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        try:
+            want = {k: tuple(v.shape) for k, v in solver.state_dict().items()}
+            for what, part in (("current", cur), ("best", best or cur)):
+                got_shapes = {k: tuple(v.shape) for k, v in part.items()}
+                if got_shapes != want:
+                    raise ValueError(f"its {what} parameters do not fit this solver")
+            state = FitState(step=_int(doc, "step"), phase=_int(doc, "phase"), phase_step=_int(doc, "phase_step"),
+                             best_val=math.inf if doc.get("best_val") is None else float(doc["best_val"]),
+                             best=best or None, history=_history(doc), seconds=float(doc["seconds"]),
+                             skipped=int(doc.get("skipped", 0)),
+                             opt_state=_unflatten_opt(tensors, doc["opt"]) if doc.get("opt") else None)
+            if state.opt_state is not None:
+                _check_opt(state.opt_state)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise self._refuse(f"is malformed ({_first_line(e)})") from None
         solver.load_state_dict(cur)
         if relax is not None and "relax.offsets" in tensors:
             relax.offsets = tensors["relax.offsets"]
-        state = FitState(step=int(doc["step"]), phase=int(doc["phase"]), phase_step=int(doc["phase_step"]),
-                         best_val=float(doc["best_val"]), best=best or None, history=list(doc["history"]),
-                         seconds=float(doc["seconds"]),
-                         opt_state=_unflatten_opt(tensors, doc["opt"]) if doc.get("opt") else None)
         return state, doc
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def _checksum(tensors: dict[str, Tensor], doc: str) -> str:
+    h = hashlib.sha256(doc.encode())
+    for k in sorted(tensors):
+        v = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.view(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
+
+
+def _int(doc: dict[str, Any], key: str) -> int:
+    v = doc[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{key} is {v!r}, not a step count")
+    return v
+
+
+def _history(doc: dict[str, Any]) -> list[dict[str, float | None]]:
+    h = doc["history"]
+    if not isinstance(h, list) or not all(isinstance(e, dict) and "step" in e for e in h):
+        raise ValueError("history is not a list of validation records")
+    return list(h)
+
+
+def _check_opt(opt_state: dict[str, Any]) -> None:
+    groups = opt_state.get("param_groups")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                               for g in groups):
+        raise ValueError("the optimiser state has no parameter groups")
+    ids = {p for g in groups for p in g["params"]}
+    if not set(opt_state["state"]) <= ids:
+        raise ValueError("the optimiser state names parameters its groups do not hold")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:160] if lines else type(e).__name__

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..denoiser import Denoiser
-from ..errors import ModelOutputError
+from ..errors import FewstepError, ModelOutputError
 from ..solvers.kernel import run_tableau
 from ..solvers.learned import LearnedSolver
 from .config import LOSSES, FitConfig, Phase
@@ -82,8 +82,9 @@ class FitState:
     phase_step: int = 0  # steps done in that phase
     best_val: float = math.inf
     best: dict[str, Tensor] | None = None
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, float | None]] = field(default_factory=list)  # non-finite values recorded as None
     seconds: float = 0.0
+    skipped: int = 0  # steps skipped because the student's solve blew up (NaN/inf) at the parameters of the time
     opt_state: dict[str, Any] | None = None  # optimizer state of the phase in progress
 
 
@@ -202,7 +203,11 @@ def optimise(session: FitSession, phase: Phase, state: FitState | None = None, s
             p.requires_grad_(True)
     opt = _make_optimizer(phase.optimizer, params)
     if state.opt_state is not None:
-        opt.load_state_dict(state.opt_state)
+        try:
+            opt.load_state_dict(state.opt_state)
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise FewstepError(f"the fit checkpoint's optimiser state does not fit phase {phase.label!r} ({e}); run "
+                               f"the same command with --restart to start the fit over") from None
         for g, p in zip(opt.param_groups, params):  # the checkpoint holds a warm-up lr: restart from the base
             g["lr"] = p["lr"]
     loss_fn = per_sample_loss(cfg.loss)
@@ -241,6 +246,7 @@ def optimise(session: FitSession, phase: Phase, state: FitState | None = None, s
             bad = 0
         else:
             bad += 1
+            state.skipped += 1
             if bad >= 10 and state.best is not None:  # stuck where every solve blows up: back to the best
                 restore_best(solver, state)
                 opt.state.clear()
@@ -256,8 +262,9 @@ def optimise(session: FitSession, phase: Phase, state: FitState | None = None, s
             session.progress.set_postfix_str(f"{phase.label} loss {float(L.detach()):.3g} val {state.best_val:.4g}")
         if (it + 1) % cfg.eval_every == 0 or it == steps - 1:
             v = validate(model, solver, val)
-            state.history.append({"step": state.step, "loss": float(L.detach()), "val": v})
-            if v < state.best_val:
+            state.history.append({"step": state.step, "loss": finite_or_none(float(L.detach())),
+                                  "val": finite_or_none(v)})
+            if v < state.best_val:  # NaN and inf never win
                 state.best_val = v
                 state.best = {k: x.detach().clone() for k, x in solver.state_dict().items()}
             state.seconds += time.perf_counter() - t0
@@ -285,6 +292,11 @@ def run_phases(session: FitSession, phases: list[Phase], state: FitState) -> Fit
         state.phase_step = 0
         state.opt_state = None
     return state
+
+
+def finite_or_none(v: float) -> float | None:
+    """``v``, or None if it is NaN or infinite (how JSON files record a value that blew up)."""
+    return v if math.isfinite(v) else None
 
 
 def restore_best(solver: LearnedSolver, state: FitState) -> None:

@@ -140,6 +140,7 @@ class FitOutcome:
     resumed_from: int = 0  # the global step a checkpoint restored (0: a fresh fit)
     confirm: float | None = None  # RMSE to the teacher on the confirmation noises (None: no confirmation set)
     confirm_start: float | None = None
+    notes: list[str] = field(default_factory=list)  # what went wrong on the way (blown-up solves), in words
 
 
 def _build(model: Denoiser, cfg: FitConfig, start: str, tab: Tableau | None = None, learn: bool = True) -> LearnedSolver:
@@ -238,5 +239,12 @@ def fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitCo
         kept = not clearly_better(err, start_err)
     if kept:  # the fit did not clearly help: return the starting solver itself
         solver, err, co = start_solver, start_err, co_start
+    notes = []
+    blown = sum(1 for h in state.history if h.get("val") is None)
+    if state.skipped or blown:
+        notes.append(f"the student's solve blew up (NaN/inf) at {state.skipped} of {state.step} steps and "
+                     f"{blown} of {len(state.history)} validations; those were skipped and never chosen"
+                     + ("; the start was kept" if kept else "") + " (lower --lr-coef / --lr-grid if this persists)")
+    mean = lambda e: None if e is None else float(e.mean())  # noqa: E731
     return FitOutcome(solver, start, float(start_err.mean()), float(err.mean()), kept, state, ranking, resumed,
-                      None if co is None else float(co.mean()), None if co_start is None else float(co_start.mean()))
+                      mean(co), mean(co_start), notes)

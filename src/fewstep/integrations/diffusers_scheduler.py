@@ -6,14 +6,36 @@
 It is the kernel's :class:`~fewstep.solvers.kernel.Stepper` plus a diffusers config: step i receives
 the raw network output at the evaluation point x_i (guidance already applied by the pipeline),
 converts it to the tableau's basis (F_i) and lets the stepper correct x_i and predict x_{i+1}.
-``timesteps`` are the network times of the evaluation times c_i (fractional DDPM indices for VP
-models, sigma * num_train_timesteps for flows), so decoupled learned evaluation times work unchanged.
-``set_timesteps`` resets the history; the tableau fixes the number of steps, so a different
-``num_inference_steps`` is ignored (pipelines always pass their own default).
+``timesteps`` are the network times of the evaluation times c_i, exactly what the pipeline passes on
+to its network: fractional DDPM indices for VP models, sigma * num_train_timesteps for flows (Flux's
+pipeline divides by 1000 itself), so decoupled learned evaluation times work unchanged.
+
+What the pipelines ask of a scheduler (read from diffusers' SD, SDXL, DiT, PixArt-Sigma, SD3 and Flux
+pipelines), and what this one gives:
+
+- ``set_timesteps(num_inference_steps, device, timesteps=, sigmas=, mu=)``: resets the history and puts
+  ``timesteps`` (float32, N entries) on ``device``. The tableau fixes the grid and its N steps, so a
+  pipeline's ``num_inference_steps``, its default ``sigmas`` (Flux always passes them, with ``mu``) and
+  ``mu`` (SD3 with dynamic shifting) describe a grid this solver does not use: they are accepted and
+  ignored, with one info-level log line (once per distinct call). Only ``num_inference_steps`` together
+  with ``timesteps=`` is refused, as diffusers' own DDPM / Euler / DPM-Solver schedulers refuse it
+  (no pipeline's ``retrieve_timesteps`` passes both).
+- ``order = 1``; ``init_noise_sigma`` (1 for VP and flow models); ``scale_model_input`` (identity);
+  ``sigmas`` (N + 1 float32 noise levels of the evaluation times, then of the last grid time: sigma / alpha
+  for VP models as Euler-type schedulers report it, the flow sigma t for flows); ``step_index``,
+  ``begin_index`` and ``set_begin_index(0)`` (SDXL, Flux call it).
+- ``step(model_output, timestep, sample, return_dict=False)`` returns ``(prev_sample, pred_original_sample)``
+  shaped like ``sample``. The arithmetic is elementwise with per-step scalars (sigma at the evaluation
+  time for the conversion to the tableau's basis), so any latent layout works: Flux's packed
+  (B, seq, 64) latents, DiT's doubled cond / uncond batch.
+- ``add_noise`` (the marginal alpha x0 + sigma noise at a timestep), for pipelines that start from it at
+  strength 1.
+
 Everything that defines the solver is in the config, so ``save_pretrained`` / ``from_pretrained``
 round-trip exactly; a pipeline saved with it records this module, so ``DiffusionPipeline.from_pretrained``
 loads it back (or ``FewStepScheduler.from_pretrained(dir, subfolder="scheduler")``).
-Image-to-image (starting part-way, ``add_noise``) is not supported: the tableau starts at the noise end.
+Image-to-image part-way along the grid (``set_begin_index(k)`` with k > 0, strength < 1) is refused:
+the tableau is one solve from the noise end to the data.
 """
 
 from __future__ import annotations
@@ -95,9 +117,11 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         self._stepper = Stepper(tab, sched)
         self._timesteps = torch.tensor([sc.t_net for sc in self._stepper.scalars], dtype=torch.float32)
         self.timesteps = self._timesteps.clone()
+        self._sigmas = _noise_levels(sched, self._stepper.times.detach(), tab.t[-1].detach())
+        self.sigmas = self._sigmas.clone()
         self.init_noise_sigma = float(sched.init_noise_scale())
         self.num_inference_steps = tab.N
-        self._asked_steps: set[int] = set()
+        self._told: set[str] = set()
         self._begin_index: int | None = None
         self._reset()
 
@@ -163,32 +187,62 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         return self._begin_index
 
     def set_begin_index(self, begin_index: int = 0) -> None:
-        if begin_index != 0:
-            raise FewstepError("FewStepScheduler starts at the noise end (begin_index 0); img2img is not supported")
+        """Only 0: the tableau is one solve from the noise end (img2img part-way is refused)."""
+        if int(begin_index) != 0:
+            raise FewstepError(f"FewStepScheduler cannot start at step {int(begin_index)} (an img2img / inpainting "
+                               f"strength below 1): its tableau is one solve from the noise end; use strength=1 or "
+                               f"the pipeline's own scheduler")
         self._begin_index = 0
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
-                      **kwargs: Any) -> None:
-        """Reset the solver history and place ``timesteps`` on ``device``.
+                      timesteps: Any = None, sigmas: Any = None, mu: float | None = None, **kwargs: Any) -> None:
+        """Reset the solver history and place ``timesteps`` (and ``sigmas``) on ``device``.
 
-        The tableau fixes the number of steps N: another ``num_inference_steps`` is ignored (logged once).
-        Custom ``timesteps`` / ``sigmas`` are refused: the solver's grid is part of the solver.
+        The solver's own grid and its N steps are part of the solver: a different ``num_inference_steps``
+        and the pipeline's ``timesteps`` / ``sigmas`` / ``mu`` (its default grid) are ignored, with one
+        info-level log line. ``num_inference_steps`` together with ``timesteps=`` is refused (as in
+        diffusers' DDPM / Euler / DPM-Solver schedulers). Other keyword arguments are ignored.
         """
-        if kwargs.get("timesteps") is not None or kwargs.get("sigmas") is not None:
-            raise FewstepError("FewStepScheduler runs its solver's own grid: drop timesteps=/sigmas= "
-                               "(build another solver with grid=[...] instead)")
+        if num_inference_steps is not None and timesteps is not None:
+            raise FewstepError("set_timesteps takes num_inference_steps or timesteps=, not both (as diffusers' "
+                               "schedulers require); either way FewStepScheduler runs its solver's own grid")
         n = self.num_inference_steps
-        if num_inference_steps is not None and int(num_inference_steps) != n \
-                and int(num_inference_steps) not in self._asked_steps:
-            self._asked_steps.add(int(num_inference_steps))
-            logger.info(f"FewStepScheduler: the solver makes {n} evaluations; num_inference_steps="
-                        f"{num_inference_steps} is ignored")
+        ignored = []
+        if num_inference_steps is not None and int(num_inference_steps) != n:
+            ignored.append(f"num_inference_steps={int(num_inference_steps)}")
+        for key, v in (("timesteps", timesteps), ("sigmas", sigmas)):
+            if v is not None:
+                ignored.append(f"{key} ({len(v)} values)" if hasattr(v, "__len__") else key)
+        if mu is not None:
+            ignored.append(f"mu={float(mu):.4g}")
+        if ignored:
+            msg = (f"FewStepScheduler: solver {self.tab.name} runs its own grid with {n} evaluations; ignoring the "
+                   f"pipeline's {', '.join(ignored)}")
+            if msg not in self._told:
+                self._told.add(msg)
+                logger.info(msg)
         self.timesteps = self._timesteps.to(device) if device is not None else self._timesteps.clone()
+        self.sigmas = self._sigmas.to(device) if device is not None else self._sigmas.clone()
         self._reset()
 
     def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
         """The network takes the state as is (VP and flow models): identity."""
         return sample
+
+    def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Any) -> Tensor:
+        """alpha(t) x0 + sigma(t) noise at the solver time of each network timestep (shapes (B, ...)).
+
+        For pipelines that make their starting state from an image at strength 1 (the first timestep);
+        a start part-way is refused by :meth:`set_begin_index`.
+        """
+        sched = self._den.schedule
+        t = sched.solver_time(torch.as_tensor(timesteps, dtype=torch.float64).detach().cpu().flatten())
+        al, sg = sched.alpha(t), sched.sigma(t)
+        if t.numel() == 1:
+            al, sg = al.expand(original_samples.shape[0]), sg.expand(original_samples.shape[0])
+        view = (-1,) + (1,) * (original_samples.dim() - 1)
+        conv = lambda v: v.to(original_samples.device, original_samples.dtype).view(view)  # noqa: E731
+        return conv(al) * original_samples + conv(sg) * noise.to(original_samples.dtype)
 
     def __len__(self) -> int:
         return int(self.config.num_train_timesteps)
@@ -221,6 +275,16 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return (x_next, D)
         return FewStepSchedulerOutput(prev_sample=x_next, pred_original_sample=D)
+
+
+def _noise_levels(sched: Schedule, times: Tensor, t_last: Tensor) -> Tensor:
+    """``sigmas`` as diffusers pipelines know them, (N + 1,) float32: the noise level of each evaluation time
+    and of the last grid time; the flow sigma (= t) for flows, sigma / alpha (Euler-type schedulers' sigma)
+    otherwise."""
+    t = torch.cat([times.to(torch.float64).flatten(), t_last.to(torch.float64).reshape(1)])
+    with torch.no_grad():
+        lev = sched.sigma(t) if sched.kind == "flow" else sched.s(t)
+    return lev.to(torch.float32)
 
 
 def _train_steps(sched: Schedule) -> int:

@@ -6,7 +6,6 @@ names what does not match; it never unpickles code.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,8 @@ from torch import Tensor
 from ..denoiser import Denoiser
 from ..errors import ArtifactError
 from ..io import atomic_path, write_text
-from ..schedules import Schedule, schedule_from_config
+from ..schedules import Schedule
+from .artifact_check import check_doc, check_params_name, check_tableau, checked
 from .kernel import Tableau
 from .learned import LearnedSolver
 
@@ -81,11 +81,11 @@ class LoadedSolver:
     grid_label = "learned"
 
     def __init__(self, doc: dict[str, Any], path: Path | None = None, force: bool = False) -> None:
+        folder = Path(".") if path is None else (path if path.is_dir() else path.parent)
+        self.schedule, self._tab = checked(str(path or "solver"), check_doc, doc, folder)
         self.doc, self.path, self.force = doc, path, force
         self.nfe = int(doc["nfe"])
         self.name = doc.get("label") or f"{doc['method']}"
-        self.schedule = schedule_from_config(doc["schedule"])
-        self._tab = tableau_from_doc(doc["tableau"], name=self.name)
 
     def check(self, model: Denoiser) -> None:
         """Refuse a model with another schedule or fingerprint (unless force)."""
@@ -122,7 +122,7 @@ class LoadedSolver:
         if self.path is None:
             raise ArtifactError("this solver was not read from a folder; its parameters are not available")
         folder = self.path if self.path.is_dir() else self.path.parent
-        params = folder / self.doc.get("params", PARAMS)
+        params = folder / checked(str(self.path), check_params_name, self.doc.get("params", PARAMS), folder)
         s = load_params(params, self.schedule)
         with torch.no_grad():
             tab = s.tableau()
@@ -144,19 +144,9 @@ def tableau_to_doc(tab: Tableau) -> dict[str, Any]:
             "C_mask": None if tab.C_mask is None else tab.C_mask.int().tolist()}
 
 
-def tableau_from_doc(d: dict[str, Any], name: str = "learned") -> Tableau:
-    try:
-        T = lambda v: None if v is None else torch.tensor(v, dtype=F64)  # noqa: E731
-        M = lambda v: None if v is None else torch.tensor(v, dtype=torch.bool)  # noqa: E731
-        tab = Tableau(d["basis"], T(d["t"]), T(d["a"]), T(d["B"]), T(d.get("C")), T(d.get("eval_times")),
-                      name=name, B_mask=M(d.get("B_mask")), C_mask=M(d.get("C_mask")))
-        tab.validate()
-    except (KeyError, TypeError, ValueError) as e:
-        raise ArtifactError(f"malformed solver tables ({e}); the artifact is damaged or not a fewstep solver") from None
-    t = tab.t
-    if not torch.all(t[1:] < t[:-1]):
-        raise ArtifactError("the artifact's grid is not strictly decreasing; it is damaged")
-    return tab
+def tableau_from_doc(d: dict[str, Any], name: str = "learned", schedule: Schedule | None = None) -> Tableau:
+    """Tables from :func:`tableau_to_doc` output, checked (times inside ``schedule``'s range if given)."""
+    return checked("solver tables", check_tableau, d, name, schedule)
 
 
 def save_solver(path: str | os.PathLike, doc: dict[str, Any]) -> Path:
@@ -184,17 +174,11 @@ def load_solver(path: str | os.PathLike, force: bool = False) -> LoadedSolver:
         raise ArtifactError(f"no learned solver at {p}: expected a directory with solver.json (from `fewstep fit`)")
     try:
         doc = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{f} is not valid JSON ({e}); the artifact is damaged") from None
+    except OSError as e:
+        raise ArtifactError(f"{f} cannot be read ({e.strerror or e})") from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         raise ArtifactError(f"{f} is not a fewstep solver (schema {doc.get('schema') if isinstance(doc, dict) else None!r}, "
                             f"expected {SCHEMA!r})")
-    for key in ("method", "nfe", "schedule", "model", "tableau"):
-        if key not in doc:
-            raise ArtifactError(f"{f} lacks the field {key!r}; the artifact is damaged")
-    out = LoadedSolver(doc, p, force)
-    if out._tab.N != out.nfe:
-        raise ArtifactError(f"{f}: nfe {out.nfe} does not match its tables ({out._tab.N} steps)")
-    if not math.isfinite(sum(out._tab.B.flatten().tolist())):
-        raise ArtifactError(f"{f}: non-finite coefficients")
-    return out
+    return LoadedSolver(doc, p if p.is_dir() else f, force)

@@ -1,0 +1,91 @@
+"""``fewstep fit`` and ``fewstep show``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import MODEL_HELP, app, check_out_dir, errors, fail, load, nonneg_float, positive_float, print_report, setup
+
+
+@app.command("fit")
+def fit_cmd(
+    model: str = typer.Option(..., help=MODEL_HELP),
+    method: str = typer.Option("s4s-alt", help="s4s, s4s-alt, dss or ld3"),
+    nfe: int = typer.Option(5, min=1, help="NFE budget of the learned solver"),
+    out: Path = typer.Option(..., help="output directory for the artifact"),
+    teacher: Optional[str] = typer.Option(None, help="teacher NAME@GRID:NFE (default: see docs)"),
+    samples: int = typer.Option(700, min=1, help="training noises"),
+    val_samples: int = typer.Option(200, min=1, help="validation noises (checkpoint selection)"),
+    confirm_samples: int = typer.Option(200, min=0, help="confirmation noises (does the fit beat its start?)"),
+    seed: int = typer.Option(0, min=0, help="first training seed"),
+    start: Optional[str] = typer.Option(None, help="starting classic solver NAME@GRID (default: best on validation), "
+                                                   "or a learned-solver directory to refine"),
+    steps: Optional[int] = typer.Option(None, min=1, help="optimisation steps"),
+    batch: Optional[int] = typer.Option(None, min=1, help="training noises per step"),
+    lr_coef: Optional[float] = typer.Option(None, callback=positive_float("--lr-coef"),
+                                            help="learning rate of the coefficients"),
+    lr_grid: Optional[float] = typer.Option(None, callback=positive_float("--lr-grid"),
+                                            help="learning rate of the grid and evaluation times"),
+    k: Optional[int] = typer.Option(None, min=1, help="past evaluations each step combines (S4S)"),
+    loss: str = typer.Option("l2", help="l2 (per-sample L2 distance), mse or l1 (a callable, e.g. LPIPS, from Python)"),
+    relax: Optional[float] = typer.Option(None, callback=nonneg_float("--relax"),
+                                          help="LD3 relaxation radius (relative to the noise norm; 0 off)"),
+    checkpoint: bool = typer.Option(False, "--checkpoint", help="recompute model activations in backward (memory)"),
+    restart: bool = typer.Option(False, "--restart", help="ignore a checkpoint of an interrupted fit in OUT and start over"),
+    guidance: Optional[float] = typer.Option(None, help="fit at this classifier-free guidance scale"),
+    eval_samples: int = typer.Option(256, min=0, help="held-out samples for the closing table (0: skip)"),
+    as_json: bool = typer.Option(False, "--json", help="print the closing comparison as JSON"),
+    device: str = typer.Option("cpu"),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch threads"),
+) -> None:
+    """Fit a learned solver, write it to OUT, and compare it with the best classic solvers."""
+    from ..evaluate import evaluate
+    from ..fit.api import fit
+    from ..seeds import EVAL_SEED_START
+
+    setup(device, threads)
+    check_out_dir(out, json_ok=True)
+    over = {name: v for name, v in {"start": start, "steps": steps, "relax": relax, "batch": batch, "lr_coef": lr_coef,
+                                    "lr_grid": lr_grid, "k": k}.items() if v is not None}
+    over.update(loss=loss, use_checkpoint=checkpoint)
+    with errors():
+        m = load(model, device, guidance)
+        try:
+            res = fit(m, method, nfe, out=out, teacher=teacher, samples=samples, val_samples=val_samples,
+                      confirm_samples=confirm_samples, seed=seed, progress=not as_json, device=device,
+                      resume=not restart, **over)
+        except KeyboardInterrupt:
+            fail(f"interrupted: the fit's state is saved in {out}; run the same command again to resume", code=130)
+    if res.outcome.resumed_from and not as_json:
+        typer.echo(f"resumed an interrupted fit from step {res.outcome.resumed_from}")
+    v = res.doc["validation"]
+    if not as_json:
+        typer.echo(f"wrote {res.path}  (start {res.doc['start']['solver']}: validation RMSE to teacher "
+                   f"{v['start_rmse_to_teacher']:.4g} -> {v['rmse_to_teacher']:.4g}"
+                   f"{', kept the start' if v['kept_start'] else ''}; {res.doc['timing']['total_s']:.0f} s)")
+        for note in v.get("notes") or []:
+            typer.echo(f"note: {note}")
+    if eval_samples <= 0:
+        if as_json:
+            typer.echo(json.dumps({"artifact": str(res.path), "solver": res.doc}, indent=2))
+        return
+    with errors():
+        rep = evaluate(m, nfe=nfe, solvers=None, samples=eval_samples, seed=EVAL_SEED_START, device=device,
+                       model_name=model, learned=[res.solver])
+    rep["results"] = sorted(rep["results"], key=lambda r: float("inf") if r["rmse"] is None else r["rmse"])
+    rep["artifact"] = str(res.path)
+    print_report(rep, as_json, top=6)
+
+
+@app.command("show")
+def show_cmd(path: Path = typer.Argument(..., help="learned-solver directory"),
+             as_json: bool = typer.Option(False, "--json")) -> None:
+    """Print a learned solver's grid and coefficients next to the solver it started from."""
+    from ..show import describe
+
+    with errors():
+        typer.echo(describe(path, as_json=as_json))

@@ -1,0 +1,186 @@
+"""``fewstep eval``, ``demo``, ``bench`` and ``guidance``: solvers measured side by side on held-out noise."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..errors import NothingToRunError
+from .common import (FORCE_HELP, MODEL_HELP, app, check_out_dir, errors, fail, fit_kwargs, load, metrics_arg,
+                     print_report, resolve_solver, setup)
+
+METRICS_HELP = "auto, none, or a comma list of fd,kid,fd_ref,psnr,swd,loglik"
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option(..., help=MODEL_HELP),
+    nfe: List[int] = typer.Option([5], min=1, help="NFE budget (repeat for several)"),
+    solver: Optional[List[str]] = typer.Option(None, help="NAME@GRID or a learned-solver directory (repeatable); "
+                                                          "default: every classic solver on every grid"),
+    samples: int = typer.Option(256, min=1, help="held-out samples"),
+    seed: Optional[int] = typer.Option(None, min=0, help="first per-sample seed (default: the evaluation range)"),
+    reference: Optional[str] = typer.Option(None, help="reference solver NAME@GRID (default: a long classic solve)"),
+    reference_nfe: Optional[int] = typer.Option(None, min=1, help="reference NFE"),
+    metrics: str = typer.Option("auto", help=METRICS_HELP),
+    feature: Optional[str] = typer.Option(None, help="feature network for FD/KID: digits, file.py:factory or "
+                                                     "module:factory returning an nn.Module (e.g. Inception; a "
+                                                     "factory spec runs that code)"),
+    guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale of the model"),
+    plot: Optional[Path] = typer.Option(None, help="write PNGs here: metrics against NFE, samples side by side, "
+                                                   "learned solvers against their start"),
+    top: Optional[int] = typer.Option(None, min=1, help="show only the best TOP rows per NFE"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    device: str = typer.Option("cpu"),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch threads"),
+) -> None:
+    """Solvers against a converged reference on held-out noise: RMSE, and FD / KID / PSNR / SWD / loglik.
+
+    Exit code 1 when no requested solver could run."""
+    from ..evaluate import evaluate
+    from ..seeds import EVAL_SEED_START
+
+    setup(device, threads)
+    if plot is not None:
+        check_out_dir(plot, "--plot")
+    with errors():
+        m = load(model, device, guidance)
+        feat = None
+        if feature is not None:
+            from ..specs import load_feature
+
+            feat = load_feature(feature, device)
+        chosen = [resolve_solver(s, force) for s in solver] if solver else None
+        classic = None if chosen is None else [s for s in chosen if isinstance(s, str)]
+        learned = [] if chosen is None else [s for s in chosen if not isinstance(s, str)]
+        try:
+            rep = evaluate(m, nfe=nfe, solvers=classic, samples=samples,
+                           seed=EVAL_SEED_START if seed is None else seed, reference=reference,
+                           reference_nfe=reference_nfe, device=device, model_name=model, metrics=metrics_arg(metrics),
+                           learned=learned, feature=feat)
+        except NothingToRunError as e:
+            fail(str(e), code=1)
+        paths = []
+        if plot is not None:
+            from ..bench import report_plots
+
+            paths = report_plots(rep, m, plot, learned, device=device)
+    print_report(rep, as_json, top)
+    if not as_json:
+        for p in paths:
+            typer.echo(f"wrote {p}")
+    if all(r["rmse"] is None for r in rep["results"] if r.get("role") != "reference"):
+        fail("no requested solver ran on this model (see the errors in the table)", code=1)
+
+
+@app.command("demo")
+def demo_cmd(
+    model: str = typer.Option("zoo:digits-eps", help=MODEL_HELP),
+    nfe: int = typer.Option(5, min=1, help="NFE of the learned solver"),
+    method: str = typer.Option("s4s-alt"),
+    out: Path = typer.Option(Path("out/demo"), help="output directory"),
+    samples: int = typer.Option(512, min=1, help="held-out samples for the comparison"),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """The main job: fit a learned solver, compare it with every classic solver, plot error vs NFE."""
+    from ..evaluate import evaluate
+    from ..fit.api import fit
+    from ..io import write_text
+    from ..plots import error_vs_nfe, solver_vs_start
+    from ..report import Report, render_versus
+    from ..seeds import EVAL_SEED_START
+
+    setup(device, None)
+    check_out_dir(out)
+    nfes = [3, 4, 5, 6, 8, 10]
+    with errors():
+        m = load(model, device)
+        res = fit(m, method, nfe, out=out / f"{method}-nfe{nfe}", device=device)
+        rep = evaluate(m, nfe=nfes, samples=samples, seed=EVAL_SEED_START, device=device, model_name=model,
+                       learned=[res.solver])
+        typed = Report.from_dict(rep)
+        typer.echo(f"\nlearned solver written to {res.path}")
+        typer.echo(f"held-out RMSE to the reference ({samples} samples, seeds from {EVAL_SEED_START}; "
+                   f"reference {rep['reference']['solver']} at {rep['reference']['nfe']} NFE, "
+                   f"self-error {rep['reference']['self_error']:.2g}):")
+        for line in render_versus(typed, typed.best_learned(nfe), nfes):
+            typer.echo(line)
+        png = error_vs_nfe(rep, out / "error_vs_nfe.png", title=f"{model}: held-out RMSE vs NFE")
+        tables = solver_vs_start(res.solver, out / "solver_vs_start.png")
+        write_text(out / "report.json", json.dumps(rep, indent=1))
+    typer.echo(f"plots: {png} (error against NFE), {tables} (the learned solver against its start)")
+
+
+@app.command("bench")
+def bench_cmd(
+    model: str = typer.Option(..., help=MODEL_HELP),
+    nfe: List[int] = typer.Option([3, 4, 5, 6, 8, 10], min=1, help="NFE budgets (repeat)"),
+    method: List[str] = typer.Option(["s4s-alt", "dss"], help="learned methods (repeat): s4s, s4s-alt, dss, ld3"),
+    out: Path = typer.Option(Path("out/bench"), help="artifacts, bench.json and plots go here"),
+    samples: int = typer.Option(256, min=1, help="held-out samples"),
+    metrics: str = typer.Option("auto", help=METRICS_HELP),
+    guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale"),
+    steps: Optional[int] = typer.Option(None, min=1, help="optimisation steps per fit (default: the method's)"),
+    fit_samples: int = typer.Option(700, min=1, help="training noises per fit"),
+    plot: bool = typer.Option(False, "--plot", help="write PNGs into OUT"),
+    reuse: bool = typer.Option(False, "--reuse", help="load the finished fits already in OUT whose settings match "
+                                                      "(after an interruption); others are fitted again"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+    device: str = typer.Option("cpu"),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch threads"),
+) -> None:
+    """Fit learned solvers at every NFE and compare them with the best classic solver (any solver, any grid)."""
+    from ..bench import format_bench, report_plots, run_bench
+    from ..io import write_text
+
+    setup(device, threads)
+    check_out_dir(out)
+    log = (lambda msg: typer.echo(msg, err=True))
+    with errors():
+        m = load(model, device, guidance)
+        b = run_bench(m, nfe, method, out, samples=samples, metrics=metrics_arg(metrics), device=device,
+                      progress=not as_json, model_name=model, log=log, fit_kwargs=fit_kwargs(steps, fit_samples),
+                      reuse=reuse)
+        paths = report_plots(b["report"], m, out, b["solvers"], device=device) if plot else []
+        b.pop("solvers")
+        write_text(out / "bench.json", json.dumps(b, indent=1))
+    if as_json:
+        typer.echo(json.dumps(b, indent=1))
+        return
+    typer.echo(format_bench(b))
+    for p in [out / "bench.json", *paths]:
+        typer.echo(f"wrote {p}")
+
+
+@app.command("guidance")
+def guidance_cmd(
+    model: str = typer.Option(..., help="model spec of a guided model (its factory takes guidance_scale)"),
+    fit_scale: float = typer.Option(..., help="guidance scale the solver is fitted at"),
+    scale: List[float] = typer.Option(..., help="guidance scales to evaluate at (repeat)"),
+    nfe: int = typer.Option(5, min=1, help="NFE budget"),
+    method: str = typer.Option("s4s-alt", help="learned method"),
+    out: Path = typer.Option(Path("out/guidance"), help="artifacts go here"),
+    samples: int = typer.Option(256, min=1, help="held-out samples per scale"),
+    refit: bool = typer.Option(True, "--refit/--no-refit", help="also fit a solver at every scale, for comparison"),
+    steps: Optional[int] = typer.Option(None, min=1, help="optimisation steps per fit (default: the method's)"),
+    fit_samples: int = typer.Option(700, min=1, help="training noises per fit"),
+    reuse: bool = typer.Option(False, "--reuse", help="load the finished fits already in OUT whose settings match"),
+    as_json: bool = typer.Option(False, "--json"),
+    device: str = typer.Option("cpu"),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch threads"),
+) -> None:
+    """How a solver fitted at one guidance scale does at others: when to refit."""
+    from ..bench import format_guidance, guidance_table
+
+    setup(device, threads)
+    check_out_dir(out)
+    with errors():
+        rows = guidance_table(lambda w: load(model, device, w), fit_scale, scale, nfe, method, out, samples=samples,
+                              refit=refit, device=device, progress=not as_json,
+                              fit_kwargs=fit_kwargs(steps, fit_samples),
+                              log=lambda msg: typer.echo(msg, err=True), reuse=reuse)
+    typer.echo(json.dumps(rows, indent=1) if as_json else format_guidance(rows, nfe, method))

@@ -1,0 +1,54 @@
+"""``fewstep sample`` and ``fewstep zoo``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import FORCE_HELP, MODEL_HELP, app, check_out_file, errors, fail, load, setup
+
+
+@app.command("sample")
+def sample_cmd(
+    model: str = typer.Option(..., help=MODEL_HELP),
+    solver: Optional[str] = typer.Option(None, help="NAME@GRID or a learned-solver directory "
+                                                    "(default: adams2@time for flows, dpmpp_3m@logsnr otherwise)"),
+    nfe: Optional[int] = typer.Option(None, min=1, help="NFE budget of a classic solver (default 5; a learned "
+                                                        "solver makes its own)"),
+    n: int = typer.Option(16, min=1, help="number of samples"),
+    out: Path = typer.Option(..., help="output .safetensors file (a PNG grid is written beside it for images)"),
+    seed: int = typer.Option(0, min=0, help="first per-sample seed"),
+    guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale of the model"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Draw samples and write them (safetensors, plus a PNG grid for image-shaped models)."""
+    from ..evaluate import solve_batched
+    from ..io import save_samples
+    from ..sampling import default_solver
+    from ..solvers.resolve import is_artifact_spec, resolve_solver
+
+    setup(device, None)
+    check_out_file(out if out.suffix == ".safetensors" else out.with_suffix(".safetensors"))
+    with errors():
+        m = load(model, device, guidance)
+        spec = solver or default_solver(m)
+        learned = is_artifact_spec(spec)
+        s = resolve_solver(spec, m, None if learned else (nfe or 5), force=force)
+        if learned and nfe is not None and nfe != s.nfe:
+            fail(f"--nfe {nfe}: the learned solver {spec} makes {s.nfe} evaluations; drop --nfe or pass --nfe {s.nfe}")
+        x = solve_batched(m, list(range(seed, seed + n)), s, s.nfe, device=device)
+        paths = save_samples(x, out, meta={"model": model, "solver": spec, "nfe": str(s.nfe), "seed": str(seed)})
+    for p in paths:
+        typer.echo(f"wrote {p}")
+
+
+@app.command("zoo")
+def zoo_cmd() -> None:
+    """List the built-in models."""
+    from .. import zoo
+
+    for name in zoo.NAMES:
+        typer.echo(f"zoo:{name}")
