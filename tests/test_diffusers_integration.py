@@ -26,7 +26,8 @@ from fewstep.solvers.artifact import save_solver, solver_doc
 from fewstep.specs import load_model
 
 diffusers = pytest.importorskip("diffusers")
-from fewstep.integrations.diffusers_in import from_diffusers, load_diffusers, shifted_grid  # noqa: E402
+from fewstep.integrations.diffusers_in import from_diffusers, shifted_grid  # noqa: E402
+from fewstep.integrations.load import load_diffusers  # noqa: E402
 from fewstep.integrations.diffusers_scheduler import FewStepScheduler  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")

@@ -55,11 +55,14 @@ def run_bench(
     log: Callable[[str], None] = print,
     eval_kwargs: dict[str, Any] | None = None,
     reuse: bool = False,
+    eval_model: Denoiser | None = None,
 ) -> dict[str, Any]:
     """Fit every method at every NFE (artifacts in ``out/<method>-nfe<N>``) and measure them.
 
     With ``reuse``, a finished artifact already in its directory (solver.json and no fit
-    checkpoint) is loaded instead of refitted; its recorded wall time is reported.
+    checkpoint) fitted with the same settings is loaded instead of refitted; its recorded wall time is
+    reported. ``eval_model``: the model the table measures (the same network with the prompts the
+    fits never saw; default ``model``).
 
     Returns {"report": the evaluate() report with classic and learned rows, "rows": one summary per
     NFE ({"nfe", "best_classic", "best_learned", "ratio"}), "fits": per-fit wall times and artifacts,
@@ -78,7 +81,7 @@ def run_bench(
             log(f"{how} {meth} at NFE {n} ({secs:.0f} s, start {doc['start']['solver']}"
                 f"{', kept' if doc['validation']['kept_start'] else ''})")
             arts.append(solver)
-    rep = evaluate(model, nfe=list(nfes), samples=samples, seed=EVAL_SEED_START, device=device,
+    rep = evaluate(eval_model or model, nfe=list(nfes), samples=samples, seed=EVAL_SEED_START, device=device,
                    model_name=model_name, metrics=metrics, learned=arts, **(eval_kwargs or {}))
     return {"report": rep, "rows": bench_rows(Report.from_dict(rep), nfes), "fits": fits, "solvers": arts}
 

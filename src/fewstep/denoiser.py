@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from .conditions import ClassSet, Conditioning, GuidanceSet
 from .errors import FewstepError, ModelOutputError, ShapeError
 from .schedules import Schedule, TimeScalars
 
@@ -23,9 +24,24 @@ PREDICTIONS = ("eps", "x0", "v", "velocity")
 BASES = ("D", "E", "v")
 
 
+def _guided(w: Any) -> bool:
+    """Does a scale (None, a number, or a (B,) tensor) ask for classifier-free guidance?"""
+    if w is None:
+        return False
+    if isinstance(w, Tensor):
+        return bool((w != 1.0).any())
+    return float(w) != 1.0
+
+
 def _cat_cond(cond: Mapping[str, Any], uncond: Mapping[str, Any]) -> dict[str, Any]:
-    """Concatenate cond and uncond keyword arguments along the batch dimension."""
+    """Concatenate cond and uncond keyword arguments along the batch dimension.
+
+    A tensor only the unconditional half names (a flag such as ``negative``) is zero in the conditional half.
+    """
     out: dict[str, Any] = {}
+    for k, u in uncond.items():
+        if k not in cond and isinstance(u, Tensor) and u.dim() > 0:
+            out[k] = torch.cat([torch.zeros_like(u), u], 0)
     for k, v in cond.items():
         u = uncond.get(k, v)
         if isinstance(v, Tensor):
@@ -55,7 +71,15 @@ class Denoiser(nn.Module):
         prior: optional callable ``prior(generator, shape) -> Tensor`` for the starting noise
             (default: standard normal).
         cond_sampler: optional callable ``cond_sampler(seeds: list[int]) -> dict`` giving the
-            conditioning for samples drawn from those seeds (e.g. class labels).
+            conditioning for samples drawn from those seeds (e.g. class labels; a
+            :class:`~fewstep.conditions.Conditioning` for prompt, class and guidance sets).
+        guidance_input: the network takes the guidance scale itself (guidance-distilled models such as
+            FLUX.1-dev): it gets ``guidance=`` (B,) and there is no unconditional half.
+        decode: optional ``decode(x) -> images`` for metrics and pictures of latent models (e.g. the VAE).
+        num_classes: how many class labels a class-conditional network takes (for ``--classes all``).
+
+    Per-sample guidance: a conditioning key ``guidance_scale`` holding a (B,) tensor overrides
+    ``guidance_scale`` sample by sample (a model fitted across several scales sees several at once).
     """
 
     def __init__(
@@ -70,6 +94,9 @@ class Denoiser(nn.Module):
         prior: Callable[[torch.Generator, tuple[int, ...]], Tensor] | None = None,
         cond_sampler: Callable[[list[int]], dict[str, Any]] | None = None,
         identity: Mapping[str, Any] | None = None,
+        guidance_input: bool = False,
+        decode: Callable[[Tensor], Tensor] | None = None,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         if prediction not in PREDICTIONS:
@@ -88,6 +115,9 @@ class Denoiser(nn.Module):
         self.prior = prior
         self.cond_sampler = cond_sampler
         self.identity = dict(identity or {})
+        self.guidance_input = bool(guidance_input)
+        self.decode = decode
+        self.num_classes = num_classes
         self.nfe = 0
 
     # ------------------------------------------------------------------ network call
@@ -101,13 +131,19 @@ class Denoiser(nn.Module):
         else:
             t = torch.as_tensor(t, dtype=torch.float64)
             t_net = self.schedule.net_time(t).to(device=x.device, dtype=x.dtype).expand(x.shape[0])
-        w = self.guidance_scale
-        if w is not None and w != 1.0:
+        w = cond.pop("guidance_scale", self.guidance_scale)
+        if self.guidance_input:  # the network takes the scale itself: one call, no unconditional half
+            scale = torch.as_tensor(1.0 if w is None else w, dtype=torch.float32, device=x.device)
+            out = self.net(x, t_net, guidance=scale.expand(x.shape[0]) if scale.dim() == 0 else scale, **cond)
+            self._check_shape(out, tuple(x.shape))
+        elif _guided(w):
             unc = self.uncond(cond) if callable(self.uncond) else dict(self.uncond or {})
             both = _cat_cond(cond, unc)
             out = self.net(torch.cat([x, x], 0), torch.cat([t_net, t_net], 0), **both)
             self._check_shape(out, (2 * x.shape[0], *x.shape[1:]))
             out_c, out_u = out.chunk(2, 0)
+            if isinstance(w, Tensor):  # one scale per sample
+                w = w.to(device=out.device, dtype=out.dtype).reshape(-1, *[1] * (out.dim() - 1))
             out = out_u + w * (out_c - out_u)
         else:
             out = self.net(x, t_net, **cond)
@@ -238,6 +274,33 @@ class Denoiser(nn.Module):
             else:
                 rows.append(torch.randn(self.sample_shape, generator=g))
         return torch.stack(rows).to(device)
+
+    def with_conditions(self, classes: str | None = None, guidance: GuidanceSet | None = None) -> "Denoiser":
+        """This model drawing its class labels from ``classes`` ("0,1,2" or "all") and, for several scales, its
+        guidance scale per seed (each seed draws one). Returns ``self``."""
+        if classes is None and (guidance is None or len(guidance.scales) < 2):
+            return self
+        if classes is not None and self.num_classes is None and self.cond_sampler is None:
+            raise FewstepError(f"{self.name} takes no class labels: drop --classes")
+        if guidance is not None and len(guidance.scales) > 1 and self.uncond is None and not self.guidance_input:
+            raise FewstepError(f"{self.name} has no unconditional half for guidance: give one scale or none")
+        cset = None if classes is None else ClassSet.parse(classes, self.num_classes)
+        self.cond_sampler = Conditioning(classes=cset, guidance=guidance if guidance and len(guidance.scales) > 1
+                                         else None, base=self.cond_sampler if cset is None else None,
+                                         default_guidance=float(self.guidance_scale or 1.0))
+        return self
+
+    def guidance_scales(self) -> tuple[float, ...] | None:
+        """The guidance scales the seeds draw from when there are several (a fit covers them all), else None."""
+        c = self.cond_sampler
+        if isinstance(c, Conditioning) and c.guidance is not None and len(c.guidance.scales) > 1:
+            return c.guidance.scales
+        return None
+
+    def cond_key(self) -> str:
+        """A name for the set conditions are drawn from ('' when the sampler does not name it): the teacher
+        cache keys on it, the fingerprint does not (a solver fitted on one prompt set runs on another)."""
+        return self.cond_sampler.digest() if isinstance(self.cond_sampler, Conditioning) else ""
 
     def cond_for(self, seeds: list[int] | range, device: str | torch.device = "cpu") -> dict[str, Any]:
         """Conditioning keyword arguments for samples drawn from ``seeds`` (empty if unconditional)."""

@@ -7,11 +7,14 @@ data; its evaluations are t_0 .. t_{N-1}.
 - ``logsnr``: N evaluation points uniform in lambda from the noise end to t_min, then t_end.
 - ``karras`` (alias ``edm``): N points s_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho
   in s = sigma / alpha, then t_end (rho = 7).
+- ``shifted``: a diffusers flow-matching pipeline's own default grid (static or resolution-dependent time
+  shift; only for flows loaded from such a pipeline, whose schedule carries ``grid_shift``).
 An explicit grid is any strictly decreasing sequence inside [t_end, t_max].
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -52,7 +55,39 @@ def karras(schedule: Schedule, n: int, rho: float = 7.0) -> Tensor:
     return torch.cat([t, torch.tensor([schedule.t_end], dtype=F64)])
 
 
-GRIDS = {"time": time_uniform, "quadratic": time_quadratic, "logsnr": logsnr_uniform, "karras": karras}
+def time_shift(s: Tensor, shift: float = 1.0, mu: float | None = None, kind: str = "exponential") -> Tensor:
+    """A flow-matching pipeline's time shift of sigmas s: static ``shift s / (1 + (shift - 1) s)``, or with
+    ``mu`` the resolution-dependent one, ``e^mu / (e^mu + 1/s - 1)`` (``kind`` "linear": ``mu / (mu + 1/s - 1)``)."""
+    if mu is None:
+        return shift * s / (1.0 + (shift - 1.0) * s)
+    em = math.exp(mu) if kind == "exponential" else float(mu)
+    return em / (em + (1.0 / s - 1.0))
+
+
+def shifted(schedule: Schedule, n: int) -> Tensor:
+    """The grid a diffusers flow-matching pipeline uses by default (``Flow.grid_shift``): n sigmas from 1
+    (evenly spaced down to 1/T, or to 1/n for Flux-style pipelines: ``base``), time-shifted, optionally
+    stretched to end at ``terminal``, then 0."""
+    g = getattr(schedule, "grid_shift", None)
+    if not g:
+        raise GridError("the 'shifted' grid is a flow-matching pipeline's own: this model's schedule has no shift "
+                        "(load it with diffusers:DIR from a flow-matching pipeline)")
+    T = int(g["num_train_timesteps"])
+    dynamic = g.get("mu") is not None
+    if g.get("base") == "steps":
+        s = torch.linspace(1.0, 1.0 / n, n, dtype=F64)
+    else:
+        lo = 1.0 / T if dynamic else float(time_shift(torch.tensor(1.0 / T, dtype=F64), float(g["shift"])))
+        s = torch.linspace(1.0, lo, n, dtype=F64)
+    s = time_shift(s, float(g["shift"]), g.get("mu"), g.get("shift_type", "exponential"))
+    if g.get("terminal"):
+        one_minus = 1.0 - s
+        s = 1.0 - one_minus / (one_minus[-1] / (1.0 - float(g["terminal"])))
+    return torch.cat([s, torch.zeros(1, dtype=F64)])
+
+
+GRIDS = {"time": time_uniform, "quadratic": time_quadratic, "logsnr": logsnr_uniform, "karras": karras,
+         "shifted": shifted}
 ALIASES = {"edm": "karras", "uniform": "time", "time_uniform": "time", "time_quadratic": "quadratic",
            "logSNR": "logsnr", "lambda": "logsnr"}
 
@@ -107,5 +142,6 @@ def make_grid(schedule: Schedule, n: int, grid: str | Sequence[float] | Tensor =
 _CACHE: dict[tuple, Tensor] = {}
 
 
-def grid_names() -> list[str]:
-    return list(GRIDS)
+def grid_names(schedule: Schedule | None = None) -> list[str]:
+    """The named grids (those that suit ``schedule``, if given: ``shifted`` needs a flow pipeline's shift)."""
+    return [g for g in GRIDS if schedule is None or g != "shifted" or getattr(schedule, "grid_shift", None)]

@@ -10,9 +10,9 @@ from torch import Tensor
 from .denoiser import Denoiser
 from .errors import ShapeError
 from .solvers.kernel import Tableau, run_tableau
-from .solvers.resolve import parse_solver, resolve_solver
+from .solvers.resolve import Solver, parse_solver, resolve_solver
 
-__all__ = ["build_tableau", "default_solver", "parse_solver", "sample"]
+__all__ = ["build_tableau", "chunk_size", "default_solver", "parse_solver", "sample", "solve"]
 
 
 def default_solver(model: Denoiser) -> str:
@@ -63,24 +63,14 @@ def sample(
         raise ShapeError(
             f"noise has shape {tuple(noise.shape)} but this model's samples have shape (B, {', '.join(map(str, model.sample_shape))})"
         )
-    tab = build_tableau(model, solver if solver is not None else default_solver(model), nfe, grid, **solver_kwargs)
+    s = resolve_solver(solver if solver is not None else default_solver(model), model, nfe, grid, **solver_kwargs)
     x = noise * model.schedule.init_noise_scale()
     n = x.shape[0]
     chunk = max_batch or chunk_size(tuple(noise.shape[1:]))
-    if n <= chunk:
-        return run_tableau(model, x, tab, cond, callback, return_trajectory, use_checkpoint=use_checkpoint)
-    outs, trajs = [], []
-    for k in range(0, n, chunk):  # a long batch in chunks: memory stays flat, per-sample results are the same
-        part = {key: (v[k:k + chunk] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n else v)
-                for key, v in (cond or {}).items()}
-        out = run_tableau(model, x[k:k + chunk], tab, part, callback, return_trajectory, use_checkpoint=use_checkpoint)
-        if return_trajectory:
-            out, traj = out
-            trajs.append(traj)
-        outs.append(out)
-    if return_trajectory:
-        return torch.cat(outs), [torch.cat(states) for states in zip(*trajs)]
-    return torch.cat(outs)
+    parts = [(k, min(n, k + chunk)) for k in range(0, n, chunk)]  # a long batch in chunks: flat memory
+    runs = [solve(model, x[a:b], s, take(cond or {}, None if (a, b) == (0, n) else torch.arange(a, b), n), callback,
+                  return_trajectory, use_checkpoint) for a, b in parts]
+    return _joined(runs, return_trajectory)
 
 
 #: the most numbers a chunk of samples holds (its network activations are a multiple of it)
@@ -94,3 +84,55 @@ def chunk_size(sample_shape: tuple[int, ...]) -> int:
     for d in sample_shape:
         numel *= int(d)
     return max(1, min(MAX_CHUNK, CHUNK_NUMEL // max(numel, 1)))
+
+
+def _joined(runs: list[Any], trajectory: bool) -> Tensor | tuple[Tensor, list[Tensor]]:
+    if len(runs) == 1:
+        return runs[0]
+    if trajectory:
+        return torch.cat([r[0] for r in runs]), [torch.cat(states) for states in zip(*[r[1] for r in runs])]
+    return torch.cat(runs)
+
+
+def guidance_groups(model: Denoiser, solver: Solver, cond: dict[str, Any], n: int
+                    ) -> list[tuple[float | None, Tensor | None]]:
+    """The runs a batch of ``n`` samples needs: [(None, None)] for a solver that does not depend on the
+    guidance scale, else one (scale, sample indices or None for all) per scale among the samples."""
+    if solver.guidance_range is None:
+        return [(None, None)]
+    w = cond.get("guidance_scale", model.guidance_scale)
+    w = 1.0 if w is None else w
+    if not isinstance(w, Tensor) or w.numel() == 1 or bool((w == w.reshape(-1)[0]).all()):
+        return [(float(w.reshape(-1)[0]) if isinstance(w, Tensor) else float(w), None)]
+    w = w.reshape(-1).cpu()
+    return [(v, torch.nonzero(w == v).flatten()) for v in sorted(set(w.tolist()))]
+
+
+def take(cond: dict[str, Any], idx: Tensor | None, n: int) -> dict[str, Any]:
+    """The rows ``idx`` of the per-sample tensors of ``cond`` (n rows); other values as they are."""
+    if idx is None:
+        return cond
+    return {k: (v[idx.to(v.device)] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n else v)
+            for k, v in cond.items()}
+
+
+def solve(model: Denoiser, x: Tensor, solver: Solver, cond: dict[str, Any] | None = None,
+          callback: Callable[[dict[str, Any]], None] | None = None, return_trajectory: bool = False,
+          use_checkpoint: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+    """Run a resolved solver from the scaled state x (B, ...) on the kernel: once, or, for a solver fitted
+    across guidance scales, once per scale among the samples (``cond["guidance_scale"]`` per sample, else the
+    model's scale), the results put back in the samples' order. Differentiable."""
+    cond = cond or {}
+    n = x.shape[0]
+    runs, order = [], []
+    for w, idx in guidance_groups(model, solver, cond, n):
+        xs = x if idx is None else x[idx.to(x.device)]
+        runs.append(run_tableau(model, xs, solver.tableau(model, w=w) if w is not None else solver.tableau(model),
+                                take(cond, idx, n), callback, return_trajectory, use_checkpoint=use_checkpoint))
+        order.append(idx)
+    if order[0] is None:
+        return runs[0]
+    inv = torch.argsort(torch.cat(order)).to(x.device)
+    if return_trajectory:
+        return torch.cat([r[0] for r in runs])[inv], [torch.cat(s)[inv] for s in zip(*[r[1] for r in runs])]
+    return torch.cat(runs)[inv]

@@ -359,13 +359,30 @@ class Flow(Schedule):
     """
 
     kind = "flow"
+    #: the keys of ``grid_shift`` (the sampling grid a flow-matching pipeline uses by default; see grids.shifted)
+    SHIFT_KEYS = ("num_train_timesteps", "shift", "mu", "shift_type", "terminal", "base")
 
-    def __init__(self, t_min: float = 1e-3, time_scale: float = 1.0, time_reversed: bool = False):
+    def __init__(self, t_min: float = 1e-3, time_scale: float = 1.0, time_reversed: bool = False,
+                 grid_shift: dict[str, Any] | None = None):
         self.t_max, self.t_min, self.t_end = 1.0, float(t_min), 0.0
         self.time_scale, self.time_reversed = float(time_scale), bool(time_reversed)
+        if grid_shift is not None:
+            bad = sorted(set(grid_shift) - set(self.SHIFT_KEYS))
+            if bad or not isinstance(grid_shift.get("num_train_timesteps"), int):
+                raise FewstepError(f"grid_shift needs num_train_timesteps and takes {', '.join(self.SHIFT_KEYS)}; "
+                                   f"got {sorted(grid_shift)}")
+            grid_shift = {"shift": 1.0, "mu": None, "shift_type": "exponential", "terminal": None, "base": "train",
+                          **grid_shift}
+            if grid_shift["base"] not in ("train", "steps") or grid_shift["shift_type"] not in ("exponential", "linear") \
+                    or not float(grid_shift["shift"]) > 0:
+                raise FewstepError(f"bad grid_shift {grid_shift}")
+        self.grid_shift = grid_shift
 
     def config(self) -> dict[str, Any]:
-        return {"type": "flow", "t_min": self.t_min, "time_scale": self.time_scale, "time_reversed": self.time_reversed}
+        cfg = {"type": "flow", "t_min": self.t_min, "time_scale": self.time_scale, "time_reversed": self.time_reversed}
+        if self.grid_shift is not None:
+            cfg["grid_shift"] = dict(self.grid_shift)
+        return cfg
 
     def log_alpha(self, t: Tensor) -> Tensor:
         return torch.log1p(-_t(t))

@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Any
 
+from .conditions import GuidanceSet
 from .denoiser import Denoiser
 from .errors import ModelSpecError
 
@@ -61,10 +62,37 @@ def _call_factory(fn: Any, spec: str, **kwargs: Any) -> Denoiser:
     return model
 
 
-def load_model(spec: str, device: str = "cpu", **kwargs: Any) -> Denoiser:
-    """Build the Denoiser named by ``spec`` on ``device``."""
+#: condition options every spec takes (see :func:`load_model`)
+CONDITION_OPTIONS = ("prompts", "classes", "guidance", "height", "width", "dtype")
+
+
+def load_model(spec: str, device: str = "cpu", prompts: Any = None, classes: str | None = None,
+               guidance: Any = None, height: int | None = None, width: int | None = None, dtype: Any = None,
+               **kwargs: Any) -> Denoiser:
+    """Build the Denoiser named by ``spec`` on ``device``.
+
+    Condition options: ``prompts`` (a prompt set, for text-to-image pipelines), ``classes`` ("0,1,2" or
+    "all", for class-conditional models), ``guidance`` (one scale, or several: "3,7.5,12", "3:12"; each
+    seed draws one), ``height``/``width`` (image size of a pipeline), ``dtype`` (fp32 / fp16 / bf16 of a
+    pipeline). ``kwargs`` go to the model's own builder.
+    """
     if not isinstance(spec, str) or ":" not in spec:
         raise ModelSpecError(f"model spec {spec!r} is not one of: {FORMS}")
+    head = spec.partition(":")[0]
+    if head == "diffusers":
+        opts = {k: v for k, v in dict(prompts=prompts, classes=classes, guidance=guidance, height=height, width=width,
+                                      dtype=dtype).items() if v is not None}
+        return _load(spec, device, **opts, **kwargs)
+    for name, v in (("prompts", prompts), ("height", height), ("width", width), ("dtype", dtype)):
+        if v is not None:
+            raise ModelSpecError(f"{spec!r}: --{name} applies to diffusers pipelines (diffusers:DIR) only")
+    gset = None if guidance is None else GuidanceSet.parse(guidance)
+    if gset is not None:
+        kwargs["guidance_scale"] = gset.scales[len(gset.scales) // 2]
+    return _load(spec, device, **kwargs).with_conditions(classes, gset)
+
+
+def _load(spec: str, device: str, **kwargs: Any) -> Denoiser:
     head, _, tail = spec.partition(":")
     if head == "zoo":
         from . import zoo
@@ -76,9 +104,11 @@ def load_model(spec: str, device: str = "cpu", **kwargs: Any) -> Denoiser:
         return load_torchcfm(tail, device=device, **kwargs)
     if head == "diffusers":
         try:
-            from .integrations.diffusers_in import load_diffusers
+            from .integrations.load import load_diffusers
         except ImportError as e:
             raise ModelSpecError(f"{spec!r}: the diffusers integration is not available ({e})") from None
+        if "guidance_scale" in kwargs:
+            kwargs["guidance"] = kwargs.pop("guidance_scale")
         return load_diffusers(tail, device=device, **kwargs)
     model = _call_factory(_factory(spec, "model", FORMS), spec, **kwargs)
     return model.to(device) if hasattr(model, "to") else model

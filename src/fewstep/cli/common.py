@@ -124,11 +124,48 @@ def check_out_file(path: Path, option: str = "--out") -> None:
     _writable_ancestor(path, option)
 
 
-# ----------------------------------------------------------------------------- shared steps
-def load(spec: str, device: str, guidance: Optional[float] = None) -> Any:
+# ----------------------------------------------------------------------------- model options
+PROMPTS_OPT = typer.Option(None, "--prompts", help="prompt file of a text-to-image pipeline: one prompt per line "
+                                                   "(.txt), or .csv / .jsonl with prompt[, negative_prompt][, guidance]; "
+                                                   "each seed draws one (fits use it without its held-out part)")
+EVAL_PROMPTS_OPT = typer.Option(None, "--eval-prompts", help="prompts to evaluate on (default: the held-out part of "
+                                                             "--prompts, which fits never see)")
+CLASSES_OPT = typer.Option(None, "--classes", help="class labels each seed draws from: 0,1,2 or all")
+GUIDANCE_OPT = typer.Option(None, "--guidance", help="classifier-free guidance (or Flux's guidance input): one scale "
+                                                     "(7.5), several (3,7.5,12) or a range (3:12[:COUNT]); with "
+                                                     "several, each seed draws one and a fit covers them all")
+HEIGHT_OPT = typer.Option(None, "--height", min=1, help="image height of a pipeline (default: the pipeline's)")
+WIDTH_OPT = typer.Option(None, "--width", min=1, help="image width of a pipeline (default: the pipeline's)")
+DTYPE_OPT = typer.Option(None, "--dtype", help="precision the network runs in: fp32, fp16 or bf16 (default: as loaded)")
+
+
+def load(spec: str, device: str, guidance: Optional[str] = None, prompts: Optional[Path] = None,
+         classes: Optional[str] = None, height: Optional[int] = None, width: Optional[int] = None,
+         dtype: Optional[str] = None, role: str = "all", eval_prompts: Optional[Path] = None) -> Any:
+    """The model of a command, conditioned as asked. ``role``: "fit" (a prompt file without its held-out
+    part), "eval" (``eval_prompts``, else that held-out part) or "all" (the whole file)."""
+    from ..conditions import PromptSet
     from ..specs import load_model
 
-    return load_model(spec, device=device, **({"guidance_scale": guidance} if guidance is not None else {}))
+    pset = None
+    if role == "eval" and eval_prompts is not None:
+        pset = PromptSet.read(eval_prompts)
+    elif prompts is not None:
+        pset = PromptSet.read(prompts)
+        if role in ("fit", "eval"):
+            pset = pset.split()[0 if role == "fit" else 1]
+    return load_model(spec, device=device, prompts=pset, classes=classes, guidance=guidance, height=height,
+                      width=width, dtype=dtype)
+
+
+def eval_model(model: Any, prompts: Optional[Path], eval_prompts: Optional[Path]) -> Any:
+    """The model a fit's closing table evaluates: the fitted model with the prompts the fit never saw."""
+    if prompts is None and eval_prompts is None:
+        return model
+    from ..conditions import PromptSet
+
+    pset = PromptSet.read(eval_prompts) if eval_prompts is not None else PromptSet.read(prompts).split()[1]
+    return model.with_prompts(pset)
 
 
 def metrics_arg(value: str) -> Any:

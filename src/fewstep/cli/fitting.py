@@ -8,7 +8,9 @@ from typing import Optional
 
 import typer
 
-from .common import MODEL_HELP, app, check_out_dir, errors, fail, load, nonneg_float, positive_float, print_report, setup
+from .common import (CLASSES_OPT, DTYPE_OPT, EVAL_PROMPTS_OPT, GUIDANCE_OPT, HEIGHT_OPT, MODEL_HELP, PROMPTS_OPT,
+                     WIDTH_OPT, app, check_out_dir, errors, eval_model, fail, load, nonneg_float, positive_float,
+                     print_report, setup)
 
 
 @app.command("fit")
@@ -36,7 +38,13 @@ def fit_cmd(
                                           help="LD3 relaxation radius (relative to the noise norm; 0 off)"),
     checkpoint: bool = typer.Option(False, "--checkpoint", help="recompute model activations in backward (memory)"),
     restart: bool = typer.Option(False, "--restart", help="ignore a checkpoint of an interrupted fit in OUT and start over"),
-    guidance: Optional[float] = typer.Option(None, help="fit at this classifier-free guidance scale"),
+    guidance: Optional[str] = GUIDANCE_OPT,
+    prompts: Optional[Path] = PROMPTS_OPT,
+    eval_prompts: Optional[Path] = EVAL_PROMPTS_OPT,
+    classes: Optional[str] = CLASSES_OPT,
+    height: Optional[int] = HEIGHT_OPT,
+    width: Optional[int] = WIDTH_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
     eval_samples: int = typer.Option(256, min=0, help="held-out samples for the closing table (0: skip)"),
     as_json: bool = typer.Option(False, "--json", help="print the closing comparison as JSON"),
     device: str = typer.Option("cpu"),
@@ -53,7 +61,7 @@ def fit_cmd(
                                     "lr_grid": lr_grid, "k": k}.items() if v is not None}
     over.update(loss=loss, use_checkpoint=checkpoint)
     with errors():
-        m = load(model, device, guidance)
+        m = load(model, device, guidance, prompts, classes, height, width, dtype, role="fit")
         try:
             res = fit(m, method, nfe, out=out, teacher=teacher, samples=samples, val_samples=val_samples,
                       confirm_samples=confirm_samples, seed=seed, progress=not as_json, device=device,
@@ -74,8 +82,8 @@ def fit_cmd(
             typer.echo(json.dumps({"artifact": str(res.path), "solver": res.doc}, indent=2))
         return
     with errors():
-        rep = evaluate(m, nfe=nfe, solvers=None, samples=eval_samples, seed=EVAL_SEED_START, device=device,
-                       model_name=model, learned=[res.solver])
+        rep = evaluate(eval_model(m, prompts, eval_prompts), nfe=nfe, solvers=None, samples=eval_samples,
+                       seed=EVAL_SEED_START, device=device, model_name=model, learned=[res.solver])
     rep["results"] = sorted(rep["results"], key=lambda r: float("inf") if r["rmse"] is None else r["rmse"])
     rep["artifact"] = str(res.path)
     print_report(rep, as_json, top=6)

@@ -9,8 +9,9 @@ from typing import List, Optional
 import typer
 
 from ..errors import NothingToRunError
-from .common import (FORCE_HELP, MODEL_HELP, app, check_out_dir, errors, fail, fit_kwargs, load, metrics_arg,
-                     print_report, resolve_solver, setup)
+from .common import (CLASSES_OPT, DTYPE_OPT, EVAL_PROMPTS_OPT, FORCE_HELP, GUIDANCE_OPT, HEIGHT_OPT, MODEL_HELP,
+                     PROMPTS_OPT, WIDTH_OPT, app, check_out_dir, errors, eval_model, fail, fit_kwargs, load,
+                     metrics_arg, print_report, resolve_solver, setup)
 
 METRICS_HELP = "auto, none, or a comma list of fd,kid,fd_ref,psnr,swd,loglik"
 
@@ -29,7 +30,13 @@ def eval_cmd(
     feature: Optional[str] = typer.Option(None, help="feature network for FD/KID: digits, file.py:factory or "
                                                      "module:factory returning an nn.Module (e.g. Inception; a "
                                                      "factory spec runs that code)"),
-    guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale of the model"),
+    guidance: Optional[str] = GUIDANCE_OPT,
+    prompts: Optional[Path] = PROMPTS_OPT,
+    eval_prompts: Optional[Path] = EVAL_PROMPTS_OPT,
+    classes: Optional[str] = CLASSES_OPT,
+    height: Optional[int] = HEIGHT_OPT,
+    width: Optional[int] = WIDTH_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
     plot: Optional[Path] = typer.Option(None, help="write PNGs here: metrics against NFE, samples side by side, "
                                                    "learned solvers against their start"),
     top: Optional[int] = typer.Option(None, min=1, help="show only the best TOP rows per NFE"),
@@ -48,7 +55,8 @@ def eval_cmd(
     if plot is not None:
         check_out_dir(plot, "--plot")
     with errors():
-        m = load(model, device, guidance)
+        m = load(model, device, guidance, prompts, classes, height, width, dtype, role="eval",
+                 eval_prompts=eval_prompts)
         feat = None
         if feature is not None:
             from ..specs import load_feature
@@ -123,7 +131,13 @@ def bench_cmd(
     out: Path = typer.Option(Path("out/bench"), help="artifacts, bench.json and plots go here"),
     samples: int = typer.Option(256, min=1, help="held-out samples"),
     metrics: str = typer.Option("auto", help=METRICS_HELP),
-    guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale"),
+    guidance: Optional[str] = GUIDANCE_OPT,
+    prompts: Optional[Path] = PROMPTS_OPT,
+    eval_prompts: Optional[Path] = EVAL_PROMPTS_OPT,
+    classes: Optional[str] = CLASSES_OPT,
+    height: Optional[int] = HEIGHT_OPT,
+    width: Optional[int] = WIDTH_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
     steps: Optional[int] = typer.Option(None, min=1, help="optimisation steps per fit (default: the method's)"),
     fit_samples: int = typer.Option(700, min=1, help="training noises per fit"),
     plot: bool = typer.Option(False, "--plot", help="write PNGs into OUT"),
@@ -141,8 +155,8 @@ def bench_cmd(
     check_out_dir(out)
     log = (lambda msg: typer.echo(msg, err=True))
     with errors():
-        m = load(model, device, guidance)
-        b = run_bench(m, nfe, method, out, samples=samples, metrics=metrics_arg(metrics), device=device,
+        m = load(model, device, guidance, prompts, classes, height, width, dtype, role="fit")
+        b = run_bench(m, nfe, method, out, eval_model=eval_model(m, prompts, eval_prompts), samples=samples, metrics=metrics_arg(metrics), device=device,
                       progress=not as_json, model_name=model, log=log, fit_kwargs=fit_kwargs(steps, fit_samples),
                       reuse=reuse)
         paths = report_plots(b["report"], m, out, b["solvers"], device=device) if plot else []
@@ -179,7 +193,7 @@ def guidance_cmd(
     setup(device, threads)
     check_out_dir(out)
     with errors():
-        rows = guidance_table(lambda w: load(model, device, w), fit_scale, scale, nfe, method, out, samples=samples,
+        rows = guidance_table(lambda w: load(model, device, str(w)), fit_scale, scale, nfe, method, out, samples=samples,
                               refit=refit, device=device, progress=not as_json,
                               fit_kwargs=fit_kwargs(steps, fit_samples),
                               log=lambda msg: typer.echo(msg, err=True), reuse=reuse)

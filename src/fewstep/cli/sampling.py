@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from .common import FORCE_HELP, MODEL_HELP, app, check_out_file, errors, fail, load, setup
+from .common import (CLASSES_OPT, DTYPE_OPT, FORCE_HELP, GUIDANCE_OPT, HEIGHT_OPT, MODEL_HELP, PROMPTS_OPT, WIDTH_OPT,
+                     app, check_out_file, errors, fail, load, setup)
 
 
 @app.command("sample")
@@ -20,7 +21,12 @@ def sample_cmd(
     n: int = typer.Option(16, min=1, help="number of samples"),
     out: Path = typer.Option(..., help="output .safetensors file (a PNG grid is written beside it for images)"),
     seed: int = typer.Option(0, min=0, help="first per-sample seed"),
-    guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale of the model"),
+    guidance: Optional[str] = GUIDANCE_OPT,
+    prompts: Optional[Path] = PROMPTS_OPT,
+    classes: Optional[str] = CLASSES_OPT,
+    height: Optional[int] = HEIGHT_OPT,
+    width: Optional[int] = WIDTH_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     device: str = typer.Option("cpu"),
 ) -> None:
@@ -33,7 +39,7 @@ def sample_cmd(
     setup(device, None)
     check_out_file(out if out.suffix == ".safetensors" else out.with_suffix(".safetensors"))
     with errors():
-        m = load(model, device, guidance)
+        m = load(model, device, guidance, prompts, classes, height, width, dtype)
         spec = solver or default_solver(m)
         learned = is_artifact_spec(spec)
         s = resolve_solver(spec, m, None if learned else (nfe or 5), force=force)

@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 
+from ..conditions import Conditioning
 from ..denoiser import Denoiser
 from ..errors import FewstepError
 from ..seeds import check_fit_seeds, fit_seeds, val_seeds
-from ..solvers.artifact import PARAMS, LoadedSolver, save_params, save_solver, solver_doc
+from ..solvers.artifact import PARAMS, LoadedSolver, save_params, save_solver, solver_doc, tableau_to_doc
 from ..solvers.kernel import Tableau
 from ..solvers.learned import LearnedSolver
 from .checkpoint import FitCheckpoint, fit_key
@@ -84,7 +85,7 @@ def fit(
     path = None if out is None else write_artifact(out, doc, outcome.solver)
     if ckpt is not None:
         ckpt.remove()
-    return FitResult(LoadedSolver(doc, path), doc, outcome, path)
+    return FitResult(LoadedSolver(doc, path, learned=outcome.solver), doc, outcome, path)
 
 
 def fit_plan(model: Denoiser, method: str, nfe: int, teacher: str | TeacherSpec | None = None, seed: int = 0,
@@ -144,8 +145,16 @@ class FitData:
 def artifact_doc(model: Denoiser, cfg: FitConfig, spec: TeacherSpec, data: FitData, outcome: FitOutcome,
                  timing: dict[str, Any]) -> dict[str, Any]:
     """The solver.json document of a finished fit."""
+    solver = outcome.solver
+    scales = solver.guidance
+    ref = None if scales is None else scales[len(scales) // 2]
     with torch.no_grad():
-        tab = _detach_tab(outcome.solver.tableau())
+        tab = _detach_tab(solver.tableau(w=ref))
+        extra: dict[str, Any] = {} if scales is None else {"guidance": {
+            "scales": list(scales), "reference_scale": ref,
+            "tableaus": {f"{w:g}": tableau_to_doc(_detach_tab(solver.tableau(w=w))) for w in scales}}}
+    if isinstance(model.cond_sampler, Conditioning):
+        extra["conditions"] = model.cond_sampler.describe()
     r = data.seed_ranges()
     return solver_doc(
         tab, model.schedule, model, cfg.method,
@@ -160,6 +169,7 @@ def artifact_doc(model: Denoiser, cfg: FitConfig, spec: TeacherSpec, data: FitDa
                     "notes": outcome.notes},
         timing=timing,
         history=outcome.state.history,
+        **extra,
     )
 
 

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..denoiser import Denoiser
 from ..errors import FewstepError, ModelOutputError
+from ..sampling import guidance_groups, solve, take
 from ..solvers.kernel import run_tableau
 from ..solvers.learned import LearnedSolver
 from .config import LOSSES, FitConfig, Phase
@@ -90,9 +91,9 @@ class FitState:
 
 def student(model: Denoiser, solver: Any, noise: Tensor, cond: dict[str, Any],
             trajectory: bool = False, use_checkpoint: bool = False):
-    """Run a (learned) solver from unit noise (B, ...)."""
+    """Run a (learned) solver from unit noise (B, ...) (per guidance scale for a solver fitted across scales)."""
     x = noise * model.schedule.init_noise_scale()
-    return run_tableau(model, x, solver.tableau(), cond, return_trajectory=trajectory, use_checkpoint=use_checkpoint)
+    return solve(model, x, solver, cond, return_trajectory=trajectory, use_checkpoint=use_checkpoint)
 
 
 def _cond_rows(cond: dict[str, Any], idx: Tensor) -> dict[str, Any]:
@@ -154,14 +155,22 @@ def _objective(model: Denoiser, solver: LearnedSolver, train: TeacherData, idx: 
     if dss_weights is None:
         x = student(model, solver, noise, cond, use_checkpoint=use_checkpoint)
         return loss_fn(x, train.target[idx]).mean()
-    x, traj = student(model, solver, noise, cond, trajectory=True, use_checkpoint=use_checkpoint)
-    L = dss_weights[1] * huber(x, train.target[idx], 1e-3).mean()
-    if dss_weights[0] > 0 and train.states is not None:
-        t = solver.grid().detach()
-        tt = train.times.to(t)
-        for i in range(1, len(traj) - 1):
-            j = int(torch.argmin((tt - t[i]).abs()))
-            L = L + dss_weights[0] * (traj[i] - train.states[idx, j]).flatten(1).pow(2).mean()
+    # DSS: the final sample's Huber term and each state's MSE to the teacher's state nearest in time, per
+    # guidance scale among the samples (one run unless the solver is fitted across scales)
+    scale, n, L = model.schedule.init_noise_scale(), idx.numel(), 0.0
+    tt = None if train.times is None else train.times
+    for w, rows in guidance_groups(model, solver, cond, n):
+        sel = torch.arange(n) if rows is None else rows
+        x, traj = run_tableau(model, noise[sel] * scale, solver.tableau(model, w=w), take(cond, rows, n),
+                              return_trajectory=True, use_checkpoint=use_checkpoint)
+        part = idx[sel]
+        frac = sel.numel() / n
+        L = L + frac * dss_weights[1] * huber(x, train.target[part], 1e-3).mean()
+        if dss_weights[0] > 0 and train.states is not None:
+            t = solver.grid(w).detach()
+            for i in range(1, len(traj) - 1):
+                j = int(torch.argmin((tt.to(t) - t[i]).abs()))
+                L = L + frac * dss_weights[0] * (traj[i] - train.states[part, j]).flatten(1).pow(2).mean()
     return L
 
 

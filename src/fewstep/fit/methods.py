@@ -37,7 +37,7 @@ F64 = torch.float64
 
 def from_classic(model: Denoiser, tab: Tableau, method: str, k: int = 3, rows_sum_to_one: bool = False,
                  decouple: float = 0.0, corrector: bool | None = None, start: str = "",
-                 scale_a: bool = False) -> LearnedSolver:
+                 scale_a: bool = False, guidance: tuple[float, ...] | None = None) -> LearnedSolver:
     """A learned solver that reproduces the classic tableau ``tab`` exactly at initialisation."""
     n = tab.N
     a, phi = step_scales(model.schedule, tab.t, tab.basis)
@@ -69,7 +69,7 @@ def from_classic(model: Denoiser, tab: Tableau, method: str, k: int = 3, rows_su
         V_mask = window_mask(n, k, corrector=True) | (V != 0)
         V_mask[n - 1] = False
     s = LearnedSolver(model.schedule, tab.t, tab.basis, W, mask, V, V_mask, rows_sum_to_one=rows_sum_to_one,
-                      decouple=decouple, method=method, start=start, scale_a=scale_a)
+                      decouple=decouple, method=method, start=start, scale_a=scale_a, guidance=guidance)
     if rows_sum_to_one:
         off = torch.tril(W, -1)
         if not torch.allclose(torch.diag(W), 1.0 - off.sum(1), atol=1e-8):
@@ -150,7 +150,7 @@ def _build(model: Denoiser, cfg: FitConfig, start: str, tab: Tableau | None = No
     return from_classic(model, tab, cfg.method, k=cfg.k, rows_sum_to_one=dss,
                         decouple=cfg.decouple if learn and cfg.method == "s4s-alt" else 0.0,
                         corrector=_corrector(cfg, tab.basis) if learn else None, start=start,
-                        scale_a=learn and _scale_a(cfg))
+                        scale_a=learn and _scale_a(cfg), guidance=model.guidance_scales() if learn else None)
 
 
 def _from_artifact(model: Denoiser, cfg: FitConfig, path: str) -> LearnedSolver:

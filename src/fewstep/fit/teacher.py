@@ -126,8 +126,11 @@ class TeacherData:
 
 
 def _guidance_tag(model: Denoiser) -> str:
+    """The folder-name tag of what the fingerprint does not cover: the guidance scale and the condition set."""
     w = model.guidance_scale
-    return "" if w is None or float(w) == 1.0 else f"-cfg{float(w):g}"
+    tag = "" if w is None or float(w) == 1.0 else f"-cfg{float(w):g}"
+    key = model.cond_key()
+    return tag + (f"-c{key}" if key else "")
 
 
 def teacher_cache_dir(

@@ -23,7 +23,6 @@ The scheduler config says what the network was trained on; fewstep's solvers pic
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import inspect
 import json
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from torch import Tensor, nn
 
 from ..denoiser import Denoiser
 from ..errors import FewstepError, ModelSpecError, ShapeError
+from ..grids import shifted, time_shift
 from ..schedules import Flow, Schedule, VPDiscrete, schedule_from_config
 
 F64 = torch.float64
@@ -149,13 +149,32 @@ def _flow_schedule(cls: str, cfg: dict[str, Any]) -> ModelSchedule:
     grid = {"num_train_timesteps": T, "shift": shift, "use_dynamic_shifting": dynamic,
             "time_shift_type": str(cfg.get("time_shift_type", "exponential")),
             "shift_terminal": cfg.get("shift_terminal"), "sigma_grid": sigma_grid}
-    t_min = 1.0 / T if dynamic else _shift(torch.tensor(1.0 / T, dtype=F64), shift).item()
-    return ModelSchedule(Flow(t_min=t_min, time_scale=float(T)), "velocity", cls or "flow_match", grid)
+    t_min = 1.0 / T if dynamic else float(time_shift(torch.tensor(1.0 / T, dtype=F64), shift))
+    # dynamic shifting: mu depends on the image size, known once the pipeline's family sets it (with_mu)
+    gs = None if sigma_grid or dynamic else {"num_train_timesteps": T, "shift": shift,
+                                             "shift_type": grid["time_shift_type"], "terminal": grid["shift_terminal"]}
+    return ModelSchedule(Flow(t_min=t_min, time_scale=float(T), grid_shift=gs), "velocity", cls or "flow_match", grid)
 
 
-def _shift(s: Tensor, shift: float) -> Tensor:
-    """Static time shift s' = shift s / (1 + (shift - 1) s)."""
-    return shift * s / (1.0 + (shift - 1.0) * s)
+def flow_with_mu(info: ModelSchedule, mu: float, base: str = "train") -> Flow:
+    """The flow schedule of a dynamically shifted model at one image size: its ``shifted`` grid uses ``mu``
+    (``base`` "steps": sigmas from linspace(1, 1/n, n), as FluxPipeline passes them)."""
+    g = info.flow_grid or {}
+    sched = info.schedule
+    return Flow(t_min=sched.t_min, time_scale=sched.time_scale, time_reversed=sched.time_reversed,
+                grid_shift={"num_train_timesteps": int(g["num_train_timesteps"]), "shift": float(g["shift"]),
+                            "mu": float(mu), "shift_type": g["time_shift_type"], "terminal": g["shift_terminal"],
+                            "base": base})
+
+
+def dynamic_mu(scheduler_config: dict[str, Any], image_seq_len: int) -> float:
+    """The resolution-dependent shift mu of a flow pipeline for an image of ``image_seq_len`` tokens (linear in
+    the token count between base_image_seq_len and max_image_seq_len, as the diffusers pipelines compute it)."""
+    c = scheduler_config
+    lo_n, hi_n = float(c.get("base_image_seq_len", 256)), float(c.get("max_image_seq_len", 4096))
+    lo, hi = float(c.get("base_shift", 0.5)), float(c.get("max_shift", 1.15))
+    m = (hi - lo) / (hi_n - lo_n)
+    return image_seq_len * m + (lo - m * lo_n)
 
 
 def shifted_grid(source: Any, nfe: int, mu: float | None = None) -> Tensor:
@@ -174,20 +193,12 @@ def shifted_grid(source: Any, nfe: int, mu: float | None = None) -> Tensor:
                            f"use fewstep's grid='karras' or an explicit list")
     if int(nfe) < 1:
         raise FewstepError(f"nfe must be at least 1; got {nfe}")
-    T, shift = g["num_train_timesteps"], g["shift"]
-    if g["use_dynamic_shifting"]:
-        if mu is None:
-            raise FewstepError("this scheduler uses dynamic shifting: pass mu= (as the pipeline computes it)")
-        s = torch.linspace(1.0, 1.0 / T, int(nfe), dtype=F64)
-        em = torch.exp(torch.tensor(float(mu), dtype=F64)) if g["time_shift_type"] == "exponential" else float(mu)
-        s = em / (em + (1.0 / s - 1.0))
-    else:
-        s = _shift(torch.linspace(1.0, float(_shift(torch.tensor(1.0 / T, dtype=F64), shift)), int(nfe),
-                                  dtype=F64), shift)
-    if g.get("shift_terminal"):
-        one_minus = 1.0 - s
-        s = 1.0 - one_minus / (one_minus[-1] / (1.0 - float(g["shift_terminal"])))
-    return torch.cat([s, torch.zeros(1, dtype=F64)])
+    if g["use_dynamic_shifting"] and mu is None:
+        raise FewstepError("this scheduler uses dynamic shifting: pass mu= (as the pipeline computes it)")
+    gs = {"num_train_timesteps": int(g["num_train_timesteps"]), "shift": float(g["shift"]),
+          "mu": float(mu) if g["use_dynamic_shifting"] else None, "shift_type": g["time_shift_type"],
+          "terminal": g.get("shift_terminal")}
+    return shifted(Flow(grid_shift=gs), int(nfe))
 
 
 # ----------------------------------------------------------------------------- the network
@@ -432,50 +443,3 @@ def uniform_labels(num_classes: int) -> Callable[[list[int]], dict[str, Tensor]]
 
     weights = torch.ones(int(num_classes), dtype=F64)
     return lambda seeds: {"class_labels": seeded_labels(list(seeds), weights, salt=LABEL_SALT)}
-
-
-def load_diffusers(path: str | Path, device: str | torch.device = "cpu", guidance_scale: float | None = None,
-                   **kwargs: Any) -> Denoiser:
-    """Load a saved diffusers pipeline folder (unet/ or transformer/ plus scheduler/) as a Denoiser.
-
-    Local files only, safetensors weights. An optional DIR/fewstep.json gives what the configs do not:
-    ``{"sample_shape": [C, H, W], "num_classes": K, "null_class": K, "guidance_scale": w,
-    "class_sampler": "uniform"}``; ``num_classes`` adds a per-seed uniform label sampler. ``kwargs``
-    go to :func:`from_diffusers` and override fewstep.json.
-    """
-    allowed = set(inspect.signature(from_diffusers).parameters) - {"model", "scheduler", "guidance_scale"}
-    bad = sorted(set(kwargs) - allowed)
-    if bad:
-        raise ModelSpecError(f"load_diffusers does not take {', '.join(bad)}; it takes: {', '.join(sorted(allowed))}")
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        raise ModelSpecError(f"diffusers folder {str(path)!r} does not exist (expected a save_pretrained folder)")
-    sub = next((root / n for n in ("unet", "transformer") if (root / n / "config.json").is_file()), None)
-    if sub is None:
-        raise ModelSpecError(f"{root} has no unet/ or transformer/ model folder with a config.json: "
-                             f"save the pipeline with save_pretrained")
-    sched_cfg = _read_json(root / "scheduler" / "scheduler_config.json",
-                           "the folder needs scheduler/ from save_pretrained")
-    extra = _fewstep_json(root)
-    cls_name = _read_json(sub / "config.json", "").get("_class_name", "")
-    import diffusers
-
-    cls = getattr(diffusers, str(cls_name), None)
-    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
-        raise ModelSpecError(f"{sub}/config.json names {cls_name!r}, not a diffusers model class")
-    try:
-        lean = importlib.util.find_spec("accelerate") is not None  # without it diffusers warns, then loads plainly
-        model = cls.from_pretrained(str(sub), local_files_only=True, use_safetensors=True, low_cpu_mem_usage=lean)
-    except (OSError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelSpecError(f"cannot load {cls_name} from {sub} ({first}); it needs safetensors weights") from None
-    opts: dict[str, Any] = {k: extra[k] for k in ("sample_shape", "null_class") if k in extra}
-    if extra.get("num_classes"):
-        opts["cond_sampler"] = uniform_labels(extra["num_classes"])
-    opts.update(kwargs)
-    w = guidance_scale if guidance_scale is not None else extra.get("guidance_scale")
-    name = opts.pop("name", None) or f"diffusers:{path}"
-    den = from_diffusers(model.to(device), sched_cfg, guidance_scale=w, name=name, **opts)
-    if extra.get("num_classes") and "cond_sampler" not in kwargs:
-        den.identity.update(num_classes=int(extra["num_classes"]), class_sampler="uniform")
-    return den

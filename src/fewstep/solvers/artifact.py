@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..denoiser import Denoiser
-from ..errors import ArtifactError
+from ..errors import ArtifactError, FewstepError
 from ..io import atomic_path, write_text
 from ..schedules import Schedule
 from .artifact_check import check_doc, check_params_name, check_tableau, checked
@@ -58,6 +58,7 @@ def load_params(path: str | os.PathLike, schedule: Schedule) -> LearnedSolver:
         if meta.get("kind") != PARAMS_KIND:
             raise ValueError(f"kind {meta.get('kind')!r}, expected {PARAMS_KIND!r}")
         st = json.loads(meta["structure"])
+        scales = st.get("guidance")
         n = int(st["N"])
         t0 = torch.linspace(float(st["t_max"]), float(st["t_end"]), n + 1, dtype=F64)
         mask = tensors["mask"].bool()
@@ -65,7 +66,8 @@ def load_params(path: str | os.PathLike, schedule: Schedule) -> LearnedSolver:
         V = torch.zeros(n, n + 1, dtype=F64) if st["corrector"] else None
         s = LearnedSolver(schedule, t0, st["basis"], torch.zeros(n, n, dtype=F64), mask, V, V_mask,
                           rows_sum_to_one=bool(st["rows_sum_to_one"]), decouple=float(st["decouple"]),
-                          method=st["method"], start=st.get("start", ""), scale_a=bool(st["scale_a"]))
+                          method=st["method"], start=st.get("start", ""), scale_a=bool(st["scale_a"]),
+                          guidance=None if scales is None else tuple(float(w) for w in scales))
         s.load_state_dict({k: (v.bool() if k.endswith("mask") else v) for k, v in tensors.items()})
     except ArtifactError:
         raise
@@ -80,12 +82,18 @@ class LoadedSolver:
     kind = "learned"
     grid_label = "learned"
 
-    def __init__(self, doc: dict[str, Any], path: Path | None = None, force: bool = False) -> None:
+    def __init__(self, doc: dict[str, Any], path: Path | None = None, force: bool = False,
+                 learned: LearnedSolver | None = None) -> None:
         folder = Path(".") if path is None else (path if path.is_dir() else path.parent)
         self.schedule, self._tab = checked(str(path or "solver"), check_doc, doc, folder)
         self.doc, self.path, self.force = doc, path, force
         self.nfe = int(doc["nfe"])
         self.name = doc.get("label") or f"{doc['method']}"
+        g = doc.get("guidance")
+        self.guidance_range = None if g is None else (float(g["scales"][0]), float(g["scales"][-1]))
+        self._learned, self._at_scale = learned, {}
+        if self.guidance_range is not None and learned is None:
+            self._learned = self.learned()  # the tables at any scale come from the parameters: check them now
 
     def check(self, model: Denoiser) -> None:
         """Refuse a model with another schedule or fingerprint (unless force)."""
@@ -104,15 +112,31 @@ class LoadedSolver:
                 f"(fingerprint {want}), not this one (fingerprint {got}); refit it (or force=True / --force)"
             )
 
-    def tableau(self, model: Denoiser | Schedule | None = None) -> Tableau:
+    def tableau(self, model: Denoiser | Schedule | None = None, w: float | None = None) -> Tableau:
         """The tables, after checking them against ``model`` (a Denoiser: schedule and fingerprint; a
-        Schedule: the schedule only)."""
+        Schedule: the schedule only); at guidance scale ``w`` for a solver fitted across scales."""
         if isinstance(model, Denoiser):
             self.check(model)
         elif isinstance(model, Schedule) and not self.force and model.config() != self.doc["schedule"]:
             raise ArtifactError(f"solver {self.path or self.name} was fitted for schedule {self.schedule.describe()}, "
                                 f"not {model.describe()}; refit it for this model (or force=True / --force)")
-        return self._tab
+        if self.guidance_range is None:
+            return self._tab
+        if w is None:
+            lo, hi = self.guidance_range
+            raise ArtifactError(f"solver {self.path or self.name} is fitted across guidance scales {lo:g}..{hi:g}: give "
+                                f"the model a scale in that range (--guidance W)")
+        key = float(w)
+        if key not in self._at_scale:
+            try:
+                with torch.no_grad():
+                    tab = self._learned.tableau(w=key)
+            except FewstepError as e:
+                raise ArtifactError(str(e)) from None
+            d = lambda v: None if v is None else v.detach().clone()  # noqa: E731
+            self._at_scale[key] = Tableau(tab.basis, d(tab.t), d(tab.a), d(tab.B), d(tab.C), d(tab.c), self.name,
+                                          d(tab.B_mask), d(tab.C_mask))
+        return self._at_scale[key]
 
     def learned(self) -> LearnedSolver:
         """The trainable solver behind the tables (from params.safetensors), to continue fitting.
@@ -124,8 +148,11 @@ class LoadedSolver:
         folder = self.path if self.path.is_dir() else self.path.parent
         params = folder / checked(str(self.path), check_params_name, self.doc.get("params", PARAMS), folder)
         s = load_params(params, self.schedule)
+        g = self.doc.get("guidance")
+        if (s.guidance is None) != (g is None) or (g is not None and list(s.guidance) != [float(v) for v in g["scales"]]):
+            raise ArtifactError(f"{params} does not fit {folder}'s guidance scales; the artifact is damaged")
         with torch.no_grad():
-            tab = s.tableau()
+            tab = s.tableau(w=None if g is None else float(g["reference_scale"]))
         for name in ("t", "a", "B"):
             if not torch.allclose(getattr(tab, name), getattr(self._tab, name), rtol=1e-9, atol=1e-12):
                 raise ArtifactError(f"{params} does not reproduce {folder}'s tables ({name} differs); "

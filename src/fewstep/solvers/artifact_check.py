@@ -163,6 +163,8 @@ def check_doc(doc: Any, folder: Path) -> tuple[Schedule, Tableau]:
         raise _Fail(f"field nfe is {nfe} but the tables make {tab.N} evaluations")
     if "params" in doc:
         check_params_name(doc["params"], folder)
+    if doc.get("guidance") is not None:
+        _check_guidance(doc, sched)
     teacher = doc.get("teacher")
     if teacher is not None:
         if not isinstance(teacher, dict):
@@ -174,6 +176,28 @@ def check_doc(doc: Any, folder: Path) -> tuple[Schedule, Tableau]:
         if doc.get(k) is not None and not isinstance(doc[k], dict):
             raise _Fail(f"field {k} must be an object")
     return sched, tab
+
+
+def _check_guidance(doc: dict[str, Any], sched: Schedule) -> None:
+    """A solver fitted across guidance scales: its scales, reference scale, per-scale tables, params file."""
+    g = doc["guidance"]
+    if not isinstance(g, dict):
+        raise _Fail("field guidance must be an object")
+    scales = g.get("scales")
+    if not (isinstance(scales, list) and len(scales) >= 2 and all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in scales)
+            and scales == sorted(scales) and len(set(scales)) == len(scales)):
+        raise _Fail(f"field guidance.scales must be two or more increasing numbers; got {scales!r}")
+    ref = g.get("reference_scale")
+    if isinstance(ref, bool) or not isinstance(ref, (int, float)) or not scales[0] <= ref <= scales[-1]:
+        raise _Fail(f"field guidance.reference_scale must lie in [{scales[0]:g}, {scales[-1]:g}]; got {ref!r}")
+    tabs = g.get("tableaus", {})
+    if not isinstance(tabs, dict):
+        raise _Fail("field guidance.tableaus must be an object")
+    for w, t in tabs.items():
+        check_tableau(t, doc["method"], sched)
+    if "params" not in doc:
+        raise _Fail("field params is missing: a solver fitted across guidance scales needs its parameters file")
 
 
 def checked(where: str, fn: Any, *args: Any) -> Any:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..denoiser import Denoiser
+from ..errors import FewstepError
 from ..schedules import Schedule
 from .kernel import Tableau
 
@@ -70,6 +71,10 @@ class LearnedSolver(nn.Module):
         mask, V_mask: which weights are free (others are fixed at 0).
         rows_sum_to_one: DSS form (the diagonal is implicit).
         decouple: learn evaluation-time offsets, at most ``decouple`` times the smaller adjacent step.
+        guidance: the guidance scales a solver is fitted across (two or more): every raw parameter is then
+            a polynomial in the scale, P(w) = sum_k P_k L_k(u), with u = w mapped onto [-1, 1] over the
+            scales' range and L_k the Legendre polynomials up to degree min(len(guidance), 3) - 1; the
+            start (P_0 = the classic solver, P_k = 0 otherwise) is exact at every w.
     """
 
     kind = "learned"
@@ -77,58 +82,98 @@ class LearnedSolver(nn.Module):
 
     def __init__(self, schedule: Schedule, t_init: Tensor, basis: str, W_init: Tensor, mask: Tensor,
                  V_init: Tensor | None = None, V_mask: Tensor | None = None, rows_sum_to_one: bool = False,
-                 decouple: float = 0.0, method: str = "s4s", start: str = "", scale_a: bool = False) -> None:
+                 decouple: float = 0.0, method: str = "s4s", start: str = "", scale_a: bool = False,
+                 guidance: tuple[float, ...] | None = None) -> None:
         super().__init__()
         self.schedule, self.basis, self.method, self.start = schedule, basis, method, start
         self.rows_sum_to_one, self.decouple = rows_sum_to_one, float(decouple)
+        self.guidance = tuple(sorted(float(w) for w in guidance)) if guidance and len(guidance) > 1 else None
+        self.degree = 0 if self.guidance is None else min(len(self.guidance), 3) - 1
         t_init = t_init.detach().to(F64)
         n = t_init.numel() - 1
         self.N = n
         self.t_max, self.t_end = float(t_init[0]), float(t_init[-1])
         steps = (t_init[:-1] - t_init[1:]) / (self.t_max - self.t_end)
         free = (steps - MIN_STEP) / (1.0 - n * MIN_STEP)  # inverse of grid()'s floor: the start is exact
-        self.r = nn.Parameter(torch.log(free.clamp_min(1e-300)))
-        self.delta = nn.Parameter(torch.zeros(n, dtype=F64))
+        self.r = self._poly(torch.log(free.clamp_min(1e-300)))
+        self.delta = self._poly(torch.zeros(n, dtype=F64))
         m = torch.tril(mask.bool(), -1) if rows_sum_to_one else mask.bool()
         self.register_buffer("mask", m.clone())
-        self.W = nn.Parameter((W_init.to(F64) * m).clone())
+        self.W = self._poly(W_init.to(F64) * m)
         if V_init is not None:
             self.register_buffer("V_mask", V_mask.bool().clone())
-            self.V = nn.Parameter((V_init.to(F64) * V_mask).clone())
+            self.V = self._poly(V_init.to(F64) * V_mask)
         else:
             self.V_mask, self.V = None, None
         # optional learned scale of the carried state: a_i -> a_i exp(u_i) (starts at 0: the basis' a_i)
-        self.u = nn.Parameter(torch.zeros(n, dtype=F64)) if scale_a else None
+        self.u = self._poly(torch.zeros(n, dtype=F64)) if scale_a else None
         self.nfe = n
         self.name = method
         self.info: dict[str, Any] = {}
 
+    # --------------------------------------------------------------------------- guidance
+    def _poly(self, init: Tensor) -> nn.Parameter:
+        """A raw parameter: ``init`` itself, or (degree + 1, *init.shape) coefficients starting at ``init``."""
+        if self.degree == 0:
+            return nn.Parameter(init.clone())
+        out = torch.zeros(self.degree + 1, *init.shape, dtype=F64)
+        out[0] = init
+        return nn.Parameter(out)
+
+    @property
+    def guidance_range(self) -> tuple[float, float] | None:
+        """(lowest, highest) guidance scale this solver is defined for (None: one solver for every scale)."""
+        return None if self.guidance is None else (self.guidance[0], self.guidance[-1])
+
+    def _basis(self, w: float | None) -> Tensor | None:
+        if self.degree == 0:
+            return None
+        lo, hi = self.guidance_range
+        if w is None:
+            raise FewstepError(f"solver {self.name} is fitted across guidance scales {lo:g}..{hi:g}: give the scale "
+                               f"(w=...)")
+        if not lo - 1e-9 * max(1.0, abs(hi)) <= float(w) <= hi + 1e-9 * max(1.0, abs(hi)):
+            raise FewstepError(f"guidance scale {float(w):g} is outside the range {lo:g}..{hi:g} solver {self.name} "
+                               f"was fitted across; refit with --guidance covering it")
+        u = (2.0 * float(w) - lo - hi) / (hi - lo)
+        return torch.tensor([1.0, u, 1.5 * u * u - 0.5][: self.degree + 1], dtype=F64)
+
+    def _at(self, P: Tensor | None, phi: Tensor | None) -> Tensor | None:
+        """A raw parameter's value at the scale whose basis values are ``phi``."""
+        if P is None or phi is None:
+            return P
+        return torch.tensordot(phi.to(P.device), P, dims=1)
+
     # --------------------------------------------------------------------------- parameters
-    def grid(self) -> Tensor:
-        """t (N+1,), strictly decreasing from t_max to t_end.
+    def grid(self, w: float | None = None) -> Tensor:
+        """t (N+1,), strictly decreasing from t_max to t_end (at guidance scale ``w`` for a solver fitted
+        across scales).
 
         Each step is at least MIN_STEP of the interval, so no step can underflow to a tie
         however far the logits r move.
         """
-        w = MIN_STEP + (1.0 - self.N * MIN_STEP) * torch.softmax(self.r, 0)
+        r = self._at(self.r, self._basis(w))
+        w = MIN_STEP + (1.0 - self.N * MIN_STEP) * torch.softmax(r, 0)
         cum = torch.cat([torch.zeros(1, dtype=F64, device=w.device), torch.cumsum(w, 0)])
         t = self.t_max - (self.t_max - self.t_end) * cum
         ends = torch.tensor([self.t_max, self.t_end], dtype=F64, device=w.device)  # constants: no gradient path
         return torch.cat([ends[:1], t[1:-1], ends[1:]])
 
-    def eval_times(self, t: Tensor) -> Tensor | None:
+    def eval_times(self, t: Tensor, w: float | None = None) -> Tensor | None:
         if self.decouple <= 0:
             return None
+        delta = self._at(self.delta, self._basis(w))
         steps = t[:-1] - t[1:]  # (N,)
         left = torch.cat([steps[:1], steps[:-1]])  # step before point i (point 0: its own step)
         d = self.decouple * torch.minimum(left, steps)
         d = torch.cat([torch.zeros(1, dtype=F64, device=t.device), d[1:]])  # c_0 = t_0: endpoint fixed
-        return t[:-1] + d * torch.tanh(self.delta)
+        return t[:-1] + d * torch.tanh(delta)
 
-    def weights(self) -> Tensor:
+    def weights(self, w: float | None = None) -> Tensor:
+        W = self._at(self.W, self._basis(w))
         if not self.rows_sum_to_one:
-            return self.W * self.mask
-        off = self.W * self.mask
+            return W * self.mask
+        off = W * self.mask
         return off + torch.diag(1.0 - off.sum(1))
 
     def coef_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -143,17 +188,20 @@ class LearnedSolver(nn.Module):
         """What, besides the parameter tensors, rebuilds this solver (see :func:`save_params`)."""
         return {"N": self.N, "basis": self.basis, "method": self.method, "start": self.start,
                 "rows_sum_to_one": self.rows_sum_to_one, "decouple": self.decouple, "t_max": self.t_max,
-                "t_end": self.t_end, "corrector": self.V is not None, "scale_a": self.u is not None}
+                "t_end": self.t_end, "corrector": self.V is not None, "scale_a": self.u is not None,
+                "guidance": None if self.guidance is None else list(self.guidance)}
 
-    def tableau(self, model: Denoiser | None = None) -> Tableau:
-        """The kernel tables (differentiable in the parameters)."""
-        t = self.grid()
-        a, phi = step_scales(self.schedule, t, self.basis)
+    def tableau(self, model: Denoiser | None = None, w: float | None = None) -> Tableau:
+        """The kernel tables (differentiable in the parameters), at guidance scale ``w`` for a solver fitted
+        across scales."""
+        phi = self._basis(w)
+        t = self.grid(w)
+        a, scale = step_scales(self.schedule, t, self.basis)
         if self.u is not None:
-            a = a * torch.exp(self.u)
-        W = self.weights()
-        B = phi[:, None] * W
-        C = None if self.V is None else phi[:, None] * (self.V * self.V_mask)
+            a = a * torch.exp(self._at(self.u, phi))
+        W = self.weights(w)
+        B = scale[:, None] * W
+        C = None if self.V is None else scale[:, None] * (self._at(self.V, phi) * self.V_mask)
         bm = torch.diag(torch.ones(self.N, dtype=torch.bool)) | self.mask
-        return Tableau(self.basis, t, a, B, C, self.eval_times(t), name=self.method, B_mask=bm,
+        return Tableau(self.basis, t, a, B, C, self.eval_times(t, w), name=self.method, B_mask=bm,
                        C_mask=self.V_mask)

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from ..errors import NFEError, SolverNameError
+from ..grids import grid_names
 from ..schedules import Schedule
 from .classic import adams, ddim, deis, deis_tab, dpmpp, ipndm, unipc
 from .heun import heun, heun_nfe, heun_steps
@@ -127,6 +128,8 @@ _CACHE: dict[tuple, Tableau] = {}
 
 
 def classic_specs(schedule: Schedule) -> list[str]:
-    """Every classic solver ('NAME@GRID') on every grid, for the solvers that suit ``schedule``."""
-    return [f"{name}@{g}" for name in solver_names() for g in ALL_GRIDS
+    """Every classic solver ('NAME@GRID') on every grid that suits ``schedule`` (a flow pipeline's own
+    ``shifted`` grid too), for the solvers that suit it."""
+    grids = [g for g in grid_names(schedule) if g in ALL_GRIDS or g == "shifted"]
+    return [f"{name}@{g}" for name in solver_names() for g in grids
             if solver_info(name).alias_of is None and solver_info(name).suits(schedule)]

@@ -30,15 +30,17 @@ class Solver(Protocol):
     """A few-step solver: ``tableau(model)`` for the kernel, ``nfe`` evaluations, a ``label``.
 
     ``kind`` is one of ``KINDS``; ``name`` and ``grid_label`` are the table columns ("unipc" and
-    "logsnr"; a learned solver's grid is "learned").
+    "logsnr"; a learned solver's grid is "learned"). A solver fitted across guidance scales has a
+    ``guidance_range`` and gives its tables at a scale: ``tableau(model, w)``.
     """
 
     kind: str
     name: str
     grid_label: str
     nfe: int
+    guidance_range: tuple[float, float] | None  # a solver fitted across guidance scales: the scales it covers
 
-    def tableau(self, model: Any = None) -> Tableau: ...
+    def tableau(self, model: Any = None, w: float | None = None) -> Tableau: ...
 
 
 def label(solver: Solver) -> str:
@@ -69,6 +71,7 @@ class ClassicSolver:
     budget: int
     options: tuple[tuple[str, Any], ...] = ()
     kind: str = field(default="classic", init=False)
+    guidance_range: None = field(default=None, init=False)
 
     @property
     def info(self) -> SolverInfo:
@@ -91,7 +94,7 @@ class ClassicSolver:
     def grid_times(self, schedule: Schedule) -> Tensor:
         return make_grid(schedule, self.steps, self.grid if isinstance(self.grid, str) else list(self.grid))
 
-    def tableau(self, model: Denoiser | Schedule | None = None) -> Tableau:
+    def tableau(self, model: Denoiser | Schedule | None = None, w: float | None = None) -> Tableau:
         schedule = _schedule(model)
         return make_tableau(self.name, schedule, self.grid_times(schedule), **dict(self.options))
 
@@ -102,6 +105,7 @@ class TableauSolver:
 
     tab: Tableau
     kind: str = field(default="tableau", init=False)
+    guidance_range: None = field(default=None, init=False)
 
     @property
     def name(self) -> str:
@@ -115,7 +119,7 @@ class TableauSolver:
     def nfe(self) -> int:
         return self.tab.N
 
-    def tableau(self, model: Any = None) -> Tableau:
+    def tableau(self, model: Any = None, w: float | None = None) -> Tableau:
         return self.tab
 
 

@@ -235,7 +235,7 @@ def _mixture_denoiser(
     )
     den.log_prob = lambda x0, class_labels=None: net.log_prob(x0, class_labels)
     den.sample_data = net.sample_data
-    den.n_classes = k
+    den.num_classes = k
     return den
 
 

@@ -1,4 +1,5 @@
-"""Pretrained TorchCFM "gaussian-moons" flow models, loaded without running pickled code.
+"""TorchCFM flow models (the pretrained "gaussian-moons" ones and the library's own MLP), loaded
+without running pickled code.
 
 The TorchCFM authors ship six 2-D velocity fields (``NAMES``), each a whole pickled module of
 class ``__main__.MLP`` holding ``net = Sequential(Linear(3, 64), SELU, Linear(64, 64), SELU,
@@ -20,10 +21,24 @@ on all six models (ddim is Euler here; dpmpp / unipc at second to third order), 
 velocity-basis solvers on the time-uniform grid are best on all six (adams2@time RMSE 0.011 to
 0.13, dpmpp_3m@logsnr 0.04 to 0.66), the VP and interpolant models included.
 
-Loading: ``torch.load(path, weights_only=True)`` inside an allow-list holding a stand-in for
-``__main__.MLP`` and the torch.nn classes above, and nothing else; the tensors are then copied
-into fewstep's own module. A checkpoint that names any other class is refused before loading.
-A plain state_dict with the same keys is accepted too.
+Models trained with the TorchCFM library itself are usually saved as ``torch.save(model)`` of the
+library's class ``torchcfm.models.models.MLP(dim, out_dim=None, w=64, time_varying=False)``. It
+stores ``time_varying`` and ``net = Sequential(Linear(dim + 1, w), SELU, Linear(w, w), SELU,
+Linear(w, w), SELU, Linear(w, out_dim))`` (no time input when ``time_varying`` is False), and its
+forward is ``net(x)`` on an input the caller has already concatenated, ``cat([x, t[:, None]])``:
+the same network, keys and time convention as the authors' moons files. fewstep reads the sizes
+of such a checkpoint off its weight shapes: dim = out_dim (a velocity has the shape of x), the
+first layer takes dim + 1 inputs, any width w. A model built with ``time_varying=False`` or with
+out_dim != dim is refused (it is not a velocity field v(x, t)). The starting noise is N(0, I) in
+dim dimensions, TorchCFM's usual source; a library checkpoint carries no data set, so it gets no
+``sample_data``. ``__main__.MLP`` names whatever class a notebook defined, so it is accepted only
+in the exact layout of the authors' six files (2-D, width 64).
+
+Loading: ``torch.load(path, weights_only=True)`` inside an allow-list holding stand-ins for
+``__main__.MLP`` and ``torchcfm.models.models.MLP`` and the torch.nn classes above, and nothing
+else (torchcfm is never imported); the tensors are then copied into fewstep's own module. A
+checkpoint that names any other class is refused before loading. A plain state_dict with the
+same keys is accepted too, its sizes read off the weight shapes like a library checkpoint's.
 """
 
 from __future__ import annotations
@@ -43,10 +58,14 @@ from ..schedules import Flow
 
 NAMES: tuple[str, ...] = ("cfm", "otcfm", "sbcfm", "flow_matching", "stochastic_interpolant", "vp_flow")
 ENV_DIR = "FEWSTEP_TORCHCFM_DIR"
+#: the sizes of the authors' moons models (and the defaults of :class:`TorchCFMNet`)
 DIM, WIDTH = 2, 64
+NOTEBOOK_CLASS = "__main__.MLP"  # the authors' notebook class: the six moons files
+LIBRARY_CLASS = "torchcfm.models.models.MLP"  # the TorchCFM library's MLP
 #: the pickle globals a TorchCFM MLP checkpoint may name beyond torch's own weights-only set
 ALLOWED_GLOBALS = (
-    "__main__.MLP",
+    NOTEBOOK_CLASS,
+    LIBRARY_CLASS,
     "torch.nn.modules.container.Sequential",
     "torch.nn.modules.linear.Linear",
     "torch.nn.modules.activation.SELU",
@@ -54,37 +73,43 @@ ALLOWED_GLOBALS = (
 _LAYERS = (nn.Linear, nn.SELU, nn.Linear, nn.SELU, nn.Linear, nn.SELU, nn.Linear)
 
 
-def mlp_layout() -> nn.Sequential:
-    """The authors' network: (B, 3) = cat([x, tau]) -> (B, 2) velocity."""
-    return nn.Sequential(nn.Linear(DIM + 1, WIDTH), nn.SELU(), nn.Linear(WIDTH, WIDTH), nn.SELU(),
-                         nn.Linear(WIDTH, WIDTH), nn.SELU(), nn.Linear(WIDTH, DIM))
+def mlp_layout(dim: int = DIM, width: int = WIDTH) -> nn.Sequential:
+    """The TorchCFM network: (B, dim + 1) = cat([x, tau]) -> (B, dim) velocity."""
+    return nn.Sequential(nn.Linear(dim + 1, width), nn.SELU(), nn.Linear(width, width), nn.SELU(),
+                         nn.Linear(width, width), nn.SELU(), nn.Linear(width, dim))
 
 
 class PickledMLP(nn.Module):
-    """Stand-in for the authors' ``__main__.MLP`` class, the only class the unpickler may build.
+    """Stand-in for the authors' ``__main__.MLP`` class, which the unpickler may build.
 
     Unpickling never calls ``__init__``: it creates the object and fills its ``__dict__`` with
-    modules of the allowed classes, whose layout :func:`_state_from` then checks.
+    modules of the allowed classes (and plain values such as ``time_varying``), whose layout
+    :func:`_state_from` then checks.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.net = mlp_layout()
+
+
+class LibraryMLP(PickledMLP):
+    """Stand-in for the TorchCFM library's ``torchcfm.models.models.MLP``, built the same way."""
 
 
 class TorchCFMNet(nn.Module):
     """fewstep's copy of the TorchCFM MLP, called as ``net(x, t_net)``.
 
-    x: (B, 2); t_net: (B,), the authors' time tau = 1 - t. Returns dx/dt in fewstep's time
-    (t = 1 at the noise), i.e. minus the authors' velocity, shape (B, 2).
+    x: (B, dim); t_net: (B,), the authors' time tau = 1 - t. Returns dx/dt in fewstep's time
+    (t = 1 at the noise), i.e. minus the authors' velocity, shape (B, dim).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, dim: int = DIM, width: int = WIDTH) -> None:
         super().__init__()
-        self.net = mlp_layout()
+        self.dim, self.width = int(dim), int(width)
+        self.net = mlp_layout(self.dim, self.width)
 
     def velocity(self, x: Tensor, tau: Tensor) -> Tensor:
-        """The authors' velocity dx/dtau at (x (B, 2), tau (B,)): shape (B, 2)."""
+        """The authors' velocity dx/dtau at (x (B, dim), tau (B,)): shape (B, dim)."""
         return self.net(torch.cat([x, tau.to(x.dtype).reshape(-1, 1)], dim=1))
 
     def forward(self, x: Tensor, t_net: Tensor, **_: Any) -> Tensor:
@@ -166,7 +191,7 @@ def read_checkpoint(path: Path) -> Any:
     """``torch.load(path, weights_only=True)`` with only the TorchCFM MLP classes allowed."""
     _check_torch()
     _refuse_foreign_globals(path)
-    allowed = [(PickledMLP, "__main__.MLP"), nn.Sequential, nn.Linear, nn.SELU]
+    allowed = [(PickledMLP, NOTEBOOK_CLASS), (LibraryMLP, LIBRARY_CLASS), nn.Sequential, nn.Linear, nn.SELU]
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(str(path), map_location="cpu", weights_only=True)
@@ -174,9 +199,17 @@ def read_checkpoint(path: Path) -> Any:
         raise ModelSpecError(f"{path}: cannot be loaded with weights_only=True ({_first_line(e)})") from None
 
 
-def _state_from(obj: Any, path: Path) -> dict[str, Tensor]:
-    """The tensors of a loaded checkpoint, keyed like :class:`TorchCFMNet`'s state_dict."""
+def _state_from(obj: Any, path: Path) -> tuple[dict[str, Tensor], str]:
+    """The tensors of a loaded checkpoint, keyed like :class:`TorchCFMNet`'s state_dict, and what
+    it held: "notebook" (``__main__.MLP``), "library" (``torchcfm.models.models.MLP``) or "state_dict"."""
     if isinstance(obj, PickledMLP):
+        kind = "library" if isinstance(obj, LibraryMLP) else "notebook"
+        cls = LIBRARY_CLASS if kind == "library" else NOTEBOOK_CLASS
+        if obj.__dict__.get("time_varying", True) is False:
+            raise ModelSpecError(
+                f"{path}: the {cls} was built with time_varying=False: it takes no time input, so it is not a "
+                f"velocity field v(x, t); TorchCFM flow models are MLP(dim, time_varying=True)"
+            )
         seq = obj.__dict__.get("_modules", {}).get("net")
         if not isinstance(seq, nn.Sequential):
             raise ModelSpecError(f"{path}: the MLP has no 'net' Sequential; expected the TorchCFM MLP layout")
@@ -184,20 +217,35 @@ def _state_from(obj: Any, path: Path) -> dict[str, Tensor]:
         if kinds != _LAYERS:
             got = ", ".join(k.__name__ for k in kinds)
             raise ModelSpecError(f"{path}: wrong layout: net = Sequential({got}); expected Linear, SELU x 3, Linear")
-        return {f"net.{k}": v for k, v in seq.state_dict().items()}
+        return {f"net.{k}": v for k, v in seq.state_dict().items()}, kind
     if isinstance(obj, Mapping) and obj and all(isinstance(v, Tensor) for v in obj.values()):
-        return dict(obj)
+        return dict(obj), "state_dict"
     raise ModelSpecError(
         f"{path}: holds a {type(obj).__name__}, not a TorchCFM MLP or its state_dict; "
-        f"expected a whole pickled __main__.MLP or torch.save(model.state_dict())"
+        f"expected a whole pickled {LIBRARY_CLASS} or {NOTEBOOK_CLASS}, or torch.save(model.state_dict())"
     )
 
 
-def load_net(path: str | os.PathLike) -> TorchCFMNet:
-    """A :class:`TorchCFMNet` holding the weights of the checkpoint at ``path`` (frozen, eval mode)."""
+def _sizes(state: Mapping[str, Tensor], kind: str, path: Path) -> tuple[int, int]:
+    """(dim, width) of the network: read off the first and last weights, except for the authors'
+    notebook class, whose only known layout is the moons one (:data:`DIM`, :data:`WIDTH`)."""
+    first, last = state.get("net.0.weight"), state.get("net.6.weight")
+    if kind == "notebook" or first is None or last is None or first.dim() != 2 or last.dim() != 2:
+        return DIM, WIDTH  # the shape check in load_net names whatever differs
+    (width, inputs), (outputs, _) = first.shape, last.shape
+    if inputs != outputs + 1 or outputs < 1 or width < 1:
+        raise ModelSpecError(
+            f"{path}: the network takes {inputs} inputs and returns {outputs}: a TorchCFM velocity field takes "
+            f"dim + 1 (x and the time) and returns dim, as MLP(dim, time_varying=True) with out_dim = dim does"
+        )
+    return int(outputs), int(width)
+
+
+def read_net(path: str | os.PathLike) -> tuple[TorchCFMNet, str]:
+    """:func:`load_net` and what the checkpoint held ("notebook", "library" or "state_dict")."""
     path = Path(path)
-    state = _state_from(read_checkpoint(path), path)
-    net = TorchCFMNet()
+    state, kind = _state_from(read_checkpoint(path), path)
+    net = TorchCFMNet(*_sizes(state, kind, path))
     want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     if set(got) != set(want):
@@ -213,7 +261,12 @@ def load_net(path: str | os.PathLike) -> TorchCFMNet:
     if broken:
         raise ModelSpecError(f"{path}: the weights {', '.join(broken)} hold NaN or inf: the checkpoint is damaged")
     net.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
-    return net.eval().requires_grad_(False)
+    return net.eval().requires_grad_(False), kind
+
+
+def load_net(path: str | os.PathLike) -> TorchCFMNet:
+    """A :class:`TorchCFMNet` holding the weights of the checkpoint at ``path`` (frozen, eval mode)."""
+    return read_net(path)[0]
 
 
 # ----------------------------------------------------------------------------- the Denoiser
@@ -238,25 +291,31 @@ def moons_data(n: int, generator: torch.Generator | None = None) -> Tensor:
 
 
 def load_torchcfm(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", **kwargs: Any) -> Denoiser:
-    """A Denoiser for a TorchCFM gaussian-moons checkpoint (a short name from ``NAMES`` or a .pt path).
+    """A Denoiser for a TorchCFM checkpoint: a short name from ``NAMES`` (the gaussian-moons models)
+    or a .pt path (those, a whole pickled ``torchcfm.models.models.MLP`` of any dim and width, or a
+    state_dict of one).
 
-    Schedule ``Flow(time_reversed=True)``, prediction ``velocity``, sample_shape (2,), starting
+    Schedule ``Flow(time_reversed=True)``, prediction ``velocity``, sample_shape (dim,), starting
     noise N(0, I). Keyword: ``t_min`` (the schedule's smallest network time, default 1e-3).
-    The result has ``name`` "torchcfm:NAME", ``identity`` {"torchcfm": file name, "sha256"}, and
-    ``sample_data(n, generator=None) -> (n, 2)``, draws of the moons the models were trained on
-    (:func:`moons_data`; the data reference set of :func:`fewstep.metrics.reference.model_data`).
+    The result has ``name`` "torchcfm:NAME", ``identity`` {"torchcfm": file name, "sha256"}, and,
+    for the authors' 2-D moons class (or a 2-D state_dict), ``sample_data(n, generator=None) ->
+    (n, 2)``, draws of the moons the models were trained on (:func:`moons_data`; the data reference
+    set of :func:`fewstep.metrics.reference.model_data`). A library checkpoint names no data set,
+    so it has no ``sample_data``.
     """
     bad = sorted(set(kwargs) - {"t_min"})
     if bad:
         raise ModelSpecError(f"torchcfm:{name_or_path} does not take {', '.join(map(repr, bad))}; it takes: t_min")
     path = resolve_checkpoint(name_or_path)
-    net = load_net(path)
+    net, kind = read_net(path)
     schedule = Flow(t_min=float(kwargs.get("t_min", 1e-3)), time_reversed=True)
-    den = Denoiser(net, schedule, prediction="velocity", sample_shape=(DIM,), name=f"torchcfm:{name_or_path}",
+    den = Denoiser(net, schedule, prediction="velocity", sample_shape=(net.dim,), name=f"torchcfm:{name_or_path}",
                    identity={"torchcfm": path.name, "sha256": sha256_file(path)})
-    den.sample_data = moons_data
+    if kind != "library" and net.dim == DIM:
+        den.sample_data = moons_data
     return den.to(device)
 
 
-__all__ = ["ALLOWED_GLOBALS", "ENV_DIR", "NAMES", "PickledMLP", "TorchCFMNet", "default_dir", "load_net",
-           "load_torchcfm", "moons_data", "read_checkpoint", "resolve_checkpoint"]
+__all__ = ["ALLOWED_GLOBALS", "ENV_DIR", "LIBRARY_CLASS", "LibraryMLP", "NAMES", "NOTEBOOK_CLASS", "PickledMLP",
+           "TorchCFMNet", "default_dir", "load_net", "load_torchcfm", "moons_data", "read_checkpoint", "read_net",
+           "resolve_checkpoint"]

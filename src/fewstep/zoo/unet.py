@@ -257,7 +257,7 @@ def build_digits_unet(guidance_scale: float | None = None, retrain: bool = False
         raise ModelSpecError(f"zoo:{NAME}: guidance_scale must be a finite number or None; got {w!r}")
     if importlib.util.find_spec("diffusers") is None:
         raise ModelSpecError(f"zoo:{NAME} needs diffusers: pip install 'fewstep[diffusers]'")
-    from ..integrations.diffusers_in import load_diffusers
+    from ..integrations.load import load_diffusers
 
     recipe = unet_recipe()
     folder = trained_pipeline(recipe, retrain=bool(retrain))

@@ -1,0 +1,102 @@
+"""``diffusers:DIR``: a saved diffusers pipeline folder as a Denoiser.
+
+A folder of a pipeline some family handles (StableDiffusion, StableDiffusionXL, DiT, PixArt-Sigma,
+StableDiffusion3, Flux: :func:`fewstep.integrations.families.supported_pipelines`) loads through
+:func:`~.pipelines.load_pipeline` (the whole pipeline: text encoders, prompts, guidance, the VAE for
+pictures); any other folder with a ``unet/`` or ``transformer/`` and a ``scheduler/`` (DDPMPipeline and
+friends) loads just its network through :func:`~.diffusers_in.from_diffusers`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..conditions import GuidanceSet
+from ..denoiser import Denoiser
+from ..errors import ModelSpecError
+from .diffusers_in import _fewstep_json, _read_json, from_diffusers, uniform_labels
+from .families import supported_pipelines
+from .pipelines import load_pipeline, pipeline_class
+
+#: options of the pipeline path (see load_pipeline)
+PIPELINE_OPTIONS = ("prompts", "classes", "guidance", "height", "width", "dtype", "cache_dir", "name",
+                    "max_sequence_length", "clean_caption")
+
+
+def load_diffusers(path: str | Path, device: str | torch.device = "cpu", guidance_scale: Any = None,
+                   **kwargs: Any) -> Denoiser:
+    """Load a saved diffusers pipeline folder as a Denoiser (local files only, safetensors weights).
+
+    Pipelines of a supported family take :data:`PIPELINE_OPTIONS` (``guidance_scale`` may be one scale or a
+    set, e.g. "3,7.5,12"). Other folders need a ``unet/`` or ``transformer/`` and a ``scheduler/``; an
+    optional DIR/fewstep.json gives what their configs do not: ``{"sample_shape": [C, H, W],
+    "num_classes": K, "null_class": K, "guidance_scale": w, "class_sampler": "uniform"}``
+    (``num_classes`` adds a per-seed uniform label sampler); ``kwargs`` go to :func:`from_diffusers`
+    and override fewstep.json; ``classes="0,1,2"`` draws labels from that set instead.
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise ModelSpecError(f"diffusers folder {str(path)!r} does not exist (expected a save_pretrained folder)")
+    extra = _fewstep_json(root)
+    if guidance_scale is None:
+        guidance_scale = kwargs.pop("guidance", None)
+    cls = pipeline_class(root)
+    if cls and cls in supported_pipelines():
+        bad = sorted(set(kwargs) - set(PIPELINE_OPTIONS))
+        if bad:
+            raise ModelSpecError(f"a {cls} folder does not take {', '.join(bad)}; it takes: {', '.join(PIPELINE_OPTIONS)}")
+        w = guidance_scale if guidance_scale is not None else extra.get("guidance_scale")
+        if kwargs.get("classes") is None and extra.get("num_classes"):
+            kwargs["classes"] = ",".join(str(k) for k in range(int(extra["num_classes"])))
+        return load_pipeline(root, device=device, guidance=w, name=kwargs.pop("name", None) or f"diffusers:{path}",
+                             **kwargs)
+    gset = None if guidance_scale is None else GuidanceSet.parse(guidance_scale)
+    classes = kwargs.pop("classes", None)
+    den = _load_network(root, path, device, None if gset is None else gset.scales[len(gset.scales) // 2], extra,
+                        **kwargs)
+    return den.with_conditions(classes, gset)
+
+
+def _load_network(root: Path, path: str | Path, device: str | torch.device, guidance_scale: float | None,
+                  extra: dict[str, Any], **kwargs: Any) -> Denoiser:
+    """A folder whose network alone fewstep drives (unet/ or transformer/ plus scheduler/)."""
+    allowed = set(inspect.signature(from_diffusers).parameters) - {"model", "scheduler", "guidance_scale"}
+    bad = sorted(set(kwargs) - allowed)
+    if bad:
+        raise ModelSpecError(f"load_diffusers does not take {', '.join(bad)}; it takes: "
+                             f"{', '.join(sorted(allowed | {'classes'}))}")
+    sub = next((root / n for n in ("unet", "transformer") if (root / n / "config.json").is_file()), None)
+    if sub is None:
+        raise ModelSpecError(f"{root} has no unet/ or transformer/ model folder with a config.json: "
+                             f"save the pipeline with save_pretrained")
+    sched_cfg = _read_json(root / "scheduler" / "scheduler_config.json",
+                           "the folder needs scheduler/ from save_pretrained")
+    cls_name = _read_json(sub / "config.json", "").get("_class_name", "")
+    import diffusers
+
+    cls = getattr(diffusers, str(cls_name), None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+        raise ModelSpecError(f"{sub}/config.json names {cls_name!r}, not a diffusers model class")
+    try:
+        lean = importlib.util.find_spec("accelerate") is not None  # without it diffusers warns, then loads plainly
+        model = cls.from_pretrained(str(sub), local_files_only=True, use_safetensors=True, low_cpu_mem_usage=lean)
+    except (OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelSpecError(f"cannot load {cls_name} from {sub} ({first}); it needs safetensors weights") from None
+    opts: dict[str, Any] = {k: extra[k] for k in ("sample_shape", "null_class") if k in extra}
+    num_classes = extra.get("num_classes")
+    if num_classes:
+        opts["cond_sampler"] = uniform_labels(num_classes)
+    opts.update(kwargs)
+    w = guidance_scale if guidance_scale is not None else extra.get("guidance_scale")
+    name = opts.pop("name", None) or f"diffusers:{path}"
+    den = from_diffusers(model.to(device), sched_cfg, guidance_scale=w, name=name, **opts)
+    den.num_classes = int(num_classes) if num_classes else None
+    if num_classes and "cond_sampler" not in kwargs:
+        den.identity.update(num_classes=int(num_classes), class_sampler="uniform")
+    return den

@@ -1,0 +1,374 @@
+"""Text-to-image and class-conditional diffusers pipelines in: a pipeline folder (or object) as a Denoiser.
+
+    >>> model = load_pipeline("sdxl-folder", prompts="prompts.txt", guidance=7.5, device="cuda", dtype="fp16")
+    >>> x = fewstep.sample(model, model.noise(range(4)), "unipc@logsnr", nfe=6, cond=model.cond_for(range(4)))
+
+The pipeline's family adapter (:mod:`.families`) calls the network; fewstep works in the latent
+space (one unpacked latent per sample) and decodes through the VAE only for metrics and pictures
+(``model.decode``). Each seed draws a prompt (and, for sets of scales, a guidance scale) from the
+condition set (:mod:`fewstep.conditions`); the network gets ``prompt`` indices, and :class:`FamilyNet`
+looks the rows up in a :class:`ConditionTable`: every prompt (and negative prompt) encoded once by the
+pipeline's own encoder and cached on disk under ``<cache root>/embeddings/<encoder key>/``, keyed by
+the text encoders and the prompt. The model's fingerprint covers the denoising network, not the
+prompts, so a solver fitted on one prompt set is evaluated on another.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..conditions import ClassSet, Conditioning, Entry, GuidanceSet, PromptSet
+from ..denoiser import Denoiser
+from ..errors import FewstepError, ModelSpecError
+from ..io import atomic_path, cache_root
+from .diffusers_in import dynamic_mu, flow_with_mu, schedule_from_diffusers
+from .families import Family, family_for, supported_pipelines
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+NULL = "\x00null"  # the table key of "no negative prompt" (the pipeline's own unconditional rows)
+
+
+def torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """fp32 / fp16 / bf16 (or a torch dtype) -> torch dtype; None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype) not in DTYPES:
+        raise FewstepError(f"dtype {dtype!r} is not one of {', '.join(sorted(set(DTYPES)))}")
+    return DTYPES[str(dtype)]
+
+
+# ----------------------------------------------------------------------------- conditioning rows
+class ConditionTable:
+    """Conditioning rows per prompt text, from the family's encoder, computed once and cached on disk.
+
+    ``rows(texts)`` -> {key: (len(texts), ...)}: one row per text (``NULL`` for the pipeline's own
+    unconditional rows). Texts seen before (in this process or, with a cache folder, any earlier
+    one with the same text encoders) are not encoded again.
+    """
+
+    def __init__(self, family: Family, cache: Path | None = None, batch: int = 16) -> None:
+        self.family, self.cache, self.batch = family, cache, int(batch)
+        self._rows: dict[str, dict[str, Tensor]] = {}
+        self.encoded = 0  # texts the encoder ran on (cache misses)
+
+    def _file(self, text: str) -> Path | None:
+        return None if self.cache is None else self.cache / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.safetensors"
+
+    def _load(self, text: str) -> dict[str, Tensor] | None:
+        f = self._file(text)
+        if f is None or not f.is_file():
+            return None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(f), "pt") as fh:
+                meta = fh.metadata() or {}
+                rows = {k: fh.get_tensor(k) for k in fh.keys()}
+        except Exception:  # noqa: BLE001 - a damaged cache file is recomputed
+            return None
+        if meta.get("text") != text or any(not torch.isfinite(v).all() for v in rows.values() if v.is_floating_point()):
+            return None
+        return rows
+
+    def _store(self, text: str, rows: dict[str, Tensor]) -> None:
+        f = self._file(text)
+        if f is None:
+            return
+        from safetensors.torch import save_file
+
+        try:
+            with atomic_path(f) as tmp:
+                save_file({k: v.detach().cpu().contiguous() for k, v in rows.items()}, str(tmp), metadata={"text": text})
+        except OSError:  # a read-only cache: the rows stay in memory
+            pass
+
+    def ensure(self, texts: Sequence[str]) -> None:
+        """Encode (or load) every text not yet in the table."""
+        todo = []
+        for text in dict.fromkeys(texts):
+            if text in self._rows:
+                continue
+            got = self._load(text)
+            if got is not None:
+                self._rows[text] = got
+            else:
+                todo.append(text)
+        if NULL in todo:
+            todo.remove(NULL)
+            null = {k: v[0].detach().cpu() for k, v in self.family.null_rows(1).items()}
+            self._rows[NULL] = null
+            self._store(NULL, null)
+        for k in range(0, len(todo), self.batch):
+            part = todo[k:k + self.batch]
+            with torch.no_grad():
+                enc = self.family.encode(part)
+            self.encoded += len(part)
+            for i, text in enumerate(part):
+                row = {key: v[i].detach().cpu() for key, v in enc.items()}
+                self._rows[text] = row
+                self._store(text, row)
+
+    def rows(self, texts: Sequence[str], device: torch.device | str) -> dict[str, Tensor]:
+        self.ensure(texts)
+        keys = self._rows[texts[0]].keys()
+        return {k: torch.stack([self._rows[t][k] for t in texts]).to(device) for k in keys}
+
+
+class FamilyNet(nn.Module):
+    """``net(x, t_net, prompt=, negative=, class_labels=, guidance=)`` for a Denoiser: looks up each sample's
+    conditioning rows (its prompt's, or its negative prompt's / the unconditional ones where ``negative``)
+    and calls the family adapter. x: (B, C, h, w); prompt, negative, class_labels: (B,)."""
+
+    def __init__(self, family: Family, table: ConditionTable, prompts: list[Entry]) -> None:
+        super().__init__()
+        self.network = family.network  # the only registered module: the fingerprint hashes its weights alone
+        self.__dict__["family"] = family
+        self.table, self.entries = table, list(prompts)
+
+    def add_prompts(self, entries: Sequence[Entry]) -> Tensor:
+        """Append prompts (encoding them now); their indices, (len(entries),)."""
+        start = len(self.entries)
+        self.entries += list(entries)
+        self.table.ensure([e.prompt for e in entries] + [e.negative or NULL for e in entries])
+        return torch.arange(start, len(self.entries))
+
+    def forward(self, x: Tensor, t_net: Tensor, prompt: Tensor | None = None, negative: Tensor | None = None,
+                class_labels: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
+        b = x.shape[0]
+        neg = torch.zeros(b, dtype=torch.bool) if negative is None else negative.reshape(-1).bool().cpu()
+        neg = neg.expand(b) if neg.numel() == 1 else neg
+        if class_labels is not None:
+            labels = torch.as_tensor(class_labels).reshape(-1).to(x.device).long().expand(b)
+            null = self.family.null_rows(1)["class_labels"].to(labels.device)
+            rows = {"class_labels": torch.where(neg.to(labels.device), null.expand(b), labels)}
+        else:
+            if prompt is None:
+                raise FewstepError(f"{self.family.name}: each sample needs a prompt: pass cond={{'prompt': index}} "
+                                   f"(model.cond_for(seeds) or model.prompt_cond([...]))")
+            idx = torch.as_tensor(prompt).reshape(-1).cpu().long().expand(b).tolist()
+            texts = [(self.entries[i].negative or NULL) if n else self.entries[i].prompt
+                     for i, n in zip(idx, neg.tolist())]
+            rows = self.table.rows(texts, self.family.network_device)
+        return self.family.forward(x, t_net, rows, guidance)
+
+
+class PipelineDenoiser(Denoiser):
+    """A Denoiser over a diffusers pipeline family (see the module docstring)."""
+
+    family: Family
+
+    def with_prompts(self, prompts: PromptSet) -> "PipelineDenoiser":
+        """The same model (same network, same encoder cache) drawing its prompts from another set."""
+        if not isinstance(self.cond_sampler, Conditioning) or self.cond_sampler.prompts is None:
+            raise FewstepError(f"{self.name} is not conditioned on prompts")
+        other = copy.copy(self)
+        other._modules = dict(self._modules)
+        other.net = FamilyNet(self.family, self.net.table, list(prompts.entries))
+        other.net.table.ensure([e.prompt for e in prompts.entries] + [e.negative or NULL for e in prompts.entries])
+        other.cond_sampler = dataclasses.replace(self.cond_sampler, prompts=prompts)
+        return other
+
+    def prompt_cond(self, prompts: Sequence[str], negative: Sequence[str | None] | None = None,
+                    guidance: float | Sequence[float] | None = None) -> dict[str, Tensor]:
+        """Conditioning for these prompts (one per sample), encoded now: ``{"prompt": indices[, "guidance_scale"]}``."""
+        neg = list(negative) if negative is not None else [None] * len(prompts)
+        idx = self.net.add_prompts([Entry(p, n) for p, n in zip(prompts, neg)])
+        out: dict[str, Tensor] = {"prompt": idx}
+        if guidance is not None:
+            w = torch.as_tensor(guidance, dtype=torch.float64)
+            out["guidance_scale"] = w.expand(len(prompts)).clone() if w.dim() == 0 else w
+        return out
+
+
+def _uncond(cond: dict[str, Any]) -> dict[str, Any]:
+    """The unconditional half: the same prompt (or class) flagged ``negative`` (its negative prompt, or the
+    pipeline's own unconditional rows)."""
+    key = "prompt" if "prompt" in cond else "class_labels"
+    n = torch.as_tensor(cond[key]).reshape(-1).shape[0] if key in cond else 1
+    return {**cond, "negative": torch.ones(n, dtype=torch.bool)}
+
+
+# ----------------------------------------------------------------------------- loading
+def _read_index(root: Path) -> dict[str, Any]:
+    f = root / "model_index.json"
+    try:
+        doc = json.loads(f.read_text())
+    except FileNotFoundError:
+        raise ModelSpecError(f"{root} has no model_index.json: save the pipeline with save_pretrained") from None
+    except (OSError, ValueError) as e:
+        raise ModelSpecError(f"{f} is unreadable ({e})") from None
+    if not isinstance(doc, dict):
+        raise ModelSpecError(f"{f} must hold a JSON object")
+    return doc
+
+
+def pipeline_class(root: str | Path) -> str | None:
+    """The pipeline class a saved folder names (None without a model_index.json)."""
+    f = Path(root) / "model_index.json"
+    if not f.is_file():
+        return None
+    return str(_read_index(Path(root)).get("_class_name") or "")
+
+
+def _check_components(root: Path, index: dict[str, Any], fam: type[Family]) -> None:
+    """Every component the pipeline names (text encoders, tokenizers, VAE, network) is a folder here."""
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        if not (root / name).is_dir():
+            raise ModelSpecError(f"pipeline folder {root} lacks {name}/ ({spec[1]}), which the {fam.name} family "
+                                 f"needs; save the whole pipeline with save_pretrained")
+
+
+def _encoder_key(family: Family, root: Path | None) -> str:
+    """What the conditioning rows depend on: the family and its options, and the text encoders' files
+    (or weights, for a pipeline built in memory)."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in family.identity().items()
+                                   if k not in ("image_size", "sample_shape")}, sort_keys=True).encode())
+    for attr in sorted(a for a in vars(family.pipe) if a.startswith(("text_encoder", "tokenizer"))):
+        comp = getattr(family.pipe, attr, None)
+        if comp is None:
+            continue
+        folder = None if root is None else root / attr
+        if folder is not None and folder.is_dir():
+            for f in sorted(folder.rglob("*")):
+                if f.is_file():
+                    st = f.stat()
+                    h.update(f"{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}".encode())
+                    if f.suffix == ".json":
+                        h.update(f.read_bytes())
+        elif isinstance(comp, nn.Module):
+            for k, v in comp.state_dict().items():
+                h.update(k.encode() + v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def _pipeline(path_or_pipe: Any, device: str | torch.device, dtype: torch.dtype | None) -> tuple[Any, Path | None]:
+    if not isinstance(path_or_pipe, (str, os.PathLike)):
+        return path_or_pipe, None
+    root = Path(path_or_pipe).expanduser()
+    if not root.is_dir():
+        raise ModelSpecError(f"pipeline folder {str(path_or_pipe)!r} does not exist (expected a save_pretrained folder)")
+    index = _read_index(root)
+    fam = family_for(index)
+    _check_components(root, index, fam)
+    from diffusers import DiffusionPipeline
+
+    lean = importlib.util.find_spec("accelerate") is not None
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(root), local_files_only=True, torch_dtype=dtype,
+                                                 low_cpu_mem_usage=lean)
+    except (OSError, ValueError, RuntimeError, TypeError, AttributeError) as e:
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise ModelSpecError(f"cannot load the {index.get('_class_name')} pipeline from {root} ({first[:200]})") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device), root
+
+
+def load_pipeline(
+    path_or_pipe: Any,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    prompts: PromptSet | str | os.PathLike | Sequence[str] | None = None,
+    classes: ClassSet | str | None = None,
+    guidance: float | str | Sequence[float] | GuidanceSet | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    name: str | None = None,
+    **family_options: Any,
+) -> PipelineDenoiser:
+    """A Denoiser for a text-to-image or class-conditional pipeline (a saved folder or a loaded pipeline).
+
+    Args:
+        path_or_pipe: a ``save_pretrained`` folder of a supported pipeline, or a loaded pipeline object.
+        device, dtype: where and in which precision the pipeline runs (fp32 / fp16 / bf16).
+        prompts: the prompt set (a PromptSet, a prompt file, or a list of prompts); text families need one.
+        classes: class labels for a class-conditional family (DiT): "0,1,2" or "all" (the default).
+        guidance: one scale (classifier-free guidance, or Flux's guidance input), several ("3,7.5,12", a
+            range "3:12"): each seed draws one, so a solver can be fitted across them.
+        height, width: the image size (default: the pipeline's); the latent shape follows.
+        cache_dir: cache root for the prompt embeddings (default ``$FEWSTEP_CACHE``).
+        family_options: options of the family adapter (e.g. ``max_sequence_length``).
+    """
+    pipe, root = _pipeline(path_or_pipe, device, torch_dtype(dtype))
+    fam = family_for(pipe)(pipe, **family_options)
+    shape = fam.sample_shape(height, width)
+    info = schedule_from_diffusers(fam.scheduler_config)
+    schedule = info.schedule
+    if info.flow_grid and info.flow_grid.get("use_dynamic_shifting"):  # the shift at this image size
+        mu = dynamic_mu(fam.scheduler_config, _seq_len(fam, shape))
+        schedule = flow_with_mu(info, mu, base="steps" if fam.name == "flux" else "train")
+    if guidance is None and fam.guidance_mode != "none":
+        guidance = default_guidance(pipe)
+    gset = guidance if isinstance(guidance, GuidanceSet) or guidance is None else GuidanceSet.parse(guidance)
+    w = None if gset is None else gset.scales[len(gset.scales) // 2]
+    class_family = hasattr(fam, "num_classes")
+    if class_family:
+        if prompts is not None:
+            raise FewstepError(f"{fam.name} is class-conditional: give --classes, not --prompts")
+        cset = classes if isinstance(classes, ClassSet) else ClassSet.parse(classes or "all", fam.num_classes)
+        pset = None
+    else:
+        if classes is not None:
+            raise FewstepError(f"{fam.name} is text-conditional: give --prompts FILE, not --classes")
+        if prompts is None:
+            raise FewstepError(f"{fam.name} is text-conditional: give a prompt set (--prompts FILE, one prompt per "
+                               f"line)")
+        pset = prompts if isinstance(prompts, PromptSet) else (
+            PromptSet.read(prompts) if isinstance(prompts, (str, os.PathLike)) else PromptSet.of(list(prompts)))
+        cset = None
+    table = ConditionTable(fam, cache_root(cache_dir) / "embeddings" / _encoder_key(fam, root))
+    entries = list(pset.entries) if pset is not None else []
+    if entries:
+        table.ensure([e.prompt for e in entries] + [e.negative or NULL for e in entries])
+    net = FamilyNet(fam, table, entries)
+    distilled = fam.guidance_mode == "distilled"
+    if fam.guidance_mode == "none" and gset is not None:
+        raise FewstepError(f"{fam.name}: this network takes no guidance (no guidance embedding, no unconditional "
+                           f"half): drop --guidance")
+    cond = Conditioning(prompts=pset, classes=cset, guidance=gset if gset is not None and len(gset.scales) > 1 else None,
+                        default_guidance=1.0 if w is None else w)
+    identity: dict[str, Any] = {"pipeline": fam.identity()}
+    if info.flow_grid:
+        identity["flow_grid"] = info.flow_grid
+    model = PipelineDenoiser(
+        net, schedule, info.prediction, sample_shape=shape,
+        guidance_scale=w if distilled or (w is not None and w != 1.0) else None,
+        uncond=None if distilled else _uncond, name=name or f"diffusers:{root or type(pipe).__name__}",
+        cond_sampler=cond, identity=identity, guidance_input=distilled, decode=fam.decode,
+        num_classes=fam.num_classes if class_family else None)
+    model.family = fam
+    return model
+
+
+def default_guidance(pipe: Any) -> float | None:
+    """The guidance scale a pipeline uses when none is given (its ``__call__`` default)."""
+    import inspect
+
+    p = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
+    return None if p is None or not isinstance(p.default, (int, float)) else float(p.default)
+
+
+def _seq_len(fam: Family, shape: tuple[int, int, int]) -> int:
+    """The image token count a flow pipeline's dynamic shift is computed from (Flux: 2x2 patches)."""
+    patch = int(getattr(fam.network.config, "patch_size", 1) or 1)
+    if fam.name == "flux":
+        patch = 2
+    return (shape[1] // patch) * (shape[2] // patch)
+
+
+__all__ = ["ConditionTable", "FamilyNet", "PipelineDenoiser", "load_pipeline", "pipeline_class",
+           "supported_pipelines", "torch_dtype"]
