@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+
 from .denoiser import Denoiser
 from .evaluate import evaluate, solve_batched
 from .fit.checkpoint import NAME as CHECKPOINT_NAME
@@ -116,6 +118,9 @@ def report_plots(rep: dict[str, Any], model: Denoiser, out: str | Path, learned:
     pick = [s for s in learned if int(s.nfe) == show and lrn is not None and s.name == lrn.solver]
     if pick:
         panels.append((f"learned {pick[0].name} ({show} NFE)", solve_batched(model, seeds, pick[0], show, device=device)))
+    if panels and model.decode is not None:  # a latent model: its decoded images
+        with torch.no_grad():
+            panels = [(title, model.decode(x)) for title, x in panels]
     if panels:
         paths.append(sample_panels(panels, out / f"samples_nfe{show}.png", title=f"{rep['model']}: the same noises"))
     for s in learned:

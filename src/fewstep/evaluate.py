@@ -118,7 +118,7 @@ def run_solver(model: Denoiser, seeds: Sequence[int], solver: Any, nfe: int, ref
     try:
         s: Solver = resolve_solver(solver, model, nfe)
         name, grid = s.name, s.grid_label
-        used = s.tableau(model).N
+        used = s.tableau(model, w=some_scale(model, s)).N
     except (ArtifactError, SolverNameError):
         raise  # the user named something that cannot run on this model: stop, do not tabulate
     except FewstepError as e:
@@ -220,12 +220,22 @@ def evaluate(
     return report.as_dict()
 
 
+def some_scale(model: Denoiser, solver: Solver) -> float | None:
+    """A guidance scale the model's samples use, for a solver fitted across scales (its tables' shape does not
+    depend on which): the model's scale, else the middle of the scales its seeds draw from."""
+    if solver.guidance_range is None:
+        return None
+    scales = model.guidance_scales()
+    return scales[len(scales) // 2] if scales else (1.0 if model.guidance_scale is None else float(model.guidance_scale))
+
+
 def _check_runnable(model: Denoiser, jobs: list[tuple[Any, int]]) -> None:
     """Raise NothingToRunError (before the expensive reference solve) if no job can build its tables."""
     first = None
     for s, n in jobs:
         try:
-            resolve_solver(s, model, n).tableau(model)
+            r = resolve_solver(s, model, n)
+            r.tableau(model, w=some_scale(model, r))
             return
         except (ArtifactError, SolverNameError):
             raise

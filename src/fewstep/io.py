@@ -19,7 +19,7 @@ import time
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -170,8 +170,10 @@ def is_image(shape: tuple[int, ...]) -> bool:
     return len(shape) == 3 and shape[0] in (1, 3)
 
 
-def save_samples(x: Tensor, out: str | os.PathLike, meta: dict[str, str] | None = None) -> list[Path]:
-    """Write samples (B, ...) to a safetensors file; for image shapes also a PNG grid beside it."""
+def save_samples(x: Tensor, out: str | os.PathLike, meta: dict[str, str] | None = None,
+                 decode: Any = None) -> list[Path]:
+    """Write samples (B, ...) to a safetensors file; for image shapes (or latents ``decode`` turns into
+    images, e.g. a pipeline's VAE) also a PNG grid beside it."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -180,6 +182,9 @@ def save_samples(x: Tensor, out: str | os.PathLike, meta: dict[str, str] | None 
     with atomic_path(out) as tmp:
         save_file({"samples": x.detach().cpu().contiguous()}, str(tmp), metadata=meta or {})
     paths = [out]
+    if decode is not None:
+        with torch.no_grad():
+            x = torch.cat([decode(x[k:k + 16]) for k in range(0, x.shape[0], 16)])
     if is_image(tuple(x.shape[1:])):
         png = out.with_suffix(".png")
         write_png(png, image_grid(x.detach().cpu().float()), scale=max(1, 64 // x.shape[-1]))

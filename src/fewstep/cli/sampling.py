@@ -46,7 +46,8 @@ def sample_cmd(
         if learned and nfe is not None and nfe != s.nfe:
             fail(f"--nfe {nfe}: the learned solver {spec} makes {s.nfe} evaluations; drop --nfe or pass --nfe {s.nfe}")
         x = solve_batched(m, list(range(seed, seed + n)), s, s.nfe, device=device)
-        paths = save_samples(x, out, meta={"model": model, "solver": spec, "nfe": str(s.nfe), "seed": str(seed)})
+        paths = save_samples(x, out, meta={"model": model, "solver": spec, "nfe": str(s.nfe), "seed": str(seed)},
+                             decode=m.decode)
     for p in paths:
         typer.echo(f"wrote {p}")
 

@@ -92,6 +92,18 @@ def select_metrics(model: Any, metrics: str | Iterable[str] | None, feature: Any
     return req
 
 
+class Decoded(nn.Module):
+    """``feature(decode(x))``: a feature network over a latent model's decoded images, in chunks."""
+
+    def __init__(self, decode: Any, feature: nn.Module, chunk: int = 64) -> None:
+        super().__init__()
+        self.decode, self.feature, self.chunk = decode, feature, int(chunk)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return torch.cat([self.feature(self.decode(x[k:k + self.chunk])) for k in range(0, x.shape[0], self.chunk)])
+
+
 class MetricSuite:
     """Computes the selected metrics for sample sets of one model.
 
@@ -126,7 +138,9 @@ class MetricSuite:
                 check_digits_shape(tuple(getattr(model, "sample_shape", None) or ()))
                 self._feature = digits_features()
             elif isinstance(feature, nn.Module):
-                self._feature = feature  # wrapped in a FeatureMap at the first samples it sees
+                decode = getattr(model, "decode", None)
+                # a latent model's samples are decoded (its VAE) before the user's feature network sees them
+                self._feature = feature if decode is None else Decoded(decode, feature)
             else:
                 raise FewstepError(f"feature must be an nn.Module or 'digits'; got {feature!r}")
             if isinstance(self._feature, FeatureMap):
