@@ -16,7 +16,7 @@ ROOT = Path(fewstep.__file__).parent
 #: the layers of the package, bottom first; a module may import from lower ranks only (same rank: no)
 LAYERS = [
     ["errors"],
-    ["seeds", "io", "conditions"],
+    ["seeds", "io", "conditions", "cost"],
     ["training", "schedules"],
     ["grids", "denoiser"],
     ["solvers"],
@@ -36,7 +36,7 @@ LAYERS = [
 INNER = {
     "solvers": [["kernel"], ["classic", "heun", "artifact_check"], ["registry", "learned"], ["artifact"], ["resolve"],
                 ["__init__"]],
-    "fit": [["config", "teacher_spec", "teacher_cache"], ["teacher"], ["loop"], ["checkpoint"], ["methods"],
+    "fit": [["config", "teacher_spec", "teacher_cache"], ["teacher", "budget"], ["loop"], ["checkpoint"], ["methods"],
             ["api"], ["__init__"]],
     "cli": [["common"], ["fitting", "measure", "sampling"], ["__init__"]],
 }

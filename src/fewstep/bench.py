@@ -34,7 +34,7 @@ def _fit_or_reuse(model: Denoiser, method: str, nfe: int, d: Path, reuse: bool, 
     if reuse and (d / "solver.json").exists() and not (d / CHECKPOINT_NAME).exists():
         solver = load_solver(d)
         solver.check(model)
-        diff = same_fit(solver.doc, model, method, nfe, **(fit_kwargs or {}))
+        diff = same_fit(solver.doc, model, method, nfe, device=device, **(fit_kwargs or {}))
         if not diff:
             return solver, float(solver.doc["timing"]["total_s"]), "reused"
         how = f"refitted (its finished fit had other settings: {'; '.join(diff[:4])})"

@@ -17,10 +17,36 @@ import torch
 from torch import Tensor, nn
 
 from .conditions import ClassSet, Conditioning, GuidanceSet
+from .cost import Cost, counted
 from .errors import FewstepError, ModelOutputError, ShapeError
 from .schedules import Schedule, TimeScalars
 
 PREDICTIONS = ("eps", "x0", "v", "velocity")
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """fp32 / fp16 / bf16 (or a torch dtype) -> torch dtype; None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype) not in DTYPES:
+        raise FewstepError(f"dtype {dtype!r} is not one of fp32, fp16, bf16")
+    return DTYPES[str(dtype)]
+
+
+def check_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
+    """``dtype`` if a network can run in it on ``device`` (a tiny matmul and convolution are tried), else a
+    FewstepError naming the pair and what runs there."""
+    dt, dev = torch_dtype(dtype), torch.device(device)
+    try:
+        a = torch.ones(2, 2, 4, 4, dtype=dt, device=dev)
+        torch.nn.functional.conv2d(a, torch.ones(2, 2, 3, 3, dtype=dt, device=dev))
+        (a.flatten(1) @ a.flatten(1).T).sum().item()
+    except (RuntimeError, TypeError) as e:
+        raise FewstepError(f"--dtype {dtype}: this device ({dev}) cannot run a network in {dt} ({str(e)[:80]}); "
+                           f"use fp32") from None
+    return dt
 BASES = ("D", "E", "v")
 
 
@@ -77,6 +103,11 @@ class Denoiser(nn.Module):
             FLUX.1-dev): it gets ``guidance=`` (B,) and there is no unconditional half.
         decode: optional ``decode(x) -> images`` for metrics and pictures of latent models (e.g. the VAE).
         num_classes: how many class labels a class-conditional network takes (for ``--classes all``).
+        dtype: the precision the network runs in (``torch.bfloat16``, "bf16", "fp16", ...; default: as
+            given). Inputs are cast to it and outputs back to the solver state's dtype: the state, the
+            coefficients and everything fitted stay in float32 (or float64).
+
+    ``cost`` counts the network evaluations made (:mod:`fewstep.cost`).
 
     Per-sample guidance: a conditioning key ``guidance_scale`` holding a (B,) tensor overrides
     ``guidance_scale`` sample by sample (a model fitted across several scales sees several at once).
@@ -97,6 +128,7 @@ class Denoiser(nn.Module):
         guidance_input: bool = False,
         decode: Callable[[Tensor], Tensor] | None = None,
         num_classes: int | None = None,
+        dtype: torch.dtype | str | None = None,
     ) -> None:
         super().__init__()
         if prediction not in PREDICTIONS:
@@ -119,13 +151,36 @@ class Denoiser(nn.Module):
         self.decode = decode
         self.num_classes = num_classes
         self.nfe = 0
+        self.cost = Cost()
+        self.dtype: torch.dtype | None = None
+        if dtype is not None:
+            self.set_dtype(dtype)
 
     # ------------------------------------------------------------------ network call
+    def set_dtype(self, dtype: torch.dtype | str) -> "Denoiser":
+        """Run the network in ``dtype`` (fp32 / fp16 / bf16 or a torch dtype); the solver stays in its own."""
+        dt = torch_dtype(dtype)
+        fp = self.fingerprint()  # the model's identity is its weights as given, whatever precision runs them
+        if isinstance(self.net, nn.Module):
+            self.net.to(dt)
+        self.dtype = dt
+        self.__dict__["_fingerprint"] = (self._fingerprint_key(), fp)
+        return self
+
     def raw(self, x: Tensor, t: Tensor | float, t_net: float | None = None, **cond: Any) -> Tensor:
-        """The network output at solver time t (scalar), guidance applied. Counts 1 NFE.
+        """The network output at solver time t (scalar), guidance applied, in x's dtype. Counts 1 NFE
+        (``nfe``) and B network evaluations (``cost``).
 
         ``t_net``: the network's time input if already known (skips the schedule mapping).
         """
+        if self.dtype is not None and x.dtype != self.dtype:
+            out = self._raw(x.to(self.dtype), t, t_net,
+                            **{k: (v.to(self.dtype) if isinstance(v, Tensor) and v.is_floating_point()
+                                   and k != "guidance_scale" else v) for k, v in cond.items()})
+            return out.to(x.dtype)
+        return self._raw(x, t, t_net, **cond)
+
+    def _raw(self, x: Tensor, t: Tensor | float, t_net: float | None = None, **cond: Any) -> Tensor:
         if t_net is not None:
             t_net = torch.full((x.shape[0],), t_net, dtype=x.dtype, device=x.device)
         else:
@@ -136,6 +191,7 @@ class Denoiser(nn.Module):
             scale = torch.as_tensor(1.0 if w is None else w, dtype=torch.float32, device=x.device)
             out = self.net(x, t_net, guidance=scale.expand(x.shape[0]) if scale.dim() == 0 else scale, **cond)
             self._check_shape(out, tuple(x.shape))
+            out = counted(out, self.cost, x.shape[0], x.shape[0])
         elif _guided(w):
             unc = self.uncond(cond) if callable(self.uncond) else dict(self.uncond or {})
             both = _cat_cond(cond, unc)
@@ -144,10 +200,11 @@ class Denoiser(nn.Module):
             out_c, out_u = out.chunk(2, 0)
             if isinstance(w, Tensor):  # one scale per sample
                 w = w.to(device=out.device, dtype=out.dtype).reshape(-1, *[1] * (out.dim() - 1))
-            out = out_u + w * (out_c - out_u)
+            out = counted(out_u + w * (out_c - out_u), self.cost, x.shape[0], 2 * x.shape[0])
         else:
             out = self.net(x, t_net, **cond)
             self._check_shape(out, tuple(x.shape))
+            out = counted(out, self.cost, x.shape[0], x.shape[0])
         self.nfe += 1
         return out
 
@@ -235,15 +292,19 @@ class Denoiser(nn.Module):
         weight tensor is replaced or changed in place (its version counter moves), or the schedule,
         prediction, identity or prior change.
         """
-        tensors = self.net.state_dict() if isinstance(self.net, nn.Module) else {}
-        key = (repr(sorted(self.schedule.config().items())), self.prediction, repr(sorted(self.identity.items())),
-               id(self.prior), tuple((k, v.data_ptr(), v._version) for k, v in tensors.items()))
+        key = self._fingerprint_key()
         cached = self.__dict__.get("_fingerprint")
         if cached is not None and cached[0] == key:
             return cached[1]
         fp = self._hash_weights()
         self.__dict__["_fingerprint"] = (key, fp)
         return fp
+
+    def _fingerprint_key(self) -> tuple:
+        """What the cached fingerprint depends on: the weight tensors (by storage and version) and the rest."""
+        tensors = self.net.state_dict() if isinstance(self.net, nn.Module) else {}
+        return (repr(sorted(self.schedule.config().items())), self.prediction, repr(sorted(self.identity.items())),
+                id(self.prior), tuple((k, v.data_ptr(), v._version) for k, v in tensors.items()))
 
     def _hash_weights(self) -> str:
         h = hashlib.sha256()

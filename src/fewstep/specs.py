@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from .conditions import GuidanceSet
-from .denoiser import Denoiser
+from .denoiser import Denoiser, check_dtype
 from .errors import ModelSpecError
 
 FORMS = "zoo:NAME, path/to/file.py:factory, package.module:factory, diffusers:DIR or torchcfm:NAME_OR_PATH"
@@ -80,16 +80,19 @@ def load_model(spec: str, device: str = "cpu", prompts: Any = None, classes: str
         raise ModelSpecError(f"model spec {spec!r} is not one of: {FORMS}")
     head = spec.partition(":")[0]
     if head == "diffusers":
+        if dtype is not None:
+            check_dtype(dtype, device)
         opts = {k: v for k, v in dict(prompts=prompts, classes=classes, guidance=guidance, height=height, width=width,
                                       dtype=dtype).items() if v is not None}
         return _load(spec, device, **opts, **kwargs)
-    for name, v in (("prompts", prompts), ("height", height), ("width", width), ("dtype", dtype)):
+    for name, v in (("prompts", prompts), ("height", height), ("width", width)):
         if v is not None:
             raise ModelSpecError(f"{spec!r}: --{name} applies to diffusers pipelines (diffusers:DIR) only")
     gset = None if guidance is None else GuidanceSet.parse(guidance)
     if gset is not None:
         kwargs["guidance_scale"] = gset.scales[len(gset.scales) // 2]
-    return _load(spec, device, **kwargs).with_conditions(classes, gset)
+    model = _load(spec, device, **kwargs).with_conditions(classes, gset)
+    return model if dtype is None else model.set_dtype(check_dtype(dtype, device))
 
 
 def _load(spec: str, device: str, **kwargs: Any) -> Denoiser:

@@ -183,6 +183,15 @@ def resolve_solver(spec: str, force: bool = False) -> Any:
     return resolve(spec, force=force) if is_artifact_spec(spec) else spec
 
 
+def cost_line(cost: dict[str, Any]) -> str:
+    """One line of what a fit spent (from its artifact's ``cost``)."""
+    t, f = cost["teacher"], cost["fit"]
+    budget = f" of a budget of {cost['budget']:,}" if cost.get("budget") else ""
+    return (f"cost: {cost['total_evals']:,} network evaluations{budget} (teacher {t['forward_evals']:,} forward, "
+            f"{t['computed_now']:,} of them computed now; fit {f['forward_evals']:,} forward + {f['backward_evals']:,} "
+            f"backward), {cost['wall_s']:.1f} s, peak memory {cost['peak_memory_mib']:,.0f} MiB ({cost['memory']})")
+
+
 def print_report(report: dict[str, Any], as_json: bool, top: Optional[int] = None) -> None:
     if as_json:
         typer.echo(json.dumps(report, indent=2))

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .common import (CLASSES_OPT, DTYPE_OPT, EVAL_PROMPTS_OPT, GUIDANCE_OPT, HEIGHT_OPT, MODEL_HELP, PROMPTS_OPT,
+from .common import (CLASSES_OPT, cost_line, DTYPE_OPT, EVAL_PROMPTS_OPT, GUIDANCE_OPT, HEIGHT_OPT, MODEL_HELP, PROMPTS_OPT,
                      WIDTH_OPT, app, check_out_dir, errors, eval_model, fail, load, nonneg_float, positive_float,
                      print_report, setup)
 
@@ -20,9 +20,15 @@ def fit_cmd(
     nfe: int = typer.Option(5, min=1, help="NFE budget of the learned solver"),
     out: Path = typer.Option(..., help="output directory for the artifact"),
     teacher: Optional[str] = typer.Option(None, help="teacher NAME@GRID:NFE (default: see docs)"),
-    samples: int = typer.Option(700, min=1, help="training noises"),
-    val_samples: int = typer.Option(200, min=1, help="validation noises (checkpoint selection)"),
-    confirm_samples: int = typer.Option(200, min=0, help="confirmation noises (does the fit beat its start?)"),
+    samples: Optional[int] = typer.Option(None, min=1, help="training noises (default: the method's)"),
+    val_samples: Optional[int] = typer.Option(None, min=1, help="validation noises (checkpoint selection)"),
+    confirm_samples: Optional[int] = typer.Option(None, min=0, help="confirmation noises (does the fit beat its "
+                                                                     "start?)"),
+    budget: Optional[int] = typer.Option(None, min=1, help="network evaluations the fit may spend (forward + "
+                                                           "backward, teacher included): noises, batch and steps "
+                                                           "are sized to it, and it is never exceeded"),
+    micro_batch: Optional[int] = typer.Option(None, min=1, help="samples per forward/backward pass (gradients "
+                                                                "accumulate over the batch: memory of a micro-batch)"),
     seed: int = typer.Option(0, min=0, help="first training seed"),
     start: Optional[str] = typer.Option(None, help="starting classic solver NAME@GRID (default: best on validation), "
                                                    "or a learned-solver directory to refine"),
@@ -36,7 +42,8 @@ def fit_cmd(
     loss: str = typer.Option("l2", help="l2 (per-sample L2 distance), mse or l1 (a callable, e.g. LPIPS, from Python)"),
     relax: Optional[float] = typer.Option(None, callback=nonneg_float("--relax"),
                                           help="LD3 relaxation radius (relative to the noise norm; 0 off)"),
-    checkpoint: bool = typer.Option(False, "--checkpoint", help="recompute model activations in backward (memory)"),
+    checkpoint: bool = typer.Option(False, "--checkpoint", help="recompute model activations in backward (saves "
+                                                                "memory; on by default on CUDA)"),
     restart: bool = typer.Option(False, "--restart", help="ignore a checkpoint of an interrupted fit in OUT and start over"),
     guidance: Optional[str] = GUIDANCE_OPT,
     prompts: Optional[Path] = PROMPTS_OPT,
@@ -58,13 +65,16 @@ def fit_cmd(
     setup(device, threads)
     check_out_dir(out, json_ok=True)
     over = {name: v for name, v in {"start": start, "steps": steps, "relax": relax, "batch": batch, "lr_coef": lr_coef,
-                                    "lr_grid": lr_grid, "k": k}.items() if v is not None}
-    over.update(loss=loss, use_checkpoint=checkpoint)
+                                    "lr_grid": lr_grid, "k": k, "samples": samples, "val_samples": val_samples,
+                                    "confirm_samples": confirm_samples, "budget": budget,
+                                    "micro_batch": micro_batch}.items() if v is not None}
+    over.update(loss=loss)
+    if checkpoint:
+        over["use_checkpoint"] = True
     with errors():
         m = load(model, device, guidance, prompts, classes, height, width, dtype, role="fit")
         try:
-            res = fit(m, method, nfe, out=out, teacher=teacher, samples=samples, val_samples=val_samples,
-                      confirm_samples=confirm_samples, seed=seed, progress=not as_json, device=device,
+            res = fit(m, method, nfe, out=out, teacher=teacher, seed=seed, progress=not as_json, device=device,
                       resume=not restart, **over)
         except KeyboardInterrupt:
             fail(f"interrupted: the fit's state is saved in {out}; run the same command again to resume", code=130)
@@ -77,6 +87,7 @@ def fit_cmd(
                    f"{', kept the start' if v['kept_start'] else ''}; {res.doc['timing']['total_s']:.0f} s)")
         for note in v.get("notes") or []:
             typer.echo(f"note: {note}")
+        typer.echo(cost_line(res.doc["cost"]))
     if eval_samples <= 0:
         if as_json:
             typer.echo(json.dumps({"artifact": str(res.path), "solver": res.doc}, indent=2))

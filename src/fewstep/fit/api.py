@@ -17,6 +17,9 @@ from ..solvers.artifact import PARAMS, LoadedSolver, save_params, save_solver, s
 from ..solvers.kernel import Tableau
 from ..solvers.learned import LearnedSolver
 from .checkpoint import FitCheckpoint, fit_key
+from ..cost import Meter, Spent
+from ..solvers.registry import classic_specs, solver_info
+from .budget import Sizes, plan_for
 from .config import FitConfig, plan_phases
 from .methods import FitOutcome, fit_solver
 from .teacher import TeacherData, TeacherSpec, default_teacher, generate_teacher, parse_teacher
@@ -42,9 +45,6 @@ def fit(
     nfe: int = 5,
     out: str | Path | None = None,
     teacher: str | TeacherSpec | None = None,
-    samples: int = 700,
-    val_samples: int = 200,
-    confirm_samples: int = 200,
     seed: int = 0,
     progress: bool = True,
     cache_dir: str | Path | None = None,
@@ -54,65 +54,98 @@ def fit(
 ) -> FitResult:
     """Fit a learned solver for ``model`` at ``nfe`` evaluations and (optionally) save it to ``out``.
 
-    Training noises come from seeds [seed, seed + samples), validation noises (checkpoint
-    selection) and confirmation noises (the keep-the-start decision, made on noises the selection
-    never saw) from the validation range; none overlaps the evaluation range. ``overrides`` set
-    :class:`FitConfig` fields (start, k, steps, rounds, batch, lr_coef, lr_grid, relax, loss, ...).
+    ``overrides`` set :class:`FitConfig` fields (samples, val_samples, confirm_samples, start, k, steps,
+    rounds, batch, lr_coef, lr_grid, relax, loss, budget, micro_batch, ...). Training noises come from
+    seeds [seed, seed + samples), validation noises (checkpoint selection) and confirmation noises (the
+    keep-the-start decision, made on noises the selection never saw) from the validation range; none
+    overlaps the evaluation range. With ``budget`` (network evaluations, forward + backward, teacher
+    included) noises, batch and steps are sized to fit it, and the fit never spends more.
     With ``out``, the fit's state is checkpointed in ``out`` after every validation and a fit run
     again with the same settings continues from there (``resume=False`` starts over); the
-    checkpoint is removed once the artifact is written.
+    checkpoint is removed once the artifact is written. What the fit cost (network evaluations,
+    wall time, peak memory) is in the artifact's ``cost`` and in ``FitResult.cost``.
     """
-    cfg, spec = fit_plan(model, method, nfe, teacher, seed, **overrides)
+    cfg, spec = fit_plan(model, method, nfe, teacher, seed, device=device, **overrides)
     t0 = time.perf_counter()
-    data = FitData.generate(model, cfg, spec, samples, val_samples, confirm_samples, cache_dir, device, progress)
-    t_teacher = time.perf_counter() - t0
-    folder = None if out is None else (Path(out).parent if Path(out).suffix == ".json" else Path(out))
-    ckpt = None
-    if folder is not None:
-        ckpt = FitCheckpoint(folder, fit_key({"fingerprint": model.fingerprint(), "guidance": model.guidance_scale,
-                                              "cfg": cfg.as_dict(), "teacher": str(spec), **data.seed_ranges()}))
-        if not resume:
-            ckpt.remove()
-    bar = _progress(progress, sum(p.steps for p in plan_phases(cfg)), f"fit {cfg.method} NFE {cfg.nfe}")
-    try:
-        outcome = fit_solver(model, data.train, data.val, cfg, progress=bar, checkpoint=ckpt, confirm=data.confirm)
-    finally:
-        if bar is not None:
-            bar.close()
-    timing = {"teacher_s": round(t_teacher, 2), "total_s": round(time.perf_counter() - t0, 2),
+    with Meter(model, device) as whole:
+        with Meter(model, device) as teach:
+            data = FitData.generate(model, cfg, spec, cache_dir, device, progress)
+        folder = None if out is None else (Path(out).parent if Path(out).suffix == ".json" else Path(out))
+        ckpt = None
+        if folder is not None:
+            ckpt = FitCheckpoint(folder, fit_key({"fingerprint": model.fingerprint(), "guidance": model.guidance_scale,
+                                                  "cfg": cfg.as_dict(), "teacher": str(spec), **data.seed_ranges()}))
+            if not resume:
+                ckpt.remove()
+        bar = _progress(progress, sum(p.steps for p in plan_phases(cfg)), f"fit {cfg.method} NFE {cfg.nfe}")
+        try:
+            outcome = fit_solver(model, data.train, data.val, cfg, progress=bar, checkpoint=ckpt,
+                                 confirm=data.confirm, already_spent=data.teacher_evals)
+        finally:
+            if bar is not None:
+                bar.close()
+    timing = {"teacher_s": round(teach.spent.wall_s, 2), "total_s": round(time.perf_counter() - t0, 2),
               "resumed_from_step": outcome.resumed_from}
-    doc = artifact_doc(model, cfg, spec, data, outcome, timing)
+    cost = fit_cost(cfg, data, teach.spent, whole.spent)
+    doc = artifact_doc(model, cfg, spec, data, outcome, timing, cost)
     path = None if out is None else write_artifact(out, doc, outcome.solver)
     if ckpt is not None:
         ckpt.remove()
     return FitResult(LoadedSolver(doc, path, learned=outcome.solver), doc, outcome, path)
 
 
+def fit_cost(cfg: FitConfig, data: "FitData", teacher: Spent, whole: Spent) -> dict[str, Any]:
+    """The artifact's ``cost``: the teacher's evaluations (what its shards cost when they were made, and what
+    this run computed), the fit's own, the total against the budget, wall time and peak memory."""
+    fit_part = whole.cost - teacher.cost
+    total = data.teacher_evals + fit_part.total
+    return {"budget": cfg.budget, "total_evals": total,
+            "teacher": {"forward_evals": data.teacher_evals, "computed_now": teacher.cost.forward,
+                        "wall_s": round(teacher.wall_s, 3)},
+            "fit": {**fit_part.as_dict(), "wall_s": round(whole.wall_s - teacher.wall_s, 3)},
+            "wall_s": round(whole.wall_s, 3), "peak_memory_mib": round(whole.peak_mib, 1), "memory": whole.memory}
+
+
 def fit_plan(model: Denoiser, method: str, nfe: int, teacher: str | TeacherSpec | None = None, seed: int = 0,
-             **overrides: Any) -> tuple[FitConfig, TeacherSpec]:
-    """The resolved settings and teacher :func:`fit` would use (checked; nothing runs)."""
+             device: str | torch.device = "cpu", **overrides: Any) -> tuple[FitConfig, TeacherSpec]:
+    """The resolved settings and teacher :func:`fit` would use (checked, sized to a budget if one is given;
+    nothing runs). Activation checkpointing is on by default on CUDA."""
     bad = set(overrides) - set(FitConfig.__dataclass_fields__)
     if bad:
         raise FewstepError(f"unknown fit settings {sorted(bad)}; valid: {', '.join(FitConfig.__dataclass_fields__)}")
-    cfg = replace(FitConfig(method=method, nfe=nfe, seed=seed), **overrides).resolved()
+    cfg = replace(FitConfig(method=method, nfe=nfe, seed=seed), **overrides)
+    if cfg.use_checkpoint is None:
+        cfg = replace(cfg, use_checkpoint=torch.device(device).type == "cuda")
+    cfg = cfg.resolved()
     spec = parse_teacher(teacher) if isinstance(teacher, str) else (teacher or default_teacher(model))
+    if cfg.budget is not None:
+        per_sample = solver_info(spec.solver).cost(solver_info(spec.solver).steps(spec.nfe))
+        candidates = 0 if cfg.start is not None else len(classic_specs(model.schedule))
+        base = Sizes(cfg.samples, cfg.val_samples, cfg.confirm_samples, cfg.batch, cfg.steps)
+        sized = plan_for(cfg.budget, cfg, base, per_sample, candidates)
+        cfg = replace(cfg, samples=sized.samples, val_samples=sized.val, confirm_samples=sized.confirm,
+                      batch=sized.batch, steps=sized.steps, rounds=None).resolved()
     return cfg, spec
 
 
 def same_fit(doc: dict[str, Any], model: Denoiser, method: str, nfe: int, teacher: str | TeacherSpec | None = None,
-             samples: int = 700, val_samples: int = 200, confirm_samples: int = 200, seed: int = 0,
-             **overrides: Any) -> list[str]:
+             seed: int = 0, device: str | torch.device = "cpu", **overrides: Any) -> list[str]:
     """How an artifact's recorded fit differs from the fit these arguments ask for ([] if it is the same)."""
-    cfg, spec = fit_plan(model, method, nfe, teacher, seed, **overrides)
+    cfg, spec = fit_plan(model, method, nfe, teacher, seed, device=device, **overrides)
+    r = seed_ranges(cfg)
     want = {**{f"fit.{k}": v for k, v in cfg.as_dict().items()}, "teacher": str(spec),
-            "train_seeds": [cfg.seed, cfg.seed + samples], "val_seeds": [val_seeds(val_samples, cfg.seed).start,
-                                                                         val_seeds(val_samples, cfg.seed).stop],
-            "confirm_seeds": [val_seeds(confirm_samples, cfg.seed + val_samples).start,
-                              val_seeds(confirm_samples, cfg.seed + val_samples).stop]}
+            "train_seeds": r["train"], "val_seeds": r["val"], "confirm_seeds": r["confirm"]}
     t = doc.get("teacher") or {}
     have = {**{f"fit.{k}": v for k, v in (doc.get("fit") or {}).items()}, "teacher": t.get("spec"),
             "train_seeds": t.get("train_seeds"), "val_seeds": t.get("val_seeds"), "confirm_seeds": t.get("confirm_seeds")}
     return [f"{k.removeprefix('fit.')} {have.get(k)!r} -> {v!r}" for k, v in want.items() if have.get(k) != v]
+
+
+def seed_ranges(cfg: FitConfig) -> dict[str, list[int]]:
+    """The fit's seed blocks: {"train": [lo, hi], "val": ..., "confirm": ...} (confirmation right after validation)."""
+    tr, va = fit_seeds(cfg.samples, cfg.seed), val_seeds(cfg.val_samples, cfg.seed)
+    co = val_seeds(cfg.confirm_samples, cfg.seed + cfg.val_samples)
+    return {"train": [tr.start, tr.stop], "val": [va.start, va.stop], "confirm": [co.start, co.stop]}
 
 
 @dataclass
@@ -122,28 +155,31 @@ class FitData:
     train: TeacherData
     val: TeacherData
     confirm: TeacherData | None
-    ranges: dict[str, range]
+    ranges: dict[str, list[int]]
 
     @classmethod
-    def generate(cls, model: Denoiser, cfg: FitConfig, spec: TeacherSpec, samples: int, val_samples: int,
-                 confirm_samples: int, cache_dir: str | Path | None, device: str | torch.device,
-                 progress: bool) -> "FitData":
-        tr, va = fit_seeds(samples, cfg.seed), val_seeds(val_samples, cfg.seed)
-        co = val_seeds(confirm_samples, cfg.seed + val_samples)  # right after the validation block
-        check_fit_seeds(list(tr) + list(va) + list(co))
-        run = lambda seeds, keep=False: generate_teacher(model, seeds, spec, keep_states=keep,  # noqa: E731
-                                                         cache_dir=cache_dir, device=device,
-                                                         progress=progress).to(device)
-        return cls(run(tr, cfg.method == "dss"), run(va), run(co) if confirm_samples else None,
-                   {"train": tr, "val": va, "confirm": co})
+    def generate(cls, model: Denoiser, cfg: FitConfig, spec: TeacherSpec, cache_dir: str | Path | None,
+                 device: str | torch.device, progress: bool) -> "FitData":
+        r = seed_ranges(cfg)
+        check_fit_seeds([r["train"][1] - 1, r["val"][1] - 1, r["confirm"][1] - 1])
+        run = lambda lohi, keep=False: generate_teacher(model, range(*lohi), spec, keep_states=keep,  # noqa: E731
+                                                        cache_dir=cache_dir, device=device,
+                                                        progress=progress).to(device)
+        return cls(run(r["train"], cfg.method == "dss"), run(r["val"]),
+                   run(r["confirm"]) if cfg.confirm_samples else None, r)
 
     def seed_ranges(self) -> dict[str, list[int]]:
         """{"train": [lo, hi], "val": ..., "confirm": ...}."""
-        return {k: [r.start, r.stop] for k, r in self.ranges.items()}
+        return self.ranges
+
+    @property
+    def teacher_evals(self) -> int:
+        """What the teacher data cost when it was made (forward evaluations, counted at the network)."""
+        return sum(d.forward_evals for d in (self.train, self.val, self.confirm) if d is not None)
 
 
 def artifact_doc(model: Denoiser, cfg: FitConfig, spec: TeacherSpec, data: FitData, outcome: FitOutcome,
-                 timing: dict[str, Any]) -> dict[str, Any]:
+                 timing: dict[str, Any], cost: dict[str, Any]) -> dict[str, Any]:
     """The solver.json document of a finished fit."""
     solver = outcome.solver
     scales = solver.guidance
@@ -168,6 +204,7 @@ def artifact_doc(model: Denoiser, cfg: FitConfig, spec: TeacherSpec, data: FitDa
                     "classic_ranking": [{"solver": s, "rmse_to_teacher": v} for v, s in outcome.ranking[:8]],
                     "notes": outcome.notes},
         timing=timing,
+        cost=cost,
         history=outcome.state.history,
         **extra,
     )

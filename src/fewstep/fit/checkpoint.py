@@ -83,7 +83,8 @@ class FitCheckpoint:
             tensors.update(t)
         doc = {"kind": KIND, "key": self.key, "step": state.step, "phase": state.phase,
                "phase_step": state.phase_step, "best_val": finite_or_none(state.best_val), "history": state.history,
-               "seconds": state.seconds, "skipped": state.skipped, "opt": opt_plain, **extra}
+               "seconds": state.seconds, "skipped": state.skipped, "exhausted": state.exhausted, "opt": opt_plain,
+               **extra}
         text = json.dumps(doc, allow_nan=False)
         with atomic_path(self.path) as tmp:
             save_file(tensors, str(tmp), metadata={"doc": text, "checksum": _checksum(tensors, text)})
@@ -132,7 +133,7 @@ class FitCheckpoint:
             state = FitState(step=_int(doc, "step"), phase=_int(doc, "phase"), phase_step=_int(doc, "phase_step"),
                              best_val=math.inf if doc.get("best_val") is None else float(doc["best_val"]),
                              best=best or None, history=_history(doc), seconds=float(doc["seconds"]),
-                             skipped=int(doc.get("skipped", 0)),
+                             skipped=int(doc.get("skipped", 0)), exhausted=bool(doc.get("exhausted", False)),
                              opt_state=_unflatten_opt(tensors, doc["opt"]) if doc.get("opt") else None)
             if state.opt_state is not None:
                 _check_opt(state.opt_state)

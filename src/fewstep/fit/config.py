@@ -28,6 +28,9 @@ class FitConfig:
     nfe: int = 5
     start: str | None = None  # NAME@GRID, or a learned-solver folder to refine; None: the best classic on validation
     k: int = 3
+    samples: int = 700  # training noises
+    val_samples: int = 200  # validation noises (checkpoint selection)
+    confirm_samples: int = 200  # confirmation noises (does the fit beat its start? 0: decide on validation)
     steps: int = 2000  # optimisation steps in total
     rounds: int | None = None  # S4S-Alt alternations (None: default_rounds(steps))
     batch: int = 48
@@ -39,11 +42,13 @@ class FitConfig:
     optimizer: str | None = None  # default: adam (S4S family), lion (DSS)
     eval_every: int = 25
     seed: int = 0
-    use_checkpoint: bool = False
+    use_checkpoint: bool | None = None  # recompute activations in backward (None: on CUDA yes, elsewhere no)
     corrector: bool | None = None  # learn a corrector (None: for s4s and s4s-alt, else only if the start has one)
     scale_a: bool | None = None  # also learn a scale of each step's carried state a_i (None: for s4s, s4s-alt)
     polish: float = 0.0  # S4S-Alt: fraction of the steps spent on a final joint phase at a tenth of the rates
     warmup: bool = True  # linear learning-rate warm-up over the first tenth (at most 50 steps) of each phase
+    budget: int | None = None  # network evaluations (forward + backward, teacher included) the fit may spend
+    micro_batch: int | None = None  # samples per forward/backward pass (gradients accumulated over the batch)
 
     def resolved(self) -> "FitConfig":
         """This config checked, with every default that depends on the method filled in (rounds, learning
@@ -54,6 +59,20 @@ class FitConfig:
             raise FewstepError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
         if self.nfe < 1:
             raise FewstepError(f"nfe must be at least 1; got {self.nfe}")
+        for name in ("samples", "val_samples", "steps", "batch", "eval_every", "k"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise FewstepError(f"{name} must be a positive integer; got {v!r}")
+        if isinstance(self.confirm_samples, bool) or not isinstance(self.confirm_samples, int) or self.confirm_samples < 0:
+            raise FewstepError(f"confirm_samples must be an integer >= 0; got {self.confirm_samples!r}")
+        if self.micro_batch is not None and not (isinstance(self.micro_batch, int) and self.micro_batch >= 1):
+            raise FewstepError(f"micro_batch must be a positive integer; got {self.micro_batch!r}")
+        if self.micro_batch is not None and self.micro_batch > self.batch:
+            raise FewstepError(f"--micro-batch {self.micro_batch} is larger than the batch ({self.batch}): give a "
+                               f"micro-batch of at most {self.batch}")
+        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, int)
+                                        or self.budget < 1):
+            raise FewstepError(f"budget must be a positive number of network evaluations; got {self.budget!r}")
         if not callable(self.loss) and self.loss not in LOSSES:
             raise FewstepError(f"unknown loss {self.loss!r}; valid: {', '.join(LOSSES)} or a callable "
                                f"(student, target) -> (B,)")

@@ -86,6 +86,7 @@ class FitState:
     history: list[dict[str, float | None]] = field(default_factory=list)  # non-finite values recorded as None
     seconds: float = 0.0
     skipped: int = 0  # steps skipped because the student's solve blew up (NaN/inf) at the parameters of the time
+    exhausted: bool = False  # the budget ended the fit early
     opt_state: dict[str, Any] | None = None  # optimizer state of the phase in progress
 
 
@@ -174,6 +175,45 @@ def _objective(model: Denoiser, solver: LearnedSolver, train: TeacherData, idx: 
     return L
 
 
+def _accumulate(model: Denoiser, solver: LearnedSolver, train: TeacherData, idx: Tensor, off: Tensor | None,
+                scale: float, loss_fn: LossFn, dss_weights: tuple[float, float] | None, cfg: FitConfig) -> Tensor:
+    """The batch's loss, backpropagated in micro-batches of ``cfg.micro_batch`` samples (gradients accumulate:
+    the same gradient as the whole batch at once, with memory for a micro-batch only)."""
+    mb = cfg.micro_batch or idx.numel()
+    total = torch.zeros((), dtype=torch.float64)
+    for a in range(0, idx.numel(), mb):
+        part = idx[a:a + mb]
+        noise = train.noise[part] if off is None else train.noise[part] + off[a:a + mb] / scale
+        L = _objective(model, solver, train, part, noise, loss_fn, dss_weights, bool(cfg.use_checkpoint))
+        L = L * (part.numel() / idx.numel())
+        L.backward()
+        total = total + L.detach().to(total.dtype)
+    return total
+
+
+def step_cost(cfg: FitConfig, batch: int) -> int:
+    """Network evaluations of one training step: forward and backward (and a recomputation with
+    activation checkpointing) through every student evaluation."""
+    return batch * cfg.nfe * (3 if cfg.use_checkpoint else 2)
+
+
+@dataclass
+class Budget:
+    """What a fit may still spend: ``limit`` less what was spent before the counter's baseline (``before``:
+    the teacher's recorded cost) and what ``model.cost`` recorded since ``base``."""
+
+    limit: int
+    model: Denoiser
+    before: int
+    base: int
+
+    def spent(self) -> int:
+        return self.before + self.model.cost.total - self.base
+
+    def allows(self, more: int) -> bool:
+        return self.spent() + more <= self.limit
+
+
 @dataclass
 class FitSession:
     """What one fit works on, beside its phases: the model, the solver being fitted, the teacher data,
@@ -187,6 +227,8 @@ class FitSession:
     relax: Relax | None = None
     progress: Any = None
     on_eval: Callable[[FitState, torch.optim.Optimizer], None] | None = None
+    budget: Budget | None = None
+    reserve: int = 0  # evaluations kept for after the phases (final validation, confirmation)
 
 
 def optimise(session: FitSession, phase: Phase, state: FitState | None = None, steps: int | None = None) -> FitState:
@@ -239,14 +281,15 @@ def optimise(session: FitSession, phase: Phase, state: FitState | None = None, s
         for g, lr in zip(opt.param_groups, base):
             g["lr"] = lr * min(1.0, (state.phase_step + 1) / warm)
         idx = _batch_index(n, phase.batch, cfg.seed, state.step)
-        noise = train.noise[idx]
-        if relax is not None:
-            off = relax.offsets[idx].clone().requires_grad_(True)
-            noise = noise + off / scale
+        validates = (it + 1) % cfg.eval_every == 0 or it == steps - 1
+        if session.budget is not None and not session.budget.allows(
+                step_cost(cfg, idx.numel()) + (len(val) * cfg.nfe if validates else 0) + session.reserve):
+            state.exhausted = True  # the next step would cross the budget: stop with the best so far
+            break
+        off = relax.offsets[idx].clone().requires_grad_(True) if relax is not None else None
         opt.zero_grad(set_to_none=True)
         try:
-            L = _objective(model, solver, train, idx, noise, loss_fn, phase.dss_weights, cfg.use_checkpoint)
-            L.backward()
+            L = _accumulate(model, solver, train, idx, off, scale, loss_fn, phase.dss_weights, cfg)
             failed = not all(p.grad is None or torch.isfinite(p.grad).all() for g in params for p in g["params"])
         except ModelOutputError:  # the solve blew up at these parameters: skip the step
             L, failed = torch.tensor(math.inf), True
@@ -269,7 +312,7 @@ def optimise(session: FitSession, phase: Phase, state: FitState | None = None, s
         if session.progress is not None:
             session.progress.update(1)
             session.progress.set_postfix_str(f"{phase.label} loss {float(L.detach()):.3g} val {state.best_val:.4g}")
-        if (it + 1) % cfg.eval_every == 0 or it == steps - 1:
+        if validates:
             v = validate(model, solver, val)
             state.history.append({"step": state.step, "loss": finite_or_none(float(L.detach())),
                                   "val": finite_or_none(v)})
@@ -287,8 +330,9 @@ def optimise(session: FitSession, phase: Phase, state: FitState | None = None, s
 
 
 def run_phases(session: FitSession, phases: list[Phase], state: FitState) -> FitState:
-    """Run ``phases`` in order from ``state`` (a fresh state, or one restored from a checkpoint)."""
-    while state.phase < len(phases):
+    """Run ``phases`` in order from ``state`` (a fresh state, or one restored from a checkpoint); a budget
+    that runs out ends them all."""
+    while state.phase < len(phases) and not state.exhausted:
         ph = phases[state.phase]
         if state.phase_step == 0:
             state.opt_state = None

@@ -27,9 +27,11 @@ from ..solvers.kernel import Tableau
 from ..solvers.learned import LearnedSolver, step_scales, window_mask
 from ..solvers.registry import classic_specs
 from ..solvers.resolve import TableauSolver, is_artifact_spec
+from .budget import SCREEN_KEEP, SCREEN_NOISES
 from .checkpoint import FitCheckpoint
 from .config import METHODS, FitConfig, plan_phases
-from .loop import FitSession, FitState, Relax, clearly_better, restore_best, run_phases, val_errors, validate
+from .loop import (Budget, FitSession, FitState, Relax, clearly_better, restore_best, run_phases, val_errors,
+                   validate)
 from .teacher import TeacherData
 
 F64 = torch.float64
@@ -104,11 +106,13 @@ def dss_start_ok(model: Denoiser, tab: Tableau) -> bool:
 def rank_classic(model: Denoiser, nfe: int, val: TeacherData, predictor_only: bool = False,
                  candidates: list[str] | None = None,
                  accept: Callable[[Tableau], bool] | None = None) -> list[tuple[float, str]]:
-    """(validation RMSE to the teacher, 'NAME@GRID') for classic solvers at ``nfe``, best first.
+    """(validation RMSE to the teacher, 'NAME@GRID') of the best classic starts at ``nfe``, best first.
 
-    ``accept(tableau)`` filters the candidates (e.g. the starts a method can represent).
+    Every candidate is screened on the first SCREEN_NOISES validation noises; the best SCREEN_KEEP are then
+    ranked on all of them (the spend :mod:`.budget` predicts). ``accept(tableau)`` filters the candidates
+    (e.g. the starts a method can represent).
     """
-    out = []
+    tabs = []
     for spec in candidates or classic_specs(model.schedule):
         try:
             tab = build_tableau(model, spec, nfe)
@@ -118,14 +122,21 @@ def rank_classic(model: Denoiser, nfe: int, val: TeacherData, predictor_only: bo
             continue
         if (predictor_only and tab.C is not None) or (accept is not None and not accept(tab)):
             continue
-        try:
-            v = validate(model, TableauSolver(tab), val)
-        except FewstepError:
-            continue
-        if math.isfinite(v):
-            out.append((v, spec))
-    out.sort()
-    return out
+        tabs.append((spec, tab))
+    screen = val if len(val) <= SCREEN_NOISES else val[:SCREEN_NOISES]
+    scored = sorted((v, i) for i, (spec, tab) in enumerate(tabs) for v in [_score(model, tab, screen)]
+                    if math.isfinite(v))
+    if len(screen) == len(val):
+        return [(v, tabs[i][0]) for v, i in scored]
+    kept = [(_score(model, tabs[i][1], val), tabs[i][0]) for _, i in scored[:SCREEN_KEEP]]
+    return sorted(r for r in kept if math.isfinite(r[0]))
+
+
+def _score(model: Denoiser, tab: Tableau, val: TeacherData) -> float:
+    try:
+        return validate(model, TableauSolver(tab), val)
+    except FewstepError:
+        return math.inf
 
 
 @dataclass
@@ -186,18 +197,21 @@ def _scale_a(cfg: FitConfig) -> bool:
 
 
 def fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitConfig, progress: Any = None,
-               checkpoint: FitCheckpoint | None = None, confirm: TeacherData | None = None) -> FitOutcome:
+               checkpoint: FitCheckpoint | None = None, confirm: TeacherData | None = None,
+               already_spent: int = 0) -> FitOutcome:
     """Fit one method; returns the learned solver (or its start if the fit did not clearly help).
 
     The best parameters are chosen on ``val``; whether they beat the start is decided by a paired
     test on ``confirm`` (noises the choice never saw: choosing the best of many checkpoints on the
     same noises flatters it), or on ``val`` when no confirmation set is given.
     With ``checkpoint``, the state is saved after every validation and a matching checkpoint is
-    resumed from; the result is the same as that of an uninterrupted fit.
+    resumed from; the result is the same as that of an uninterrupted fit. With ``cfg.budget``, the fit stops
+    before a step that would spend more than the budget (``already_spent`` counts toward it: the teacher).
     """
     if cfg.method not in METHODS:
         raise FewstepError(f"unknown method {cfg.method!r}; valid: {', '.join(METHODS)}")
     relax = Relax(cfg.relax) if cfg.relax > 0 else (Relax(0.05) if cfg.method == "ld3" else None)
+    base_spent = model.cost.total
     saved = checkpoint.peek() if checkpoint is not None else None
     if saved is not None:
         start, ranking = saved["start"], [tuple(r) for r in saved["ranking"]]
@@ -228,7 +242,10 @@ def fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitCo
             checkpoint.save(st, solver, opt, relax, extra)
     if progress is not None and resumed:
         progress.update(resumed)
-    state = run_phases(FitSession(model, solver, train, val, cfg, relax, progress, on_eval), phases, state)
+    budget = None if cfg.budget is None else Budget(cfg.budget, model, already_spent, base_spent)
+    reserve = (len(val) + 2 * (len(confirm) if confirm is not None else 0)) * cfg.nfe
+    state = run_phases(FitSession(model, solver, train, val, cfg, relax, progress, on_eval, budget, reserve),
+                       phases, state)
     restore_best(solver, state)
     err = val_errors(model, solver, val)
     co = co_start = None

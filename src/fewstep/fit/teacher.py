@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..denoiser import Denoiser
 from ..errors import FewstepError
-from ..sampling import sample
+from ..sampling import build_tableau, sample
 from ..seeds import check_fit_seeds
 from .teacher_cache import MANIFEST, SCHEMA_VERSION, ShardCache, cache_folder
 from .teacher_spec import TeacherSpec, default_teacher, dss_teacher, parse_teacher, teacher_times
@@ -64,6 +64,8 @@ class TeacherData:
     times: Tensor | None = None
     cond: dict[str, Any] = field(default_factory=dict)
     spec: TeacherSpec | None = None
+    forward_evals: int = 0  # what making the shards behind these seeds cost, counted at the network
+    computed_evals: int = 0  # the part of it spent by this call (the rest came from the cache)
 
     def __len__(self) -> int:
         return len(self.seeds)
@@ -122,6 +124,8 @@ class TeacherData:
             times=None if self.times is None else self.times.to(device),
             cond={k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.cond.items()},
             spec=self.spec,
+            forward_evals=self.forward_evals,
+            computed_evals=self.computed_evals,
         )
 
 
@@ -326,18 +330,23 @@ def generate_teacher(
             start, stop = cache.block(k)
             if bar is not None:
                 bar.set_postfix_str(f"shard {j + 1}/{len(missing)}, {n_cached} cached")
+            before = model.cost.forward
             with torch.no_grad():
                 tensors, sh = _run_block(model, spec, list(range(start, stop)), times.numel(), keep_states,
                                          batch_size, device, bar)
             if keep_states:
                 tensors["times"] = times.clone()
-            cache.store(k, tensors, sh)
+            cache.store(k, tensors, sh, model.cost.forward - before)
             loaded[k] = tensors
     finally:
         if bar is not None:
             bar.close()
 
-    return _assemble(seeds, blocks, loaded, size, keep_states, times, cache.shared, spec)
+    data = _assemble(seeds, blocks, loaded, size, keep_states, times, cache.shared, spec)
+    per_sample = build_tableau(model, spec.solver, spec.nfe, spec.grid).N  # for shards that do not record it
+    data.forward_evals = sum(cache.costs.get(k, size * per_sample) for k in blocks)
+    data.computed_evals = sum(cache.costs.get(k, 0) for k in missing)
+    return data
 
 
 def _assemble(

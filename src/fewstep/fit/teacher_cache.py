@@ -107,6 +107,7 @@ class ShardCache:
             else:
                 self._check(man)
         self.size = int(man["shard_size"])
+        self.costs: dict[int, int] = {}  # forward evaluations each shard loaded or stored cost when it was made
         self.shared: dict[str, Any] = dict(man.get("shared_cond") or {})
         self.entries = {int(e["seeds"][0]) for e in man["shards"]}
 
@@ -201,6 +202,10 @@ class ShardCache:
         if problem:
             warnings.warn(f"teacher cache shard {path} {problem}; recomputing it", stacklevel=3)
             return None
+        try:
+            self.costs[k] = int(meta["forward_evals"])
+        except (KeyError, ValueError):
+            pass  # a shard that does not say what it cost: the caller predicts it
         return t
 
     def _problem(self, meta: dict[str, str], t: dict[str, Tensor], start: int, stop: int) -> str | None:
@@ -223,14 +228,17 @@ class ShardCache:
             return f"holds NaN or inf in {', '.join(bad)}"
         return None
 
-    def store(self, k: int, tensors: dict[str, Tensor], shared: dict[str, Any]) -> None:
-        """Write shard k (with its metadata and checksum), then list it in the manifest."""
+    def store(self, k: int, tensors: dict[str, Tensor], shared: dict[str, Any], forward_evals: int = 0) -> None:
+        """Write shard k (with its metadata, its checksum and the network evaluations it cost), then list it in
+        the manifest."""
         start, stop = self.block(k)
         name = shard_name(start, stop)
         meta = {"kind": SHARD_KIND, "teacher": self.header["teacher"], "fingerprint": self.header["fingerprint"],
                 "seeds": f"{start}:{stop}", "keep_states": str(bool(self.header["keep_states"])),
-                "shared_cond": json.dumps(shared), "checksum": checksum(tensors)}
+                "shared_cond": json.dumps(shared), "checksum": checksum(tensors),
+                "forward_evals": str(int(forward_evals))}
         write_bytes(self.folder / name, _safetensors().save(tensors, metadata=meta))
+        self.costs[k] = int(forward_evals)
         self.add_entries([k], shared)
 
     def add_entries(self, blocks: list[int], shared: dict[str, Any]) -> None:

@@ -56,10 +56,11 @@ def load_diffusers(path: str | Path, device: str | torch.device = "cpu", guidanc
         return load_pipeline(root, device=device, guidance=w, name=kwargs.pop("name", None) or f"diffusers:{path}",
                              **kwargs)
     gset = None if guidance_scale is None else GuidanceSet.parse(guidance_scale)
-    classes = kwargs.pop("classes", None)
+    classes, dtype = kwargs.pop("classes", None), kwargs.pop("dtype", None)
     den = _load_network(root, path, device, None if gset is None else gset.scales[len(gset.scales) // 2], extra,
                         **kwargs)
-    return den.with_conditions(classes, gset)
+    den.with_conditions(classes, gset)
+    return den if dtype is None else den.set_dtype(dtype)
 
 
 def _load_network(root: Path, path: str | Path, device: str | torch.device, guidance_scale: float | None,

@@ -28,24 +28,13 @@ import torch
 from torch import Tensor, nn
 
 from ..conditions import ClassSet, Conditioning, Entry, GuidanceSet, PromptSet
-from ..denoiser import Denoiser
+from ..denoiser import Denoiser, torch_dtype
 from ..errors import FewstepError, ModelSpecError
 from ..io import atomic_path, cache_root
 from .diffusers_in import dynamic_mu, flow_with_mu, schedule_from_diffusers
 from .families import Family, family_for, supported_pipelines
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 NULL = "\x00null"  # the table key of "no negative prompt" (the pipeline's own unconditional rows)
-
-
-def torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """fp32 / fp16 / bf16 (or a torch dtype) -> torch dtype; None stays None."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if str(dtype) not in DTYPES:
-        raise FewstepError(f"dtype {dtype!r} is not one of {', '.join(sorted(set(DTYPES)))}")
-    return DTYPES[str(dtype)]
 
 
 # ----------------------------------------------------------------------------- conditioning rows
@@ -351,6 +340,7 @@ def load_pipeline(
         cond_sampler=cond, identity=identity, guidance_input=distilled, decode=fam.decode,
         num_classes=fam.num_classes if class_family else None)
     model.family = fam
+    model.dtype = fam.network_dtype  # recorded (the family casts its inputs; the weights are loaded in it)
     return model
 
 
@@ -371,4 +361,4 @@ def _seq_len(fam: Family, shape: tuple[int, int, int]) -> int:
 
 
 __all__ = ["ConditionTable", "FamilyNet", "PipelineDenoiser", "load_pipeline", "pipeline_class",
-           "supported_pipelines", "torch_dtype"]
+           "supported_pipelines"]

@@ -188,7 +188,8 @@ def solver_doc(tab: Tableau, schedule: Schedule, model: Denoiser, method: str, *
     """The JSON document of a learned solver."""
     return {"schema": SCHEMA, "method": method, "label": extra.pop("label", method), "nfe": tab.N,
             "schedule": schedule.config(),
-            "model": {"fingerprint": model.fingerprint(), "name": model.name, "guidance_scale": model.guidance_scale},
+            "model": {"fingerprint": model.fingerprint(), "name": model.name, "guidance_scale": model.guidance_scale,
+                      "dtype": str(model.dtype or torch.float32).replace("torch.", "")},
             "grid": _floats(tab.t), "eval_times": _floats(tab.eval_times),
             "tableau": tableau_to_doc(tab), **extra}
 

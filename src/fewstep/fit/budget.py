@@ -1,0 +1,98 @@
+"""A fit's cost in network evaluations, and sizing a fit to a budget.
+
+The unit is one sample through the network at one time (:mod:`fewstep.cost`); a fit spends
+
+* teacher:      (training + validation + confirmation noises) x the teacher's evaluations per sample (forward),
+* start:        screening the classic starts on a few validation noises, the best few on all of them (forward),
+* training:     steps x batch x NFE, forward and backward (a third pass with activation checkpointing),
+* validation:   every ``eval_every`` steps and at each phase's end, the validation noises x NFE (forward),
+* confirmation: the fitted solver and its start on the confirmation noises, x NFE (forward).
+
+:func:`predicted` gives that sum for a plan; :func:`plan_for` sizes noises, batch and steps so that it
+fits a budget. The fit itself counts what it spends where the network is called and stops before a
+step that would cross the budget, so a budget is never exceeded whatever the prediction says.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from ..errors import FewstepError
+from .config import FitConfig, plan_phases
+
+#: classic starts are screened on this many validation noises; the best SCREEN_KEEP go on to all of them
+SCREEN_NOISES = 32
+SCREEN_KEEP = 4
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How many noises a fit uses and how long it runs."""
+
+    samples: int
+    val: int
+    confirm: int
+    batch: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class Parts:
+    """A fit's predicted spend by part (network evaluations)."""
+
+    teacher: int
+    start: int
+    training: int
+    validation: int
+    confirmation: int
+
+    @property
+    def total(self) -> int:
+        return self.teacher + self.start + self.training + self.validation + self.confirmation
+
+
+def predicted(cfg: FitConfig, sizes: Sizes, teacher_evals: int, candidates: int) -> Parts:
+    """The spend of a fit with ``cfg`` and ``sizes`` (``teacher_evals`` per sample; ``candidates`` classic
+    starts to screen, 0 with a given start)."""
+    n = cfg.nfe
+    cfg = replace(cfg, steps=sizes.steps, batch=sizes.batch)
+    phases = plan_phases(cfg)
+    passes = 3 if cfg.use_checkpoint else 2
+    training = sum(p.steps * min(p.batch, sizes.samples) for p in phases) * n * passes
+    checks = sum(math.ceil(p.steps / cfg.eval_every) for p in phases) + 1  # periodic, phase ends, the start
+    screen = min(SCREEN_NOISES, sizes.val)
+    start = (candidates * screen + min(candidates, SCREEN_KEEP) * sizes.val) * n if candidates else 0
+    return Parts(teacher=(sizes.samples + sizes.val + sizes.confirm) * teacher_evals, start=start,
+                 training=training, validation=(checks + 1) * sizes.val * n, confirmation=2 * sizes.confirm * n)
+
+
+def plan_for(budget: int, cfg: FitConfig, base: Sizes, teacher_evals: int, candidates: int) -> Sizes:
+    """The largest fit like ``base`` (its shape: noises, batch, steps scaled together) whose predicted spend is
+    within ``budget``; a FewstepError names the smallest budget that works when even one step does not fit."""
+    def sized(theta: float) -> Sizes:
+        samples = max(8, round(base.samples * theta))
+        val = max(8, round(base.val * math.sqrt(theta)))
+        confirm = 0 if base.confirm == 0 else max(16, round(base.confirm * math.sqrt(theta)))
+        return Sizes(samples, val, confirm, min(base.batch, samples), max(1, round(base.steps * theta)))
+
+    def cost(theta: float) -> int:
+        return predicted(cfg, sized(theta), teacher_evals, candidates).total
+
+    smallest = Sizes(8, 8, 0, 8, 1)
+    floor = predicted(cfg, smallest, teacher_evals, candidates).total
+    if budget < floor:
+        raise FewstepError(f"--budget {budget:,} is too small for one step of {cfg.method} at NFE {cfg.nfe}: the "
+                           f"smallest fit (8 noises, 1 step, its teacher and start search) costs {floor:,} network "
+                           f"evaluations")
+    if cost(1.0) <= budget:
+        lo = 1.0
+        while cost(lo * 2) <= budget and lo < 1e6:
+            lo *= 2
+        hi = lo * 2
+    else:
+        lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid)
+    return sized(lo) if lo > 0 and cost(lo) <= budget else smallest
