@@ -63,6 +63,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename in (None, tmp):  # name the file being written, not its temporary
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors reports a failed write as its own error
+        if type(e).__name__ == "SafetensorError" and "os error" in str(e):
+            code = int(re.search(r"os error (\d+)", str(e)).group(1))
+            raise OSError(code, os.strerror(code), str(path)) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -90,9 +90,10 @@ def setup(device: str, threads: Optional[int]) -> None:
         fail(f"--device {device}: fewstep runs on cpu, cuda or mps")
 
 
-def _writable_ancestor(path: Path, option: str) -> None:
-    """The nearest existing ancestor of ``path`` must be a folder we can write into."""
-    p = path.parent
+def _writable_ancestor(path: Path, option: str, start: Path | None = None) -> None:
+    """The nearest existing ancestor of ``start`` (default: ``path``'s parent) must be a folder we can write
+    into; messages name ``path``, the path the user gave."""
+    p = path.parent if start is None else start
     while not p.exists():
         p = p.parent
     if not p.is_dir():
@@ -114,7 +115,7 @@ def check_out_dir(path: Path, option: str = "--out", json_ok: bool = False) -> N
         if not os.access(path, os.W_OK | os.X_OK):
             fail(f"{option} {path}: cannot write into it (permission denied)")
         return
-    _writable_ancestor(path / "x", option)
+    _writable_ancestor(path, option, start=path)
 
 
 def check_out_file(path: Path, option: str = "--out") -> None:

@@ -37,6 +37,7 @@ def sample_cmd(
     from ..solvers.resolve import is_artifact_spec, resolve_solver
 
     setup(device, None)
+    check_out_file(out)
     check_out_file(out if out.suffix == ".safetensors" else out.with_suffix(".safetensors"))
     with errors():
         m = load(model, device, guidance, prompts, classes, height, width, dtype)

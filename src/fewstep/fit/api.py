@@ -174,8 +174,13 @@ class FitData:
 
     @property
     def teacher_evals(self) -> int:
-        """What the teacher data cost when it was made (forward evaluations, counted at the network)."""
-        return sum(d.forward_evals for d in (self.train, self.val, self.confirm) if d is not None)
+        """What the teacher data cost when it was made (forward evaluations, counted at the network; a shard
+        that validation and confirmation noises share counts once)."""
+        shards: dict[str, int] = {}
+        for d in (self.train, self.val, self.confirm):
+            if d is not None:
+                shards.update(d.shard_costs)
+        return sum(shards.values())
 
 
 def artifact_doc(model: Denoiser, cfg: FitConfig, spec: TeacherSpec, data: FitData, outcome: FitOutcome,

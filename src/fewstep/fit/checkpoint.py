@@ -106,6 +106,13 @@ class FitCheckpoint:
             raise self._refuse(f"is unreadable ({_first_line(e)})") from None
         if meta.get("checksum") != _checksum(tensors, meta.get("doc", "")):
             raise self._refuse("does not match its checksum (edited or damaged)")
+        bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise self._refuse(f"holds NaN or inf in {bad[0]}")
+        if not isinstance(doc.get("start"), str) or not isinstance(doc.get("ranking"), list) or not all(
+                isinstance(r, list) and len(r) == 2 and isinstance(r[0], (int, float)) and isinstance(r[1], str)
+                for r in doc["ranking"]):
+            raise self._refuse("is malformed (its start or ranking)")
         return doc, tensors
 
     def _refuse(self, problem: str) -> FewstepError:

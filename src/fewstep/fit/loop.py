@@ -229,6 +229,7 @@ class FitSession:
     on_eval: Callable[[FitState, torch.optim.Optimizer], None] | None = None
     budget: Budget | None = None
     reserve: int = 0  # evaluations kept for after the phases (final validation, confirmation)
+    source: str = "the fit checkpoint"  # where a restored state came from (named in errors)
 
 
 def optimise(session: FitSession, phase: Phase, state: FitState | None = None, steps: int | None = None) -> FitState:
@@ -254,11 +255,7 @@ def optimise(session: FitSession, phase: Phase, state: FitState | None = None, s
             p.requires_grad_(True)
     opt = _make_optimizer(phase.optimizer, params)
     if state.opt_state is not None:
-        try:
-            opt.load_state_dict(state.opt_state)
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise FewstepError(f"the fit checkpoint's optimiser state does not fit phase {phase.label!r} ({e}); run "
-                               f"the same command with --restart to start the fit over") from None
+        _restore_optimizer(opt, state.opt_state, phase, session.source)
         for g, p in zip(opt.param_groups, params):  # the checkpoint holds a warm-up lr: restart from the base
             g["lr"] = p["lr"]
     loss_fn = per_sample_loss(cfg.loss)
@@ -327,6 +324,31 @@ def optimise(session: FitSession, phase: Phase, state: FitState | None = None, s
     for p in solver.parameters():
         p.requires_grad_(False)
     return state
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, saved: dict[str, Any], phase: Phase, source: str) -> None:
+    """Load a checkpoint's optimiser state, checked against the optimiser it must fit (groups, hyperparameter
+    types, state shapes): a mismatch is one line naming the checkpoint and --restart."""
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    try:
+        opt.load_state_dict(saved)
+        for g, f in zip(opt.param_groups, fresh):
+            for k, v in f.items():
+                got, kinds = g.get(k), ((int, float), (list, tuple), (bool,), (str,))
+                if v is not None and not any(isinstance(v, t) and isinstance(got, t) for t in kinds):
+                    raise ValueError(f"{k} is {got!r}")
+                if isinstance(v, (list, tuple)) and (len(got) != len(v) or not all(
+                        isinstance(a, (int, float)) for a in got)):
+                    raise ValueError(f"{k} is {got!r}")
+        for g in opt.param_groups:
+            for p in g["params"]:
+                for k, v in opt.state.get(p, {}).items():
+                    if isinstance(v, Tensor) and k != "step" and v.shape != p.shape:
+                        raise ValueError(f"{k} has shape {tuple(v.shape)} for a parameter of shape {tuple(p.shape)}")
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+        raise FewstepError(f"{source}: its optimiser state does not fit phase {phase.label!r} "
+                           f"({' '.join(str(e).split())[:160]}); run the same command with --restart to start "
+                           f"the fit over") from None
 
 
 def run_phases(session: FitSession, phases: list[Phase], state: FitState) -> FitState:

@@ -244,7 +244,8 @@ def fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitCo
         progress.update(resumed)
     budget = None if cfg.budget is None else Budget(cfg.budget, model, already_spent, base_spent)
     reserve = (len(val) + 2 * (len(confirm) if confirm is not None else 0)) * cfg.nfe
-    state = run_phases(FitSession(model, solver, train, val, cfg, relax, progress, on_eval, budget, reserve),
+    source = str(checkpoint.path) if checkpoint is not None else "the fit checkpoint"
+    state = run_phases(FitSession(model, solver, train, val, cfg, relax, progress, on_eval, budget, reserve, source),
                        phases, state)
     restore_best(solver, state)
     err = val_errors(model, solver, val)

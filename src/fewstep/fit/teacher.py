@@ -66,6 +66,7 @@ class TeacherData:
     spec: TeacherSpec | None = None
     forward_evals: int = 0  # what making the shards behind these seeds cost, counted at the network
     computed_evals: int = 0  # the part of it spent by this call (the rest came from the cache)
+    shard_costs: dict[str, int] = field(default_factory=dict)  # each shard behind these seeds and its cost
 
     def __len__(self) -> int:
         return len(self.seeds)
@@ -126,6 +127,7 @@ class TeacherData:
             spec=self.spec,
             forward_evals=self.forward_evals,
             computed_evals=self.computed_evals,
+            shard_costs=dict(self.shard_costs),
         )
 
 
@@ -344,7 +346,8 @@ def generate_teacher(
 
     data = _assemble(seeds, blocks, loaded, size, keep_states, times, cache.shared, spec)
     per_sample = build_tableau(model, spec.solver, spec.nfe, spec.grid).N  # for shards that do not record it
-    data.forward_evals = sum(cache.costs.get(k, size * per_sample) for k in blocks)
+    data.shard_costs = {f"{folder.name}/{k}": cache.costs.get(k, size * per_sample) for k in blocks}
+    data.forward_evals = sum(data.shard_costs.values())
     data.computed_evals = sum(cache.costs.get(k, 0) for k in missing)
     return data
 

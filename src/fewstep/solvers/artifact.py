@@ -72,7 +72,8 @@ def load_params(path: str | os.PathLike, schedule: Schedule) -> LearnedSolver:
     except ArtifactError:
         raise
     except Exception as e:  # noqa: BLE001 - any defect of the file is named, not raised from deep inside
-        raise ArtifactError(f"{p} is not a readable fewstep solver-parameter file ({e}); the artifact is damaged") from None
+        raise ArtifactError(f"{p} is not a readable fewstep solver-parameter file ({' '.join(str(e).split())[:200]}); "
+                            f"the artifact is damaged") from None
     return s
 
 

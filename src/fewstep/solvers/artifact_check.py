@@ -32,6 +32,13 @@ class _Fail(Exception):
     """A field's problem (turned into an ArtifactError naming the file)."""
 
 
+def _finite(v: int | float) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 def _int(v: Any, field: str, lo: int = 1) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
         raise _Fail(f"field {field} must be an integer >= {lo}; got {v!r}")
@@ -155,8 +162,8 @@ def check_doc(doc: Any, folder: Path) -> tuple[Schedule, Tableau]:
     if not isinstance(model.get("fingerprint"), str) or not _FINGERPRINT.match(model["fingerprint"]):
         raise _Fail(f"field model.fingerprint must be 16 hex digits; got {model.get('fingerprint')!r}")
     w = model.get("guidance_scale")
-    if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)):
-        raise _Fail(f"field model.guidance_scale must be a number or null; got {w!r}")
+    if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not _finite(w)):
+        raise _Fail(f"field model.guidance_scale must be a finite number or null; got {str(w)[:40]}")
     sched = check_schedule(doc["schedule"])
     tab = check_tableau(doc["tableau"], doc.get("label") or doc["method"], sched)
     if tab.N != nfe:
@@ -185,11 +192,11 @@ def _check_guidance(doc: dict[str, Any], sched: Schedule) -> None:
         raise _Fail("field guidance must be an object")
     scales = g.get("scales")
     if not (isinstance(scales, list) and len(scales) >= 2 and all(
-            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in scales)
+            isinstance(w, (int, float)) and not isinstance(w, bool) and _finite(w) for w in scales)
             and scales == sorted(scales) and len(set(scales)) == len(scales)):
         raise _Fail(f"field guidance.scales must be two or more increasing numbers; got {scales!r}")
     ref = g.get("reference_scale")
-    if isinstance(ref, bool) or not isinstance(ref, (int, float)) or not scales[0] <= ref <= scales[-1]:
+    if isinstance(ref, bool) or not isinstance(ref, (int, float)) or not _finite(ref) or not scales[0] <= ref <= scales[-1]:
         raise _Fail(f"field guidance.reference_scale must lie in [{scales[0]:g}, {scales[-1]:g}]; got {ref!r}")
     tabs = g.get("tableaus", {})
     if not isinstance(tabs, dict):

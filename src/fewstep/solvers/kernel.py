@@ -96,6 +96,8 @@ class Tableau:
             raise FewstepError(f"tableau points have shape {tuple(self.points.shape)}; need ({n + 1},)")
         if torch.triu(self._mask(self.B, self.B_mask), 1).any():
             raise FewstepError("tableau B must be lower triangular (a step can only use past evaluations)")
+        if self.C is not None and torch.triu(self._mask(self.C, self.C_mask), 2).any():
+            raise FewstepError("tableau C may use evaluations up to the next one only (row i: j <= i + 1)")
         return self
 
     @staticmethod
@@ -246,7 +248,7 @@ def run_tableau(
             out = model.predict(xi, tj, tab.basis, scal[j], **cond)
         if check and not math.isfinite(float(out.detach().sum())):
             try:
-                check_finite(out, f"at step {j} (t={float(tj):.6g}) of solver {tab.name}")
+                check_finite(out, f"at step {j} (t={float(tj.detach()):.6g}) of solver {tab.name}")
             except ModelOutputError as e:
                 raise ModelOutputError(str(e)) from None
         return out
