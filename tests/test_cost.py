@@ -45,7 +45,7 @@ def counting_model(guided: bool = False) -> fewstep.Denoiser:
 def test_a_fits_evaluations_are_counted_exactly(tmp_path, guided):
     m = counting_model(guided)
     res = fit(m, "s4s", 4, teacher=SPEC, samples=48, val_samples=24, confirm_samples=24, steps=12, batch=16,
-              eval_every=6, progress=False, cache_dir=tmp_path, start="unipc@logsnr")
+              eval_every=6, progress=False, cache_dir=tmp_path, start="unipc@logsnr", screen_seeds=1)
     c, net = res.doc["cost"], m.net
     rows = 2 if guided else 1
     # everything the network saw, teacher included (computed in this run: a fresh cache)
@@ -59,7 +59,7 @@ def test_a_fits_evaluations_are_counted_exactly(tmp_path, guided):
     # the teacher's shards remember what they cost: a second fit on the cached teacher counts it, computes nothing
     before = net.forward_rows
     again = fit(m, "s4s", 4, teacher=SPEC, samples=48, val_samples=24, confirm_samples=24, steps=12, batch=16,
-                eval_every=6, progress=False, cache_dir=tmp_path, start="unipc@logsnr")
+                eval_every=6, progress=False, cache_dir=tmp_path, start="unipc@logsnr", screen_seeds=1)
     assert again.doc["cost"]["teacher"]["computed_now"] == 0
     assert again.doc["cost"]["teacher"]["forward_evals"] == c["teacher"]["forward_evals"]
     assert net.forward_rows - before == rows * again.doc["cost"]["fit"]["forward_evals"]
@@ -98,7 +98,7 @@ def test_a_budget_too_small_names_the_smallest_that_works():
 
 
 def test_the_budget_plan_predicts_its_parts():
-    cfg, _ = fit_plan(counting_model(), "s4s", 5, teacher=SPEC, start="ddim@logsnr")
+    cfg, _ = fit_plan(counting_model(), "s4s", 5, teacher=SPEC, start="ddim@logsnr", screen_seeds=1)
     p = predicted(cfg, Sizes(100, 50, 20, 10, 30), 40, 0)
     assert p.teacher == 170 * 40 and p.start == 0 and p.training == 30 * 10 * 5 * 2
     assert p.confirmation == 2 * 20 * 5 and p.total == p.teacher + p.training + p.validation + p.confirmation

@@ -257,7 +257,7 @@ class Conditioning:
             idx = self.prompts.draw(seeds)
             out["prompt"] = idx
             per = [self.prompts.entries[i].guidance for i in idx.tolist()]
-            if any(v is not None for v in per):
+            if any(e.guidance is not None for e in self.prompts.entries):  # whatever these seeds drew
                 fallback = self.guidance.draw(seeds) if self.guidance is not None else None
                 w = torch.tensor([v if v is not None else (float(fallback[k]) if fallback is not None
                                                            else self.default_guidance)

@@ -31,7 +31,7 @@ from .sampling import sample
 from .seeds import EVAL_SEED_START
 from .solvers.artifact import LoadedSolver
 from .solvers.registry import ALL_GRIDS, classic_specs
-from .solvers.resolve import Solver, resolve_solver
+from .solvers.resolve import Solver, resolve_solver, some_scale
 
 
 def default_reference(model: Denoiser) -> tuple[str, int]:
@@ -218,15 +218,6 @@ def evaluate(
                            metrics=suite.row(ref, ref_half, cond)))
         report.metrics = suite.info()
     return report.as_dict()
-
-
-def some_scale(model: Denoiser, solver: Solver) -> float | None:
-    """A guidance scale the model's samples use, for a solver fitted across scales (its tables' shape does not
-    depend on which): the model's scale, else the middle of the scales its seeds draw from."""
-    if solver.guidance_range is None:
-        return None
-    scales = model.guidance_scales()
-    return scales[len(scales) // 2] if scales else (1.0 if model.guidance_scale is None else float(model.guidance_scale))
 
 
 def _check_runnable(model: Denoiser, jobs: list[tuple[Any, int]]) -> None:

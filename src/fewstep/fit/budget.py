@@ -59,12 +59,14 @@ def predicted(cfg: FitConfig, sizes: Sizes, teacher_evals: int, candidates: int)
     cfg = replace(cfg, steps=sizes.steps, batch=sizes.batch)
     phases = plan_phases(cfg)
     passes = 3 if cfg.use_checkpoint else 2
-    training = sum(p.steps * min(p.batch, sizes.samples) for p in phases) * n * passes
-    checks = sum(math.ceil(p.steps / cfg.eval_every) for p in phases) + 1  # periodic, phase ends, the start
+    screened = (1 if cfg.start else max(1, cfg.screen_starts)) * max(1, cfg.screen_seeds)
+    extra = 1.0 + (screened - 1) * cfg.screen_share / screened if screened > 1 else 1.0  # losers' screening
+    training = math.ceil(sum(p.steps * min(p.batch, sizes.samples) for p in phases) * n * passes * extra)
+    checks = math.ceil((sum(math.ceil(p.steps / cfg.eval_every) for p in phases) + 1) * extra) + 1
     screen = min(SCREEN_NOISES, sizes.val)
     start = (candidates * screen + min(candidates, SCREEN_KEEP) * sizes.val) * n if candidates else 0
     return Parts(teacher=(sizes.samples + sizes.val + sizes.confirm) * teacher_evals, start=start,
-                 training=training, validation=(checks + 1) * sizes.val * n, confirmation=2 * sizes.confirm * n)
+                 training=training, validation=(checks + 2) * sizes.val * n, confirmation=2 * sizes.confirm * n)
 
 
 def plan_for(budget: int, cfg: FitConfig, base: Sizes, teacher_evals: int, candidates: int) -> Sizes:

@@ -78,8 +78,9 @@ class FitCheckpoint:
         if relax is not None and relax.offsets is not None:
             tensors["relax.offsets"] = relax.offsets.detach().cpu().contiguous()
         opt_plain = None
-        if opt is not None:
-            t, opt_plain = _flatten_opt(opt.state_dict())
+        opt_state = opt.state_dict() if opt is not None else state.opt_state  # a phase stopped part-way keeps its own
+        if opt_state is not None:
+            t, opt_plain = _flatten_opt(opt_state)
             tensors.update(t)
         doc = {"kind": KIND, "key": self.key, "step": state.step, "phase": state.phase,
                "phase_step": state.phase_step, "best_val": finite_or_none(state.best_val), "history": state.history,

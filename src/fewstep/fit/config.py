@@ -49,6 +49,9 @@ class FitConfig:
     warmup: bool = True  # linear learning-rate warm-up over the first tenth (at most 50 steps) of each phase
     budget: int | None = None  # network evaluations (forward + backward, teacher included) the fit may spend
     micro_batch: int | None = None  # samples per forward/backward pass (gradients accumulated over the batch)
+    screen_starts: int = 2  # the best classic starts a fit screens (a given start alone)
+    screen_seeds: int = 2  # batch orders screened per start
+    screen_share: float = 0.2  # share of the steps the screened candidates run, together, before the best goes on
 
     def resolved(self) -> "FitConfig":
         """This config checked, with every default that depends on the method filled in (rounds, learning

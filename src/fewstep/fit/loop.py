@@ -9,6 +9,7 @@ and ends with the same parameters, as a run that was never interrupted.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -266,10 +267,15 @@ def optimise(session: FitSession, phase: Phase, state: FitState | None = None, s
     radius = relax.radius(model, dim) if relax is not None else 0.0
     scale = model.schedule.init_noise_scale()
     if state.best is None:
+        if session.budget is not None and not session.budget.allows(len(val) * cfg.nfe + session.reserve):
+            state.exhausted = True
+            for p in solver.parameters():
+                p.requires_grad_(False)
+            return state
         state.best_val = validate(model, solver, val)
         state.best = {k: v.detach().clone() for k, v in solver.state_dict().items()}
     base = [g["lr"] for g in opt.param_groups]
-    warm = max(1, min(50, (state.phase_step + steps) // 10)) if cfg.warmup else 1
+    warm = max(1, min(50, phase.steps // 10)) if cfg.warmup else 1
     t0 = time.perf_counter()
     bad = 0
     for it in range(steps):
@@ -321,6 +327,7 @@ def optimise(session: FitSession, phase: Phase, state: FitState | None = None, s
             if session.on_eval is not None:
                 session.on_eval(state, opt)
     state.seconds += time.perf_counter() - t0
+    state.opt_state = copy.deepcopy(opt.state_dict())  # a phase stopped part-way goes on with its moments
     for p in solver.parameters():
         p.requires_grad_(False)
     return state
@@ -351,18 +358,22 @@ def _restore_optimizer(opt: torch.optim.Optimizer, saved: dict[str, Any], phase:
                            f"the fit over") from None
 
 
-def run_phases(session: FitSession, phases: list[Phase], state: FitState) -> FitState:
-    """Run ``phases`` in order from ``state`` (a fresh state, or one restored from a checkpoint); a budget
-    that runs out ends them all."""
-    while state.phase < len(phases) and not state.exhausted:
+def run_phases(session: FitSession, phases: list[Phase], state: FitState, until: int | None = None) -> FitState:
+    """Run ``phases`` in order from ``state`` (a fresh state, or one restored from a checkpoint), up to global
+    step ``until`` if given (the state then continues from there); a budget that runs out ends them all."""
+    while state.phase < len(phases) and not state.exhausted and (until is None or state.step < until):
         ph = phases[state.phase]
         if state.phase_step == 0:
             state.opt_state = None
             if ph.restore_best:
                 restore_best(session.solver, state)
         left = ph.steps - state.phase_step
+        if until is not None:
+            left = min(left, until - state.step)
         if left > 0:
             state = optimise(session, ph, state, steps=left)
+        if state.phase_step < ph.steps and not state.exhausted:
+            break  # stopped inside the phase at ``until``: it goes on from here
         state.phase += 1
         state.phase_step = 0
         state.opt_state = None

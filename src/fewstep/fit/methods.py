@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -30,8 +30,8 @@ from ..solvers.resolve import TableauSolver, is_artifact_spec
 from .budget import SCREEN_KEEP, SCREEN_NOISES
 from .checkpoint import FitCheckpoint
 from .config import METHODS, FitConfig, plan_phases
-from .loop import (Budget, FitSession, FitState, Relax, clearly_better, restore_best, run_phases, val_errors,
-                   validate)
+from .loop import (Budget, FitSession, FitState, Relax, clearly_better, finite_or_none, restore_best, run_phases,
+                   val_errors, validate)
 from .teacher import TeacherData
 
 F64 = torch.float64
@@ -152,6 +152,8 @@ class FitOutcome:
     confirm: float | None = None  # RMSE to the teacher on the confirmation noises (None: no confirmation set)
     confirm_start: float | None = None
     notes: list[str] = field(default_factory=list)  # what went wrong on the way (blown-up solves), in words
+    screened: list[dict[str, Any]] = field(default_factory=list)  # the candidates screened and their validation
+    seed: int = 0  # the batch order of the candidate that went on
 
 
 def _build(model: Denoiser, cfg: FitConfig, start: str, tab: Tableau | None = None, learn: bool = True) -> LearnedSolver:
@@ -196,32 +198,19 @@ def _scale_a(cfg: FitConfig) -> bool:
     return cfg.method in ("s4s", "s4s-alt") if cfg.scale_a is None else bool(cfg.scale_a)
 
 
-def fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitConfig, progress: Any = None,
-               checkpoint: FitCheckpoint | None = None, confirm: TeacherData | None = None,
-               already_spent: int = 0) -> FitOutcome:
-    """Fit one method; returns the learned solver (or its start if the fit did not clearly help).
+@dataclass
+class _Candidate:
+    """One way a fit can go: a start and a batch order, with its solver and its state."""
 
-    The best parameters are chosen on ``val``; whether they beat the start is decided by a paired
-    test on ``confirm`` (noises the choice never saw: choosing the best of many checkpoints on the
-    same noises flatters it), or on ``val`` when no confirmation set is given.
-    With ``checkpoint``, the state is saved after every validation and a matching checkpoint is
-    resumed from; the result is the same as that of an uninterrupted fit. With ``cfg.budget``, the fit stops
-    before a step that would spend more than the budget (``already_spent`` counts toward it: the teacher).
-    """
-    if cfg.method not in METHODS:
-        raise FewstepError(f"unknown method {cfg.method!r}; valid: {', '.join(METHODS)}")
-    relax = Relax(cfg.relax) if cfg.relax > 0 else (Relax(0.05) if cfg.method == "ld3" else None)
-    base_spent = model.cost.total
-    saved = checkpoint.peek() if checkpoint is not None else None
-    if saved is not None:
-        start, ranking = saved["start"], [tuple(r) for r in saved["ranking"]]
-    else:
-        dss = cfg.method == "dss"
-        accept = (lambda tab: dss_start_ok(model, tab)) if dss else None
-        ranking = rank_classic(model, cfg.nfe, val, predictor_only=dss, accept=accept) if cfg.start is None else []
-        start = cfg.start or (ranking[0][1] if ranking else None)
-        if start is None:
-            raise FewstepError(f"no classic solver runs at NFE {cfg.nfe} on this model to start from")
+    start: str
+    seed: int
+    solver: LearnedSolver
+    start_solver: LearnedSolver
+    relax: Relax | None
+    state: FitState = field(default_factory=FitState)
+
+
+def _candidate(model: Denoiser, cfg: FitConfig, start: str, seed: int) -> _Candidate:
     if is_artifact_spec(start):  # refine a learned solver: its own parameters are the start
         start_solver = _from_artifact(model, cfg, start)
         solver = copy.deepcopy(start_solver)
@@ -229,25 +218,114 @@ def fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitCo
         tab = build_tableau(model, start, cfg.nfe)
         start_solver = _build(model, cfg, start, tab, learn=False)
         solver = _build(model, cfg, start, tab)
-    start_err = val_errors(model, start_solver, val)
-    state, resumed = FitState(), 0
-    if saved is not None:
-        state, _ = checkpoint.load(solver, relax)
-        resumed = state.step
+    relax = Relax(cfg.relax) if cfg.relax > 0 else (Relax(0.05) if cfg.method == "ld3" else None)
+    return _Candidate(start, seed, solver, start_solver, relax)
+
+
+def screen_seeds(cfg: FitConfig) -> list[int]:
+    """The batch orders a fit screens: cfg.seed and ``screen_seeds - 1`` others derived from it."""
+    return [cfg.seed + 7919 * k for k in range(max(1, cfg.screen_seeds))]
+
+
+def screen_steps(cfg: FitConfig, candidates: int) -> int:
+    """Steps each screened candidate runs before the best on validation goes on (0: no screening)."""
+    return 0 if candidates < 2 else max(cfg.eval_every, int(cfg.steps * cfg.screen_share / candidates))
+
+
+def _screen(model: Denoiser, cfg: FitConfig, cands: list[_Candidate], train: TeacherData, val: TeacherData,
+            phases: list[Any], ranking: list[tuple[float, str]], checkpoint: FitCheckpoint | None,
+            saved: dict[str, Any] | None, progress: Any, budget: Budget | None, reserve: int, source: str,
+            screened: list[dict[str, Any]]) -> _Candidate:
+    """Run each candidate for a short stretch; the best on validation (ties: the first) goes on. A checkpoint
+    after each candidate keeps the best finished one, so an interrupted screening goes on where it stopped."""
+    until = screen_steps(cfg, len(cands))
+    if not until:
+        return cands[0]
+    if progress is not None:
+        progress.total = cfg.steps + (len(cands) - 1) * until
+        progress.refresh()
+    best_k, done = None, 0
+    if saved is not None:  # resumed in the middle of screening
+        scr = saved["screening"]
+        done, best_k = int(scr["done"]), int(scr["best"])
+        screened += list(saved.get("screened", []))
+        cands[best_k].state, _ = checkpoint.load(cands[best_k].solver, cands[best_k].relax)
+        if progress is not None:
+            progress.update(done * until)
+    for k in range(done, len(cands)):
+        c = cands[k]
+        c.state = run_phases(FitSession(model, c.solver, train, val, replace(cfg, seed=c.seed), c.relax, progress,
+                                        None, budget, reserve, source), phases, c.state, until=until)
+        screened.append({"start": c.start, "seed": c.seed, "val_rmse": finite_or_none(c.state.best_val)})
+        if best_k is None or c.state.best_val < cands[best_k].state.best_val:
+            best_k = k
+        if checkpoint is not None:
+            b = cands[best_k]
+            checkpoint.save(b.state, b.solver, None, b.relax,
+                            {"start": b.start, "seed": b.seed, "ranking": [list(r) for r in ranking],
+                             "screened": screened, "screening": {"done": k + 1, "best": best_k}})
+    return cands[best_k]
+
+
+def fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitConfig, progress: Any = None,
+               checkpoint: FitCheckpoint | None = None, confirm: TeacherData | None = None,
+               already_spent: int = 0) -> FitOutcome:
+    """Fit one method; returns the learned solver (or its start if the fit did not clearly help).
+
+    A fit screens candidates first: the best ``cfg.screen_starts`` classic starts (on the validation
+    noises; a given start alone), each with ``cfg.screen_seeds`` batch orders, run for a short stretch
+    (``cfg.screen_share`` of the steps, shared among them); the best on validation continues to the end.
+    The best parameters are chosen on ``val``; whether they beat the start is decided by a paired
+    test on ``confirm`` (noises the choice never saw: choosing the best of many checkpoints on the
+    same noises flatters it), or on ``val`` when no confirmation set is given.
+    With ``checkpoint``, the state is saved after every validation after screening and a matching
+    checkpoint is resumed from; the result is the same as that of an uninterrupted fit. With
+    ``cfg.budget``, the fit stops before a step that would spend more than the budget (``already_spent``
+    counts toward it: the teacher).
+    """
+    if cfg.method not in METHODS:
+        raise FewstepError(f"unknown method {cfg.method!r}; valid: {', '.join(METHODS)}")
+    base_spent = model.cost.total
+    budget = None if cfg.budget is None else Budget(cfg.budget, model, already_spent, base_spent)
+    # kept for after the phases: the fitted solver and its start on the validation and confirmation noises
+    reserve = (2 * len(val) + 2 * (len(confirm) if confirm is not None else 0)) * cfg.nfe
+    source = str(checkpoint.path) if checkpoint is not None else "the fit checkpoint"
     phases = plan_phases(cfg)
-    extra = {"start": start, "ranking": [list(r) for r in ranking]}
+    saved = checkpoint.peek() if checkpoint is not None else None
+    resumed, screened = 0, []
+    if saved is not None and saved.get("screening") is None:  # screening was done: go on with its winner
+        ranking = [tuple(r) for r in saved["ranking"]]
+        best = _candidate(model, cfg, saved["start"], int(saved.get("seed", cfg.seed)))
+        best.state, _ = checkpoint.load(best.solver, best.relax)
+        resumed = best.state.step
+        screened = saved.get("screened", [])
+        if progress is not None:
+            progress.update(resumed)
+    else:
+        if saved is not None:
+            ranking = [tuple(r) for r in saved["ranking"]]
+        else:
+            dss = cfg.method == "dss"
+            accept = (lambda tab: dss_start_ok(model, tab)) if dss else None
+            ranking = rank_classic(model, cfg.nfe, val, predictor_only=dss, accept=accept) if cfg.start is None else []
+        starts = [cfg.start] if cfg.start else [s for _, s in ranking[:max(1, cfg.screen_starts)]]
+        if not starts:
+            raise FewstepError(f"no classic solver runs at NFE {cfg.nfe} on this model to start from")
+        cands = [_candidate(model, cfg, st, seed) for st in starts for seed in screen_seeds(cfg)]
+        best = _screen(model, cfg, cands, train, val, phases, ranking, checkpoint, saved, progress, budget, reserve,
+                       source, screened)
+        resumed = int(saved["step"]) if saved is not None else 0
+    solver, relax, state = best.solver, best.relax, best.state
+    extra = {"start": best.start, "seed": best.seed, "ranking": [list(r) for r in ranking], "screened": screened}
     on_eval = None
     if checkpoint is not None:
         def on_eval(st: FitState, opt: Any) -> None:
             checkpoint.save(st, solver, opt, relax, extra)
-    if progress is not None and resumed:
-        progress.update(resumed)
-    budget = None if cfg.budget is None else Budget(cfg.budget, model, already_spent, base_spent)
-    reserve = (len(val) + 2 * (len(confirm) if confirm is not None else 0)) * cfg.nfe
-    source = str(checkpoint.path) if checkpoint is not None else "the fit checkpoint"
-    state = run_phases(FitSession(model, solver, train, val, cfg, relax, progress, on_eval, budget, reserve, source),
-                       phases, state)
+    state = run_phases(FitSession(model, solver, train, val, replace(cfg, seed=best.seed), relax, progress, on_eval,
+                                  budget, reserve, source), phases, state)
     restore_best(solver, state)
+    start_solver = best.start_solver
+    start_err = val_errors(model, start_solver, val)
     err = val_errors(model, solver, val)
     co = co_start = None
     if confirm is not None:
@@ -264,5 +342,5 @@ def fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitCo
                      f"{blown} of {len(state.history)} validations; those were skipped and never chosen"
                      + ("; the start was kept" if kept else "") + " (lower --lr-coef / --lr-grid if this persists)")
     mean = lambda e: None if e is None else float(e.mean())  # noqa: E731
-    return FitOutcome(solver, start, float(start_err.mean()), float(err.mean()), kept, state, ranking, resumed,
-                      mean(co), mean(co_start), notes)
+    return FitOutcome(solver, best.start, float(start_err.mean()), float(err.mean()), kept, state, ranking, resumed,
+                      mean(co), mean(co_start), notes, screened, best.seed)

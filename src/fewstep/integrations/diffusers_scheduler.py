@@ -58,7 +58,7 @@ from ..schedules import Flow, Schedule, VPDiscrete, schedule_from_config
 from ..solvers.artifact import LoadedSolver, tableau_from_doc, tableau_to_doc
 from ..solvers.kernel import Stepper, Tableau
 from ..solvers.learned import LearnedSolver
-from ..solvers.resolve import ClassicSolver, Solver, resolve_solver
+from ..solvers.resolve import ClassicSolver, Solver, resolve_solver, some_scale
 from .diffusers_in import PREDICTION_TYPES, prediction_name, schedule_from_diffusers
 
 logger = logging.get_logger(__name__)
@@ -315,8 +315,14 @@ def _learned_tableau(solver: Any, sched: Schedule, model: Denoiser | None) -> Ta
             warnings.warn(f"solver {s.path or s.name} can only be checked against the schedule here, not against the "
                           f"network it was fitted for; pass the model (FewStepScheduler.from_solver(solver, "
                           f"from_diffusers(unet, config))) to check its fingerprint too", stacklevel=3)
+        w = None
+        if s.guidance_range is not None:
+            if model is None:
+                raise ArtifactError(f"solver {s.path or s.name} is fitted across guidance scales: pass the model "
+                                    f"(FewStepScheduler.from_solver(solver, model)) so its scale picks the tables")
+            w = some_scale(model, s)
         with torch.no_grad():
-            return s.tableau(model if model is not None else sched)
+            return s.tableau(model if model is not None else sched, w=w)
     if isinstance(s, LearnedSolver) and s.schedule.config() != sched.config():
         raise ArtifactError(f"solver {s.name} was made for {s.schedule.describe()}, not this model's {sched.describe()}")
     with torch.no_grad():

@@ -46,6 +46,9 @@ def load_diffusers(path: str | Path, device: str | torch.device = "cpu", guidanc
     if guidance_scale is None:
         guidance_scale = kwargs.pop("guidance", None)
     cls = pipeline_class(root)
+    if cls and cls not in supported_pipelines() and _has_text_encoder(root):
+        raise ModelSpecError(f"{root} holds a {cls}, which no fewstep family handles (it takes text through its own "
+                             f"encoders); supported pipelines: {', '.join(supported_pipelines())}")
     if cls and cls in supported_pipelines():
         bad = sorted(set(kwargs) - set(PIPELINE_OPTIONS))
         if bad:
@@ -61,6 +64,13 @@ def load_diffusers(path: str | Path, device: str | torch.device = "cpu", guidanc
                         **kwargs)
     den.with_conditions(classes, gset)
     return den if dtype is None else den.set_dtype(dtype)
+
+
+def _has_text_encoder(root: Path) -> bool:
+    """Does a pipeline folder name text encoders or tokenizers (a pipeline fewstep cannot drive by its network)?"""
+    index = _read_json(root / "model_index.json", "")
+    return any(k.startswith(("text_encoder", "tokenizer", "prior", "image_encoder")) and isinstance(v, list) and v[0]
+               for k, v in index.items())
 
 
 def _load_network(root: Path, path: str | Path, device: str | torch.device, guidance_scale: float | None,

@@ -253,7 +253,15 @@ def _pipeline(path_or_pipe: Any, device: str | torch.device, dtype: torch.dtype 
     fam = family_for(index)
     _check_components(root, index, fam)
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as dlog
 
+    dlog.disable_progress_bar()  # loading bars would land between a command's output lines
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers comes with the pipelines extra
+        pass
     lean = importlib.util.find_spec("accelerate") is not None
     try:
         pipe = DiffusionPipeline.from_pretrained(str(root), local_files_only=True, torch_dtype=dtype,

@@ -123,6 +123,15 @@ class TableauSolver:
         return self.tab
 
 
+def some_scale(model: Denoiser, solver: Solver) -> float | None:
+    """A guidance scale the model's samples use, for a solver fitted across scales (None for any other): the
+    model's scale, else the middle of the scales its seeds draw from (the tables' shape is the same at all)."""
+    if solver.guidance_range is None:
+        return None
+    scales = model.guidance_scales()
+    return scales[len(scales) // 2] if scales else (1.0 if model.guidance_scale is None else float(model.guidance_scale))
+
+
 def is_artifact_spec(spec: str) -> bool:
     """Does a string name a learned-solver artifact (a path) rather than a classic 'NAME@GRID'?"""
     if "@" in spec:
