@@ -14,6 +14,7 @@ $(BIN)/fewstep: pyproject.toml
 	touch $(BIN)/fewstep
 
 setup: $(BIN)/fewstep
+	@git config core.hooksPath .githooks 2>/dev/null || true  # benchmarks/stale.py before each commit
 
 demo: setup
 	$(BIN)/fewstep demo --out out/demo

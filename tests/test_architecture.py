@@ -16,7 +16,7 @@ ROOT = Path(fewstep.__file__).parent
 #: the layers of the package, bottom first; a module may import from lower ranks only (same rank: no)
 LAYERS = [
     ["errors"],
-    ["seeds", "io", "conditions", "cost"],
+    ["seeds", "io", "conditions", "cost", "distributed"],
     ["training", "schedules"],
     ["grids", "denoiser"],
     ["solvers"],

@@ -159,6 +159,7 @@ def test_a_tiny_fit_does_not_end_worse_than_its_start(method, tmp_path):
     val = res.doc["validation"]
     assert val["rmse_to_teacher"] <= val["start_rmse_to_teacher"] + 1e-9
     assert val["start_rmse_to_teacher"] > 1e-3  # 3 NFE are far from converged on this field
+    assert val["kept_start"] is False and val["rmse_to_teacher"] < 0.8 * val["start_rmse_to_teacher"]  # a better fit is kept
     start = res.doc["start"]["solver"]
     rep = evaluate(den, nfe=3, solvers=[res.solver, start], samples=64)
     rmse = {r["grid"] == "learned": r["rmse"] for r in rep["results"]}

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .denoiser import Denoiser
+from .distributed import current
 from .evaluate import evaluate, solve_batched
 from .fit.checkpoint import NAME as CHECKPOINT_NAME
 from .report import Report, bench_rows, render_bench_markdown, render_guidance_markdown
@@ -91,13 +92,16 @@ def run_bench(
 def report_plots(rep: dict[str, Any], model: Denoiser, out: str | Path, learned: Sequence[Any] = (),
                  device: str = "cpu", show_nfe: int | None = None, n_show: int | None = None) -> list[Path]:
     """An evaluation's pictures: every metric against NFE, samples side by side (reference, best
-    classic, best learned; the same noises) and each learned artifact's tables against its start."""
+    classic, best learned; the same noises) and each learned artifact's tables against its start.
+    Under several processes every process takes part in the solves and rank 0 writes the pictures (the
+    others return [])."""
     from .plots import METRIC_LABELS, metric_vs_nfe, sample_panels, solver_vs_start
 
     out = Path(out)
     paths = []
+    main = current().main
     for metric in METRIC_LABELS:
-        if any(r.get(metric) is not None for r in rep["results"]):
+        if main and any(r.get(metric) is not None for r in rep["results"]):
             paths.append(metric_vs_nfe(rep, out / f"{metric}_vs_nfe.png", metric))
     asked = rep["nfe"] if isinstance(rep["nfe"], list) else [rep["nfe"]]
     asked = sorted(set(asked) | {int(s.nfe) for s in learned})
@@ -118,6 +122,8 @@ def report_plots(rep: dict[str, Any], model: Denoiser, out: str | Path, learned:
     pick = [s for s in learned if int(s.nfe) == show and lrn is not None and s.name == lrn.solver]
     if pick:
         panels.append((f"learned {pick[0].name} ({show} NFE)", solve_batched(model, seeds, pick[0], show, device=device)))
+    if not main:
+        return []
     if panels and model.decode is not None:  # a latent model: its decoded images
         with torch.no_grad():
             panels = [(title, model.decode(x)) for title, x in panels]

@@ -9,6 +9,10 @@ KID, PSNR, sliced Wasserstein and exact log-likelihood where they suit the model
 results gain a first row for the reference solve itself (``"role": "reference"``): its
 distribution metrics against the same data reference set are the floor for every solver
 (model error plus the finite-sample bias at these sample counts), its RMSE is its self-error.
+
+Under several processes (``torchrun``, :mod:`fewstep.distributed`) every solve is shared out by seed and
+gathered in seed order, and rank 0 computes the metrics: the report does not depend on the number of
+processes, and every process returns it.
 """
 
 from __future__ import annotations
@@ -16,12 +20,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .denoiser import Denoiser
+from .distributed import current
 from .errors import ArtifactError, FewstepError, NothingToRunError, SolverNameError
 from .grids import grid_names
 from .metrics.reference import DataReference, model_data, user_data
@@ -59,16 +64,32 @@ def per_sample_rmse(x: Tensor, ref: Tensor) -> Tensor:
     return (x - ref).double().flatten(1).pow(2).mean(1).sqrt()
 
 
+def per_seed(model: Denoiser, seeds: Sequence[int], fn: Callable[[list[int]], Tensor]) -> Tensor:
+    """``fn(seeds)`` (rows in seed order, on the CPU) computed under several processes by each on its share of
+    the seeds (positions rank, rank + world, ...) and gathered in seed order: every process gets all rows."""
+    d = current()
+    seeds = list(seeds)
+    if d.world == 1:
+        return fn(seeds)
+    mine = d.share(seeds)
+    local = d.agree(lambda: fn(mine) if mine else torch.zeros((0, *(model.sample_shape or ()))))
+    return d.gather_rows(local, len(seeds))
+
+
 def solve_batched(model: Denoiser, seeds: Sequence[int], solver: Any, nfe: int | None, grid: Any = "logsnr",
                   batch_size: int = 500, device: str | torch.device = "cpu") -> Tensor:
-    """Samples for ``seeds`` with ``solver`` in batches; identical for any batch size."""
-    outs = []
-    with torch.no_grad():
-        for k in range(0, len(seeds), batch_size):
-            chunk = list(seeds[k:k + batch_size])
-            noise = model.noise(chunk, device)
-            outs.append(sample(model, noise, solver, nfe=nfe, grid=grid, cond=model.cond_for(chunk, device)).cpu())
-    return torch.cat(outs)
+    """Samples for ``seeds`` with ``solver`` in batches; identical for any batch size and, under several
+    processes (each solves its share of the seeds; every process gets all samples), for any number of them."""
+    def solve(chunk_seeds: list[int]) -> Tensor:
+        outs = []
+        with torch.no_grad():
+            for k in range(0, len(chunk_seeds), batch_size):
+                chunk = chunk_seeds[k:k + batch_size]
+                noise = model.noise(chunk, device)
+                outs.append(sample(model, noise, solver, nfe=nfe, grid=grid, cond=model.cond_for(chunk, device)).cpu())
+        return torch.cat(outs)
+
+    return per_seed(model, seeds, solve)
 
 
 def _reference_pair(model: Denoiser, seeds: Sequence[int], reference: str | None, nfe: int | None,
@@ -76,9 +97,11 @@ def _reference_pair(model: Denoiser, seeds: Sequence[int], reference: str | None
     """(reference samples, the same solve at half the steps, solver label, NFE); exact models: both exact."""
     exact = getattr(model, "exact_solution", None)
     if reference is None and exact is not None:
-        with torch.no_grad():
-            noise = model.noise(list(seeds), device)
-            ref = exact(noise * model.schedule.init_noise_scale()).cpu()
+        def solve(chunk: list[int]) -> Tensor:
+            with torch.no_grad():
+                return exact(model.noise(chunk, device) * model.schedule.init_noise_scale()).cpu()
+
+        ref = per_seed(model, seeds, solve)
         return ref, ref, "exact", 0
     d_spec, d_nfe = default_reference(model)
     spec, n = reference or d_spec, int(nfe or d_nfe)
@@ -195,28 +218,35 @@ def evaluate(
     ref_secs = time.perf_counter() - t0
     self_err = per_sample_rmse(ref_half, ref)
     ref_info = {"solver": ref_spec, "nfe": ref_nfe, "self_error": float(self_err.mean())}
-    suite, cond = None, {}
-    if names is not None:
+    # under several processes every solve is shared out by seed and gathered (see solve_batched); the metrics
+    # are computed by rank 0 and sent to the others, so every process returns the same report
+    d = current()
+    suite, cond, measured = None, {}, names is not None
+    if measured:
         dref = None
         if any(m in DISTRIBUTION for m in names):
             dref = _data_reference(model, data, seed + samples, data_samples, reference, reference_nfe, batch_size,
                                    device)
-        suite = MetricSuite(model, names, dref, feature)
-        cond = model.cond_for(seeds)
+        if d.main:
+            suite = MetricSuite(model, names, dref, feature)
+            cond = model.cond_for(seeds)
     rows: list[Row] = []
     for s, n in jobs:
-        run = run_solver(model, seeds, s, n, ref, batch_size, device, keep_samples=suite is not None)
-        if suite is not None:
-            run.row.metrics = suite.row(run.samples, ref, cond) if run.samples is not None \
-                else dict.fromkeys(ROW_KEYS)
+        run = run_solver(model, seeds, s, n, ref, batch_size, device, keep_samples=measured)
+        if measured:
+            got = None
+            if suite is not None:
+                got = suite.row(run.samples, ref, cond) if run.samples is not None else dict.fromkeys(ROW_KEYS)
+            run.row.metrics = d.broadcast_object(got)
         rows.append(run.row)
     rows.sort(key=lambda r: (r.nfe, math.inf if r.rmse is None else r.rmse))
     report = Report(model_name or model.name, nfes[0] if len(nfes) == 1 else nfes, samples, seed, ref_info, rows)
-    if suite is not None:
+    if measured:
         sem = float(self_err.std() / math.sqrt(len(self_err))) if len(self_err) > 1 else 0.0
+        got = (suite.row(ref, ref_half, cond), suite.info()) if suite is not None else None
+        ref_metrics, report.metrics = d.broadcast_object(got)
         rows.insert(0, Row("reference", "reference", ref_spec, ref_nfe, ref_info["self_error"], sem, ref_secs,
-                           metrics=suite.row(ref, ref_half, cond)))
-        report.metrics = suite.info()
+                           metrics=ref_metrics))
     return report.as_dict()
 
 
@@ -256,4 +286,4 @@ def format_table(report: dict[str, Any], top: int | None = None) -> str:
 
 
 __all__ = ["ALL_GRIDS", "FD_REF_NOTE", "Run", "best_classic", "check_held_out", "default_reference", "evaluate",
-           "format_table", "grid_names", "per_sample_rmse", "reference_samples", "run_solver", "solve_batched"]
+           "format_table", "grid_names", "per_sample_rmse", "per_seed", "reference_samples", "run_solver", "solve_batched"]

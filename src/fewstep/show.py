@@ -45,7 +45,12 @@ def describe(path: str | Path, as_json: bool = False) -> str:
     lines = [f"{Path(path)}: {doc['method']} solver, {doc['nfe']} NFE, basis {tab.basis}, "
              f"model {doc['model'].get('name')} ({doc['model']['fingerprint']}), schedule {s.schedule.describe()}"]
     v = doc.get("validation") or {}
-    if v:
+    e = v.get("estimate") if isinstance(v.get("estimate"), dict) else None
+    if e:
+        lines.append(f"RMSE to teacher on {e.get('noises')} {e.get('on')} noises {e.get('rmse_to_teacher', float('nan')):.4g}"
+                     f" ± {e.get('sem', float('nan')):.2g} (start {e.get('start_rmse_to_teacher', float('nan')):.4g}; "
+                     f"teacher {doc.get('teacher', {}).get('spec')})")
+    elif v:
         lines.append(f"validation RMSE to teacher {v.get('rmse_to_teacher', float('nan')):.4g} "
                      f"(start {v.get('start_rmse_to_teacher', float('nan')):.4g}; teacher {doc.get('teacher', {}).get('spec')})")
     lines.append("")

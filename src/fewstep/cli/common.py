@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -28,9 +29,34 @@ def debug() -> bool:
     return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
+#: seconds a process other than rank 0 waits before it prints its error: when every process fails alike (a bad
+#: option), rank 0 says it once and torchrun stops the others meanwhile; an error of one process still shows
+PEER_GRACE = 1.0
+
+
+def _rank() -> tuple[int, int]:
+    from ..distributed import env_rank
+
+    try:
+        rank, world, _ = env_rank()
+    except FewstepError:
+        return 0, 1
+    return rank, world
+
+
+def error_line(msg: Any) -> None:
+    """Print ``error: msg`` on one line (under several processes: ``error: rank R: msg``)."""
+    rank, world = _rank()
+    if world > 1 and rank > 0:
+        sys.stderr.flush()
+        time.sleep(PEER_GRACE)
+    where = f"rank {rank}: " if world > 1 else ""
+    typer.echo(f"error: {where}{' '.join(str(msg).split())}", err=True)
+
+
 def fail(msg: str, code: int = 2) -> None:
     """Print ``error: msg`` (one line) and stop with ``code``."""
-    typer.echo(f"error: {' '.join(str(msg).split())}", err=True)
+    error_line(msg)
     raise typer.Exit(code)
 
 
@@ -69,8 +95,9 @@ def nonneg_float(name: str) -> Any:
     return check
 
 
-def setup(device: str, threads: Optional[int]) -> None:
-    """Check the device and set the threads before any work."""
+def setup(device: str, threads: Optional[int]) -> str:
+    """Check the device, set the threads and join the other processes of a ``torchrun`` launch (once) before any
+    work; returns the device this process runs on (``cuda``: the local rank's GPU under several processes)."""
     import torch
 
     if threads:
@@ -88,6 +115,24 @@ def setup(device: str, threads: Optional[int]) -> None:
         fail(f"--device {device}: MPS is not available on this machine; use --device cpu")
     elif dev.type not in ("cpu", "cuda", "mps"):
         fail(f"--device {device}: fewstep runs on cpu, cuda or mps")
+    from ..distributed import device_for, init
+
+    with errors():
+        return device_for(device, init(device))
+    return device  # pragma: no cover - errors() stopped the command
+
+
+def is_main() -> bool:
+    """Does this process print and write files (rank 0, or the only process)?"""
+    from ..distributed import current
+
+    return current().main
+
+
+def log_line(msg: str) -> None:
+    """A progress line on stderr, from rank 0 only."""
+    if is_main():
+        typer.echo(msg, err=True)
 
 
 def _writable_ancestor(path: Path, option: str, start: Path | None = None) -> None:
@@ -173,8 +218,9 @@ def metrics_arg(value: str) -> Any:
     return None if value.strip().lower() in ("none", "off", "") else value
 
 
-def fit_kwargs(steps: Optional[int], samples: int) -> dict[str, Any]:
-    return {"samples": samples, **({"steps": steps} if steps else {})}
+def fit_kwargs(steps: Optional[int], samples: Optional[int]) -> dict[str, Any]:
+    """The fit settings a command's options override (none: the method's defaults)."""
+    return {k: v for k, v in (("samples", samples), ("steps", steps)) if v}
 
 
 def resolve_solver(spec: str, force: bool = False) -> Any:
@@ -203,27 +249,36 @@ def print_report(report: dict[str, Any], as_json: bool, top: Optional[int] = Non
 
 
 def _warning_line(message: Any, category: type, *_: Any, **__: Any) -> str:
-    return f"warning: {' '.join(str(message).split())}\n"
+    rank, world = _rank()
+    where = f"rank {rank}: " if world > 1 else ""
+    return f"warning: {where}{' '.join(str(message).split())}\n"
 
 
 def main() -> None:
     """The ``fewstep`` entry point: every error is one line (tracebacks with --debug / FEWSTEP_DEBUG=1), and so
-    is every warning."""
+    is every warning. Under ``torchrun`` every process runs the command (joining the others in ``setup``); only
+    rank 0 prints results, an error names the rank it happened on, and the process group is left at the end."""
     import warnings
+
+    from ..distributed import shutdown
 
     if not debug():
         warnings.formatwarning = _warning_line
+    rank, world = _rank()
+    if world > 1 and rank > 0:  # tables, JSON and "wrote" lines come from rank 0; errors and warnings stay
+        sys.stdout = open(os.devnull, "w")
     try:
         code = app(standalone_mode=False)
     except typer.TyperException as e:  # usage errors: a bad option value, a missing option, an unknown command
         msg = e.format_message() if hasattr(e, "format_message") else str(e)
-        typer.echo(f"error: {' '.join(msg.split())}", err=True)
+        error_line(msg)
         sys.exit(getattr(e, "exit_code", 2))
     except FewstepError as e:
         if debug():
             raise
-        typer.echo(f"error: {' '.join(str(e).split())}", err=True)
+        error_line(e)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+    shutdown()
     sys.exit(code or 0)

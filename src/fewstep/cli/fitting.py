@@ -29,6 +29,11 @@ def fit_cmd(
                                                            "are sized to it, and it is never exceeded"),
     micro_batch: Optional[int] = typer.Option(None, min=1, help="samples per forward/backward pass (gradients "
                                                                 "accumulate over the batch: memory of a micro-batch)"),
+    noise_groups: Optional[int] = typer.Option(None, min=1, help="split every batch (and the validation noises) into "
+                                                                 "this many groups by noise, each its own pass, summed "
+                                                                 "in order: any number of processes up to it (torchrun) "
+                                                                 "gives the same fit, bit for bit (default: one group "
+                                                                 "per process)"),
     seed: int = typer.Option(0, min=0, help="first training seed"),
     start: Optional[str] = typer.Option(None, help="starting classic solver NAME@GRID (default: best on validation), "
                                                    "or a learned-solver directory to refine"),
@@ -62,12 +67,13 @@ def fit_cmd(
     from ..fit.api import fit
     from ..seeds import EVAL_SEED_START
 
-    setup(device, threads)
+    device = setup(device, threads)
     check_out_dir(out, json_ok=True)
     over = {name: v for name, v in {"start": start, "steps": steps, "relax": relax, "batch": batch, "lr_coef": lr_coef,
                                     "lr_grid": lr_grid, "k": k, "samples": samples, "val_samples": val_samples,
                                     "confirm_samples": confirm_samples, "budget": budget,
-                                    "micro_batch": micro_batch}.items() if v is not None}
+                                    "micro_batch": micro_batch, "noise_groups": noise_groups}.items()
+            if v is not None}
     over.update(loss=loss)
     if checkpoint:
         over["use_checkpoint"] = True
@@ -82,9 +88,11 @@ def fit_cmd(
         typer.echo(f"resumed an interrupted fit from step {res.outcome.resumed_from}")
     v = res.doc["validation"]
     if not as_json:
-        typer.echo(f"wrote {res.path}  (start {res.doc['start']['solver']}: validation RMSE to teacher "
-                   f"{v['start_rmse_to_teacher']:.4g} -> {v['rmse_to_teacher']:.4g}"
-                   f"{', kept the start' if v['kept_start'] else ''}; {res.doc['timing']['total_s']:.0f} s)")
+        e = v["estimate"]
+        typer.echo(f"wrote {res.path}  (start {res.doc['start']['solver']}; {res.doc['timing']['total_s']:.0f} s)")
+        typer.echo(f"RMSE to the teacher on {e['noises']} {e['on']} noises: start {e['start_rmse_to_teacher']:.4g}"
+                   f" -> {e['rmse_to_teacher']:.4g} ± {e['sem']:.2g}{', kept the start' if v['kept_start'] else ''}"
+                   f" (validation, which chose the checkpoint: {v['rmse_to_teacher']:.4g})")
         for note in v.get("notes") or []:
             typer.echo(f"note: {note}")
         typer.echo(cost_line(res.doc["cost"]))

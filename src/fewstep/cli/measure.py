@@ -10,8 +10,8 @@ import typer
 
 from ..errors import NothingToRunError
 from .common import (CLASSES_OPT, DTYPE_OPT, EVAL_PROMPTS_OPT, FORCE_HELP, GUIDANCE_OPT, HEIGHT_OPT, MODEL_HELP,
-                     PROMPTS_OPT, WIDTH_OPT, app, check_out_dir, errors, eval_model, fail, fit_kwargs, load,
-                     metrics_arg, print_report, resolve_solver, setup)
+                     PROMPTS_OPT, WIDTH_OPT, app, check_out_dir, errors, eval_model, fail, fit_kwargs, is_main, load,
+                     log_line, metrics_arg, print_report, resolve_solver, setup)
 
 METRICS_HELP = "auto, none, or a comma list of fd,kid,fd_ref,psnr,swd,loglik"
 
@@ -51,7 +51,7 @@ def eval_cmd(
     from ..evaluate import evaluate
     from ..seeds import EVAL_SEED_START
 
-    setup(device, threads)
+    device = setup(device, threads)
     if plot is not None:
         check_out_dir(plot, "--plot")
     with errors():
@@ -102,7 +102,7 @@ def demo_cmd(
     from ..report import Report, render_versus
     from ..seeds import EVAL_SEED_START
 
-    setup(device, None)
+    device = setup(device, None)
     check_out_dir(out)
     nfes = [3, 4, 5, 6, 8, 10]
     with errors():
@@ -117,6 +117,8 @@ def demo_cmd(
                    f"self-error {rep['reference']['self_error']:.2g}):")
         for line in render_versus(typed, typed.best_learned(nfe), nfes):
             typer.echo(line)
+        if not is_main():
+            return
         png = error_vs_nfe(rep, out / "error_vs_nfe.png", title=f"{model}: held-out RMSE vs NFE")
         tables = solver_vs_start(res.solver, out / "solver_vs_start.png")
         write_text(out / "report.json", json.dumps(rep, indent=1))
@@ -139,7 +141,7 @@ def bench_cmd(
     width: Optional[int] = WIDTH_OPT,
     dtype: Optional[str] = DTYPE_OPT,
     steps: Optional[int] = typer.Option(None, min=1, help="optimisation steps per fit (default: the method's)"),
-    fit_samples: int = typer.Option(700, min=1, help="training noises per fit"),
+    fit_samples: Optional[int] = typer.Option(None, min=1, help="training noises per fit (default: the method's)"),
     plot: bool = typer.Option(False, "--plot", help="write PNGs into OUT"),
     reuse: bool = typer.Option(False, "--reuse", help="load the finished fits already in OUT whose settings match "
                                                       "(after an interruption); others are fitted again"),
@@ -151,9 +153,9 @@ def bench_cmd(
     from ..bench import format_bench, report_plots, run_bench
     from ..io import write_text
 
-    setup(device, threads)
+    device = setup(device, threads)
     check_out_dir(out)
-    log = (lambda msg: typer.echo(msg, err=True))
+    log = log_line
     with errors():
         m = load(model, device, guidance, prompts, classes, height, width, dtype, role="fit")
         b = run_bench(m, nfe, method, out, eval_model=eval_model(m, prompts, eval_prompts), samples=samples, metrics=metrics_arg(metrics), device=device,
@@ -161,7 +163,8 @@ def bench_cmd(
                       reuse=reuse)
         paths = report_plots(b["report"], m, out, b["solvers"], device=device) if plot else []
         b.pop("solvers")
-        write_text(out / "bench.json", json.dumps(b, indent=1))
+        if is_main():
+            write_text(out / "bench.json", json.dumps(b, indent=1))
     if as_json:
         typer.echo(json.dumps(b, indent=1))
         return
@@ -181,7 +184,7 @@ def guidance_cmd(
     samples: int = typer.Option(256, min=1, help="held-out samples per scale"),
     refit: bool = typer.Option(True, "--refit/--no-refit", help="also fit a solver at every scale, for comparison"),
     steps: Optional[int] = typer.Option(None, min=1, help="optimisation steps per fit (default: the method's)"),
-    fit_samples: int = typer.Option(700, min=1, help="training noises per fit"),
+    fit_samples: Optional[int] = typer.Option(None, min=1, help="training noises per fit (default: the method's)"),
     reuse: bool = typer.Option(False, "--reuse", help="load the finished fits already in OUT whose settings match"),
     as_json: bool = typer.Option(False, "--json"),
     device: str = typer.Option("cpu"),
@@ -190,11 +193,11 @@ def guidance_cmd(
     """How a solver fitted at one guidance scale does at others: when to refit."""
     from ..bench import format_guidance, guidance_table
 
-    setup(device, threads)
+    device = setup(device, threads)
     check_out_dir(out)
     with errors():
         rows = guidance_table(lambda w: load(model, device, str(w)), fit_scale, scale, nfe, method, out, samples=samples,
                               refit=refit, device=device, progress=not as_json,
                               fit_kwargs=fit_kwargs(steps, fit_samples),
-                              log=lambda msg: typer.echo(msg, err=True), reuse=reuse)
+                              log=log_line, reuse=reuse)
     typer.echo(json.dumps(rows, indent=1) if as_json else format_guidance(rows, nfe, method))

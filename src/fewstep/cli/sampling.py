@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from .common import (CLASSES_OPT, DTYPE_OPT, FORCE_HELP, GUIDANCE_OPT, HEIGHT_OPT, MODEL_HELP, PROMPTS_OPT, WIDTH_OPT,
-                     app, check_out_file, errors, fail, load, setup)
+                     app, check_out_file, errors, fail, is_main, load, setup)
 
 
 @app.command("sample")
@@ -36,7 +36,7 @@ def sample_cmd(
     from ..sampling import default_solver
     from ..solvers.resolve import is_artifact_spec, resolve_solver
 
-    setup(device, None)
+    device = setup(device, None)
     check_out_file(out)
     check_out_file(out if out.suffix == ".safetensors" else out.with_suffix(".safetensors"))
     with errors():
@@ -46,9 +46,11 @@ def sample_cmd(
         s = resolve_solver(spec, m, None if learned else (nfe or 5), force=force)
         if learned and nfe is not None and nfe != s.nfe:
             fail(f"--nfe {nfe}: the learned solver {spec} makes {s.nfe} evaluations; drop --nfe or pass --nfe {s.nfe}")
-        x = solve_batched(m, list(range(seed, seed + n)), s, s.nfe, device=device)
-        paths = save_samples(x, out, meta={"model": model, "solver": spec, "nfe": str(s.nfe), "seed": str(seed)},
-                             decode=m.decode)
+        x = solve_batched(m, list(range(seed, seed + n)), s, s.nfe, device=device)  # shared out by seed
+        paths = []
+        if is_main():
+            paths = save_samples(x, out, meta={"model": model, "solver": spec, "nfe": str(s.nfe), "seed": str(seed)},
+                                 decode=m.decode)
     for p in paths:
         typer.echo(f"wrote {p}")
 

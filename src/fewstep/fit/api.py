@@ -17,12 +17,14 @@ from ..solvers.artifact import PARAMS, LoadedSolver, save_params, save_solver, s
 from ..solvers.kernel import Tableau
 from ..solvers.learned import LearnedSolver
 from .checkpoint import FitCheckpoint, fit_key
-from ..cost import Meter, Spent
+from ..cost import Cost, Meter, Spent
+from ..distributed import current
 from ..solvers.registry import classic_specs, solver_info
 from .budget import Sizes, plan_for
 from .config import FitConfig, plan_phases
+from .loop import noise_groups
 from .methods import FitOutcome, fit_solver
-from .teacher import TeacherData, TeacherSpec, default_teacher, generate_teacher, parse_teacher
+from .teacher import SHARD_SIZE, TeacherData, TeacherSpec, default_teacher, generate_teacher, parse_teacher
 
 
 @dataclass
@@ -64,8 +66,14 @@ def fit(
     again with the same settings continues from there (``resume=False`` starts over); the
     checkpoint is removed once the artifact is written. What the fit cost (network evaluations,
     wall time, peak memory) is in the artifact's ``cost`` and in ``FitResult.cost``.
+    Under several processes (``torchrun``; :mod:`fewstep.distributed`) the teacher, every batch and every
+    validation are shared out between them, rank 0 shows the progress and writes the files, and every process
+    returns the same result; with ``noise_groups=G`` any number of processes up to G gives the same fit, bit for
+    bit (one process included).
     """
     cfg, spec = fit_plan(model, method, nfe, teacher, seed, device=device, **overrides)
+    noise_groups(cfg.noise_groups)  # enough groups for the processes, before any work
+    d = current()
     t0 = time.perf_counter()
     with Meter(model, device) as whole:
         with Meter(model, device) as teach:
@@ -77,7 +85,8 @@ def fit(
                                                   "cfg": cfg.as_dict(), "teacher": str(spec), **data.seed_ranges()}))
             if not resume:
                 ckpt.remove()
-        bar = _progress(progress, sum(p.steps for p in plan_phases(cfg)), f"fit {cfg.method} NFE {cfg.nfe}")
+        bar = _progress(progress and d.main, sum(p.steps for p in plan_phases(cfg)),
+                        f"fit {cfg.method} NFE {cfg.nfe}" + (f", {d.world} processes" if d.world > 1 else ""))
         try:
             outcome = fit_solver(model, data.train, data.val, cfg, progress=bar, checkpoint=ckpt,
                                  confirm=data.confirm, already_spent=data.teacher_evals)
@@ -86,12 +95,28 @@ def fit(
                 bar.close()
     timing = {"teacher_s": round(teach.spent.wall_s, 2), "total_s": round(time.perf_counter() - t0, 2),
               "resumed_from_step": outcome.resumed_from}
-    cost = fit_cost(cfg, data, teach.spent, whole.spent)
-    doc = artifact_doc(model, cfg, spec, data, outcome, timing, cost)
-    path = None if out is None else write_artifact(out, doc, outcome.solver)
+    if d.world > 1:
+        timing["processes"] = d.world
+    teach_spent, whole_spent = run_spent(teach.spent), run_spent(whole.spent)
+    cost = fit_cost(cfg, data, teach_spent, whole_spent)
+    doc = d.broadcast_object(artifact_doc(model, cfg, spec, data, outcome, timing, cost))  # rank 0's, everywhere
+    path = None if out is None else write_artifact(out, doc, outcome.solver, write=d.main)
+    d.barrier()  # the artifact is on disk for every process before the checkpoint goes
     if ckpt is not None:
         ckpt.remove()
     return FitResult(LoadedSolver(doc, path, learned=outcome.solver), doc, outcome, path)
+
+
+def run_spent(spent: Spent) -> Spent:
+    """What a stretch of work cost the whole run: network evaluations summed over the processes, the largest
+    peak memory of any of them (this process's wall time)."""
+    d = current()
+    if d.world == 1:
+        return spent
+    c = spent.cost
+    f, b, r = d.sum_ints([c.forward, c.backward, c.rows])
+    peak = float(d.all_reduce([torch.tensor([spent.peak_mib], dtype=torch.float64)], op="max")[0])
+    return Spent(Cost(f, b, r), spent.wall_s, peak, f"{spent.memory}, largest of {d.world} processes")
 
 
 def fit_cost(cfg: FitConfig, data: "FitData", teacher: Spent, whole: Spent) -> dict[str, Any]:
@@ -113,7 +138,7 @@ def fit_plan(model: Denoiser, method: str, nfe: int, teacher: str | TeacherSpec 
     bad = set(overrides) - set(FitConfig.__dataclass_fields__)
     if bad:
         raise FewstepError(f"unknown fit settings {sorted(bad)}; valid: {', '.join(FitConfig.__dataclass_fields__)}")
-    cfg = replace(FitConfig(method=method, nfe=nfe, seed=seed), **overrides)
+    cfg = replace(FitConfig.for_method(method, nfe, seed), **overrides)
     if cfg.use_checkpoint is None:
         cfg = replace(cfg, use_checkpoint=torch.device(device).type == "cuda")
     cfg = cfg.resolved()
@@ -122,9 +147,21 @@ def fit_plan(model: Denoiser, method: str, nfe: int, teacher: str | TeacherSpec 
         per_sample = solver_info(spec.solver).cost(solver_info(spec.solver).steps(spec.nfe))
         candidates = 0 if cfg.start is not None else len(classic_specs(model.schedule))
         base = Sizes(cfg.samples, cfg.val_samples, cfg.confirm_samples, cfg.batch, cfg.steps)
-        sized = plan_for(cfg.budget, cfg, base, per_sample, candidates)
+        sized = plan_for(cfg.budget, cfg, base, per_sample, candidates, shard=SHARD_SIZE)
         cfg = replace(cfg, samples=sized.samples, val_samples=sized.val, confirm_samples=sized.confirm,
                       batch=sized.batch, steps=sized.steps, rounds=None).resolved()
+        # the loop stops before a step that would cross the budget, but the teacher comes first: whatever the
+        # plan says, its noises (and the closing validations) must leave room for the fit
+        closing = 2 * (cfg.val_samples + cfg.confirm_samples) * cfg.nfe
+        fits = lambda n: teacher_cost(replace(cfg, samples=n), per_sample) + closing <= cfg.budget  # noqa: E731
+        if not fits(cfg.samples):
+            if not fits(8):
+                raise FewstepError(f"--budget {cfg.budget:,} does not cover the teacher of the validation and "
+                                   f"confirmation noises and 8 training noises ({per_sample} evaluations each)")
+            lo, hi = 8, cfg.samples
+            while hi - lo > 1:
+                lo, hi = ((lo + hi) // 2, hi) if fits((lo + hi) // 2) else (lo, (lo + hi) // 2)
+            cfg = replace(cfg, samples=lo, batch=min(cfg.batch, lo)).resolved()
     return cfg, spec
 
 
@@ -139,6 +176,13 @@ def same_fit(doc: dict[str, Any], model: Denoiser, method: str, nfe: int, teache
     have = {**{f"fit.{k}": v for k, v in (doc.get("fit") or {}).items()}, "teacher": t.get("spec"),
             "train_seeds": t.get("train_seeds"), "val_seeds": t.get("val_seeds"), "confirm_seeds": t.get("confirm_seeds")}
     return [f"{k.removeprefix('fit.')} {have.get(k)!r} -> {v!r}" for k, v in want.items() if have.get(k) != v]
+
+
+def teacher_cost(cfg: FitConfig, per_sample: int, shard_size: int = SHARD_SIZE) -> int:
+    """What the teacher of ``cfg``'s noises costs made from scratch: whole shards of ``shard_size`` seeds
+    (the teacher cache's unit) at ``per_sample`` evaluations each."""
+    blocks = {s // shard_size for lo, hi in seed_ranges(cfg).values() for s in range(lo, hi)}
+    return len(blocks) * shard_size * per_sample
 
 
 def seed_ranges(cfg: FitConfig) -> dict[str, list[int]]:
@@ -203,7 +247,8 @@ def artifact_doc(model: Denoiser, cfg: FitConfig, spec: TeacherSpec, data: FitDa
         start={"solver": outcome.start, "val_rmse": outcome.start_val},
         teacher={"spec": str(spec), "train_seeds": r["train"], "val_seeds": r["val"], "confirm_seeds": r["confirm"]},
         fit=cfg.as_dict(),
-        validation={"rmse_to_teacher": outcome.val, "start_rmse_to_teacher": outcome.start_val,
+        validation={"estimate": outcome.estimate,
+                    "rmse_to_teacher": outcome.val, "start_rmse_to_teacher": outcome.start_val,
                     "kept_start": outcome.kept_start, "confirm_rmse_to_teacher": outcome.confirm,
                     "confirm_start_rmse_to_teacher": outcome.confirm_start,
                     "classic_ranking": [{"solver": s, "rmse_to_teacher": v} for v, s in outcome.ranking[:8]],
@@ -215,12 +260,15 @@ def artifact_doc(model: Denoiser, cfg: FitConfig, spec: TeacherSpec, data: FitDa
     )
 
 
-def write_artifact(out: str | Path, doc: dict[str, Any], solver: LearnedSolver) -> Path:
-    """params.safetensors first (the JSON names it), then solver.json; both atomically. Returns the JSON path."""
+def write_artifact(out: str | Path, doc: dict[str, Any], solver: LearnedSolver, write: bool = True) -> Path:
+    """params.safetensors first (the JSON names it), then solver.json; both atomically. Returns the JSON path
+    (``write=False``: only fill in ``doc`` and return the path, for a process that does not write)."""
     folder = Path(out).parent if Path(out).suffix == ".json" else Path(out)
     params = f"{Path(out).stem}.{PARAMS}" if Path(out).suffix == ".json" else PARAMS
-    save_params(folder / params, solver)
     doc["params"] = params
+    if not write:
+        return Path(out) if Path(out).suffix == ".json" else Path(out) / "solver.json"
+    save_params(folder / params, solver)
     return save_solver(out, doc)
 
 

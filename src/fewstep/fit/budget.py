@@ -52,9 +52,17 @@ class Parts:
         return self.teacher + self.start + self.training + self.validation + self.confirmation
 
 
-def predicted(cfg: FitConfig, sizes: Sizes, teacher_evals: int, candidates: int) -> Parts:
+def teacher_noises(sizes: Sizes, shard: int = 1) -> int:
+    """The noises a teacher solves for ``sizes``: the teacher cache works in shards of ``shard`` seeds, so
+    each seed range is rounded up to whole shards (one more for a range that does not start on a shard)."""
+    if shard <= 1:
+        return sizes.samples + sizes.val + sizes.confirm
+    return (math.ceil(sizes.samples / shard) + math.ceil((sizes.val + sizes.confirm) / shard) + 2) * shard
+
+
+def predicted(cfg: FitConfig, sizes: Sizes, teacher_evals: int, candidates: int, shard: int = 1) -> Parts:
     """The spend of a fit with ``cfg`` and ``sizes`` (``teacher_evals`` per sample; ``candidates`` classic
-    starts to screen, 0 with a given start)."""
+    starts to screen, 0 with a given start; teacher noises rounded to whole shards of ``shard``)."""
     n = cfg.nfe
     cfg = replace(cfg, steps=sizes.steps, batch=sizes.batch)
     phases = plan_phases(cfg)
@@ -65,11 +73,11 @@ def predicted(cfg: FitConfig, sizes: Sizes, teacher_evals: int, candidates: int)
     checks = math.ceil((sum(math.ceil(p.steps / cfg.eval_every) for p in phases) + 1) * extra) + 1
     screen = min(SCREEN_NOISES, sizes.val)
     start = (candidates * screen + min(candidates, SCREEN_KEEP) * sizes.val) * n if candidates else 0
-    return Parts(teacher=(sizes.samples + sizes.val + sizes.confirm) * teacher_evals, start=start,
+    return Parts(teacher=teacher_noises(sizes, shard) * teacher_evals, start=start,
                  training=training, validation=(checks + 2) * sizes.val * n, confirmation=2 * sizes.confirm * n)
 
 
-def plan_for(budget: int, cfg: FitConfig, base: Sizes, teacher_evals: int, candidates: int) -> Sizes:
+def plan_for(budget: int, cfg: FitConfig, base: Sizes, teacher_evals: int, candidates: int, shard: int = 1) -> Sizes:
     """The largest fit like ``base`` (its shape: noises, batch, steps scaled together) whose predicted spend is
     within ``budget``; a FewstepError names the smallest budget that works when even one step does not fit."""
     def sized(theta: float) -> Sizes:
@@ -79,10 +87,10 @@ def plan_for(budget: int, cfg: FitConfig, base: Sizes, teacher_evals: int, candi
         return Sizes(samples, val, confirm, min(base.batch, samples), max(1, round(base.steps * theta)))
 
     def cost(theta: float) -> int:
-        return predicted(cfg, sized(theta), teacher_evals, candidates).total
+        return predicted(cfg, sized(theta), teacher_evals, candidates, shard).total
 
     smallest = Sizes(8, 8, 0, 8, 1)
-    floor = predicted(cfg, smallest, teacher_evals, candidates).total
+    floor = predicted(cfg, smallest, teacher_evals, candidates, shard).total
     if budget < floor:
         raise FewstepError(f"--budget {budget:,} is too small for one step of {cfg.method} at NFE {cfg.nfe}: the "
                            f"smallest fit (8 noises, 1 step, its teacher and start search) costs {floor:,} network "

@@ -6,6 +6,9 @@ fit's key, step counters, validation history, the chosen start). It is rewritten
 validation, so a killed fit loses at most ``eval_every`` steps, and a fit started again with the
 same model, method, settings, teacher and seeds continues from it and ends exactly where an
 uninterrupted run would. A checkpoint for other settings is ignored (and replaced).
+
+Under several processes every process holds the same state (but only the relaxed latents of the noises it
+owns): saving gathers the latents and rank 0 writes; any number of processes can resume from the file.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..distributed import current
 from ..errors import FewstepError
 from ..io import atomic_path
 from .loop import FitState, Relax, finite_or_none
@@ -72,11 +76,20 @@ class FitCheckpoint:
              relax: Relax | None, extra: dict[str, Any]) -> None:
         from safetensors.torch import save_file
 
+        d = current()
+        offsets = None if relax is None else relax.offsets
+        if offsets is not None and d.world > 1:  # each process updates the latents of the noises it owns: gather
+            keep = relax.mine if relax.mine is not None else torch.full((offsets.shape[0],), d.main)
+            keep = keep.to(offsets.device).view(-1, *[1] * (offsets.dim() - 1))
+            offsets = d.sum_rows(torch.where(keep, offsets, torch.zeros((), dtype=offsets.dtype,
+                                                                        device=offsets.device)))
+        if not d.main:  # every process holds the same state; rank 0 writes it
+            return
         tensors = {f"cur.{k}": v.detach().cpu().contiguous() for k, v in solver.state_dict().items()}
         if state.best is not None:
             tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in state.best.items()})
-        if relax is not None and relax.offsets is not None:
-            tensors["relax.offsets"] = relax.offsets.detach().cpu().contiguous()
+        if offsets is not None:
+            tensors["relax.offsets"] = offsets.detach().cpu().contiguous()
         opt_plain = None
         opt_state = opt.state_dict() if opt is not None else state.opt_state  # a phase stopped part-way keeps its own
         if opt_state is not None:
@@ -153,7 +166,11 @@ class FitCheckpoint:
         return state, doc
 
     def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+        """Delete the checkpoint (rank 0; every process waits until it is gone)."""
+        d = current()
+        if d.main:
+            self.path.unlink(missing_ok=True)
+        d.barrier()
 
 
 def _checksum(tensors: dict[str, Tensor], doc: str) -> str:

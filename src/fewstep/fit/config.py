@@ -28,12 +28,12 @@ class FitConfig:
     nfe: int = 5
     start: str | None = None  # NAME@GRID, or a learned-solver folder to refine; None: the best classic on validation
     k: int = 3
-    samples: int = 700  # training noises
+    samples: int = 1200  # training noises (defaults per method: METHOD_SIZES, via FitConfig.for_method)
     val_samples: int = 200  # validation noises (checkpoint selection)
     confirm_samples: int = 200  # confirmation noises (does the fit beat its start? 0: decide on validation)
-    steps: int = 2000  # optimisation steps in total
+    steps: int = 300  # optimisation steps of the candidate that goes on (screening adds screen_share of them)
     rounds: int | None = None  # S4S-Alt alternations (None: default_rounds(steps))
-    batch: int = 48
+    batch: int = 40
     lr_coef: float | None = None  # None: 3e-2 with Adam, 1e-2 with Lion (the DSS paper's)
     lr_grid: float | None = None  # None: 5e-2 with Adam, 1e-2 with Lion
     decouple: float = 0.1
@@ -49,9 +49,15 @@ class FitConfig:
     warmup: bool = True  # linear learning-rate warm-up over the first tenth (at most 50 steps) of each phase
     budget: int | None = None  # network evaluations (forward + backward, teacher included) the fit may spend
     micro_batch: int | None = None  # samples per forward/backward pass (gradients accumulated over the batch)
+    noise_groups: int | None = None  # noise i in group i % G, each group its own pass (None: one per process)
     screen_starts: int = 2  # the best classic starts a fit screens (a given start alone)
     screen_seeds: int = 2  # batch orders screened per start
     screen_share: float = 0.2  # share of the steps the screened candidates run, together, before the best goes on
+
+    @classmethod
+    def for_method(cls, method: str, nfe: int = 5, seed: int = 0) -> "FitConfig":
+        """The defaults of ``method``: its paper's fit size (:data:`METHOD_SIZES`)."""
+        return cls(method=method, nfe=nfe, seed=seed, **METHOD_SIZES.get(method, {}))
 
     def resolved(self) -> "FitConfig":
         """This config checked, with every default that depends on the method filled in (rounds, learning
@@ -73,6 +79,9 @@ class FitConfig:
         if self.micro_batch is not None and self.micro_batch > self.batch:
             raise FewstepError(f"--micro-batch {self.micro_batch} is larger than the batch ({self.batch}): give a "
                                f"micro-batch of at most {self.batch}")
+        if self.noise_groups is not None and (isinstance(self.noise_groups, bool) or not isinstance(
+                self.noise_groups, int) or self.noise_groups < 1):
+            raise FewstepError(f"noise_groups must be a positive integer; got {self.noise_groups!r}")
         if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, int)
                                         or self.budget < 1):
             raise FewstepError(f"budget must be a positive number of network evaluations; got {self.budget!r}")
@@ -91,13 +100,27 @@ class FitConfig:
 
 
 
+#: Default fit size per method: the papers' training cost, counting the screening (``screen_share`` of the
+#: steps for each of the 4 screened candidates, so the steps below run about 1.6 times). S4S: 700 noises,
+#: batch 20, 10 epochs; S4S-Alt: 1,200 noises, batch 40, 16 epochs (K = 8 alternations of an epoch each
+#: in the paper; here 4 alternations, measured as good at this cost); LD3: 100 noises; DSS: about 50k noise
+#: draws at batch 32. Their held-out RMSE against the 14x costlier former defaults: BENCHMARKS.md.
+METHOD_SIZES: dict[str, dict[str, int]] = {
+    "s4s": {"samples": 700, "batch": 20, "steps": 220},
+    "s4s-alt": {"samples": 1200, "batch": 40, "steps": 300},
+    "ld3": {"samples": 100, "batch": 10, "steps": 100},
+    "dss": {"samples": 2000, "batch": 32, "steps": 1000},
+}
+
+
 def default_rounds(steps: int) -> int:
-    """S4S-Alt's alternations for a budget of ``steps``: 8, but no phase shorter than 75 steps.
+    """S4S-Alt's alternations for a budget of ``steps``: 8, but no round (a grid phase and a coefficient
+    phase) shorter than 75 steps.
 
     Short phases do not settle before the other half of the parameters moves (measured: BENCHMARKS.md,
-    the image model).
+    the image model and the default-size study).
     """
-    return max(1, min(8, steps // 150))
+    return max(1, min(8, steps // 75))
 
 
 def optimizer_name(cfg: FitConfig) -> str:

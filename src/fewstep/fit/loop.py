@@ -5,6 +5,12 @@ A fit is a list of :class:`~.config.Phase` (S4S: one coefficient phase; S4S-Alt:
 phases in turn; DSS: one joint phase). The training batch of global step k is drawn from a
 generator seeded by (seed, k) alone, so a run resumed from a checkpoint takes the same batches,
 and ends with the same parameters, as a run that was never interrupted.
+
+Under several processes (:mod:`fewstep.distributed`) every process draws the same batch and takes the rows it
+owns (noise i belongs to rank i % world), weighted by their share of the batch; the solver's gradients are
+all-reduced before the optimiser step, which is then the same everywhere. Validation errors are gathered in
+row order, the budget counts every process's network evaluations, and LD3's relaxed latents are updated by
+the process that owns their noise.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..denoiser import Denoiser
+from ..distributed import Dist, current, fault
 from ..errors import FewstepError, ModelOutputError
 from ..sampling import guidance_groups, solve, take
 from ..solvers.kernel import run_tableau
@@ -65,6 +72,7 @@ class Relax:
     r: float
     lr: float = 1.0
     offsets: Tensor | None = None
+    mine: Tensor | None = None  # (K,) bool: the latents this process updates (None: all, or not fitting yet)
 
     def radius(self, model: Denoiser, dim: int) -> float:
         return self.r * model.schedule.init_noise_scale() * math.sqrt(dim)
@@ -102,23 +110,53 @@ def _cond_rows(cond: dict[str, Any], idx: Tensor) -> dict[str, Any]:
     return {k: (v[idx] if isinstance(v, Tensor) else v) for k, v in cond.items()}
 
 
+def noise_groups(groups: int | None) -> int:
+    """The number of noise groups of a fit (``FitConfig.noise_groups``; default one per process), checked
+    against the number of processes."""
+    d = current()
+    G = d.world if groups is None else int(groups)
+    if G < d.world:
+        raise FewstepError(f"--noise-groups {G} is fewer than the {d.world} processes of this run: give at least "
+                           f"{d.world}, or drop it for one group per process")
+    return G
+
+
 @torch.no_grad()
-def val_errors(model: Denoiser, solver: Any, val: TeacherData, batch: int = 256) -> Tensor:
-    """Per-sample RMSE (K,) of the solver to the teacher's outputs on the validation noises."""
-    out = []
-    for k in range(0, len(val), batch):
-        idx = torch.arange(k, min(len(val), k + batch))
-        try:
-            x = student(model, solver, val.noise[idx], _cond_rows(val.cond, idx))
-        except ModelOutputError:  # parameters that blow the solve up: infinitely bad, not a crash
-            return torch.full((len(val),), math.inf, dtype=torch.float64)
-        out.append((x - val.target[idx]).double().flatten(1).pow(2).mean(1).sqrt().cpu())
-    return torch.cat(out)
+def val_errors(model: Denoiser, solver: Any, val: TeacherData, batch: int = 256, groups: int | None = None) -> Tensor:
+    """Per-sample RMSE (K,) of the solver to the teacher's outputs on the validation noises.
+
+    The noises are solved in groups (noise i in group i % G, :func:`noise_groups`), each in batches of its own;
+    under several processes each solves the groups it owns and the errors are gathered in row order, so every
+    process returns the same tensor (and takes the same decisions on it)."""
+    d = current()
+    G = noise_groups(groups)
+
+    def mine() -> list[Tensor] | None:
+        parts = []
+        for g in d.groups(G):
+            rows, out = torch.arange(g, len(val), G), []
+            for k in range(0, rows.numel(), batch):
+                idx = rows[k:k + batch]
+                try:
+                    x = student(model, solver, val.noise[idx], _cond_rows(val.cond, idx))
+                except ModelOutputError:  # parameters that blow the solve up: infinitely bad, not a crash
+                    return None
+                out.append((x - val.target[idx]).double().flatten(1).pow(2).mean(1).sqrt().cpu())
+            parts.append(torch.cat(out) if out else torch.zeros(0, dtype=torch.float64))
+        return parts
+
+    local = d.agree(mine)  # another error on any process is raised on all of them
+    blown = local is None
+    if d.world > 1:
+        blown = d.sum_ints([int(blown)])[0] > 0
+    if blown:
+        return torch.full((len(val),), math.inf, dtype=torch.float64)
+    return d.gather_groups(local, G, len(val))
 
 
-def validate(model: Denoiser, solver: Any, val: TeacherData, batch: int = 256) -> float:
+def validate(model: Denoiser, solver: Any, val: TeacherData, batch: int = 256, groups: int | None = None) -> float:
     """Mean per-sample RMSE of the solver to the teacher's outputs on the validation noises."""
-    return float(val_errors(model, solver, val, batch).mean())
+    return float(val_errors(model, solver, val, batch, groups).mean())
 
 
 def clearly_better(new: Tensor, old: Tensor, z: float = 2.0) -> bool:
@@ -177,16 +215,19 @@ def _objective(model: Denoiser, solver: LearnedSolver, train: TeacherData, idx: 
 
 
 def _accumulate(model: Denoiser, solver: LearnedSolver, train: TeacherData, idx: Tensor, off: Tensor | None,
-                scale: float, loss_fn: LossFn, dss_weights: tuple[float, float] | None, cfg: FitConfig) -> Tensor:
-    """The batch's loss, backpropagated in micro-batches of ``cfg.micro_batch`` samples (gradients accumulate:
+                scale: float, loss_fn: LossFn, dss_weights: tuple[float, float] | None, cfg: FitConfig,
+                batch: int | None = None) -> Tensor:
+    """The loss of rows ``idx`` of a batch of ``batch`` rows (default: ``idx`` is the whole batch), weighted by
+    their share of it and backpropagated in micro-batches of ``cfg.micro_batch`` samples (gradients accumulate:
     the same gradient as the whole batch at once, with memory for a micro-batch only)."""
-    mb = cfg.micro_batch or idx.numel()
+    mb = cfg.micro_batch or max(1, idx.numel())
+    batch = batch or idx.numel()
     total = torch.zeros((), dtype=torch.float64)
     for a in range(0, idx.numel(), mb):
         part = idx[a:a + mb]
         noise = train.noise[part] if off is None else train.noise[part] + off[a:a + mb] / scale
         L = _objective(model, solver, train, part, noise, loss_fn, dss_weights, bool(cfg.use_checkpoint))
-        L = L * (part.numel() / idx.numel())
+        L = L * (part.numel() / batch)
         L.backward()
         total = total + L.detach().to(total.dtype)
     return total
@@ -209,7 +250,8 @@ class Budget:
     base: int
 
     def spent(self) -> int:
-        return self.before + self.model.cost.total - self.base
+        """Spent so far by the whole run (under several processes: summed over them, a collective)."""
+        return self.before + current().sum_ints([self.model.cost.total - self.base])[0]
 
     def allows(self, more: int) -> bool:
         return self.spent() + more <= self.limit
@@ -245,10 +287,13 @@ def optimise(session: FitSession, phase: Phase, state: FitState | None = None, s
     """
     model, solver, train, val, cfg, relax = (session.model, session.solver, session.train, session.val,
                                              session.cfg, session.relax)
+    d = current()
+    G = noise_groups(cfg.noise_groups)
     state = state or FitState()
     steps = phase.steps if steps is None else steps
     groups = solver.coef_groups()
     params = [{"params": groups[g], "lr": lr} for g, lr in phase.lrs.items() if lr > 0]
+    plist = [p for g in params for p in g["params"]]
     for p in solver.parameters():
         p.requires_grad_(False)
     for g in params:
@@ -264,6 +309,8 @@ def optimise(session: FitSession, phase: Phase, state: FitState | None = None, s
     dim = int(train.noise[0].numel())
     if relax is not None and relax.offsets is None:
         relax.offsets = torch.zeros_like(train.noise)
+    if relax is not None:  # the latents this process updates: those of the noises in its groups
+        relax.mine = torch.arange(len(train)) % G % d.world == d.rank
     radius = relax.radius(model, dim) if relax is not None else 0.0
     scale = model.schedule.init_noise_scale()
     if state.best is None:
@@ -272,7 +319,7 @@ def optimise(session: FitSession, phase: Phase, state: FitState | None = None, s
             for p in solver.parameters():
                 p.requires_grad_(False)
             return state
-        state.best_val = validate(model, solver, val)
+        state.best_val = validate(model, solver, val, groups=cfg.noise_groups)
         state.best = {k: v.detach().clone() for k, v in solver.state_dict().items()}
     base = [g["lr"] for g in opt.param_groups]
     warm = max(1, min(50, phase.steps // 10)) if cfg.warmup else 1
@@ -289,13 +336,22 @@ def optimise(session: FitSession, phase: Phase, state: FitState | None = None, s
                 step_cost(cfg, idx.numel()) + (len(val) * cfg.nfe if validates else 0) + session.reserve):
             state.exhausted = True  # the next step would cross the budget: stop with the best so far
             break
-        off = relax.offsets[idx].clone().requires_grad_(True) if relax is not None else None
-        opt.zero_grad(set_to_none=True)
-        try:
-            L = _accumulate(model, solver, train, idx, off, scale, loss_fn, phase.dss_weights, cfg)
-            failed = not all(p.grad is None or torch.isfinite(p.grad).all() for g in params for p in g["params"])
-        except ModelOutputError:  # the solve blew up at these parameters: skip the step
-            L, failed = torch.tensor(math.inf), True
+        # the batch's noises in groups (noise i in group i % G), each its own forward/backward pass; this process
+        # runs the groups it owns (all of them for one process) and the groups' gradients are added in order
+        parts: list[tuple[Tensor, Tensor | None, Tensor, list[Tensor | None]]] = []
+        blew = False
+        for g in d.groups(G):
+            rows = idx if G == 1 else idx[idx % G == g]
+            off = relax.offsets[rows].clone().requires_grad_(True) if relax is not None else None
+            opt.zero_grad(set_to_none=True)
+            try:
+                Lg = _accumulate(model, solver, train, rows, off, scale, loss_fn, phase.dss_weights, cfg, idx.numel())
+            except ModelOutputError:  # the solve blew up at these parameters: skip the step
+                blew = True
+                break
+            parts.append((rows, off, Lg, [p.grad for p in plist]))
+        fault(f"fit step {state.step}")
+        L, failed, off_ok = _reduce_step(d, G, plist, parts, blew)
         if not failed:
             opt.step()
             bad = 0
@@ -306,17 +362,20 @@ def optimise(session: FitSession, phase: Phase, state: FitState | None = None, s
                 restore_best(solver, state)
                 opt.state.clear()
                 bad = 0
-        if relax is not None and not failed and off.grad is not None and torch.isfinite(off.grad).all():
-            with torch.no_grad():
-                gn = off.grad.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *[1] * (off.dim() - 1))
-                relax.offsets[idx] = relax.project(off - relax.lr * radius * off.grad / gn, radius)
+        if relax is not None and not failed and off_ok:
+            for rows, off, _, _ in parts:
+                if off.grad is None:
+                    continue
+                with torch.no_grad():
+                    gn = off.grad.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *[1] * (off.dim() - 1))
+                    relax.offsets[rows] = relax.project(off - relax.lr * radius * off.grad / gn, radius)
         state.step += 1
         state.phase_step += 1
         if session.progress is not None:
             session.progress.update(1)
             session.progress.set_postfix_str(f"{phase.label} loss {float(L.detach()):.3g} val {state.best_val:.4g}")
         if validates:
-            v = validate(model, solver, val)
+            v = validate(model, solver, val, groups=cfg.noise_groups)
             state.history.append({"step": state.step, "loss": finite_or_none(float(L.detach())),
                                   "val": finite_or_none(v)})
             if v < state.best_val:  # NaN and inf never win
@@ -331,6 +390,47 @@ def optimise(session: FitSession, phase: Phase, state: FitState | None = None, s
     for p in solver.parameters():
         p.requires_grad_(False)
     return state
+
+
+def _reduce_step(d: Dist, G: int, plist: list[Tensor], parts: list[tuple[Tensor, Tensor | None, Tensor, list]],
+                 blew: bool) -> tuple[Tensor, bool, bool]:
+    """The step's loss and gradients from every group's (each process ran its own groups): sets each parameter's
+    gradient to the sum of the groups' in group order, and returns (loss, failed, the relaxed latents'
+    gradients are finite). With several processes this is one gather of a few hundred bytes per group: the
+    gradients, which parameters have one, the loss and two flags; every process then takes the same optimiser
+    step, and the same as one process with the same groups, bit for bit."""
+    off_ok = all(off is None or off.grad is None or bool(torch.isfinite(off.grad).all()) for _, off, _, _ in parts)
+    if d.world == 1 and G == 1:  # the batch in one pass: its gradients are the step's
+        L = torch.tensor(math.inf) if blew else parts[0][2]
+        failed = blew or not all(p.grad is None or torch.isfinite(p.grad).all() for p in plist)
+        return L, failed, off_ok
+    sizes = [p.numel() for p in plist]
+    width = sum(sizes) + len(plist) + 3
+    local = torch.zeros((len(d.groups(G)), width), dtype=torch.float64)
+    for j, (_, _, Lg, grads) in enumerate(parts):
+        local[j, :sum(sizes)] = torch.cat([torch.zeros(n, dtype=torch.float64) if g is None
+                                           else g.detach().reshape(-1).to(torch.float64).cpu()
+                                           for g, n in zip(grads, sizes)])
+        local[j, sum(sizes):sum(sizes) + len(plist)] = torch.tensor([float(g is not None) for g in grads],
+                                                                   dtype=torch.float64)
+        local[j, -3] = float(Lg)
+    local[:, -2] = float(blew)
+    local[:, -1] = float(not off_ok)
+    full = d.gather_rows(local, G, kind="gradients")  # (G, width): every group's, in group order
+    blew, off_ok = bool((full[:, -2] > 0).any()), not bool((full[:, -1] > 0).any())
+    L = torch.tensor(math.inf) if blew else sum((full[g, -3] for g in range(1, G)), full[0, -3])
+    offs = [0]
+    for n in sizes:
+        offs.append(offs[-1] + n)
+    for i, p in enumerate(plist):
+        acc = None
+        for g in range(G):
+            if full[g, offs[-1] + i] > 0:
+                v = full[g, offs[i]:offs[i + 1]]
+                acc = v if acc is None else acc + v
+        p.grad = None if acc is None else acc.view(p.shape).to(device=p.device, dtype=p.dtype)
+    failed = blew or not all(p.grad is None or torch.isfinite(p.grad).all() for p in plist)
+    return L, failed, off_ok
 
 
 def _restore_optimizer(opt: torch.optim.Optimizer, saved: dict[str, Any], phase: Phase, source: str) -> None:

@@ -12,6 +12,7 @@ and keeps its starting point when it cannot beat it on validation.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..denoiser import Denoiser
+from ..distributed import current
 from ..errors import FewstepError
 from ..sampling import build_tableau
 from ..solvers.artifact import load_solver
@@ -105,7 +107,7 @@ def dss_start_ok(model: Denoiser, tab: Tableau) -> bool:
 @torch.no_grad()
 def rank_classic(model: Denoiser, nfe: int, val: TeacherData, predictor_only: bool = False,
                  candidates: list[str] | None = None,
-                 accept: Callable[[Tableau], bool] | None = None) -> list[tuple[float, str]]:
+                 accept: Callable[[Tableau], bool] | None = None, groups: int | None = None) -> list[tuple[float, str]]:
     """(validation RMSE to the teacher, 'NAME@GRID') of the best classic starts at ``nfe``, best first.
 
     Every candidate is screened on the first SCREEN_NOISES validation noises; the best SCREEN_KEEP are then
@@ -124,17 +126,17 @@ def rank_classic(model: Denoiser, nfe: int, val: TeacherData, predictor_only: bo
             continue
         tabs.append((spec, tab))
     screen = val if len(val) <= SCREEN_NOISES else val[:SCREEN_NOISES]
-    scored = sorted((v, i) for i, (spec, tab) in enumerate(tabs) for v in [_score(model, tab, screen)]
+    scored = sorted((v, i) for i, (spec, tab) in enumerate(tabs) for v in [_score(model, tab, screen, groups)]
                     if math.isfinite(v))
     if len(screen) == len(val):
         return [(v, tabs[i][0]) for v, i in scored]
-    kept = [(_score(model, tabs[i][1], val), tabs[i][0]) for _, i in scored[:SCREEN_KEEP]]
+    kept = [(_score(model, tabs[i][1], val, groups), tabs[i][0]) for _, i in scored[:SCREEN_KEEP]]
     return sorted(r for r in kept if math.isfinite(r[0]))
 
 
-def _score(model: Denoiser, tab: Tableau, val: TeacherData) -> float:
+def _score(model: Denoiser, tab: Tableau, val: TeacherData, groups: int | None = None) -> float:
     try:
-        return validate(model, TableauSolver(tab), val)
+        return validate(model, TableauSolver(tab), val, groups=groups)
     except FewstepError:
         return math.inf
 
@@ -154,6 +156,7 @@ class FitOutcome:
     notes: list[str] = field(default_factory=list)  # what went wrong on the way (blown-up solves), in words
     screened: list[dict[str, Any]] = field(default_factory=list)  # the candidates screened and their validation
     seed: int = 0  # the batch order of the candidate that went on
+    estimate: dict[str, Any] = field(default_factory=dict)  # the fit's RMSE to the teacher on noises nothing chose on
 
 
 def _build(model: Denoiser, cfg: FitConfig, start: str, tab: Tableau | None = None, learn: bool = True) -> LearnedSolver:
@@ -267,6 +270,20 @@ def _screen(model: Denoiser, cfg: FitConfig, cands: list[_Candidate], train: Tea
     return cands[best_k]
 
 
+def _check_same_everywhere(solver: LearnedSolver) -> None:
+    """Under several processes: every process must hold the same fitted parameters (they take the same steps
+    from the same all-reduced gradients); a difference would be a bug, not a result."""
+    d = current()
+    if d.world == 1:
+        return
+    h = hashlib.sha256()
+    for k, v in sorted(solver.state_dict().items()):
+        h.update(k.encode() + v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    if len(set(d.all_gather_object(h.hexdigest()))) > 1:
+        raise FewstepError("the processes of this run ended with different solver parameters (a collective that is "
+                           "not deterministic?): run it again with one process and report this")
+
+
 def fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitConfig, progress: Any = None,
                checkpoint: FitCheckpoint | None = None, confirm: TeacherData | None = None,
                already_spent: int = 0) -> FitOutcome:
@@ -307,7 +324,8 @@ def fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitCo
         else:
             dss = cfg.method == "dss"
             accept = (lambda tab: dss_start_ok(model, tab)) if dss else None
-            ranking = rank_classic(model, cfg.nfe, val, predictor_only=dss, accept=accept) if cfg.start is None else []
+            ranking = rank_classic(model, cfg.nfe, val, predictor_only=dss, accept=accept,
+                                   groups=cfg.noise_groups) if cfg.start is None else []
         starts = [cfg.start] if cfg.start else [s for _, s in ranking[:max(1, cfg.screen_starts)]]
         if not starts:
             raise FewstepError(f"no classic solver runs at NFE {cfg.nfe} on this model to start from")
@@ -324,12 +342,14 @@ def fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitCo
     state = run_phases(FitSession(model, solver, train, val, replace(cfg, seed=best.seed), relax, progress, on_eval,
                                   budget, reserve, source), phases, state)
     restore_best(solver, state)
+    _check_same_everywhere(solver)
     start_solver = best.start_solver
-    start_err = val_errors(model, start_solver, val)
-    err = val_errors(model, solver, val)
+    G = cfg.noise_groups
+    start_err = val_errors(model, start_solver, val, groups=G)
+    err = val_errors(model, solver, val, groups=G)
     co = co_start = None
     if confirm is not None:
-        co, co_start = val_errors(model, solver, confirm), val_errors(model, start_solver, confirm)
+        co, co_start = val_errors(model, solver, confirm, groups=G), val_errors(model, start_solver, confirm, groups=G)
         kept = not clearly_better(co, co_start)
     else:
         kept = not clearly_better(err, start_err)
@@ -343,4 +363,15 @@ def fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitCo
                      + ("; the start was kept" if kept else "") + " (lower --lr-coef / --lr-grid if this persists)")
     mean = lambda e: None if e is None else float(e.mean())  # noqa: E731
     return FitOutcome(solver, best.start, float(start_err.mean()), float(err.mean()), kept, state, ranking, resumed,
-                      mean(co), mean(co_start), notes, screened, best.seed)
+                      mean(co), mean(co_start), notes, screened, best.seed,
+                      fit_estimate(err if co is None else co, co_start if co is not None else start_err, co is not None))
+
+
+def fit_estimate(errors: Tensor, start_errors: Tensor, unseen: bool) -> dict[str, Any]:
+    """The fit's own estimate of its RMSE to the teacher, with its standard error: on the confirmation
+    noises (``unseen``: neither the checkpoint nor the start was chosen on them), else on the validation
+    noises, which chose the checkpoint and so flatter it."""
+    n = errors.numel()
+    sem = float(errors.std() / math.sqrt(n)) if n > 1 else float("nan")
+    return {"rmse_to_teacher": float(errors.mean()), "sem": sem, "start_rmse_to_teacher": float(start_errors.mean()),
+            "noises": n, "on": "confirmation" if unseen else "validation (it chose the checkpoint: optimistic)"}

@@ -22,10 +22,11 @@ import torch
 from torch import Tensor
 
 from ..denoiser import Denoiser
+from ..distributed import current, fault
 from ..errors import FewstepError
 from ..sampling import build_tableau, sample
 from ..seeds import check_fit_seeds
-from .teacher_cache import MANIFEST, SCHEMA_VERSION, ShardCache, cache_folder
+from .teacher_cache import MANIFEST, SCHEMA_VERSION, ShardCache, cache_folder, shard_name
 from .teacher_spec import TeacherSpec, default_teacher, dss_teacher, parse_teacher, teacher_times
 
 __all__ = [
@@ -251,13 +252,17 @@ def _progress_bar(progress: bool, total: int, desc: str) -> Any:
     return tqdm(total=total, desc=desc, unit="sample", file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
+#: seeds per teacher shard file (a new cache's; an existing cache keeps its own)
+SHARD_SIZE = 128
+
+
 def generate_teacher(
     model: Denoiser,
     seeds: Iterable[int],
     spec: str | TeacherSpec | None = None,
     keep_states: bool = False,
     cache_dir: str | os.PathLike | None = None,
-    shard_size: int = 128,
+    shard_size: int = SHARD_SIZE,
     batch_size: int = 128,
     device: str | torch.device = "cpu",
     progress: bool = True,
@@ -277,7 +282,10 @@ def generate_teacher(
             an existing cache keeps the shard size it was created with.
         batch_size: samples per teacher call (results do not depend on it).
         device: where the teacher runs; the returned data are on the CPU (use ``.to(device)``).
-        progress: show a tqdm bar on stderr while shards are computed.
+        progress: show a tqdm bar on stderr while shards are computed (rank 0 only).
+    Under several processes (:mod:`fewstep.distributed`) the missing shards are shared out (the k-th to rank
+    k % world), rank 0 lists them in the manifest, and every rank returns the same data; the shards are those
+    one process makes, so a run interrupted under any number of processes resumes under any other.
     Returns:
         :class:`TeacherData` for exactly ``seeds``.
     """
@@ -309,40 +317,76 @@ def generate_teacher(
         "keep_states": bool(keep_states),
         "times": [float(t) for t in times.tolist()],
     }
-    cache = ShardCache(folder, header, shard_size)
+    d = current()
+    # rank 0 opens the folder first (it may rebuild the manifest), finds what is there and what is missing; the
+    # k-th missing shard is computed by rank k % world, which writes it without touching the manifest
+    cache = ShardCache(folder, header, shard_size) if d.main else None
+    d.barrier()
+    cache = cache or ShardCache(folder, header, shard_size)
     size = cache.size
 
     blocks = sorted({s // size for s in seeds})
     loaded: dict[int, dict[str, Tensor]] = {}
     missing: list[int] = []
-    for k in blocks:
-        t = cache.load(k)
-        if t is None:
-            missing.append(k)
-        else:
-            loaded[k] = t
-    if loaded:
-        k0 = next(iter(loaded))
-        _check_same_model(model, loaded[k0], k0 * size, folder)
+    if d.main:
+        for k in blocks:
+            t = cache.load(k)
+            if t is None:
+                missing.append(k)
+            else:
+                loaded[k] = t
+        if loaded:
+            k0 = next(iter(loaded))
+            _check_same_model(model, loaded[k0], k0 * size, folder)
+    missing = d.broadcast_object(missing)
+    unlisted = [k for k in blocks if k not in missing and cache.block(k)[0] not in cache.entries]
 
-    n_cached = len(loaded)
-    bar = _progress_bar(progress, len(missing) * size, f"teacher {spec}")
+    n_cached = len(blocks) - len(missing)
+    bar = _progress_bar(progress and d.main, len(missing) * size, f"teacher {spec}")
+    shared: dict[str, Any] = {}
     try:
-        for j, k in enumerate(missing):
-            start, stop = cache.block(k)
-            if bar is not None:
-                bar.set_postfix_str(f"shard {j + 1}/{len(missing)}, {n_cached} cached")
-            before = model.cost.forward
-            with torch.no_grad():
-                tensors, sh = _run_block(model, spec, list(range(start, stop)), times.numel(), keep_states,
-                                         batch_size, device, bar)
-            if keep_states:
-                tensors["times"] = times.clone()
-            cache.store(k, tensors, sh, model.cost.forward - before)
-            loaded[k] = tensors
+        for r in range(-(-len(missing) // d.world)):  # rounds: every rank computes one shard per round
+            j = r * d.world + d.rank
+            if j < len(missing):
+                k = missing[j]
+                start, stop = cache.block(k)
+                if bar is not None:
+                    bar.set_postfix_str(f"shard {j + 1}/{len(missing)}, {n_cached} cached"
+                                        + (f", {d.world} processes" if d.world > 1 else ""))
+                before = model.cost.forward
+                with torch.no_grad():
+                    tensors, sh = _run_block(model, spec, list(range(start, stop)), times.numel(), keep_states,
+                                             batch_size, device, bar if d.world == 1 else None)
+                if keep_states:
+                    tensors["times"] = times.clone()
+                cache.store(k, tensors, sh, model.cost.forward - before, index=d.world == 1)
+                loaded[k] = tensors
+                shared.update(sh)
+            fault(f"teacher round {r}")
+            if d.world > 1:  # samples done this round by every rank: the bar shows the whole run's rate
+                done = d.sum_ints([size if j < len(missing) else 0])[0]
+                if bar is not None:
+                    bar.update(done)
     finally:
         if bar is not None:
             bar.close()
+    if d.world > 1:
+        for sh in d.all_gather_object(shared):  # also: every rank's shards are on disk past this point
+            shared.update(sh)
+        if d.main and (missing or unlisted):
+            cache.add_entries(missing + unlisted, shared)
+        d.barrier()
+        cache.shared.update(shared)
+        for k in blocks:  # every rank reads the shards the others made (checked like any cached shard)
+            if k not in loaded:
+                t = cache.load(k)
+                if t is None:
+                    raise FewstepError(f"teacher cache shard {folder / shard_name(*cache.block(k))} that another "
+                                       f"process wrote cannot be read here: is {folder} on a file system every "
+                                       f"process sees?")
+                loaded[k] = t
+    elif unlisted:
+        cache.add_entries(unlisted, {})
 
     data = _assemble(seeds, blocks, loaded, size, keep_states, times, cache.shared, spec)
     per_sample = build_tableau(model, spec.solver, spec.nfe, spec.grid).N  # for shards that do not record it

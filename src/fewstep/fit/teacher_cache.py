@@ -206,6 +206,10 @@ class ShardCache:
             self.costs[k] = int(meta["forward_evals"])
         except (KeyError, ValueError):
             pass  # a shard that does not say what it cost: the caller predicts it
+        try:  # its shared conditioning, also when the manifest does not list it yet (another process wrote it)
+            self.shared.update(json.loads(meta.get("shared_cond") or "{}"))
+        except (ValueError, TypeError):
+            pass
         return t
 
     def _problem(self, meta: dict[str, str], t: dict[str, Tensor], start: int, stop: int) -> str | None:
@@ -228,9 +232,10 @@ class ShardCache:
             return f"holds NaN or inf in {', '.join(bad)}"
         return None
 
-    def store(self, k: int, tensors: dict[str, Tensor], shared: dict[str, Any], forward_evals: int = 0) -> None:
+    def store(self, k: int, tensors: dict[str, Tensor], shared: dict[str, Any], forward_evals: int = 0,
+              index: bool = True) -> None:
         """Write shard k (with its metadata, its checksum and the network evaluations it cost), then list it in
-        the manifest."""
+        the manifest (``index=False``: leave the manifest alone; one process lists the shards of several)."""
         start, stop = self.block(k)
         name = shard_name(start, stop)
         meta = {"kind": SHARD_KIND, "teacher": self.header["teacher"], "fingerprint": self.header["fingerprint"],
@@ -239,7 +244,8 @@ class ShardCache:
                 "forward_evals": str(int(forward_evals))}
         write_bytes(self.folder / name, _safetensors().save(tensors, metadata=meta))
         self.costs[k] = int(forward_evals)
-        self.add_entries([k], shared)
+        if index:
+            self.add_entries([k], shared)
 
     def add_entries(self, blocks: list[int], shared: dict[str, Any]) -> None:
         """List finished shards in the manifest (merged under the folder's lock)."""

@@ -20,8 +20,9 @@ the same stepper fed by the pipeline's network calls.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -207,6 +208,29 @@ class Stepper:
         return acc
 
 
+def checkpointable_blocks(net: Any) -> list[torch.nn.Module]:
+    """The diffusers networks inside ``net`` that can recompute each of their blocks in the backward pass
+    (their own gradient checkpointing) and do not already."""
+    if not isinstance(net, torch.nn.Module):
+        return []
+    return [m for m in net.modules() if getattr(m, "_supports_gradient_checkpointing", False)
+            and hasattr(m, "enable_gradient_checkpointing") and not getattr(m, "gradient_checkpointing", False)]
+
+
+@contextmanager
+def checkpointed_blocks(mods: list[torch.nn.Module]) -> Iterator[None]:
+    """While open, ``mods`` (from :func:`checkpointable_blocks`) checkpoint their blocks. Opened inside a
+    checkpointed network call, it is open again when the backward pass recomputes that call: the backward
+    then holds the call's block inputs and one block's activations, not the whole call's."""
+    for m in mods:
+        m.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.disable_gradient_checkpointing()
+
+
 def run_tableau(
     model: Denoiser,
     x: Tensor,
@@ -226,13 +250,15 @@ def run_tableau(
         cond: conditioning keyword arguments passed to every model call.
         callback: called after every solution step with {"i", "t", "x", "F"}.
         return_trajectory: also return the states at the solution points [x_0, ..., x_N].
-        use_checkpoint: recompute each model call in the backward pass (saves memory).
+        use_checkpoint: recompute each model call in the backward pass, and each block of a diffusers
+            network inside it (:func:`checkpointed_blocks`): memory of one block, not of NFE calls.
         check: stop with a clear error if the model returns NaN or inf.
     Returns:
         x_N, shape (B, ...), or (x_N, trajectory).
     """
     cond = cond or {}
     n = tab.N
+    blocks = checkpointable_blocks(model.net) if use_checkpoint else []
     stepper = Stepper(tab, model.schedule)
     times, scal = stepper.times, stepper.scalars
     c_times = times.detach()
@@ -243,7 +269,11 @@ def run_tableau(
     def evaluate(xi: Tensor, j: int) -> Tensor:
         tj = times[j] if times.requires_grad else c_times[j]
         if use_checkpoint and torch.is_grad_enabled():
-            out = checkpoint(lambda z: model.predict(z, tj, tab.basis, scal[j], **cond), xi, use_reentrant=False)
+            def call(z: Tensor) -> Tensor:
+                with checkpointed_blocks(blocks):
+                    return model.predict(z, tj, tab.basis, scal[j], **cond)
+
+            out = checkpoint(call, xi, use_reentrant=False)
         else:
             out = model.predict(xi, tj, tab.basis, scal[j], **cond)
         if check and not math.isfinite(float(out.detach().sum())):
