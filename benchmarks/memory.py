@@ -93,6 +93,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,2,4,8")
     ap.add_argument("--nfes", default="2,4")
+    ap.add_argument("--checkpointing", default="off,on", help="which to measure: off, on or both (off,on)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -101,13 +102,13 @@ def main() -> None:
         print(json.dumps(one(b, n, ck, mb)))
         return
     configs = []
+    modes = args.checkpointing.split(",")
     for n in [int(v) for v in args.nfes.split(",")]:
         for b in [int(v) for v in args.batches.split(",")]:
-            configs.append((b, n, False, None))
-            configs.append((b, n, True, None))
+            configs += [(b, n, ck, None) for ck in (False, True) if ("on" if ck else "off") in modes]
         big = max(int(v) for v in args.batches.split(","))
-        configs.append((big, n, True, 1))
-        configs.append((big, n, True, 2))
+        if "on" in modes:
+            configs += [(big, n, True, 1), (big, n, True, 2)]
     rows = []
     print("| batch | NFE | checkpointing | micro-batch | step peak (MiB) | step time (s) |\n|---|---|---|---|---|---|")
     for c in configs:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import fewstep
+
 from fewstep import Flow, VPLinear
 from fewstep.errors import FewstepError
 from fewstep.fit.api import fit
@@ -128,3 +130,18 @@ def test_dss_trajectory_term_pulls_the_states_to_the_teachers(vp_model, tmp_path
     s100 = from_classic(vp_model, build_tableau(vp_model, "ddim@time", 100), "dss", rows_sum_to_one=True)
     L_100, _ = _grads(vp_model, s100, data, idx, (1.0, 0.0), False)
     assert L_100 < 1e-12 < L_traj
+
+
+def test_a_multi_scale_fit_without_out_samples_from_memory(tmp_path):
+    # found by benchmarks/multiscale.py: the in-memory result of a fit across scales was refused for its
+    # missing parameters file
+    from fewstep.specs import load_model
+
+    m = load_model("zoo:gmm", classes="all", guidance="2,3")
+    res = fit(m, "s4s-alt", 4, samples=32, val_samples=16, confirm_samples=16, steps=8, eval_every=4,
+              progress=False, cache_dir=tmp_path, start="ddim@logsnr", screen_seeds=1)
+    assert res.path is None and res.solver.guidance_range == (2.0, 3.0)
+    at = load_model("zoo:gmm", classes="all", guidance="2.5")
+    x = fewstep.sample(at, at.noise(list(range(1_000_000, 1_000_004))), res.solver, cond=at.cond_for(
+        list(range(1_000_000, 1_000_004))))
+    assert x.shape == (4, *at.sample_shape) and torch.isfinite(x).all()

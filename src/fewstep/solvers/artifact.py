@@ -86,7 +86,8 @@ class LoadedSolver:
     def __init__(self, doc: dict[str, Any], path: Path | None = None, force: bool = False,
                  learned: LearnedSolver | None = None) -> None:
         folder = Path(".") if path is None else (path if path.is_dir() else path.parent)
-        self.schedule, self._tab = checked(str(path or "solver"), check_doc, doc, folder)
+        # a fit's in-memory result has its parameters at hand, not in a file
+        self.schedule, self._tab = checked(str(path or "solver"), check_doc, doc, folder, learned is not None)
         self.doc, self.path, self.force = doc, path, force
         self.nfe = int(doc["nfe"])
         self.name = doc.get("label") or f"{doc['method']}"

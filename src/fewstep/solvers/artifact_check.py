@@ -144,7 +144,7 @@ def _seed_range(v: Any, field: str) -> None:
         raise _Fail(f"field {field} must be a seed range [lo, hi]; got {v!r}")
 
 
-def check_doc(doc: Any, folder: Path) -> tuple[Schedule, Tableau]:
+def check_doc(doc: Any, folder: Path, in_memory: bool = False) -> tuple[Schedule, Tableau]:
     """Check a whole solver.json document; returns its schedule and tables."""
     if not isinstance(doc, dict):
         raise _Fail("the document is not a JSON object")
@@ -171,7 +171,7 @@ def check_doc(doc: Any, folder: Path) -> tuple[Schedule, Tableau]:
     if "params" in doc:
         check_params_name(doc["params"], folder)
     if doc.get("guidance") is not None:
-        _check_guidance(doc, sched)
+        _check_guidance(doc, sched, need_params=not in_memory)
     teacher = doc.get("teacher")
     if teacher is not None:
         if not isinstance(teacher, dict):
@@ -185,7 +185,7 @@ def check_doc(doc: Any, folder: Path) -> tuple[Schedule, Tableau]:
     return sched, tab
 
 
-def _check_guidance(doc: dict[str, Any], sched: Schedule) -> None:
+def _check_guidance(doc: dict[str, Any], sched: Schedule, need_params: bool = True) -> None:
     """A solver fitted across guidance scales: its scales, reference scale, per-scale tables, params file."""
     g = doc["guidance"]
     if not isinstance(g, dict):
@@ -203,7 +203,7 @@ def _check_guidance(doc: dict[str, Any], sched: Schedule) -> None:
         raise _Fail("field guidance.tableaus must be an object")
     for w, t in tabs.items():
         check_tableau(t, doc["method"], sched)
-    if "params" not in doc:
+    if need_params and "params" not in doc:
         raise _Fail("field params is missing: a solver fitted across guidance scales needs its parameters file")
 
 
