@@ -27,6 +27,7 @@ class Counting(GaussNet):
 
     def forward(self, x, t_net, **cond):
         self.forward_rows += x.shape[0]
+        self.largest = max(getattr(self, "largest", 0), x.shape[0])
         out = super().forward(x, t_net)
         if out.requires_grad:
             n = x.shape[0]
@@ -176,3 +177,12 @@ def test_a_dtype_the_device_cannot_run_is_refused_in_one_line():
     with pytest.raises(FewstepError, match=r"this device \(meta\) cannot run a network in torch.float16") as e:
         check_dtype("fp16", "meta")
     assert "\n" not in str(e.value)
+
+
+def test_a_micro_batch_bounds_every_network_call_of_a_fit(tmp_path):
+    # teacher, classic ranking, screening, training, validation and confirmation: none calls the network on
+    # more noises at once than the micro-batch (memory bounded by it, whatever the batch and the noise counts)
+    m = counting_model()
+    res = fit(m, "s4s-alt", 4, teacher=SPEC, samples=48, val_samples=40, confirm_samples=40, steps=12, batch=16,
+              eval_every=6, progress=False, cache_dir=tmp_path, micro_batch=4)
+    assert m.net.largest == 4 and res.doc["fit"]["micro_batch"] == 4

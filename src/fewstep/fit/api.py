@@ -206,7 +206,9 @@ class FitData:
                  device: str | torch.device, progress: bool) -> "FitData":
         r = seed_ranges(cfg)
         check_fit_seeds([r["train"][1] - 1, r["val"][1] - 1, r["confirm"][1] - 1])
+        # a micro-batch that fits with gradients fits without: the teacher solves in those (else 128 at once)
         run = lambda lohi, keep=False: generate_teacher(model, range(*lohi), spec, keep_states=keep,  # noqa: E731
+                                                        batch_size=cfg.micro_batch or 128,
                                                         cache_dir=cache_dir, device=device,
                                                         progress=progress).to(device)
         return cls(run(r["train"], cfg.method == "dss"), run(r["val"]),

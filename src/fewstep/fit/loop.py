@@ -18,8 +18,10 @@ from __future__ import annotations
 import copy
 import math
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -121,8 +123,24 @@ def noise_groups(groups: int | None) -> int:
     return G
 
 
+#: samples per no-gradient solve in validation (a fit sets it to its micro-batch: see :func:`inference_batch`)
+_INFERENCE_BATCH: ContextVar[int] = ContextVar("inference_batch", default=256)
+
+
+@contextmanager
+def inference_batch(n: int | None) -> Iterator[None]:
+    """Validation solves at most ``n`` noises at once while open (None: 256): a micro-batch that fits with
+    gradients fits without them."""
+    token = _INFERENCE_BATCH.set(n or 256)
+    try:
+        yield
+    finally:
+        _INFERENCE_BATCH.reset(token)
+
+
 @torch.no_grad()
-def val_errors(model: Denoiser, solver: Any, val: TeacherData, batch: int = 256, groups: int | None = None) -> Tensor:
+def val_errors(model: Denoiser, solver: Any, val: TeacherData, batch: int | None = None,
+               groups: int | None = None) -> Tensor:
     """Per-sample RMSE (K,) of the solver to the teacher's outputs on the validation noises.
 
     The noises are solved in groups (noise i in group i % G, :func:`noise_groups`), each in batches of its own;
@@ -130,6 +148,7 @@ def val_errors(model: Denoiser, solver: Any, val: TeacherData, batch: int = 256,
     process returns the same tensor (and takes the same decisions on it)."""
     d = current()
     G = noise_groups(groups)
+    batch = batch or _INFERENCE_BATCH.get()
 
     def mine() -> list[Tensor] | None:
         parts = []
@@ -154,7 +173,8 @@ def val_errors(model: Denoiser, solver: Any, val: TeacherData, batch: int = 256,
     return d.gather_groups(local, G, len(val))
 
 
-def validate(model: Denoiser, solver: Any, val: TeacherData, batch: int = 256, groups: int | None = None) -> float:
+def validate(model: Denoiser, solver: Any, val: TeacherData, batch: int | None = None,
+             groups: int | None = None) -> float:
     """Mean per-sample RMSE of the solver to the teacher's outputs on the validation noises."""
     return float(val_errors(model, solver, val, batch, groups).mean())
 

@@ -32,7 +32,7 @@ from ..solvers.resolve import TableauSolver, is_artifact_spec
 from .budget import SCREEN_KEEP, SCREEN_NOISES
 from .checkpoint import FitCheckpoint
 from .config import METHODS, FitConfig, plan_phases
-from .loop import (Budget, FitSession, FitState, Relax, clearly_better, finite_or_none, restore_best, run_phases,
+from .loop import (Budget, FitSession, FitState, Relax, clearly_better, finite_or_none, inference_batch, restore_best, run_phases,
                    val_errors, validate)
 from .teacher import TeacherData
 
@@ -298,10 +298,16 @@ def fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitCo
     With ``checkpoint``, the state is saved after every validation after screening and a matching
     checkpoint is resumed from; the result is the same as that of an uninterrupted fit. With
     ``cfg.budget``, the fit stops before a step that would spend more than the budget (``already_spent``
-    counts toward it: the teacher).
+    counts toward it: the teacher). Validation solves in ``cfg.micro_batch`` noises at a time when one is set.
     """
     if cfg.method not in METHODS:
         raise FewstepError(f"unknown method {cfg.method!r}; valid: {', '.join(METHODS)}")
+    with inference_batch(cfg.micro_batch):
+        return _fit_solver(model, train, val, cfg, progress, checkpoint, confirm, already_spent)
+
+
+def _fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitConfig, progress: Any,
+                checkpoint: FitCheckpoint | None, confirm: TeacherData | None, already_spent: int) -> FitOutcome:
     base_spent = model.cost.total
     budget = None if cfg.budget is None else Budget(cfg.budget, model, already_spent, base_spent)
     # kept for after the phases: the fitted solver and its start on the validation and confirmation noises
