@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from fewstep.conditions import GuidanceSet
 from fewstep.evaluate import evaluate, reference_samples, run_solver
 from fewstep.fit.api import fit
 from fewstep.specs import load_model
@@ -70,7 +71,7 @@ def main() -> None:
             own = fit(m, args.method, args.nfe, seed=s, progress=False, **kw).solver
             sr.append(run_solver(m, held, own, args.nfe, ref).rmse)
         ratio = [a / c for a, c in zip(mr, sr)]
-        fitted = "" if f"{w:g}" not in args.fit_scales.split(",") else " (fitted)"
+        fitted = " (fitted)" if any(abs(w - f) < 1e-9 for f in GuidanceSet.parse(args.fit_scales).scales) else ""
         rows.append({"scale": w, "fitted": bool(fitted), "best_classic": f"{b['solver']}@{b['grid']}",
                      "best_classic_rmse": b["rmse"], "best_classic_sem": b.get("rmse_sem"), "multi": mr,
                      "single": sr, "ratio": ratio})
