@@ -203,6 +203,32 @@ def test_nan_names_step_time_and_solver():
         sample(m, torch.randn(2, 3), "dpmpp_2m", nfe=6, grid="time")
 
 
+class _Echo(torch.nn.Module):
+    """A network that passes its input through (NaN in, NaN out), as real networks do."""
+
+    def forward(self, x, t):
+        return x.clone()
+
+
+@pytest.mark.parametrize("step", [1, 3])
+def test_unstable_coefficients_blame_the_solver_not_the_model(step):
+    """A state that overflows through the solver's own coefficients is named as the solver's fault, both
+    mid-solve (found at the next model call) and at the last step (checked once at the end)."""
+    import dataclasses
+
+    from fewstep.solvers.kernel import run_tableau
+
+    m = fewstep.Denoiser(_Echo(), VPDiscrete(), "eps", sample_shape=(3,))
+    tab = make_tableau("ddim", m.schedule, make_grid(m.schedule, 4, "time"))
+    a = tab.a.clone()
+    a[step] = float("inf")
+    bad = dataclasses.replace(tab, a=a)
+    x = torch.randn(2, 3, dtype=F64)
+    assert torch.isfinite(run_tableau(m, x, tab)).all()
+    with pytest.raises(ModelOutputError, match=rf"solver ddim produced NaN/inf at step {step} .*unstable"):
+        run_tableau(m, x, bad)
+
+
 def test_wrong_output_shape():
     m = fewstep.Denoiser(_Bad("shape"), VPDiscrete(), "eps", sample_shape=(3,))
     with pytest.raises(ShapeError, match="returned shape"):

@@ -98,6 +98,14 @@ class Schedule:
         raise NotImplementedError
 
     # --- derived -----------------------------------------------------------------------
+    def alpha_at_t_max(self) -> float:
+        """alpha at the noise end (0 for a flow that starts from pure noise); computed once per schedule."""
+        cached = self.__dict__.get("_alpha_max")
+        if cached is None or cached[0] != self.t_max:
+            cached = (self.t_max, float(self.alpha(torch.tensor(self.t_max, dtype=torch.float64))))
+            self.__dict__["_alpha_max"] = cached
+        return cached[1]
+
     def alpha(self, t: Tensor | float) -> Tensor:
         """alpha_t, float64, same shape as t."""
         return torch.exp(self.log_alpha(_t(t)))

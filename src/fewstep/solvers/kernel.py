@@ -57,7 +57,7 @@ class Tableau:
     C_mask: Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
     points: Tensor | None = None
-    _static: Any = field(default=None, repr=False, compare=False)
+    _static: Any = field(default=None, init=False, repr=False, compare=False)  # float tables, filled on first use
 
     @property
     def N(self) -> int:
@@ -277,19 +277,26 @@ def run_tableau(
         else:
             out = model.predict(xi, tj, tab.basis, scal[j], **cond)
         if check and not math.isfinite(float(out.detach().sum())):
+            if j > 0 and not bool(torch.isfinite(xi.detach()).all()):
+                raise unstable(j - 1)  # the solver's own state went first, not the model
             try:
                 check_finite(out, f"at step {j} (t={float(tj.detach()):.6g}) of solver {tab.name}")
             except ModelOutputError as e:
                 raise ModelOutputError(str(e)) from None
         return out
 
+    def unstable(i: int) -> ModelOutputError:
+        return ModelOutputError(
+            f"solver {tab.name} produced NaN/inf at step {i} (t={float(tab.t[i + 1]):.6g}) from finite model "
+            f"outputs: its coefficients are unstable on this grid; try another solver or grid"
+        )
+
     def settled(i: int, xi: Tensor, F: Tensor | None) -> None:
-        """x_{i+1} is final: check it and report it (solution points only)."""
-        if check and not math.isfinite(float(xi.detach().sum())):
-            raise ModelOutputError(
-                f"solver {tab.name} produced NaN/inf at step {i} (t={float(tab.t[i + 1]):.6g}) from finite model "
-                f"outputs: its coefficients are unstable on this grid; try another solver or grid"
-            )
+        """x_{i+1} is final: report it (solution points only). Only the last state is checked here: a
+        non-finite state before it reaches the next model call, whose check names the solver (no extra
+        reduction per step on the sampling hot path)."""
+        if check and i == n - 1 and not math.isfinite(float(xi.detach().sum())):
+            raise unstable(i)
         if not points[i + 1]:
             return
         if traj is not None:

@@ -60,7 +60,7 @@ class SolverInfo:
 
     def suits(self, schedule: Schedule) -> bool:
         """Can this solver run on ``schedule`` at all?"""
-        return not self.needs_alpha or float(schedule.alpha(torch.tensor(schedule.t_max, dtype=F64))) > 0
+        return not self.needs_alpha or schedule.alpha_at_t_max() > 0
 
 
 SOLVERS: dict[str, SolverInfo] = {}
