@@ -9,7 +9,8 @@ random teacher targets are built, the process's peak RSS is read, two fit steps 
 peak is the step's memory. The fit is fewstep's own loop (``fewstep.fit.loop.optimise``), so what is
 measured is what a fit allocates: activations kept for the backward pass through every evaluation, the
 solver state, gradients. A least-squares fit of the measurements to ``a + b * batch * NFE`` (no
-checkpointing) and ``a + b * micro_batch + c * batch * NFE`` (checkpointing) gives the formula.
+checkpointing) and ``a + m * (b + c * NFE)`` (checkpointing; m the micro-batch, or the batch without one:
+one call's recomputed block activations, plus each call's kept block inputs) gives the formula.
 """
 
 from __future__ import annotations
@@ -81,11 +82,12 @@ def fit_formula(rows: list[dict]) -> dict:
         out["no_checkpointing"] = {"a_mib": round(float(a), 1), "per_sample_evaluation_mib": round(float(b), 2)}
     ck = [r for r in rows if r["checkpoint"]]
     if len(ck) >= 3:
-        A = np.array([[1.0, r["micro_batch"] or r["batch"], r["batch"] * r["nfe"]] for r in ck])
+        m = [r["micro_batch"] or r["batch"] for r in ck]
+        A = np.array([[1.0, mi, mi * r["nfe"]] for mi, r in zip(m, ck)])
         y = np.array([r["step_mib"] for r in ck])
         (a, b, c), *_ = np.linalg.lstsq(A, y, rcond=None)
         out["checkpointing"] = {"a_mib": round(float(a), 1), "per_sample_one_evaluation_mib": round(float(b), 2),
-                                "per_sample_evaluation_kept_mib": round(float(c), 3)}
+                                "per_sample_and_nfe_kept_mib": round(float(c), 3)}
     return out
 
 
