@@ -103,8 +103,8 @@ class FitConfig:
 #: Default fit size per method: the papers' training cost, counting the screening (``screen_share`` of the
 #: steps for each of the 4 screened candidates, so the steps below run about 1.6 times). S4S: 700 noises,
 #: batch 20, 10 epochs; S4S-Alt: 1,200 noises, batch 40, 16 epochs (K = 8 alternations of an epoch each
-#: in the paper; here 4 alternations, measured as good at this cost); LD3: 100 noises; DSS: about 50k noise
-#: draws at batch 32. Their held-out RMSE against the 14x costlier former defaults: BENCHMARKS.md.
+#: in the paper; here 4 alternations); LD3: 100 noises; DSS: about 50k noise draws at batch 32. What they
+#: cost and how they compare with the former one-size default: BENCHMARKS.md, section 8.
 METHOD_SIZES: dict[str, dict[str, int]] = {
     "s4s": {"samples": 700, "batch": 20, "steps": 220},
     "s4s-alt": {"samples": 1200, "batch": 40, "steps": 300},
