@@ -7,10 +7,12 @@ BIN := $(VENV)/bin
 
 $(BIN)/fewstep: pyproject.toml
 	$(PY) -m venv $(VENV)
+	@# k-diffusion goes in last and without its training-time dependencies (accelerate, wandb, torchvision, ...):
+	@# its samplers need torchsde and torchdiffeq only. Taken out first, so no later install reports it incomplete.
+	@$(BIN)/pip uninstall -q -y k-diffusion >/dev/null 2>&1 || true
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test,all]"
+	$(BIN)/pip install -q -e ".[test,all]" torchsde==0.2.6 torchdiffeq==0.2.5
 	$(BIN)/pip install -q --no-deps k-diffusion==0.1.1.post1
-	$(BIN)/pip install -q torchsde torchdiffeq
 	touch $(BIN)/fewstep
 
 setup: $(BIN)/fewstep

@@ -325,7 +325,10 @@ def test_load_diffusers_round_trip(dit, tmp_path):
     assert torch.equal(labels, torch.cat([den.cond_for([s])["class_labels"] for s in range(20, 26)]))
     x = noise_of((6, 4, 8, 8), 16)
     with torch.no_grad():
-        assert torch.equal(den(x, 0.5, class_labels=labels), ref(x, 0.5, class_labels=labels))
+        # the folder's network and the in-memory one: equal weights in two memory layouts, so agreement to
+        # float32 rounding (which matmul kernel runs depends on the CPU)
+        torch.testing.assert_close(den(x, 0.5, class_labels=labels), ref(x, 0.5, class_labels=labels),
+                                   rtol=1e-5, atol=1e-6)
         out = fewstep.sample(den, den.noise(range(20, 26)), "unipc", nfe=4, cond=den.cond_for(range(20, 26)))
     assert out.shape == (6, 4, 8, 8) and torch.isfinite(out).all()
     # the scale is not part of the model: a solver fitted at 2 may be tried at 3 (its artifact records 2)

@@ -100,8 +100,10 @@ def test_loaded_run_equals_in_memory_run(kind, pair):
     a, b = run(mem, kind, prompt), run(loaded, kind, prompt)
     assert tuple(a.shape) == T.latent_shape(kind) and a.dtype == torch.float32
     assert torch.isfinite(a).all()
-    assert torch.equal(a, b)
-    assert torch.equal(run(loaded, kind, prompt), b)  # deterministic on the same generator seed
+    # two load paths, two memory layouts: which matmul kernel runs depends on the CPU, so the contract is
+    # agreement to float32 rounding (a few steps of a float32 pipeline: ~1e-7 relative), not bit identity
+    assert rel(a, b) <= 1e-5
+    assert torch.equal(run(loaded, kind, prompt), b)  # deterministic: the same pipeline, generator seed, process
     assert rel(run(loaded, kind, prompt, seed=1), b) > 1e-2  # and the noise does come from it
 
 
