@@ -16,7 +16,7 @@ ROOT = Path(fewstep.__file__).parent
 #: the layers of the package, bottom first; a module may import from lower ranks only (same rank: no)
 LAYERS = [
     ["errors"],
-    ["seeds", "io", "conditions", "cost", "distributed"],
+    ["seeds", "io", "conditions", "cost", "distributed", "progress"],
     ["training", "schedules"],
     ["grids", "denoiser"],
     ["solvers"],
@@ -34,7 +34,8 @@ LAYERS = [
 ]
 #: inside a package, the same rule over its modules
 INNER = {
-    "solvers": [["kernel"], ["classic", "heun", "artifact_check"], ["registry", "learned"], ["artifact"], ["resolve"],
+    "solvers": [["kernel"], ["classic", "heun", "artifact_check", "model_match"], ["registry", "learned"], ["artifact"],
+                ["resolve"],
                 ["__init__"]],
     "fit": [["config", "teacher_spec", "teacher_cache"], ["teacher", "budget"], ["loop"], ["checkpoint"], ["methods"],
             ["api"], ["__init__"]],

@@ -311,3 +311,103 @@ def test_one_process_is_a_world_of_one_with_the_same_helpers():
     assert [i for i in range(6) if two.mine(i)] == [1, 3, 5] and two.groups(4) == [1, 3]
     with pytest.raises(FewstepError):  # fewer groups than processes: refused before any collective
         Dist(rank=0, world=3).gather_groups([x], 2, n)
+
+
+# ================================================================== the end of a run: 20 two-process runs in a row
+# Each run forks two processes from one that imported torch once (a run then costs the processes' own work and
+# their interpreter shutdown, ~1 s, instead of torchrun's ~4 s). They join by env:// as under torchrun, do a
+# collective of each kind, import torch.distributed.nn once joined (what a fit's optimizer imports, through
+# torch._dynamo: it used to keep the group, and so gloo's worker threads, alive after destroy_process_group, and
+# a worker that released a collective's tensors while the interpreter shut down aborted the process after its
+# complete output, SIGABRT), and end as ``fewstep.cli.main`` ends a completed run: shutdown(), exit_process(0).
+# MODE "held": something else keeps the group (exit_process must then skip the interpreter's shutdown, and
+# still deliver every line).
+EXIT_RUNS = 20
+LAUNCHER = r'''
+import json, os, socket, sys
+
+import torch
+
+from fewstep import distributed
+
+RUNS, MODE = int(sys.argv[1]), sys.argv[2]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def work(rank, port):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    d = distributed.init("cpu")
+    import torch.distributed.nn  # noqa: F401
+    rows = d.gather_rows(torch.arange(6.0).view(6, 1)[d.rank::2], 6)
+    objs = d.all_gather_object(d.rank)
+    n = d.sum_ints([d.rank + 1])[0]
+    doc = d.broadcast_object({"rows": rows.view(-1).tolist(), "objs": objs, "n": n} if d.main else None)
+    held = torch.distributed.group.WORLD if MODE == "held" else None  # noqa: F841
+    if d.main:
+        print(json.dumps(doc))  # block-buffered in a pipe: exit_process must flush it
+    distributed.shutdown()
+    os.write(2, ("@left " + json.dumps([rank, distributed.backend_threads()]) + "\n").encode())  # one write
+    distributed.exit_process(0)
+
+
+child = None
+for i in range(RUNS):
+    port = free_port()
+    pids = []
+    for rank in (0, 1):
+        pid = os.fork()
+        if pid == 0:
+            child = rank
+            break
+        pids.append(pid)
+    if child is not None:
+        break
+    codes = [os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids]
+    print("@codes " + json.dumps(codes), file=sys.stderr, flush=True)
+if child is not None:
+    work(child, port)  # at the top level: its SystemExit ends the interpreter as a script's does
+'''
+
+
+def _runs_in_a_row(mode: str, runs: int, tmp_path: Path) -> tuple[list[list[int]], list[list], list[str], str]:
+    """(exit codes of each run's two processes, each process's backend threads left after shutdown, rank 0's
+    output lines, what else the processes said on stderr) of ``runs`` forked two-process runs."""
+    env = _env(tmp_path / "c")
+    env.pop("PYTHONUNBUFFERED", None)  # rank 0's output waits in a buffer until the process flushes it
+    p = subprocess.run([sys.executable, "-c", LAUNCHER, str(runs), mode], env=env, capture_output=True, text=True,
+                       timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    codes = [json.loads(ln[7:]) for ln in p.stderr.splitlines() if ln.startswith("@codes ")]
+    left = [json.loads(ln[6:]) for ln in p.stderr.splitlines() if ln.startswith("@left ")]
+    said = "\n".join(ln for ln in p.stderr.splitlines() if not ln.startswith("@"))
+    return codes, left, p.stdout.splitlines(), said
+
+
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="forks its two-process runs")
+WANT = {"rows": [0.0, 1.0, 2.0, 3.0, 4.0, 5.0], "objs": [0, 1], "n": 3}
+
+
+@needs_fork
+def test_twenty_two_process_runs_in_a_row_exit_0_with_their_backend_threads_joined(tmp_path):
+    codes, left, out, said = _runs_in_a_row("clean", EXIT_RUNS, tmp_path)
+    failed = [(i, c) for i, c in enumerate(codes) if c != [0, 0]]
+    assert len(codes) == EXIT_RUNS and not failed, f"runs that did not exit 0 (-6: SIGABRT): {failed}\n{said[-2000:]}"
+    assert [json.loads(ln) for ln in out] == [WANT] * EXIT_RUNS
+    assert sorted(r for r, _ in left) == sorted([0, 1] * EXIT_RUNS)
+    if Path("/proc/self/task").is_dir():  # where thread names can be read: the group's threads were joined
+        assert all(names == [] for _, names in left), [x for x in left if x[1]][:4]
+
+
+@needs_fork
+def test_a_process_whose_group_is_still_held_after_shutdown_exits_0_with_its_output(tmp_path):
+    codes, left, out, said = _runs_in_a_row("held", 10, tmp_path)
+    assert codes == [[0, 0]] * 10, said[-2000:]
+    assert [json.loads(ln) for ln in out] == [WANT] * 10
+    if Path("/proc/self/task").is_dir():
+        assert all(names for _, names in left)  # the case exit_process is for: the backend's threads still run

@@ -228,32 +228,13 @@ def test_damaged_artifacts_are_refused(tmp_path):
         load_solver(tmp_path / "missing")
 
 
-def _killed_at_step(n, monkeypatch, run):
-    """Run ``run()`` with the training step ``n`` raising KeyboardInterrupt (a kill), then restore."""
-    import fewstep.fit.loop as loop
-
-    real, calls = loop._objective, {"n": 0}
-
-    def dies(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(loop, "_objective", dies)
-    try:
-        return run()
-    finally:
-        monkeypatch.setattr(loop, "_objective", real)
-
-
 @pytest.mark.parametrize("method", ["s4s-alt", "dss", "ld3"])
-def test_interrupted_fit_resumes_to_the_uninterrupted_result(vp_model, tmp_path, monkeypatch, method):
+def test_interrupted_fit_resumes_to_the_uninterrupted_result(vp_model, tmp_path, kill_at_call, method):
     kw = dict(teacher="dpmpp_3m@logsnr:60", samples=64, val_samples=32, progress=False, cache_dir=tmp_path / "c",
               steps=48, start="ddim@logsnr", eval_every=8, rounds=2)
     whole = fit(vp_model, method, 4, out=tmp_path / "whole", **kw)
     with pytest.raises(KeyboardInterrupt):
-        _killed_at_step(21, monkeypatch, lambda: fit(vp_model, method, 4, out=tmp_path / "cut", **kw))
+        kill_at_call(21, lambda: fit(vp_model, method, 4, out=tmp_path / "cut", **kw))
     assert (tmp_path / "cut" / "fit-checkpoint.safetensors").is_file()
     assert not (tmp_path / "cut" / "solver.json").exists()
     again = fit(vp_model, method, 4, out=tmp_path / "cut", **kw)
@@ -263,11 +244,11 @@ def test_interrupted_fit_resumes_to_the_uninterrupted_result(vp_model, tmp_path,
     assert again.doc["history"] == whole.doc["history"]
 
 
-def test_a_checkpoint_for_other_settings_is_not_resumed(vp_model, tmp_path, monkeypatch):
+def test_a_checkpoint_for_other_settings_is_not_resumed(vp_model, tmp_path, kill_at_call):
     kw = dict(teacher="dpmpp_3m@logsnr:60", samples=64, val_samples=32, progress=False, cache_dir=tmp_path / "c",
               start="ddim@logsnr", eval_every=8)
     with pytest.raises(KeyboardInterrupt):
-        _killed_at_step(12, monkeypatch, lambda: fit(vp_model, "s4s", 4, out=tmp_path / "a", steps=40, **kw))
+        kill_at_call(12, lambda: fit(vp_model, "s4s", 4, out=tmp_path / "a", steps=40, **kw))
     res = fit(vp_model, "s4s", 4, out=tmp_path / "a", steps=24, **kw)  # another step count: another fit
     assert res.doc["timing"]["resumed_from_step"] == 0
 

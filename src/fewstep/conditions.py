@@ -33,6 +33,8 @@ from .errors import FewstepError
 
 PROMPT_SALT, GUIDANCE_SALT = 104_729, 130_363
 HELD_OUT = 0.2  # the share of a prompt set kept for evaluation
+#: the most guidance scales a set may hold (each is drawn by some seeds and a fit covers every one)
+MAX_SCALES = 64
 
 
 def _draw(seeds: Sequence[int], n: int, salt: int) -> Tensor:
@@ -149,6 +151,8 @@ def _read_jsonl(text: str, p: Path) -> list[Entry]:
             d = json.loads(line)
         except json.JSONDecodeError as e:
             raise FewstepError(f"prompt file {p}, line {i}: not JSON ({e.msg})") from None
+        except RecursionError:  # what is nested below a prompt's fields is refused by their type checks
+            raise FewstepError(f"prompt file {p}, line {i}: nested too deeply to be a prompt") from None
         if not isinstance(d, dict) or not isinstance(d.get("prompt"), str) or not d["prompt"].strip():
             raise FewstepError(f"prompt file {p}, line {i}: needs {{\"prompt\": \"...\"}} (and optionally "
                                f"\"negative_prompt\", \"guidance\")")
@@ -196,30 +200,33 @@ class ClassSet:
 class GuidanceSet:
     scales: tuple[float, ...]
 
+    def __post_init__(self) -> None:
+        if len(self.scales) > MAX_SCALES:
+            raise FewstepError(f"--guidance: {len(self.scales)} scales is more than {MAX_SCALES}; give fewer "
+                               f"(e.g. a range LO:HI:{MAX_SCALES // 8})")
+
     @classmethod
     def parse(cls, spec: str | float | Sequence[float]) -> "GuidanceSet":
-        """``"3,7.5,12"``, a range ``"3:12"`` (3 evenly spaced scales) or ``"3:12:K"`` (K of them)."""
+        """``"3,7.5,12"``, a range ``"3:12"`` (3 evenly spaced scales) or ``"3:12:K"`` (K of them, at most
+        ``MAX_SCALES``)."""
         if isinstance(spec, (int, float)):
-            return cls((float(spec),))
+            return cls._checked(spec, (float(spec),))
         if not isinstance(spec, str):
-            return cls(tuple(float(v) for v in spec))
+            return cls._checked(spec, tuple(float(v) for v in spec))
         s = spec.strip()
         try:
-            if ":" in s:
-                parts = [float(v) for v in s.split(":")]
-                if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != int(parts[2])):
-                    raise ValueError
-                lo, hi, k = parts[0], parts[1], int(parts[2]) if len(parts) == 3 else 3
-                if not lo < hi or k < 2:
-                    raise ValueError
-                scales = tuple(lo + (hi - lo) * i / (k - 1) for i in range(k))
-            else:
-                scales = tuple(float(v) for v in s.split(",") if v.strip())
-        except ValueError:
+            scales = _range(s) if ":" in s else tuple(float(v) for v in s.split(",") if v.strip())
+        except (ValueError, OverflowError):
             raise FewstepError(f"--guidance {spec!r}: give a scale (7.5), a list (3,7.5,12) or a range LO:HI[:COUNT] "
-                               f"with LO < HI") from None
+                               f"with LO < HI and a COUNT of 2..{MAX_SCALES}") from None
+        return cls._checked(spec, scales)
+
+    @classmethod
+    def _checked(cls, spec: Any, scales: tuple[float, ...]) -> "GuidanceSet":
         if not scales or any(not math.isfinite(w) or w < 0 for w in scales):
             raise FewstepError(f"--guidance {spec!r}: scales must be finite numbers >= 0")
+        if len(scales) > MAX_SCALES:
+            raise FewstepError(f"--guidance: {len(scales)} scales is more than {MAX_SCALES}; give fewer")
         return cls(tuple(sorted(set(scales))))
 
     @property
@@ -231,6 +238,17 @@ class GuidanceSet:
 
     def draw(self, seeds: Sequence[int]) -> Tensor:
         return torch.tensor(self.scales, dtype=torch.float64)[_draw(seeds, len(self.scales), GUIDANCE_SALT)]
+
+
+def _range(s: str) -> tuple[float, ...]:
+    """The scales of ``"LO:HI[:COUNT]"`` (ValueError if malformed or COUNT is not 2..MAX_SCALES)."""
+    parts = [float(v) for v in s.split(":")]
+    if len(parts) not in (2, 3) or not all(math.isfinite(v) for v in parts):
+        raise ValueError(s)
+    lo, hi, k = parts[0], parts[1], parts[2] if len(parts) == 3 else 3.0
+    if not lo < hi or k != int(k) or not 2 <= k <= MAX_SCALES:
+        raise ValueError(s)
+    return tuple(lo + (hi - lo) * i / (int(k) - 1) for i in range(int(k)))
 
 
 @dataclass

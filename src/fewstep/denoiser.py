@@ -104,8 +104,9 @@ class Denoiser(nn.Module):
         decode: optional ``decode(x) -> images`` for metrics and pictures of latent models (e.g. the VAE).
         num_classes: how many class labels a class-conditional network takes (for ``--classes all``).
         dtype: the precision the network runs in (``torch.bfloat16``, "bf16", "fp16", ...; default: as
-            given). Inputs are cast to it and outputs back to the solver state's dtype: the state, the
-            coefficients and everything fitted stay in float32 (or float64).
+            given, a module's weights' dtype: :meth:`network_dtype`). Inputs are cast to it and outputs back to
+            the solver state's dtype: the state, the coefficients and everything fitted stay in float32 (or
+            float64).
 
     ``cost`` counts the network evaluations made (:mod:`fewstep.cost`).
 
@@ -173,12 +174,23 @@ class Denoiser(nn.Module):
 
         ``t_net``: the network's time input if already known (skips the schedule mapping).
         """
-        if self.dtype is not None and x.dtype != self.dtype:
-            out = self._raw(x.to(self.dtype), t, t_net,
-                            **{k: (v.to(self.dtype) if isinstance(v, Tensor) and v.is_floating_point()
+        dt = self.network_dtype()
+        if dt is not None and x.dtype != dt:
+            out = self._raw(x.to(dt), t, t_net,
+                            **{k: (v.to(dt) if isinstance(v, Tensor) and v.is_floating_point()
                                    and k != "guidance_scale" else v) for k, v in cond.items()})
             return out.to(x.dtype)
         return self._raw(x, t, t_net, **cond)
+
+    def network_dtype(self) -> torch.dtype | None:
+        """The dtype the network runs in: ``dtype`` if set, else that of a module's first floating weight (a
+        half-precision network given as such runs in half under a float32 solver state); None for a function."""
+        if self.dtype is not None or not isinstance(self.net, nn.Module):
+            return self.dtype
+        for w in self.net.parameters():
+            if w.is_floating_point():
+                return w.dtype
+        return None
 
     def _raw(self, x: Tensor, t: Tensor | float, t_net: float | None = None, **cond: Any) -> Tensor:
         if t_net is not None:

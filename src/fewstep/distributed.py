@@ -15,16 +15,24 @@ A collective that fails because another process of the run stopped raises :class
 :class:`~fewstep.errors.FewstepError`); ``torchrun`` stops the other processes as soon as one exits with an
 error. ``FEWSTEP_DIST_TIMEOUT`` (seconds, default 1800) bounds how long a process waits in a collective for
 a peer that neither answers nor exits.
+
+A run ends with :func:`shutdown` (every process finished: a barrier, then the group is destroyed and its worker
+threads joined) and :func:`exit_process`, which ends the process without the interpreter's own shutdown while a
+group's threads still run: a gloo worker thread that needs the GIL then (to release a collective's tensors)
+aborts the process (SIGABRT, "terminate called without an active exception") after all its work is done.
 """
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import pickle
 import re
+import sys
 from dataclasses import dataclass
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, Sequence
 
 import torch
 from torch import Tensor
@@ -333,6 +341,7 @@ def init(device: str | torch.device = "cpu") -> Dist:
         timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
     except ValueError:
         raise FewstepError(f"{TIMEOUT_ENV}={os.environ.get(TIMEOUT_ENV)!r} is not a number of seconds") from None
+    _import_before_joining()
     try:
         td.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout))
     except (RuntimeError, ValueError) as e:
@@ -341,15 +350,84 @@ def init(device: str | torch.device = "cpu") -> Dist:
     return d
 
 
+def _import_before_joining() -> None:
+    """Import, before the group exists, the parts of torch that would otherwise keep it alive for good.
+
+    ``torch.distributed.nn`` takes ``group.WORLD`` as a default argument when it is first imported, and
+    ``torch.optim`` imports it (through ``torch._dynamo``) when a fit makes its optimizer. Imported after the group
+    was made, it holds the group: ``destroy_process_group`` then leaves the gloo backend and its worker threads
+    running until the interpreter shuts down, where a worker still releasing a collective's tensors needs the GIL
+    and aborts the process. Imported first, its default is None."""
+    try:
+        import torch.distributed.nn  # noqa: F401
+    except Exception:  # noqa: BLE001 - an optional part of torch: nothing of it can hold the group then
+        pass
+
+
 def shutdown() -> None:
-    """Leave the process group :func:`init` created (at the end of a command)."""
+    """Leave the process group :func:`init` created, at the end of a command every process completed: a barrier
+    first, so that no process leaves while another still has a collective in flight, then the group is destroyed
+    (its worker threads joined). Raises :class:`PeerFailed` (and leaves the group as it is) if another process
+    stopped first. A run that failed does not call this: a peer may still wait inside a collective."""
     global _CURRENT, _OWNED
     if _OWNED:
         import torch.distributed as td
 
         if td.is_initialized():
+            if _CURRENT is not None:
+                _CURRENT.barrier()
             td.destroy_process_group()
     _CURRENT, _OWNED = None, False
+
+
+#: parts of the names (Linux) of the threads a process group's backends run: gloo's work loops and transport,
+#: NCCL's watchdog
+_BACKEND_THREADS = ("gloo", "pt_nccl")
+
+
+def backend_threads() -> list[str]:
+    """The names of this process's threads that a process-group backend runs, where the system tells (Linux);
+    [] elsewhere."""
+    names = []
+    try:
+        tasks = list(Path("/proc/self/task").iterdir())
+    except OSError:
+        return []
+    for t in tasks:
+        try:
+            name = (t / "comm").read_text().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        if any(part in name for part in _BACKEND_THREADS):
+            names.append(name)
+    return sorted(names)
+
+
+def _group_running() -> bool:
+    """Does a process group still run here: initialised, or its backend's threads alive after it was left
+    (something else still holds it)?"""
+    td = sys.modules.get("torch.distributed")
+    if td is None:  # torch.distributed never imported: no group
+        return False
+    if td.is_available() and td.is_initialized():
+        return True
+    return bool(backend_threads())
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with ``code``: ``sys.exit``, unless a process group still runs (a failed run leaves its
+    group; call :func:`shutdown` first after a run that completed). Then the interpreter's own shutdown is
+    skipped (atexit handlers run and output is flushed first): a backend thread that needs the GIL while the
+    interpreter shuts down would abort the process instead of ending it with ``code``."""
+    if not _group_running():
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed stream or a reader that went away: nothing more to say there
+            pass
+    os._exit(code)
 
 
 def fault(point: str) -> None:
@@ -359,5 +437,5 @@ def fault(point: str) -> None:
         raise FewstepError(f"injected fault at {point} ({FAULT_ENV}={spec})")
 
 
-__all__ = ["Dist", "FAULT_ENV", "PeerFailed", "TIMEOUT_ENV", "current", "device_for", "env_rank", "fault", "init",
-           "shutdown", "traffic"]
+__all__ = ["Dist", "FAULT_ENV", "PeerFailed", "TIMEOUT_ENV", "backend_threads", "current", "device_for", "env_rank",
+           "exit_process", "fault", "init", "shutdown", "traffic"]

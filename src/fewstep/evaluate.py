@@ -33,7 +33,7 @@ from .metrics.reference import DataReference, model_data, user_data
 from .metrics.suite import DISTRIBUTION, ROW_KEYS, MetricSuite, parse_metrics, select_metrics
 from .report import FD_REF_NOTE, Report, Row, best_classic, render_plain
 from .sampling import sample
-from .seeds import EVAL_SEED_START
+from .seeds import EVAL_SEED_START, check_seeds
 from .solvers.artifact import LoadedSolver
 from .solvers.registry import ALL_GRIDS, classic_specs
 from .solvers.resolve import Solver, resolve_solver, some_scale
@@ -204,7 +204,7 @@ def evaluate(
         what was measured against what ({"names", "feature", "data_reference": {"source", "n"[, "loglik"]}}).
     """
     nfes = [int(nfe)] if isinstance(nfe, int) else [int(n) for n in nfe]
-    seeds = list(range(seed, seed + samples))
+    seeds = list(check_seeds(seed, samples, "seed="))  # one line for a seed torch cannot take
     names = None
     if parse_metrics(metrics) != ():
         names = select_metrics(model, metrics, feature)  # bad metric requests fail before any solve

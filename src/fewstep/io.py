@@ -199,3 +199,37 @@ def save_samples(x: Tensor, out: str | os.PathLike, meta: dict[str, str] | None 
         write_png(png, image_grid(x.detach().cpu().float()), scale=max(1, 64 // x.shape[-1]))
         paths.append(png)
     return paths
+
+
+#: the deepest nesting fewstep reads in a JSON document it did not just write (its own files nest a few levels)
+MAX_JSON_DEPTH = 64
+
+
+def loads_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` for files fewstep did not just write: nesting deeper than ``max_depth`` (which would
+    otherwise end in a RecursionError here or in whatever walks the result) raises ``json.JSONDecodeError``,
+    a ValueError, like any other malformed document."""
+    import json
+
+    try:
+        doc = json.loads(text)
+    except RecursionError:
+        doc = None
+    else:
+        if _json_depth(doc, max_depth) <= max_depth:
+            return doc
+    raise json.JSONDecodeError(f"nested deeper than {max_depth} levels", text if isinstance(text, str) else "", 0)
+
+
+def _json_depth(doc: Any, limit: int) -> int:
+    """How deep ``doc`` nests (lists and objects; stops counting past ``limit``), without recursion."""
+    deepest, stack = 0, [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, (list, dict)):
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        stack.extend((v, depth + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return deepest

@@ -187,27 +187,31 @@ def render_plain(rep: Report, top: int | None = None) -> str:
 
 
 def render_rich(rep: Report, top: int | None = None, file: Any = None) -> None:
-    """Print the table with rich (falls back to :func:`render_plain` without it)."""
+    """Print the table with rich (falls back to :func:`render_plain` without it). Every string in it is printed
+    as text: a label, model spec, path or error holding ``[...]`` is never read as console markup."""
     try:
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
     except ImportError:
         print(render_plain(rep, top), file=file or sys.stdout)
         return
     cols = _columns(rep.rows)
-    table = Table(title=f"{rep.model}: RMSE to reference on {rep.samples} held-out samples (seeds from {rep.seed})",
-                  caption="; ".join(_caption(rep, cols)))
+    table = Table(title=Text(f"{rep.model}: RMSE to reference on {rep.samples} held-out samples "
+                             f"(seeds from {rep.seed})", style="table.title"),
+                  caption=Text("; ".join(_caption(rep, cols)), style="table.caption"))
     for col, just in (("solver", "left"), ("grid", "left"), ("NFE", "right"), ("RMSE", "right"), ("± sem", "right")):
         table.add_column(col, justify=just)
     for _, head, _ in cols:
         table.add_column(head, justify="right")
     for r in _visible(rep.rows, top):
         name = "reference (floor)" if r.kind == "reference" else r.solver
+        cells = [Text(str(name)), Text(str(r.grid)), Text(str(r.nfe))]
         if r.rmse is None:
-            table.add_row(name, str(r.grid), str(r.nfe), "—", (r.error or "")[:50])
+            table.add_row(*cells, Text("—"), Text((r.error or "")[:50]))
             continue
-        extra = ["—" if r.get(k) is None else format(r.get(k), fmt) for k, _, fmt in cols]
-        table.add_row(name, str(r.grid), str(r.nfe), f"{r.rmse:.4g}", f"{r.rmse_sem:.2g}", *extra,
+        extra = [Text("—" if r.get(k) is None else format(r.get(k), fmt)) for k, _, fmt in cols]
+        table.add_row(*cells, Text(f"{r.rmse:.4g}"), Text(f"{r.rmse_sem:.2g}"), *extra,
                       style={"reference": "green", "learned": "bold red"}.get(r.kind))
     out = file or sys.stdout
     Console(file=out, width=None if out.isatty() else 200).print(table)

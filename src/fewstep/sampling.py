@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from .denoiser import Denoiser
-from .errors import ShapeError
+from .errors import FewstepError, ShapeError
 from .solvers.kernel import Tableau, run_tableau
 from .solvers.resolve import Solver, parse_solver, resolve_solver
 
-__all__ = ["build_tableau", "chunk_size", "default_solver", "parse_solver", "sample", "solve"]
+__all__ = ["build_tableau", "check_max_batch", "check_noise", "chunk_size", "default_solver", "parse_solver",
+           "sample", "solve", "state_dtype"]
 
 
 def default_solver(model: Denoiser) -> str:
@@ -55,22 +57,53 @@ def sample(
         max_batch: solve at most this many samples at once (default :func:`chunk_size`): a batch of
             millions of noises is solved in chunks with flat memory (the callback then runs per chunk).
     Returns:
-        samples of the same shape as ``noise`` (and the trajectory if asked). Differentiable.
+        samples of the same shape as ``noise`` (and the trajectory if asked). Differentiable. The solver
+        state is float32 whatever the noise's precision (:func:`state_dtype`; float64 noise: float64), so
+        fp16 / bf16 noise gives the float32 solve of the same noise, returned in float32; the network runs
+        in the model's ``dtype`` (or its weights' dtype). A batch of 0 noises gives an empty result.
     """
-    if not isinstance(noise, Tensor):
-        raise ShapeError(f"noise must be a torch.Tensor; got {type(noise).__name__}")
-    if model.sample_shape is not None and tuple(noise.shape[1:]) != model.sample_shape:
-        raise ShapeError(
-            f"noise has shape {tuple(noise.shape)} but this model's samples have shape (B, {', '.join(map(str, model.sample_shape))})"
-        )
+    check_noise(model, noise)
+    check_max_batch(max_batch)
     s = resolve_solver(solver if solver is not None else default_solver(model), model, nfe, grid, **solver_kwargs)
-    x = noise * model.schedule.init_noise_scale()
+    x = noise.to(state_dtype(noise.dtype)) * model.schedule.init_noise_scale()
     n = x.shape[0]
+    if n == 0:  # nothing to solve: no network call, an empty result of the right shape
+        return (x, [x] * len(s.tableau(model).solution_times())) if return_trajectory else x
     chunk = max_batch or chunk_size(tuple(noise.shape[1:]))
     parts = [(k, min(n, k + chunk)) for k in range(0, n, chunk)]  # a long batch in chunks: flat memory
     runs = [solve(model, x[a:b], s, take(cond or {}, None if (a, b) == (0, n) else torch.arange(a, b), n), callback,
                   return_trajectory, use_checkpoint) for a, b in parts]
     return _joined(runs, return_trajectory)
+
+
+def state_dtype(noise_dtype: torch.dtype) -> torch.dtype:
+    """The solver state's dtype for noise of ``noise_dtype``: float32, or float64 for float64 noise (half
+    precision noise is solved in float32, as ``--dtype`` promises: only the network runs in half)."""
+    return torch.promote_types(noise_dtype, torch.float32)
+
+
+def check_max_batch(max_batch: Any) -> None:
+    """A FewstepError naming ``max_batch`` unless it is None or a whole number of samples >= 1."""
+    if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, numbers.Integral)
+                                  or max_batch < 1):
+        raise FewstepError(f"max_batch must be a positive number of samples (or None: the default); got {max_batch!r}")
+
+
+def check_noise(model: Denoiser, noise: Any) -> None:
+    """A FewstepError (ShapeError for the type or shape) unless ``noise`` is a tensor of finite real numbers
+    shaped (B, *model.sample_shape). Checked once, before any network call."""
+    if not isinstance(noise, Tensor):
+        raise ShapeError(f"noise must be a torch.Tensor; got {type(noise).__name__}")
+    if noise.dtype.is_complex or noise.dtype == torch.bool:
+        raise ShapeError(f"noise must hold real numbers; got {noise.dtype}")
+    want = "(B, " + ", ".join(map(str, model.sample_shape or ("...",))) + ")"
+    if noise.dim() == 0 or (model.sample_shape is not None and tuple(noise.shape[1:]) != model.sample_shape):
+        raise ShapeError(f"noise has shape {tuple(noise.shape)} but this model's samples have shape {want}")
+    if noise.is_floating_point() and not bool(torch.isfinite(noise).all()):
+        bad = int((~torch.isfinite(noise)).sum())
+        kind = "NaN" if bool(torch.isnan(noise).any()) else "inf"
+        raise FewstepError(f"the noise holds {kind} ({bad} of {noise.numel()} values): pass finite starting noise "
+                           f"(e.g. torch.randn or model.noise(seeds))")
 
 
 #: the most numbers a chunk of samples holds (its network activations are a multiple of it)

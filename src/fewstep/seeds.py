@@ -4,6 +4,10 @@
 * validation (model choice): seeds ``[VAL_SEED_START, EVAL_SEED_START)``
 * evaluation (reported numbers): seeds ``>= EVAL_SEED_START``
 
+Every seed is below ``SEED_LIMIT`` = 2**63 (a torch generator takes a signed 64-bit seed); a command's
+first seed (``--seed``) is at most ``FIRST_SEED_MAX`` = 2**62, so that every block of seeds after it (the
+samples, then the data-reference samples of an evaluation) stays below that limit.
+
 Numbers measured on the noises a solver was fitted on are not results, so fitting code calls
 :func:`check_fit_seeds` and refuses evaluation seeds.
 """
@@ -20,6 +24,10 @@ from .errors import FewstepError
 FIT_SEED_START = 0
 VAL_SEED_START = 500_000
 EVAL_SEED_START = 1_000_000
+#: every seed is below this (torch.Generator.manual_seed takes a signed 64-bit integer)
+SEED_LIMIT = 2**63
+#: the largest first seed a command takes (--seed): 2**62 seeds of room after it
+FIRST_SEED_MAX = 2**62
 
 
 def _count(n: int, what: str) -> int:
@@ -34,6 +42,15 @@ def _block(n: int, start: int, lo_range: int, hi_range: int, what: str) -> range
     if lo < lo_range or lo + n > hi_range:
         raise FewstepError(f"{what} seeds [{lo}, {lo + n}) leave the {what} range [{lo_range}, {hi_range})")
     return range(lo, lo + n)
+
+
+def check_seeds(start: int, n: int, option: str = "--seed") -> range:
+    """The seeds ``[start, start + n)``, refused in one line unless they lie in ``[0, SEED_LIMIT)``."""
+    n = _count(n, "requested")
+    if isinstance(start, bool) or int(start) != start or not 0 <= start <= FIRST_SEED_MAX \
+            or start + n > SEED_LIMIT:
+        raise FewstepError(f"{option} {start}: a first seed must be an integer in [0, {FIRST_SEED_MAX}] (2**62)")
+    return range(int(start), int(start) + n)
 
 
 def fit_seeds(n: int, start: int = 0) -> range:
@@ -54,7 +71,7 @@ def eval_seeds(n: int, start: int = EVAL_SEED_START) -> range:
         raise FewstepError(
             f"evaluation seeds must start at or above EVAL_SEED_START={EVAL_SEED_START}; got start={start}"
         )
-    return range(start, start + n)
+    return check_seeds(start, n, "evaluation seeds from")
 
 
 def check_fit_seeds(seeds: Iterable[int]) -> None:

@@ -135,12 +135,71 @@ def log_line(msg: str) -> None:
         typer.echo(msg, err=True)
 
 
+#: the largest first seed a command takes (``--seed``): ``fewstep.seeds.FIRST_SEED_MAX``, 2**62 (here without
+#: importing torch); every block of seeds after it stays below torch's limit 2**63
+SEED_MAX = 2**62
+SEED_RANGE_HELP = "an integer in [0, 2**62]"
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """The nearest folder above ``path`` (or ``path`` itself) that exists."""
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _name_max(path: Path) -> int:
+    """The longest file name (bytes) the file system under ``path`` takes."""
+    try:
+        return int(os.pathconf(_existing_ancestor(path.absolute()), "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def _temporary_room() -> int:
+    """How much longer than its target a temporary of ``fewstep.io``'s atomic writers is named
+    (``.NAME.HOST-PID.XXXXXXXX.tmp``)."""
+    import socket
+
+    return len(f"..{socket.gethostname()}-{os.getpid()}.") + 8 + len(".tmp")
+
+
+def _short(name: str) -> str:
+    return name if len(name) <= 40 else f"{name[:24]}...{name[-8:]}"
+
+
+def check_name_lengths(path: Path, option: str, written: tuple[str, ...] = ()) -> None:
+    """Every name in ``path`` fits the file system, and so do the files written for it (``path`` itself and the
+    names in ``written``, beside it) with their temporary names: one line otherwise, before any work."""
+    limit = _name_max(path)
+    for part in path.parts:
+        n = len(os.fsencode(part))
+        if n > limit:
+            fail(f"{option} {_short(str(path))}: the name {_short(part)} is {n} bytes long, and this file system "
+                 f"takes at most {limit}; give a shorter name")
+    n = len(os.fsencode(path.name))
+    allowed = limit - _temporary_room() - max([0, *(len(os.fsencode(w)) - n for w in written)])
+    if n > allowed:
+        also = f" and {', '.join(map(_short, written))} beside it" if written else ""
+        fail(f"{option} {_short(str(path))}: the name is {n} bytes long; fewstep writes it{also} under a longer "
+             f"temporary name first, and this file system takes at most {limit} bytes: give a name of at most "
+             f"{allowed} bytes")
+
+
+@contextmanager
+def _path_errors(path: Path, option: str) -> Iterator[None]:
+    """A file-system error while checking an output path (too long, a loop of links, ...) in one line."""
+    try:
+        yield
+    except OSError as e:
+        fail(f"{option} {_short(str(path))}: {e.strerror or e}")
+
+
 def _writable_ancestor(path: Path, option: str, start: Path | None = None) -> None:
     """The nearest existing ancestor of ``start`` (default: ``path``'s parent) must be a folder we can write
     into; messages name ``path``, the path the user gave."""
-    p = path.parent if start is None else start
-    while not p.exists():
-        p = p.parent
+    p = _existing_ancestor(path.parent if start is None else start)
     if not p.is_dir():
         fail(f"{option} {path}: {p} is a file, not a folder")
     if not os.access(p, os.W_OK | os.X_OK):
@@ -148,26 +207,32 @@ def _writable_ancestor(path: Path, option: str, start: Path | None = None) -> No
 
 
 def check_out_dir(path: Path, option: str = "--out", json_ok: bool = False) -> None:
-    """An output folder (or, with ``json_ok``, a .json file): writable, not an existing file."""
+    """An output folder (or, with ``json_ok``, a .json file): writable, not an existing file, names that fit."""
     if json_ok and path.suffix == ".json":
+        check_name_lengths(path, option, (path.with_suffix(".params.safetensors").name,))
+        with _path_errors(path, option):
+            if path.is_dir():
+                fail(f"{option} {path} is a folder; name the solver file (e.g. {path / 'solver.json'})")
+            _writable_ancestor(path, option)
+        return
+    check_name_lengths(path, option)
+    with _path_errors(path, option):
+        if path.exists() and not path.is_dir():
+            fail(f"{option} {path} is a file; give a folder for the output")
         if path.is_dir():
-            fail(f"{option} {path} is a folder; name the solver file (e.g. {path / 'solver.json'})")
-        _writable_ancestor(path, option)
-        return
-    if path.exists() and not path.is_dir():
-        fail(f"{option} {path} is a file; give a folder for the output")
-    if path.is_dir():
-        if not os.access(path, os.W_OK | os.X_OK):
-            fail(f"{option} {path}: cannot write into it (permission denied)")
-        return
-    _writable_ancestor(path, option, start=path)
+            if not os.access(path, os.W_OK | os.X_OK):
+                fail(f"{option} {path}: cannot write into it (permission denied)")
+            return
+        _writable_ancestor(path, option, start=path)
 
 
 def check_out_file(path: Path, option: str = "--out") -> None:
-    """An output file: not a folder, under a writable folder."""
-    if path.is_dir():
-        fail(f"{option} {path} is a folder; give a file name (e.g. {path / 'samples.safetensors'})")
-    _writable_ancestor(path, option)
+    """An output file: not a folder, under a writable folder, a name that fits."""
+    check_name_lengths(path, option)
+    with _path_errors(path, option):
+        if path.is_dir():
+            fail(f"{option} {path} is a folder; give a file name (e.g. {path / 'samples.safetensors'})")
+        _writable_ancestor(path, option)
 
 
 # ----------------------------------------------------------------------------- model options
@@ -257,10 +322,12 @@ def _warning_line(message: Any, category: type, *_: Any, **__: Any) -> str:
 def main() -> None:
     """The ``fewstep`` entry point: every error is one line (tracebacks with --debug / FEWSTEP_DEBUG=1), and so
     is every warning. Under ``torchrun`` every process runs the command (joining the others in ``setup``); only
-    rank 0 prints results, an error names the rank it happened on, and the process group is left at the end."""
+    rank 0 prints results, an error names the rank it happened on, and a run that every process completed leaves
+    the process group (after a barrier) before it exits; a failed run exits without leaving it (see
+    ``fewstep.distributed.exit_process``)."""
     import warnings
 
-    from ..distributed import shutdown
+    from ..distributed import exit_process, shutdown
 
     if not debug():
         warnings.formatwarning = _warning_line
@@ -269,16 +336,18 @@ def main() -> None:
         sys.stdout = open(os.devnull, "w")
     try:
         code = app(standalone_mode=False)
+        code = code if isinstance(code, int) else 0
+        if code == 0:
+            shutdown()  # PeerFailed if another process stopped before the closing barrier
     except typer.TyperException as e:  # usage errors: a bad option value, a missing option, an unknown command
         msg = e.format_message() if hasattr(e, "format_message") else str(e)
         error_line(msg)
-        sys.exit(getattr(e, "exit_code", 2))
+        code = getattr(e, "exit_code", 2)
     except FewstepError as e:
         if debug():
             raise
         error_line(e)
-        sys.exit(2)
+        code = 2
     except KeyboardInterrupt:
-        sys.exit(130)
-    shutdown()
-    sys.exit(code or 0)
+        code = 130
+    exit_process(code)

@@ -49,7 +49,8 @@ def fit_cmd(
                                           help="LD3 relaxation radius (relative to the noise norm; 0 off)"),
     checkpoint: bool = typer.Option(False, "--checkpoint", help="recompute model activations in backward (saves "
                                                                 "memory; on by default on CUDA)"),
-    restart: bool = typer.Option(False, "--restart", help="ignore a checkpoint of an interrupted fit in OUT and start over"),
+    restart: bool = typer.Option(False, "--restart", help="ignore a checkpoint of an interrupted fit in OUT (or the "
+                                                          "finished artifact of this same fit) and fit from the start"),
     guidance: Optional[str] = GUIDANCE_OPT,
     prompts: Optional[Path] = PROMPTS_OPT,
     eval_prompts: Optional[Path] = EVAL_PROMPTS_OPT,
@@ -64,11 +65,13 @@ def fit_cmd(
 ) -> None:
     """Fit a learned solver, write it to OUT, and compare it with the best classic solvers."""
     from ..evaluate import evaluate
-    from ..fit.api import fit
+    from ..fit.api import check_out, fit
     from ..seeds import EVAL_SEED_START
 
     device = setup(device, threads)
     check_out_dir(out, json_ok=True)
+    with errors():
+        check_out(out)  # a file of the user's is refused before the model loads
     over = {name: v for name, v in {"start": start, "steps": steps, "relax": relax, "batch": batch, "lr_coef": lr_coef,
                                     "lr_grid": lr_grid, "k": k, "samples": samples, "val_samples": val_samples,
                                     "confirm_samples": confirm_samples, "budget": budget,
@@ -81,7 +84,7 @@ def fit_cmd(
         m = load(model, device, guidance, prompts, classes, height, width, dtype, role="fit")
         try:
             res = fit(m, method, nfe, out=out, teacher=teacher, seed=seed, progress=not as_json, device=device,
-                      resume=not restart, **over)
+                      resume=not restart, reuse=not restart, **over)
         except KeyboardInterrupt:
             fail(f"interrupted: the fit's state is saved in {out}; run the same command again to resume", code=130)
     if res.outcome.resumed_from and not as_json:
@@ -89,7 +92,11 @@ def fit_cmd(
     v = res.doc["validation"]
     if not as_json:
         e = v["estimate"]
-        typer.echo(f"wrote {res.path}  (start {res.doc['start']['solver']}; {res.doc['timing']['total_s']:.0f} s)")
+        if res.reused:
+            typer.echo(f"{res.path} already holds this fit (same model, settings, teacher and seeds): not fitted "
+                       f"again{', only the table runs' if eval_samples > 0 else ''} (--restart fits it again)")
+        else:
+            typer.echo(f"wrote {res.path}  (start {res.doc['start']['solver']}; {res.doc['timing']['total_s']:.0f} s)")
         typer.echo(f"RMSE to the teacher on {e['noises']} {e['on']} noises: start {e['start_rmse_to_teacher']:.4g}"
                    f" -> {e['rmse_to_teacher']:.4g} ± {e['sem']:.2g}{', kept the start' if v['kept_start'] else ''}"
                    f" (validation, which chose the checkpoint: {v['rmse_to_teacher']:.4g})")

@@ -10,8 +10,8 @@ import typer
 
 from ..errors import NothingToRunError
 from .common import (CLASSES_OPT, DTYPE_OPT, EVAL_PROMPTS_OPT, FORCE_HELP, GUIDANCE_OPT, HEIGHT_OPT, MODEL_HELP,
-                     PROMPTS_OPT, WIDTH_OPT, app, check_out_dir, errors, eval_model, fail, fit_kwargs, is_main, load,
-                     log_line, metrics_arg, print_report, resolve_solver, setup)
+                     PROMPTS_OPT, SEED_MAX, SEED_RANGE_HELP, WIDTH_OPT, app, check_out_dir, errors, eval_model, fail,
+                     fit_kwargs, is_main, load, log_line, metrics_arg, print_report, resolve_solver, setup)
 
 METRICS_HELP = "auto, none, or a comma list of fd,kid,fd_ref,psnr,swd,loglik"
 
@@ -23,7 +23,8 @@ def eval_cmd(
     solver: Optional[List[str]] = typer.Option(None, help="NAME@GRID or a learned-solver directory (repeatable); "
                                                           "default: every classic solver on every grid"),
     samples: int = typer.Option(256, min=1, help="held-out samples"),
-    seed: Optional[int] = typer.Option(None, min=0, help="first per-sample seed (default: the evaluation range)"),
+    seed: Optional[int] = typer.Option(None, min=0, max=SEED_MAX, help=f"first per-sample seed, {SEED_RANGE_HELP} "
+                                                                       f"(default: the evaluation range)"),
     reference: Optional[str] = typer.Option(None, help="reference solver NAME@GRID (default: a long classic solve)"),
     reference_nfe: Optional[int] = typer.Option(None, min=1, help="reference NFE"),
     metrics: str = typer.Option("auto", help=METRICS_HELP),

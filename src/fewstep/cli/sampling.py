@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
-from .common import (CLASSES_OPT, DTYPE_OPT, FORCE_HELP, GUIDANCE_OPT, HEIGHT_OPT, MODEL_HELP, PROMPTS_OPT, WIDTH_OPT,
-                     app, check_out_file, errors, fail, is_main, load, setup)
+from .common import (CLASSES_OPT, DTYPE_OPT, FORCE_HELP, GUIDANCE_OPT, HEIGHT_OPT, MODEL_HELP, PROMPTS_OPT, SEED_MAX,
+                     SEED_RANGE_HELP, WIDTH_OPT, app, check_out_file, errors, fail, is_main, load, setup)
 
 
 @app.command("sample")
@@ -20,7 +20,7 @@ def sample_cmd(
                                                         "solver makes its own)"),
     n: int = typer.Option(16, min=1, help="number of samples"),
     out: Path = typer.Option(..., help="output .safetensors file (a PNG grid is written beside it for images)"),
-    seed: int = typer.Option(0, min=0, help="first per-sample seed"),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help=f"first per-sample seed, {SEED_RANGE_HELP}"),
     guidance: Optional[str] = GUIDANCE_OPT,
     prompts: Optional[Path] = PROMPTS_OPT,
     classes: Optional[str] = CLASSES_OPT,
@@ -56,9 +56,36 @@ def sample_cmd(
 
 
 @app.command("zoo")
-def zoo_cmd() -> None:
-    """List the built-in models."""
+def zoo_cmd(as_json: bool = typer.Option(False, "--json", help="print JSON: every field of every model")) -> None:
+    """List the built-in models: what each is and what its first use costs (nothing is built or trained)."""
+    import json
+
     from .. import zoo
 
-    for name in zoo.NAMES:
-        typer.echo(f"zoo:{name}")
+    rows = [zoo.describe(name) for name in zoo.NAMES]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    for line in zoo_lines(rows):
+        typer.echo(line)
+
+
+def _conditions(d: dict[str, Any]) -> str:
+    parts = ([f"{d['classes']} classes"] if d["classes"] else []) + (["guidance"] if d["guidance"] else [])
+    return ", ".join(parts) or "-"
+
+
+def zoo_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """``fewstep zoo``'s table: one line per model, then what it is in a line below."""
+    head = ("model", "kind", "prediction", "shape", "schedule", "conditions", "first use")
+    table = [head] + [(d["name"], d["kind"], d["prediction"], "x".join(map(str, d["sample_shape"])), d["schedule"],
+                       _conditions(d), d["first_use"] + ("; cached now" if d["cached"] and d["first_use_seconds"] >= 10
+                                                         else "")) for d in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(head) - 1)]
+    lines = []
+    for k, r in enumerate(table):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+        if k:
+            lines.append(f"    {rows[k - 1]['network']}: {rows[k - 1]['summary']}")
+    lines.append("use one with --model zoo:NAME; fewstep zoo --json gives every field")
+    return lines

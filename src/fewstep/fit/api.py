@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -13,16 +16,18 @@ from ..conditions import Conditioning
 from ..denoiser import Denoiser
 from ..errors import FewstepError
 from ..seeds import check_fit_seeds, fit_seeds, val_seeds
-from ..solvers.artifact import PARAMS, LoadedSolver, save_params, save_solver, solver_doc, tableau_to_doc
+from ..progress import progress_bar
+from ..solvers.artifact import (PARAMS, PARAMS_KIND, SCHEMA, LoadedSolver, load_solver, save_params, save_solver,
+                                solver_doc, tableau_to_doc)
 from ..solvers.kernel import Tableau
 from ..solvers.learned import LearnedSolver
 from .checkpoint import FitCheckpoint, fit_key
 from ..cost import Cost, Meter, Spent
 from ..distributed import current
 from ..solvers.registry import classic_specs, solver_info
-from .budget import Sizes, plan_for
+from .budget import SIZE_OPTIONS, Sizes, option_names, plan_for
 from .config import FitConfig, plan_phases
-from .loop import noise_groups
+from .loop import FitState, noise_groups
 from .methods import FitOutcome, fit_solver
 from .teacher import SHARD_SIZE, TeacherData, TeacherSpec, default_teacher, generate_teacher, parse_teacher
 
@@ -33,6 +38,7 @@ class FitResult:
     doc: dict[str, Any]
     outcome: FitOutcome
     path: Path | None = None
+    reused: bool = False  # ``out`` already held this finished fit, and it was loaded instead of fitted again
 
 
 def _detach_tab(tab: Tableau) -> Tableau:
@@ -52,6 +58,7 @@ def fit(
     cache_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
     resume: bool = True,
+    reuse: bool = False,
     **overrides: Any,
 ) -> FitResult:
     """Fit a learned solver for ``model`` at ``nfe`` evaluations and (optionally) save it to ``out``.
@@ -64,8 +71,12 @@ def fit(
     included) noises, batch and steps are sized to fit it, and the fit never spends more.
     With ``out``, the fit's state is checkpointed in ``out`` after every validation and a fit run
     again with the same settings continues from there (``resume=False`` starts over); the
-    checkpoint is removed once the artifact is written. What the fit cost (network evaluations,
-    wall time, peak memory) is in the artifact's ``cost`` and in ``FitResult.cost``.
+    checkpoint is removed once the artifact is written. With ``reuse`` (and ``resume``), an ``out`` that already
+    holds this finished fit (same model, settings, teacher and seeds) is loaded instead of fitted again
+    (``FitResult.reused``). ``out`` may replace an earlier fewstep artifact, never another file (refused before
+    any work), and a reader sees the old artifact or the new one whenever the fit is stopped. What the fit
+    cost (network evaluations, wall time, peak memory; a resumed fit's earlier runs included) is in the
+    artifact's ``cost`` and in ``FitResult.cost``.
     Under several processes (``torchrun``; :mod:`fewstep.distributed`) the teacher, every batch and every
     validation are shared out between them, rank 0 shows the progress and writes the files, and every process
     returns the same result; with ``noise_groups=G`` any number of processes up to G gives the same fit, bit for
@@ -74,17 +85,15 @@ def fit(
     cfg, spec = fit_plan(model, method, nfe, teacher, seed, device=device, **overrides)
     noise_groups(cfg.noise_groups)  # enough groups for the processes, before any work
     d = current()
+    if d.main:
+        warn_nfe(cfg, spec)
+    ckpt, found = (None, None) if out is None else open_out(out, model, cfg, spec, resume, reuse)
+    if found is not None:
+        return found
     t0 = time.perf_counter()
     with Meter(model, device) as whole:
         with Meter(model, device) as teach:
             data = FitData.generate(model, cfg, spec, cache_dir, device, progress)
-        folder = None if out is None else (Path(out).parent if Path(out).suffix == ".json" else Path(out))
-        ckpt = None
-        if folder is not None:
-            ckpt = FitCheckpoint(folder, fit_key({"fingerprint": model.fingerprint(), "guidance": model.guidance_scale,
-                                                  "cfg": cfg.as_dict(), "teacher": str(spec), **data.seed_ranges()}))
-            if not resume:
-                ckpt.remove()
         bar = _progress(progress and d.main, sum(p.steps for p in plan_phases(cfg)),
                         f"fit {cfg.method} NFE {cfg.nfe}" + (f", {d.world} processes" if d.world > 1 else ""))
         try:
@@ -98,13 +107,33 @@ def fit(
     if d.world > 1:
         timing["processes"] = d.world
     teach_spent, whole_spent = run_spent(teach.spent), run_spent(whole.spent)
-    cost = fit_cost(cfg, data, teach_spent, whole_spent)
+    cost = fit_cost(cfg, data, teach_spent, whole_spent, outcome.spent_before)
     doc = d.broadcast_object(artifact_doc(model, cfg, spec, data, outcome, timing, cost))  # rank 0's, everywhere
     path = None if out is None else write_artifact(out, doc, outcome.solver, write=d.main)
     d.barrier()  # the artifact is on disk for every process before the checkpoint goes
     if ckpt is not None:
         ckpt.remove()
     return FitResult(LoadedSolver(doc, path, learned=outcome.solver), doc, outcome, path)
+
+
+def open_out(out: str | Path, model: Denoiser, cfg: FitConfig, spec: TeacherSpec, resume: bool, reuse: bool
+             ) -> tuple[FitCheckpoint, FitResult | None]:
+    """Before any work: refuse an ``out`` that is not fewstep's to write (:func:`check_out`); the fit's checkpoint
+    there (removed unless ``resume``; one of another fit is named in a warning); and with ``reuse`` and ``resume``
+    the finished artifact of this fit if ``out`` holds it (else None)."""
+    check_out(out)
+    ckpt = FitCheckpoint(artifact_path(out).parent, *fit_identity(model, cfg, spec))
+    if not resume:
+        ckpt.remove()
+        return ckpt, None
+    found = finished_fit(out, model, cfg, spec) if reuse else None
+    other = ckpt.other_fit()
+    if found is not None and other is None and ckpt.path.is_file():  # killed after the artifact, before this went
+        ckpt.remove()
+    elif found is None and other is not None and current().main:
+        warnings.warn(f"fit checkpoint {ckpt.path} is of another fit ({'; '.join(other[:4])}): this fit starts "
+                      f"from step 0 and replaces it", stacklevel=3)
+    return ckpt, found
 
 
 def run_spent(spent: Spent) -> Spent:
@@ -119,22 +148,44 @@ def run_spent(spent: Spent) -> Spent:
     return Spent(Cost(f, b, r), spent.wall_s, peak, f"{spent.memory}, largest of {d.world} processes")
 
 
-def fit_cost(cfg: FitConfig, data: "FitData", teacher: Spent, whole: Spent) -> dict[str, Any]:
+def fit_cost(cfg: FitConfig, data: "FitData", teacher: Spent, whole: Spent, before: Cost | None = None
+             ) -> dict[str, Any]:
     """The artifact's ``cost``: the teacher's evaluations (what its shards cost when they were made, and what
-    this run computed), the fit's own, the total against the budget, wall time and peak memory."""
-    fit_part = whole.cost - teacher.cost
+    this run computed), the fit's own (``before``: what a resumed fit's earlier runs spent up to its checkpoint,
+    also in ``fit.earlier_runs_evals``), the total against the budget, wall time and peak memory (this run's)."""
+    before = before or Cost()
+    fit_part = whole.cost - teacher.cost + before
     total = data.teacher_evals + fit_part.total
     return {"budget": cfg.budget, "total_evals": total,
             "teacher": {"forward_evals": data.teacher_evals, "computed_now": teacher.cost.forward,
                         "wall_s": round(teacher.wall_s, 3)},
-            "fit": {**fit_part.as_dict(), "wall_s": round(whole.wall_s - teacher.wall_s, 3)},
+            "fit": {**fit_part.as_dict(), "earlier_runs_evals": before.total,
+                    "wall_s": round(whole.wall_s - teacher.wall_s, 3)},
             "wall_s": round(whole.wall_s, 3), "peak_memory_mib": round(whole.peak_mib, 1), "memory": whole.memory}
+
+
+def fit_identity(model: Denoiser, cfg: FitConfig, spec: TeacherSpec) -> tuple[str, dict[str, Any]]:
+    """(key, parts): what makes a fit this fit (model, guidance, the settings that change the result, teacher,
+    seeds) and its hash, which names the fit's checkpoint."""
+    parts = {"fingerprint": model.fingerprint(), "guidance": model.guidance_scale, "cfg": cfg.fit_settings(),
+             "teacher": str(spec), **seed_ranges(cfg)}
+    return fit_key(parts), parts
+
+
+def warn_nfe(cfg: FitConfig, spec: TeacherSpec) -> None:
+    """Warn when the student's NFE is not below the teacher's: it can copy the teacher, and a fit learns nothing."""
+    if cfg.nfe >= spec.nfe:
+        warnings.warn(f"--nfe {cfg.nfe} is not below the teacher's NFE ({spec}: {spec.nfe}): the student can match "
+                      f"the teacher without learning anything; fit fewer NFE, or give a finer --teacher "
+                      f"NAME@GRID:NFE with NFE above {cfg.nfe}", stacklevel=3)
 
 
 def fit_plan(model: Denoiser, method: str, nfe: int, teacher: str | TeacherSpec | None = None, seed: int = 0,
              device: str | torch.device = "cpu", **overrides: Any) -> tuple[FitConfig, TeacherSpec]:
     """The resolved settings and teacher :func:`fit` would use (checked, sized to a budget if one is given;
-    nothing runs). Activation checkpointing is on by default on CUDA."""
+    nothing runs). Activation checkpointing is on by default on CUDA. Sizes given beside a budget (samples,
+    val_samples, confirm_samples, batch, steps) are kept as given and the others sized around them; a budget
+    that cannot cover them is refused, naming them."""
     bad = set(overrides) - set(FitConfig.__dataclass_fields__)
     if bad:
         raise FewstepError(f"unknown fit settings {sorted(bad)}; valid: {', '.join(FitConfig.__dataclass_fields__)}")
@@ -147,7 +198,8 @@ def fit_plan(model: Denoiser, method: str, nfe: int, teacher: str | TeacherSpec 
         per_sample = solver_info(spec.solver).cost(solver_info(spec.solver).steps(spec.nfe))
         candidates = 0 if cfg.start is not None else len(classic_specs(model.schedule))
         base = Sizes(cfg.samples, cfg.val_samples, cfg.confirm_samples, cfg.batch, cfg.steps)
-        sized = plan_for(cfg.budget, cfg, base, per_sample, candidates, shard=SHARD_SIZE)
+        fixed = {f for k, f in SIZE_OPTIONS.items() if overrides.get(k) is not None}
+        sized = plan_for(cfg.budget, cfg, base, per_sample, candidates, shard=SHARD_SIZE, fixed=fixed)
         cfg = replace(cfg, samples=sized.samples, val_samples=sized.val, confirm_samples=sized.confirm,
                       batch=sized.batch, steps=sized.steps, rounds=None).resolved()
         # the loop stops before a step that would cross the budget, but the teacher comes first: whatever the
@@ -155,10 +207,14 @@ def fit_plan(model: Denoiser, method: str, nfe: int, teacher: str | TeacherSpec 
         closing = 2 * (cfg.val_samples + cfg.confirm_samples) * cfg.nfe
         fits = lambda n: teacher_cost(replace(cfg, samples=n), per_sample) + closing <= cfg.budget  # noqa: E731
         if not fits(cfg.samples):
-            if not fits(8):
+            least = cfg.batch if "batch" in fixed else 8
+            if "samples" in fixed or not fits(least):
+                given = option_names(fixed, sized)
                 raise FewstepError(f"--budget {cfg.budget:,} does not cover the teacher of the validation and "
-                                   f"confirmation noises and 8 training noises ({per_sample} evaluations each)")
-            lo, hi = 8, cfg.samples
+                                   f"confirmation noises and {cfg.samples if 'samples' in fixed else least} training "
+                                   f"noises ({per_sample} evaluations each)"
+                                   + (f": raise it, or leave out {given}" if given else ""))
+            lo, hi = least, cfg.samples
             while hi - lo > 1:
                 lo, hi = ((lo + hi) // 2, hi) if fits((lo + hi) // 2) else (lo, (lo + hi) // 2)
             cfg = replace(cfg, samples=lo, batch=min(cfg.batch, lo)).resolved()
@@ -169,8 +225,14 @@ def same_fit(doc: dict[str, Any], model: Denoiser, method: str, nfe: int, teache
              seed: int = 0, device: str | torch.device = "cpu", **overrides: Any) -> list[str]:
     """How an artifact's recorded fit differs from the fit these arguments ask for ([] if it is the same)."""
     cfg, spec = fit_plan(model, method, nfe, teacher, seed, device=device, **overrides)
+    return fit_differences(doc, cfg, spec)
+
+
+def fit_differences(doc: dict[str, Any], cfg: FitConfig, spec: TeacherSpec) -> list[str]:
+    """How an artifact's recorded fit differs from the fit of ``cfg`` and ``spec`` ([] if it is the same; settings
+    that do not change the result, such as the micro-batch, are not compared)."""
     r = seed_ranges(cfg)
-    want = {**{f"fit.{k}": v for k, v in cfg.as_dict().items()}, "teacher": str(spec),
+    want = {**{f"fit.{k}": v for k, v in cfg.fit_settings().items()}, "teacher": str(spec),
             "train_seeds": r["train"], "val_seeds": r["val"], "confirm_seeds": r["confirm"]}
     t = doc.get("teacher") or {}
     have = {**{f"fit.{k}": v for k, v in (doc.get("fit") or {}).items()}, "teacher": t.get("spec"),
@@ -262,21 +324,148 @@ def artifact_doc(model: Denoiser, cfg: FitConfig, spec: TeacherSpec, data: FitDa
     )
 
 
+def artifact_path(out: str | Path) -> Path:
+    """The solver.json of ``out``: ``out`` itself if it names a .json file, else ``out/solver.json``."""
+    return Path(out) if Path(out).suffix == ".json" else Path(out) / "solver.json"
+
+
+def params_name(out: str | Path) -> str:
+    """The parameter file's name beside :func:`artifact_path`: params.safetensors (STEM.params.safetensors for
+    ``out`` a .json file)."""
+    return f"{Path(out).stem}.{PARAMS}" if Path(out).suffix == ".json" else PARAMS
+
+
+def check_out(out: str | Path) -> None:
+    """Refuse an ``out`` whose files are not fewstep's to replace: a solver.json (or the named .json) that is not a
+    fewstep solver, a parameter file that is not fewstep's, a file where a folder goes. Nothing is written."""
+    path = artifact_path(out)
+    if Path(out).suffix != ".json" and Path(out).exists() and not Path(out).is_dir():
+        raise FewstepError(f"--out {out} is a file, not a folder: give a folder for the artifact (or a new .json name)")
+    if path.is_dir():
+        raise FewstepError(f"--out {path} is a folder: name the solver file (e.g. {path / 'solver.json'})")
+    if path.exists():
+        why = _not_a_solver(path)
+        if why:
+            raise FewstepError(f"--out: {path} exists and is not a fewstep solver ({why}); it is left as it is: give "
+                               f"--out a new name, or move that file away")
+    params = path.parent / params_name(out)
+    if params.exists() and not _is_params(params):
+        raise FewstepError(f"--out: {params} exists and is not a fewstep parameter file; it is left as it is: give "
+                           f"--out a new name, or move that file away")
+
+
+def _not_a_solver(path: Path) -> str:
+    """Why ``path`` is not a fewstep solver.json that a fit may replace ('' if it is one)."""
+    try:
+        if path.stat().st_size > 256 * 2**20:
+            return "too large"
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as e:
+        return "unreadable" if isinstance(e, OSError) else "not JSON"
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        return f"no \"schema\": \"{SCHEMA}\""
+    return ""
+
+
+def _is_params(path: Path) -> bool:
+    """Is ``path`` a fewstep solver-parameter file (by its header: nothing else is read)?"""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("kind") == PARAMS_KIND
+    except Exception:  # noqa: BLE001 - whatever it is, it is not ours
+        return False
+
+
+def finished_fit(out: str | Path, model: Denoiser, cfg: FitConfig, spec: TeacherSpec) -> FitResult | None:
+    """The finished artifact of this very fit in ``out`` (same model, guidance, conditions, settings, teacher and
+    seeds; checked like any artifact), loaded; None if there is none, or another fit's, or it cannot be used."""
+    path = artifact_path(out)
+    if not path.is_file() or _not_a_solver(path):
+        return None
+    try:
+        with warnings.catch_warnings():  # whatever the check would warn about, this fit is another: not reused
+            warnings.simplefilter("ignore")
+            loaded = load_solver(path)
+            doc = loaded.doc
+            if fit_differences(doc, cfg, spec) or _plain(doc["model"].get("guidance_scale")) != _plain(
+                    model.guidance_scale) or _plain(doc.get("conditions")) != _plain(_conditions(model)):
+                return None
+            loaded.check(model)
+            return FitResult(loaded, doc, outcome_from_doc(loaded), path, reused=True)
+    except (FewstepError, KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def _plain(v: Any) -> Any:
+    """``v`` as a JSON file holds it (tuples as lists)."""
+    return json.loads(json.dumps(v, default=str))
+
+
+def _conditions(model: Denoiser) -> Any:
+    return model.cond_sampler.describe() if isinstance(model.cond_sampler, Conditioning) else None
+
+
+def outcome_from_doc(loaded: LoadedSolver) -> FitOutcome:
+    """The :class:`FitOutcome` a finished artifact records (its solver from its parameter file)."""
+    doc = loaded.doc
+    v, history = doc["validation"], list(doc.get("history") or [])
+    state = FitState(step=max((int(h["step"]) for h in history), default=0), history=history)
+    ranking = [(float(r["rmse_to_teacher"]), str(r["solver"])) for r in v.get("classic_ranking") or []]
+    return FitOutcome(loaded.learned(), str(doc["start"]["solver"]), float(doc["start"]["val_rmse"]),
+                      float(v["rmse_to_teacher"]), bool(v["kept_start"]), state, ranking,
+                      confirm=v.get("confirm_rmse_to_teacher"), confirm_start=v.get("confirm_start_rmse_to_teacher"),
+                      notes=list(v.get("notes") or []), seed=int(doc["fit"]["seed"]),
+                      estimate=dict(v.get("estimate") or {}))
+
+
 def write_artifact(out: str | Path, doc: dict[str, Any], solver: LearnedSolver, write: bool = True) -> Path:
-    """params.safetensors first (the JSON names it), then solver.json; both atomically. Returns the JSON path
-    (``write=False``: only fill in ``doc`` and return the path, for a process that does not write)."""
-    folder = Path(out).parent if Path(out).suffix == ".json" else Path(out)
-    params = f"{Path(out).stem}.{PARAMS}" if Path(out).suffix == ".json" else PARAMS
+    """Write the artifact so that a reader sees the old one or the new one whenever the writer stops: the
+    parameters under a name of their own (their hash), a solver.json naming them, then the parameters under their
+    usual name and a solver.json naming that, the extra file removed last; every file atomically. Returns the
+    JSON path (``write=False``: only fill in ``doc`` and return the path, for a process that does not write)."""
+    path, params = artifact_path(out), params_name(out)
     doc["params"] = params
     if not write:
-        return Path(out) if Path(out).suffix == ".json" else Path(out) / "solver.json"
-    save_params(folder / params, solver)
-    return save_solver(out, doc)
+        return path
+    if path.exists():
+        _swap_in(path, params, doc, solver)
+    else:
+        save_params(path.parent / params, solver)
+    save_solver(path, doc)
+    _remove_interim_params(path.parent, params)
+    return path
+
+
+def _swap_in(path: Path, params: str, doc: dict[str, Any], solver: LearnedSolver) -> None:
+    """Replace an existing artifact's parameters without a moment where its solver.json names parameters of
+    another fit: the interim pair first, then the usual parameter name (the caller writes the final JSON)."""
+    interim = path.parent / _interim_name(params, solver)
+    save_params(interim, solver)
+    save_solver(path, {**doc, "params": interim.name})
+    save_params(path.parent / params, solver)
+
+
+def _interim_name(params: str, solver: LearnedSolver) -> str:
+    """``params`` with the hash of the solver's parameters before its extension."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(solver.state_dict().items()):
+        h.update(k.encode() + v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return f"{params.removesuffix('.safetensors')}.{h.hexdigest()[:16]}.safetensors"
+
+
+def _remove_interim_params(folder: Path, params: str) -> None:
+    """Remove the interim parameter files of ``params`` (:func:`_interim_name`; a writer stopped before its
+    last step leaves one): called once solver.json names ``params`` itself."""
+    pattern = re.compile(re.escape(params.removesuffix(".safetensors")) + r"\.[0-9a-f]{16}\.safetensors")
+    for p in folder.glob("*.safetensors") if folder.is_dir() else []:
+        if pattern.fullmatch(p.name):
+            p.unlink(missing_ok=True)
 
 
 def _progress(progress: bool, total: int, desc: str) -> Any:
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+    """The fit's progress (None when off): a bar on a terminal, plain lines in a log (:mod:`fewstep.progress`)."""
+    return progress_bar(total, desc, unit="step") if progress else None

@@ -24,6 +24,9 @@ from .config import FitConfig, plan_phases
 #: classic starts are screened on this many validation noises; the best SCREEN_KEEP go on to all of them
 SCREEN_NOISES = 32
 SCREEN_KEEP = 4
+#: the fit settings a budget sizes (FitConfig field -> Sizes field); one given beside a budget is kept as given
+SIZE_OPTIONS = {"samples": "samples", "val_samples": "val", "confirm_samples": "confirm", "batch": "batch",
+                "steps": "steps"}
 
 
 @dataclass(frozen=True)
@@ -77,20 +80,39 @@ def predicted(cfg: FitConfig, sizes: Sizes, teacher_evals: int, candidates: int,
                  training=training, validation=(checks + 2) * sizes.val * n, confirmation=2 * sizes.confirm * n)
 
 
-def plan_for(budget: int, cfg: FitConfig, base: Sizes, teacher_evals: int, candidates: int, shard: int = 1) -> Sizes:
+def option_names(fixed: set[str] | frozenset[str], sizes: Sizes) -> str:
+    """The command-line options of the ``fixed`` Sizes fields with their values, e.g. ``--samples 300 --steps 40``."""
+    flag = {v: f"--{k.replace('_', '-')}" for k, v in SIZE_OPTIONS.items()}
+    return " ".join(f"{flag[f]} {getattr(sizes, f)}" for f in flag if f in fixed)
+
+
+def plan_for(budget: int, cfg: FitConfig, base: Sizes, teacher_evals: int, candidates: int, shard: int = 1,
+             fixed: set[str] | frozenset[str] = frozenset()) -> Sizes:
     """The largest fit like ``base`` (its shape: noises, batch, steps scaled together) whose predicted spend is
-    within ``budget``; a FewstepError names the smallest budget that works when even one step does not fit."""
+    within ``budget``; the Sizes fields named in ``fixed`` (given by the user) keep ``base``'s values and the
+    others are scaled around them. A FewstepError names the smallest budget that works (and the fixed sizes)
+    when even one step does not fit."""
     def sized(theta: float) -> Sizes:
         samples = max(8, round(base.samples * theta))
         val = max(8, round(base.val * math.sqrt(theta)))
         confirm = 0 if base.confirm == 0 else max(16, round(base.confirm * math.sqrt(theta)))
-        return Sizes(samples, val, confirm, min(base.batch, samples), max(1, round(base.steps * theta)))
+        return _keep(Sizes(samples, val, confirm, min(base.batch, samples), max(1, round(base.steps * theta))))
+
+    def _keep(s: Sizes) -> Sizes:
+        s = replace(s, **{f: getattr(base, f) for f in fixed})
+        if "batch" in fixed and "samples" not in fixed:  # a given batch needs as many noises
+            s = replace(s, samples=max(s.samples, s.batch))
+        return s if "batch" in fixed else replace(s, batch=min(s.batch, s.samples))
 
     def cost(theta: float) -> int:
         return predicted(cfg, sized(theta), teacher_evals, candidates, shard).total
 
-    smallest = Sizes(8, 8, 0, 8, 1)
+    smallest = _keep(Sizes(8, 8, 0, 8, 1))
     floor = predicted(cfg, smallest, teacher_evals, candidates, shard).total
+    if budget < floor and fixed:
+        raise FewstepError(f"--budget {budget:,} does not cover {option_names(fixed, base)}: with them the smallest "
+                           f"fit costs {floor:,} network evaluations; give a budget of at least that, or leave those "
+                           f"options out for the budget to size them")
     if budget < floor:
         raise FewstepError(f"--budget {budget:,} is too small for one step of {cfg.method} at NFE {cfg.nfe}: the "
                            f"smallest fit (8 noises, 1 step, its teacher and start search) costs {floor:,} network "

@@ -5,7 +5,11 @@ optimizer state of the phase in progress (tensors), and a JSON document in the m
 fit's key, step counters, validation history, the chosen start). It is rewritten after every
 validation, so a killed fit loses at most ``eval_every`` steps, and a fit started again with the
 same model, method, settings, teacher and seeds continues from it and ends exactly where an
-uninterrupted run would. A checkpoint for other settings is ignored (and replaced).
+uninterrupted run would. A checkpoint for other settings is ignored (and replaced); it records those settings,
+so :meth:`FitCheckpoint.other_fit` can name what differs. Settings that change how a fit runs but not what it
+computes (``EXECUTION_ONLY``: the micro-batch, activation checkpointing) are not part of a fit's key: a fit
+interrupted for lack of memory resumes with a smaller micro-batch. The checkpoint also records what the fit
+has spent so far (network evaluations), so a resumed fit's cost is the whole fit's.
 
 Under several processes every process holds the same state (but only the relaxed latents of the noises it
 owns): saving gathers the latents and rank 0 writes; any number of processes can resume from the file.
@@ -22,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..cost import Cost
 from ..distributed import current
 from ..errors import FewstepError
 from ..io import atomic_path
@@ -34,6 +39,23 @@ KIND = "fewstep.fit-checkpoint/1"
 def fit_key(parts: dict[str, Any]) -> str:
     """A hash of everything that determines a fit's trajectory."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def differences(have: Any, want: dict[str, Any]) -> list[str]:
+    """What differs between two fits' key parts (:func:`fit_key`'s input; the fit settings under ``cfg``), as
+    ``name old -> new`` (``have`` may be anything read from a file)."""
+    flat = lambda p: {**{k: v for k, v in p.items() if k != "cfg"}, **(p.get("cfg") or {})}  # noqa: E731
+    if not isinstance(have, dict) or not isinstance(have.get("cfg", {}), dict):
+        return ["its settings are not recorded (a checkpoint of an older fewstep)"]
+    old, new = flat(have), flat(want)
+    norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731 - as the file holds it (tuples: lists)
+    return [f"{k} {old.get(k)!r} -> {v!r}" for k, v in norm(new).items() if old.get(k) != v]
+
+
+def spent_cost(model: Any, base: Cost) -> Cost:
+    """What ``model.cost`` counted since ``base``, summed over the processes (a collective)."""
+    c = model.cost - base
+    return Cost(*current().sum_ints([c.forward, c.backward, c.rows]))
 
 
 def _flatten_opt(opt_state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -68,15 +90,26 @@ class FitCheckpoint:
     checkpoint is refused in one line that names it and the fix (``--restart``).
     """
 
-    def __init__(self, folder: str | Path, key: str) -> None:
+    def __init__(self, folder: str | Path, key: str, parts: dict[str, Any] | None = None) -> None:
         self.path = Path(folder) / NAME
         self.key = key
+        self.parts = parts  # what the key hashes, recorded so that another fit can say what differs
+        self._spend: tuple[Any, Cost, Cost] | None = None
+
+    def count_from(self, model: Any, before: Cost) -> None:
+        """Record in every later save what the fit has spent: ``before`` (its interrupted runs') plus what
+        ``model.cost`` counts from now on (every process's)."""
+        self._spend = (model, before, model.cost.copy())
 
     def save(self, state: FitState, solver: torch.nn.Module, opt: torch.optim.Optimizer | None,
              relax: Relax | None, extra: dict[str, Any]) -> None:
         from safetensors.torch import save_file
 
         d = current()
+        spent = None
+        if self._spend is not None:  # a collective under several processes: before rank 0 alone goes on
+            model, before, base = self._spend
+            spent = (before + spent_cost(model, base)).as_dict()
         offsets = None if relax is None else relax.offsets
         if offsets is not None and d.world > 1:  # each process updates the latents of the noises it owns: gather
             keep = relax.mine if relax.mine is not None else torch.full((offsets.shape[0],), d.main)
@@ -98,7 +131,7 @@ class FitCheckpoint:
         doc = {"kind": KIND, "key": self.key, "step": state.step, "phase": state.phase,
                "phase_step": state.phase_step, "best_val": finite_or_none(state.best_val), "history": state.history,
                "seconds": state.seconds, "skipped": state.skipped, "exhausted": state.exhausted, "opt": opt_plain,
-               **extra}
+               "settings": self.parts, "spent": spent, **extra}
         text = json.dumps(doc, allow_nan=False)
         with atomic_path(self.path) as tmp:
             save_file(tensors, str(tmp), metadata={"doc": text, "checksum": _checksum(tensors, text)})
@@ -127,7 +160,25 @@ class FitCheckpoint:
                 isinstance(r, list) and len(r) == 2 and isinstance(r[0], (int, float)) and isinstance(r[1], str)
                 for r in doc["ranking"]):
             raise self._refuse("is malformed (its start or ranking)")
+        if doc.get("spent") is not None and _spent(doc) is None:
+            raise self._refuse("is malformed (its spend)")
         return doc, tensors
+
+    def other_fit(self) -> list[str] | None:
+        """What differs (``name old -> new``) if the checkpoint in the folder is of another fit; None if there is
+        none or it is this fit's (a checkpoint that cannot be read is left to :meth:`peek` to refuse)."""
+        if not self.path.is_file():
+            return None
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path), "pt") as f:
+                doc = json.loads((f.metadata() or {}).get("doc", "{}"))
+        except Exception:  # noqa: BLE001 - unreadable: peek() names it
+            return None
+        if not isinstance(doc, dict) or doc.get("kind") != KIND or doc.get("key") == self.key:
+            return None
+        return differences(doc.get("settings"), self.parts or {}) or ["its key"]
 
     def _refuse(self, problem: str) -> FewstepError:
         return FewstepError(f"fit checkpoint {self.path} {problem}: {RESTART}")
@@ -180,6 +231,21 @@ def _checksum(tensors: dict[str, Tensor], doc: str) -> str:
         h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
         h.update(v.view(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
     return h.hexdigest()
+
+
+def spent_before(doc: dict[str, Any] | None) -> Cost:
+    """What the interrupted runs of a fit spent up to its checkpoint ``doc`` (zero without one, or for a checkpoint
+    that does not record it)."""
+    return (None if doc is None else _spent(doc)) or Cost()
+
+
+def _spent(doc: dict[str, Any]) -> Cost | None:
+    s = doc.get("spent")
+    keys = ("forward_evals", "backward_evals", "network_rows")
+    if not isinstance(s, dict) or not all(isinstance(s.get(k), int) and not isinstance(s.get(k), bool)
+                                          and s[k] >= 0 for k in keys):
+        return None
+    return Cost(*(s[k] for k in keys))
 
 
 def _int(doc: dict[str, Any], key: str) -> int:

@@ -98,6 +98,16 @@ class FitConfig:
             d["loss"] = getattr(d["loss"], "__name__", "callable")
         return d
 
+    def fit_settings(self) -> dict[str, Any]:
+        """:meth:`as_dict` without the settings that change how the fit runs but not what it computes
+        (:data:`EXECUTION_ONLY`): what makes two fits the same fit (a checkpoint to resume, a finished artifact)."""
+        return {k: v for k, v in self.as_dict().items() if k not in EXECUTION_ONLY}
+
+
+#: settings that change how a fit runs, not its result (beyond float rounding): the micro-batch (gradients
+#: accumulate over the batch either way) and activation checkpointing (the same forward, recomputed)
+EXECUTION_ONLY = ("micro_batch", "use_checkpoint")
+
 
 
 #: Default fit size per method: the papers' training cost, counting the screening (``screen_share`` of the

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from ..cost import Cost
 from ..denoiser import Denoiser
 from ..distributed import current
 from ..errors import FewstepError
@@ -30,7 +31,7 @@ from ..solvers.learned import LearnedSolver, step_scales, window_mask
 from ..solvers.registry import classic_specs
 from ..solvers.resolve import TableauSolver, is_artifact_spec
 from .budget import SCREEN_KEEP, SCREEN_NOISES
-from .checkpoint import FitCheckpoint
+from .checkpoint import FitCheckpoint, spent_before
 from .config import METHODS, FitConfig, plan_phases
 from .loop import (Budget, FitSession, FitState, Relax, clearly_better, finite_or_none, inference_batch, restore_best, run_phases,
                    val_errors, validate)
@@ -157,6 +158,7 @@ class FitOutcome:
     screened: list[dict[str, Any]] = field(default_factory=list)  # the candidates screened and their validation
     seed: int = 0  # the batch order of the candidate that went on
     estimate: dict[str, Any] = field(default_factory=dict)  # the fit's RMSE to the teacher on noises nothing chose on
+    spent_before: Cost = field(default_factory=Cost)  # what the interrupted runs spent up to the checkpoint resumed
 
 
 def _build(model: Denoiser, cfg: FitConfig, start: str, tab: Tableau | None = None, learn: bool = True) -> LearnedSolver:
@@ -244,8 +246,10 @@ def _screen(model: Denoiser, cfg: FitConfig, cands: list[_Candidate], train: Tea
     until = screen_steps(cfg, len(cands))
     if not until:
         return cands[0]
+    steps = sum(p.steps for p in phases)
+    each = min(until, steps)  # a screening longer than the fit runs the whole fit
     if progress is not None:
-        progress.total = cfg.steps + (len(cands) - 1) * until
+        progress.total = steps + (len(cands) - 1) * each
         progress.refresh()
     best_k, done = None, 0
     if saved is not None:  # resumed in the middle of screening
@@ -254,7 +258,7 @@ def _screen(model: Denoiser, cfg: FitConfig, cands: list[_Candidate], train: Tea
         screened += list(saved.get("screened", []))
         cands[best_k].state, _ = checkpoint.load(cands[best_k].solver, cands[best_k].relax)
         if progress is not None:
-            progress.update(done * until)
+            progress.update(done * each)
     for k in range(done, len(cands)):
         c = cands[k]
         c.state = run_phases(FitSession(model, c.solver, train, val, replace(cfg, seed=c.seed), c.relax, progress,
@@ -298,7 +302,9 @@ def fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitCo
     With ``checkpoint``, the state is saved after every validation after screening and a matching
     checkpoint is resumed from; the result is the same as that of an uninterrupted fit. With
     ``cfg.budget``, the fit stops before a step that would spend more than the budget (``already_spent``
-    counts toward it: the teacher). Validation solves in ``cfg.micro_batch`` noises at a time when one is set.
+    counts toward it: the teacher; so does what a resumed fit's earlier runs spent, which the checkpoint
+    records and ``FitOutcome.spent_before`` returns). Validation solves in ``cfg.micro_batch`` noises at a
+    time when one is set.
     """
     if cfg.method not in METHODS:
         raise FewstepError(f"unknown method {cfg.method!r}; valid: {', '.join(METHODS)}")
@@ -308,13 +314,15 @@ def fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitCo
 
 def _fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitConfig, progress: Any,
                 checkpoint: FitCheckpoint | None, confirm: TeacherData | None, already_spent: int) -> FitOutcome:
-    base_spent = model.cost.total
-    budget = None if cfg.budget is None else Budget(cfg.budget, model, already_spent, base_spent)
+    saved = checkpoint.peek() if checkpoint is not None else None
+    before = spent_before(saved)  # a resumed fit's earlier runs count: toward its budget and in its cost
+    if checkpoint is not None:
+        checkpoint.count_from(model, before)
+    budget = None if cfg.budget is None else Budget(cfg.budget, model, already_spent + before.total, model.cost.total)
     # kept for after the phases: the fitted solver and its start on the validation and confirmation noises
     reserve = (2 * len(val) + 2 * (len(confirm) if confirm is not None else 0)) * cfg.nfe
     source = str(checkpoint.path) if checkpoint is not None else "the fit checkpoint"
     phases = plan_phases(cfg)
-    saved = checkpoint.peek() if checkpoint is not None else None
     resumed, screened = 0, []
     if saved is not None and saved.get("screening") is None:  # screening was done: go on with its winner
         ranking = [tuple(r) for r in saved["ranking"]]
@@ -370,7 +378,8 @@ def _fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitC
     mean = lambda e: None if e is None else float(e.mean())  # noqa: E731
     return FitOutcome(solver, best.start, float(start_err.mean()), float(err.mean()), kept, state, ranking, resumed,
                       mean(co), mean(co_start), notes, screened, best.seed,
-                      fit_estimate(err if co is None else co, co_start if co is not None else start_err, co is not None))
+                      fit_estimate(err if co is None else co, co_start if co is not None else start_err,
+                                   co is not None), before)
 
 
 def fit_estimate(errors: Tensor, start_errors: Tensor, unseen: bool) -> dict[str, Any]:

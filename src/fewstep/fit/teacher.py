@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -24,6 +23,7 @@ from torch import Tensor
 from ..denoiser import Denoiser
 from ..distributed import current, fault
 from ..errors import FewstepError
+from ..progress import progress_bar
 from ..sampling import build_tableau, sample
 from ..seeds import check_fit_seeds
 from .teacher_cache import MANIFEST, SCHEMA_VERSION, ShardCache, cache_folder, shard_name
@@ -243,13 +243,8 @@ def _check_same_model(model: Denoiser, t: dict[str, Tensor], start: int, folder:
 
 
 def _progress_bar(progress: bool, total: int, desc: str) -> Any:
-    if not progress or total <= 0:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a declared dependency of fewstep[fit]
-        return None
-    return tqdm(total=total, desc=desc, unit="sample", file=sys.stderr, dynamic_ncols=True, leave=False)
+    """The teacher's progress (None when off): a bar on a terminal, plain lines in a log (:mod:`fewstep.progress`)."""
+    return progress_bar(total, desc, unit="sample", leave=False) if progress else None
 
 
 #: seeds per teacher shard file (a new cache's; an existing cache keeps its own)
@@ -282,7 +277,7 @@ def generate_teacher(
             an existing cache keeps the shard size it was created with.
         batch_size: samples per teacher call (results do not depend on it).
         device: where the teacher runs; the returned data are on the CPU (use ``.to(device)``).
-        progress: show a tqdm bar on stderr while shards are computed (rank 0 only).
+        progress: show progress on stderr while shards are computed (rank 0 only; plain lines without a terminal).
     Under several processes (:mod:`fewstep.distributed`) the missing shards are shared out (the k-th to rank
     k % world), rank 0 lists them in the manifest, and every rank returns the same data; the shards are those
     one process makes, so a run interrupted under any number of processes resumes under any other.

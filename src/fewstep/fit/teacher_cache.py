@@ -33,12 +33,14 @@ import torch
 from torch import Tensor
 
 from ..errors import FewstepError
-from ..io import cache_root, remove_stale_temporaries, write_bytes
+from ..io import cache_root, loads_json, remove_stale_temporaries, write_bytes
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_KIND = "fewstep.teacher-shard/1"
 _SHARD_RE = re.compile(r"^seeds-(\d+)-(\d+)\.safetensors$")
+#: the most seeds a shard may hold (a manifest or a shard file naming more is not trusted)
+MAX_SHARD_SIZE = 1 << 16
 #: header fields a manifest must share with the request to be reused
 CHECKED = ("schema", "fingerprint", "teacher", "keep_states", "schedule", "prediction", "sample_shape",
            "guidance_scale")
@@ -97,11 +99,13 @@ class ShardCache:
     """
 
     def __init__(self, folder: Path, header: dict[str, Any], shard_size: int) -> None:
+        if isinstance(shard_size, bool) or not isinstance(shard_size, int) or not 1 <= shard_size <= MAX_SHARD_SIZE:
+            raise FewstepError(f"shard_size must be an integer in [1, {MAX_SHARD_SIZE}]; got {shard_size!r}")
         self.folder, self.header = folder, header
         self.folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.folder)
         with _locked(self.folder):
-            man = self._read_manifest()
+            man = self._read_manifest(shard_size)
             if man is None:
                 man = self._rebuild(shard_size)
             else:
@@ -116,20 +120,30 @@ class ShardCache:
     def manifest_path(self) -> Path:
         return self.folder / MANIFEST
 
-    def _read_manifest(self) -> dict[str, Any] | None:
-        """The manifest if it is there and well formed; None (with a warning) if it must be rebuilt."""
+    def _read_manifest(self, shard_size: int) -> dict[str, Any] | None:
+        """The manifest if it is there and well formed; None (with a warning) if it must be rebuilt. A shard size
+        larger than ``shard_size`` (this run's) is believed only when a shard of that size is in the folder."""
         path = self.manifest_path
         if not path.exists():
             return None
         try:
-            man = json.loads(path.read_text())
-            problem = _malformed(man)
+            man = loads_json(path.read_text())
+            problem = _malformed(man) or self._unbacked(man, shard_size)
         except (OSError, ValueError) as e:
             problem = f"unreadable ({e})"
         if problem:
             warnings.warn(f"teacher cache manifest {path} is {problem}: rebuilt from the shards", stacklevel=4)
             return None
         return man
+
+    def _unbacked(self, man: dict[str, Any], shard_size: int) -> str | None:
+        """Why the manifest's shard size cannot be believed (None if it can): the manifest is only an index, so
+        a size beyond this run's must be that of a shard file in the folder."""
+        size = man["shard_size"]
+        if size <= shard_size or any(int(m.group(2)) - int(m.group(1)) == size
+                                     for m in map(_SHARD_RE.match, os.listdir(self.folder)) if m):
+            return None
+        return f"malformed (shard_size {size}, which no shard in the folder has)"
 
     def _check(self, man: dict[str, Any]) -> None:
         for k in CHECKED:
@@ -153,11 +167,12 @@ class ShardCache:
                 continue
             start, stop = int(m.group(1)), int(m.group(2))
             meta = self._shard_meta(p)
-            if meta is None or stop <= start or (size is not None and stop - start != size):
+            if meta is None or not 0 < stop - start <= MAX_SHARD_SIZE or (size is not None and stop - start != size) \
+                    or _shared_cond(meta) is None:
                 continue
             size = stop - start
             found.append({"seeds": [start, stop], "file": p.name})
-            shared.update(json.loads(meta.get("shared_cond") or "{}"))
+            shared.update(_shared_cond(meta))
         man = dict(self.header, shard_size=size or int(shard_size), shared_cond=shared,
                    shards=sorted(found, key=lambda e: e["seeds"][0]))
         self._write_manifest(man)
@@ -206,10 +221,8 @@ class ShardCache:
             self.costs[k] = int(meta["forward_evals"])
         except (KeyError, ValueError):
             pass  # a shard that does not say what it cost: the caller predicts it
-        try:  # its shared conditioning, also when the manifest does not list it yet (another process wrote it)
-            self.shared.update(json.loads(meta.get("shared_cond") or "{}"))
-        except (ValueError, TypeError):
-            pass
+        # its shared conditioning, also when the manifest does not list it yet (another process wrote it)
+        self.shared.update(_shared_cond(meta) or {})
         return t
 
     def _problem(self, meta: dict[str, str], t: dict[str, Tensor], start: int, stop: int) -> str | None:
@@ -218,6 +231,8 @@ class ShardCache:
         for key in ("fingerprint", "teacher"):
             if meta.get(key) != self.header[key]:
                 return f"was made for {key} {meta.get(key)!r}, not {self.header[key]!r}"
+        if _shared_cond(meta) is None:
+            return "holds malformed shared conditioning (shared_cond)"
         if meta.get("seeds") != f"{start}:{stop}":
             return f"holds seeds {meta.get('seeds')!r}, not [{start}, {stop})"
         if meta.get("checksum") != checksum(t):
@@ -250,7 +265,7 @@ class ShardCache:
     def add_entries(self, blocks: list[int], shared: dict[str, Any]) -> None:
         """List finished shards in the manifest (merged under the folder's lock)."""
         with _locked(self.folder):
-            man = self._read_manifest() or self._rebuild(self.size)
+            man = self._read_manifest(self.size) or self._rebuild(self.size)
             self._check(man)
             have = {int(e["seeds"][0]) for e in man["shards"]}
             for k in blocks:
@@ -269,8 +284,11 @@ def _malformed(man: Any) -> str | None:
     if not isinstance(man, dict):
         return "not a JSON object"
     s = man.get("shard_size")
-    if isinstance(s, bool) or not isinstance(s, int) or s < 1:
-        return f"malformed (shard_size {s!r})"
+    if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= MAX_SHARD_SIZE:
+        return f"malformed (shard_size {str(s)[:40]}; at most {MAX_SHARD_SIZE})"
+    times = man.get("times")
+    if not isinstance(times, list) or not all(_finite_number(v) for v in times):
+        return "malformed (times must be a list of numbers)"
     shards = man.get("shards")
     if not isinstance(shards, list):
         return f"malformed (shards {shards!r})"
@@ -283,3 +301,22 @@ def _malformed(man: Any) -> str | None:
     if not isinstance(man.get("shared_cond", {}), dict):
         return "malformed (shared_cond)"
     return None
+
+
+def _finite_number(v: Any) -> bool:
+    """A JSON number that is a finite float (not a bool, not an integer beyond float range)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+def _shared_cond(meta: dict[str, str]) -> dict[str, Any] | None:
+    """A shard's shared conditioning (its ``shared_cond`` metadata, a JSON object); None if malformed."""
+    try:
+        v = loads_json(meta.get("shared_cond") or "{}")
+    except ValueError:
+        return None
+    return v if isinstance(v, dict) else None

@@ -437,6 +437,24 @@ def _fewstep_json(root: Path) -> dict[str, Any]:
     return doc
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def refuse_pickled_weights(folder: Path, what: str) -> None:
+    """ModelSpecError when ``folder`` holds weights only as pickle files (.bin, .pt, ...), which can run code
+    when loaded: fewstep loads safetensors only (a folder with both loads its .safetensors)."""
+    if not folder.is_dir():
+        return
+    files = sorted(f for f in folder.iterdir() if f.is_file())
+    if any(f.suffix == ".safetensors" for f in files):
+        return
+    pickled = [f for f in files if f.suffix in PICKLE_SUFFIXES]
+    if pickled:
+        raise ModelSpecError(f"{pickled[0]} holds pickle-based weights, which can run code when loaded; fewstep loads "
+                             f"safetensors only: convert the {what} with "
+                             f"pipe.save_pretrained(DIR, safe_serialization=True)")
+
+
 def uniform_labels(num_classes: int) -> Callable[[list[int]], dict[str, Tensor]]:
     """cond_sampler drawing one uniform label per seed, each seed its own generator (batch-independent)."""
     from ..seeds import seeded_labels

@@ -19,7 +19,7 @@ import torch
 from ..conditions import GuidanceSet
 from ..denoiser import Denoiser
 from ..errors import ModelSpecError
-from .diffusers_in import _fewstep_json, _read_json, from_diffusers, uniform_labels
+from .diffusers_in import _fewstep_json, _read_json, from_diffusers, refuse_pickled_weights, uniform_labels
 from .families import supported_pipelines
 from .pipelines import load_pipeline, pipeline_class
 
@@ -33,11 +33,15 @@ def load_diffusers(path: str | Path, device: str | torch.device = "cpu", guidanc
     """Load a saved diffusers pipeline folder as a Denoiser (local files only, safetensors weights).
 
     Pipelines of a supported family take :data:`PIPELINE_OPTIONS` (``guidance_scale`` may be one scale or a
-    set, e.g. "3,7.5,12"). Other folders need a ``unet/`` or ``transformer/`` and a ``scheduler/``; an
-    optional DIR/fewstep.json gives what their configs do not: ``{"sample_shape": [C, H, W],
-    "num_classes": K, "null_class": K, "guidance_scale": w, "class_sampler": "uniform"}``
-    (``num_classes`` adds a per-seed uniform label sampler); ``kwargs`` go to :func:`from_diffusers`
-    and override fewstep.json; ``classes="0,1,2"`` draws labels from that set instead.
+    set, e.g. "3,7.5,12"); a text pipeline loads without ``prompts`` too (e.g. to build a FewStepScheduler),
+    but then samples only with explicit prompts. Weights load from safetensors only: a folder holding only
+    pickle-based ``.bin`` weights is refused. The networks are frozen (eval mode, no gradients).
+
+    Other folders need a ``unet/`` or ``transformer/`` and a ``scheduler/``; an optional DIR/fewstep.json
+    gives what their configs do not: ``{"sample_shape": [C, H, W], "num_classes": K, "null_class": K,
+    "guidance_scale": w, "class_sampler": "uniform"}`` (``num_classes`` adds a per-seed uniform label
+    sampler); ``kwargs`` go to :func:`from_diffusers` and override fewstep.json; ``classes="0,1,2"`` draws
+    labels from that set instead.
     """
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -93,6 +97,7 @@ def _load_network(root: Path, path: str | Path, device: str | torch.device, guid
     cls = getattr(diffusers, str(cls_name), None)
     if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
         raise ModelSpecError(f"{sub}/config.json names {cls_name!r}, not a diffusers model class")
+    refuse_pickled_weights(sub, "pipeline")
     try:
         lean = importlib.util.find_spec("accelerate") is not None  # without it diffusers warns, then loads plainly
         model = cls.from_pretrained(str(sub), local_files_only=True, use_safetensors=True, low_cpu_mem_usage=lean)

@@ -31,8 +31,9 @@ from ..conditions import ClassSet, Conditioning, Entry, GuidanceSet, PromptSet
 from ..denoiser import Denoiser, torch_dtype
 from ..errors import FewstepError, ModelSpecError
 from ..io import atomic_path, cache_root
-from .diffusers_in import dynamic_mu, flow_with_mu, schedule_from_diffusers
+from .diffusers_in import dynamic_mu, flow_with_mu, refuse_pickled_weights, schedule_from_diffusers
 from .families import Family, family_for, supported_pipelines
+from .quiet import quiet_torchvision_notices
 
 NULL = "\x00null"  # the table key of "no negative prompt" (the pipeline's own unconditional rows)
 
@@ -143,8 +144,9 @@ class FamilyNet(nn.Module):
             rows = {"class_labels": torch.where(neg.to(labels.device), null.expand(b), labels)}
         else:
             if prompt is None:
-                raise FewstepError(f"{self.family.name}: each sample needs a prompt: pass cond={{'prompt': index}} "
-                                   f"(model.cond_for(seeds) or model.prompt_cond([...]))")
+                raise FewstepError(f"{self.family.name} is text-conditional: each sample needs a prompt: pass "
+                                   f"cond=model.prompt_cond([...]), or cond=model.cond_for(seeds) of a model loaded "
+                                   f"with a prompt set (--prompts FILE)")
             idx = torch.as_tensor(prompt).reshape(-1).cpu().long().expand(b).tolist()
             texts = [(self.entries[i].negative or NULL) if n else self.entries[i].prompt
                      for i, n in zip(idx, neg.tolist())]
@@ -157,9 +159,23 @@ class PipelineDenoiser(Denoiser):
 
     family: Family
 
+    @property
+    def text_conditional(self) -> bool:
+        """Does the network take text (a prompt per sample) rather than class labels?"""
+        return not hasattr(self.family, "num_classes")
+
+    def cond_for(self, seeds: list[int] | range, device: str | torch.device = "cpu") -> dict[str, Any]:
+        """Per-seed conditioning drawn from the prompt set; refused in one line for a text model loaded without one."""
+        if self.text_conditional and not (isinstance(self.cond_sampler, Conditioning)
+                                          and self.cond_sampler.prompts is not None):
+            raise FewstepError(f"{self.name} was loaded without prompts: give a prompt set (--prompts FILE, or "
+                               f"prompts= / model.with_prompts(...)) to sample, fit or evaluate it, or pass "
+                               f"cond=model.prompt_cond([...]) to fewstep.sample")
+        return super().cond_for(seeds, device)
+
     def with_prompts(self, prompts: PromptSet) -> "PipelineDenoiser":
         """The same model (same network, same encoder cache) drawing its prompts from another set."""
-        if not isinstance(self.cond_sampler, Conditioning) or self.cond_sampler.prompts is None:
+        if not isinstance(self.cond_sampler, Conditioning) or not self.text_conditional:
             raise FewstepError(f"{self.name} is not conditioned on prompts")
         other = copy.copy(self)
         other._modules = dict(self._modules)
@@ -210,13 +226,27 @@ def pipeline_class(root: str | Path) -> str | None:
     return str(_read_index(Path(root)).get("_class_name") or "")
 
 
+def _components(index: dict[str, Any]) -> list[str]:
+    """The component folders a model_index.json names (text encoders, tokenizers, VAE, network, scheduler)."""
+    return [name for name, spec in index.items()
+            if not name.startswith("_") and isinstance(spec, list) and spec and spec[0] is not None]
+
+
+def freeze(pipe: Any) -> None:
+    """Every network of a pipeline in eval mode with frozen weights (fewstep never trains them: no gradient
+    buffers, and samples that do not track gradients)."""
+    parts = getattr(pipe, "components", None)
+    for part in (parts if isinstance(parts, dict) else vars(pipe)).values():
+        if isinstance(part, nn.Module):
+            part.eval().requires_grad_(False)
+
+
 def _check_components(root: Path, index: dict[str, Any], fam: type[Family]) -> None:
     """Every component the pipeline names (text encoders, tokenizers, VAE, network) is a folder here."""
-    for name, spec in index.items():
-        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
-            continue
+    for name in _components(index):
+        spec = index[name]
         if not (root / name).is_dir():
-            raise ModelSpecError(f"pipeline folder {root} lacks {name}/ ({spec[1]}), which the {fam.name} family "
+            raise ModelSpecError(f"pipeline folder {root} lacks {name}/ ({spec[-1]}), which the {fam.name} family "
                                  f"needs; save the whole pipeline with save_pretrained")
 
 
@@ -252,6 +282,9 @@ def _pipeline(path_or_pipe: Any, device: str | torch.device, dtype: torch.dtype 
     index = _read_index(root)
     fam = family_for(index)
     _check_components(root, index, fam)
+    for name in _components(index):
+        refuse_pickled_weights(root / name, f"{index.get('_class_name')} folder")
+    quiet_torchvision_notices()  # importing a pipeline class logs transformers notices fewstep has no use for
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as dlog
 
@@ -265,7 +298,7 @@ def _pipeline(path_or_pipe: Any, device: str | torch.device, dtype: torch.dtype 
     lean = importlib.util.find_spec("accelerate") is not None
     try:
         pipe = DiffusionPipeline.from_pretrained(str(root), local_files_only=True, torch_dtype=dtype,
-                                                 low_cpu_mem_usage=lean)
+                                                 low_cpu_mem_usage=lean, use_safetensors=True)
     except (OSError, ValueError, RuntimeError, TypeError, AttributeError) as e:
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise ModelSpecError(f"cannot load the {index.get('_class_name')} pipeline from {root} ({first[:200]})") from None
@@ -289,10 +322,16 @@ def load_pipeline(
 ) -> PipelineDenoiser:
     """A Denoiser for a text-to-image or class-conditional pipeline (a saved folder or a loaded pipeline).
 
+    The pipeline's networks are put in eval mode with frozen weights (as :func:`~.diffusers_in.from_diffusers`
+    does); a folder loads from safetensors weights only (pickle-based ``.bin`` files are refused).
+
     Args:
         path_or_pipe: a ``save_pretrained`` folder of a supported pipeline, or a loaded pipeline object.
         device, dtype: where and in which precision the pipeline runs (fp32 / fp16 / bf16).
-        prompts: the prompt set (a PromptSet, a prompt file, or a list of prompts); text families need one.
+        prompts: the prompt set (a PromptSet, a prompt file, or a list of prompts) each seed draws from. A
+            text model loaded without one builds schedulers and samples with explicit prompts
+            (``cond=model.prompt_cond([...])``); drawing per-seed conditions (``cond_for``: fits, evaluations)
+            is refused in one line.
         classes: class labels for a class-conditional family (DiT): "0,1,2" or "all" (the default).
         guidance: one scale (classifier-free guidance, or Flux's guidance input), several ("3,7.5,12", a
             range "3:12"): each seed draws one, so a solver can be fitted across them.
@@ -301,6 +340,7 @@ def load_pipeline(
         family_options: options of the family adapter (e.g. ``max_sequence_length``).
     """
     pipe, root = _pipeline(path_or_pipe, device, torch_dtype(dtype))
+    freeze(pipe)
     fam = family_for(pipe)(pipe, **family_options)
     shape = fam.sample_shape(height, width)
     info = schedule_from_diffusers(fam.scheduler_config)
@@ -321,11 +361,7 @@ def load_pipeline(
     else:
         if classes is not None:
             raise FewstepError(f"{fam.name} is text-conditional: give --prompts FILE, not --classes")
-        if prompts is None:
-            raise FewstepError(f"{fam.name} is text-conditional: give a prompt set (--prompts FILE, one prompt per "
-                               f"line)")
-        pset = prompts if isinstance(prompts, PromptSet) else (
-            PromptSet.read(prompts) if isinstance(prompts, (str, os.PathLike)) else PromptSet.of(list(prompts)))
+        pset = _prompt_set(prompts)
         cset = None
     table = ConditionTable(fam, cache_root(cache_dir) / "embeddings" / _encoder_key(fam, root))
     entries = list(pset.entries) if pset is not None else []
@@ -350,6 +386,13 @@ def load_pipeline(
     model.family = fam
     model.dtype = fam.network_dtype  # recorded (the family casts its inputs; the weights are loaded in it)
     return model
+
+
+def _prompt_set(prompts: PromptSet | str | os.PathLike | Sequence[str] | None) -> PromptSet | None:
+    """The prompt set given (None: a model that samples only with explicit prompts, e.g. to build a scheduler)."""
+    if prompts is None or isinstance(prompts, PromptSet):
+        return prompts
+    return PromptSet.read(prompts) if isinstance(prompts, (str, os.PathLike)) else PromptSet.of(list(prompts))
 
 
 def default_guidance(pipe: Any) -> float | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,12 @@ from torch import Tensor
 
 from ..denoiser import Denoiser
 from ..errors import ArtifactError, FewstepError
-from ..io import atomic_path, write_text
+from ..io import atomic_path, loads_json, write_text
 from ..schedules import Schedule
 from .artifact_check import check_doc, check_params_name, check_tableau, checked
 from .kernel import Tableau
 from .learned import LearnedSolver
+from .model_match import check_model, model_parts
 
 F64 = torch.float64
 SCHEMA = "fewstep.solver/1"
@@ -57,7 +59,7 @@ def load_params(path: str | os.PathLike, schedule: Schedule) -> LearnedSolver:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         if meta.get("kind") != PARAMS_KIND:
             raise ValueError(f"kind {meta.get('kind')!r}, expected {PARAMS_KIND!r}")
-        st = json.loads(meta["structure"])
+        st = loads_json(meta["structure"])
         scales = st.get("guidance")
         n = int(st["N"])
         t0 = torch.linspace(float(st["t_max"]), float(st["t_end"]), n + 1, dtype=F64)
@@ -98,21 +100,14 @@ class LoadedSolver:
             self._learned = self.learned()  # the tables at any scale come from the parameters: check them now
 
     def check(self, model: Denoiser) -> None:
-        """Refuse a model with another schedule or fingerprint (unless force)."""
+        """Refuse a model with another fingerprint, naming what differs (unless force); another guidance than
+        the fit's alone: one warning."""
         if self.force:
             return
-        want = self.doc["model"]["fingerprint"]
-        if model.schedule.config() != self.doc["schedule"]:
-            raise ArtifactError(
-                f"solver {self.path or self.name} was fitted for schedule {self.schedule.describe()}, "
-                f"not {model.schedule.describe()}; refit it for this model (or force=True / --force)"
-            )
-        got = model.fingerprint()
-        if got != want:
-            raise ArtifactError(
-                f"solver {self.path or self.name} was fitted for model {self.doc['model'].get('name')} "
-                f"(fingerprint {want}), not this one (fingerprint {got}); refit it (or force=True / --force)"
-            )
+        note = check_model(self.doc, model, f"solver {self.path or self.name}")
+        if note is not None and note not in self.__dict__.setdefault("_warned", set()):
+            self._warned.add(note)
+            warnings.warn(note, stacklevel=3)
 
     def tableau(self, model: Denoiser | Schedule | None = None, w: float | None = None) -> Tableau:
         """The tables, after checking them against ``model`` (a Denoiser: schedule and fingerprint; a
@@ -191,7 +186,7 @@ def solver_doc(tab: Tableau, schedule: Schedule, model: Denoiser, method: str, *
     return {"schema": SCHEMA, "method": method, "label": extra.pop("label", method), "nfe": tab.N,
             "schedule": schedule.config(),
             "model": {"fingerprint": model.fingerprint(), "name": model.name, "guidance_scale": model.guidance_scale,
-                      "dtype": str(model.dtype or torch.float32).replace("torch.", "")},
+                      "dtype": str(model.dtype or torch.float32).replace("torch.", ""), "parts": model_parts(model)},
             "grid": _floats(tab.t), "eval_times": _floats(tab.eval_times),
             "tableau": tableau_to_doc(tab), **extra}
 
@@ -203,7 +198,7 @@ def load_solver(path: str | os.PathLike, force: bool = False) -> LoadedSolver:
     if not f.is_file():
         raise ArtifactError(f"no learned solver at {p}: expected a directory with solver.json (from `fewstep fit`)")
     try:
-        doc = json.loads(f.read_text())
+        doc = loads_json(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{f} is not valid JSON ({e}); the artifact is damaged") from None
     except OSError as e:

@@ -113,8 +113,7 @@ def check_tableau(d: Any, name: str, schedule: Schedule | None = None) -> Tablea
         tab.validate()
     except FewstepError as e:
         raise _Fail(f"field tableau: {e}") from None
-    if tab.points is None and not torch.all(t[1:] < t[:-1]):
-        raise _Fail("field tableau.t must be strictly decreasing (from the noise end to the data end)")
+    _check_grid(t, tab.points)
     if schedule is not None:
         lo, hi = schedule.t_end, schedule.t_max
         tol = 1e-9 * max(1.0, abs(hi))
@@ -126,6 +125,29 @@ def check_tableau(d: Any, name: str, schedule: Schedule | None = None) -> Tablea
             raise _Fail(f"field tableau.eval_times must lie above the clean end t = {lo:g}, where the network is "
                         f"never evaluated")
     return tab
+
+
+def _check_grid(t: Tensor, points: Tensor | None) -> None:
+    """The grid runs from the noise end to the data end, whatever ``points`` says: the first and the last state
+    are solution points, times never increase, and every state lies strictly below the solution point its step
+    starts from (a stage may share its step's end time, as Heun's does)."""
+    if points is None or bool(points.all()):
+        if not torch.all(t[1:] < t[:-1]):
+            raise _Fail("field tableau.t must be strictly decreasing (from the noise end to the data end)")
+        return
+    if not (bool(points[0]) and bool(points[-1])):
+        raise _Fail("field tableau.points must mark the first and the last state as solution points")
+    if not torch.all(t[points][1:] < t[points][:-1]):
+        raise _Fail("field tableau.t must be strictly decreasing over the solution points (tableau.points)")
+    if not torch.all(t[1:] <= t[:-1]):
+        raise _Fail("field tableau.t must not increase (from the noise end to the data end), stages included")
+    last = t[0]
+    for k in range(1, t.numel()):  # a stage strictly below the solution point its step starts from
+        if not t[k] < last:
+            raise _Fail(f"field tableau.t: state {k} (t={float(t[k]):g}) is not below the solution point its step "
+                        f"starts from (t={float(last):g})")
+        if bool(points[k]):
+            last = t[k]
 
 
 def check_params_name(v: Any, folder: Path) -> str:

@@ -277,7 +277,9 @@ def run_tableau(
         else:
             out = model.predict(xi, tj, tab.basis, scal[j], **cond)
         if check and not math.isfinite(float(out.detach().sum())):
-            if j > 0 and not bool(torch.isfinite(xi.detach()).all()):
+            if not bool(torch.isfinite(xi.detach()).all()):
+                if j == 0:  # the starting state, not the model: checked here only once something is wrong
+                    raise FewstepError("the starting noise holds NaN or inf: pass finite noise (e.g. torch.randn)")
                 raise unstable(j - 1)  # the solver's own state went first, not the model
             try:
                 check_finite(out, f"at step {j} (t={float(tj.detach()):.6g}) of solver {tab.name}")

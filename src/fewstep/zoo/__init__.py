@@ -26,12 +26,14 @@ Names (``NAMES``):
   ship with the package (recipe in :mod:`.unet`; ``retrain=True`` trains it, ~8-12 min on 2 cores).
 
 Every Denoiser has ``name`` ("zoo:NAME"), ``sample_shape`` and ``identity`` (the zoo name and
-its parameters, part of the fingerprint).
+its parameters, part of the fingerprint). ``INFO`` says what each model is without building it
+(``fewstep zoo`` lists it): :func:`describe` adds whether trained weights are already cached.
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
@@ -42,7 +44,7 @@ from .analytic import build_gaussian, build_gmm, build_gmm2d, gaussian_exact_sol
 from .digits import build_digits_empirical, digits_data
 from .unet import build_digits_unet
 
-__all__ = ["NAMES", "load", "gaussian_exact_solution", "digits_data"]
+__all__ = ["NAMES", "INFO", "ZooInfo", "describe", "load", "gaussian_exact_solution", "digits_data"]
 
 
 def _build_trained(name: str) -> Callable[..., Denoiser]:
@@ -73,6 +75,68 @@ _BUILDERS: dict[str, Callable[..., Denoiser]] = {
     "digits-unet": build_digits_unet,
 }
 NAMES: tuple[str, ...] = tuple(_BUILDERS)
+
+
+@dataclass(frozen=True)
+class ZooInfo:
+    """What a zoo model is, known without building it (tests check it against the built models and recipes)."""
+
+    kind: str  # analytic (closed-form denoiser), exact (the training set's own denoiser), trained (a network)
+    network: str  # what computes the prediction
+    prediction: str  # eps, x0 or velocity
+    schedule: str  # the schedule's type (Schedule.config()["type"])
+    sample_shape: tuple[int, ...]
+    classes: int | None  # class labels 0..classes-1 each seed draws (None: unconditional)
+    guidance: bool  # takes --guidance (classifier-free guidance)
+    first_use: str  # what the first load costs
+    first_use_seconds: float  # about how long (0: instant)
+    summary: str
+
+
+_TRAINED_ON_FIRST_USE = ("trained on first use, ~40 s on 2 CPU cores, then cached", 40.0)
+INFO: dict[str, ZooInfo] = {
+    "gaussian": ZooInfo("analytic", "closed form", "eps", "vp_linear", (16,), None, False, "analytic, instant", 0.0,
+                        "x0 ~ N(mu, diag(c^2)) with c from 0.05 to 2 (stiff); exact ODE solution and log-density"),
+    "gmm2d": ZooInfo("analytic", "closed form", "x0", "vp_linear", (2,), 8, True, "analytic, instant", 0.0,
+                     "8 Gaussians on a ring in 2-D; log-density; class k picks component k"),
+    "gmm": ZooInfo("analytic", "closed form", "x0", "vp_linear", (32,), 10, True, "analytic, instant", 0.0,
+                   "10 unequal Gaussians in 32-D; log-density; class k picks component k"),
+    "digits-empirical": ZooInfo("exact", "the optimal denoiser of the 1797 training digits", "x0", "vp_linear",
+                                (1, 8, 8), 10, True, "exact, a few seconds (reads scikit-learn's digits)", 3.0,
+                                "8x8 digits in [-1, 1]; reproduces training images; class-conditional when guided"),
+    "digits-eps": ZooInfo("trained", "MLP", "eps", "vp_discrete", (1, 8, 8), None, False, *_TRAINED_ON_FIRST_USE,
+                          "8x8 digits, DDPM (1000 steps, linear betas); the network gets the DDPM index"),
+    "digits-flow": ZooInfo("trained", "MLP", "velocity", "flow", (1, 8, 8), None, False, *_TRAINED_ON_FIRST_USE,
+                           "8x8 digits, rectified flow"),
+    "digits-unet": ZooInfo("trained", "diffusers UNet2DModel", "eps", "vp_discrete", (1, 16, 16), 10, True,
+                           "ships weights, a few seconds (imports diffusers)", 5.0,
+                           "16x16 digits, class-conditional, classifier-free guidance (null class 10)"),
+}
+
+
+def _cached(name: str) -> bool | None:
+    """Are a trained model's weights ready without training (None: the model has no weights)?"""
+    if name in ("digits-eps", "digits-flow"):
+        from .train import cache_path, recipe_for
+
+        return cache_path(name, recipe_for(name)).is_file()
+    if name == "digits-unet":
+        from ..training import recipe_hash
+        from .unet import WEIGHTS_DIR, folder_recipe_hash, unet_recipe
+
+        return folder_recipe_hash(WEIGHTS_DIR) == recipe_hash(unet_recipe())
+    return None
+
+
+def describe(name: str) -> dict[str, Any]:
+    """``INFO[name]`` as a JSON-able dict with ``name`` ("zoo:NAME") and ``cached`` (trained weights on disk
+    now; None for models without weights). Builds nothing."""
+    key = name[4:] if name.startswith("zoo:") else name
+    if key not in INFO:
+        raise ModelSpecError(f"unknown zoo model {name!r}; valid: {', '.join(NAMES)}")
+    d = asdict(INFO[key])
+    d["sample_shape"] = list(d["sample_shape"])
+    return {"name": f"zoo:{key}", **d, "cached": _cached(key)}
 
 
 def load(name: str, device: str | torch.device = "cpu", **kwargs: Any) -> Denoiser:
