@@ -44,8 +44,17 @@ def main() -> None:
     budgets = [None if b == "default" else int(b) for b in args.budgets.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     extra = json.loads(args.fit)
-    out = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "threads": args.threads,
-           "nfe": args.nfe, "teacher": args.teacher, "fit": extra, "samples": args.samples, "rows": [], "summary": []}
+    out = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.machine(),
+        "threads": args.threads,
+        "nfe": args.nfe,
+        "teacher": args.teacher,
+        "fit": extra,
+        "samples": args.samples,
+        "rows": [],
+        "summary": [],
+    }
     print(f"# Held-out RMSE against the fit's budget, NFE {args.nfe} ({args.samples} held-out noises)")
     for name in args.models.split(","):
         spec = name if ":" in name else f"zoo:{name}"
@@ -67,24 +76,48 @@ def main() -> None:
                     secs = time.perf_counter() - t0
                     r = run_solver(m, held, res.solver, args.nfe, ref).rmse
                     c = res.doc["cost"]
-                    out["rows"].append({"model": spec, "method": meth, "budget": budget, "seed": s, "rmse": r,
-                                        "ratio": r / b["rmse"], "spent": c["total_evals"], "fit_s": round(secs, 1),
-                                        "kept_start": res.doc["validation"]["kept_start"],
-                                        "sizes": {k: res.doc["fit"][k] for k in ("samples", "val_samples",
-                                                                                 "confirm_samples", "batch", "steps")},
-                                        "confirm": res.doc["validation"].get("confirm_rmse_to_teacher"),
-                                        "val": res.doc["validation"]["rmse_to_teacher"]})
+                    out["rows"].append(
+                        {
+                            "model": spec,
+                            "method": meth,
+                            "budget": budget,
+                            "seed": s,
+                            "rmse": r,
+                            "ratio": r / b["rmse"],
+                            "spent": c["total_evals"],
+                            "fit_s": round(secs, 1),
+                            "kept_start": res.doc["validation"]["kept_start"],
+                            "sizes": {
+                                k: res.doc["fit"][k]
+                                for k in ("samples", "val_samples", "confirm_samples", "batch", "steps")
+                            },
+                            "confirm": res.doc["validation"].get("confirm_rmse_to_teacher"),
+                            "val": res.doc["validation"]["rmse_to_teacher"],
+                        }
+                    )
                     ratios.append(r / b["rmse"])
                     spent.append(c["total_evals"])
                     rmses.append(r)
                 sd = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
-                summ = {"model": spec, "method": meth, "budget": budget, "spent": statistics.mean(spent),
-                        "ratio_mean": statistics.mean(ratios), "ratio_std": sd, "rmse_mean": statistics.mean(rmses),
-                        "rmse_min": min(rmses), "rmse_max": max(rmses), "best_classic": b["rmse"]}
+                summ = {
+                    "model": spec,
+                    "method": meth,
+                    "budget": budget,
+                    "spent": statistics.mean(spent),
+                    "ratio_mean": statistics.mean(ratios),
+                    "ratio_std": sd,
+                    "rmse_mean": statistics.mean(rmses),
+                    "rmse_min": min(rmses),
+                    "rmse_max": max(rmses),
+                    "best_classic": b["rmse"],
+                }
                 out["summary"].append(summ)
                 label = "default" if budget is None else f"{budget:,}"
-                print(f"| {meth} | {label} | {summ['spent']:,.0f} | {summ['ratio_mean']:.3f} ± {sd:.3f} | "
-                      f"{summ['rmse_mean']:.4g} | {len(seeds)} |", flush=True)
+                print(
+                    f"| {meth} | {label} | {summ['spent']:,.0f} | {summ['ratio_mean']:.3f} ± {sd:.3f} | "
+                    f"{summ['rmse_mean']:.4g} | {len(seeds)} |",
+                    flush=True,
+                )
                 if args.json:
                     Path(args.json).write_text(json.dumps(out, indent=1))
 

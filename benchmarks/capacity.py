@@ -46,9 +46,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     m = load_model(args.model, **({"guidance_scale": args.guidance} if args.guidance is not None else {}))
     extra = json.loads(args.fit)
-    print(f"# Capacity of {args.method} at NFE {args.nfe} on {args.model}: {args.samples} training noises, "
-          f"full batch, {args.steps} steps")
-    print(f"machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n")
+    print(
+        f"# Capacity of {args.method} at NFE {args.nfe} on {args.model}: {args.samples} training noises, "
+        f"full batch, {args.steps} steps"
+    )
+    print(
+        f"machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n"
+    )
     print("| start | start's validation RMSE | lowest training RMSE | validation RMSE | held-out RMSE | fit s |")
     print("|---|---|---|---|---|---|", flush=True)
     fits = []
@@ -64,8 +68,11 @@ def main() -> None:
     for res, secs in fits:
         held = run_solver(m, seeds, res.solver, args.nfe, ref).rmse
         h = res.doc["history"]
-        print(f"| {res.outcome.start} | {res.outcome.start_val:.4g} | {min(x['loss'] for x in h):.4g} | "
-              f"{res.outcome.val:.4g} | {held:.4g} | {secs:.0f} |", flush=True)
+        print(
+            f"| {res.outcome.start} | {res.outcome.start_val:.4g} | {min(x['loss'] for x in h):.4g} | "
+            f"{res.outcome.val:.4g} | {held:.4g} | {secs:.0f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -104,16 +104,20 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     print(f"# Classic solvers: held-out RMSE to the reference ({args.samples} samples, seeds from 1000000)")
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"{time.strftime('%Y-%m-%d')}\n")
+    print(
+        f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}\n"
+    )
     allrep = {}
     for name in [n for n in args.models.split(",") if n]:
         m = zoo.load(name)
         t0 = time.perf_counter()
         rep = evaluate(m, nfe=NFES, samples=args.samples, model_name=f"zoo:{name}")
         ref = rep["reference"]
-        print(f"## zoo:{name}\nreference {ref['solver']} at {ref['nfe']} NFE, self-error {ref['self_error']:.2g}; "
-              f"{time.perf_counter() - t0:.0f} s\n")
+        print(
+            f"## zoo:{name}\nreference {ref['solver']} at {ref['nfe']} NFE, self-error {ref['self_error']:.2g}; "
+            f"{time.perf_counter() - t0:.0f} s\n"
+        )
         print(classic_table(rep) + "\n", flush=True)
         allrep[name] = rep
     ov = {} if args.no_overhead else overhead()

@@ -41,8 +41,12 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     d = distributed.init("cpu")
     m = load_model(args.model)
-    over = {"steps": args.steps, "samples": args.samples, "val_samples": args.val_samples,
-            "confirm_samples": args.confirm_samples}
+    over = {
+        "steps": args.steps,
+        "samples": args.samples,
+        "val_samples": args.val_samples,
+        "confirm_samples": args.confirm_samples,
+    }
     if args.micro_batch:
         over["micro_batch"] = args.micro_batch
     if args.noise_groups:
@@ -62,10 +66,12 @@ def worker(args: argparse.Namespace) -> None:
 
     timed("teacher_s", lambda: FitData.generate(m, cfg, spec, args.cache, "cpu", False))
     before = {k: list(v) for k, v in distributed.traffic.items()}
-    res = timed("fit_s", lambda: fit(m, "s4s-alt", args.nfe, out=args.out, cache_dir=args.cache, progress=False,
-                                     **over))
-    sent = {k: [v[0] - before.get(k, [0, 0])[0], v[1] - before.get(k, [0, 0])[1]]
-            for k, v in distributed.traffic.items()}
+    res = timed(
+        "fit_s", lambda: fit(m, "s4s-alt", args.nfe, out=args.out, cache_dir=args.cache, progress=False, **over)
+    )
+    sent = {
+        k: [v[0] - before.get(k, [0, 0])[0], v[1] - before.get(k, [0, 0])[1]] for k, v in distributed.traffic.items()
+    }
     out["traffic"] = sent
     out["steps"] = sent.get("gradients", [0, 0])[0]
     out["params"] = sum(p.numel() for p in res.outcome.solver.parameters())
@@ -92,12 +98,37 @@ def launch(args: argparse.Namespace) -> None:
         for i, (k, label, mb, groups) in enumerate(configs):
             report, cache, art = Path(tmp) / f"r{i}.json", Path(tmp) / f"cache{i}", Path(tmp) / f"fit{i}"
             env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-            cmd = [str(torchrun), "--standalone", f"--nproc-per-node={k}", __file__, "--worker", "--report",
-                   str(report), "--cache", str(cache), "--out", str(art), "--model", args.model, "--nfe",
-                   str(args.nfe), "--steps", str(args.steps), "--samples", str(args.samples), "--eval-samples",
-                   str(args.eval_samples), "--val-samples", str(args.val_samples), "--confirm-samples",
-                   str(args.confirm_samples), "--micro-batch", str(mb), "--noise-groups", str(groups)] + \
-                (["--start", args.start] if args.start else [])
+            cmd = [
+                str(torchrun),
+                "--standalone",
+                f"--nproc-per-node={k}",
+                __file__,
+                "--worker",
+                "--report",
+                str(report),
+                "--cache",
+                str(cache),
+                "--out",
+                str(art),
+                "--model",
+                args.model,
+                "--nfe",
+                str(args.nfe),
+                "--steps",
+                str(args.steps),
+                "--samples",
+                str(args.samples),
+                "--eval-samples",
+                str(args.eval_samples),
+                "--val-samples",
+                str(args.val_samples),
+                "--confirm-samples",
+                str(args.confirm_samples),
+                "--micro-batch",
+                str(mb),
+                "--noise-groups",
+                str(groups),
+            ] + (["--start", args.start] if args.start else [])
             t0 = time.perf_counter()
             subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
             runs[label] = json.loads(report.read_text())
@@ -106,13 +137,19 @@ def launch(args: argparse.Namespace) -> None:
 
             runs[label]["param_tensors"] = {n: t.double() for n, t in load_file(art / "params.safetensors").items()}
 
-    print(f"# Several processes: {args.model}, s4s-alt at NFE {args.nfe} ({args.samples} training, "
-          f"{args.val_samples} validation and {args.confirm_samples} confirmation noises, {args.steps} steps{', start ' + args.start if args.start else ''}), eval on {args.eval_samples} noises")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, one thread per process, torch {torch.__version__}, "
-          f"gloo, {time.strftime('%Y-%m-%d')}\n")
+    print(
+        f"# Several processes: {args.model}, s4s-alt at NFE {args.nfe} ({args.samples} training, "
+        f"{args.val_samples} validation and {args.confirm_samples} confirmation noises, {args.steps} steps{', start ' + args.start if args.start else ''}), eval on {args.eval_samples} noises"
+    )
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, one thread per process, torch {torch.__version__}, "
+        f"gloo, {time.strftime('%Y-%m-%d')}\n"
+    )
     base = runs[str(procs[0])]
-    print("| processes | teacher (s) | fit (s) | eval (s) | whole command (s) | fit speed-up | gradient message "
-          "per step (bytes) | everything a fit sends, per step (bytes) |")
+    print(
+        "| processes | teacher (s) | fit (s) | eval (s) | whole command (s) | fit speed-up | gradient message "
+        "per step (bytes) | everything a fit sends, per step (bytes) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for label in [c[1] for c in configs if "micro" not in c[1]]:
         r, k = runs[label], runs[label]["procs"]
@@ -121,23 +158,34 @@ def launch(args: argparse.Namespace) -> None:
         total = sum(v[1] for v in r["traffic"].values())
         all_per_step = total / r["steps"] if r["steps"] else 0
         one = runs["1"] if "groups" not in label else runs[f"1, --noise-groups {G}"]
-        print(f"| {label} | {r['teacher_s']:.1f} | {r['fit_s']:.1f} | {r['eval_s']:.1f} | {r['launch_s']:.1f} | "
-              f"{one['fit_s'] / r['fit_s']:.2f} | {per_step:.0f} | {all_per_step:.0f} |")
-    print(f"\nThe solver has {base['params']} parameters (float64), of which a phase trains some; a step gathers, for "
-          f"each noise group, the gradients of the parameters it trains, which of them have one, the loss and two "
-          f"flags (float64). Bytes are what each process contributes to the step's message; \"everything\" adds the "
-          f"validations' gathered errors, the checkpoints' relaxed latents (none here) and the budget and error "
-          f"checks, spread over the steps.\n")
-    print("| processes | held-out RMSE of the fit | relative to 1 process (same groups) | largest parameter difference "
-          "(relative) | classic rows equal |")
+        print(
+            f"| {label} | {r['teacher_s']:.1f} | {r['fit_s']:.1f} | {r['eval_s']:.1f} | {r['launch_s']:.1f} | "
+            f"{one['fit_s'] / r['fit_s']:.2f} | {per_step:.0f} | {all_per_step:.0f} |"
+        )
+    print(
+        f"\nThe solver has {base['params']} parameters (float64), of which a phase trains some; a step gathers, for "
+        f"each noise group, the gradients of the parameters it trains, which of them have one, the loss and two "
+        f'flags (float64). Bytes are what each process contributes to the step\'s message; "everything" adds the '
+        f"validations' gathered errors, the checkpoints' relaxed latents (none here) and the budget and error "
+        f"checks, spread over the steps.\n"
+    )
+    print(
+        "| processes | held-out RMSE of the fit | relative to 1 process (same groups) | largest parameter difference "
+        "(relative) | classic rows equal |"
+    )
     print("|---|---|---|---|---|")
     for k, r in runs.items():
         base = runs["1"] if "groups" not in k else runs[f"1, --noise-groups {G}"]
-        diff = max(float((r["param_tensors"][n] - t).abs().max() / max(1.0, float(t.abs().max())))
-                   for n, t in base["param_tensors"].items() if t.numel())
+        diff = max(
+            float((r["param_tensors"][n] - t).abs().max() / max(1.0, float(t.abs().max())))
+            for n, t in base["param_tensors"].items()
+            if t.numel()
+        )
         same = all(v == base["held_out"].get(s) for s, v in r["held_out"].items() if not s.endswith("@learned"))
-        print(f"| {k} | {r['learned_rmse']:.6g} | {r['learned_rmse'] / base['learned_rmse'] - 1:+.1e} | {diff:.1e} | "
-              f"{'yes' if same else 'no'} |")
+        print(
+            f"| {k} | {r['learned_rmse']:.6g} | {r['learned_rmse'] / base['learned_rmse'] - 1:+.1e} | {diff:.1e} | "
+            f"{'yes' if same else 'no'} |"
+        )
 
 
 def main() -> None:

@@ -33,12 +33,21 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, NoReturn
 
 SMOKE_BANNER = "SMOKE RUN: tiny random-weight pipeline, numbers are not results"
-SMOKE_FIT = {"samples": 16, "val_samples": 8, "confirm_samples": 8, "steps": 12, "batch": 8, "eval_every": 6,
-             "screen_starts": 1, "screen_seeds": 1}
+SMOKE_FIT = {
+    "samples": 16,
+    "val_samples": 8,
+    "confirm_samples": 8,
+    "steps": 12,
+    "batch": 8,
+    "eval_every": 6,
+    "screen_starts": 1,
+    "screen_seeds": 1,
+}
 SMOKE_TEACHER, SMOKE_REFERENCE_NFE, SMOKE_SAMPLES, SMOKE_DATA = "unipc3@logsnr:20", 50, 8, 32
 
 
@@ -62,8 +71,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--dtype", help="fp32, fp16 or bf16 (default: as saved)")
     p.add_argument("--guidance", help="guidance scale(s) (default: the pipeline's)")
     p.add_argument("--samples", type=int, help=f"held-out samples (default 256; {SMOKE_SAMPLES} with --smoke)")
-    p.add_argument("--reference-nfe", type=int, help="the reference solves at twice this NFE and measures its "
-                   f"self-error at this NFE (default: fewstep's, 400; {SMOKE_REFERENCE_NFE} with --smoke)")
+    p.add_argument(
+        "--reference-nfe",
+        type=int,
+        help="the reference solves at twice this NFE and measures its "
+        f"self-error at this NFE (default: fewstep's, 400; {SMOKE_REFERENCE_NFE} with --smoke)",
+    )
     p.add_argument("--data-samples", type=int, help=f"FD data reference size (default 2048; {SMOKE_DATA} with --smoke)")
     p.add_argument("--out", type=Path, default=Path("out/gpu_bench"), help="artifacts and the teacher cache")
     p.add_argument("--fit", default="{}", help="fit settings as a JSON object, e.g. '{\"samples\": 700}'")
@@ -79,8 +92,10 @@ def check_paths(a: argparse.Namespace) -> None:
     if not a.pipeline.is_dir():
         raise BadInput(f"--pipeline {a.pipeline}: no such folder (give a diffusers save_pretrained folder)")
     if not (a.pipeline / "model_index.json").is_file():
-        raise BadInput(f"--pipeline {a.pipeline}: no model_index.json, not a diffusers pipeline folder "
-                       f"(give a save_pretrained folder)")
+        raise BadInput(
+            f"--pipeline {a.pipeline}: no model_index.json, not a diffusers pipeline folder "
+            f"(give a save_pretrained folder)"
+        )
     if not a.prompts.is_file():
         raise BadInput(f"--prompts {a.prompts}: no such file")
     try:
@@ -117,8 +132,10 @@ def check_args(a: argparse.Namespace) -> dict[str, Any]:
     user = a.fit
     unknown = sorted(set(user) - set(FitConfig.__dataclass_fields__) - {"method", "nfe"})
     if unknown or "method" in user or "nfe" in user:
-        raise BadInput(f"--fit: {(unknown or ['method/nfe'])[0]} is not a fit setting here; valid: "
-                       f"{', '.join(k for k in FitConfig.__dataclass_fields__ if k not in ('method', 'nfe'))}")
+        raise BadInput(
+            f"--fit: {(unknown or ['method/nfe'])[0]} is not a fit setting here; valid: "
+            f"{', '.join(k for k in FitConfig.__dataclass_fields__ if k not in ('method', 'nfe'))}"
+        )
     settings = {**(SMOKE_FIT if a.smoke else {}), **user}
     for m in a.methods:  # value errors now, not after the pipeline has loaded
         try:
@@ -136,19 +153,37 @@ def machine(device: str) -> dict[str, Any]:
 
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
+        cpu = next(
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name(torch.device(device)) if torch.device(device).type == "cuda" else None
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
-                                capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                cwd=Path(__file__).resolve().parent,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
-    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "gpu": gpu,
-            "torch": torch.__version__, "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit}
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit,
+    }
 
 
 def fmt(x: float | None) -> str:
@@ -163,23 +198,42 @@ def tables(res: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, An
     rows = []
     for n in res["nfe"]:
         b = rep.best_classic(n)
-        row: dict[str, Any] = {"nfe": n, "best_classic": None if b is None else b.label,
-                               "classic_rmse": None if b is None else b.rmse,
-                               "classic_fd": None if b is None else b.get("fd"), "learned": {}}
+        row: dict[str, Any] = {
+            "nfe": n,
+            "best_classic": None if b is None else b.label,
+            "classic_rmse": None if b is None else b.rmse,
+            "classic_fd": None if b is None else b.get("fd"),
+            "learned": {},
+        }
         for m in res["methods"]:
             r = next((r for r in rep.rows if r.kind == "learned" and r.solver == m and r.nfe == n), None)
             rmse = None if r is None else r.rmse
-            row["learned"][m] = {"rmse": rmse, "fd": None if r is None else r.get("fd"),
-                                 "ratio": None if rmse is None or not b else rmse / b.rmse}
+            row["learned"][m] = {
+                "rmse": rmse,
+                "fd": None if r is None else r.get("fd"),
+                "ratio": None if rmse is None or not b else rmse / b.rmse,
+            }
         rows.append(row)
     fits = []
     for f in res["bench"]["fits"]:
         c = f["cost"]
-        fits.append({"method": f["method"], "nfe": f["nfe"], "wall_s": c["wall_s"], "teacher_s": c["teacher"]["wall_s"],
-                     "total_evals": c["total_evals"], "teacher_evals": c["teacher"]["forward_evals"],
-                     "teacher_now": c["teacher"]["computed_now"], "fit_forward": c["fit"]["forward_evals"],
-                     "fit_backward": c["fit"]["backward_evals"], "peak_mib": c["peak_memory_mib"],
-                     "memory": c["memory"], "start": f["start"], "kept_start": f["kept_start"]})
+        fits.append(
+            {
+                "method": f["method"],
+                "nfe": f["nfe"],
+                "wall_s": c["wall_s"],
+                "teacher_s": c["teacher"]["wall_s"],
+                "total_evals": c["total_evals"],
+                "teacher_evals": c["teacher"]["forward_evals"],
+                "teacher_now": c["teacher"]["computed_now"],
+                "fit_forward": c["fit"]["forward_evals"],
+                "fit_backward": c["fit"]["backward_evals"],
+                "peak_mib": c["peak_memory_mib"],
+                "memory": c["memory"],
+                "start": f["start"],
+                "kept_start": f["kept_start"],
+            }
+        )
     return rows, fits
 
 
@@ -189,19 +243,25 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [f"# fewstep benchmark: {res['model']}", ""]
     if res["smoke"]:
         lines += [f"**{SMOKE_BANNER}**", ""]
-    metric = f"; FD in {res['feature']} against {res['data_samples']} reference solves" if fd else \
-        "; no --feature: RMSE only"
-    lines += [f"- command: `{res['command']}`",
-              f"- machine: {mc['platform']}, CPU {mc['cpu']} ({mc['cores']} cores), {where} "
-              f"(device {res['device']})",
-              f"- torch {mc['torch']}, Python {mc['python']}; date {mc['date']}; git commit {mc['commit']}",
-              f"- model: dtype {res['dtype'] or 'as saved'}, guidance {res['guidance']}; prompts {res['prompts']}: "
-              f"fits on {res['fit_prompts']}, the table on {res['eval_prompts']} held-out prompts",
-              f"- held-out: {res['samples']} samples (seeds from {res['bench']['report']['seed']:,}), RMSE to "
-              f"{ref['solver']} at {ref['nfe']} NFE (self-error {ref['self_error']:.2g}){metric}",
-              f"- fits: teacher {res['teacher'] or 'default'}, settings {json.dumps(res['fit_settings']) or '{}'}; "
-              f"run {res['wall_s']:.0f} s, peak memory {res['peak_mib']:,.0f} MiB ({res['peak_memory']})",
-              "", "## Held-out error (ratio: learned RMSE / best classic RMSE)", ""]
+    metric = (
+        f"; FD in {res['feature']} against {res['data_samples']} reference solves"
+        if fd
+        else "; no --feature: RMSE only"
+    )
+    lines += [
+        f"- command: `{res['command']}`",
+        f"- machine: {mc['platform']}, CPU {mc['cpu']} ({mc['cores']} cores), {where} (device {res['device']})",
+        f"- torch {mc['torch']}, Python {mc['python']}; date {mc['date']}; git commit {mc['commit']}",
+        f"- model: dtype {res['dtype'] or 'as saved'}, guidance {res['guidance']}; prompts {res['prompts']}: "
+        f"fits on {res['fit_prompts']}, the table on {res['eval_prompts']} held-out prompts",
+        f"- held-out: {res['samples']} samples (seeds from {res['bench']['report']['seed']:,}), RMSE to "
+        f"{ref['solver']} at {ref['nfe']} NFE (self-error {ref['self_error']:.2g}){metric}",
+        f"- fits: teacher {res['teacher'] or 'default'}, settings {json.dumps(res['fit_settings']) or '{}'}; "
+        f"run {res['wall_s']:.0f} s, peak memory {res['peak_mib']:,.0f} MiB ({res['peak_memory']})",
+        "",
+        "## Held-out error (ratio: learned RMSE / best classic RMSE)",
+        "",
+    ]
     head = ["NFE", "best classic", "RMSE"] + (["FD"] if fd else [])
     for m in res["methods"]:
         head += [f"{m} RMSE"] + ([f"{m} FD"] if fd else []) + [f"{m} / classic"]
@@ -211,21 +271,34 @@ def markdown(res: dict[str, Any]) -> str:
         cells += [fmt(r["classic_fd"])] if fd else []
         for m in res["methods"]:
             x = r["learned"][m]
-            cells += [fmt(x["rmse"])] + ([fmt(x["fd"])] if fd else []) + \
-                ["—" if x["ratio"] is None else f"**{x['ratio']:.2f}**"]
+            cells += (
+                [fmt(x["rmse"])]
+                + ([fmt(x["fd"])] if fd else [])
+                + ["—" if x["ratio"] is None else f"**{x['ratio']:.2f}**"]
+            )
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "## Cost of each fit (network evaluations: teacher forward + fit forward + fit backward)", "",
-              "| method | NFE | fit wall (s) | of it teacher (s) | network evaluations | teacher forward "
-              "(computed now) | fit forward | fit backward | peak memory (MiB) | start |", "|" + "---|" * 10]
+    lines += [
+        "",
+        "## Cost of each fit (network evaluations: teacher forward + fit forward + fit backward)",
+        "",
+        "| method | NFE | fit wall (s) | of it teacher (s) | network evaluations | teacher forward "
+        "(computed now) | fit forward | fit backward | peak memory (MiB) | start |",
+        "|" + "---|" * 10,
+    ]
     for f in res["fits"]:
-        lines.append(f"| {f['method']} | {f['nfe']} | {f['wall_s']:.1f} | {f['teacher_s']:.1f} | "
-                     f"{f['total_evals']:,} | {f['teacher_evals']:,} ({f['teacher_now']:,}) | {f['fit_forward']:,} | "
-                     f"{f['fit_backward']:,} | {f['peak_mib']:,.0f} | {f['start']}"
-                     f"{' (kept)' if f['kept_start'] else ''} |")
+        lines.append(
+            f"| {f['method']} | {f['nfe']} | {f['wall_s']:.1f} | {f['teacher_s']:.1f} | "
+            f"{f['total_evals']:,} | {f['teacher_evals']:,} ({f['teacher_now']:,}) | {f['fit_forward']:,} | "
+            f"{f['fit_backward']:,} | {f['peak_mib']:,.0f} | {f['start']}"
+            f"{' (kept)' if f['kept_start'] else ''} |"
+        )
     if res["fits"]:
-        lines += ["", "Teacher forward evaluations count what the fit's teacher data cost when it was made; \"computed "
-                  "now\" is what this fit made itself (the rest came from the teacher cache in --out, made by an "
-                  f"earlier fit with the same teacher and seeds). Peak memory: {res['fits'][0]['memory']}."]
+        lines += [
+            "",
+            "Teacher forward evaluations count what the fit's teacher data cost when it was made; \"computed "
+            'now" is what this fit made itself (the rest came from the teacher cache in --out, made by an '
+            f"earlier fit with the same teacher and seeds). Peak memory: {res['fits'][0]['memory']}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -255,19 +328,47 @@ def run(a: argparse.Namespace, settings: dict[str, Any], command: str) -> dict[s
     if ref_nfe is not None:
         eval_kwargs["reference_nfe"] = ref_nfe
     fit_kwargs = {**settings, "cache_dir": a.out / "teacher-cache", **({"teacher": a.teacher} if a.teacher else {})}
-    b = run_bench(model, a.nfe, a.methods, a.out, eval_model=eval_model(model, a.prompts, None), samples=samples,
-                  metrics=["fd"] if feat is not None else None, device=device, model_name=spec, fit_kwargs=fit_kwargs,
-                  log=lambda s: print(s, file=sys.stderr, flush=True), eval_kwargs=eval_kwargs)
+    b = run_bench(
+        model,
+        a.nfe,
+        a.methods,
+        a.out,
+        eval_model=eval_model(model, a.prompts, None),
+        samples=samples,
+        metrics=["fd"] if feat is not None else None,
+        device=device,
+        model_name=spec,
+        fit_kwargs=fit_kwargs,
+        log=lambda s: print(s, file=sys.stderr, flush=True),
+        eval_kwargs=eval_kwargs,
+    )
     for f, s in zip(b["fits"], b.pop("solvers")):
         f["cost"] = s.doc["cost"]
     peak, what = peak_memory(device)  # CUDA: since the last fit began (fewstep's meter resets the peak there)
     what = f"{what}, the last fit and the table" if what.startswith("CUDA") else what
-    res = {"command": command, "smoke": a.smoke, "model": spec, "device": device, "dtype": a.dtype,
-           "guidance": model.guidance_scale, "prompts": str(a.prompts), "fit_prompts": len(fit_part),
-           "eval_prompts": len(held_out), "nfe": a.nfe, "methods": a.methods, "samples": samples,
-           "feature": a.feature, "data_samples": data if feat is not None else None, "teacher": a.teacher,
-           "fit_settings": settings, "machine": machine(device), "wall_s": time.perf_counter() - t0,
-           "peak_mib": peak, "peak_memory": what, "bench": b}
+    res = {
+        "command": command,
+        "smoke": a.smoke,
+        "model": spec,
+        "device": device,
+        "dtype": a.dtype,
+        "guidance": model.guidance_scale,
+        "prompts": str(a.prompts),
+        "fit_prompts": len(fit_part),
+        "eval_prompts": len(held_out),
+        "nfe": a.nfe,
+        "methods": a.methods,
+        "samples": samples,
+        "feature": a.feature,
+        "data_samples": data if feat is not None else None,
+        "teacher": a.teacher,
+        "fit_settings": settings,
+        "machine": machine(device),
+        "wall_s": time.perf_counter() - t0,
+        "peak_mib": peak,
+        "peak_memory": what,
+        "bench": b,
+    }
     res["rows"], res["fits"] = tables(res)
     return res
 

@@ -42,19 +42,30 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# {args.model}: {args.method} at {args.nfe} NFE fitted at guidance {args.fit_scale:g}")
-    print(f"machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n")
+    print(
+        f"machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n"
+    )
     t0 = time.perf_counter()
     seeds = [int(v) for v in args.seeds.split(",")]
     runs = []
     for seed in seeds:
-        runs.append(guidance_table(lambda w: load_model(args.model, guidance_scale=w), args.fit_scale,
-                                   [float(s) for s in args.scales.split(",")], args.nfe, args.method,
-                                   f"{args.out}/seed{seed}" if len(seeds) > 1 else args.out,
-                                   samples=args.samples, refit=not args.no_refit, progress=False,
-                                   fit_kwargs={**json.loads(args.fit), "seed": seed},
-                                   eval_kwargs={"reference_nfe": args.reference_nfe} if args.reference_nfe else None,
-                                   log=lambda msg: print(msg, flush=True) if msg.startswith(("fitted", "reused"))
-                                   else None, reuse=args.reuse))
+        runs.append(
+            guidance_table(
+                lambda w: load_model(args.model, guidance_scale=w),
+                args.fit_scale,
+                [float(s) for s in args.scales.split(",")],
+                args.nfe,
+                args.method,
+                f"{args.out}/seed{seed}" if len(seeds) > 1 else args.out,
+                samples=args.samples,
+                refit=not args.no_refit,
+                progress=False,
+                fit_kwargs={**json.loads(args.fit), "seed": seed},
+                eval_kwargs={"reference_nfe": args.reference_nfe} if args.reference_nfe else None,
+                log=lambda msg: print(msg, flush=True) if msg.startswith(("fitted", "reused")) else None,
+                reuse=args.reuse,
+            )
+        )
     if len(seeds) == 1:
         print(format_guidance(runs[0], args.nfe, args.method))
     else:
@@ -62,25 +73,44 @@ def main() -> None:
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "method": args.method, "nfe": args.nfe, "fit_scale": args.fit_scale,
-                       "seeds": seeds, "samples": args.samples, "fit": json.loads(args.fit), "runs": runs,
-                       "date": time.strftime("%Y-%m-%d")}, f, indent=1)
+            json.dump(
+                {
+                    "model": args.model,
+                    "method": args.method,
+                    "nfe": args.nfe,
+                    "fit_scale": args.fit_scale,
+                    "seeds": seeds,
+                    "samples": args.samples,
+                    "fit": json.loads(args.fit),
+                    "runs": runs,
+                    "date": time.strftime("%Y-%m-%d"),
+                },
+                f,
+                indent=1,
+            )
 
 
 def spread_table(runs: list[list[dict]], fit_scale: float, nfe: int, method: str, n: int) -> str:
     """Markdown: per scale, the best classic and the learned cells as mean ± std over the fit seeds."""
+
     def ms(v: list[float]) -> str:
         return f"{statistics.mean(v):.4g} ± {statistics.stdev(v):.2g}"
 
-    lines = [f"| guidance scale | best classic ({nfe} NFE) | RMSE | {method} fitted at {fit_scale:g} | ratio | "
-             f"{method} refit at this scale | ratio |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| guidance scale | best classic ({nfe} NFE) | RMSE | {method} fitted at {fit_scale:g} | ratio | "
+        f"{method} refit at this scale | ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for i, row in enumerate(runs[0]):
         cells = [r[i] for r in runs]
         tag = " (fit scale)" if row["scale"] == fit_scale else ""
-        lines.append(f"| {row['scale']:g}{tag} | {row['best_classic']} | {row['best_classic_rmse']:.4g} | "
-                     f"{ms([c['learned_rmse'] for c in cells])} | {ms([c['ratio'] for c in cells])} | "
-                     f"{ms([c['refit_rmse'] for c in cells])} | {ms([c['refit_ratio'] for c in cells])} |")
+        lines.append(
+            f"| {row['scale']:g}{tag} | {row['best_classic']} | {row['best_classic_rmse']:.4g} | "
+            f"{ms([c['learned_rmse'] for c in cells])} | {ms([c['ratio'] for c in cells])} | "
+            f"{ms([c['refit_rmse'] for c in cells])} | {ms([c['refit_ratio'] for c in cells])} |"
+        )
     return "\n".join(lines) + f"\n\n(mean ± standard deviation over {n} fit seeds)"
+
 
 if __name__ == "__main__":
     main()

@@ -43,17 +43,29 @@ def main() -> None:
     nfes = [int(n) for n in args.nfe.split(",")]
     m = zoo.load("digits-unet", guidance_scale=args.guidance)
     print(f"# zoo:digits-unet, guidance {args.guidance:g}: held-out RMSE and FD ({args.samples} samples)")
-    print(f"machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n")
+    print(
+        f"machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n"
+    )
     t0 = time.perf_counter()
     fit_kwargs = {"samples": 256, "val_samples": 128, "teacher": "unipc3@logsnr:50", "steps": args.steps, "batch": 16}
-    b = run_bench(m, nfes, args.methods.split(","), args.out, samples=args.samples, metrics="auto",
-                  model_name="zoo:digits-unet", progress=False, fit_kwargs=fit_kwargs,
-                  eval_kwargs={"reference_nfe": 200}, reuse=args.reuse)
+    b = run_bench(
+        m,
+        nfes,
+        args.methods.split(","),
+        args.out,
+        samples=args.samples,
+        metrics="auto",
+        model_name="zoo:digits-unet",
+        progress=False,
+        fit_kwargs=fit_kwargs,
+        eval_kwargs={"reference_nfe": 200},
+        reuse=args.reuse,
+    )
     paths = report_plots(b["report"], m, args.out, b["solvers"])
     b.pop("solvers")
     Path(args.out, "bench.json").write_text(json.dumps(b, indent=1))
     print(format_bench(b))
-    print(f"\nfits: " + ", ".join(f"{f['method']}@{f['nfe']} {f['seconds']:.0f} s" for f in b["fits"]))
+    print("\nfits: " + ", ".join(f"{f['method']}@{f['nfe']} {f['seconds']:.0f} s" for f in b["fits"]))
     print(f"total {time.perf_counter() - t0:.0f} s")
     if args.docs:
         for p in paths:

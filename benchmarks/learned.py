@@ -36,8 +36,10 @@ def main() -> None:
     nfes = [int(n) for n in args.nfe.split(",")]
     methods = args.methods.split(",")
     print(f"# Learned vs best classic: held-out RMSE ({args.samples} samples, seeds from 1000000)")
-    print(f"machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
-          f"{time.strftime('%Y-%m-%d')}\n")
+    print(
+        f"machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}\n"
+    )
     rows = []
     for name in args.models.split(","):
         spec = name if ":" in name else f"zoo:{name}"
@@ -50,11 +52,19 @@ def main() -> None:
                 t0 = time.perf_counter()
                 res = fit(m, meth, n, progress=False)
                 fits[(meth, n)] = (res, time.perf_counter() - t0)
-        done = evaluate(m, nfe=nfes, samples=args.samples, solvers=[], model_name=spec,
-                        learned=[res.solver for res, _ in fits.values()])["results"]
+        done = evaluate(
+            m,
+            nfe=nfes,
+            samples=args.samples,
+            solvers=[],
+            model_name=spec,
+            learned=[res.solver for res, _ in fits.values()],
+        )["results"]
         learned = {(r["solver"], r["nfe"]): r for r in done}  # a method's label is its name
-        print(f"## {spec} (reference {rep['reference']['solver']} at {rep['reference']['nfe']} NFE, "
-              f"self-error {rep['reference']['self_error']:.2g})\n")
+        print(
+            f"## {spec} (reference {rep['reference']['solver']} at {rep['reference']['nfe']} NFE, "
+            f"self-error {rep['reference']['self_error']:.2g})\n"
+        )
         head = "| NFE | best classic | " + " | ".join(methods) + " | best learned / best classic |"
         print(head + "\n|" + "---|" * (len(methods) + 3), flush=True)
         for n in nfes:
@@ -70,12 +80,27 @@ def main() -> None:
                 flag = f" **worse than its start {start_rmse:.4g}**" if worse else ""
                 cells.append(f"{r['rmse']:.4g} ({secs:.0f} s){kept}{flag}")
                 best = r["rmse"] if best is None else min(best, r["rmse"])
-                rows.append({"model": spec, "nfe": n, "method": meth, "rmse": r["rmse"], "fit_s": secs,
-                             "start": res.doc["start"]["solver"], "start_rmse": start_rmse,
-                             "kept_start": res.doc["validation"]["kept_start"], "worse_than_start": worse,
-                             "best_classic": b["rmse"], "best_classic_solver": f"{b['solver']}@{b['grid']}"})
-            print(f"| {n} | {b['rmse']:.4g} {b['solver']}@{b['grid']} | " + " | ".join(cells) +
-                  f" | **{best / b['rmse']:.2f}** |", flush=True)
+                rows.append(
+                    {
+                        "model": spec,
+                        "nfe": n,
+                        "method": meth,
+                        "rmse": r["rmse"],
+                        "fit_s": secs,
+                        "start": res.doc["start"]["solver"],
+                        "start_rmse": start_rmse,
+                        "kept_start": res.doc["validation"]["kept_start"],
+                        "worse_than_start": worse,
+                        "best_classic": b["rmse"],
+                        "best_classic_solver": f"{b['solver']}@{b['grid']}",
+                    }
+                )
+            print(
+                f"| {n} | {b['rmse']:.4g} {b['solver']}@{b['grid']} | "
+                + " | ".join(cells)
+                + f" | **{best / b['rmse']:.2f}** |",
+                flush=True,
+            )
         print()
         if args.json:
             with open(args.json, "w") as f:

@@ -33,8 +33,8 @@ def peak_mib() -> float:
 
 def one(batch: int, nfe: int, checkpoint: bool, micro: int | None) -> dict:
     """Run two fit steps in this process; the rise of its peak RSS (MiB) and the step time."""
-    import torch
     import diffusers
+    import torch
 
     from fewstep.fit.config import FitConfig, Phase
     from fewstep.fit.loop import FitSession, optimise
@@ -45,17 +45,31 @@ def one(batch: int, nfe: int, checkpoint: bool, micro: int | None) -> dict:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
-                                          block_out_channels=WIDTH, cross_attention_dim=CROSS, attention_head_dim=8,
-                                          norm_num_groups=16)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=WIDTH,
+        cross_attention_dim=CROSS,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
     sched = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     model = from_diffusers(unet, sched, encoder_hidden_states=torch.randn(1, 77, CROSS))
     n = max(batch, 8)
     g = torch.Generator().manual_seed(1)
     train = TeacherData(list(range(n)), torch.randn(n, 4, 32, 32, generator=g), torch.randn(n, 4, 32, 32, generator=g))
     solver = from_classic(model, build_tableau(model, "ddim@logsnr", nfe), "s4s-alt", decouple=0.1)
-    cfg = FitConfig(method="s4s-alt", nfe=nfe, batch=batch, use_checkpoint=checkpoint, micro_batch=micro,
-                    eval_every=10**6, warmup=False)
+    cfg = FitConfig(
+        method="s4s-alt",
+        nfe=nfe,
+        batch=batch,
+        use_checkpoint=checkpoint,
+        micro_batch=micro,
+        eval_every=10**6,
+        warmup=False,
+    )
     val = train[:1]
     session = FitSession(model, solver, train, val, cfg)
     from fewstep.fit.loop import FitState, validate
@@ -66,8 +80,15 @@ def one(batch: int, nfe: int, checkpoint: bool, micro: int | None) -> dict:
     t0 = time.perf_counter()
     optimise(session, Phase("p", {"grid": 0.01, "coef": 0.01}, 2, batch=batch), state)
     secs = (time.perf_counter() - t0) / 2
-    return {"batch": batch, "nfe": nfe, "checkpoint": checkpoint, "micro_batch": micro, "baseline_mib": round(before, 1),
-            "step_mib": round(peak_mib() - before, 1), "step_s": round(secs, 2)}
+    return {
+        "batch": batch,
+        "nfe": nfe,
+        "checkpoint": checkpoint,
+        "micro_batch": micro,
+        "baseline_mib": round(before, 1),
+        "step_mib": round(peak_mib() - before, 1),
+        "step_s": round(secs, 2),
+    }
 
 
 def fit_formula(rows: list[dict]) -> dict:
@@ -86,8 +107,11 @@ def fit_formula(rows: list[dict]) -> dict:
         A = np.array([[1.0, mi, mi * r["nfe"]] for mi, r in zip(m, ck)])
         y = np.array([r["step_mib"] for r in ck])
         (a, b, c), *_ = np.linalg.lstsq(A, y, rcond=None)
-        out["checkpointing"] = {"a_mib": round(float(a), 1), "per_sample_one_evaluation_mib": round(float(b), 2),
-                                "per_sample_and_nfe_kept_mib": round(float(c), 3)}
+        out["checkpointing"] = {
+            "a_mib": round(float(a), 1),
+            "per_sample_one_evaluation_mib": round(float(b), 2),
+            "per_sample_and_nfe_kept_mib": round(float(c), 3),
+        }
     return out
 
 
@@ -120,13 +144,20 @@ def main() -> None:
             continue
         row = json.loads(r.stdout.strip().splitlines()[-1])
         rows.append(row)
-        print(f"| {row['batch']} | {row['nfe']} | {'on' if row['checkpoint'] else 'off'} | "
-              f"{row['micro_batch'] or '-'} | {row['step_mib']:.0f} | {row['step_s']:.1f} |", flush=True)
+        print(
+            f"| {row['batch']} | {row['nfe']} | {'on' if row['checkpoint'] else 'off'} | "
+            f"{row['micro_batch'] or '-'} | {row['step_mib']:.0f} | {row['step_s']:.1f} |",
+            flush=True,
+        )
     formula = fit_formula(rows)
     print("\n" + json.dumps(formula, indent=1))
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "formula": formula, "width": WIDTH, "cross": CROSS,
-                                               "date": time.strftime("%Y-%m-%d")}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {"rows": rows, "formula": formula, "width": WIDTH, "cross": CROSS, "date": time.strftime("%Y-%m-%d")},
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

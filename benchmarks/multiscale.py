@@ -52,10 +52,15 @@ def main() -> None:
     scales = [float(w) for w in args.scales.split(",")]
     held = list(range(1_000_000, 1_000_000 + args.samples))
     load = lambda g: load_model(args.model, classes=args.classes or None, guidance=g)  # noqa: E731
-    print(f"# {args.method} at NFE {args.nfe} on {args.model}: one fit over scales {args.fit_scales} against a fit "
-          f"at each scale ({args.samples} held-out noises, seeds {args.seeds}, fit {kw})")
-    print(f"machine: {platform.machine()}, {args.threads} thread(s), torch {torch.__version__}, "
-          f"{time.strftime('%Y-%m-%d')}\n", flush=True)
+    print(
+        f"# {args.method} at NFE {args.nfe} on {args.model}: one fit over scales {args.fit_scales} against a fit "
+        f"at each scale ({args.samples} held-out noises, seeds {args.seeds}, fit {kw})"
+    )
+    print(
+        f"machine: {platform.machine()}, {args.threads} thread(s), torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}\n",
+        flush=True,
+    )
     multi = {s: fit(load(args.fit_scales), args.method, args.nfe, seed=s, progress=False, **kw).solver for s in seeds}
     rows = []
     print("| scale | best classic (± sem) | multi-scale fit | fit at this scale | multi / single (per seed) |")
@@ -72,16 +77,39 @@ def main() -> None:
             sr.append(run_solver(m, held, own, args.nfe, ref).rmse)
         ratio = [a / c for a, c in zip(mr, sr)]
         fitted = " (fitted)" if any(abs(w - f) < 1e-9 for f in GuidanceSet.parse(args.fit_scales).scales) else ""
-        rows.append({"scale": w, "fitted": bool(fitted), "best_classic": f"{b['solver']}@{b['grid']}",
-                     "best_classic_rmse": b["rmse"], "best_classic_sem": b.get("rmse_sem"), "multi": mr,
-                     "single": sr, "ratio": ratio})
-        print(f"| {w:g}{fitted} | {b['rmse']:.4g} ± {b.get('rmse_sem') or 0:.2g} {b['solver']}@{b['grid']} | "
-              f"{_ms(mr)} | {_ms(sr)} | {_ms(ratio)} |", flush=True)
+        rows.append(
+            {
+                "scale": w,
+                "fitted": bool(fitted),
+                "best_classic": f"{b['solver']}@{b['grid']}",
+                "best_classic_rmse": b["rmse"],
+                "best_classic_sem": b.get("rmse_sem"),
+                "multi": mr,
+                "single": sr,
+                "ratio": ratio,
+            }
+        )
+        print(
+            f"| {w:g}{fitted} | {b['rmse']:.4g} ± {b.get('rmse_sem') or 0:.2g} {b['solver']}@{b['grid']} | "
+            f"{_ms(mr)} | {_ms(sr)} | {_ms(ratio)} |",
+            flush=True,
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "method": args.method, "nfe": args.nfe, "fit_scales": args.fit_scales,
-                       "fit": kw, "samples": args.samples, "rows": rows, "date": time.strftime("%Y-%m-%d")}, f,
-                      indent=1)
+            json.dump(
+                {
+                    "model": args.model,
+                    "method": args.method,
+                    "nfe": args.nfe,
+                    "fit_scales": args.fit_scales,
+                    "fit": kw,
+                    "samples": args.samples,
+                    "rows": rows,
+                    "date": time.strftime("%Y-%m-%d"),
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

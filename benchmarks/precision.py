@@ -33,8 +33,11 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--samples", type=int, default=512, help="held-out noises")
-    ap.add_argument("--fit", default='{"samples": 256, "val_samples": 128, "confirm_samples": 128, '
-                                     '"teacher": "unipc3@logsnr:50", "steps": 300, "batch": 16}')
+    ap.add_argument(
+        "--fit",
+        default='{"samples": 256, "val_samples": 128, "confirm_samples": 128, '
+        '"teacher": "unipc3@logsnr:50", "steps": 300, "batch": 16}',
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -45,11 +48,15 @@ def main() -> None:
     models[args.dtype] = zoo.load("digits-unet", guidance_scale=args.guidance).set_dtype(args.dtype)
     held = list(range(1_000_000, 1_000_000 + args.samples))
     refs = {k: reference_samples(m, held, nfe=200)[0] for k, m in models.items()}
-    print(f"# {args.method} at NFE {args.nfe} on zoo:digits-unet (guidance {args.guidance:g}): network in fp32 vs "
-          f"{args.dtype}; {args.samples} held-out noises; fit {kw}")
-    print(f"machine: {platform.machine()}, {args.threads} thread(s), torch {torch.__version__}, "
-          f"{time.strftime('%Y-%m-%d')}\n")
-    print(f"| seed | fitted in | fit s | RMSE, fp32 network | RMSE, own network vs own reference |")
+    print(
+        f"# {args.method} at NFE {args.nfe} on zoo:digits-unet (guidance {args.guidance:g}): network in fp32 vs "
+        f"{args.dtype}; {args.samples} held-out noises; fit {kw}"
+    )
+    print(
+        f"machine: {platform.machine()}, {args.threads} thread(s), torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}\n"
+    )
+    print("| seed | fitted in | fit s | RMSE, fp32 network | RMSE, own network vs own reference |")
     print("|---|---|---|---|---|", flush=True)
     rows = []
     for s in seeds:
@@ -59,21 +66,39 @@ def main() -> None:
             secs = time.perf_counter() - t0
             r32 = run_solver(models["fp32"], held, res.solver, args.nfe, refs["fp32"]).rmse
             own = run_solver(m, held, res.solver, args.nfe, refs[name]).rmse
-            rows.append({"seed": s, "dtype": name, "fit_s": round(secs, 1), "rmse_fp32_net": r32, "rmse_own": own,
-                         "recorded_dtype": res.doc["model"].get("dtype"), "cost": res.doc["cost"]["total_evals"]})
+            rows.append(
+                {
+                    "seed": s,
+                    "dtype": name,
+                    "fit_s": round(secs, 1),
+                    "rmse_fp32_net": r32,
+                    "rmse_own": own,
+                    "recorded_dtype": res.doc["model"].get("dtype"),
+                    "cost": res.doc["cost"]["total_evals"],
+                }
+            )
             print(f"| {s} | {name} | {secs:.0f} | {r32:.5g} | {own:.5g} |", flush=True)
     print()
-    out = {"dtype": args.dtype, "method": args.method, "nfe": args.nfe, "fit": kw, "samples": args.samples,
-           "rows": rows, "date": time.strftime("%Y-%m-%d")}
+    out = {
+        "dtype": args.dtype,
+        "method": args.method,
+        "nfe": args.nfe,
+        "fit": kw,
+        "samples": args.samples,
+        "rows": rows,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     for key, label in (("rmse_fp32_net", "scored with the fp32 network"), ("rmse_own", "each with its own network")):
         a = [r[key] for r in rows if r["dtype"] == "fp32"]
         b = [r[key] for r in rows if r["dtype"] == args.dtype]
         ratio = [y / x for x, y in zip(a, b)]
         sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
-        print(f"{label}: fp32 {statistics.mean(a):.5g} ± {sd(a):.2g}, {args.dtype} {statistics.mean(b):.5g} ± "
-              f"{sd(b):.2g}; {args.dtype}/fp32 per seed {', '.join(f'{r:.3f}' for r in ratio)} "
-              f"(mean {statistics.mean(ratio):.3f}; mean of {args.dtype} / mean of fp32 "
-              f"{statistics.mean(b) / statistics.mean(a):.3f})")
+        print(
+            f"{label}: fp32 {statistics.mean(a):.5g} ± {sd(a):.2g}, {args.dtype} {statistics.mean(b):.5g} ± "
+            f"{sd(b):.2g}; {args.dtype}/fp32 per seed {', '.join(f'{r:.3f}' for r in ratio)} "
+            f"(mean {statistics.mean(ratio):.3f}; mean of {args.dtype} / mean of fp32 "
+            f"{statistics.mean(b) / statistics.mean(a):.3f})"
+        )
         out[key] = {"fp32": a, args.dtype: b, "ratio": ratio}
     if args.json:
         with open(args.json, "w") as f:

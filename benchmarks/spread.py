@@ -30,8 +30,12 @@ from fewstep.specs import load_model
 
 def commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__import__("fewstep").__file__).parent).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__import__("fewstep").__file__).parent,
+        ).stdout.strip()
     except OSError:
         return "?"
 
@@ -53,9 +57,18 @@ def main() -> None:
     nfes = [int(n) for n in args.nfe.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     extra = json.loads(args.fit)
-    out = {"commit": commit(), "date": time.strftime("%Y-%m-%d"), "machine": platform.machine(),
-           "threads": args.threads, "torch": torch.__version__, "method": args.method, "fit": extra,
-           "samples": args.samples, "rows": [], "summary": []}
+    out = {
+        "commit": commit(),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.machine(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "method": args.method,
+        "fit": extra,
+        "samples": args.samples,
+        "rows": [],
+        "summary": [],
+    }
     print(f"# Spread over fit seeds: {args.method}, held-out RMSE on {args.samples} noises (commit {out['commit']})")
     for name in args.models.split(","):
         spec = name if ":" in name else f"zoo:{name}"
@@ -76,23 +89,46 @@ def main() -> None:
                 secs = time.perf_counter() - t0
                 r = run_solver(m, held, res.solver, n, ref).rmse
                 v = res.doc["validation"]
-                row = {"model": spec, "nfe": n, "seed": s, "rmse": r, "val": v["rmse_to_teacher"],
-                       "confirm": v.get("confirm_rmse_to_teacher"), "start": res.doc["start"]["solver"],
-                       "kept_start": v["kept_start"], "fit_s": round(secs, 1),
-                       "cost": res.doc.get("cost"), "best_classic": b["rmse"],
-                       "best_classic_sem": b["rmse_sem"], "best_classic_solver": f"{b['solver']}@{b['grid']}"}
+                row = {
+                    "model": spec,
+                    "nfe": n,
+                    "seed": s,
+                    "rmse": r,
+                    "val": v["rmse_to_teacher"],
+                    "confirm": v.get("confirm_rmse_to_teacher"),
+                    "start": res.doc["start"]["solver"],
+                    "kept_start": v["kept_start"],
+                    "fit_s": round(secs, 1),
+                    "cost": res.doc.get("cost"),
+                    "best_classic": b["rmse"],
+                    "best_classic_sem": b["rmse_sem"],
+                    "best_classic_solver": f"{b['solver']}@{b['grid']}",
+                }
                 out["rows"].append(row)
                 vals.append(r)
                 starts.append(res.doc["start"]["solver"])
             mean, std = statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-            summ = {"model": spec, "nfe": n, "mean": mean, "std": std, "min": min(vals), "max": max(vals),
-                    "worst_over_best": max(vals) / min(vals), "best_classic": b["rmse"],
-                    "best_classic_sem": b["rmse_sem"], "best_classic_solver": f"{b['solver']}@{b['grid']}",
-                    "ratio_mean": mean / b["rmse"], "ratio_std": std / b["rmse"]}
+            summ = {
+                "model": spec,
+                "nfe": n,
+                "mean": mean,
+                "std": std,
+                "min": min(vals),
+                "max": max(vals),
+                "worst_over_best": max(vals) / min(vals),
+                "best_classic": b["rmse"],
+                "best_classic_sem": b["rmse_sem"],
+                "best_classic_solver": f"{b['solver']}@{b['grid']}",
+                "ratio_mean": mean / b["rmse"],
+                "ratio_std": std / b["rmse"],
+            }
             out["summary"].append(summ)
-            print(f"| {n} | {b['rmse']:.4g} ± {b['rmse_sem']:.2g} {b['solver']}@{b['grid']} | {mean:.4g} ± {std:.2g} | "
-                  f"{min(vals):.4g} | {max(vals):.4g} | {max(vals) / min(vals):.2f} | "
-                  f"{', '.join(sorted(set(starts)))} |", flush=True)
+            print(
+                f"| {n} | {b['rmse']:.4g} ± {b['rmse_sem']:.2g} {b['solver']}@{b['grid']} | {mean:.4g} ± {std:.2g} | "
+                f"{min(vals):.4g} | {max(vals):.4g} | {max(vals) / min(vals):.2f} | "
+                f"{', '.join(sorted(set(starts)))} |",
+                flush=True,
+            )
             if args.json:
                 Path(args.json).write_text(json.dumps(out, indent=1))
     if args.json:

@@ -23,8 +23,16 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_CODE = ("src/fewstep/solvers", "src/fewstep/fit", "src/fewstep/evaluate.py", "src/fewstep/sampling.py",
-                "src/fewstep/grids.py", "src/fewstep/schedules.py", "src/fewstep/denoiser.py", "src/fewstep/zoo")
+DEFAULT_CODE = (
+    "src/fewstep/solvers",
+    "src/fewstep/fit",
+    "src/fewstep/evaluate.py",
+    "src/fewstep/sampling.py",
+    "src/fewstep/grids.py",
+    "src/fewstep/schedules.py",
+    "src/fewstep/denoiser.py",
+    "src/fewstep/zoo",
+)
 MARKER = re.compile(r"<!--\s*measured:\s*(\S+)(?:\s+code:\s*(.*?))?\s*-->")
 HEADING = re.compile(r"^(#{2,3})\s+(.*)$")
 
@@ -119,8 +127,9 @@ def check(root: Path, doc: Path, staged: bool = False) -> list[str]:
                 shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
                 out.append(f"{where}: measured at {commit}, code changed since in {last[:10]} ({shown})")
             elif touches(pending, code):
-                out.append(f"{where}: measured at {commit}, code changed in this commit "
-                           f"({', '.join(touches(pending, code))})")
+                out.append(
+                    f"{where}: measured at {commit}, code changed in this commit ({', '.join(touches(pending, code))})"
+                )
     return out
 
 

@@ -45,8 +45,9 @@ def fd_to(data: torch.Tensor, x: torch.Tensor) -> float:
     return FeatureDistances(data).frechet(x)
 
 
-def bench_model(name: str, nfes: list[int], methods: list[str], samples: int,
-                fit_overrides: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def bench_model(
+    name: str, nfes: list[int], methods: list[str], samples: int, fit_overrides: dict[str, Any]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows {model, nfe, method, rmse, swd, fit_s, ...} for one model, and its reference figures."""
     m = load_torchcfm(name)
     seeds = list(range(EVAL_SEED_START, EVAL_SEED_START + samples))
@@ -61,42 +62,71 @@ def bench_model(name: str, nfes: list[int], methods: list[str], samples: int,
         b = best_classic(rep["results"], n)
         spec = f"{b['solver']}@{b['grid']}"
         classic = run_solver(m, seeds, spec, n, ref, keep_samples=True)
-        rows.append({"model": name, "nfe": n, "method": "best classic", "solver": spec, "rmse": classic.rmse,
-                     "swd": swd_to(data, classic.samples), "fd": fd_to(data, classic.samples),
-                     "fd_ref": to_ref.frechet(classic.samples)})
+        rows.append(
+            {
+                "model": name,
+                "nfe": n,
+                "method": "best classic",
+                "solver": spec,
+                "rmse": classic.rmse,
+                "swd": swd_to(data, classic.samples),
+                "fd": fd_to(data, classic.samples),
+                "fd_ref": to_ref.frechet(classic.samples),
+            }
+        )
         for meth in methods:
             t0 = time.perf_counter()
             res = fit(m, meth, n, progress=False, **fit_overrides)
             secs = time.perf_counter() - t0
             run = run_solver(m, seeds, res.solver, n, ref, keep_samples=True)
-            rows.append({"model": name, "nfe": n, "method": meth, "rmse": run.rmse, "swd": swd_to(data, run.samples),
-                         "fd": fd_to(data, run.samples), "fd_ref": to_ref.frechet(run.samples),
-                         "fit_s": secs, "start": res.doc["start"]["solver"],
-                         "kept_start": res.doc["validation"]["kept_start"]})
+            rows.append(
+                {
+                    "model": name,
+                    "nfe": n,
+                    "method": meth,
+                    "rmse": run.rmse,
+                    "swd": swd_to(data, run.samples),
+                    "fd": fd_to(data, run.samples),
+                    "fd_ref": to_ref.frechet(run.samples),
+                    "fit_s": secs,
+                    "start": res.doc["start"]["solver"],
+                    "kept_start": res.doc["validation"]["kept_start"],
+                }
+            )
     return rows, ref_info
 
 
 def print_table(name: str, rows: list[dict[str, Any]], ref_info: dict[str, Any], methods: list[str]) -> None:
     """One markdown table per model: RMSE (fit time) per method, ratio, and SW2 to the data."""
-    print(f"## torchcfm:{name} (reference {ref_info['solver']} at {ref_info['nfe']} NFE, self-error "
-          f"{ref_info['self_error']:.2g}, SW2 to the data {ref_info['swd']:.4f}, FD {ref_info['fd']:.4f})\n")
-    print("| NFE | best classic | " + " | ".join(methods) +
-          " | best learned / best classic | SW2 best classic | SW2 best learned | SW2 reference (floor) "
-          "| FD best classic | FD best learned | FD reference (floor) | FD to reference: best classic | best learned |")
+    print(
+        f"## torchcfm:{name} (reference {ref_info['solver']} at {ref_info['nfe']} NFE, self-error "
+        f"{ref_info['self_error']:.2g}, SW2 to the data {ref_info['swd']:.4f}, FD {ref_info['fd']:.4f})\n"
+    )
+    print(
+        "| NFE | best classic | "
+        + " | ".join(methods)
+        + " | best learned / best classic | SW2 best classic | SW2 best learned | SW2 reference (floor) "
+        "| FD best classic | FD best learned | FD reference (floor) | FD to reference: best classic | best learned |"
+    )
     print("|" + "---|" * (len(methods) + 11))
     for n in sorted({r["nfe"] for r in rows}):
         at = [r for r in rows if r["nfe"] == n]
         b = next(r for r in at if r["method"] == "best classic")
         learned = [r for r in at if r["method"] != "best classic"]
-        cells = [f"{r['rmse']:.4g} ({r['fit_s']:.0f} s)" + (" (start kept)" if r["kept_start"] else "")
-                 for r in learned]
+        cells = [
+            f"{r['rmse']:.4g} ({r['fit_s']:.0f} s)" + (" (start kept)" if r["kept_start"] else "") for r in learned
+        ]
         best = min(learned, key=lambda r: r["rmse"]) if learned else None
         ratio = f"**{best['rmse'] / b['rmse']:.2f}**" if best else "-"
         swd_l = f"{best['swd']:.4f}" if best else "-"
         fd_l = f"{best['fd']:.4f}" if best else "-"
-        print(f"| {n} | {b['rmse']:.4g} {b['solver']} | " + " | ".join(cells) +
-              f" | {ratio} | {b['swd']:.4f} | {swd_l} | {ref_info['swd']:.4f} | {b['fd']:.4f} | {fd_l} "
-              f"| {ref_info['fd']:.4f} | {b['fd_ref']:.2e} | {best['fd_ref'] if best else float('nan'):.2e} |", flush=True)
+        print(
+            f"| {n} | {b['rmse']:.4g} {b['solver']} | "
+            + " | ".join(cells)
+            + f" | {ratio} | {b['swd']:.4f} | {swd_l} | {ref_info['swd']:.4f} | {b['fd']:.4f} | {fd_l} "
+            f"| {ref_info['fd']:.4f} | {b['fd_ref']:.2e} | {best['fd_ref'] if best else float('nan'):.2e} |",
+            flush=True,
+        )
     print()
 
 
@@ -117,12 +147,22 @@ def main() -> None:
     overrides = json.loads(args.fit)
     if args.steps is not None:
         overrides["steps"] = args.steps
-    print(f"# TorchCFM moons: learned vs best classic, held-out RMSE ({args.samples} samples, seeds from "
-          f"{EVAL_SEED_START}) and SW2 to {DATA_SIZE} moons\n")
-    print(f"machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
-          f"{time.strftime('%Y-%m-%d')}{', fit settings ' + json.dumps(overrides) if overrides else ''}\n")
-    out: dict[str, Any] = {"samples": args.samples, "nfe": nfes, "methods": methods, "fit": overrides,
-                           "models": {}, "rows": []}
+    print(
+        f"# TorchCFM moons: learned vs best classic, held-out RMSE ({args.samples} samples, seeds from "
+        f"{EVAL_SEED_START}) and SW2 to {DATA_SIZE} moons\n"
+    )
+    print(
+        f"machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}{', fit settings ' + json.dumps(overrides) if overrides else ''}\n"
+    )
+    out: dict[str, Any] = {
+        "samples": args.samples,
+        "nfe": nfes,
+        "methods": methods,
+        "fit": overrides,
+        "models": {},
+        "rows": [],
+    }
     for name in args.models.split(","):
         rows, ref_info = bench_model(name, nfes, methods, args.samples, overrides)
         print_table(name, rows, ref_info, methods)

@@ -10,8 +10,8 @@ from torch import nn
 
 from fewstep import Denoiser, FewstepError, VPDiscrete, sample
 from fewstep.errors import ModelOutputError, ShapeError
-from fewstep.solvers.kernel import run_tableau
 from fewstep.sampling import build_tableau
+from fewstep.solvers.kernel import run_tableau
 
 SOLVER = "unipc@logsnr"
 
@@ -119,8 +119,9 @@ def test_noise_without_a_batch_dimension_is_a_shape_error():
 def test_a_numpy_integer_max_batch_is_a_number_of_samples():
     np = pytest.importorskip("numpy")
     m, z = model(), noise(5)
-    torch.testing.assert_close(sample(m, z, solver=SOLVER, nfe=5, max_batch=np.int64(2)),
-                               sample(m, z, solver=SOLVER, nfe=5))
+    torch.testing.assert_close(
+        sample(m, z, solver=SOLVER, nfe=5, max_batch=np.int64(2)), sample(m, z, solver=SOLVER, nfe=5)
+    )
 
 
 def test_evaluate_refuses_a_seed_torch_cannot_take_in_one_line():

@@ -34,11 +34,23 @@ LAYERS = [
 ]
 #: inside a package, the same rule over its modules
 INNER = {
-    "solvers": [["kernel"], ["classic", "heun", "artifact_check", "model_match"], ["registry", "learned"], ["artifact"],
-                ["resolve"],
-                ["__init__"]],
-    "fit": [["config", "teacher_spec", "teacher_cache"], ["teacher", "budget"], ["loop"], ["checkpoint"], ["methods"],
-            ["api"], ["__init__"]],
+    "solvers": [
+        ["kernel"],
+        ["classic", "heun", "artifact_check", "model_match"],
+        ["registry", "learned"],
+        ["artifact"],
+        ["resolve"],
+        ["__init__"],
+    ],
+    "fit": [
+        ["config", "teacher_spec", "teacher_cache"],
+        ["teacher", "budget"],
+        ["loop"],
+        ["checkpoint"],
+        ["methods"],
+        ["api"],
+        ["__init__"],
+    ],
     "cli": [["common"], ["fitting", "measure", "sampling"], ["__init__"]],
 }
 

@@ -15,8 +15,9 @@ import math
 import random
 import struct
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -25,7 +26,6 @@ import fewstep
 from fewstep import VPLinear
 from fewstep.errors import FewstepError
 from fewstep.fit.api import fit
-
 from gauss import make_gauss
 
 F64 = torch.float64
@@ -34,9 +34,41 @@ JSON_CASES = 800
 PARAMS_CASES = 400
 # the top-level fields whose values the loader uses (most damage lands here rather than in the fit's records)
 READ = ("schema", "method", "label", "nfe", "schedule", "model", "tableau", "params")
-POOL: list[Any] = [None, "", "abc", "1e3", "0123456789abcdef", "../x", "/etc/passwd", -1, 0, 1, 2, 4, 3.5, -0.0,
-                   1e-300, 1e6, 1e7, 10**30, 10**400, 1e308, float("nan"), float("inf"), float("-inf"), True, False,
-                   [], [0], [1, 2], [[1]], [None], {}, {"a": 1}, {"type": "vp_linear"}]
+POOL: list[Any] = [
+    None,
+    "",
+    "abc",
+    "1e3",
+    "0123456789abcdef",
+    "../x",
+    "/etc/passwd",
+    -1,
+    0,
+    1,
+    2,
+    4,
+    3.5,
+    -0.0,
+    1e-300,
+    1e6,
+    1e7,
+    10**30,
+    10**400,
+    1e308,
+    float("nan"),
+    float("inf"),
+    float("-inf"),
+    True,
+    False,
+    [],
+    [0],
+    [1, 2],
+    [[1]],
+    [None],
+    {},
+    {"a": 1},
+    {"type": "vp_linear"},
+]
 
 
 # ----------------------------------------------------------------------------- the artifact and the model
@@ -49,8 +81,21 @@ def model():
 def artifact(model, tmp_path_factory, one_thread):
     """One valid artifact (unipc start: every table, the corrector included), as bytes."""
     d = tmp_path_factory.mktemp("fuzz-art")
-    fit(model, "s4s-alt", 4, out=d / "a", teacher="dpmpp_3m@logsnr:40", samples=64, val_samples=32,
-        confirm_samples=0, progress=False, cache_dir=d / "c", steps=16, eval_every=8, start="unipc@logsnr")
+    fit(
+        model,
+        "s4s-alt",
+        4,
+        out=d / "a",
+        teacher="dpmpp_3m@logsnr:40",
+        samples=64,
+        val_samples=32,
+        confirm_samples=0,
+        progress=False,
+        cache_dir=d / "c",
+        steps=16,
+        eval_every=8,
+        start="unipc@logsnr",
+    )
     return {"json": (d / "a" / "solver.json").read_text(), "params": (d / "a" / "params.safetensors").read_bytes()}
 
 
@@ -152,14 +197,14 @@ def mutate_text(text: str, rng: random.Random) -> tuple[str, str]:
     if op == "truncate":
         return text[:i], f"truncate at {i}"
     if op == "flip":
-        return text[:i] + chr(rng.randrange(32, 127)) + text[i + 1:], f"char {i} replaced"
+        return text[:i] + chr(rng.randrange(32, 127)) + text[i + 1 :], f"char {i} replaced"
     return text + rng.choice(["}", "x", "\x00", "{}", "]"]), "trailing garbage"
 
 
 # ----------------------------------------------------------------------------- damage to params.safetensors
 def _split(data: bytes) -> tuple[dict, bytes]:
     n = struct.unpack("<Q", data[:8])[0]
-    return json.loads(data[8:8 + n]), data[8 + n:]
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
 
 
 def _join(header: dict, body: bytes) -> bytes:
@@ -214,6 +259,7 @@ def mutate_params(data: bytes, rng: random.Random) -> tuple[bytes, str]:
             elif how == "huge" and v.is_floating_point():
                 v = torch.full_like(v, 1e300)
             t[name] = v.contiguous()
+
         return _resave(data, change), f"tensor {name}: {how}"
     if op == "structure":
         key = None
@@ -224,6 +270,7 @@ def mutate_params(data: bytes, rng: random.Random) -> tuple[bytes, str]:
             key = rng.choice(sorted(st))
             st[key] = copy.deepcopy(rng.choice(POOL)) if rng.random() < 0.7 else _retype(st[key], rng)
             m["structure"] = json.dumps(st)
+
         out = _resave(data, change)
         return out, f"structure.{key} changed"
     # the header's own JSON: a tensor's offsets, dtype or shape
@@ -265,8 +312,10 @@ def _attempt(folder: Path, model, noise, with_params: bool) -> str:
         raise
     except Exception as e:  # noqa: BLE001 - what the test is looking for
         where = traceback.extract_tb(e.__traceback__)[-1]
-        raise Bad(f"{type(e).__name__} at {Path(where.filename).name}:{where.lineno}",
-                  "".join(traceback.format_exception(e)[-4:])) from None
+        raise Bad(
+            f"{type(e).__name__} at {Path(where.filename).name}:{where.lineno}",
+            "".join(traceback.format_exception(e)[-4:]),
+        ) from None
     return "loaded"
 
 
@@ -315,8 +364,9 @@ def _report(kind: str, tally: collections.Counter, failures: list) -> str:
 
 
 @pytest.mark.parametrize("kind,n", [("json", JSON_CASES), ("params", PARAMS_CASES)])
-def test_damaged_artifacts_load_and_sample_or_raise_one_fewstep_error(kind, n, artifact, model, noise, tmp_path,
-                                                                       one_thread):
+def test_damaged_artifacts_load_and_sample_or_raise_one_fewstep_error(
+    kind, n, artifact, model, noise, tmp_path, one_thread
+):
     tally, failures = _run_cases(kind, n, artifact, model, noise, tmp_path)
     report = _report(kind, tally, failures)
     print(report)
@@ -337,6 +387,7 @@ def test_a_params_file_that_does_not_fit_the_solver_is_refused_in_one_line(artif
             t.pop("W")
         else:
             t["u"] = torch.zeros(t["u"].numel() + 1, dtype=t["u"].dtype)
+
     (d / "params.safetensors").write_bytes(_resave(artifact["params"], change))
     loaded = fewstep.load_solver(d)
     with pytest.raises(FewstepError) as e:
@@ -370,5 +421,7 @@ def test_a_corrector_that_uses_a_later_evaluation_is_refused(artifact, model, no
 
 
 def test_a_guidance_scale_beyond_float_range_is_refused(artifact, model, noise, tmp_path):
-    assert _outcome(artifact, lambda doc: doc["model"].__setitem__("guidance_scale", 10**400), model, noise,
-                    tmp_path) == "ArtifactError"
+    assert (
+        _outcome(artifact, lambda doc: doc["model"].__setitem__("guidance_scale", 10**400), model, noise, tmp_path)
+        == "ArtifactError"
+    )

@@ -17,8 +17,9 @@ FIT = {"samples": 64, "val_samples": 32, "confirm_samples": 32, "steps": 30}
 def test_reuse_loads_finished_fits_and_refits_unfinished(tmp_path, monkeypatch):
     monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
     m = make_gauss(VPLinear(), "eps", d=6)
-    first = run_bench(m, [3, 4], ["s4s"], tmp_path / "b", samples=32, metrics=None, progress=False,
-                      fit_kwargs=FIT, log=lambda s: None)
+    first = run_bench(
+        m, [3, 4], ["s4s"], tmp_path / "b", samples=32, metrics=None, progress=False, fit_kwargs=FIT, log=lambda s: None
+    )
     # an interrupted fit leaves its checkpoint: that one must be refitted, the finished one reused
     (tmp_path / "b" / "s4s-nfe4" / "fit-checkpoint.safetensors").write_bytes(b"")
     calls = []
@@ -31,8 +32,18 @@ def test_reuse_loads_finished_fits_and_refits_unfinished(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fit_api, "fit", counting_fit)
     lines: list[str] = []
-    again = run_bench(m, [3, 4], ["s4s"], tmp_path / "b", samples=32, metrics=None, progress=False,
-                      fit_kwargs=FIT, log=lines.append, reuse=True)
+    again = run_bench(
+        m,
+        [3, 4],
+        ["s4s"],
+        tmp_path / "b",
+        samples=32,
+        metrics=None,
+        progress=False,
+        fit_kwargs=FIT,
+        log=lines.append,
+        reuse=True,
+    )
     assert calls == [4]
     assert lines[0].startswith("reused s4s at NFE 3") and lines[1].startswith("fitted s4s at NFE 4")
     assert again["fits"][0]["seconds"] == pytest.approx(first["fits"][0]["seconds"], rel=0.2, abs=5)
@@ -41,11 +52,30 @@ def test_reuse_loads_finished_fits_and_refits_unfinished(tmp_path, monkeypatch):
 
 def test_reuse_refuses_an_artifact_of_another_model(tmp_path, monkeypatch):
     monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
-    run_bench(make_gauss(VPLinear(), "eps", d=6), [3], ["s4s"], tmp_path / "b", samples=16, metrics=None,
-              progress=False, fit_kwargs=FIT, log=lambda s: None)
+    run_bench(
+        make_gauss(VPLinear(), "eps", d=6),
+        [3],
+        ["s4s"],
+        tmp_path / "b",
+        samples=16,
+        metrics=None,
+        progress=False,
+        fit_kwargs=FIT,
+        log=lambda s: None,
+    )
     with pytest.raises(FewstepError, match="fingerprint"):
-        run_bench(make_gauss(VPLinear(), "eps", d=5), [3], ["s4s"], tmp_path / "b", samples=16, metrics=None,
-                  progress=False, fit_kwargs=FIT, log=lambda s: None, reuse=True)
+        run_bench(
+            make_gauss(VPLinear(), "eps", d=5),
+            [3],
+            ["s4s"],
+            tmp_path / "b",
+            samples=16,
+            metrics=None,
+            progress=False,
+            fit_kwargs=FIT,
+            log=lambda s: None,
+            reuse=True,
+        )
 
 
 def test_guidance_table_uses_the_fitted_solver_where_the_fingerprint_differs(tmp_path, monkeypatch):
@@ -59,8 +89,19 @@ def test_guidance_table_uses_the_fitted_solver_where_the_fingerprint_differs(tmp
         return m
 
     assert build(1.0).fingerprint() != build(2.0).fingerprint()
-    rows = guidance_table(build, 2.0, [1.0, 2.0], 3, "s4s", tmp_path / "g", samples=16, refit=False,
-                          progress=False, fit_kwargs=FIT, log=lambda s: None)
+    rows = guidance_table(
+        build,
+        2.0,
+        [1.0, 2.0],
+        3,
+        "s4s",
+        tmp_path / "g",
+        samples=16,
+        refit=False,
+        progress=False,
+        fit_kwargs=FIT,
+        log=lambda s: None,
+    )
     assert [r["scale"] for r in rows] == [1.0, 2.0]
     # same data model at both scales here, so the fitted solver scores the same at both
     assert rows[0]["learned_rmse"] == pytest.approx(rows[1]["learned_rmse"], rel=1e-9)

@@ -10,17 +10,25 @@ diffusers = pytest.importorskip("diffusers")
 
 from fewstep.fit.methods import from_classic  # noqa: E402
 from fewstep.integrations.diffusers_in import from_diffusers  # noqa: E402
-from fewstep.sampling import sample  # noqa: E402
-from fewstep.sampling import build_tableau  # noqa: E402
+from fewstep.sampling import (
+    build_tableau,  # noqa: E402
+    sample,  # noqa: E402
+)
 from fewstep.solvers.kernel import checkpointable_blocks  # noqa: E402
 
 
 def _model():
     torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=2, out_channels=2, layers_per_block=1,
-                                 block_out_channels=(8, 16), norm_num_groups=4,
-                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=2,
+        out_channels=2,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    )
     return from_diffusers(unet, diffusers.DDIMScheduler())
 
 

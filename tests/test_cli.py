@@ -13,7 +13,7 @@ from fewstep.cli import app
 
 runner = CliRunner()
 
-FACTORY = textwrap.dedent('''
+FACTORY = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
     from fewstep import VPLinear
@@ -21,7 +21,7 @@ FACTORY = textwrap.dedent('''
 
     def model():
         return make_gauss(VPLinear(), "eps", d=6)
-''')
+""")
 
 
 @pytest.fixture()
@@ -40,8 +40,22 @@ def _run(args, code=0):
 
 
 def test_eval_json_has_the_documented_shape(user_model):
-    r = _run(["eval", "--model", user_model, "--nfe", "5", "--solver", "unipc@logsnr", "--solver", "ddim@time",
-              "--samples", "32", "--json"])
+    r = _run(
+        [
+            "eval",
+            "--model",
+            user_model,
+            "--nfe",
+            "5",
+            "--solver",
+            "unipc@logsnr",
+            "--solver",
+            "ddim@time",
+            "--samples",
+            "32",
+            "--json",
+        ]
+    )
     rep = json.loads(r.stdout)
     assert set(rep) >= {"model", "nfe", "samples", "seed", "reference", "results"}
     assert rep["nfe"] == 5 and rep["samples"] == 32 and rep["seed"] == 1_000_000
@@ -70,8 +84,21 @@ def test_sample_writes_safetensors_and_png(tmp_path):
     from safetensors.torch import load_file
 
     out = tmp_path / "s.safetensors"
-    _run(["sample", "--model", "zoo:digits-empirical", "--solver", "unipc@quadratic", "--nfe", "5", "--n", "4",
-          "--out", str(out)])
+    _run(
+        [
+            "sample",
+            "--model",
+            "zoo:digits-empirical",
+            "--solver",
+            "unipc@quadratic",
+            "--nfe",
+            "5",
+            "--n",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     x = load_file(str(out))["samples"]
     assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()
     png = out.with_suffix(".png").read_bytes()
@@ -81,9 +108,36 @@ def test_sample_writes_safetensors_and_png(tmp_path):
 def test_fit_show_eval_with_the_artifact(user_model, tmp_path, monkeypatch):
     monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
     art = tmp_path / "solver"
-    r = _run(["fit", "--model", user_model, "--method", "s4s", "--nfe", "4", "--out", str(art), "--samples", "64",
-              "--val-samples", "32", "--steps", "40", "--teacher", "dpmpp_3m@logsnr:60", "--eval-samples", "32",
-              "--batch", "16", "--lr-coef", "0.02", "--k", "2", "--json"])
+    r = _run(
+        [
+            "fit",
+            "--model",
+            user_model,
+            "--method",
+            "s4s",
+            "--nfe",
+            "4",
+            "--out",
+            str(art),
+            "--samples",
+            "64",
+            "--val-samples",
+            "32",
+            "--steps",
+            "40",
+            "--teacher",
+            "dpmpp_3m@logsnr:60",
+            "--eval-samples",
+            "32",
+            "--batch",
+            "16",
+            "--lr-coef",
+            "0.02",
+            "--k",
+            "2",
+            "--json",
+        ]
+    )
     rep = json.loads(r.stdout)
     assert rep["artifact"] == str(art / "solver.json")
     assert any(x["grid"] == "learned" for x in rep["results"])
@@ -96,8 +150,27 @@ def test_fit_show_eval_with_the_artifact(user_model, tmp_path, monkeypatch):
     rows = json.loads(r.stdout)["results"]
     assert [x["grid"] for x in rows] == ["dpmpp_3m@logsnr", "learned"]  # the reference (floor) row, the artifact
     # --top never hides the learned solver, even when it ranks below the classic rows shown
-    r = _run(["eval", "--model", user_model, "--nfe", "4", "--solver", "unipc@logsnr", "--solver", "ddim@time",
-              "--solver", str(art), "--samples", "16", "--top", "1", "--metrics", "none"])
+    r = _run(
+        [
+            "eval",
+            "--model",
+            user_model,
+            "--nfe",
+            "4",
+            "--solver",
+            "unipc@logsnr",
+            "--solver",
+            "ddim@time",
+            "--solver",
+            str(art),
+            "--samples",
+            "16",
+            "--top",
+            "1",
+            "--metrics",
+            "none",
+        ]
+    )
     assert "learned" in r.stdout and "unipc" in r.stdout and "ddim" not in r.stdout
     # fewstep sample takes the artifact: the same samples as fewstep.sample from the same seeds
     out = tmp_path / "s.safetensors"
@@ -118,7 +191,7 @@ def test_fit_show_eval_with_the_artifact(user_model, tmp_path, monkeypatch):
     assert "error:" in r.output and "Traceback" not in r.output
 
 
-FEATURES = textwrap.dedent('''
+FEATURES = textwrap.dedent("""
     import torch
 
     def features():
@@ -127,14 +200,28 @@ FEATURES = textwrap.dedent('''
 
     def not_a_network():
         return 3
-''')
+""")
 
 
 def test_eval_takes_a_feature_network_from_a_file(user_model, tmp_path):
     f = tmp_path / "feats.py"
     f.write_text(FEATURES)
-    args = ["eval", "--model", user_model, "--nfe", "4", "--solver", "ddim@time", "--solver", "unipc@logsnr",
-            "--samples", "64", "--metrics", "fd,kid,fd_ref", "--json"]
+    args = [
+        "eval",
+        "--model",
+        user_model,
+        "--nfe",
+        "4",
+        "--solver",
+        "ddim@time",
+        "--solver",
+        "unipc@logsnr",
+        "--samples",
+        "64",
+        "--metrics",
+        "fd,kid,fd_ref",
+        "--json",
+    ]
     rep = json.loads(_run(args + ["--feature", f"{f}:features"]).stdout)
     ref, rows = rep["results"][0], {r["solver"]: r for r in rep["results"][1:]}
     assert rep["metrics"]["feature"] and all(r["fd"] is not None and r["kid"] is not None for r in rep["results"])
@@ -146,14 +233,19 @@ def test_eval_takes_a_feature_network_from_a_file(user_model, tmp_path):
     assert "does not exist" in r.output
 
 
-@pytest.mark.parametrize("args,msg", [
-    (["eval", "--model", "zoo:nope"], "valid"),
-    (["eval", "--model", "nonsense"], "is not one of"),
-    (["eval", "--model", "zoo:gaussian", "--solver", "dpm9@logsnr", "--samples", "4"], "unknown solver"),
-    (["eval", "--model", "zoo:gaussian", "--solver", "ddim@cosine", "--samples", "4"], "unknown grid"),
-    (["sample", "--model", "zoo:gaussian", "--solver", "dpmpp_3m@logsnr", "--nfe", "2", "--out", "/tmp/x"],
-     "needs at least 3 NFE"),
-])
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["eval", "--model", "zoo:nope"], "valid"),
+        (["eval", "--model", "nonsense"], "is not one of"),
+        (["eval", "--model", "zoo:gaussian", "--solver", "dpm9@logsnr", "--samples", "4"], "unknown solver"),
+        (["eval", "--model", "zoo:gaussian", "--solver", "ddim@cosine", "--samples", "4"], "unknown grid"),
+        (
+            ["sample", "--model", "zoo:gaussian", "--solver", "dpmpp_3m@logsnr", "--nfe", "2", "--out", "/tmp/x"],
+            "needs at least 3 NFE",
+        ),
+    ],
+)
 def test_bad_input_gets_one_clear_line(args, msg):
     r = runner.invoke(app, args)
     assert r.exit_code == 2
@@ -171,8 +263,28 @@ def _png_size(path):
 def test_bench_fits_every_nfe_and_plots(user_model, tmp_path, monkeypatch):
     monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "bench"
-    r = _run(["bench", "--model", user_model, "--nfe", "3", "--nfe", "4", "--method", "s4s-alt", "--steps", "60",
-              "--fit-samples", "64", "--samples", "64", "--plot", "--out", str(out)])
+    r = _run(
+        [
+            "bench",
+            "--model",
+            user_model,
+            "--nfe",
+            "3",
+            "--nfe",
+            "4",
+            "--method",
+            "s4s-alt",
+            "--steps",
+            "60",
+            "--fit-samples",
+            "64",
+            "--samples",
+            "64",
+            "--plot",
+            "--out",
+            str(out),
+        ]
+    )
     b = json.loads((out / "bench.json").read_text())
     assert [row["nfe"] for row in b["rows"]] == [3, 4]
     for row in b["rows"]:
@@ -189,8 +301,25 @@ def test_bench_fits_every_nfe_and_plots(user_model, tmp_path, monkeypatch):
 
 def test_eval_plot_writes_pictures(tmp_path):
     out = tmp_path / "plots"
-    r = _run(["eval", "--model", "zoo:gmm2d", "--nfe", "3", "--nfe", "6", "--solver", "unipc@logsnr",
-              "--solver", "ddim@logsnr", "--samples", "64", "--plot", str(out)])
+    r = _run(
+        [
+            "eval",
+            "--model",
+            "zoo:gmm2d",
+            "--nfe",
+            "3",
+            "--nfe",
+            "6",
+            "--solver",
+            "unipc@logsnr",
+            "--solver",
+            "ddim@logsnr",
+            "--samples",
+            "64",
+            "--plot",
+            str(out),
+        ]
+    )
     assert "SWD" in r.stdout and "loglik" in r.stdout and "reference (floor)" in r.stdout
     for name in ("rmse_vs_nfe.png", "swd_vs_nfe.png", "loglik_vs_nfe.png", "samples_nfe6.png"):
         _png_size(out / name)
@@ -198,9 +327,34 @@ def test_eval_plot_writes_pictures(tmp_path):
 
 def test_guidance_table_over_scales(tmp_path, monkeypatch):
     monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
-    r = _run(["guidance", "--model", "zoo:gmm2d", "--fit-scale", "2", "--scale", "1.5", "--scale", "2",
-              "--scale", "4", "--nfe", "4", "--method", "s4s", "--steps", "40", "--fit-samples", "64",
-              "--samples", "64", "--out", str(tmp_path / "g"), "--json"])
+    r = _run(
+        [
+            "guidance",
+            "--model",
+            "zoo:gmm2d",
+            "--fit-scale",
+            "2",
+            "--scale",
+            "1.5",
+            "--scale",
+            "2",
+            "--scale",
+            "4",
+            "--nfe",
+            "4",
+            "--method",
+            "s4s",
+            "--steps",
+            "40",
+            "--fit-samples",
+            "64",
+            "--samples",
+            "64",
+            "--out",
+            str(tmp_path / "g"),
+            "--json",
+        ]
+    )
     rows = json.loads(r.stdout)
     assert [x["scale"] for x in rows] == [1.5, 2.0, 4.0]
     at_fit = rows[1]
@@ -209,9 +363,35 @@ def test_guidance_table_over_scales(tmp_path, monkeypatch):
         assert x["best_classic_rmse"] > 0 and x["learned_rmse"] > 0
     assert (tmp_path / "g" / "s4s-nfe4-w2").is_dir() and (tmp_path / "g" / "s4s-nfe4-w4").is_dir()
     # after an interruption, --reuse loads the finished fits instead of fitting again: same table
-    again = _run(["guidance", "--model", "zoo:gmm2d", "--fit-scale", "2", "--scale", "1.5", "--scale", "2",
-                  "--scale", "4", "--nfe", "4", "--method", "s4s", "--steps", "40", "--fit-samples", "64",
-                  "--samples", "64", "--out", str(tmp_path / "g"), "--json", "--reuse"])
+    again = _run(
+        [
+            "guidance",
+            "--model",
+            "zoo:gmm2d",
+            "--fit-scale",
+            "2",
+            "--scale",
+            "1.5",
+            "--scale",
+            "2",
+            "--scale",
+            "4",
+            "--nfe",
+            "4",
+            "--method",
+            "s4s",
+            "--steps",
+            "40",
+            "--fit-samples",
+            "64",
+            "--samples",
+            "64",
+            "--out",
+            str(tmp_path / "g"),
+            "--json",
+            "--reuse",
+        ]
+    )
     assert json.loads(again.stdout) == rows
     assert "reused s4s at guidance 2" in again.stderr and "fitted s4s" not in again.stderr
 

@@ -35,9 +35,10 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -47,15 +48,87 @@ TIMEOUT = 240  # seconds per subprocess: a hang fails the case instead of the se
 MODEL = "zoo:gmm"
 
 # the fit the shard, manifest and stale-temporary cases run again (its teacher data is in the shared cache)
-FIT = ["fit", "--model", MODEL, "--nfe", "4", "--samples", "64", "--val-samples", "32", "--confirm-samples", "0",
-       "--steps", "10", "--start", "unipc@logsnr", "--eval-samples", "0", "--json", "--out", "X"]
+FIT = [
+    "fit",
+    "--model",
+    MODEL,
+    "--nfe",
+    "4",
+    "--samples",
+    "64",
+    "--val-samples",
+    "32",
+    "--confirm-samples",
+    "0",
+    "--steps",
+    "10",
+    "--start",
+    "unipc@logsnr",
+    "--eval-samples",
+    "0",
+    "--json",
+    "--out",
+    "X",
+]
 # a fit long enough to be killed after its first checkpoint
-LONG_FIT = ["fit", "--model", MODEL, "--nfe", "4", "--samples", "64", "--val-samples", "32", "--confirm-samples", "0",
-            "--steps", "200", "--start", "unipc@logsnr", "--eval-samples", "0", "--json", "--out", "X"]
-BLOWUP = ["fit", "--model", MODEL, "--nfe", "4", "--samples", "256", "--steps", "50", "--eval-samples", "0",
-          "--lr-coef", "1000", "--lr-grid", "1000", "--out", "X"]
-BENCH = ["bench", "--model", MODEL, "--nfe", "3", "--method", "s4s", "--fit-samples", "64", "--samples", "16",
-         "--metrics", "none", "--out", "B"]
+LONG_FIT = [
+    "fit",
+    "--model",
+    MODEL,
+    "--nfe",
+    "4",
+    "--samples",
+    "64",
+    "--val-samples",
+    "32",
+    "--confirm-samples",
+    "0",
+    "--steps",
+    "200",
+    "--start",
+    "unipc@logsnr",
+    "--eval-samples",
+    "0",
+    "--json",
+    "--out",
+    "X",
+]
+BLOWUP = [
+    "fit",
+    "--model",
+    MODEL,
+    "--nfe",
+    "4",
+    "--samples",
+    "256",
+    "--steps",
+    "50",
+    "--eval-samples",
+    "0",
+    "--lr-coef",
+    "1000",
+    "--lr-grid",
+    "1000",
+    "--out",
+    "X",
+]
+BENCH = [
+    "bench",
+    "--model",
+    MODEL,
+    "--nfe",
+    "3",
+    "--method",
+    "s4s",
+    "--fit-samples",
+    "64",
+    "--samples",
+    "16",
+    "--metrics",
+    "none",
+    "--out",
+    "B",
+]
 CKPT = "fit-checkpoint.safetensors"
 ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 #: cases that cannot say anything here (not launched)
@@ -85,9 +158,11 @@ class Run:
     gone: set[str]  # paths that disappeared from them
 
     def __str__(self) -> str:
-        return (f"fewstep {' '.join(self.args)}\n  exit {self.code} after {self.seconds:.1f} s\n"
-                f"  new on disk: {sorted(self.new)}\n  gone: {sorted(self.gone)}\n"
-                f"  stdout: {self.stdout[-1500:]!r}\n  stderr: {self.stderr[-3000:]!r}")
+        return (
+            f"fewstep {' '.join(self.args)}\n  exit {self.code} after {self.seconds:.1f} s\n"
+            f"  new on disk: {sorted(self.new)}\n  gone: {sorted(self.gone)}\n"
+            f"  stdout: {self.stdout[-1500:]!r}\n  stderr: {self.stderr[-3000:]!r}"
+        )
 
     def lines(self) -> list[str]:
         """stderr's non-empty lines (a progress bar's carriage returns split it too)."""
@@ -113,21 +188,34 @@ class Space:
     def run(self, *args: str, preexec: Callable[[], None] | None = None) -> Run:
         before = self._snapshot()
         t0 = time.perf_counter()
-        p = subprocess.run([sys.executable, "-m", "fewstep", *args], cwd=self.work, env=self.env(),
-                           capture_output=True, text=True, timeout=TIMEOUT, preexec_fn=preexec)
+        p = subprocess.run(
+            [sys.executable, "-m", "fewstep", *args],
+            cwd=self.work,
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            preexec_fn=preexec,
+        )
         secs = time.perf_counter() - t0
         after = self._snapshot()
         return Run(list(args), p.returncode, p.stdout, p.stderr, secs, after - before, before - after)
 
     def popen(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "fewstep", *args], cwd=self.work, env=self.env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "fewstep", *args],
+            cwd=self.work,
+            env=self.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
 
 # ============================================================================ the cases and their scheduler
 @dataclass
 class Task:
-    fn: Callable[["Space", "Context"], Any]
+    fn: Callable[[Space, Context], Any]
     priority: int = 1  # higher starts first: long chains before single runs
     setup: bool = False  # needs the shared artifact and teacher cache
     after: str | None = None  # runs once this task has finished (it reads its result)
@@ -143,6 +231,7 @@ def task(name: str, priority: int = 1, setup: bool = False, after: str | None = 
         assert name not in TASKS, name
         TASKS[name] = Task(fn, priority, setup, after)
         return fn
+
     return register
 
 
@@ -182,8 +271,19 @@ def _setup(ctx: Context) -> None:
     try:
         model = load_model(MODEL)
         # unipc has a corrector, so the artifact holds every table (C included); FIT's teacher and seeds
-        fit(model, "s4s-alt", 4, out=d / "A", samples=64, val_samples=32, confirm_samples=0, steps=10,
-            start="unipc@logsnr", cache_dir=d / "cache", progress=False)
+        fit(
+            model,
+            "s4s-alt",
+            4,
+            out=d / "A",
+            samples=64,
+            val_samples=32,
+            confirm_samples=0,
+            steps=10,
+            start="unipc@logsnr",
+            cache_dir=d / "cache",
+            progress=False,
+        )
     finally:
         torch.set_num_threads(n)
     ctx.artifact, ctx.cache = d / "A", d / "cache"
@@ -272,6 +372,7 @@ def runs(request, tmp_path_factory) -> Callable[[str], Any]:
         if isinstance(r, Failed):
             raise r.exc
         return r
+
     return get
 
 
@@ -295,8 +396,11 @@ def refused(r: Run, code: int, *patterns: str) -> str:
 
 def no_problem_lines(r: Run) -> None:
     """No error, warning or traceback on stderr (progress bars are fine)."""
-    bad = [ln for ln in r.lines() if ln.lstrip().startswith(("error", "warning", "Traceback"))
-           or "Error" in ln or "Warning" in ln]
+    bad = [
+        ln
+        for ln in r.lines()
+        if ln.lstrip().startswith(("error", "warning", "Traceback")) or "Error" in ln or "Warning" in ln
+    ]
     assert not bad, f"unexpected lines {bad}\n{r}"
 
 
@@ -402,6 +506,7 @@ def _shard_case(edit: str) -> Callable:
         with safe_open(str(shard), "pt") as f:
             meta = f.metadata()
         return {"run": r, "shard": shard.name, "meta": meta, "cache": _listing(folder)}
+
     return run
 
 
@@ -443,8 +548,14 @@ def _manifest_case(edit: str) -> Callable:
         stale = folder / f".manifest.json.{_HOST}-{_dead_pid()}.x1y2z3.tmp"
         stale.write_text('{"half": ')
         r = sp.run(*FIT)
-        return {"run": r, "want": want, "have": [e["seeds"] for e in json.loads(man.read_text())["shards"]],
-                "stale": stale.exists(), "tmp": sorted(p for p in _listing(folder) if p.endswith(".tmp"))}
+        return {
+            "run": r,
+            "want": want,
+            "have": [e["seeds"] for e in json.loads(man.read_text())["shards"]],
+            "stale": stale.exists(),
+            "tmp": sorted(p for p in _listing(folder) if p.endswith(".tmp")),
+        }
+
     return run
 
 
@@ -481,14 +592,16 @@ def _killed(sp: Space, ctx: Context) -> dict[str, Any]:
         time.sleep(0.005)
     p.send_signal(signal.SIGKILL)
     out, err = p.communicate()
-    assert ck.is_file() and not (sp.work / "X" / "solver.json").exists(), \
+    assert ck.is_file() and not (sp.work / "X" / "solver.json").exists(), (
         f"the fit ended (exit {p.returncode}) before it could be killed after a checkpoint:\n{err[-2000:]}"
+    )
     assert p.returncode == -signal.SIGKILL
     return {"work": sp.work, "cache": sp.cache, "pid": p.pid}
 
 
-def _ck_rewrite(path: Path, change_tensors: Callable | None = None, change_doc: Callable | None = None,
-                rechecksum: bool = True) -> None:
+def _ck_rewrite(
+    path: Path, change_tensors: Callable | None = None, change_doc: Callable | None = None, rechecksum: bool = True
+) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -516,15 +629,21 @@ CKPT_EDITS: dict[str, Callable[[Path], None]] = {
     "history-removed": lambda p: _ck_rewrite(p, change_doc=lambda d: d.pop("history")),
     "optimiser-groups-broken": lambda p: _ck_rewrite(p, change_doc=lambda d: d["opt"].__setitem__("param_groups", "x")),
     "optimiser-extra-group": lambda p: _ck_rewrite(
-        p, change_doc=lambda d: d["opt"]["param_groups"].append(dict(d["opt"]["param_groups"][0]))),
+        p, change_doc=lambda d: d["opt"]["param_groups"].append(dict(d["opt"]["param_groups"][0]))
+    ),
     "optimiser-tensor-shape": lambda p: _ck_rewrite(
-        p, change_tensors=lambda t: t.__setitem__(_first(t, "opt.", "exp_avg"),
-                                                  t[_first(t, "opt.", "exp_avg")][..., :1])),
+        p,
+        change_tensors=lambda t: t.__setitem__(_first(t, "opt.", "exp_avg"), t[_first(t, "opt.", "exp_avg")][..., :1]),
+    ),
     "tensor-changed": lambda p: _ck_rewrite(
-        p, change_tensors=lambda t: t.__setitem__(_first(t, "cur."), t[_first(t, "cur.")] + 1), rechecksum=False),
+        p, change_tensors=lambda t: t.__setitem__(_first(t, "cur."), t[_first(t, "cur.")] + 1), rechecksum=False
+    ),
     "nan-parameters": lambda p: _ck_rewrite(
-        p, change_tensors=lambda t: [v.fill_(float("nan")) for k, v in t.items()
-                                     if k.startswith("cur.") and v.is_floating_point()]),
+        p,
+        change_tensors=lambda t: [
+            v.fill_(float("nan")) for k, v in t.items() if k.startswith("cur.") and v.is_floating_point()
+        ],
+    ),
 }
 CKPT_DEFAULT = ["history-removed", "optimiser-tensor-shape", "tensor-changed"]  # the first also runs --restart
 CKPT_BUGS: dict[str, str] = {}  # none open: the bugs these cases found are fixed
@@ -540,6 +659,7 @@ def _ckpt_case(edit: str) -> Callable:
         # the fix the line names (by default once: every restart is a whole fit)
         restart = sp.run(*LONG_FIT, "--restart") if ALL or edit == CKPT_DEFAULT[0] else None
         return {"rerun": rerun, "restart": restart, "left": _listing(sp.work / "X")}
+
     return run
 
 
@@ -571,20 +691,25 @@ def _setter(path: list, value: Any) -> Callable[[dict], None]:
             del node[path[-1]]
         else:
             node[path[-1]] = value
+
     return change
 
 
 ARTIFACT_EDITS: dict[str, tuple[Callable[[dict], None], list[str]]] = {
-    "eval-time-7": (_setter(["tableau", "eval_times", 1], 7.0),
-                    [r"tableau\.eval_times must lie in \[0, 1\]", r"\b7\b"]),
+    "eval-time-7": (
+        _setter(["tableau", "eval_times", 1], 7.0),
+        [r"tableau\.eval_times must lie in \[0, 1\]", r"\b7\b"],
+    ),
     "nan-a": (_setter(["tableau", "a", 0], float("nan")), [r"tableau\.a holds NaN"]),
     "inf-a": (_setter(["tableau", "a", 2], float("inf")), [r"tableau\.a holds NaN or inf"]),
     "inf-C": (_setter(["tableau", "C", 0, 0], float("inf")), [r"tableau\.C holds NaN or inf"]),
     "nan-eval-time": (_setter(["tableau", "eval_times", 0], float("nan")), [r"tableau\.eval_times holds NaN"]),
     "a-1e200": (_setter(["tableau", "a", 1], 1e200), [r"tableau\.a holds 1e\+200"]),
     "B-1e300": (_setter(["tableau", "B", 1, 0], 1e300), [r"tableau\.B holds 1e\+300"]),
-    "B_mask-shape": (_setter(["tableau", "B_mask"], [[1, 0], [1, 1]]),
-                     [r"tableau\.B_mask must be a 0/1 list of shape"]),
+    "B_mask-shape": (
+        _setter(["tableau", "B_mask"], [[1, 0], [1, 1]]),
+        [r"tableau\.B_mask must be a 0/1 list of shape"],
+    ),
     "fingerprint-missing": (_setter(["model", "fingerprint"], KeyError), [r"model\.fingerprint must be 16 hex digits"]),
     "model-string": (_setter(["model"], "gmm"), [r"field model must be an object"]),
     "nfe-abc": (_setter(["nfe"], "abc"), [r"field nfe must be an integer"]),
@@ -596,12 +721,24 @@ ARTIFACT_EDITS: dict[str, tuple[Callable[[dict], None], list[str]]] = {
 
 
 def _reader(command: str, d: Path) -> list[str]:
-    return {"show": ["show", str(d)],
-            "eval": ["eval", "--model", MODEL, "--solver", str(d), "--samples", "8"],
-            "sample": ["sample", "--model", MODEL, "--solver", str(d), "--n", "2", "--out", "s.safetensors"],
-            "eval-force": ["eval", "--model", MODEL, "--solver", str(d), "--samples", "8", "--force"],
-            "sample-force": ["sample", "--model", MODEL, "--solver", str(d), "--n", "2", "--out", "s.safetensors",
-                             "--force"]}[command]
+    return {
+        "show": ["show", str(d)],
+        "eval": ["eval", "--model", MODEL, "--solver", str(d), "--samples", "8"],
+        "sample": ["sample", "--model", MODEL, "--solver", str(d), "--n", "2", "--out", "s.safetensors"],
+        "eval-force": ["eval", "--model", MODEL, "--solver", str(d), "--samples", "8", "--force"],
+        "sample-force": [
+            "sample",
+            "--model",
+            MODEL,
+            "--solver",
+            str(d),
+            "--n",
+            "2",
+            "--out",
+            "s.safetensors",
+            "--force",
+        ],
+    }[command]
 
 
 def _artifact_case(edit: str, command: str) -> Callable:
@@ -612,13 +749,20 @@ def _artifact_case(edit: str, command: str) -> Callable:
         ARTIFACT_EDITS[edit][0](doc)
         (d / "solver.json").write_text(json.dumps(doc))  # NaN / Infinity as Python's json writes them
         return sp.run(*_reader(command, d))
+
     return run
 
 
 READERS = ["show", "eval", "sample"]
 # by default: one damage of each kind, each through one reader (in turn), and the missing fingerprint with --force
-ARTIFACT_DEFAULT = ["eval-time-7/show", "nan-a/eval", "B-1e300/sample", "schedule-extra-key/show",
-                    "params-dotdot/eval", "fingerprint-missing/sample-force"]
+ARTIFACT_DEFAULT = [
+    "eval-time-7/show",
+    "nan-a/eval",
+    "B-1e300/sample",
+    "schedule-extra-key/show",
+    "params-dotdot/eval",
+    "fingerprint-missing/sample-force",
+]
 ARTIFACT_CASES = []
 for _e in ARTIFACT_EDITS:
     for _c in READERS + (["eval-force", "sample-force"] if _e == "fingerprint-missing" else []):
@@ -637,10 +781,14 @@ FIT_ARGS = ["fit", "--model", MODEL, "--out", "X"]
 OPTIONS: dict[str, tuple[list[str], list[str]]] = {
     # name: (arguments, what the line must say: the option and the valid range)
     "eval-samples-0": (["eval", "--model", MODEL, "--samples", "0"], ["--samples", r"(>=|greater than or equal to) 1"]),
-    "eval-samples-neg": (["eval", "--model", MODEL, "--samples", "-3"],
-                         ["--samples", r"(>=|greater than or equal to) 1"]),
-    "sample-n-0": (["sample", "--model", MODEL, "--n", "0", "--out", "s.safetensors"],
-                   ["--n", r"(>=|greater than or equal to) 1"]),
+    "eval-samples-neg": (
+        ["eval", "--model", MODEL, "--samples", "-3"],
+        ["--samples", r"(>=|greater than or equal to) 1"],
+    ),
+    "sample-n-0": (
+        ["sample", "--model", MODEL, "--n", "0", "--out", "s.safetensors"],
+        ["--n", r"(>=|greater than or equal to) 1"],
+    ),
     "fit-batch-0": (FIT_ARGS + ["--batch", "0"], ["--batch", r"(>=|greater than or equal to) 1"]),
     "fit-batch-neg": (FIT_ARGS + ["--batch", "-1"], ["--batch", r"(>=|greater than or equal to) 1"]),
     "fit-steps-0": (FIT_ARGS + ["--steps", "0"], ["--steps", r"(>=|greater than or equal to) 1"]),
@@ -675,6 +823,7 @@ def test_a_numeric_option_out_of_range_is_refused_naming_it_and_the_range(runs, 
 def _fsize(limit: int = 20000) -> Callable[[], None]:
     def lim() -> None:  # Python ignores SIGXFSZ: a write past the limit fails with OSError "File too large"
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return lim
 
 
@@ -739,8 +888,13 @@ PATH_EXPECT: dict[str, list[str]] = {
     "path/sample-out-read-only": [r"ro/s\.safetensors", "permission denied"],
     "path/sample-write-fails-midway": [r"big\.safetensors", "File too large"],
 }
-PATH_DEFAULT = ["path/fit-out-a-file", "path/fit-out-under-a-file", "path/sample-out-a-folder",
-                "path/sample-out-read-only", "path/sample-write-fails-midway"]
+PATH_DEFAULT = [
+    "path/fit-out-a-file",
+    "path/fit-out-under-a-file",
+    "path/sample-out-a-folder",
+    "path/sample-out-read-only",
+    "path/sample-write-fails-midway",
+]
 PATH_BUGS: dict[str, str] = {}  # none open: the bugs these cases found are fixed
 PATH_CASES = [n for n in PATH_EXPECT if ALL or n in PATH_DEFAULT]
 
@@ -775,8 +929,9 @@ def test_eval_with_no_solver_that_can_run_exits_1_before_any_reference_solve(run
 # ============================================================================ 9. sample --nfe and a learned solver
 @task("learned-nfe/wrong-nfe", priority=2, setup=True)
 def _wrong_nfe(sp: Space, ctx: Context) -> Run:
-    return sp.run("sample", "--model", MODEL, "--solver", str(ctx.artifact), "--nfe", "9", "--n", "2",
-                  "--out", "s.safetensors")
+    return sp.run(
+        "sample", "--model", MODEL, "--solver", str(ctx.artifact), "--nfe", "9", "--n", "2", "--out", "s.safetensors"
+    )
 
 
 @task("learned-nfe/its-own-nfe", priority=2, setup=True)
@@ -836,12 +991,16 @@ def test_bench_reuse_refits_a_fit_with_other_settings_and_reuses_a_matching_one(
 def _image_samples(sp: Space, ctx: Context) -> dict[str, Any]:
     def umask() -> None:
         os.umask(0o027)
+
     r = sp.run("sample", "--model", "zoo:digits-empirical", "--n", "4", "--out", "img.safetensors", preexec=umask)
     return {"run": r, "modes": {p.name: stat.S_IMODE(p.stat().st_mode) for p in sp.work.iterdir()}}
 
 
-EXTRA_NEEDS["test_files_written_by_the_cli_have_the_usual_mode"] = ["blowup/again-and-restart", "bench/reuse",
-                                                                     "modes/image-samples"]
+EXTRA_NEEDS["test_files_written_by_the_cli_have_the_usual_mode"] = [
+    "blowup/again-and-restart",
+    "bench/reuse",
+    "modes/image-samples",
+]
 
 
 def _umask() -> int:
@@ -865,10 +1024,14 @@ def test_files_written_by_the_cli_have_the_usual_mode(runs):
 # ============================================================================ 12. a user factory that fails
 FACTORIES = {
     "syntax-error": ("def make(:\n    pass\n", [r"broken\.py", "SyntaxError", "line 1"]),
-    "import-error": ("from os import does_not_exist_anywhere\n\ndef make():\n    pass\n",
-                     [r"broken\.py", "ImportError", "does_not_exist_anywhere"]),
-    "raises": ("def make():\n    raise RuntimeError('boom in the factory')\n",
-               [r"broken\.py", "RuntimeError", "boom in the factory"]),
+    "import-error": (
+        "from os import does_not_exist_anywhere\n\ndef make():\n    pass\n",
+        [r"broken\.py", "ImportError", "does_not_exist_anywhere"],
+    ),
+    "raises": (
+        "def make():\n    raise RuntimeError('boom in the factory')\n",
+        [r"broken\.py", "RuntimeError", "boom in the factory"],
+    ),
 }
 
 
@@ -877,6 +1040,7 @@ def _factory_case(kind: str, debug: bool) -> Callable:
         f = sp.inp / "broken.py"
         f.write_text(FACTORIES[kind][0])
         return sp.run(*(["--debug"] if debug else []), "eval", "--model", f"{f}:make", "--samples", "4")
+
     return run
 
 

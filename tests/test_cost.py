@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 import torch
 
 import fewstep
@@ -15,7 +14,6 @@ from fewstep.errors import FewstepError
 from fewstep.fit.api import fit, fit_plan
 from fewstep.fit.budget import Sizes, plan_for, predicted
 from fewstep.fit.config import METHOD_SIZES
-
 from gauss import GaussNet, make_gauss
 
 F64 = torch.float64
@@ -47,8 +45,22 @@ def counting_model(guided: bool = False) -> fewstep.Denoiser:
 @pytest.mark.parametrize("guided", [False, True])
 def test_a_fits_evaluations_are_counted_exactly(tmp_path, guided):
     m = counting_model(guided)
-    res = fit(m, "s4s", 4, teacher=SPEC, samples=48, val_samples=24, confirm_samples=24, steps=12, batch=16,
-              eval_every=6, progress=False, cache_dir=tmp_path, start="unipc@logsnr", screen_seeds=1)
+    res = fit(
+        m,
+        "s4s",
+        4,
+        teacher=SPEC,
+        samples=48,
+        val_samples=24,
+        confirm_samples=24,
+        steps=12,
+        batch=16,
+        eval_every=6,
+        progress=False,
+        cache_dir=tmp_path,
+        start="unipc@logsnr",
+        screen_seeds=1,
+    )
     c, net = res.doc["cost"], m.net
     rows = 2 if guided else 1
     # everything the network saw, teacher included (computed in this run: a fresh cache)
@@ -61,8 +73,22 @@ def test_a_fits_evaluations_are_counted_exactly(tmp_path, guided):
     assert c["peak_memory_mib"] > 0 and c["memory"] == "process peak RSS" and c["wall_s"] > 0
     # the teacher's shards remember what they cost: a second fit on the cached teacher counts it, computes nothing
     before = net.forward_rows
-    again = fit(m, "s4s", 4, teacher=SPEC, samples=48, val_samples=24, confirm_samples=24, steps=12, batch=16,
-                eval_every=6, progress=False, cache_dir=tmp_path, start="unipc@logsnr", screen_seeds=1)
+    again = fit(
+        m,
+        "s4s",
+        4,
+        teacher=SPEC,
+        samples=48,
+        val_samples=24,
+        confirm_samples=24,
+        steps=12,
+        batch=16,
+        eval_every=6,
+        progress=False,
+        cache_dir=tmp_path,
+        start="unipc@logsnr",
+        screen_seeds=1,
+    )
     assert again.doc["cost"]["teacher"]["computed_now"] == 0
     assert again.doc["cost"]["teacher"]["forward_evals"] == c["teacher"]["forward_evals"]
     assert net.forward_rows - before == rows * again.doc["cost"]["fit"]["forward_evals"]
@@ -113,7 +139,7 @@ def test_the_budget_plan_predicts_its_parts():
 
 def test_micro_batches_give_the_full_batchs_gradient(tmp_path):
     from fewstep.fit.config import FitConfig
-    from fewstep.fit.loop import Relax, _accumulate, per_sample_loss
+    from fewstep.fit.loop import _accumulate, per_sample_loss
     from fewstep.fit.methods import from_classic
     from fewstep.fit.teacher import generate_teacher
     from fewstep.sampling import build_tableau
@@ -125,15 +151,26 @@ def test_micro_batches_give_the_full_batchs_gradient(tmp_path):
     for method, dss in (("s4s-alt", None), ("dss", (1.0, 1000.0))):
         grads = []
         for mb in (None, 5, 1):
-            s = from_classic(m, build_tableau(m, "ddim@logsnr", 4), method, rows_sum_to_one=method == "dss",
-                             decouple=0.1 if method == "s4s-alt" else 0.0)
+            s = from_classic(
+                m,
+                build_tableau(m, "ddim@logsnr", 4),
+                method,
+                rows_sum_to_one=method == "dss",
+                decouple=0.1 if method == "s4s-alt" else 0.0,
+            )
             off = torch.full((16, 6), 0.01, dtype=torch.float32).requires_grad_(True)
             for p in s.parameters():
                 p.requires_grad_(True)
-            L = _accumulate(m, s, data, idx, off, 1.0, per_sample_loss("l2"), dss,
-                            FitConfig(method=method, nfe=4, micro_batch=mb))
-            grads.append(([torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in s.parameters()],
-                          off.grad.clone(), float(L)))
+            L = _accumulate(
+                m, s, data, idx, off, 1.0, per_sample_loss("l2"), dss, FitConfig(method=method, nfe=4, micro_batch=mb)
+            )
+            grads.append(
+                (
+                    [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in s.parameters()],
+                    off.grad.clone(),
+                    float(L),
+                )
+            )
         for g, off_g, loss in grads[1:]:  # the same to float32 rounding (the solver state is float32)
             assert loss == pytest.approx(grads[0][2], rel=1e-6)
             for a, b in zip(g, grads[0][0]):
@@ -161,8 +198,20 @@ def test_half_precision_keeps_the_solver_in_float32(tmp_path, dtype):
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     assert x.dtype == torch.float32 and set(states) == {torch.float32}
     assert {d for d, _ in seen} == {half}
-    res = fit(m, "s4s", 4, teacher=SPEC, samples=32, val_samples=16, confirm_samples=0, steps=6, eval_every=3,
-              progress=False, cache_dir=tmp_path, start="unipc@logsnr")
+    res = fit(
+        m,
+        "s4s",
+        4,
+        teacher=SPEC,
+        samples=32,
+        val_samples=16,
+        confirm_samples=0,
+        steps=6,
+        eval_every=3,
+        progress=False,
+        cache_dir=tmp_path,
+        start="unipc@logsnr",
+    )
     assert res.doc["model"]["dtype"] == {"bf16": "bfloat16", "fp16": "float16"}[dtype]
     assert all(p.dtype == F64 for p in res.outcome.solver.parameters())
     doc = json.loads(json.dumps(res.doc))
@@ -183,6 +232,19 @@ def test_a_micro_batch_bounds_every_network_call_of_a_fit(tmp_path):
     # teacher, classic ranking, screening, training, validation and confirmation: none calls the network on
     # more noises at once than the micro-batch (memory bounded by it, whatever the batch and the noise counts)
     m = counting_model()
-    res = fit(m, "s4s-alt", 4, teacher=SPEC, samples=48, val_samples=40, confirm_samples=40, steps=12, batch=16,
-              eval_every=6, progress=False, cache_dir=tmp_path, micro_batch=4)
+    res = fit(
+        m,
+        "s4s-alt",
+        4,
+        teacher=SPEC,
+        samples=48,
+        val_samples=40,
+        confirm_samples=40,
+        steps=12,
+        batch=16,
+        eval_every=6,
+        progress=False,
+        cache_dir=tmp_path,
+        micro_batch=4,
+    )
     assert m.net.largest == 4 and res.doc["fit"]["micro_batch"] == 4

@@ -27,8 +27,8 @@ from fewstep.specs import load_model
 
 diffusers = pytest.importorskip("diffusers")
 from fewstep.integrations.diffusers_in import from_diffusers, shifted_grid  # noqa: E402
-from fewstep.integrations.load import load_diffusers  # noqa: E402
 from fewstep.integrations.diffusers_scheduler import FewStepScheduler  # noqa: E402
+from fewstep.integrations.load import load_diffusers  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 TOL = 1e-5
@@ -49,24 +49,46 @@ def teardown_module() -> None:
 # ----------------------------------------------------------------------------- tiny models
 def _unet(seed: int = 0, **kw) -> torch.nn.Module:
     torch.manual_seed(seed)
-    cfg = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-               down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-               norm_num_groups=4)
+    cfg = dict(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
     return diffusers.UNet2DModel(**{**cfg, **kw})
 
 
 def _dit(seed: int = 1) -> torch.nn.Module:
     torch.manual_seed(seed)  # 1000 classes: DiTPipeline hard-codes the null class 1000
-    return diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
-                                           out_channels=8, num_layers=1, sample_size=8, patch_size=2,
-                                           num_embeds_ada_norm=1000)
+    return diffusers.DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+    )
 
 
 def _vae(seed: int = 2) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                                   up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=4,
-                                   norm_num_groups=4, layers_per_block=1, sample_size=8)
+    return diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(8,),
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=8,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +134,9 @@ def run_pipeline(pipe, **kwargs) -> tuple[torch.Tensor, list]:
 # ----------------------------------------------------------------------------- D parity
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
 def test_D_equals_ddpm_pred_original_sample(unet, prediction):
-    sched = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                    prediction_type=prediction, clip_sample=False)
+    sched = diffusers.DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction, clip_sample=False
+    )
     den = from_diffusers(unet, sched)
     assert den.prediction == {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}[prediction]
     assert den.schedule.config()["beta_schedule"] == "scaled_linear"
@@ -156,12 +179,25 @@ def test_flow_D_and_euler_parity(unet):
 def test_text_conditioned_guidance_is_one_call():
     torch.manual_seed(3)
     unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, norm_num_groups=4, attention_head_dim=4)
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        norm_num_groups=4,
+        attention_head_dim=4,
+    )
     ehs, u_ehs = torch.randn(1, 5, 16), torch.randn(1, 5, 16)
-    den = from_diffusers(unet, diffusers.DDIMScheduler(), guidance_scale=5.0, encoder_hidden_states=ehs,
-                         uncond_encoder_hidden_states=u_ehs)
+    den = from_diffusers(
+        unet,
+        diffusers.DDIMScheduler(),
+        guidance_scale=5.0,
+        encoder_hidden_states=ehs,
+        uncond_encoder_hidden_states=u_ehs,
+    )
     x, k = noise_of((3, 4, 8, 8), 7), 700
     with torch.no_grad():
         D = den(x, float(den.schedule.t_of_index(k)))
@@ -172,8 +208,13 @@ def test_text_conditioned_guidance_is_one_call():
     ac = den.schedule.alphas_cumprod[k]
     ref = (x - (1 - ac).sqrt().float() * eps) / ac.sqrt().float()
     assert rel_err(D, ref) < 2e-6
-    other = from_diffusers(unet, diffusers.DDIMScheduler(), guidance_scale=5.0, encoder_hidden_states=u_ehs,
-                           uncond_encoder_hidden_states=u_ehs)
+    other = from_diffusers(
+        unet,
+        diffusers.DDIMScheduler(),
+        guidance_scale=5.0,
+        encoder_hidden_states=u_ehs,
+        uncond_encoder_hidden_states=u_ehs,
+    )
     assert other.fingerprint() != den.fingerprint()  # the conditioning is part of the identity
 
 
@@ -219,8 +260,9 @@ def test_ddpm_pipeline_learned_solver(unet, tmp_path):
         ref = fewstep.sample(den, noise_of((2, 3, 8, 8), 12), loaded)
     assert rel_err(latents, ref) < TOL
     with pytest.raises(ArtifactError, match="fingerprint"):  # another model's weights
-        FewStepScheduler.from_solver(loaded, from_diffusers(_unet(seed=9), diffusers.DDPMScheduler(
-            prediction_type="v_prediction")))
+        FewStepScheduler.from_solver(
+            loaded, from_diffusers(_unet(seed=9), diffusers.DDPMScheduler(prediction_type="v_prediction"))
+        )
     with pytest.warns(UserWarning, match="only be checked against the schedule"):  # no network to check
         FewStepScheduler.from_solver(loaded, diffusers.DDPMScheduler(prediction_type="v_prediction").config)
 
@@ -228,14 +270,16 @@ def test_ddpm_pipeline_learned_solver(unet, tmp_path):
 def test_dit_pipeline_guided(dit):
     den = from_diffusers(dit, diffusers.DDIMScheduler(), guidance_scale=4.0)
     assert den.identity["null_class"] == 1000 and den.identity["learned_sigma"]
-    pipe = diffusers.DiTPipeline(transformer=dit, vae=_vae(), scheduler=FewStepScheduler.from_solver(
-        "dpmpp_3m@logsnr", den, nfe=6))
+    pipe = diffusers.DiTPipeline(
+        transformer=dit, vae=_vae(), scheduler=FewStepScheduler.from_solver("dpmpp_3m@logsnr", den, nfe=6)
+    )
     latents, stepped, _ = run_pipeline(pipe, class_labels=[3, 7], guidance_scale=4.0, seed=13, output_type="pt")
     assert len(stepped) == 6 and latents.shape == (4, 4, 8, 8)  # the pipeline steps cond and uncond copies
     den.nfe = 0
     with torch.no_grad():
-        ref = fewstep.sample(den, noise_of((2, 4, 8, 8), 13), "dpmpp_3m@logsnr", nfe=6,
-                             cond={"class_labels": torch.tensor([3, 7])})
+        ref = fewstep.sample(
+            den, noise_of((2, 4, 8, 8), 13), "dpmpp_3m@logsnr", nfe=6, cond={"class_labels": torch.tensor([3, 7])}
+        )
     assert den.nfe == 6  # one guided call per evaluation
     assert rel_err(latents[:2], ref) < TOL and rel_err(latents[2:], ref) < TOL
     with pytest.raises(FewstepError, match="class_labels"):
@@ -252,8 +296,9 @@ def test_flow_model_in_pipeline(unet):
     noise = noise_of((2, 3, 8, 8), 14)
     for solver in ("euler", "adams2"):
         sched = FewStepScheduler.from_solver(solver, config, nfe=6, grid=shifted_grid(den, 6))
-        latents, _, _ = run_pipeline(diffusers.DDPMPipeline(unet=unet, scheduler=sched), batch_size=2, seed=14,
-                                     output_type="pt")
+        latents, _, _ = run_pipeline(
+            diffusers.DDPMPipeline(unet=unet, scheduler=sched), batch_size=2, seed=14, output_type="pt"
+        )
         with torch.no_grad():
             ref = fewstep.sample(den, noise, solver, nfe=6, grid=shifted_grid(den, 6))
         assert rel_err(latents, ref) < TOL
@@ -266,15 +311,19 @@ def test_flow_model_in_pipeline(unet):
 def test_scheduler_save_load_round_trip(unet, tmp_path):
     den = from_diffusers(unet, diffusers.DDPMScheduler(prediction_type="v_prediction"))
     grid = [1.0, 0.7, 0.45, 0.2, 0.05, 0.0]
-    for tag, sched in (("learned", FewStepScheduler.from_solver(_learned_solver(den, tmp_path), den)),
-                       ("classic", FewStepScheduler.from_solver("unipc3", den, nfe=5, grid=grid, order=3))):
+    for tag, sched in (
+        ("learned", FewStepScheduler.from_solver(_learned_solver(den, tmp_path), den)),
+        ("classic", FewStepScheduler.from_solver("unipc3", den, nfe=5, grid=grid, order=3)),
+    ):
         sched.save_pretrained(tmp_path / tag)
         again = FewStepScheduler.from_pretrained(tmp_path / tag)
         drop = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
         assert drop(again.config) == drop(sched.config)
         assert torch.equal(again.timesteps, sched.timesteps)
-        outs = [run_pipeline(diffusers.DDPMPipeline(unet=unet, scheduler=s), batch_size=2, seed=15,
-                             output_type="pt")[0] for s in (sched, again)]
+        outs = [
+            run_pipeline(diffusers.DDPMPipeline(unet=unet, scheduler=s), batch_size=2, seed=15, output_type="pt")[0]
+            for s in (sched, again)
+        ]
         assert torch.equal(outs[0], outs[1])
     assert json.loads((tmp_path / "classic" / "scheduler_config.json").read_text())["grid"] == grid
     # a whole pipeline saved with FewStepScheduler loads back in diffusers, and as a fewstep model
@@ -320,15 +369,16 @@ def test_load_diffusers_round_trip(dit, tmp_path):
     assert load_model(f"diffusers:{folder}").fingerprint() == den.fingerprint()
     ref = from_diffusers(dit, diffusers.DDIMScheduler(), guidance_scale=2.0)
     labels = den.cond_for(range(20, 26))["class_labels"]
-    assert labels.dtype == torch.long and 0 <= int(labels.min()) and int(labels.max()) < 10
+    assert labels.dtype == torch.long and int(labels.min()) >= 0 and int(labels.max()) < 10
     assert len(set(labels.tolist())) > 1
     assert torch.equal(labels, torch.cat([den.cond_for([s])["class_labels"] for s in range(20, 26)]))
     x = noise_of((6, 4, 8, 8), 16)
     with torch.no_grad():
         # the folder's network and the in-memory one: equal weights in two memory layouts, so agreement to
         # float32 rounding (which matmul kernel runs depends on the CPU)
-        torch.testing.assert_close(den(x, 0.5, class_labels=labels), ref(x, 0.5, class_labels=labels),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            den(x, 0.5, class_labels=labels), ref(x, 0.5, class_labels=labels), rtol=1e-5, atol=1e-6
+        )
         out = fewstep.sample(den, den.noise(range(20, 26)), "unipc", nfe=4, cond=den.cond_for(range(20, 26)))
     assert out.shape == (6, 4, 8, 8) and torch.isfinite(out).all()
     # the scale is not part of the model: a solver fitted at 2 may be tried at 3 (its artifact records 2)
@@ -351,16 +401,59 @@ def test_cli_fits_and_evaluates_a_diffusers_folder(dit, tmp_path, monkeypatch):
     diffusers.DiTPipeline(transformer=dit, vae=_vae(), scheduler=diffusers.DDIMScheduler()).save_pretrained(folder)
     (folder / "fewstep.json").write_text(json.dumps({"num_classes": 10, "guidance_scale": 2.0}))
     art = tmp_path / "solver"
-    r = CliRunner().invoke(app, ["fit", "--model", f"diffusers:{folder}", "--method", "s4s", "--nfe", "3",
-                                 "--out", str(art), "--samples", "24", "--val-samples", "12", "--confirm-samples",
-                                 "12", "--steps", "6", "--batch", "8", "--teacher", "dpmpp_2m@logsnr:12",
-                                 "--eval-samples", "0", "--json"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "fit",
+            "--model",
+            f"diffusers:{folder}",
+            "--method",
+            "s4s",
+            "--nfe",
+            "3",
+            "--out",
+            str(art),
+            "--samples",
+            "24",
+            "--val-samples",
+            "12",
+            "--confirm-samples",
+            "12",
+            "--steps",
+            "6",
+            "--batch",
+            "8",
+            "--teacher",
+            "dpmpp_2m@logsnr:12",
+            "--eval-samples",
+            "0",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, (r.output, r.exception)
     doc = json.loads((art / "solver.json").read_text())
     assert doc["model"]["fingerprint"] == load_diffusers(folder).fingerprint() and doc["model"]["guidance_scale"] == 2.0
-    r = CliRunner().invoke(app, ["eval", "--model", f"diffusers:{folder}", "--solver", str(art), "--solver",
-                                 "ddim@time", "--nfe", "3", "--samples", "6", "--reference-nfe", "10",
-                                 "--metrics", "none", "--json"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            f"diffusers:{folder}",
+            "--solver",
+            str(art),
+            "--solver",
+            "ddim@time",
+            "--nfe",
+            "3",
+            "--samples",
+            "6",
+            "--reference-nfe",
+            "10",
+            "--metrics",
+            "none",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, (r.output, r.exception)
     rows = json.loads(r.stdout)["results"]
     assert {x["grid"] for x in rows} == {"time", "learned"} and all(x["rmse"] > 0 for x in rows)
@@ -387,16 +480,23 @@ def test_load_diffusers_errors(tmp_path):
         load_diffusers(tmp_path / "nosched", sample_shape=(4, 8, 8))
 
 
-@pytest.mark.parametrize("config,match", [
-    (dict(thresholding=True), "thresholding"),
-    (dict(rescale_betas_zero_snr=True), "zero"),
-    (dict(beta_schedule="sigmoid"), "beta schedule"),
-    (dict(prediction_type="score"), "prediction_type"),
-])
+@pytest.mark.parametrize(
+    "config,match",
+    [
+        (dict(thresholding=True), "thresholding"),
+        (dict(rescale_betas_zero_snr=True), "zero"),
+        (dict(beta_schedule="sigmoid"), "beta schedule"),
+        (dict(prediction_type="score"), "prediction_type"),
+    ],
+)
 def test_unsupported_configs(unet, config, match):
     with pytest.raises(FewstepError, match=match):
-        from_diffusers(unet, diffusers.DDPMScheduler(**config).config if "prediction_type" not in config
-                       else {**diffusers.DDPMScheduler().config, **config})
+        from_diffusers(
+            unet,
+            diffusers.DDPMScheduler(**config).config
+            if "prediction_type" not in config
+            else {**diffusers.DDPMScheduler().config, **config},
+        )
 
 
 def test_model_errors(unet):

@@ -45,15 +45,34 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 TIMEOUT = 120  # seconds per subprocess
 RTOL = 1e-4
 ALL = os.environ.get("FEWSTEP_DIST_ALL", "") == "1"
-FIT = ["fit", "--model", "zoo:gmm", "--nfe", "4", "--samples", "64", "--val-samples", "32", "--confirm-samples", "32",
-       "--steps", "100", "--start", "unipc@logsnr", "--json"]
+FIT = [
+    "fit",
+    "--model",
+    "zoo:gmm",
+    "--nfe",
+    "4",
+    "--samples",
+    "64",
+    "--val-samples",
+    "32",
+    "--confirm-samples",
+    "32",
+    "--steps",
+    "100",
+    "--start",
+    "unipc@logsnr",
+    "--json",
+]
 CKPT = "fit-checkpoint.safetensors"
 
 
 def _env(cache: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("FEWSTEP_DEBUG", "PYTHONWARNINGS", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                        "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in ("FEWSTEP_DEBUG", "PYTHONWARNINGS", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(FEWSTEP_CACHE=str(cache), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **extra)
     return env
 
@@ -90,8 +109,12 @@ def runs(tmp_path_factory):
         pytest.skip(f"no torchrun beside {sys.executable}")
     root = tmp_path_factory.mktemp("dist")
     out: dict[object, object] = {"root": root}
-    for k, name, extra in [(1, "k1", []), (1, "g2", ["--noise-groups", "2"]), (2, "k2", []),
-                           *([(3, "k3", [])] if ALL else [])]:
+    for k, name, extra in [
+        (1, "k1", []),
+        (1, "g2", ["--noise-groups", "2"]),
+        (2, "k2", []),
+        *([(3, "k3", [])] if ALL else []),
+    ]:
         p = _run(k, [*FIT, *extra, "--eval-samples", "64", "--out", str(root / name)], root / f"cache-{name}")
         out[name] = json.loads(p.stdout)
     return out
@@ -127,8 +150,9 @@ def _same_artifact(a: Path, b: Path, exact: bool = False) -> None:
     da, db = (json.loads((p / "solver.json").read_text()) for p in (a, b))
     for key in ("method", "nfe", "schedule", "model", "start", "teacher"):
         assert da[key] == db[key], key
-    assert {k: v for k, v in da["fit"].items() if k != "noise_groups"} == \
-        {k: v for k, v in db["fit"].items() if k != "noise_groups"}
+    assert {k: v for k, v in da["fit"].items() if k != "noise_groups"} == {
+        k: v for k, v in db["fit"].items() if k != "noise_groups"
+    }
     if exact:
         for key in ("grid", "eval_times", "tableau", "validation", "history"):
             assert da[key] == db[key], key
@@ -146,8 +170,9 @@ def _same_artifact(a: Path, b: Path, exact: bool = False) -> None:
 
 
 def _same_table(a: dict, b: dict, learned_exact: bool = False) -> None:
-    assert {k: v for k, v in a.items() if k not in ("results", "artifact")} == \
-        {k: v for k, v in b.items() if k not in ("results", "artifact")}
+    assert {k: v for k, v in a.items() if k not in ("results", "artifact")} == {
+        k: v for k, v in b.items() if k not in ("results", "artifact")
+    }
     ra, rb = a["results"], b["results"]
     assert [(r["solver"], r["grid"], r["nfe"]) for r in ra] == [(r["solver"], r["grid"], r["nfe"]) for r in rb]
     for x, y in zip(ra, rb):
@@ -166,8 +191,9 @@ def test_teacher_shards_are_bit_identical_to_one_process(runs):
         assert one[name].keys() == two[name].keys()
         for key in one[name]:
             assert torch.equal(one[name][key], two[name][key]), f"{name}: {key}"
-    man1, man2 = (json.loads(next((root / c).glob("teacher/*/manifest.json")).read_text())
-                  for c in ("cache-k1", "cache-k2"))
+    man1, man2 = (
+        json.loads(next((root / c).glob("teacher/*/manifest.json")).read_text()) for c in ("cache-k1", "cache-k2")
+    )
     assert man1 == man2  # rank 0 listed every shard the two processes wrote
 
 
@@ -207,8 +233,9 @@ def test_a_fit_and_its_table_do_not_depend_on_the_number_of_processes(runs):
         d1, dk = (json.loads((root / n / "solver.json").read_text()) for n in ("k1", f"k{k}"))
         c1, ck = d1["cost"], dk["cost"]  # network evaluations summed over the processes: the same counts
         assert c1["total_evals"] == ck["total_evals"]
-        assert {x: c1["fit"][x] for x in ("forward_evals", "backward_evals")} == \
-            {x: ck["fit"][x] for x in ("forward_evals", "backward_evals")}
+        assert {x: c1["fit"][x] for x in ("forward_evals", "backward_evals")} == {
+            x: ck["fit"][x] for x in ("forward_evals", "backward_evals")
+        }
         assert dk["timing"]["processes"] == k
         assert not (root / f"k{k}" / CKPT).exists()
 
@@ -222,8 +249,22 @@ def test_with_the_same_noise_groups_a_fit_is_bit_identical_under_one_and_two_pro
 def test_an_eval_table_is_the_same_under_two_processes(runs, tmp_path):
     """eval with metrics (gmm: sliced Wasserstein and log-likelihood, computed by rank 0 on the gathered samples),
     a learned solver among classic ones: the same JSON, bit for bit, but for the wall times."""
-    args = ["eval", "--model", "zoo:gmm", "--nfe", "4", "--samples", "64", "--json", "--solver", "unipc@logsnr",
-            "--solver", "ddim@time", "--solver", str(runs["root"] / "k1")]
+    args = [
+        "eval",
+        "--model",
+        "zoo:gmm",
+        "--nfe",
+        "4",
+        "--samples",
+        "64",
+        "--json",
+        "--solver",
+        "unipc@logsnr",
+        "--solver",
+        "ddim@time",
+        "--solver",
+        str(runs["root"] / "k1"),
+    ]
     one = json.loads(_run(1, args, tmp_path / "c").stdout)
     two = json.loads(_run(2, args, tmp_path / "c").stdout)
     assert any(r.get("swd") is not None for r in one["results"])
@@ -235,8 +276,14 @@ def test_a_fit_killed_under_two_processes_resumes_in_one_and_ends_where_an_unint
     root = runs["root"]
     out, cache = root / "killed", root / "cache-killed"
     args = [*FIT, "--noise-groups", "2", "--eval-samples", "0", "--out", str(out)]
-    p = subprocess.Popen(_cmd(2, args), env=_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+    p = subprocess.Popen(
+        _cmd(2, args),
+        env=_env(cache),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + TIMEOUT
         while not (out / CKPT).exists() and p.poll() is None and time.monotonic() < deadline:
@@ -262,8 +309,14 @@ def test_an_error_on_one_rank_stops_the_run_within_seconds_with_its_one_line_mes
     if not TORCHRUN.exists():
         pytest.skip(f"no torchrun beside {sys.executable}")
     args = [*FIT, "--eval-samples", "0", "--out", str(tmp_path / "x")]
-    p = subprocess.Popen(_cmd(2, args), env=_env(tmp_path / "c", FEWSTEP_FAULT="1:fit step 5"),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    p = subprocess.Popen(
+        _cmd(2, args),
+        env=_env(tmp_path / "c", FEWSTEP_FAULT="1:fit step 5"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     lines: list[tuple[float, str]] = []
 
     def read() -> None:
@@ -323,7 +376,7 @@ def test_one_process_is_a_world_of_one_with_the_same_helpers():
 # MODE "held": something else keeps the group (exit_process must then skip the interpreter's shutdown, and
 # still deliver every line).
 EXIT_RUNS = 20
-LAUNCHER = r'''
+LAUNCHER = r"""
 import json, os, socket, sys
 
 import torch
@@ -372,7 +425,7 @@ for i in range(RUNS):
     print("@codes " + json.dumps(codes), file=sys.stderr, flush=True)
 if child is not None:
     work(child, port)  # at the top level: its SystemExit ends the interpreter as a script's does
-'''
+"""
 
 
 def _runs_in_a_row(mode: str, runs: int, tmp_path: Path) -> tuple[list[list[int]], list[list], list[str], str]:
@@ -380,8 +433,9 @@ def _runs_in_a_row(mode: str, runs: int, tmp_path: Path) -> tuple[list[list[int]
     output lines, what else the processes said on stderr) of ``runs`` forked two-process runs."""
     env = _env(tmp_path / "c")
     env.pop("PYTHONUNBUFFERED", None)  # rank 0's output waits in a buffer until the process flushes it
-    p = subprocess.run([sys.executable, "-c", LAUNCHER, str(runs), mode], env=env, capture_output=True, text=True,
-                       timeout=TIMEOUT)
+    p = subprocess.run(
+        [sys.executable, "-c", LAUNCHER, str(runs), mode], env=env, capture_output=True, text=True, timeout=TIMEOUT
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     codes = [json.loads(ln[7:]) for ln in p.stderr.splitlines() if ln.startswith("@codes ")]
     left = [json.loads(ln[6:]) for ln in p.stderr.splitlines() if ln.startswith("@left ")]

@@ -28,12 +28,19 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 import tiny_pipelines as T  # noqa: E402
-
 from fewstep.denoiser import Denoiser  # noqa: E402
 from fewstep.errors import FewstepError, ModelSpecError, ShapeError  # noqa: E402
 from fewstep.integrations.diffusers_in import schedule_from_diffusers  # noqa: E402
 from fewstep.integrations.families import (  # noqa: E402
-    FAMILIES, DiTFamily, FluxFamily, PixArtSigmaFamily, SD3Family, SDFamily, SDXLFamily, adapt, family_for,
+    FAMILIES,
+    DiTFamily,
+    FluxFamily,
+    PixArtSigmaFamily,
+    SD3Family,
+    SDFamily,
+    SDXLFamily,
+    adapt,
+    family_for,
 )
 from fewstep.integrations.families.base import Family  # noqa: E402
 
@@ -42,8 +49,15 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::Deprec
 STEPS = 2
 W = 4.0  # guidance scale of every run (Flux: the embedded guidance)
 VARIANTS = (*T.KINDS, "sd_v")  # sd_v: SD with v_prediction
-EXPECTED = {"sd": SDFamily, "sd_v": SDFamily, "sdxl": SDXLFamily, "dit": DiTFamily,
-            "pixart_sigma": PixArtSigmaFamily, "sd3": SD3Family, "flux": FluxFamily}
+EXPECTED = {
+    "sd": SDFamily,
+    "sd_v": SDFamily,
+    "sdxl": SDXLFamily,
+    "dit": DiTFamily,
+    "pixart_sigma": PixArtSigmaFamily,
+    "sd3": SD3Family,
+    "flux": FluxFamily,
+}
 SIZE = {"sdxl": (16, 24), "flux": (16, 24)}  # non-square: catches swapped H / W in time_ids, packing, ids
 UNCOND_FIRST = {"sd": True, "sd_v": True, "sdxl": True, "pixart_sigma": True, "sd3": True, "dit": False}
 TOL = 1e-5
@@ -149,8 +163,13 @@ def pipeline_call(kind: str, pipe, size, seed: int = 0, **extra):
 
         pipe.vae.decode = rec_decode
         try:
-            out = pipe(class_labels=pipe.get_label_ids(prompts_of(kind)), guidance_scale=W, generator=gen,
-                       num_inference_steps=STEPS, output_type="pt")
+            out = pipe(
+                class_labels=pipe.get_label_ids(prompts_of(kind)),
+                guidance_scale=W,
+                generator=gen,
+                num_inference_steps=STEPS,
+                output_type="pt",
+            )
         finally:
             del pipe.vae.decode
         return out.images, seen["latents"]
@@ -158,9 +177,11 @@ def pipeline_call(kind: str, pipe, size, seed: int = 0, **extra):
     if k == "pixart_sigma":  # PixArt-Sigma has only the old-style callback
         kw.update(callback=lambda i, t, lat: seen.__setitem__("latents", lat.clone()), callback_steps=1)
     else:
+
         def on_step(p, i, t, tensors):
             seen["latents"] = tensors["latents"].clone()
             return tensors
+
         kw["callback_on_step_end"] = on_step
     out = pipe(prompts_of(kind), guidance_scale=W, generator=gen, num_inference_steps=STEPS, output_type="pt", **kw)
     lat = seen["latents"]
@@ -226,8 +247,9 @@ def pipeline_encoding(kind: str, pipe, prompts):
         c, m, u, mu = pipe.encode_prompt(prompts, True, clean_caption=False, max_sequence_length=T.TEXT_LEN)
         return {"encoder_hidden_states": c, "mask": m}, {"encoder_hidden_states": u, "mask": mu}
     if k == "sd3":
-        c, u, pc, pu = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=True,
-                                          max_sequence_length=T.TEXT_LEN)
+        c, u, pc, pu = pipe.encode_prompt(
+            prompts, None, None, do_classifier_free_guidance=True, max_sequence_length=T.TEXT_LEN
+        )
         return {"encoder_hidden_states": c, "pooled": pc}, {"encoder_hidden_states": u, "pooled": pu}
     if k == "flux":
         c, pc, _ = pipe.encode_prompt(prompts, None, max_sequence_length=T.TEXT_LEN)
@@ -272,8 +294,12 @@ def test_rows_are_what_reached_the_network(kind):
     k = base_kind(kind)
     cond, null = run.fam.encode(prompts_of(kind)), run.fam.null_rows(2)
     args, kwargs, _ = run.calls[0]
-    names = {"encoder_hidden_states": "encoder_hidden_states", "pooled": "pooled_projections",
-             "mask": "encoder_attention_mask", "class_labels": "class_labels"}
+    names = {
+        "encoder_hidden_states": "encoder_hidden_states",
+        "pooled": "pooled_projections",
+        "mask": "encoder_attention_mask",
+        "class_labels": "class_labels",
+    }
     for key in cond:
         got = kwargs["added_cond_kwargs"]["text_embeds"] if (k == "sdxl" and key == "pooled") else kwargs[names[key]]
         if k == "flux":
@@ -334,8 +360,13 @@ def test_denoiser_guidance_matches_the_pipelines_guided_prediction(kind):
     fam.sample_shape(*run.size)
     info = schedule_from_diffusers(fam.scheduler_config)
     assert info.prediction == {"sd_v": "v", "sd3": "velocity"}.get(kind, "eps")
-    den = Denoiser(lambda x, t, **rows: fam.forward(x, t, rows), info.schedule, info.prediction,
-                   guidance_scale=W, uncond=lambda cond: fam.null_rows(next(iter(cond.values())).shape[0]))
+    den = Denoiser(
+        lambda x, t, **rows: fam.forward(x, t, rows),
+        info.schedule,
+        info.prediction,
+        guidance_scale=W,
+        uncond=lambda cond: fam.null_rows(next(iter(cond.values())).shape[0]),
+    )
     cond = fam.encode(prompts_of(kind))
     for call, t in zip(run.calls, run.timesteps):
         full = call[2]
@@ -362,11 +393,19 @@ def test_forward_is_per_sample_at_fractional_times():
         g = torch.tensor([1.0, 4.0, 7.5]) if fam.guidance_mode == "distilled" else None
         batch = fam.forward(x, t, rows, guidance=g)
         for i in range(3):
-            one = fam.forward(x[i:i + 1], t[i:i + 1], {k: v[i:i + 1] for k, v in rows.items()},
-                              guidance=None if g is None else g[i:i + 1])
-            assert rel(batch[i:i + 1], one) <= TOL, (kind, i)
-        lo, hi = (fam.forward(x[1:2], torch.tensor([s]), {k: v[1:2] for k, v in rows.items()},
-                              guidance=None if g is None else g[1:2]) for s in (500.0, 501.0))
+            one = fam.forward(
+                x[i : i + 1],
+                t[i : i + 1],
+                {k: v[i : i + 1] for k, v in rows.items()},
+                guidance=None if g is None else g[i : i + 1],
+            )
+            assert rel(batch[i : i + 1], one) <= TOL, (kind, i)
+        lo, hi = (
+            fam.forward(
+                x[1:2], torch.tensor([s]), {k: v[1:2] for k, v in rows.items()}, guidance=None if g is None else g[1:2]
+            )
+            for s in (500.0, 501.0)
+        )
         mid = batch[1:2]
         assert rel(mid, lo) > 1e-7 and rel(mid, hi) > 1e-7, kind  # 500.25 is neither 500 nor 501
 
@@ -414,8 +453,14 @@ def test_decode_equals_the_pipelines_image(kind):
 
 
 # ----------------------------------------------------------------------------- 4. sample_shape
-OTHER = {"sd": (24, 32), "sd_v": (32, 16), "sdxl": (32, 16), "pixart_sigma": (24, 32), "sd3": (24, 32),
-         "flux": (20, 28)}
+OTHER = {
+    "sd": (24, 32),
+    "sd_v": (32, 16),
+    "sdxl": (32, 16),
+    "pixart_sigma": (24, 32),
+    "sd3": (24, 32),
+    "flux": (20, 28),
+}
 
 
 @pytest.mark.parametrize("kind", VARIANTS)
@@ -450,8 +495,12 @@ def test_sample_shape_equals_the_pipelines_latents(kind):
         with pytest.raises(ShapeError, match="at most 16"):
             fam.sample_shape(80, 80)
         with pytest.raises(ValueError):
-            fam.network(hidden_states=torch.zeros(1, 16, 40, 40), timestep=torch.ones(1),
-                        encoder_hidden_states=torch.zeros(1, 4, 64), pooled_projections=torch.zeros(1, 48))
+            fam.network(
+                hidden_states=torch.zeros(1, 16, 40, 40),
+                timestep=torch.ones(1),
+                encoder_hidden_states=torch.zeros(1, 4, 64),
+                pooled_projections=torch.zeros(1, 48),
+            )
 
 
 def test_sdxl_time_ids_follow_sample_shape():
@@ -496,8 +545,9 @@ def test_names_and_guidance_modes():
         fam = family_of(kind)
         assert fam.guidance_mode == ("distilled" if kind == "flux" else "cfg")
         assert fam.scheduler_config["_class_name"] == type(fam.pipe.scheduler).__name__
-        assert {k: v for k, v in fam.scheduler_config.items() if k != "_class_name"} == \
-            {k: v for k, v in fam.pipe.scheduler.config.items() if k != "_class_name"}
+        assert {k: v for k, v in fam.scheduler_config.items() if k != "_class_name"} == {
+            k: v for k, v in fam.pipe.scheduler.config.items() if k != "_class_name"
+        }
     schnell = T.build("flux", seed=0, guidance_embeds=False)
     fam = family_of("flux", schnell)
     assert fam.guidance_mode == "none"
@@ -517,17 +567,32 @@ def test_flux_noise_is_the_pipelines_randn_before_packing():
     shape = fam.sample_shape(H, Wd)
     for seed in (0, 3):
         noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed))
-        packed, ids = pipe.prepare_latents(1, shape[0], H, Wd, torch.float32, "cpu",
-                                           torch.Generator().manual_seed(seed))
+        packed, ids = pipe.prepare_latents(
+            1, shape[0], H, Wd, torch.float32, "cpu", torch.Generator().manual_seed(seed)
+        )
         assert torch.equal(fam.pack(noise), packed)
         assert torch.equal(fam.unpack(packed, *shape[1:]), noise)
         assert torch.equal(fam.image_ids(*shape[1:], torch.float32, torch.device("cpu")), ids)
     # a pipeline given latents=pack(noise) makes exactly the generator run
-    gen_run = pipe(prompts_of("flux")[0], num_inference_steps=1, generator=torch.Generator().manual_seed(3),
-                   output_type="latent", height=H, width=Wd, max_sequence_length=T.TEXT_LEN).images
+    gen_run = pipe(
+        prompts_of("flux")[0],
+        num_inference_steps=1,
+        generator=torch.Generator().manual_seed(3),
+        output_type="latent",
+        height=H,
+        width=Wd,
+        max_sequence_length=T.TEXT_LEN,
+    ).images
     noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(3))
-    lat_run = pipe(prompts_of("flux")[0], num_inference_steps=1, latents=fam.pack(noise), output_type="latent",
-                   height=H, width=Wd, max_sequence_length=T.TEXT_LEN).images
+    lat_run = pipe(
+        prompts_of("flux")[0],
+        num_inference_steps=1,
+        latents=fam.pack(noise),
+        output_type="latent",
+        height=H,
+        width=Wd,
+        max_sequence_length=T.TEXT_LEN,
+    ).images
     assert torch.equal(gen_run, lat_run)
 
 
@@ -535,17 +600,30 @@ def test_flux_true_cfg_uses_null_rows_as_the_negative():
     pipe, fam = pipe_of("flux"), family_of("flux")
     H, Wd = SIZE["flux"]
     fam.sample_shape(H, Wd)
-    calls = record(pipe, fam.network, lambda: pipe(prompts_of("flux"), negative_prompt=["", ""], true_cfg_scale=2.0,
-                                                   guidance_scale=W, num_inference_steps=1, output_type="latent",
-                                                   generator=torch.Generator().manual_seed(0), height=H, width=Wd,
-                                                   max_sequence_length=T.TEXT_LEN))
+    calls = record(
+        pipe,
+        fam.network,
+        lambda: pipe(
+            prompts_of("flux"),
+            negative_prompt=["", ""],
+            true_cfg_scale=2.0,
+            guidance_scale=W,
+            num_inference_steps=1,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+            height=H,
+            width=Wd,
+            max_sequence_length=T.TEXT_LEN,
+        ),
+    )
     assert len(calls) == 2  # cond, then negative
     t = float(pipe.scheduler.timesteps[0])
     unpack = lambda z: pipe._unpack_latents(z, H, Wd, pipe.vae_scale_factor)  # noqa: E731
     x = unpack(calls[1][1]["hidden_states"])
     g = torch.full((4,), W)
-    both = fam.forward(torch.cat([x, x]), torch.full((4,), t), cat_rows(fam.encode(prompts_of("flux")),
-                                                                        fam.null_rows(2)), guidance=g)
+    both = fam.forward(
+        torch.cat([x, x]), torch.full((4,), t), cat_rows(fam.encode(prompts_of("flux")), fam.null_rows(2)), guidance=g
+    )
     assert rel(both[:2], unpack(calls[0][2])) <= TOL and rel(both[2:], unpack(calls[1][2])) <= TOL
 
 
@@ -560,18 +638,46 @@ def test_pixart_resolution_conditions_match_pixart_alpha():
     sigma = pipe_of("pixart_sigma")
     torch.manual_seed(0)
     net = PixArtTransformer2DModel(  # width 24: the resolution and aspect-ratio embeddings take a third each
-        num_attention_heads=3, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
-        cross_attention_dim=24, sample_size=128, patch_size=2, caption_channels=32, num_embeds_ada_norm=1000,
-        norm_type="ada_norm_single", use_additional_conditions=True, interpolation_scale=1).eval()
-    alpha = PixArtAlphaPipeline(tokenizer=sigma.tokenizer, text_encoder=sigma.text_encoder, vae=sigma.vae,
-                                transformer=net, scheduler=sigma.scheduler)
+        num_attention_heads=3,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1,
+        cross_attention_dim=24,
+        sample_size=128,
+        patch_size=2,
+        caption_channels=32,
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        use_additional_conditions=True,
+        interpolation_scale=1,
+    ).eval()
+    alpha = PixArtAlphaPipeline(
+        tokenizer=sigma.tokenizer,
+        text_encoder=sigma.text_encoder,
+        vae=sigma.vae,
+        transformer=net,
+        scheduler=sigma.scheduler,
+    )
     alpha.set_progress_bar_config(disable=True)
     fam = PixArtSigmaFamily(alpha, max_sequence_length=T.TEXT_LEN, clean_caption=False)
     H, Wd = 16, 24
-    calls = record(alpha, net, lambda: alpha(prompts_of("pixart_sigma"), guidance_scale=W, num_inference_steps=2,
-                                             height=H, width=Wd, use_resolution_binning=False, clean_caption=False,
-                                             max_sequence_length=T.TEXT_LEN, output_type="latent",
-                                             generator=torch.Generator().manual_seed(0)))
+    calls = record(
+        alpha,
+        net,
+        lambda: alpha(
+            prompts_of("pixart_sigma"),
+            guidance_scale=W,
+            num_inference_steps=2,
+            height=H,
+            width=Wd,
+            use_resolution_binning=False,
+            clean_caption=False,
+            max_sequence_length=T.TEXT_LEN,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+        ),
+    )
     args, kwargs, out = calls[0]  # (2 steps: PixArtAlphaPipeline's 1-step path reads another scheduler output)
     assert kwargs["added_cond_kwargs"]["resolution"][0].tolist() == [H, Wd]
     fam.sample_shape(H, Wd)

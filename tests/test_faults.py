@@ -25,7 +25,6 @@ from fewstep.fit.api import fit
 from fewstep.fit.teacher import generate_teacher, teacher_cache_dir
 from fewstep.io import _HOST, remove_stale_temporaries, write_text
 from fewstep.seeds import fit_seeds
-
 from gauss import make_gauss
 
 F64 = torch.float64
@@ -45,8 +44,19 @@ def _one_line(e: BaseException) -> str:
 
 # ----------------------------------------------------------------------------- a fit that blows up
 def test_a_fit_whose_solves_blow_up_ends_with_its_start_and_says_so(model, tmp_path):
-    kw = dict(teacher=SPEC, samples=64, val_samples=32, confirm_samples=32, progress=False, cache_dir=tmp_path / "c",
-              steps=30, eval_every=10, lr_coef=1000.0, lr_grid=1000.0, start="unipc@logsnr")
+    kw = dict(
+        teacher=SPEC,
+        samples=64,
+        val_samples=32,
+        confirm_samples=32,
+        progress=False,
+        cache_dir=tmp_path / "c",
+        steps=30,
+        eval_every=10,
+        lr_coef=1000.0,
+        lr_grid=1000.0,
+        start="unipc@logsnr",
+    )
     res = fit(model, "s4s-alt", 4, out=tmp_path / "x", **kw)
     doc = json.loads((tmp_path / "x" / "solver.json").read_text())  # strict JSON: no NaN / Infinity
     v = doc["validation"]
@@ -128,7 +138,9 @@ def test_a_malformed_manifest_is_rebuilt_from_the_shards(model, tmp_path, bad):
     with pytest.warns(UserWarning, match="rebuilt from the shards") as w:
         again = generate_teacher(model, fit_seeds(16), SPEC, cache_dir=tmp_path, shard_size=8, progress=False)
     assert "\n" not in str(w[0].message)
-    assert model.nfe == n and torch.equal(again.target, data.target)  # nothing recomputed: the shards describe themselves
+    assert model.nfe == n and torch.equal(
+        again.target, data.target
+    )  # nothing recomputed: the shards describe themselves
     assert [e["seeds"] for e in json.loads(man.read_text())["shards"]] == [[0, 8], [8, 16]]
 
 
@@ -149,8 +161,16 @@ def test_stale_temporaries_of_a_killed_write_are_removed(model, tmp_path):
 def _interrupted(model, tmp_path, monkeypatch):
     import fewstep.fit.loop as loop
 
-    kw = dict(teacher=SPEC, samples=64, val_samples=32, progress=False, cache_dir=tmp_path / "c", steps=40,
-              start="ddim@logsnr", eval_every=8)
+    kw = dict(
+        teacher=SPEC,
+        samples=64,
+        val_samples=32,
+        progress=False,
+        cache_dir=tmp_path / "c",
+        steps=40,
+        start="ddim@logsnr",
+        eval_every=8,
+    )
     real, calls = loop._objective, {"n": 0}
 
     def dies(*a, **k):
@@ -200,8 +220,21 @@ def test_an_edited_checkpoint_is_refused_in_one_line_naming_it_and_restart(model
 @pytest.fixture(scope="module")
 def artifact(model, tmp_path_factory):
     d = tmp_path_factory.mktemp("art")
-    fit(model, "s4s-alt", 4, out=d / "a", teacher=SPEC, samples=64, val_samples=32, confirm_samples=0,
-        progress=False, cache_dir=d / "c", steps=16, eval_every=8, start="unipc@logsnr")
+    fit(
+        model,
+        "s4s-alt",
+        4,
+        out=d / "a",
+        teacher=SPEC,
+        samples=64,
+        val_samples=32,
+        confirm_samples=0,
+        progress=False,
+        cache_dir=d / "c",
+        steps=16,
+        eval_every=8,
+        start="unipc@logsnr",
+    )
     return d / "a"
 
 
@@ -225,6 +258,7 @@ def _set(path, value):
             del node[path[-1]]
         else:
             node[path[-1]] = value
+
     return change
 
 
@@ -254,9 +288,12 @@ def test_a_damaged_artifact_is_refused_by_every_reader(model, artifact, tmp_path
 
     change, pattern = EDITS[case]
     d = _edited(artifact, tmp_path, change)
-    readers = [lambda: fewstep.load_solver(d), lambda: describe(d),
-               lambda: fewstep.sample(model, torch.randn(2, 6, dtype=F64), str(d)),
-               lambda: evaluate(model, solvers=[], learned=[fewstep.load_solver(d, force=True)])]
+    readers = [
+        lambda: fewstep.load_solver(d),
+        lambda: describe(d),
+        lambda: fewstep.sample(model, torch.randn(2, 6, dtype=F64), str(d)),
+        lambda: evaluate(model, solvers=[], learned=[fewstep.load_solver(d, force=True)]),
+    ]
     diffusers = pytest.importorskip("diffusers")  # noqa: F841
     from fewstep.integrations.diffusers_scheduler import FewStepScheduler
 

@@ -22,12 +22,19 @@ from fewstep.fit.budget import Sizes, predicted
 from fewstep.progress import PlainProgress, progress_bar
 from fewstep.solvers.artifact import load_solver
 from fewstep.solvers.registry import classic_specs
-
 from gauss import make_gauss
 
 SPEC = "dpmpp_3m@logsnr:40"
-KW = dict(teacher=SPEC, samples=64, val_samples=32, confirm_samples=0, eval_every=8, start="ddim@logsnr",
-          screen_seeds=1, progress=False)
+KW = dict(
+    teacher=SPEC,
+    samples=64,
+    val_samples=32,
+    confirm_samples=0,
+    eval_every=8,
+    start="ddim@logsnr",
+    screen_seeds=1,
+    progress=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +75,14 @@ def test_out_never_replaces_a_file_that_is_not_fewsteps(model, cache, tmp_path, 
 def test_the_command_refuses_a_users_file_in_one_line_before_loading_the_model(tmp_path):
     (tmp_path / "notes.json").write_text("my notes\n")
     env = {**os.environ, "FEWSTEP_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "fewstep", "fit", "--model", "zoo:gmm", "--nfe", "4", "--out",
-                        "notes.json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    r = subprocess.run(
+        [sys.executable, "-m", "fewstep", "fit", "--model", "zoo:gmm", "--nfe", "4", "--out", "notes.json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert r.returncode == 2, r
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --out: notes.json exists and is not a fewstep"), r.stderr
@@ -121,8 +134,9 @@ def test_a_write_stopped_at_any_point_leaves_the_old_or_the_new_artifact(model, 
 
 
 # ----------------------------------------------------------------------------- rows 4, 17: resuming
-def test_an_interrupted_fit_resumes_with_another_micro_batch_and_counts_the_whole_fit(model, cache, tmp_path,
-                                                                                      kill_at_call):
+def test_an_interrupted_fit_resumes_with_another_micro_batch_and_counts_the_whole_fit(
+    model, cache, tmp_path, kill_at_call
+):
     kw = dict(KW, steps=40, batch=16, cache_dir=cache)
     whole = fit(model, "s4s", 4, out=tmp_path / "whole", **kw)
     with pytest.raises(KeyboardInterrupt):
@@ -132,13 +146,17 @@ def test_an_interrupted_fit_resumes_with_another_micro_batch_and_counts_the_whol
         again = fit(model, "s4s", 4, out=tmp_path / "cut", micro_batch=4, **kw)
     assert again.outcome.resumed_from == 16  # the checkpoint at the validation of step 16, before the kill
     assert again.doc["fit"]["micro_batch"] == 4
-    torch.testing.assert_close(torch.tensor(again.doc["tableau"]["B"]), torch.tensor(whole.doc["tableau"]["B"]),
-                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(again.doc["tableau"]["B"]), torch.tensor(whole.doc["tableau"]["B"]), rtol=1e-4, atol=1e-6
+    )
     # the cost is the whole fit's: the run killed at step 20 spent up to its checkpoint, the rerun the rest
     c, w = again.doc["cost"], whole.doc["cost"]
     assert c["fit"]["earlier_runs_evals"] > 0
     assert (c["total_evals"], c["fit"]["forward_evals"], c["fit"]["backward_evals"]) == (
-        w["total_evals"], w["fit"]["forward_evals"], w["fit"]["backward_evals"])
+        w["total_evals"],
+        w["fit"]["forward_evals"],
+        w["fit"]["backward_evals"],
+    )
 
 
 def test_a_checkpoint_of_another_fit_is_named_in_one_warning(model, cache, tmp_path, kill_at_call):
@@ -175,15 +193,37 @@ def test_the_command_says_it_found_the_finished_fit(tmp_path, monkeypatch):
     from fewstep.cli import app
 
     monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
-    args = ["fit", "--model", "zoo:gmm", "--nfe", "4", "--samples", "64", "--val-samples", "32", "--confirm-samples",
-            "0", "--steps", "8", "--start", "unipc@logsnr", "--eval-samples", "0", "--out", str(tmp_path / "X")]
+    args = [
+        "fit",
+        "--model",
+        "zoo:gmm",
+        "--nfe",
+        "4",
+        "--samples",
+        "64",
+        "--val-samples",
+        "32",
+        "--confirm-samples",
+        "0",
+        "--steps",
+        "8",
+        "--start",
+        "unipc@logsnr",
+        "--eval-samples",
+        "0",
+        "--out",
+        str(tmp_path / "X"),
+    ]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
     again = CliRunner().invoke(app, args + ["--micro-batch", "4"])
     assert again.exit_code == 0, again.output
     found = [ln for ln in again.output.splitlines() if "already holds this fit" in ln]
-    assert len(found) == 1 and "--restart" in found[0] and not any(ln.startswith("wrote") for ln in
-                                                                    again.output.splitlines())
+    assert (
+        len(found) == 1
+        and "--restart" in found[0]
+        and not any(ln.startswith("wrote") for ln in again.output.splitlines())
+    )
 
 
 # ----------------------------------------------------------------------------- row 5: --budget beside sizes
@@ -197,8 +237,11 @@ def test_a_budget_keeps_the_sizes_given_beside_it(model):
     assert total <= 600_000
     big, _ = fit_plan(model, "s4s-alt", 5, teacher=SPEC, budget=600_000, samples=4000, steps=3000)
     assert (big.samples, big.steps) == (4000, 3000) and 8 <= big.batch < cfg0.batch  # fits, with a small batch
-    with pytest.raises(FewstepError, match=r"--budget 600,000 does not cover --samples 20000 --steps 3000: .* "
-                                           r"costs [\d,]+ network evaluations") as e:
+    with pytest.raises(
+        FewstepError,
+        match=r"--budget 600,000 does not cover --samples 20000 --steps 3000: .* "
+        r"costs [\d,]+ network evaluations",
+    ) as e:
         fit_plan(model, "s4s-alt", 5, teacher=SPEC, budget=600_000, samples=20_000, steps=3000)
     _one_line(e.value)
 

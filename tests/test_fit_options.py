@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import fewstep
-
 from fewstep import Flow, VPLinear
 from fewstep.errors import FewstepError
 from fewstep.fit.api import fit
@@ -15,9 +14,8 @@ from fewstep.fit.loop import _objective, per_sample_loss
 from fewstep.fit.methods import FitConfig, dss_start_ok, from_classic, plan_phases
 from fewstep.fit.teacher import generate_teacher
 from fewstep.sampling import build_tableau
-from fewstep.solvers.learned import step_scales
 from fewstep.seeds import fit_seeds
-
+from fewstep.solvers.learned import step_scales
 from gauss import make_gauss
 
 F64 = torch.float64
@@ -34,8 +32,10 @@ def flow_model():
     return make_gauss(Flow(), "velocity", d=6)
 
 
-@pytest.mark.parametrize("start,basis", [("ddim@logsnr", "D"), ("dpmpp_2m@quadratic", "D"), ("euler@time", "v"),
-                                         ("adams2@quadratic", "v"), (None, None)])
+@pytest.mark.parametrize(
+    "start,basis",
+    [("ddim@logsnr", "D"), ("dpmpp_2m@quadratic", "D"), ("euler@time", "v"), ("adams2@quadratic", "v"), (None, None)],
+)
 def test_dss_fits_in_the_vp_form_or_the_flow_form(vp_model, tmp_path, start, basis):
     res = fit(vp_model, "dss", 4, cache_dir=tmp_path, steps=20, start=start, **KW)
     start_tab = build_tableau(vp_model, res.doc["start"]["solver"], 4)
@@ -83,8 +83,18 @@ def test_losses_l1_and_a_user_callable(vp_model, tmp_path):
         calls.append(student.shape[0])
         return torch.nn.functional.smooth_l1_loss(student, target, reduction="none", beta=0.01).flatten(1).mean(1)
 
-    res = fit(vp_model, "s4s", 4, cache_dir=tmp_path, steps=30, start="ddim@logsnr", loss=huberish, batch=20,
-              screen_seeds=1, **KW)  # one batch order: no screening runs beside the fit
+    res = fit(
+        vp_model,
+        "s4s",
+        4,
+        cache_dir=tmp_path,
+        steps=30,
+        start="ddim@logsnr",
+        loss=huberish,
+        batch=20,
+        screen_seeds=1,
+        **KW,
+    )  # one batch order: no screening runs beside the fit
     assert len(calls) == 30 and set(calls) == {20}  # every step, on the batch
     assert res.doc["fit"]["loss"] == "huberish"
     assert res.doc["validation"]["rmse_to_teacher"] < res.doc["validation"]["start_rmse_to_teacher"]
@@ -104,8 +114,9 @@ def _grads(model, solver, data, idx, dss_weights, use_checkpoint):
 
 
 def test_activation_checkpointing_gives_the_same_gradients(vp_model, tmp_path):
-    data = generate_teacher(vp_model, fit_seeds(16), "dpmpp_3m@logsnr:60", keep_states=True, cache_dir=tmp_path,
-                            progress=False)
+    data = generate_teacher(
+        vp_model, fit_seeds(16), "dpmpp_3m@logsnr:60", keep_states=True, cache_dir=tmp_path, progress=False
+    )
     s = from_classic(vp_model, build_tableau(vp_model, "unipc@logsnr", 5), "s4s-alt", decouple=0.1)
     idx = torch.arange(16)
     for w in (None, (1.0, 1000.0)):
@@ -117,8 +128,9 @@ def test_activation_checkpointing_gives_the_same_gradients(vp_model, tmp_path):
 
 
 def test_dss_trajectory_term_pulls_the_states_to_the_teachers(vp_model, tmp_path):
-    data = generate_teacher(vp_model, fit_seeds(16), "ddim@time:100", keep_states=True, cache_dir=tmp_path,
-                            progress=False)
+    data = generate_teacher(
+        vp_model, fit_seeds(16), "ddim@time:100", keep_states=True, cache_dir=tmp_path, progress=False
+    )
     s = from_classic(vp_model, build_tableau(vp_model, "ddim@time", 5), "dss", rows_sum_to_one=True)
     idx = torch.arange(16)
     L_traj, g_traj = _grads(vp_model, s, data, idx, (1.0, 0.0), False)
@@ -138,10 +150,23 @@ def test_a_multi_scale_fit_without_out_samples_from_memory(tmp_path):
     from fewstep.specs import load_model
 
     m = load_model("zoo:gmm", classes="all", guidance="2,3")
-    res = fit(m, "s4s-alt", 4, samples=32, val_samples=16, confirm_samples=16, steps=8, eval_every=4,
-              progress=False, cache_dir=tmp_path, start="ddim@logsnr", screen_seeds=1)
+    res = fit(
+        m,
+        "s4s-alt",
+        4,
+        samples=32,
+        val_samples=16,
+        confirm_samples=16,
+        steps=8,
+        eval_every=4,
+        progress=False,
+        cache_dir=tmp_path,
+        start="ddim@logsnr",
+        screen_seeds=1,
+    )
     assert res.path is None and res.solver.guidance_range == (2.0, 3.0)
     at = load_model("zoo:gmm", classes="all", guidance="2.5")
-    x = fewstep.sample(at, at.noise(list(range(1_000_000, 1_000_004))), res.solver, cond=at.cond_for(
-        list(range(1_000_000, 1_000_004))))
+    x = fewstep.sample(
+        at, at.noise(list(range(1_000_000, 1_000_004))), res.solver, cond=at.cond_for(list(range(1_000_000, 1_000_004)))
+    )
     assert x.shape == (4, *at.sample_shape) and torch.isfinite(x).all()

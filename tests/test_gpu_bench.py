@@ -22,20 +22,40 @@ import tiny_pipelines as T
 
 GPU = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-PROMPTS = [*T.PROMPTS["sd"], *(f"a {c} {t} in the {p}" for c, t, p in [
-    ("red", "cat", "field"), ("blue", "bird", "sky"), ("green", "tree", "forest"), ("white", "horse", "snow"),
-    ("black", "dog", "city"), ("yellow", "flower", "morning"), ("small", "fish", "river")])]  # some held out
+PROMPTS = [
+    *T.PROMPTS["sd"],
+    *(
+        f"a {c} {t} in the {p}"
+        for c, t, p in [
+            ("red", "cat", "field"),
+            ("blue", "bird", "sky"),
+            ("green", "tree", "forest"),
+            ("white", "horse", "snow"),
+            ("black", "dog", "city"),
+            ("yellow", "flower", "morning"),
+            ("small", "fish", "river"),
+        ]
+    ),
+]  # some held out
 
 
 def start(args: list[str], cwd: Path, build: Path | None = None) -> subprocess.Popen[str]:
     """gpu.py ARGS in a subprocess; with ``build``, the process first saves the tiny SD pipeline there."""
     cmd = [str(GPU), *args] if build is None else ["-c", SMOKE, str(build), str(GPU), *args]
-    return subprocess.Popen([sys.executable, *cmd], cwd=cwd, env={**ENV, "PYTHONPATH": str(Path(__file__).parent)},
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, *cmd],
+        cwd=cwd,
+        env={**ENV, "PYTHONPATH": str(Path(__file__).parent)},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
-SMOKE = ("import runpy, sys, tiny_pipelines; tiny_pipelines.save_pipeline('sd', sys.argv[1]); "
-         "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+SMOKE = (
+    "import runpy, sys, tiny_pipelines; tiny_pipelines.save_pipeline('sd', sys.argv[1]); "
+    "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
 
 
 def test_bad_input_and_smoke(tmp_path: Path) -> None:
@@ -44,14 +64,40 @@ def test_bad_input_and_smoke(tmp_path: Path) -> None:
     fake = tmp_path / "fake"
     fake.mkdir()
     (fake / "model_index.json").write_text("{}")
-    bad = {"no such folder": ["--pipeline", str(tmp_path / "nope"), "--prompts", str(prompts), "--nfe", "3"],
-           "no such file": ["--pipeline", str(fake), "--prompts", str(tmp_path / "nope.txt"), "--nfe", "3"],
-           "--nfe": ["--pipeline", str(fake), "--prompts", str(prompts), "--nfe", "3,x"]}
+    bad = {
+        "no such folder": ["--pipeline", str(tmp_path / "nope"), "--prompts", str(prompts), "--nfe", "3"],
+        "no such file": ["--pipeline", str(fake), "--prompts", str(tmp_path / "nope.txt"), "--nfe", "3"],
+        "--nfe": ["--pipeline", str(fake), "--prompts", str(prompts), "--nfe", "3,x"],
+    }
     md, js, folder = tmp_path / "smoke.md", tmp_path / "smoke.json", tmp_path / "sd"
     fit = {"samples": 8, "val_samples": 4, "confirm_samples": 0, "steps": 2, "batch": 4, "eval_every": 2}
-    smoke = start(["--pipeline", str(folder), "--prompts", str(prompts), "--nfe", "3", "--smoke", "--samples", "4",
-                   "--reference-nfe", "8", "--teacher", "unipc@logsnr:6", "--fit", json.dumps(fit),
-                   "--out", str(tmp_path / "out"), "--md", str(md), "--json", str(js)], tmp_path, build=folder)
+    smoke = start(
+        [
+            "--pipeline",
+            str(folder),
+            "--prompts",
+            str(prompts),
+            "--nfe",
+            "3",
+            "--smoke",
+            "--samples",
+            "4",
+            "--reference-nfe",
+            "8",
+            "--teacher",
+            "unipc@logsnr:6",
+            "--fit",
+            json.dumps(fit),
+            "--out",
+            str(tmp_path / "out"),
+            "--md",
+            str(md),
+            "--json",
+            str(js),
+        ],
+        tmp_path,
+        build=folder,
+    )
     runs = {what: start(args, tmp_path) for what, args in bad.items()}
     for what, p in runs.items():
         out, err = p.communicate(timeout=120)

@@ -31,8 +31,7 @@ import typer
 from typer.testing import CliRunner
 
 from fewstep import VPLinear, zoo
-from fewstep.cli import app
-from fewstep.cli import common
+from fewstep.cli import app, common
 from fewstep.conditions import MAX_SCALES, GuidanceSet, PromptSet
 from fewstep.errors import ArtifactError, FewstepError
 from fewstep.fit.teacher import generate_teacher, teacher_cache_dir
@@ -43,7 +42,6 @@ from fewstep.seeds import FIRST_SEED_MAX, SEED_LIMIT, check_seeds, eval_seeds
 from fewstep.solvers.artifact import load_solver, save_solver, solver_doc, tableau_to_doc
 from fewstep.solvers.heun import heun
 from fewstep.solvers.resolve import resolve_solver
-
 from gauss import make_gauss
 
 runner = CliRunner()
@@ -90,8 +88,10 @@ def test_seeds_have_a_documented_upper_bound_that_torch_accepts():
 
 @pytest.mark.parametrize("command", ["eval", "sample"])
 def test_a_seed_beyond_the_bound_is_refused_at_the_option(command, tmp_path):
-    args = {"eval": ["eval", "--model", "zoo:gaussian", "--samples", "4", "--solver", "euler@time"],
-            "sample": ["sample", "--model", "zoo:gaussian", "--n", "2", "--out", str(tmp_path / "x.safetensors")]}
+    args = {
+        "eval": ["eval", "--model", "zoo:gaussian", "--samples", "4", "--solver", "euler@time"],
+        "sample": ["sample", "--model", "zoo:gaussian", "--n", "2", "--out", str(tmp_path / "x.safetensors")],
+    }
     r = runner.invoke(app, [*args[command], "--seed", str(2**64 - 1)])
     assert r.exit_code == 2 and str(FIRST_SEED_MAX) in r.output, r.output
     assert "[0, 2**62]" in runner.invoke(app, [command, "--help"]).output  # documented at the option
@@ -99,8 +99,24 @@ def test_a_seed_beyond_the_bound_is_refused_at_the_option(command, tmp_path):
 
 def test_sample_at_the_largest_seed_works(tmp_path):
     out = tmp_path / "x.safetensors"
-    r = runner.invoke(app, ["sample", "--model", "zoo:gaussian", "--n", "2", "--nfe", "2", "--solver", "euler@time",
-                            "--seed", str(FIRST_SEED_MAX), "--out", str(out)])
+    r = runner.invoke(
+        app,
+        [
+            "sample",
+            "--model",
+            "zoo:gaussian",
+            "--n",
+            "2",
+            "--nfe",
+            "2",
+            "--solver",
+            "euler@time",
+            "--seed",
+            str(FIRST_SEED_MAX),
+            "--out",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, (r.output, r.exception)
     from safetensors.torch import load_file
 
@@ -138,9 +154,17 @@ def test_an_output_name_too_long_for_the_file_system_is_refused_before_any_work(
 
 # ============================================================================ row 8: console markup
 def test_console_markup_in_a_report_is_printed_as_text():
-    rep = Report("zoo:[bold]m", 5, 16, 1_000_000, {"solver": "dpm[/red]", "nfe": 40, "self_error": 1e-5},
-                 [Row("learned", "[/bold]oops", "learned", 5, 0.1, 0.01, 1.0),
-                  Row("classic", "euler", "[/]time", 5, None, error="refused [/b] here")])
+    rep = Report(
+        "zoo:[bold]m",
+        5,
+        16,
+        1_000_000,
+        {"solver": "dpm[/red]", "nfe": 40, "self_error": 1e-5},
+        [
+            Row("learned", "[/bold]oops", "learned", 5, 0.1, 0.01, 1.0),
+            Row("classic", "euler", "[/]time", 5, None, error="refused [/b] here"),
+        ],
+    )
     f = io.StringIO()
     render_rich(rep, file=f)
     out = f.getvalue()
@@ -161,8 +185,24 @@ def test_eval_of_an_artifact_whose_label_holds_markup_prints_it(tmp_path):
     folder = tmp_path / "art"
     folder.mkdir()
     _artifact(folder, "[/bold]oops", zoo.load("gaussian"))
-    r = runner.invoke(app, ["eval", "--model", "zoo:gaussian", "--nfe", "4", "--solver", str(folder),
-                            "--solver", "euler@time", "--samples", "8", "--metrics", "none"])
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            "zoo:gaussian",
+            "--nfe",
+            "4",
+            "--solver",
+            str(folder),
+            "--solver",
+            "euler@time",
+            "--samples",
+            "8",
+            "--metrics",
+            "none",
+        ],
+    )
     assert r.exit_code == 0, (r.output, r.exception)
     assert "[/bold]oops" in r.output
 
@@ -212,11 +252,19 @@ def _again(model, tmp_path, match: str):
     return data, model.nfe - n
 
 
-@pytest.mark.parametrize("edit", [{"shard_size": 10**12, "shards": []}, {"shard_size": 10**12},
-                                  {"shard_size": 1024, "shards": []}, {"times": ["abc"]}, {"times": [10**400]},
-                                  {"times": None}, "deep"],
-                         ids=["huge-size", "huge-size-listed", "unbacked-size", "times-str", "times-huge",
-                              "times-none", "deep"])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"shard_size": 10**12, "shards": []},
+        {"shard_size": 10**12},
+        {"shard_size": 1024, "shards": []},
+        {"times": ["abc"]},
+        {"times": [10**400]},
+        {"times": None},
+        "deep",
+    ],
+    ids=["huge-size", "huge-size-listed", "unbacked-size", "times-str", "times-huge", "times-none", "deep"],
+)
 def test_an_absurd_manifest_is_rebuilt_from_the_shards(cache, tmp_path, edit):
     model, data, folder = cache
     man = folder / "manifest.json"
@@ -237,8 +285,9 @@ def test_a_manifest_shard_size_that_a_shard_backs_is_kept(cache, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         again = generate_teacher(model, range(16), SPEC, cache_dir=tmp_path, shard_size=4, progress=False)
-    assert torch.equal(again.target, data.target) and json.loads((folder / "manifest.json").read_text())[
-        "shard_size"] == 8
+    assert (
+        torch.equal(again.target, data.target) and json.loads((folder / "manifest.json").read_text())["shard_size"] == 8
+    )
 
 
 @pytest.mark.parametrize("bad", ["[1, 2]", "{not json", "deep"])
@@ -279,6 +328,7 @@ def test_an_artifact_with_two_grid_times_swapped_is_refused_whatever_points_says
         _swap_two_times(doc)
         if points == "none":
             del doc["tableau"]["points"]
+
     folder = tmp_path / "art"
     folder.mkdir()
     _artifact(folder, "x", model, edit)
@@ -295,8 +345,9 @@ def _heun_doc(model) -> dict:
     return doc
 
 
-@pytest.mark.parametrize("damage", [None, "a stage at its step's start", "points end on a stage",
-                                    "solution points swapped"])
+@pytest.mark.parametrize(
+    "damage", [None, "a stage at its step's start", "points end on a stage", "solution points swapped"]
+)
 def test_the_grid_check_of_a_multi_stage_tableau(tmp_path, damage):
     model = make_gauss(VPLinear(), "eps", d=4)
     doc = _heun_doc(model)
@@ -348,8 +399,11 @@ def test_zoo_descriptions_match_the_models_and_recipes():
 
     for name in ("gaussian", "gmm2d", "gmm"):  # analytic: built in no time
         info, den = zoo.INFO[name], zoo.load(name)
-        assert (info.prediction, info.sample_shape, info.schedule) == \
-            (den.prediction, den.sample_shape, den.schedule.config()["type"])
+        assert (info.prediction, info.sample_shape, info.schedule) == (
+            den.prediction,
+            den.sample_shape,
+            den.schedule.config()["type"],
+        )
         assert info.classes == getattr(den, "num_classes", None)
         assert info.first_use_seconds == 0
     objective = {"eps": "eps", "velocity": "velocity"}
@@ -358,14 +412,17 @@ def test_zoo_descriptions_match_the_models_and_recipes():
         assert (info.prediction, info.schedule) == (objective[rec["objective"]], rec["schedule"]["type"])
         assert info.sample_shape == digits.SHAPE and info.first_use_seconds == train.EXPECTED_SECONDS
     info = zoo.INFO["digits-unet"]
-    assert (info.sample_shape, info.classes, info.schedule) == (unet.SHAPE, unet.NUM_CLASSES,
-                                                                unet.RECIPE["schedule"]["type"])
+    assert (info.sample_shape, info.classes, info.schedule) == (
+        unet.SHAPE,
+        unet.NUM_CLASSES,
+        unet.RECIPE["schedule"]["type"],
+    )
     assert zoo.INFO["digits-empirical"].sample_shape == digits.SHAPE
     assert set(zoo.INFO) == set(zoo.NAMES)
 
 
 # ============================================================================ the real entry point: one line each
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import sys
     from fewstep.cli import main
 
@@ -379,7 +436,7 @@ SCRIPT = textwrap.dedent('''
             code = repr(e)
         sys.stdout.flush()
         print(f"@@ {{code}}", file=sys.stderr, flush=True)
-''')
+""")
 
 
 def test_hostile_options_end_in_one_line_through_the_entry_point(tmp_path):
@@ -405,12 +462,18 @@ def test_hostile_options_end_in_one_line_through_the_entry_point(tmp_path):
     env.pop("FEWSTEP_DEBUG", None)
     work = tmp_path / "work"
     work.mkdir()
-    p = subprocess.run([sys.executable, "-c", SCRIPT.format(cases=cases)], cwd=work, env=env, capture_output=True,
-                       text=True, timeout=240)
+    p = subprocess.run(
+        [sys.executable, "-c", SCRIPT.format(cases=cases)],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     blocks = p.stderr.split("@@ ")  # block i: case i's stderr after case i-1's exit code
     assert len(blocks) == len(cases) + 1, p.stderr[-3000:]
     for i, argv in enumerate(cases):
-        lines = [x for x in blocks[i].splitlines()[1 if i else 0:] if x.strip()]
+        lines = [x for x in blocks[i].splitlines()[1 if i else 0 :] if x.strip()]
         code = blocks[i + 1].splitlines()[0]
         assert code == "2" and len(lines) == 1 and lines[0].startswith("error: "), (argv, code, blocks[i][-2000:])
     assert os.listdir(work) == []

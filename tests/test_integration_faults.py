@@ -22,9 +22,8 @@ import torch
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
-import tiny_pipelines as T  # noqa: E402
-
 import fewstep  # noqa: E402
+import tiny_pipelines as T  # noqa: E402
 from fewstep.errors import ArtifactError, FewstepError, ModelSpecError  # noqa: E402
 from fewstep.fit.api import fit  # noqa: E402
 from fewstep.integrations.diffusers_scheduler import FewStepScheduler  # noqa: E402
@@ -79,8 +78,20 @@ def test_a_pipeline_model_is_frozen_and_a_fit_leaves_no_gradients(sd, tmp_path):
     assert not any(m.training for m in model.family.pipe.components.values() if isinstance(m, torch.nn.Module))
     x = fewstep.sample(model, model.noise(range(2)), "euler@time", nfe=2, cond=model.cond_for(range(2)))
     assert x.shape == (2, 4, 8, 8) and not x.requires_grad and x.grad_fn is None
-    res = fit(model, "s4s", 2, teacher="ddim@time:4", start="ddim@time", samples=8, val_samples=4,
-              confirm_samples=4, steps=3, batch=4, eval_every=3, progress=False)
+    res = fit(
+        model,
+        "s4s",
+        2,
+        teacher="ddim@time:4",
+        start="ddim@time",
+        samples=8,
+        val_samples=4,
+        confirm_samples=4,
+        steps=3,
+        batch=4,
+        eval_every=3,
+        progress=False,
+    )
     assert res.solver.nfe == 2
     assert all(p.grad is None for p in params), sum(p.grad is not None for p in params)
 
@@ -169,9 +180,8 @@ def test_scheduler_for_a_model_with_other_weights_names_the_weights(sd, tmp_path
 
 
 def test_another_prediction_schedule_or_size_is_named(tmp_path):
-    from gauss import make_gauss
-
     from fewstep import VPLinear
+    from gauss import make_gauss
 
     solver = fewstep.load_solver(artifact(make_gauss(VPLinear(), "eps", d=4), tmp_path / "art"))
     with pytest.raises(ArtifactError, match="prediction: fitted for eps, this one x0") as e:
@@ -243,8 +253,9 @@ def test_a_text_pipeline_loads_without_prompts_for_a_scheduler(sd, tmp_path):
         fewstep.sample(bare, bare.noise(range(2)), "euler@time", nfe=2)
     one_line(e)
     x = fewstep.sample(bare, bare.noise(range(2)), "euler@time", nfe=2, cond=bare.prompt_cond(PROMPTS[:2]))
-    ref = fewstep.sample(with_prompts, with_prompts.noise(range(2)), "euler@time", nfe=2,
-                         cond=with_prompts.prompt_cond(PROMPTS[:2]))
+    ref = fewstep.sample(
+        with_prompts, with_prompts.noise(range(2)), "euler@time", nfe=2, cond=with_prompts.prompt_cond(PROMPTS[:2])
+    )
     torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5)
     drawn = bare.with_prompts(fewstep.conditions.PromptSet.of(PROMPTS))
     assert drawn.cond_for(range(3))["prompt"].shape == (3,)
@@ -253,7 +264,19 @@ def test_a_text_pipeline_loads_without_prompts_for_a_scheduler(sd, tmp_path):
 def test_fitting_a_text_pipeline_without_prompts_is_one_line(sd, tmp_path):
     bare = load_model(f"diffusers:{sd}", **SIZE)
     with pytest.raises(FewstepError, match="loaded without prompts") as e:
-        fit(bare, "s4s", 2, out=tmp_path / "never", teacher="ddim@time:4", start="ddim@time", samples=4,
-            val_samples=4, confirm_samples=4, steps=2, batch=4, progress=False)
+        fit(
+            bare,
+            "s4s",
+            2,
+            out=tmp_path / "never",
+            teacher="ddim@time:4",
+            start="ddim@time",
+            samples=4,
+            val_samples=4,
+            confirm_samples=4,
+            steps=2,
+            batch=4,
+            progress=False,
+        )
     one_line(e)
     assert not (tmp_path / "never").exists()

@@ -180,8 +180,9 @@ class Recorder:
 
 
 # ----------------------------------------------------------------------------- classic solvers
-@pytest.mark.parametrize("name,kd_name,steps", [("euler", "sample_euler", 8), ("heun", "sample_heun", 5),
-                                                ("dpmpp_2m", "sample_dpmpp_2m", 8)])
+@pytest.mark.parametrize(
+    "name,kd_name,steps", [("euler", "sample_euler", 8), ("heun", "sample_heun", 5), ("dpmpp_2m", "sample_dpmpp_2m", 8)]
+)
 def test_classic_matches_kdiffusion(vp, name, kd_name, steps):
     kd, _ = vp
     sigmas = K.get_sigmas_karras(steps, float(kd.sigma_min), float(kd.sigma_max)).to(F64)
@@ -252,8 +253,10 @@ def test_learned_solver_through_the_kdiffusion_wrapper(vp, tmp_path):
         ref = fewstep.sample(model, x * model.schedule.alpha(c0), loaded)
         classic = fewstep.sample(model, x * model.schedule.alpha(c0), "unipc@logsnr", nfe=NFE)
     d = rel(got, ref)
-    print(f"learned solver (VP, decoupled + corrector) via DiscreteEpsDDPMDenoiser vs fewstep.sample: "
-          f"max rel diff {d:.1e}")
+    print(
+        f"learned solver (VP, decoupled + corrector) via DiscreteEpsDDPMDenoiser vs fewstep.sample: "
+        f"max rel diff {d:.1e}"
+    )
     assert d < 1e-10
     assert rel(classic, ref) > 1e-3  # it is not the classic solver it started from
     assert [c["i"] for c in calls.calls] == list(range(NFE))
@@ -302,8 +305,9 @@ def test_flow_learned_solver_in_the_ve_frame():
     with torch.no_grad():
         ref = fewstep.sample(model, x * model.schedule.alpha(c0), solver)
     d = rel(got, ref)
-    print(f"learned solver (flow, v basis, decoupled + corrector) in the VE frame vs fewstep.sample: "
-          f"max rel diff {d:.1e}")
+    print(
+        f"learned solver (flow, v basis, decoupled + corrector) in the VE frame vs fewstep.sample: max rel diff {d:.1e}"
+    )
     assert d < 1e-10
     # a flow solver from the noise end t = 1 (alpha = 0) has no VE sigma: refused in one line
     with pytest.raises(FewstepError, match="alpha = 0") as e:

@@ -7,17 +7,16 @@ import json
 import pytest
 import torch
 
-from fewstep import VPLinear, Flow, sample
+from fewstep import Flow, VPLinear, sample
 from fewstep.errors import ArtifactError, FewstepError
 from fewstep.fit.api import fit
 from fewstep.fit.config import Phase
-from fewstep.fit.loop import FitSession, Relax, optimise, validate
+from fewstep.fit.loop import FitSession, Relax, optimise
 from fewstep.fit.methods import FitConfig, from_classic, plan_phases
 from fewstep.fit.teacher import generate_teacher
 from fewstep.sampling import build_tableau
 from fewstep.seeds import fit_seeds, val_seeds
 from fewstep.solvers.artifact import load_solver
-
 from gauss import make_gauss
 
 F64 = torch.float64
@@ -28,8 +27,10 @@ def vp_model():
     return make_gauss(VPLinear(), "eps", d=6)
 
 
-@pytest.mark.parametrize("start,method", [("unipc@logsnr", "s4s"), ("ipndm@time", "s4s"),
-                                          ("dpmpp_2m@quadratic", "dss"), ("ddim@logsnr", "dss")])
+@pytest.mark.parametrize(
+    "start,method",
+    [("unipc@logsnr", "s4s"), ("ipndm@time", "s4s"), ("dpmpp_2m@quadratic", "dss"), ("ddim@logsnr", "dss")],
+)
 def test_learned_solver_starts_exactly_at_its_classic_solver(vp_model, start, method):
     noise = torch.randn(8, 6, generator=torch.Generator().manual_seed(0), dtype=F64)
     tab = build_tableau(vp_model, start, 6)
@@ -109,8 +110,9 @@ def test_learned_grid_stays_monotone_and_inside(vp_model, nfe):
 @pytest.fixture(scope="module")
 def data(vp_model, tmp_path_factory):
     cache = tmp_path_factory.mktemp("teacher")
-    tr = generate_teacher(vp_model, fit_seeds(96), "dpmpp_3m@logsnr:60", keep_states=True, cache_dir=cache,
-                          progress=False)
+    tr = generate_teacher(
+        vp_model, fit_seeds(96), "dpmpp_3m@logsnr:60", keep_states=True, cache_dir=cache, progress=False
+    )
     va = generate_teacher(vp_model, val_seeds(48), "dpmpp_3m@logsnr:60", cache_dir=cache, progress=False)
     return tr, va
 
@@ -119,7 +121,9 @@ def test_relaxed_latents_stay_in_their_ball(vp_model, data):
     tr, va = data
     s = from_classic(vp_model, build_tableau(vp_model, "ddim@logsnr", 4), "ld3")
     relax = Relax(0.05, lr=2.0)
-    optimise(FitSession(vp_model, s, tr, va, FitConfig(eval_every=10), relax), Phase("grid", {"grid": 0.05}, 30, batch=16))
+    optimise(
+        FitSession(vp_model, s, tr, va, FitConfig(eval_every=10), relax), Phase("grid", {"grid": 0.05}, 30, batch=16)
+    )
     radius = relax.radius(vp_model, 6)
     norms = relax.offsets.flatten(1).norm(dim=1)
     assert float(norms.max()) <= radius * (1 + 1e-6)
@@ -130,11 +134,17 @@ def test_relaxed_latents_persist_across_phases(vp_model, data):
     tr, va = data
     s = from_classic(vp_model, build_tableau(vp_model, "ddim@logsnr", 4), "s4s-alt", decouple=0.1)
     relax = Relax(0.05, lr=2.0)
-    optimise(FitSession(vp_model, s, tr, va, FitConfig(eval_every=6, seed=1), relax), Phase("grid", {"grid": 0.05}, 12, batch=16))
+    optimise(
+        FitSession(vp_model, s, tr, va, FitConfig(eval_every=6, seed=1), relax),
+        Phase("grid", {"grid": 0.05}, 12, batch=16),
+    )
     after_grid = relax.offsets.clone()
     moved = after_grid.flatten(1).norm(dim=1) > 0
     assert moved.any()
-    optimise(FitSession(vp_model, s, tr, va, FitConfig(eval_every=2, seed=2), relax), Phase("coef", {"coef": 0.03}, 2, batch=16))
+    optimise(
+        FitSession(vp_model, s, tr, va, FitConfig(eval_every=2, seed=2), relax),
+        Phase("coef", {"coef": 0.03}, 2, batch=16),
+    )
     touched = relax.offsets.ne(after_grid).flatten(1).any(1)
     keep = moved & ~touched  # latents the second phase did not draw: exactly as the first left them
     assert keep.any() and torch.equal(relax.offsets[keep], after_grid[keep])
@@ -143,8 +153,20 @@ def test_relaxed_latents_persist_across_phases(vp_model, data):
 
 @pytest.mark.parametrize("method", ["s4s", "s4s-alt", "ld3", "dss"])
 def test_small_fit_improves_on_its_start_on_held_out_noise(vp_model, tmp_path, method):
-    res = fit(vp_model, method, 4, out=tmp_path / method, teacher="dpmpp_3m@logsnr:60", samples=96, val_samples=48,
-              progress=False, cache_dir=tmp_path / "cache", steps=120, start="ddim@logsnr", eval_every=20)
+    res = fit(
+        vp_model,
+        method,
+        4,
+        out=tmp_path / method,
+        teacher="dpmpp_3m@logsnr:60",
+        samples=96,
+        val_samples=48,
+        progress=False,
+        cache_dir=tmp_path / "cache",
+        steps=120,
+        start="ddim@logsnr",
+        eval_every=20,
+    )
     held = torch.randn(128, 6, generator=torch.Generator().manual_seed(10**6), dtype=F64)
     exact = vp_model.flow_map(held, 1.0, 0.0)
     with torch.no_grad():
@@ -154,15 +176,29 @@ def test_small_fit_improves_on_its_start_on_held_out_noise(vp_model, tmp_path, m
     assert not v["kept_start"] and v["confirm_rmse_to_teacher"] < v["confirm_start_rmse_to_teacher"]
     e = v["estimate"]  # the fit's estimate is on the noises nothing was chosen on, with its standard error
     assert e["on"] == "confirmation" and e["noises"] == 200 and e["rmse_to_teacher"] == v["confirm_rmse_to_teacher"]
-    assert 0 < e["sem"] < 0.5 * e["rmse_to_teacher"] and e["start_rmse_to_teacher"] == v["confirm_start_rmse_to_teacher"]
+    assert (
+        0 < e["sem"] < 0.5 * e["rmse_to_teacher"] and e["start_rmse_to_teacher"] == v["confirm_start_rmse_to_teacher"]
+    )
     assert res.doc["teacher"]["confirm_seeds"] == [500_048, 500_248]  # after the validation block
     assert e_fit < 0.9 * e_start, (method, e_start, e_fit)
 
 
 def test_fit_never_ends_worse_than_its_start(vp_model, tmp_path):
     # a learning rate that wrecks the solver: the fit must hand back its start
-    res = fit(vp_model, "s4s", 4, teacher="dpmpp_3m@logsnr:60", samples=64, val_samples=32, progress=False,
-              cache_dir=tmp_path, steps=20, start="unipc@logsnr", lr_coef=50.0, eval_every=5)
+    res = fit(
+        vp_model,
+        "s4s",
+        4,
+        teacher="dpmpp_3m@logsnr:60",
+        samples=64,
+        val_samples=32,
+        progress=False,
+        cache_dir=tmp_path,
+        steps=20,
+        start="unipc@logsnr",
+        lr_coef=50.0,
+        eval_every=5,
+    )
     noise = torch.randn(16, 6, dtype=F64)
     with torch.no_grad():
         a = sample(vp_model, noise, "unipc@logsnr", nfe=4)
@@ -175,8 +211,20 @@ def test_fit_never_ends_worse_than_its_start(vp_model, tmp_path):
 
 
 def test_artifact_round_trips_bit_exact_and_refuses_other_models(vp_model, tmp_path):
-    res = fit(vp_model, "s4s-alt", 4, out=tmp_path / "art", teacher="dpmpp_3m@logsnr:60", samples=64,
-              val_samples=32, progress=False, cache_dir=tmp_path / "c", steps=40, start="unipc@logsnr", eval_every=10)
+    res = fit(
+        vp_model,
+        "s4s-alt",
+        4,
+        out=tmp_path / "art",
+        teacher="dpmpp_3m@logsnr:60",
+        samples=64,
+        val_samples=32,
+        progress=False,
+        cache_dir=tmp_path / "c",
+        steps=40,
+        start="unipc@logsnr",
+        eval_every=10,
+    )
     doc = json.loads((tmp_path / "art" / "solver.json").read_text())
     assert doc["schema"] == "fewstep.solver/1" and doc["nfe"] == 4 and doc["method"] == "s4s-alt"
     assert doc["model"]["fingerprint"] == vp_model.fingerprint()
@@ -196,8 +244,14 @@ def test_artifact_round_trips_bit_exact_and_refuses_other_models(vp_model, tmp_p
 
 
 def test_artifact_keeps_its_parameters_and_a_fit_can_refine_it(vp_model, tmp_path):
-    kw = dict(teacher="dpmpp_3m@logsnr:60", samples=64, val_samples=32, progress=False, cache_dir=tmp_path / "c",
-              eval_every=10)
+    kw = dict(
+        teacher="dpmpp_3m@logsnr:60",
+        samples=64,
+        val_samples=32,
+        progress=False,
+        cache_dir=tmp_path / "c",
+        eval_every=10,
+    )
     first = fit(vp_model, "s4s-alt", 4, out=tmp_path / "a", steps=40, start="unipc@logsnr", **kw)
     assert first.doc["params"] == "params.safetensors" and (tmp_path / "a" / "params.safetensors").is_file()
     s = load_solver(tmp_path / "a").learned()  # the trainable solver: its tables are the artifact's, exactly
@@ -230,8 +284,17 @@ def test_damaged_artifacts_are_refused(tmp_path):
 
 @pytest.mark.parametrize("method", ["s4s-alt", "dss", "ld3"])
 def test_interrupted_fit_resumes_to_the_uninterrupted_result(vp_model, tmp_path, kill_at_call, method):
-    kw = dict(teacher="dpmpp_3m@logsnr:60", samples=64, val_samples=32, progress=False, cache_dir=tmp_path / "c",
-              steps=48, start="ddim@logsnr", eval_every=8, rounds=2)
+    kw = dict(
+        teacher="dpmpp_3m@logsnr:60",
+        samples=64,
+        val_samples=32,
+        progress=False,
+        cache_dir=tmp_path / "c",
+        steps=48,
+        start="ddim@logsnr",
+        eval_every=8,
+        rounds=2,
+    )
     whole = fit(vp_model, method, 4, out=tmp_path / "whole", **kw)
     with pytest.raises(KeyboardInterrupt):
         kill_at_call(21, lambda: fit(vp_model, method, 4, out=tmp_path / "cut", **kw))
@@ -245,8 +308,15 @@ def test_interrupted_fit_resumes_to_the_uninterrupted_result(vp_model, tmp_path,
 
 
 def test_a_checkpoint_for_other_settings_is_not_resumed(vp_model, tmp_path, kill_at_call):
-    kw = dict(teacher="dpmpp_3m@logsnr:60", samples=64, val_samples=32, progress=False, cache_dir=tmp_path / "c",
-              start="ddim@logsnr", eval_every=8)
+    kw = dict(
+        teacher="dpmpp_3m@logsnr:60",
+        samples=64,
+        val_samples=32,
+        progress=False,
+        cache_dir=tmp_path / "c",
+        start="ddim@logsnr",
+        eval_every=8,
+    )
     with pytest.raises(KeyboardInterrupt):
         kill_at_call(12, lambda: fit(vp_model, "s4s", 4, out=tmp_path / "a", steps=40, **kw))
     res = fit(vp_model, "s4s", 4, out=tmp_path / "a", steps=24, **kw)  # another step count: another fit

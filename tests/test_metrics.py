@@ -14,8 +14,15 @@ import torch
 from fewstep import zoo
 from fewstep.errors import FewstepError, ShapeError
 from fewstep.evaluate import evaluate, format_table
-from fewstep.metrics import (average_log_likelihood, frechet_distance, kernel_distance, projection_directions, psnr,
-                             sliced_wasserstein, wasserstein2_sq_1d)
+from fewstep.metrics import (
+    average_log_likelihood,
+    frechet_distance,
+    kernel_distance,
+    projection_directions,
+    psnr,
+    sliced_wasserstein,
+    wasserstein2_sq_1d,
+)
 from fewstep.metrics import classifier as clf
 from fewstep.metrics.features import digits_features
 
@@ -63,8 +70,11 @@ def test_frechet_distance_of_two_gaussians_is_the_closed_form(feature):
     # the covariance term's first-order error scales with ||S1 - S2|| and the covariance estimates'
     # relative error sqrt(2 / n): 5 x that
     d = m1 - m2
-    tol = (float(torch.trace(s1 + s2)) / n + 10 * math.sqrt(float(d @ (s1 + s2) @ d) / n)
-           + 5 * float(torch.linalg.matrix_norm(s1 - s2)) * math.sqrt(2 / n))
+    tol = (
+        float(torch.trace(s1 + s2)) / n
+        + 10 * math.sqrt(float(d @ (s1 + s2) @ d) / n)
+        + 5 * float(torch.linalg.matrix_norm(s1 - s2)) * math.sqrt(2 / n)
+    )
     fd = frechet_distance(x, y, net)
     assert abs(fd - exact) < tol, (fd, exact, tol)
     assert tol < 0.12 * exact
@@ -155,8 +165,12 @@ def test_log_likelihood_matches_the_gmm2d_density():
     den = zoo.load("gmm2d")
     x = den.sample_data(400, generator=torch.Generator().manual_seed(11))
     net = den.net
-    comps = numpy.stack([multivariate_normal(m.numpy(), float(s) ** 2 * numpy.eye(2)).logpdf(x.numpy())
-                         for m, s in zip(net.means, net.stds)])
+    comps = numpy.stack(
+        [
+            multivariate_normal(m.numpy(), float(s) ** 2 * numpy.eye(2)).logpdf(x.numpy())
+            for m, s in zip(net.means, net.stds)
+        ]
+    )
     ref = logsumexp(comps, axis=0) - math.log(len(comps))
     mean, sem = average_log_likelihood(den.log_prob, x)
     assert mean == pytest.approx(float(ref.mean()), rel=1e-8)
@@ -269,8 +283,15 @@ def test_evaluate_metrics_choices_and_errors():
     user = evaluate(den, nfe=4, solvers=["ddim@logsnr"], samples=16, metrics="swd", data=data)
     assert user["metrics"]["data_reference"] == {"source": "user (50 samples)", "n": 50}
     # any user feature network serves FD / KID (here torch's Identity: FD of the raw vectors)
-    own = evaluate(den, nfe=[3, 8], solvers=["ddim@logsnr"], samples=64, metrics=["fd", "kid"], data=data,
-                   feature=torch.nn.Identity())
+    own = evaluate(
+        den,
+        nfe=[3, 8],
+        solvers=["ddim@logsnr"],
+        samples=64,
+        metrics=["fd", "kid"],
+        data=data,
+        feature=torch.nn.Identity(),
+    )
     assert own["metrics"]["feature"] == "Identity"
     assert own["results"][0]["fd"] == pytest.approx(frechet_distance(_reference_of(den, 64), data), rel=1e-9)
     assert _by(own, "ddim", 3)["fd"] > _by(own, "ddim", 8)["fd"]
@@ -287,8 +308,9 @@ def test_evaluate_metrics_choices_and_errors():
 def test_fd_to_the_reference_solve_needs_no_data():
     # fd_ref: FD to the reference solve's samples from the same seeds; no data set involved
     den = make_gauss(__import__("fewstep").VPLinear(), "eps", d=3)
-    rep = evaluate(den, nfe=[3, 8], solvers=["ddim@logsnr"], samples=64, metrics=["fd_ref"],
-                   feature=torch.nn.Identity())
+    rep = evaluate(
+        den, nfe=[3, 8], solvers=["ddim@logsnr"], samples=64, metrics=["fd_ref"], feature=torch.nn.Identity()
+    )
     assert rep["metrics"]["data_reference"] is None and rep["metrics"]["feature"] == "Identity"
     ref_row, few, many = rep["results"][0], _by(rep, "ddim", 3), _by(rep, "ddim", 8)
     assert few["fd"] is None and few["fd_ref"] > many["fd_ref"] > ref_row["fd_ref"] >= 0
@@ -300,7 +322,11 @@ def test_fd_to_the_reference_solve_needs_no_data():
     assert few["fd_ref"] == pytest.approx(frechet_distance(x, ref), rel=1e-6)
     assert "FD to ref: to the reference solve's samples" in format_table(rep)
     # named only: "auto" leaves it out, and without a feature network it names the fix
-    assert "fd_ref" not in evaluate(zoo.load("gmm2d"), nfe=3, solvers=["ddim@logsnr"], samples=16,
-                                    metrics="auto", reference_nfe=40)["metrics"]["names"]
+    assert (
+        "fd_ref"
+        not in evaluate(
+            zoo.load("gmm2d"), nfe=3, solvers=["ddim@logsnr"], samples=16, metrics="auto", reference_nfe=40
+        )["metrics"]["names"]
+    )
     with pytest.raises(FewstepError, match="feature="):
         evaluate(den, nfe=4, solvers=["ddim@logsnr"], samples=8, metrics="fd_ref")

@@ -192,14 +192,25 @@ def test_ddim(eps_model, noise, nfe, spacing, alpha_to_one):
 @pytest.mark.parametrize(
     "nfe,spacing",
     # 3 (warm start only), 5 and 10 (lower order at the end), 20 (no lower order before the last step)
-    [(3, "linspace"), (5, "linspace"), (5, "leading"), (5, "trailing"), (10, "linspace"), (10, "leading"),
-     (10, "trailing"), (20, "linspace")],
+    [
+        (3, "linspace"),
+        (5, "linspace"),
+        (5, "leading"),
+        (5, "trailing"),
+        (10, "linspace"),
+        (10, "leading"),
+        (10, "trailing"),
+        (20, "linspace"),
+    ],
 )
 @pytest.mark.parametrize("order", [2, 3])
 def test_dpmpp(eps_model, noise, nfe, spacing, order):
     sched = diffusers.DPMSolverMultistepScheduler(
-        algorithm_type="dpmsolver++", solver_order=order, final_sigmas_type="zero",
-        lower_order_final=True, timestep_spacing=spacing,
+        algorithm_type="dpmsolver++",
+        solver_order=order,
+        final_sigmas_type="zero",
+        lower_order_final=True,
+        timestep_spacing=spacing,
     )
     assert _multistep_parity(eps_model, noise, sched, f"dpmpp_{order}m", nfe, "zero") < TOL
 
@@ -218,8 +229,12 @@ def test_dpmpp(eps_model, noise, nfe, spacing, order):
 )
 def test_unipc(eps_model, noise, nfe, spacing, solver, variant, order, final):
     sched = diffusers.UniPCMultistepScheduler(
-        solver_order=order, solver_type=variant, predict_x0=True, lower_order_final=True,
-        final_sigmas_type=final, timestep_spacing=spacing,
+        solver_order=order,
+        solver_type=variant,
+        predict_x0=True,
+        lower_order_final=True,
+        final_sigmas_type=final,
+        timestep_spacing=spacing,
     )
     assert _multistep_parity(eps_model, noise, sched, solver, nfe, final) < TOL
 
@@ -230,7 +245,10 @@ def test_unipc(eps_model, noise, nfe, spacing, solver, variant, order, final):
 def test_deis(eps_model, noise, nfe, spacing):
     # DEISMultistepScheduler ends at the sigma of index 0 (t = 1 / T), not at the clean end
     sched = diffusers.DEISMultistepScheduler(
-        algorithm_type="deis", solver_order=3, lower_order_final=True, timestep_spacing=spacing,
+        algorithm_type="deis",
+        solver_order=3,
+        lower_order_final=True,
+        timestep_spacing=spacing,
     )
     assert _multistep_parity(eps_model, noise, sched, "deis", nfe, "sigma_min") < TOL
 
@@ -273,8 +291,9 @@ def test_flow_euler(flow_model, noise, nfe):
 
 
 # ----------------------------------------------------------------------------- batch size
-@pytest.mark.parametrize("solver,model_fixture", [("dpmpp_3m", "eps_model"), ("unipc", "eps_model"),
-                                                  ("heun", "flow_model")])
+@pytest.mark.parametrize(
+    "solver,model_fixture", [("dpmpp_3m", "eps_model"), ("unipc", "eps_model"), ("heun", "flow_model")]
+)
 def test_batch_size_invariance(request, solver, model_fixture):
     """Same seeds in one batch of 5 or in five batches of 1 give the same samples.
 

@@ -35,9 +35,8 @@ import torch
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
-import tiny_pipelines as T  # noqa: E402
-
 import fewstep  # noqa: E402
+import tiny_pipelines as T  # noqa: E402
 from fewstep.conditions import Entry, PromptSet  # noqa: E402
 from fewstep.errors import ArtifactError, FewstepError, ModelSpecError  # noqa: E402
 from fewstep.evaluate import evaluate  # noqa: E402
@@ -65,10 +64,20 @@ FORMAT = {"sd": "csv", "sd_v": "txt", "sdxl": "jsonl", "pixart_sigma": "txt", "s
 DIT_CLASSES = "0,1,2,3"
 
 # prompts in the tiny tokenizers' vocabulary; PromptSet.split holds out the two marked (by text hash)
-PROMPTS = ("a photo of a cat", "a red car on the road", "a painting of a blue house in the snow",
-           "a small bird in a green tree", "an old boat on the river at night", "a white horse in a field",
-           "a drawing of a yellow flower", "a black dog in the city", "the moon over a mountain",
-           "a big fish in the river", "a green field in the morning", "a bright sun in the sky")
+PROMPTS = (
+    "a photo of a cat",
+    "a red car on the road",
+    "a painting of a blue house in the snow",
+    "a small bird in a green tree",
+    "an old boat on the river at night",
+    "a white horse in a field",
+    "a drawing of a yellow flower",
+    "a black dog in the city",
+    "the moon over a mountain",
+    "a big fish in the river",
+    "a green field in the morning",
+    "a bright sun in the sky",
+)
 HELD_OUT = ("a big fish in the river", "a bright sun in the sky")
 # (negative prompt, guidance) of some prompts in the .csv / .jsonl files
 EXTRA = {0: ("a dog in the snow", 3.0), 2: ("a black car at night", None), 5: (None, 6.0), 9: ("a red tree", 2.5)}
@@ -107,8 +116,10 @@ def check_close(tag: str, got: torch.Tensor, ref: torch.Tensor) -> None:
     """max |got - ref| <= ATOL * max(1, max |ref|); the numbers are recorded."""
     d, scale = maxdiff(got, ref), max(1.0, float(ref.abs().max()))
     NUMBERS[tag] = d / scale
-    print(f"{tag}: max |pipeline - fewstep| = {d:.2e} (latents up to {float(ref.abs().max()):.3g}; "
-          f"relative {d / scale:.2e})")
+    print(
+        f"{tag}: max |pipeline - fewstep| = {d:.2e} (latents up to {float(ref.abs().max()):.3g}; "
+        f"relative {d / scale:.2e})"
+    )
     assert d <= ATOL * scale, (tag, d, scale)
 
 
@@ -198,8 +209,16 @@ class Env:
             if kind != "dit":
                 m = m.with_prompts(PromptSet.read(self.prompt_file(kind)).split()[0])
             prefill_teacher(m, teacher_of(kind), FIT["samples"], FIT["val_samples"], FIT["confirm_samples"])
-            res = fit(m, "s4s", NFE, out=self.root / "fits" / kind, teacher=teacher_of(kind), start=start_of(kind),
-                      progress=False, **FIT)
+            res = fit(
+                m,
+                "s4s",
+                NFE,
+                out=self.root / "fits" / kind,
+                teacher=teacher_of(kind),
+                start=start_of(kind),
+                progress=False,
+                **FIT,
+            )
             self._fits[kind] = (m, res)
         return self._fits[kind]
 
@@ -212,8 +231,16 @@ class Env:
         if kind not in self._multi:
             m = self.load_multi(kind)
             prefill_teacher(m, teacher_of(kind, 10), FIT["samples"], FIT["val_samples"], FIT["confirm_samples"])
-            self._multi[kind] = fit(m, "s4s", NFE, out=self.root / "multi" / kind, teacher=teacher_of(kind, 10),
-                                    start=start_of(kind), progress=False, **{**FIT, "steps": 40})
+            self._multi[kind] = fit(
+                m,
+                "s4s",
+                NFE,
+                out=self.root / "multi" / kind,
+                teacher=teacher_of(kind, 10),
+                start=start_of(kind),
+                progress=False,
+                **{**FIT, "steps": 40},
+            )
         return self._multi[kind]
 
 
@@ -239,8 +266,18 @@ def env(tmp_path_factory, one_thread):
 
 
 # ----------------------------------------------------------------------------- running the real pipeline
-def run_pipeline(kind: str, model, steps: int, scheduler=None, prompt: str | None = None, label: int | None = None,
-                 negative: str | None = None, noise: torch.Tensor | None = None, seed: int = 0, w: float | None = None):
+def run_pipeline(
+    kind: str,
+    model,
+    steps: int,
+    scheduler=None,
+    prompt: str | None = None,
+    label: int | None = None,
+    negative: str | None = None,
+    noise: torch.Tensor | None = None,
+    seed: int = 0,
+    w: float | None = None,
+):
     """Call the model's own pipeline object the normal way (its own scheduler, or ``scheduler`` for this call);
     returns (its final latents unpacked, (1, C, h, w); the timesteps it stepped)."""
     pipe = model.family.pipe
@@ -260,8 +297,13 @@ def run_pipeline(kind: str, model, steps: int, scheduler=None, prompt: str | Non
     w = model.guidance_scale if w is None else w
     try:
         if kind == "dit":  # DiTPipeline draws its noise from the generator (batch 1: the same draw as model.noise)
-            pipe(class_labels=[label], guidance_scale=w, num_inference_steps=steps,
-                 generator=torch.Generator().manual_seed(seed), output_type="np")
+            pipe(
+                class_labels=[label],
+                guidance_scale=w,
+                num_inference_steps=steps,
+                generator=torch.Generator().manual_seed(seed),
+                output_type="np",
+            )
         else:
             kw = call_kwargs(kind)
             if noise is not None:
@@ -388,8 +430,6 @@ def test_conditions_drawn_per_seed(env, kind):
         assert maxdiff(plain, drawn) > 1e-4
 
 
-
-
 @pytest.mark.parametrize("kind", TEXT)
 def test_cond_keys_do_not_depend_on_the_batch(env, kind, tmp_path):
     model = env.model(kind)
@@ -468,8 +508,9 @@ def test_prompts_encoded_once(env, kind, tmp_path, monkeypatch):
     monkeypatch.setenv("FEWSTEP_CACHE", str(cache))
     enc = EncoderCalls(monkeypatch)
     model = env.load(kind)
-    texts = {e.prompt for e in expected_entries(FORMAT[kind])} | {e.negative for e in expected_entries(FORMAT[kind])
-                                                                  if e.negative}
+    texts = {e.prompt for e in expected_entries(FORMAT[kind])} | {
+        e.negative for e in expected_entries(FORMAT[kind]) if e.negative
+    }
     assert enc.calls > 0 and model.net.table.encoded == len(texts)
     files = sorted((cache / "embeddings").rglob("*.safetensors"))
     assert len(files) == len(texts) + 1  # and the pipeline's own unconditional rows
@@ -480,8 +521,9 @@ def test_prompts_encoded_once(env, kind, tmp_path, monkeypatch):
     spec = teacher_of(kind, 2)
     generate_teacher(fm, range(4), spec, shard_size=4, progress=False)
     generate_teacher(fm, range(4, 8), teacher_of(kind, 3), shard_size=4, progress=False)
-    rep = evaluate(model.with_prompts(held), nfe=2, solvers=[start_of(kind)], samples=2, reference=start_of(kind),
-                   reference_nfe=4)
+    rep = evaluate(
+        model.with_prompts(held), nfe=2, solvers=[start_of(kind)], samples=2, reference=start_of(kind), reference_nfe=4
+    )
     assert [r["rmse"] is not None for r in rep["results"]] == [True]
     model.prompt_cond([PROMPTS[3]])
     assert enc.calls == loaded_calls and model.net.table.encoded == len(texts)
@@ -523,15 +565,18 @@ def test_fit_artifact_and_learned_row(env, kind):
     tab = solver.tableau(model)  # the model with the whole prompt set: the same network, the artifact applies
     assert tab.N == NFE and torch.isfinite(tab.B).all()
     ev = model if kind == "dit" else model.with_prompts(PromptSet.read(env.prompt_file(kind)).split()[1])
-    rep = evaluate(ev, nfe=NFE, solvers=[start_of(kind)], samples=6, reference=start_of(kind), reference_nfe=10,
-                   learned=[solver])
+    rep = evaluate(
+        ev, nfe=NFE, solvers=[start_of(kind)], samples=6, reference=start_of(kind), reference_nfe=10, learned=[solver]
+    )
     rows = {r["grid"]: r for r in rep["results"]}
     assert set(rows) == {"learned", start_of(kind).split("@")[1]}
     learned = rows["learned"]
     assert learned["solver"] == solver.name and learned["nfe"] == NFE
     assert learned["rmse"] is not None and math.isfinite(learned["rmse"]) and learned["rmse"] > 0
-    print(f"{kind}: kept start {doc['validation']['kept_start']}; held-out RMSE learned {learned['rmse']:.4g} vs "
-          f"{start_of(kind)} {rows[start_of(kind).split('@')[1]]['rmse']:.4g} at NFE {NFE}")
+    print(
+        f"{kind}: kept start {doc['validation']['kept_start']}; held-out RMSE learned {learned['rmse']:.4g} vs "
+        f"{start_of(kind)} {rows[start_of(kind).split('@')[1]]['rmse']:.4g} at NFE {NFE}"
+    )
 
 
 def cli(args: list[str]):
@@ -571,23 +616,60 @@ class Evaluations:
 def test_cli_fit_uses_the_fit_part_and_evaluates_the_held_out_part(env, kind, tmp_path, monkeypatch):
     folder = env.folder(kind)
     out = tmp_path / "solver"
-    cond_args = ["--classes", DIT_CLASSES] if kind == "dit" else \
-        ["--prompts", env.files["csv"], "--height", SIZE[0], "--width", SIZE[1]]
+    cond_args = (
+        ["--classes", DIT_CLASSES]
+        if kind == "dit"
+        else ["--prompts", env.files["csv"], "--height", SIZE[0], "--width", SIZE[1]]
+    )
     # the teacher data the CLI fit reads, in small shards (its own would be 128 seeds each): the same model as the
     # CLI loads (the fit part of the file, the pipeline's default text length), so the same teacher cache folder
-    same = env.load(kind) if kind == "dit" else load_model(
-        f"diffusers:{folder}", prompts=PromptSet.read(env.files["csv"]).split()[0], height=SIZE[0], width=SIZE[1])
+    same = (
+        env.load(kind)
+        if kind == "dit"
+        else load_model(
+            f"diffusers:{folder}", prompts=PromptSet.read(env.files["csv"]).split()[0], height=SIZE[0], width=SIZE[1]
+        )
+    )
     prefill_teacher(same, teacher_of(kind, 10), 16, 8, 8)
     caches = sorted((env.root / "cache" / "teacher").iterdir())
     evals = Evaluations(monkeypatch, kind)
-    r = cli(["fit", "--model", f"diffusers:{folder}", "--method", "s4s", "--nfe", NFE, "--out", out,
-             "--samples", 16, "--val-samples", 8, "--confirm-samples", 8, "--steps", 10, "--batch", 4,
-             "--start", start_of(kind), "--teacher", teacher_of(kind, 10), "--eval-samples", 4, "--json",
-             "--threads", 1, *cond_args])
+    r = cli(
+        [
+            "fit",
+            "--model",
+            f"diffusers:{folder}",
+            "--method",
+            "s4s",
+            "--nfe",
+            NFE,
+            "--out",
+            out,
+            "--samples",
+            16,
+            "--val-samples",
+            8,
+            "--confirm-samples",
+            8,
+            "--steps",
+            10,
+            "--batch",
+            4,
+            "--start",
+            start_of(kind),
+            "--teacher",
+            teacher_of(kind, 10),
+            "--eval-samples",
+            4,
+            "--json",
+            "--threads",
+            1,
+            *cond_args,
+        ]
+    )
     assert r.exit_code == 0, (r.output, r.exception)
     doc = json.loads((out / "solver.json").read_text())
     assert sorted((env.root / "cache" / "teacher").iterdir()) == caches  # it read the teacher data made above
-    rep = json.loads(r.stdout[r.stdout.index("{"):])
+    rep = json.loads(r.stdout[r.stdout.index("{") :])
     assert any(row["grid"] == "learned" and row["rmse"] > 0 for row in rep["results"])
     assert len(evals.models) == 1
     seen = evals.models[0].cond_sampler
@@ -601,10 +683,31 @@ def test_cli_fit_uses_the_fit_part_and_evaluates_the_held_out_part(env, kind, tm
         assert seen.prompts.digest() == held.digest()  # the closing table: prompts the fit never saw
         assert [e.prompt for e in seen.prompts.entries] == list(HELD_OUT)
     # fewstep eval with the same prompt file evaluates on its held-out part too
-    r = cli(["eval", "--model", f"diffusers:{folder}", "--solver", out, "--solver", start_of(kind), "--nfe", NFE,
-             "--samples", 4, "--reference-nfe", 10, "--metrics", "none", "--json", "--threads", 1, *cond_args])
+    r = cli(
+        [
+            "eval",
+            "--model",
+            f"diffusers:{folder}",
+            "--solver",
+            out,
+            "--solver",
+            start_of(kind),
+            "--nfe",
+            NFE,
+            "--samples",
+            4,
+            "--reference-nfe",
+            10,
+            "--metrics",
+            "none",
+            "--json",
+            "--threads",
+            1,
+            *cond_args,
+        ]
+    )
     assert r.exit_code == 0, (r.output, r.exception)
-    rows = json.loads(r.stdout[r.stdout.index("{"):])["results"]
+    rows = json.loads(r.stdout[r.stdout.index("{") :])["results"]
     assert {row["grid"] for row in rows} == {"learned", start_of(kind).split("@")[1]}
     if kind != "dit":
         assert evals.models[-1].cond_sampler.prompts.digest() == held.digest()
@@ -655,13 +758,20 @@ def test_own_scheduler_guided_parity(env, kind):
         grid_arg = model.schedule.t_of_index(torch.cat([ks, torch.zeros(1, dtype=F64)]))
         solver = "ddim"
     with torch.no_grad():
-        ref = fewstep.sample(model, noise, solver, nfe=steps, grid=grid_arg,
-                             cond=cond_of(kind, model, prompt, negative))
+        ref = fewstep.sample(
+            model, noise, solver, nfe=steps, grid=grid_arg, cond=cond_of(kind, model, prompt, negative)
+        )
     check_close(f"{kind} own {type(pipe.scheduler).__name__} (w={model.guidance_scale})", got, ref)
     # guidance matters here: unguided is another sample
     with torch.no_grad():
-        other = fewstep.sample(model, noise, solver, nfe=steps, grid=grid_arg,
-                               cond=model.prompt_cond([prompt], None if negative is None else [negative], guidance=1.5))
+        other = fewstep.sample(
+            model,
+            noise,
+            solver,
+            nfe=steps,
+            grid=grid_arg,
+            cond=model.prompt_cond([prompt], None if negative is None else [negative], guidance=1.5),
+        )
     assert maxdiff(other, ref) > 1e-3
 
 
@@ -705,8 +815,17 @@ def test_fit_across_guidance_scales(env, kind, tmp_path):
         return
     # the CLI (DiT: the CLI loads the same model; it has no --max-sequence-length for the text kinds' models above):
     # a scale outside the range is one line, inside it samples
-    base_args = ["sample", "--model", f"diffusers:{env.folder(kind)}", "--classes", DIT_CLASSES, "--solver", art,
-                 "--n", 2]
+    base_args = [
+        "sample",
+        "--model",
+        f"diffusers:{env.folder(kind)}",
+        "--classes",
+        DIT_CLASSES,
+        "--solver",
+        art,
+        "--n",
+        2,
+    ]
     r = cli([*base_args, "--guidance", "5", "--out", tmp_path / "x5.safetensors"])
     assert r.exit_code == 2, (r.output, r.exception)
     assert_error_line(r, "2..4")
@@ -756,9 +875,16 @@ def test_plain_unet_pipeline_still_loads_the_old_way(env):
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
     torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
     folder = env.root / "ddpm"
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(str(folder))
     m = load_model(f"diffusers:{folder}")
@@ -831,10 +957,11 @@ def test_cli_bad_input_is_one_line(env, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     for args, match in (
-            (["fit", "--model", dit, "--prompts", env.files["txt"], *common], "class-conditional"),
-            (["fit", "--model", sd3, "--classes", "0,1", *common], "text-conditional"),
-            (["fit", "--model", sd3, *common], "prompt set"),
-            (["eval", "--model", sd3, "--prompts", empty, "--samples", 2], "holds no prompt")):
+        (["fit", "--model", dit, "--prompts", env.files["txt"], *common], "class-conditional"),
+        (["fit", "--model", sd3, "--classes", "0,1", *common], "text-conditional"),
+        (["fit", "--model", sd3, *common], "prompt set"),
+        (["eval", "--model", sd3, "--prompts", empty, "--samples", 2], "holds no prompt"),
+    ):
         r = cli(args)
         assert r.exit_code == 2, (args, r.output, r.exception)
         assert_error_line(r, match)

@@ -37,9 +37,22 @@ def test_without_rmse_the_metric_decides_in_its_own_direction():
 
 def test_metric_plot_with_a_diverging_solver_is_written(tmp_path):
     pytest.importorskip("matplotlib")
-    rep = {"model": "m", "nfe": [5, 8], "results": ROWS + [
-        _row("adams2", "time", 5, 40.0, 4e5), {"solver": "reference", "grid": "dpmpp_3m@logsnr", "nfe": 400,
-                                              "rmse": 3e-4, "fd": 18.8, "role": "reference"},
-        _row("s4s-alt", "learned", 5, 0.03, 19.5)]}
+    rep = {
+        "model": "m",
+        "nfe": [5, 8],
+        "results": ROWS
+        + [
+            _row("adams2", "time", 5, 40.0, 4e5),
+            {
+                "solver": "reference",
+                "grid": "dpmpp_3m@logsnr",
+                "nfe": 400,
+                "rmse": 3e-4,
+                "fd": 18.8,
+                "role": "reference",
+            },
+            _row("s4s-alt", "learned", 5, 0.03, 19.5),
+        ],
+    }
     p = metric_vs_nfe(rep, tmp_path / "fd.png", "fd")
     assert p.stat().st_size > 10_000

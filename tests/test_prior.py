@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from typer.testing import CliRunner
 
-from fewstep import Denoiser, FewstepError, Flow
+from fewstep import Denoiser, Flow
 from fewstep.cli import app
 from fewstep.evaluate import evaluate, run_solver
 from fewstep.fit.api import fit
@@ -64,8 +64,14 @@ def gaussian_prior(generator: torch.Generator, shape: tuple[int, ...]) -> Tensor
 
 def make_bridge() -> Denoiser:
     """The Denoiser of the Gaussian-to-Gaussian flow with its prior and exact solution map."""
-    den = Denoiser(GaussianBridgeVelocity(M0, S0, M1, S1), Flow(), prediction="velocity", sample_shape=(3,),
-                   name="gauss-bridge", prior=gaussian_prior)
+    den = Denoiser(
+        GaussianBridgeVelocity(M0, S0, M1, S1),
+        Flow(),
+        prediction="velocity",
+        sample_shape=(3,),
+        name="gauss-bridge",
+        prior=gaussian_prior,
+    )
     den.exact_solution = exact_map
     return den
 
@@ -117,7 +123,6 @@ def test_teacher_targets_are_the_exact_map(tmp_path):
     assert torch.equal(again.target, data.target)
 
 
-
 def test_a_changed_prior_does_not_reuse_cached_teacher_pairs(tmp_path):
     den = make_bridge()
     first = generate_teacher(den, fit_seeds(8), cache_dir=tmp_path, progress=False)
@@ -127,6 +132,7 @@ def test_a_changed_prior_does_not_reuse_cached_teacher_pairs(tmp_path):
     second = generate_teacher(den, fit_seeds(8), cache_dir=tmp_path, progress=False)
     assert torch.equal(second.noise, den.noise(fit_seeds(8)))
     assert not torch.allclose(second.noise, first.noise)
+
 
 # ----------------------------------------------------------------------------- (c) evaluate
 def test_evaluation_errors_shrink_with_nfe():
@@ -159,22 +165,25 @@ def test_a_tiny_fit_does_not_end_worse_than_its_start(method, tmp_path):
     val = res.doc["validation"]
     assert val["rmse_to_teacher"] <= val["start_rmse_to_teacher"] + 1e-9
     assert val["start_rmse_to_teacher"] > 1e-3  # 3 NFE are far from converged on this field
-    assert val["kept_start"] is False and val["rmse_to_teacher"] < 0.8 * val["start_rmse_to_teacher"]  # a better fit is kept
+    assert (
+        val["kept_start"] is False and val["rmse_to_teacher"] < 0.8 * val["start_rmse_to_teacher"]
+    )  # a better fit is kept
     start = res.doc["start"]["solver"]
     rep = evaluate(den, nfe=3, solvers=[res.solver, start], samples=64)
     rmse = {r["grid"] == "learned": r["rmse"] for r in rep["results"]}
     # held-out, against the exact map: measured adams3@time 0.069 -> s4s-alt 0.014, dss 0.0064
     assert rmse[True] < 0.5 * rmse[False], (start, rmse)
 
+
 # ----------------------------------------------------------------------------- (e) CLI
-FACTORY = textwrap.dedent('''
+FACTORY = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
     from test_prior import make_bridge
 
     def model():
         return make_bridge()
-''')
+""")
 
 
 def test_cli_sample_draws_from_the_prior(tmp_path):
@@ -183,13 +192,30 @@ def test_cli_sample_draws_from_the_prior(tmp_path):
     f = tmp_path / "bridge.py"
     f.write_text(FACTORY.format(tests=os.path.dirname(__file__)))
     out = tmp_path / "s.safetensors"
-    r = CliRunner().invoke(app, ["sample", "--model", f"{f}:model", "--solver", "adams4@time", "--nfe", "200",
-                                 "--n", "32", "--seed", "7", "--out", str(out)])
+    r = CliRunner().invoke(
+        app,
+        [
+            "sample",
+            "--model",
+            f"{f}:model",
+            "--solver",
+            "adams4@time",
+            "--nfe",
+            "200",
+            "--n",
+            "32",
+            "--seed",
+            "7",
+            "--out",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, (r.output, r.exception)
     x = load_file(str(out))["samples"]
     want = exact_map(make_bridge().noise(range(7, 39)))
     assert x.shape == (32, 3) and (x - want).abs().max() < 1e-4
-    rep = CliRunner().invoke(app, ["eval", "--model", f"{f}:model", "--nfe", "4", "--solver", "unipc@time",
-                                   "--samples", "16", "--json"])
+    rep = CliRunner().invoke(
+        app, ["eval", "--model", f"{f}:model", "--nfe", "4", "--solver", "unipc@time", "--samples", "16", "--json"]
+    )
     assert rep.exit_code == 0, (rep.output, rep.exception)
     assert json.loads(rep.stdout)["reference"]["solver"] == "exact"

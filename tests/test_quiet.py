@@ -14,9 +14,11 @@ import pytest
 
 from fewstep.integrations.quiet import NOTICE_LOGGER, quiet_torchvision_notices
 
-NOTICE = ("`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil` for "
-          "backward compatibility. Install torchvision to use the default backend, or import "
-          "`CLIPImageProcessorPil` directly to silence this warning.")
+NOTICE = (
+    "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil` for "
+    "backward compatibility. Install torchvision to use the default backend, or import "
+    "`CLIPImageProcessorPil` directly to silence this warning."
+)
 
 
 class Recorder(logging.Handler):
@@ -59,9 +61,11 @@ def test_loading_a_pipeline_prints_no_torchvision_notice(tmp_path):
     finally:
         sys.path.pop(0)
     folder = save_pipeline("sd", tmp_path / "sd")
-    code = ("from fewstep.integrations.load import load_diffusers\n"
-            f"m = load_diffusers({str(folder)!r}, prompts=['a photo of a cat'])\n"
-            "print(m.sample_shape)\n")
+    code = (
+        "from fewstep.integrations.load import load_diffusers\n"
+        f"m = load_diffusers({str(folder)!r}, prompts=['a photo of a cat'])\n"
+        "print(m.sample_shape)\n"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "FEWSTEP_CACHE": str(tmp_path / "cache")}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -17,8 +17,9 @@ from __future__ import annotations
 import importlib.util
 import re
 import shlex
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -59,9 +60,16 @@ def tiny_pipe() -> Any:
     """A seeded random-weight unconditional DDPMPipeline on 3 x 8 x 8 images."""
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
-                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
     pipe = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -69,9 +77,11 @@ def tiny_pipe() -> Any:
 
 def user_objects() -> dict[str, Callable[[], Any]]:
     """What a README block may use without defining it, by name (built only for blocks that name it)."""
-    return {"my_net": lambda: GaussianEps(VPDiscrete("linear")),
-            "noise": lambda: torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(7)),
-            "pipe": tiny_pipe}
+    return {
+        "my_net": lambda: GaussianEps(VPDiscrete("linear")),
+        "noise": lambda: torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(7)),
+        "pipe": tiny_pipe,
+    }
 
 
 def saved_solver_for(model: fewstep.Denoiser, path: Path) -> None:
@@ -95,8 +105,16 @@ def small_fits(monkeypatch, tmp_path):
     from fewstep.fit import api, config
     from fewstep.fit.teacher_spec import TeacherSpec
 
-    small = {"samples": 16, "val_samples": 8, "confirm_samples": 8, "steps": 6, "batch": 8, "eval_every": 3,
-             "screen_starts": 1, "screen_seeds": 1}
+    small = {
+        "samples": 16,
+        "val_samples": 8,
+        "confirm_samples": 8,
+        "steps": 6,
+        "batch": 8,
+        "eval_every": 3,
+        "screen_starts": 1,
+        "screen_seeds": 1,
+    }
     for method in config.METHODS:
         monkeypatch.setitem(config.METHOD_SIZES, method, small)
     monkeypatch.setattr(api, "default_teacher", lambda model: TeacherSpec("unipc3", "logsnr", 20))
@@ -247,12 +265,16 @@ def test_readme_command_line_options_exist(argv):
     check_line(argv)
 
 
-@pytest.mark.parametrize("bad", [["fewstep", "fit", "--model", "zoo:gmm", "--out", "x", "--no-such-option", "1"],
-                                 ["fewstep", "nosuchcommand"],
-                                 ["fewstep", "fit", "--model", "zoo:gmm"],  # --out is required
-                                 ["torchrun", "--nproc-per-node=2", "-m", "fewstep", "--", "eval", "--nfee", "5"],
-                                 ["python", "benchmarks/gpu.py", "--pipeline", "p", "--prompts", "q", "--nfe", "5",
-                                  "--no-such-option"]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["fewstep", "fit", "--model", "zoo:gmm", "--out", "x", "--no-such-option", "1"],
+        ["fewstep", "nosuchcommand"],
+        ["fewstep", "fit", "--model", "zoo:gmm"],  # --out is required
+        ["torchrun", "--nproc-per-node=2", "-m", "fewstep", "--", "eval", "--nfee", "5"],
+        ["python", "benchmarks/gpu.py", "--pipeline", "p", "--prompts", "q", "--nfe", "5", "--no-such-option"],
+    ],
+)
 def test_the_line_check_catches_a_wrong_line(bad):
     with pytest.raises(Exception):
         check_line(bad)

@@ -34,7 +34,6 @@ from fewstep.sampling import build_tableau
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 import tiny_pipelines as T  # noqa: E402
-
 from fewstep.integrations.diffusers_in import schedule_from_diffusers, shifted_grid  # noqa: E402
 from fewstep.integrations.diffusers_scheduler import FewStepScheduler  # noqa: E402
 from fewstep.integrations.families import FluxFamily, adapt  # noqa: E402
@@ -49,10 +48,15 @@ W = {"sd": 5.0, "sd_v": 5.0, "sdxl": 5.0, "dit": 4.0, "pixart_sigma": 4.5, "sd3"
 VARIANTS = (*T.KINDS, "sd_v")
 # (classic solver, its grid, the classic start of the learned-style solver): VP models on log-SNR /
 # time grids, flows on the shifted grid their own scheduler uses
-SOLVERS = {"sd": ("unipc", "logsnr", "unipc"), "sd_v": ("dpmpp_2m", "logsnr", "ddim"),
-           "sdxl": ("dpmpp_2m", "logsnr", "dpmpp_2m"), "dit": ("dpmpp_3m", "logsnr", "unipc"),
-           "pixart_sigma": ("unipc3", "time", "dpmpp_2m"), "sd3": ("adams2", "shifted", "adams2"),
-           "flux": ("euler", "shifted", "euler")}
+SOLVERS = {
+    "sd": ("unipc", "logsnr", "unipc"),
+    "sd_v": ("dpmpp_2m", "logsnr", "ddim"),
+    "sdxl": ("dpmpp_2m", "logsnr", "dpmpp_2m"),
+    "dit": ("dpmpp_3m", "logsnr", "unipc"),
+    "pixart_sigma": ("unipc3", "time", "dpmpp_2m"),
+    "sd3": ("adams2", "shifted", "adams2"),
+    "flux": ("euler", "shifted", "euler"),
+}
 LOGGER = "fewstep.integrations.diffusers_scheduler"
 
 
@@ -101,10 +105,15 @@ class Setup:
         info = schedule_from_diffusers(self.fam.scheduler_config)
         distilled = self.fam.guidance_mode == "distilled"
         self.model = fewstep.Denoiser(
-            FamilyNet(self.fam, self.w if distilled else None), info.schedule, info.prediction, self.shape,
+            FamilyNet(self.fam, self.w if distilled else None),
+            info.schedule,
+            info.prediction,
+            self.shape,
             guidance_scale=None if distilled else self.w,
             uncond=None if distilled else (uncond if uncond is not None else self.fam.null_rows(B)),
-            name=f"tiny-{kind}", identity={"flow_grid": info.flow_grid} if info.flow_grid else {})
+            name=f"tiny-{kind}",
+            identity={"flow_grid": info.flow_grid} if info.flow_grid else {},
+        )
 
     def grid(self, name: str, n: int, mu: float | None = None):
         """A named fewstep grid, or the flow grid of the pipeline's own scheduler ("shifted")."""
@@ -120,8 +129,11 @@ class Setup:
 
         cfg = self.fam.scheduler_config
         seq = (self.shape[1] // 2) * (self.shape[2] // 2)
-        return float(calculate_shift(seq, cfg["base_image_seq_len"], cfg["max_image_seq_len"], cfg["base_shift"],
-                                     cfg["max_shift"]))
+        return float(
+            calculate_shift(
+                seq, cfg["base_image_seq_len"], cfg["max_image_seq_len"], cfg["base_shift"], cfg["max_shift"]
+            )
+        )
 
     def run(self, steps: int = 20, **extra):
         """Call the pipeline; returns (its final latents, unpacked, (B, C, h, w); the timesteps stepped)."""
@@ -137,13 +149,24 @@ class Setup:
         sched.step = recording
         try:
             if self.k == "dit":  # DiTPipeline takes no latents: the same seed draws the same noise
-                self.pipe(class_labels=self.pipe.get_label_ids(self.prompts), guidance_scale=self.w,
-                          num_inference_steps=steps, generator=torch.Generator().manual_seed(self.seed),
-                          output_type="np", **extra)
+                self.pipe(
+                    class_labels=self.pipe.get_label_ids(self.prompts),
+                    guidance_scale=self.w,
+                    num_inference_steps=steps,
+                    generator=torch.Generator().manual_seed(self.seed),
+                    output_type="np",
+                    **extra,
+                )
             else:
                 lat = FluxFamily.pack(self.noise) if self.k == "flux" else self.noise
-                self.pipe(self.prompts, guidance_scale=self.w, num_inference_steps=steps, latents=lat.clone(),
-                          output_type="latent", **{**T.call_kwargs(self.k), **extra})
+                self.pipe(
+                    self.prompts,
+                    guidance_scale=self.w,
+                    num_inference_steps=steps,
+                    latents=lat.clone(),
+                    output_type="latent",
+                    **{**T.call_kwargs(self.k), **extra},
+                )
         finally:
             del sched.step
         assert "step" not in vars(sched)
@@ -157,8 +180,9 @@ class Setup:
 
     def sample(self, solver, nfe=None, grid="logsnr", noise=None):
         with torch.no_grad():
-            return fewstep.sample(self.model, self.noise if noise is None else noise, solver, nfe=nfe, grid=grid,
-                                  cond=self.rows)
+            return fewstep.sample(
+                self.model, self.noise if noise is None else noise, solver, nfe=nfe, grid=grid, cond=self.rows
+            )
 
 
 def flux_grid(n: int, mu: float) -> torch.Tensor:
@@ -254,8 +278,10 @@ def test_sd_ddim_guided_parity_with_negative_prompt():
     grid = su.model.schedule.t_of_index(torch.cat([ks, torch.zeros(1, dtype=F64)]))
     ref = su.sample("ddim", nfe=NFE, grid=grid)
     d = maxdiff(got, ref)
-    print(f"sd own DDIM vs fewstep ddim (negative prompt, w={su.w}): max |diff| = {d:.2e} "
-          f"(latents up to {float(ref.abs().max()):.2f})")
+    print(
+        f"sd own DDIM vs fewstep ddim (negative prompt, w={su.w}): max |diff| = {d:.2e} "
+        f"(latents up to {float(ref.abs().max()):.2f})"
+    )
     assert close(got, ref), d
     # and FewStepScheduler running that same ddim grid inside the pipeline
     su.pipe.scheduler = FewStepScheduler.from_solver("ddim", su.model, nfe=NFE, grid=grid)
@@ -267,9 +293,18 @@ def test_sd_ddim_guided_parity_with_negative_prompt():
 def test_sd3_flow_euler_guided_parity(dynamic):
     """SD3's own FlowMatchEuler (shift 3, or dynamic shifting with the mu the pipeline computes) against
     fewstep's euler on shifted_grid, with CFG on the null rows."""
-    own = diffusers.FlowMatchEulerDiscreteScheduler(
-        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-        max_image_seq_len=4096) if dynamic else None
+    own = (
+        diffusers.FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
+        if dynamic
+        else None
+    )
     su = Setup("sd3", seed=32, scheduler=own)
     assert su.model.identity["flow_grid"]["use_dynamic_shifting"] == dynamic
     sched = su.pipe.scheduler
@@ -291,8 +326,10 @@ def test_sd3_flow_euler_guided_parity(dynamic):
     assert (grid - sched.sigmas.to(F64)).abs().max() < 1e-6
     ref = su.sample("euler", nfe=NFE, grid=grid)
     d = maxdiff(got, ref)
-    print(f"sd3 own FlowMatchEuler ({'dynamic mu=%.4f' % mu if dynamic else 'shift 3'}) vs fewstep euler: "
-          f"max |diff| = {d:.2e}")
+    print(
+        f"sd3 own FlowMatchEuler ({'dynamic mu=%.4f' % mu if dynamic else 'shift 3'}) vs fewstep euler: "
+        f"max |diff| = {d:.2e}"
+    )
     assert close(got, ref), d
 
 
@@ -330,8 +367,7 @@ def test_other_num_inference_steps_still_runs_the_solver(caplog):
 def test_pipeline_sigmas_and_mu_are_accepted_and_ignored(caplog):
     """Flux always passes sigmas= and mu=; SD3 passes them when the caller gives them: one log line each."""
     flux = Setup("flux", seed=35)
-    flux.pipe.scheduler = FewStepScheduler.from_solver("adams2", flux.model, nfe=NFE,
-                                                       grid=flux.grid("shifted", NFE))
+    flux.pipe.scheduler = FewStepScheduler.from_solver("adams2", flux.model, nfe=NFE, grid=flux.grid("shifted", NFE))
     with caplog.at_level(logging.INFO, logger=LOGGER):
         got, stepped = flux.run(steps=28)
     lines = [r.getMessage() for r in caplog.records if r.name == LOGGER]

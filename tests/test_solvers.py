@@ -11,14 +11,17 @@ import fewstep
 from fewstep import EDM, Flow, VPDiscrete, VPLinear, make_grid, make_tableau, sample
 from fewstep.errors import GridError, ModelOutputError, NFEError, ShapeError, SolverNameError
 from fewstep.solvers.registry import SOLVERS
-
 from gauss import make_gauss
 
 F64 = torch.float64
 
 SCHEDULES = {"vp_discrete": VPDiscrete(), "vp_linear": VPLinear(), "edm": EDM(), "flow": Flow()}
-PREDICTIONS = {"vp_discrete": ["eps", "x0", "v"], "vp_linear": ["eps", "x0", "v"], "edm": ["eps", "x0"],
-               "flow": ["velocity", "eps", "x0"]}
+PREDICTIONS = {
+    "vp_discrete": ["eps", "x0", "v"],
+    "vp_linear": ["eps", "x0", "v"],
+    "edm": ["eps", "x0"],
+    "flow": ["velocity", "eps", "x0"],
+}
 
 
 def _marginal(model, t: float, n: int = 64, seed: int = 1) -> torch.Tensor:
@@ -71,11 +74,24 @@ def _local_errors(model, tab, i):
 # dpmpp_3m is DPM-Solver's published multistep third-order update (and diffusers'): its second
 # difference D2 = h^2 D''/2 is weighted by h phi_3(-h) where the exact expansion needs 2 h phi_3(-h),
 # so quadratics in lambda are not integrated exactly and its local error falls as h^3, not h^4.
-LOCAL = {"ddim": (1, "lambda"), "dpmpp_2m": (2, "lambda"), "dpmpp_3m": (2, "lambda"),
-         "unipc_bh1": (3, "lambda"), "unipc": (3, "lambda"), "unipc3": (4, "lambda"),
-         "ipndm2": (2, "s"), "ipndm3": (3, "s"), "ipndm": (4, "s"),
-         "deis2": (2, "lambda"), "deis": (3, "lambda"), "deis_tab": (3, "t"),
-         "euler": (1, "t"), "adams2": (2, "t"), "adams3": (3, "t"), "adams4": (4, "t")}
+LOCAL = {
+    "ddim": (1, "lambda"),
+    "dpmpp_2m": (2, "lambda"),
+    "dpmpp_3m": (2, "lambda"),
+    "unipc_bh1": (3, "lambda"),
+    "unipc": (3, "lambda"),
+    "unipc3": (4, "lambda"),
+    "ipndm2": (2, "s"),
+    "ipndm3": (3, "s"),
+    "ipndm": (4, "s"),
+    "deis2": (2, "lambda"),
+    "deis": (3, "lambda"),
+    "deis_tab": (3, "t"),
+    "euler": (1, "t"),
+    "adams2": (2, "t"),
+    "adams3": (3, "t"),
+    "adams4": (4, "t"),
+}
 
 
 def _uniform_grid(s, n, var, lo_t, hi_t):
@@ -100,17 +116,24 @@ def test_local_order_matches_nominal(name):
     errs = []
     for n in (16, 32, 64):
         t = _uniform_grid(s, n, var, 0.05, 0.6)
-        tab = make_tableau(name, s, t, **({"lower_order_final": False} if "lower_order_final" in
-                                           SOLVERS[name].make.__code__.co_varnames else {}))
+        tab = make_tableau(
+            name,
+            s,
+            t,
+            **({"lower_order_final": False} if "lower_order_final" in SOLVERS[name].make.__code__.co_varnames else {}),
+        )
         ep, ec = _local_errors(m, tab, n // 2)
         errs.append(ec if ec is not None else ep)
     rate = math.log2(errs[-2] / errs[-1])
     assert abs(rate - (p + 1)) < 0.35, (name, errs, rate)
 
 
-GLOBAL = [("vp_linear", "eps", n) for n in LOCAL if n not in ("euler", "adams2", "adams3", "adams4")] + \
-         [("flow", "velocity", n) for n in ("euler", "adams2", "adams3", "adams4", "ddim", "dpmpp_2m", "unipc")] + \
-         [("edm", "x0", n) for n in ("ddim", "dpmpp_3m", "ipndm", "deis")] + [("edm", "x0", "heun")]
+GLOBAL = (
+    [("vp_linear", "eps", n) for n in LOCAL if n not in ("euler", "adams2", "adams3", "adams4")]
+    + [("flow", "velocity", n) for n in ("euler", "adams2", "adams3", "adams4", "ddim", "dpmpp_2m", "unipc")]
+    + [("edm", "x0", n) for n in ("ddim", "dpmpp_3m", "ipndm", "deis")]
+    + [("edm", "x0", "heun")]
+)
 
 
 @pytest.mark.parametrize("sname,pred,name", GLOBAL)
@@ -136,8 +159,9 @@ def test_global_error_falls_with_nfe(sname, pred, name):
             if sname == "flow":
                 grid = torch.linspace(s.t_max, t_lo, n + 1, dtype=F64)
             else:
-                grid = s.t_of_lambda(torch.linspace(float(s.lambda_(s.t_max)), float(s.lambda_(t_lo)), n + 1,
-                                                    dtype=F64))
+                grid = s.t_of_lambda(
+                    torch.linspace(float(s.lambda_(s.t_max)), float(s.lambda_(t_lo)), n + 1, dtype=F64)
+                )
                 grid[0] = s.t_max
             x = sample(m, noise, name, nfe=n, grid=grid)
         exact = m.flow_map(noise * s.init_noise_scale(), s.t_max, t_lo)

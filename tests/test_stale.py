@@ -16,8 +16,13 @@ spec.loader.exec_module(stale)
 
 
 def git(root, *args):
-    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=root, check=True,
-                          capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        cwd=root,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
 
 
 def commit(root, msg):
@@ -34,11 +39,13 @@ def test_stale_sections(tmp_path):
     (root / "src/fewstep/report.py").write_text("b = 1\n")
     c1 = commit(root, "code")
     doc = root / "BENCHMARKS.md"
-    doc.write_text(f"# B\n## 1. Kernel\n<!-- measured: {c1[:7]} -->\n| a |\n|---|\n"
-                   f"## 2. Report\n<!-- measured: {c1} code: src/fewstep/report.py -->\n| a |\n|---|\n"
-                   "## 3. Prose only\ntext\n## 4. Table without marker\n| a |\n|---|\n"
-                   "## 5. Known stale\n<!-- measured: stale -->\n"
-                   "## 6. Foreign\n<!-- measured: 0123456789abcdef -->\n")
+    doc.write_text(
+        f"# B\n## 1. Kernel\n<!-- measured: {c1[:7]} -->\n| a |\n|---|\n"
+        f"## 2. Report\n<!-- measured: {c1} code: src/fewstep/report.py -->\n| a |\n|---|\n"
+        "## 3. Prose only\ntext\n## 4. Table without marker\n| a |\n|---|\n"
+        "## 5. Known stale\n<!-- measured: stale -->\n"
+        "## 6. Foreign\n<!-- measured: 0123456789abcdef -->\n"
+    )
     commit(root, "benchmarks")
     out = stale.check(root, doc)
     assert [o.split(":")[1].split()[1] for o in out] == ["'4.", "'5.", "'6."]
@@ -56,5 +63,8 @@ def test_stale_sections(tmp_path):
 
 def test_sections_parse_markers_under_the_nearest_heading():
     s = stale.sections("## A\n<!-- measured: abc code: x y -->\n### B\n<!-- measured: def -->\n### C\n| t |\n")
-    assert [(x.title, x.markers) for x in s] == [("A", [("abc", ("x", "y"))]), ("B", [("def", stale.DEFAULT_CODE)]),
-                                                 ("C", [("abc", ("x", "y"))])]  # C inherits its section's
+    assert [(x.title, x.markers) for x in s] == [
+        ("A", [("abc", ("x", "y"))]),
+        ("B", [("def", stale.DEFAULT_CODE)]),
+        ("C", [("abc", ("x", "y"))]),
+    ]  # C inherits its section's

@@ -51,8 +51,9 @@ class GaussEps(nn.Module):
 def make_model(scale: float = 1.0, conditional: bool = False) -> fewstep.Denoiser:
     sched = fewstep.VPLinear()
     sampler = (lambda seeds: {"class_labels": torch.tensor([s % 3 for s in seeds])}) if conditional else None
-    return fewstep.Denoiser(GaussEps(sched, scale), sched, prediction="eps", sample_shape=(D,), name="gauss4",
-                            cond_sampler=sampler)
+    return fewstep.Denoiser(
+        GaussEps(sched, scale), sched, prediction="eps", sample_shape=(D,), name="gauss4", cond_sampler=sampler
+    )
 
 
 def folder_of(model, spec, keep_states, root):
@@ -98,16 +99,25 @@ def test_parse_teacher_roundtrip():
     assert s.key() != parse_teacher("unipc@logsnr:21").key()
 
 
-@pytest.mark.parametrize("bad", ["", "unipc", "unipc@logsnr", "unipc:20", "unipc@logsnr:", "@logsnr:20",
-                                 "unipc@logsnr:20:3", "unipc@logsnr:x"])
+@pytest.mark.parametrize(
+    "bad",
+    ["", "unipc", "unipc@logsnr", "unipc:20", "unipc@logsnr:", "@logsnr:20", "unipc@logsnr:20:3", "unipc@logsnr:x"],
+)
 def test_parse_teacher_malformed(bad):
     with pytest.raises(FewstepError, match="NAME@GRID:NFE") as e:
         parse_teacher(bad)
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("bad,what", [("nosuch@logsnr:20", "solver"), ("unipc@nosuch:20", "grid"),
-                                      ("unipc@logsnr:0", "positive"), ("heun@karras:2", "heun")])
+@pytest.mark.parametrize(
+    "bad,what",
+    [
+        ("nosuch@logsnr:20", "solver"),
+        ("unipc@nosuch:20", "grid"),
+        ("unipc@logsnr:0", "positive"),
+        ("heun@karras:2", "heun"),
+    ],
+)
 def test_parse_teacher_invalid_parts(bad, what):
     with pytest.raises(FewstepError, match=what):
         parse_teacher(bad)
@@ -161,8 +171,9 @@ def test_partial_extension_computes_only_missing_shards(tmp_path):
     assert model.nfe == 2 * 12
     more = generate_teacher(model, fit_seeds(30), spec, cache_dir=tmp_path, shard_size=8, progress=False)
     assert model.nfe == 4 * 12  # only [16, 24) and [24, 32) were new
-    fresh = generate_teacher(make_model(), fit_seeds(30), spec, cache_dir=tmp_path / "other", shard_size=8,
-                             progress=False)
+    fresh = generate_teacher(
+        make_model(), fit_seeds(30), spec, cache_dir=tmp_path / "other", shard_size=8, progress=False
+    )
     assert torch.equal(more.target, fresh.target)
     man = json.loads((folder_of(model, spec, False, tmp_path) / "manifest.json").read_text())
     assert [e["seeds"] for e in man["shards"]] == [[0, 8], [8, 16], [16, 24], [24, 32]]
@@ -174,25 +185,37 @@ def test_partial_extension_computes_only_missing_shards(tmp_path):
 
 def test_interrupted_run_resumes(tmp_path):
     spec, seeds = "unipc@logsnr:8", fit_seeds(24)
-    full = generate_teacher(make_model(), seeds, spec, keep_states=True, cache_dir=tmp_path / "full",
-                            shard_size=8, batch_size=4, progress=False)
+    full = generate_teacher(
+        make_model(),
+        seeds,
+        spec,
+        keep_states=True,
+        cache_dir=tmp_path / "full",
+        shard_size=8,
+        batch_size=4,
+        progress=False,
+    )
 
     model = make_model()
     model.net.fail_after = 8 * 2 + 3  # shard 1 (two batches of 4 = 16 calls) done, shard 2 in progress
     with pytest.raises(KeyboardInterrupt):
-        generate_teacher(model, seeds, spec, keep_states=True, cache_dir=tmp_path / "cut", shard_size=8,
-                         batch_size=4, progress=True)
+        generate_teacher(
+            model, seeds, spec, keep_states=True, cache_dir=tmp_path / "cut", shard_size=8, batch_size=4, progress=True
+        )
     folder = folder_of(model, spec, True, tmp_path / "cut")
     man = json.loads((folder / "manifest.json").read_text())
     assert [e["seeds"] for e in man["shards"]] == [[0, 8]]
-    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == \
-        ["manifest.json", "seeds-0-8.safetensors"]
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
+        "manifest.json",
+        "seeds-0-8.safetensors",
+    ]
     assert not list(folder.glob("*.tmp"))
 
     model.net.fail_after = None
     before = model.nfe
-    resumed = generate_teacher(model, seeds, spec, keep_states=True, cache_dir=tmp_path / "cut", shard_size=8,
-                               batch_size=4, progress=False)
+    resumed = generate_teacher(
+        model, seeds, spec, keep_states=True, cache_dir=tmp_path / "cut", shard_size=8, batch_size=4, progress=False
+    )
     assert model.nfe - before == 2 * 2 * 8  # shards 2 and 3 only (two batches of 8 NFE each)
     assert torch.equal(resumed.target, full.target)
     assert torch.equal(resumed.states, full.states)
@@ -201,28 +224,31 @@ def test_interrupted_run_resumes(tmp_path):
 
 def test_batch_size_independent(tmp_path):
     seeds = fit_seeds(40)
-    a = generate_teacher(make_model(), seeds, "unipc@logsnr:10", cache_dir=tmp_path / "a", shard_size=64,
-                         batch_size=7, progress=False)
-    b = generate_teacher(make_model(), seeds, "unipc@logsnr:10", cache_dir=tmp_path / "b", shard_size=64,
-                         batch_size=64, progress=False)
+    a = generate_teacher(
+        make_model(), seeds, "unipc@logsnr:10", cache_dir=tmp_path / "a", shard_size=64, batch_size=7, progress=False
+    )
+    b = generate_teacher(
+        make_model(), seeds, "unipc@logsnr:10", cache_dir=tmp_path / "b", shard_size=64, batch_size=64, progress=False
+    )
     torch.testing.assert_close(a.target, b.target, rtol=0, atol=1e-6)
 
 
 def test_states_and_times(tmp_path):
     model = make_model()
-    data = generate_teacher(model, [0, 5, 2], "ddim@time:10", keep_states=True, cache_dir=tmp_path, shard_size=4,
-                            progress=False)
+    data = generate_teacher(
+        model, [0, 5, 2], "ddim@time:10", keep_states=True, cache_dir=tmp_path, shard_size=4, progress=False
+    )
     assert data.states.shape == (3, 11, D)
     assert data.times.dtype == torch.float64 and data.times.shape == (11,)
     torch.testing.assert_close(data.times, fewstep.make_grid(model.schedule, 10, "time"), rtol=0, atol=0)
-    x, traj = fewstep.sample(model, model.noise([0, 5, 2]), solver="ddim", nfe=10, grid="time",
-                             return_trajectory=True)
+    x, traj = fewstep.sample(model, model.noise([0, 5, 2]), solver="ddim", nfe=10, grid="time", return_trajectory=True)
     torch.testing.assert_close(data.states, torch.stack(traj, 1), rtol=1e-6, atol=1e-6)
     assert torch.equal(data.states[:, -1], data.target)
     torch.testing.assert_close(data.states[:, 0], data.noise * model.schedule.init_noise_scale())
     # reloaded from disk: same states and exactly the same float64 times
-    again = generate_teacher(model, [2], "ddim@time:10", keep_states=True, cache_dir=tmp_path, shard_size=4,
-                             progress=False)
+    again = generate_teacher(
+        model, [2], "ddim@time:10", keep_states=True, cache_dir=tmp_path, shard_size=4, progress=False
+    )
     assert torch.equal(again.states[0], data.states[2]) and torch.equal(again.times, data.times)
     # the states and final-only caches are separate folders
     generate_teacher(model, [2], "ddim@time:10", keep_states=False, cache_dir=tmp_path, progress=False)
@@ -242,8 +268,7 @@ def test_conditioning_is_cached(tmp_path):
     seeds = [0, 1, 2, 7]
     data = generate_teacher(model, seeds, "unipc@logsnr:10", cache_dir=tmp_path, shard_size=4, progress=False)
     assert torch.equal(data.cond["class_labels"], torch.tensor([0, 1, 2, 1]))
-    want = fewstep.sample(model, model.noise(seeds), solver="unipc", nfe=10, grid="logsnr",
-                          cond=model.cond_for(seeds))
+    want = fewstep.sample(model, model.noise(seeds), solver="unipc", nfe=10, grid="logsnr", cond=model.cond_for(seeds))
     torch.testing.assert_close(data.target, want, rtol=1e-6, atol=1e-6)
     n = model.nfe
     again = generate_teacher(model, [7, 0], "unipc@logsnr:10", cache_dir=tmp_path, shard_size=4, progress=False)
@@ -281,8 +306,7 @@ def test_damaged_shard_is_recomputed(tmp_path):
     shard.write_bytes(b"garbage")
     n = model.nfe
     with pytest.warns(UserWarning, match="recomputing"):
-        b = generate_teacher(model, fit_seeds(8), "unipc@logsnr:10", cache_dir=tmp_path, shard_size=4,
-                             progress=False)
+        b = generate_teacher(model, fit_seeds(8), "unipc@logsnr:10", cache_dir=tmp_path, shard_size=4, progress=False)
     assert model.nfe == n + 10 and torch.equal(a.target, b.target)
 
 
@@ -295,8 +319,9 @@ def test_env_cache_dir(tmp_path, monkeypatch):
 
 
 def test_teacher_data_subset_and_to(tmp_path):
-    data = generate_teacher(make_model(conditional=True), fit_seeds(6), "ddim@time:5", keep_states=True,
-                            cache_dir=tmp_path, progress=False)
+    data = generate_teacher(
+        make_model(conditional=True), fit_seeds(6), "ddim@time:5", keep_states=True, cache_dir=tmp_path, progress=False
+    )
     s = data[1:4]
     assert s.seeds == [1, 2, 3] and s.states.shape == (3, 6, D) and s.cond["class_labels"].tolist() == [1, 2, 0]
     t = data.subset([5, 0])

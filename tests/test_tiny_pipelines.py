@@ -15,8 +15,9 @@ import torch
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
-import tiny_pipelines as T  # noqa: E402
 from diffusers import DiffusionPipeline  # noqa: E402
+
+import tiny_pipelines as T  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning", "ignore::UserWarning")
 STEPS = 2
@@ -65,13 +66,24 @@ def run(pipe, kind, prompt, guidance_scale=GUIDANCE, seed=0, **extra):
 
         pipe.vae.decode = record
         try:
-            pipe(class_labels=pipe.get_label_ids([prompt]), guidance_scale=guidance_scale, generator=gen,
-                 num_inference_steps=STEPS, output_type="pt")
+            pipe(
+                class_labels=pipe.get_label_ids([prompt]),
+                guidance_scale=guidance_scale,
+                generator=gen,
+                num_inference_steps=STEPS,
+                output_type="pt",
+            )
         finally:
             del pipe.vae.decode
         return seen["z"]
-    out = pipe(prompt, guidance_scale=guidance_scale, generator=gen, num_inference_steps=STEPS,
-               output_type="latent", **{**T.call_kwargs(kind), **extra})
+    out = pipe(
+        prompt,
+        guidance_scale=guidance_scale,
+        generator=gen,
+        num_inference_steps=STEPS,
+        output_type="latent",
+        **{**T.call_kwargs(kind), **extra},
+    )
     return out.images
 
 

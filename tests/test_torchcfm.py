@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
@@ -22,11 +22,12 @@ from fewstep.errors import FewstepError, ModelSpecError
 from fewstep.zoo import torchcfm
 
 NAMES = torchcfm.NAMES
-needs_data = pytest.mark.skipif(not torchcfm.default_dir().is_dir(),
-                                reason=f"TorchCFM checkpoints not found at {torchcfm.default_dir()}")
+needs_data = pytest.mark.skipif(
+    not torchcfm.default_dir().is_dir(), reason=f"TorchCFM checkpoints not found at {torchcfm.default_dir()}"
+)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _model(name: str):
     return torchcfm.load_torchcfm(name)
 
@@ -54,8 +55,16 @@ def _save_as_main_mlp(monkeypatch, tmp_path, seq: nn.Sequential, fname: str = "c
 
 
 def _layout(act=nn.SELU, width=64, extra=()):
-    return nn.Sequential(nn.Linear(3, width), act(), nn.Linear(width, width), act(), nn.Linear(width, width), act(),
-                         nn.Linear(width, 2), *extra)
+    return nn.Sequential(
+        nn.Linear(3, width),
+        act(),
+        nn.Linear(width, width),
+        act(),
+        nn.Linear(width, width),
+        act(),
+        nn.Linear(width, 2),
+        *extra,
+    )
 
 
 def test_a_crafted_whole_module_of_the_right_layout_loads(monkeypatch, tmp_path):
@@ -185,7 +194,11 @@ def test_models_load_safely_with_their_identity(name):
     assert m.sample_data is torchcfm.moons_data
     state = m.net.state_dict()
     assert [tuple(state[k].shape) for k in ("net.0.weight", "net.2.weight", "net.4.weight", "net.6.weight")] == [
-        (64, 3), (64, 64), (64, 64), (2, 64)]
+        (64, 3),
+        (64, 64),
+        (64, 64),
+        (2, 64),
+    ]
 
 
 @needs_data

@@ -9,16 +9,15 @@ loaded once (module-level cache).
 
 from __future__ import annotations
 
-import math
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
 
+from fewstep import zoo
 from fewstep.denoiser import Denoiser
 from fewstep.errors import ModelSpecError
 from fewstep.schedules import VPDiscrete, VPLinear
-from fewstep import zoo
 from fewstep.zoo import analytic, digits
 from fewstep.zoo import train as ztrain
 
@@ -26,7 +25,7 @@ F64 = torch.float64
 EXACT = ("gaussian", "gmm2d", "gmm", "digits-empirical")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _model(name: str, **kw):
     return zoo.load(name, **kw)
 
@@ -38,7 +37,15 @@ def _batch(den, n: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- API
 def test_names_and_errors():
-    assert set(zoo.NAMES) == {"gaussian", "gmm2d", "gmm", "digits-empirical", "digits-eps", "digits-flow", "digits-unet"}
+    assert set(zoo.NAMES) == {
+        "gaussian",
+        "gmm2d",
+        "gmm",
+        "digits-empirical",
+        "digits-eps",
+        "digits-flow",
+        "digits-unet",
+    }
     with pytest.raises(ModelSpecError) as e:
         zoo.load("nope")
     msg = str(e.value)
@@ -208,8 +215,9 @@ def test_empirical_limits():
     assert torch.equal(den.net(data[idx] + 0.01, torch.zeros(4)), data[idx])
     # large t: the data mean
     mean = data.mean(0, keepdim=True)
-    torch.testing.assert_close(den.predict(torch.zeros(2, 1, 8, 8, dtype=F64), 1.0, "D"), mean.expand(2, -1, -1, -1),
-                               rtol=0, atol=1e-3)
+    torch.testing.assert_close(
+        den.predict(torch.zeros(2, 1, 8, 8, dtype=F64), 1.0, "D"), mean.expand(2, -1, -1, -1), rtol=0, atol=1e-3
+    )
     xr = den.noise(range(8)).double()
     assert float((den.predict(xr, 1.0, "D") - mean).abs().max()) < 0.1
     # class labels restrict the posterior to one class
@@ -239,7 +247,7 @@ def test_exact_batch_independent_and_differentiable(name):
     x = _batch(den, 7, seed=5)
     for t in (0.01, 0.5):
         full = den.predict(x, t, "D")
-        rows = torch.cat([den.predict(x[i:i + 1], t, "D") for i in range(7)])
+        rows = torch.cat([den.predict(x[i : i + 1], t, "D") for i in range(7)])
         torch.testing.assert_close(rows, full, rtol=0, atol=1e-6)
     xd = x[:3].double().requires_grad_(True)
     y = den.predict(xd, 0.3, "D")
@@ -343,8 +351,9 @@ def test_trained_digits_eps_denoises():
     t = float(den.schedule.t_of_index(300))  # alpha 0.63, sigma 0.78
     loss = _mid_time_loss(den, t)
     # the Bayes-optimal denoiser of the training set, on the same schedule: the lowest loss possible
-    ideal = _mid_time_loss(Denoiser(digits.EmpiricalDenoiser(*digits.digits_data(F64), den.schedule),
-                                    den.schedule, "x0"), t)
+    ideal = _mid_time_loss(
+        Denoiser(digits.EmpiricalDenoiser(*digits.digits_data(F64), den.schedule), den.schedule, "x0"), t
+    )
     assert loss < 1.5 * ideal + 0.01, (loss, ideal)  # an untrained net scores about 1
 
 
@@ -352,8 +361,9 @@ def test_trained_digits_flow_denoises():
     den = _model("digits-flow")
     assert den.prediction == "velocity" and den.schedule.kind == "flow"
     loss = _mid_time_loss(den, 0.5)
-    ideal = _mid_time_loss(Denoiser(digits.EmpiricalDenoiser(*digits.digits_data(F64), den.schedule),
-                                    den.schedule, "x0"), 0.5)
+    ideal = _mid_time_loss(
+        Denoiser(digits.EmpiricalDenoiser(*digits.digits_data(F64), den.schedule), den.schedule, "x0"), 0.5
+    )
     assert loss < 1.5 * ideal + 0.01, (loss, ideal)  # an untrained net scores about 1
 
 
@@ -363,7 +373,7 @@ def test_trained_batch_independent(name):
     x = _batch(den, 7, seed=2)
     for t in (0.05, 0.5, 0.95):
         full = den.predict(x, t, "D")
-        rows = torch.cat([den.predict(x[i:i + 1], t, "D") for i in range(7)])
+        rows = torch.cat([den.predict(x[i : i + 1], t, "D") for i in range(7)])
         # float32 GEMMs round differently for 1 and 7 rows (BLAS blocking); D = (x - sigma E) / alpha
         # amplifies that near the noise end, so the bound is relative to the largest value
         torch.testing.assert_close(rows, full, rtol=0, atol=2e-5 * max(1.0, float(full.abs().max())))

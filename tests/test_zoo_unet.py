@@ -8,7 +8,7 @@ checked on a recipe of a few steps.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import pytest
 import torch
@@ -34,7 +34,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _model(guidance_scale: float | None = None) -> fewstep.Denoiser:
     return U.build_digits_unet(guidance_scale=guidance_scale)
 
@@ -108,7 +108,11 @@ def test_pipeline_folder_cache_and_retrain(tmp_path, monkeypatch):
     assert path == tmp_path / "zoo" / f"digits-unet-{recipe_hash(r)}"
     assert U.folder_recipe_hash(path) == recipe_hash(r)
     assert json.loads((path / "fewstep.json").read_text()) == {
-        "sample_shape": [1, 16, 16], "num_classes": 10, "null_class": 10, "class_sampler": "uniform"}
+        "sample_shape": [1, 16, 16],
+        "num_classes": 10,
+        "null_class": 10,
+        "class_sampler": "uniform",
+    }
     unet = UNet2DModel.from_pretrained(str(path / "unet"), use_safetensors=True)
     state = U.train_unet(r)
     assert all(torch.equal(unet.state_dict()[k], v) for k, v in state.items())
@@ -133,8 +137,14 @@ def test_committed_checkpoint_is_the_current_recipe():
     weights = U.WEIGHTS_DIR / "unet" / "diffusion_pytorch_model.safetensors"
     assert weights.stat().st_size <= 3_000_000
     files = sorted(str(p.relative_to(U.WEIGHTS_DIR)) for p in U.WEIGHTS_DIR.rglob("*") if p.is_file())
-    assert files == ["fewstep.json", "model_index.json", "recipe.json", "scheduler/scheduler_config.json",
-                     "unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
+    assert files == [
+        "fewstep.json",
+        "model_index.json",
+        "recipe.json",
+        "scheduler/scheduler_config.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+    ]
 
 
 def test_denoiser_metadata_and_fingerprint():
@@ -171,8 +181,9 @@ def test_guidance_changes_the_output_and_costs_one_nfe_per_call():
     plain, one, two = _model(), _model(1.0), _model(2.0)
     noise, cond = plain.noise(seeds), plain.cond_for(seeds)
     batches: list[int] = []
-    hook = two.net.model.register_forward_hook(lambda m, args, kw, out: batches.append(args[0].shape[0]),
-                                               with_kwargs=True)
+    hook = two.net.model.register_forward_hook(
+        lambda m, args, kw, out: batches.append(args[0].shape[0]), with_kwargs=True
+    )
     with torch.no_grad():
         x0 = fewstep.sample(plain, noise, "unipc@logsnr", nfe=5, cond=cond)
         x1 = fewstep.sample(one, noise, "unipc@logsnr", nfe=5, cond=cond)

@@ -36,12 +36,52 @@ KINDS = ("sd", "sdxl", "dit", "pixart_sigma", "sd3", "flux")
 
 # ----------------------------------------------------------------------------- vocabulary
 WORDS = (
-    "a", "an", "the", "of", "on", "in", "with", "and", "at", "by",
-    "photo", "painting", "drawing", "picture",
-    "cat", "dog", "bird", "horse", "fish", "house", "tree", "car", "boat", "flower",
-    "mountain", "river", "city", "field", "road", "sky", "sun", "moon", "snow", "forest",
-    "red", "blue", "green", "yellow", "black", "white", "small", "big", "old", "bright",
-    "night", "morning",
+    "a",
+    "an",
+    "the",
+    "of",
+    "on",
+    "in",
+    "with",
+    "and",
+    "at",
+    "by",
+    "photo",
+    "painting",
+    "drawing",
+    "picture",
+    "cat",
+    "dog",
+    "bird",
+    "horse",
+    "fish",
+    "house",
+    "tree",
+    "car",
+    "boat",
+    "flower",
+    "mountain",
+    "river",
+    "city",
+    "field",
+    "road",
+    "sky",
+    "sun",
+    "moon",
+    "snow",
+    "forest",
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "black",
+    "white",
+    "small",
+    "big",
+    "old",
+    "bright",
+    "night",
+    "morning",
 )
 
 _TEXT_PROMPTS = (
@@ -119,8 +159,7 @@ def make_clip_tokenizer(max_length: int = TEXT_LEN, pad_token: str = "<|endoftex
     tokens += [a + b for a, b in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    tok = CLIPTokenizer(vocab=vocab, merges=list(merges), pad_token=pad_token,
-                        model_max_length=max_length)
+    tok = CLIPTokenizer(vocab=vocab, merges=list(merges), pad_token=pad_token, model_max_length=max_length)
     return tok
 
 
@@ -136,15 +175,25 @@ def make_t5_tokenizer(max_length: int = TEXT_LEN):
 
 
 # ----------------------------------------------------------------------------- text encoders
-def _clip_text(tok, seed: int, hidden: int = 32, projection: int | None = None, layers: int = 2,
-               act: str = "quick_gelu"):
+def _clip_text(
+    tok, seed: int, hidden: int = 32, projection: int | None = None, layers: int = 2, act: str = "quick_gelu"
+):
     """CLIPTextModel (projection None) or CLIPTextModelWithProjection, sized to ``tok``."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=tok.model_max_length,
-                         projection_dim=projection or hidden, hidden_act=act, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = CLIPTextConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=tok.model_max_length,
+        projection_dim=projection or hidden,
+        hidden_act=act,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(seed)
     model = CLIPTextModel(cfg) if projection is None else CLIPTextModelWithProjection(cfg)
     return model.eval()
@@ -154,10 +203,22 @@ def _t5_encoder(tok, seed: int, d_model: int = 32, layers: int = 2):
     """T5EncoderModel (T5 v1.1 style: gated-gelu, no tied embeddings), sized to ``tok``."""
     from transformers import T5Config, T5EncoderModel
 
-    cfg = T5Config(vocab_size=len(tok), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=layers,
-                   num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=32,
-                   feed_forward_proj="gated-gelu", dropout_rate=0.0, tie_word_embeddings=False,
-                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=0)
+    cfg = T5Config(
+        vocab_size=len(tok),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=layers,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=0,
+    )
     torch.manual_seed(seed)
     return T5EncoderModel(cfg).eval()
 
@@ -168,9 +229,18 @@ def _vae(seed: int, latent_channels: int = 4, **cfg):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                         latent_channels=latent_channels, norm_num_groups=4, sample_size=IMAGE, **cfg).eval()
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=IMAGE,
+        **cfg,
+    ).eval()
 
 
 def _sd_betas() -> dict:
@@ -203,13 +273,28 @@ def build_sd(seed: int = 0, prediction_type: str = "epsilon", scheduler: str = "
     text = _clip_text(tok, seed + 1, hidden=32)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=LATENT, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8).eval()
+        sample_size=LATENT,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    ).eval()
     vae = _vae(seed + 2, scaling_factor=SD_VAE_SCALE)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
-                                   scheduler=_discrete_scheduler(scheduler, prediction_type), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=_discrete_scheduler(scheduler, prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def build_sdxl(seed: int = 0, prediction_type: str = "epsilon", scheduler: str = "euler"):
@@ -225,15 +310,34 @@ def build_sdxl(seed: int = 0, prediction_type: str = "epsilon", scheduler: str =
     text2 = _clip_text(tok2, seed + 3, hidden=32, projection=32, act="gelu")
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=LATENT, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16 + 32, attention_head_dim=(2, 4), norm_num_groups=8, use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 32, transformer_layers_per_block=(1, 1)).eval()
+        sample_size=LATENT,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16 + 32,
+        attention_head_dim=(2, 4),
+        norm_num_groups=8,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        transformer_layers_per_block=(1, 1),
+    ).eval()
     vae = _vae(seed + 2, scaling_factor=SDXL_VAE_SCALE)
-    return StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text2, tokenizer=tok, tokenizer_2=tok2,
-                                     unet=unet, scheduler=_discrete_scheduler(scheduler, prediction_type),
-                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text,
+        text_encoder_2=text2,
+        tokenizer=tok,
+        tokenizer_2=tok2,
+        unet=unet,
+        scheduler=_discrete_scheduler(scheduler, prediction_type),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
 
 
 def build_dit(seed: int = 0, id2label: dict | bool | None = True):
@@ -244,11 +348,26 @@ def build_dit(seed: int = 0, id2label: dict | bool | None = True):
     from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     torch.manual_seed(seed)
-    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                        num_layers=1, sample_size=LATENT, patch_size=2, num_embeds_ada_norm=1000).eval()
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1,
+        sample_size=LATENT,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+    ).eval()
     vae = _vae(seed + 2, scaling_factor=SD_VAE_SCALE)
-    sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-                          clip_sample=False, set_alpha_to_one=True, prediction_type="epsilon")
+    sched = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.0001,
+        beta_end=0.02,
+        beta_schedule="linear",
+        clip_sample=False,
+        set_alpha_to_one=True,
+        prediction_type="epsilon",
+    )
     labels = DIT_LABELS if id2label is True else (id2label or None)
     labels = {int(k): v for k, v in labels.items()} if labels else None
     pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=sched, id2label=labels)
@@ -270,13 +389,31 @@ def build_pixart_sigma(seed: int = 0):
     text = _t5_encoder(tok, seed + 1, d_model=32)
     torch.manual_seed(seed)
     transformer = PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
-        cross_attention_dim=16, sample_size=LATENT, patch_size=2, caption_channels=32, num_embeds_ada_norm=1000,
-        norm_type="ada_norm_single", use_additional_conditions=False, interpolation_scale=1).eval()
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1,
+        cross_attention_dim=16,
+        sample_size=LATENT,
+        patch_size=2,
+        caption_channels=32,
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        use_additional_conditions=False,
+        interpolation_scale=1,
+    ).eval()
     vae = _vae(seed + 2, scaling_factor=SDXL_VAE_SCALE)
-    sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
-                                        beta_schedule="linear", algorithm_type="dpmsolver++", solver_order=2,
-                                        prediction_type="epsilon", lower_order_final=True)
+    sched = DPMSolverMultistepScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.0001,
+        beta_end=0.02,
+        beta_schedule="linear",
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        prediction_type="epsilon",
+        lower_order_final=True,
+    )
     return PixArtSigmaPipeline(tokenizer=tok, text_encoder=text, vae=vae, transformer=transformer, scheduler=sched)
 
 
@@ -293,15 +430,32 @@ def build_sd3(seed: int = 0, shift: float = 3.0):
     text2 = _clip_text(tok2, seed + 3, hidden=32, projection=32, act="gelu")
     text3 = _t5_encoder(tok3, seed + 4, d_model=64)  # CLIP states (16+32) are zero-padded to 64
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(sample_size=LATENT, patch_size=2, in_channels=16, num_layers=1,
-                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=64,
-                                        caption_projection_dim=16, pooled_projection_dim=16 + 32, out_channels=16,
-                                        pos_embed_max_size=16).eval()
+    transformer = SD3Transformer2DModel(
+        sample_size=LATENT,
+        patch_size=2,
+        in_channels=16,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=64,
+        caption_projection_dim=16,
+        pooled_projection_dim=16 + 32,
+        out_channels=16,
+        pos_embed_max_size=16,
+    ).eval()
     vae = _vae(seed + 2, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, **SD3_VAE)
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
-    return StableDiffusion3Pipeline(transformer=transformer, scheduler=sched, vae=vae, text_encoder=text,
-                                    tokenizer=tok, text_encoder_2=text2, tokenizer_2=tok2, text_encoder_3=text3,
-                                    tokenizer_3=tok3)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=sched,
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tok,
+        text_encoder_2=text2,
+        tokenizer_2=tok2,
+        text_encoder_3=text3,
+        tokenizer_3=tok3,
+    )
 
 
 def build_flux(seed: int = 0, guidance_embeds: bool = True):
@@ -317,20 +471,47 @@ def build_flux(seed: int = 0, guidance_embeds: bool = True):
     text = _clip_text(tok, seed + 1, hidden=32)
     text2 = _t5_encoder(tok2, seed + 4, d_model=32)
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                         pooled_projection_dim=32, guidance_embeds=guidance_embeds,
-                                         axes_dims_rope=(4, 6, 6)).eval()
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
     vae = _vae(seed + 2, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, **FLUX_VAE)
-    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
-                                            base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                                            max_image_seq_len=4096)
-    return FluxPipeline(scheduler=sched, vae=vae, text_encoder=text, tokenizer=tok, text_encoder_2=text2,
-                        tokenizer_2=tok2, transformer=transformer)
+    sched = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=sched,
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tok,
+        text_encoder_2=text2,
+        tokenizer_2=tok2,
+        transformer=transformer,
+    )
 
 
-BUILDERS = {"sd": build_sd, "sdxl": build_sdxl, "dit": build_dit, "pixart_sigma": build_pixart_sigma,
-            "sd3": build_sd3, "flux": build_flux}
+BUILDERS = {
+    "sd": build_sd,
+    "sdxl": build_sdxl,
+    "dit": build_dit,
+    "pixart_sigma": build_pixart_sigma,
+    "sd3": build_sd3,
+    "flux": build_flux,
+}
 
 
 def build(kind: str, seed: int = 0, **options):

@@ -8,8 +8,9 @@ held-out noises the learned solvers are measured on.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -24,8 +25,16 @@ from .solvers.artifact import LoadedSolver, load_solver
 PREFERRED_NFE = 5  # the budget whose samples and solver tables the plots show when it is asked
 
 
-def _fit_or_reuse(model: Denoiser, method: str, nfe: int, d: Path, reuse: bool, progress: bool, device: str,
-                  fit_kwargs: dict[str, Any] | None) -> tuple[Any, float, str]:
+def _fit_or_reuse(
+    model: Denoiser,
+    method: str,
+    nfe: int,
+    d: Path,
+    reuse: bool,
+    progress: bool,
+    device: str,
+    fit_kwargs: dict[str, Any] | None,
+) -> tuple[Any, float, str]:
     """(solver, wall seconds, how): a finished artifact in ``d`` (solver.json and no fit checkpoint) fitted
     with the same settings is loaded when ``reuse``, with its recorded wall time; otherwise fit into ``d``
     (``how`` says which, and why a finished fit was not reused)."""
@@ -79,18 +88,44 @@ def run_bench(
             d = out / f"{meth}-nfe{n}"
             solver, secs, how = _fit_or_reuse(model, meth, int(n), d, reuse, progress, device, fit_kwargs)
             doc = solver.doc
-            fits.append({"method": meth, "nfe": int(n), "seconds": round(secs, 1), "start": doc["start"]["solver"],
-                         "kept_start": doc["validation"]["kept_start"], "artifact": str(d)})
-            log(f"{how} {meth} at NFE {n} ({secs:.0f} s, start {doc['start']['solver']}"
-                f"{', kept' if doc['validation']['kept_start'] else ''})")
+            fits.append(
+                {
+                    "method": meth,
+                    "nfe": int(n),
+                    "seconds": round(secs, 1),
+                    "start": doc["start"]["solver"],
+                    "kept_start": doc["validation"]["kept_start"],
+                    "artifact": str(d),
+                }
+            )
+            log(
+                f"{how} {meth} at NFE {n} ({secs:.0f} s, start {doc['start']['solver']}"
+                f"{', kept' if doc['validation']['kept_start'] else ''})"
+            )
             arts.append(solver)
-    rep = evaluate(eval_model or model, nfe=list(nfes), samples=samples, seed=EVAL_SEED_START, device=device,
-                   model_name=model_name, metrics=metrics, learned=arts, **(eval_kwargs or {}))
+    rep = evaluate(
+        eval_model or model,
+        nfe=list(nfes),
+        samples=samples,
+        seed=EVAL_SEED_START,
+        device=device,
+        model_name=model_name,
+        metrics=metrics,
+        learned=arts,
+        **(eval_kwargs or {}),
+    )
     return {"report": rep, "rows": bench_rows(Report.from_dict(rep), nfes), "fits": fits, "solvers": arts}
 
 
-def report_plots(rep: dict[str, Any], model: Denoiser, out: str | Path, learned: Sequence[Any] = (),
-                 device: str = "cpu", show_nfe: int | None = None, n_show: int | None = None) -> list[Path]:
+def report_plots(
+    rep: dict[str, Any],
+    model: Denoiser,
+    out: str | Path,
+    learned: Sequence[Any] = (),
+    device: str = "cpu",
+    show_nfe: int | None = None,
+    n_show: int | None = None,
+) -> list[Path]:
     """An evaluation's pictures: every metric against NFE, samples side by side (reference, best
     classic, best learned; the same noises) and each learned artifact's tables against its start.
     Under several processes every process takes part in the solves and rank 0 writes the pictures (the
@@ -113,15 +148,23 @@ def report_plots(rep: dict[str, Any], model: Denoiser, out: str | Path, learned:
     ref = rep["reference"]
     panels = []
     if ref["solver"] != "exact":
-        panels.append((f"reference {ref['solver']} ({ref['nfe']} NFE)",
-                       solve_batched(model, seeds, ref["solver"], ref["nfe"], device=device)))
+        panels.append(
+            (
+                f"reference {ref['solver']} ({ref['nfe']} NFE)",
+                solve_batched(model, seeds, ref["solver"], ref["nfe"], device=device),
+            )
+        )
     b = typed.best_classic(show)
     if b:
-        panels.append((f"best classic {b.label} ({show} NFE)", solve_batched(model, seeds, b.label, show, device=device)))
+        panels.append(
+            (f"best classic {b.label} ({show} NFE)", solve_batched(model, seeds, b.label, show, device=device))
+        )
     lrn = typed.best_learned(show)
     pick = [s for s in learned if int(s.nfe) == show and lrn is not None and s.name == lrn.solver]
     if pick:
-        panels.append((f"learned {pick[0].name} ({show} NFE)", solve_batched(model, seeds, pick[0], show, device=device)))
+        panels.append(
+            (f"learned {pick[0].name} ({show} NFE)", solve_batched(model, seeds, pick[0], show, device=device))
+        )
     if not main:
         return []
     if panels and model.decode is not None:  # a latent model: its decoded images
@@ -163,8 +206,9 @@ def guidance_table(
     Artifacts go to ``out/<method>-nfe<N>-w<scale>``; with ``reuse``, finished ones are loaded.
     """
     out = Path(out)
-    base, _, how = _fit_or_reuse(build(fit_scale), method, nfe, out / f"{method}-nfe{nfe}-w{fit_scale:g}", reuse,
-                                 progress, device, fit_kwargs)
+    base, _, how = _fit_or_reuse(
+        build(fit_scale), method, nfe, out / f"{method}-nfe{nfe}-w{fit_scale:g}", reuse, progress, device, fit_kwargs
+    )
     log(f"{how} {method} at guidance {fit_scale:g}")
     base.name = f"{method} fitted at w={fit_scale:g}"
     # the table uses this solver at other scales on purpose, where the model's fingerprint may differ
@@ -175,8 +219,9 @@ def guidance_table(
         m = build(w)
         learned = [base]
         if refit and float(w) != float(fit_scale):
-            own, _, how = _fit_or_reuse(m, method, nfe, out / f"{method}-nfe{nfe}-w{w:g}", reuse, progress, device,
-                                        fit_kwargs)
+            own, _, how = _fit_or_reuse(
+                m, method, nfe, out / f"{method}-nfe{nfe}-w{w:g}", reuse, progress, device, fit_kwargs
+            )
             log(f"{how} {method} at guidance {w:g}")
             own.name = f"{method} fitted at w={w:g}"
             learned.append(own)
@@ -186,9 +231,18 @@ def guidance_table(
         b = typed.best_classic(nfe)
         fixed = by_name[base.name]
         own = by_name[learned[-1].name]
-        rows.append({"scale": float(w), "best_classic": b.label, "best_classic_rmse": b.rmse,
-                     "fitted_at": float(fit_scale), "learned_rmse": fixed, "refit_rmse": own,
-                     "ratio": fixed / b.rmse, "refit_ratio": own / b.rmse})
+        rows.append(
+            {
+                "scale": float(w),
+                "best_classic": b.label,
+                "best_classic_rmse": b.rmse,
+                "fitted_at": float(fit_scale),
+                "learned_rmse": fixed,
+                "refit_rmse": own,
+                "ratio": fixed / b.rmse,
+                "refit_ratio": own / b.rmse,
+            }
+        )
         log(f"guidance {w:g}: best classic {b.rmse:.4g}, fitted at {fit_scale:g} {fixed:.4g}, refit {own:.4g}")
     return rows
 

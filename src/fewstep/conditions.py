@@ -22,9 +22,10 @@ import hashlib
 import io
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -69,11 +70,11 @@ class PromptSet:
             raise FewstepError(f"prompt set {self.source} is empty: give at least one prompt")
 
     @classmethod
-    def of(cls, prompts: Sequence[str | Entry], source: str = "inline") -> "PromptSet":
+    def of(cls, prompts: Sequence[str | Entry], source: str = "inline") -> PromptSet:
         return cls(tuple(p if isinstance(p, Entry) else Entry(str(p)) for p in prompts), source)
 
     @classmethod
-    def read(cls, path: str | Path) -> "PromptSet":
+    def read(cls, path: str | Path) -> PromptSet:
         """Read a ``.txt`` (one prompt per line), ``.csv`` or ``.jsonl`` prompt file (one clear line on error)."""
         p = Path(path)
         try:
@@ -98,11 +99,13 @@ class PromptSet:
     def digest(self) -> str:
         return _digest([[e.prompt, e.negative, e.guidance] for e in self.entries])
 
-    def split(self, held_out: float = HELD_OUT) -> tuple["PromptSet", "PromptSet"]:
+    def split(self, held_out: float = HELD_OUT) -> tuple[PromptSet, PromptSet]:
         """(fit part, held-out part): a prompt is held out when its text hashes into the ``held_out`` share, so
         the split survives reordering and extending the file. A set too small to split is used whole for both."""
+
         def out(e: Entry) -> bool:
             return int(hashlib.sha256(e.prompt.encode()).hexdigest()[:8], 16) / 2**32 < held_out
+
         fit = tuple(e for e in self.entries if not out(e))
         ev = tuple(e for e in self.entries if out(e))
         if not fit or not ev:
@@ -131,14 +134,21 @@ def _read_csv(text: str, p: Path) -> list[Entry]:
     if not rows:
         return []
     if "prompt" not in rows[0]:
-        raise FewstepError(f"prompt file {p}: the CSV needs a header with a 'prompt' column (and optionally "
-                           f"'negative_prompt' and 'guidance'); got {list(rows[0])}")
+        raise FewstepError(
+            f"prompt file {p}: the CSV needs a header with a 'prompt' column (and optionally "
+            f"'negative_prompt' and 'guidance'); got {list(rows[0])}"
+        )
     out = []
     for i, r in enumerate(rows, 2):
         if not (r.get("prompt") or "").strip():
             raise FewstepError(f"prompt file {p}, line {i}: empty prompt")
-        out.append(Entry(r["prompt"].strip(), (r.get("negative_prompt") or r.get("negative") or None),
-                         _guidance(r.get("guidance", r.get("guidance_scale")), f"prompt file {p}, line {i}")))
+        out.append(
+            Entry(
+                r["prompt"].strip(),
+                (r.get("negative_prompt") or r.get("negative") or None),
+                _guidance(r.get("guidance", r.get("guidance_scale")), f"prompt file {p}, line {i}"),
+            )
+        )
     return out
 
 
@@ -154,13 +164,19 @@ def _read_jsonl(text: str, p: Path) -> list[Entry]:
         except RecursionError:  # what is nested below a prompt's fields is refused by their type checks
             raise FewstepError(f"prompt file {p}, line {i}: nested too deeply to be a prompt") from None
         if not isinstance(d, dict) or not isinstance(d.get("prompt"), str) or not d["prompt"].strip():
-            raise FewstepError(f"prompt file {p}, line {i}: needs {{\"prompt\": \"...\"}} (and optionally "
-                               f"\"negative_prompt\", \"guidance\")")
+            raise FewstepError(
+                f'prompt file {p}, line {i}: needs {{"prompt": "..."}} (and optionally "negative_prompt", "guidance")'
+            )
         neg = d.get("negative_prompt", d.get("negative"))
         if neg is not None and not isinstance(neg, str):
             raise FewstepError(f"prompt file {p}, line {i}: negative_prompt must be a string")
-        out.append(Entry(d["prompt"].strip(), neg, _guidance(d.get("guidance", d.get("guidance_scale")),
-                                                             f"prompt file {p}, line {i}")))
+        out.append(
+            Entry(
+                d["prompt"].strip(),
+                neg,
+                _guidance(d.get("guidance", d.get("guidance_scale")), f"prompt file {p}, line {i}"),
+            )
+        )
     return out
 
 
@@ -169,13 +185,14 @@ class ClassSet:
     labels: tuple[int, ...]
 
     @classmethod
-    def parse(cls, spec: str, num_classes: int | None) -> "ClassSet":
+    def parse(cls, spec: str, num_classes: int | None) -> ClassSet:
         """``"0,1,2"`` or ``"all"`` (needs ``num_classes``)."""
         spec = str(spec).strip()
         if spec == "all":
             if not num_classes:
-                raise FewstepError("--classes all: this model does not say how many classes it has; list them "
-                                   "(e.g. --classes 0,1,2)")
+                raise FewstepError(
+                    "--classes all: this model does not say how many classes it has; list them (e.g. --classes 0,1,2)"
+                )
             return cls(tuple(range(int(num_classes))))
         try:
             labels = tuple(int(v) for v in spec.split(",") if v.strip())
@@ -202,11 +219,13 @@ class GuidanceSet:
 
     def __post_init__(self) -> None:
         if len(self.scales) > MAX_SCALES:
-            raise FewstepError(f"--guidance: {len(self.scales)} scales is more than {MAX_SCALES}; give fewer "
-                               f"(e.g. a range LO:HI:{MAX_SCALES // 8})")
+            raise FewstepError(
+                f"--guidance: {len(self.scales)} scales is more than {MAX_SCALES}; give fewer "
+                f"(e.g. a range LO:HI:{MAX_SCALES // 8})"
+            )
 
     @classmethod
-    def parse(cls, spec: str | float | Sequence[float]) -> "GuidanceSet":
+    def parse(cls, spec: str | float | Sequence[float]) -> GuidanceSet:
         """``"3,7.5,12"``, a range ``"3:12"`` (3 evenly spaced scales) or ``"3:12:K"`` (K of them, at most
         ``MAX_SCALES``)."""
         if isinstance(spec, (int, float)):
@@ -217,12 +236,14 @@ class GuidanceSet:
         try:
             scales = _range(s) if ":" in s else tuple(float(v) for v in s.split(",") if v.strip())
         except (ValueError, OverflowError):
-            raise FewstepError(f"--guidance {spec!r}: give a scale (7.5), a list (3,7.5,12) or a range LO:HI[:COUNT] "
-                               f"with LO < HI and a COUNT of 2..{MAX_SCALES}") from None
+            raise FewstepError(
+                f"--guidance {spec!r}: give a scale (7.5), a list (3,7.5,12) or a range LO:HI[:COUNT] "
+                f"with LO < HI and a COUNT of 2..{MAX_SCALES}"
+            ) from None
         return cls._checked(spec, scales)
 
     @classmethod
-    def _checked(cls, spec: Any, scales: tuple[float, ...]) -> "GuidanceSet":
+    def _checked(cls, spec: Any, scales: tuple[float, ...]) -> GuidanceSet:
         if not scales or any(not math.isfinite(w) or w < 0 for w in scales):
             raise FewstepError(f"--guidance {spec!r}: scales must be finite numbers >= 0")
         if len(scales) > MAX_SCALES:
@@ -277,9 +298,13 @@ class Conditioning:
             per = [self.prompts.entries[i].guidance for i in idx.tolist()]
             if any(e.guidance is not None for e in self.prompts.entries):  # whatever these seeds drew
                 fallback = self.guidance.draw(seeds) if self.guidance is not None else None
-                w = torch.tensor([v if v is not None else (float(fallback[k]) if fallback is not None
-                                                           else self.default_guidance)
-                                  for k, v in enumerate(per)], dtype=torch.float64)
+                w = torch.tensor(
+                    [
+                        v if v is not None else (float(fallback[k]) if fallback is not None else self.default_guidance)
+                        for k, v in enumerate(per)
+                    ],
+                    dtype=torch.float64,
+                )
         if self.classes is not None:
             out["class_labels"] = self.classes.draw(seeds)
         if w is None and self.guidance is not None and len(self.guidance.scales) > 1:
@@ -289,11 +314,16 @@ class Conditioning:
         return out
 
     def digest(self) -> str:
-        return _digest({"prompts": self.prompts.digest() if self.prompts else None,
-                        "classes": self.classes.digest() if self.classes else None,
-                        "guidance": self.guidance.digest() if self.guidance else None,
-                        "extra": sorted(map(str, self.extra)), "default_guidance": self.default_guidance,
-                        "base": None if self.base is None else getattr(self.base, "__qualname__", type(self.base).__name__)})
+        return _digest(
+            {
+                "prompts": self.prompts.digest() if self.prompts else None,
+                "classes": self.classes.digest() if self.classes else None,
+                "guidance": self.guidance.digest() if self.guidance else None,
+                "extra": sorted(map(str, self.extra)),
+                "default_guidance": self.default_guidance,
+                "base": None if self.base is None else getattr(self.base, "__qualname__", type(self.base).__name__),
+            }
+        )
 
     def describe(self) -> dict[str, Any]:
         """JSON-able summary recorded in artifacts."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,13 +31,13 @@ class Cost:
     backward: int = 0
     rows: int = 0
 
-    def __sub__(self, other: "Cost") -> "Cost":
+    def __sub__(self, other: Cost) -> Cost:
         return Cost(self.forward - other.forward, self.backward - other.backward, self.rows - other.rows)
 
-    def __add__(self, other: "Cost") -> "Cost":
+    def __add__(self, other: Cost) -> Cost:
         return Cost(self.forward + other.forward, self.backward + other.backward, self.rows + other.rows)
 
-    def copy(self) -> "Cost":
+    def copy(self) -> Cost:
         return Cost(self.forward, self.backward, self.rows)
 
     @property
@@ -91,14 +91,20 @@ class Spent:
     memory: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {**self.cost.as_dict(), "wall_s": round(self.wall_s, 3), "peak_memory_mib": round(self.peak_mib, 1),
-                "memory": self.memory}
+        return {
+            **self.cost.as_dict(),
+            "wall_s": round(self.wall_s, 3),
+            "peak_memory_mib": round(self.peak_mib, 1),
+            "memory": self.memory,
+        }
 
     def line(self) -> str:
         c = self.cost
         back = f" + {c.backward:,} backward" if c.backward else ""
-        return (f"{c.forward:,} forward{back} network evaluations, {self.wall_s:.1f} s, "
-                f"peak memory {self.peak_mib:,.0f} MiB ({self.memory})")
+        return (
+            f"{c.forward:,} forward{back} network evaluations, {self.wall_s:.1f} s, "
+            f"peak memory {self.peak_mib:,.0f} MiB ({self.memory})"
+        )
 
 
 class Meter:
@@ -108,7 +114,7 @@ class Meter:
         self.model, self.device = model, torch.device(device)
         self.spent: Spent | None = None
 
-    def __enter__(self) -> "Meter":
+    def __enter__(self) -> Meter:
         if self.device.type == "cuda" and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats(self.device)
         self._c0, self._t0 = self.model.cost.copy(), time.perf_counter()

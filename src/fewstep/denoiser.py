@@ -11,7 +11,8 @@ The probability-flow velocity of any schedule is dx/dt = alpha' D + sigma' E.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -22,8 +23,14 @@ from .errors import FewstepError, ModelOutputError, ShapeError
 from .schedules import Schedule, TimeScalars
 
 PREDICTIONS = ("eps", "x0", "v", "velocity")
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
 
 
 def torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -44,9 +51,12 @@ def check_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.d
         torch.nn.functional.conv2d(a, torch.ones(2, 2, 3, 3, dtype=dt, device=dev))
         (a.flatten(1) @ a.flatten(1).T).sum().item()
     except (RuntimeError, TypeError) as e:
-        raise FewstepError(f"--dtype {dtype}: this device ({dev}) cannot run a network in {dt} ({str(e)[:80]}); "
-                           f"use fp32") from None
+        raise FewstepError(
+            f"--dtype {dtype}: this device ({dev}) cannot run a network in {dt} ({str(e)[:80]}); use fp32"
+        ) from None
     return dt
+
+
 BASES = ("D", "E", "v")
 
 
@@ -158,7 +168,7 @@ class Denoiser(nn.Module):
             self.set_dtype(dtype)
 
     # ------------------------------------------------------------------ network call
-    def set_dtype(self, dtype: torch.dtype | str) -> "Denoiser":
+    def set_dtype(self, dtype: torch.dtype | str) -> Denoiser:
         """Run the network in ``dtype`` (fp32 / fp16 / bf16 or a torch dtype); the solver stays in its own."""
         dt = torch_dtype(dtype)
         fp = self.fingerprint()  # the model's identity is its weights as given, whatever precision runs them
@@ -176,9 +186,15 @@ class Denoiser(nn.Module):
         """
         dt = self.network_dtype()
         if dt is not None and x.dtype != dt:
-            out = self._raw(x.to(dt), t, t_net,
-                            **{k: (v.to(dt) if isinstance(v, Tensor) and v.is_floating_point()
-                                   and k != "guidance_scale" else v) for k, v in cond.items()})
+            out = self._raw(
+                x.to(dt),
+                t,
+                t_net,
+                **{
+                    k: (v.to(dt) if isinstance(v, Tensor) and v.is_floating_point() and k != "guidance_scale" else v)
+                    for k, v in cond.items()
+                },
+            )
             return out.to(x.dtype)
         return self._raw(x, t, t_net, **cond)
 
@@ -232,11 +248,11 @@ class Denoiser(nn.Module):
             )
 
     # ------------------------------------------------------------------ conversions
-    def scalars(self, t: Tensor | float) -> "TimeScalars":
+    def scalars(self, t: Tensor | float) -> TimeScalars:
         """alpha, sigma and their t-derivatives at solver time(s) t (vectorised, float64)."""
         return TimeScalars.of(self.schedule, t)
 
-    def convert(self, out: Tensor, x: Tensor, t: Tensor | float, basis: str, sc: "TimeScalars | None" = None) -> Tensor:
+    def convert(self, out: Tensor, x: Tensor, t: Tensor | float, basis: str, sc: TimeScalars | None = None) -> Tensor:
         """Convert a raw network output at (x, t) to basis 'D', 'E' or 'v' (dx/dt).
 
         ``sc`` are precomputed scalars at t (the kernel computes them once per solve); their
@@ -255,7 +271,7 @@ class Denoiser(nn.Module):
             return E
         return sc.d_alpha * D + sc.d_sigma * E
 
-    def to_DE(self, out: Tensor, x: Tensor, t: Tensor | float, sc: "TimeScalars | None" = None) -> tuple[Tensor, Tensor]:
+    def to_DE(self, out: Tensor, x: Tensor, t: Tensor | float, sc: TimeScalars | None = None) -> tuple[Tensor, Tensor]:
         """(D, E) from a raw output at solver time t."""
         sc = sc or self.scalars(t)
         a, g = sc.alpha, sc.sigma
@@ -287,8 +303,9 @@ class Denoiser(nn.Module):
             return torch.mul(x, a).add_(out, alpha=-g), torch.mul(x, g).add_(out, alpha=a)
         return torch.add(x, out, alpha=-g), torch.add(x, out, alpha=a)
 
-    def predict(self, x: Tensor, t: Tensor | float, basis: str = "D", sc: "TimeScalars | None" = None,
-                **cond: Any) -> Tensor:
+    def predict(
+        self, x: Tensor, t: Tensor | float, basis: str = "D", sc: TimeScalars | None = None, **cond: Any
+    ) -> Tensor:
         """One network call at solver time t, returned in ``basis`` ('D', 'E' or 'v')."""
         return self.convert(self.raw(x, t, sc.t_net if sc is not None else None, **cond), x, t, basis, sc)
 
@@ -315,8 +332,13 @@ class Denoiser(nn.Module):
     def _fingerprint_key(self) -> tuple:
         """What the cached fingerprint depends on: the weight tensors (by storage and version) and the rest."""
         tensors = self.net.state_dict() if isinstance(self.net, nn.Module) else {}
-        return (repr(sorted(self.schedule.config().items())), self.prediction, repr(sorted(self.identity.items())),
-                id(self.prior), tuple((k, v.data_ptr(), v._version) for k, v in tensors.items()))
+        return (
+            repr(sorted(self.schedule.config().items())),
+            self.prediction,
+            repr(sorted(self.identity.items())),
+            id(self.prior),
+            tuple((k, v.data_ptr(), v._version) for k, v in tensors.items()),
+        )
 
     def _hash_weights(self) -> str:
         h = hashlib.sha256()
@@ -328,8 +350,9 @@ class Denoiser(nn.Module):
         if isinstance(self.net, nn.Module):
             for k, v in sorted(self.net.state_dict().items()):
                 h.update(k.encode())
-                h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-                         if v.numel() else b"")
+                h.update(
+                    v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b""
+                )
         return h.hexdigest()[:16]
 
     def noise(self, seeds: list[int] | range, device: str | torch.device = "cpu") -> Tensor:
@@ -348,7 +371,7 @@ class Denoiser(nn.Module):
                 rows.append(torch.randn(self.sample_shape, generator=g))
         return torch.stack(rows).to(device)
 
-    def with_conditions(self, classes: str | None = None, guidance: GuidanceSet | None = None) -> "Denoiser":
+    def with_conditions(self, classes: str | None = None, guidance: GuidanceSet | None = None) -> Denoiser:
         """This model drawing its class labels from ``classes`` ("0,1,2" or "all") and, for several scales, its
         guidance scale per seed (each seed draws one). Returns ``self``."""
         if classes is None and (guidance is None or len(guidance.scales) < 2):
@@ -358,9 +381,12 @@ class Denoiser(nn.Module):
         if guidance is not None and len(guidance.scales) > 1 and self.uncond is None and not self.guidance_input:
             raise FewstepError(f"{self.name} has no unconditional half for guidance: give one scale or none")
         cset = None if classes is None else ClassSet.parse(classes, self.num_classes)
-        self.cond_sampler = Conditioning(classes=cset, guidance=guidance if guidance and len(guidance.scales) > 1
-                                         else None, base=self.cond_sampler if cset is None else None,
-                                         default_guidance=float(self.guidance_scale or 1.0))
+        self.cond_sampler = Conditioning(
+            classes=cset,
+            guidance=guidance if guidance and len(guidance.scales) > 1 else None,
+            base=self.cond_sampler if cset is None else None,
+            default_guidance=float(self.guidance_scale or 1.0),
+        )
         return self
 
     def guidance_scales(self) -> tuple[float, ...] | None:

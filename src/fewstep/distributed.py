@@ -30,9 +30,10 @@ import os
 import pickle
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor
@@ -54,6 +55,7 @@ class PeerFailed(FewstepError):
 
 def env_rank() -> tuple[int, int, int]:
     """(rank, world size, local rank) as torchrun (or another launcher) set them in the environment."""
+
     def get(name: str, default: int) -> int:
         try:
             return int(os.environ.get(name, default))
@@ -83,7 +85,7 @@ class Dist:
 
     def share(self, items: Sequence[Any]) -> list[Any]:
         """The items at the positions this rank owns, in order."""
-        return list(items[self.rank::self.world])
+        return list(items[self.rank :: self.world])
 
     # ------------------------------------------------------------------------------------ collectives
     def _td(self) -> Any:
@@ -101,8 +103,9 @@ class Dist:
         try:
             return fn(*args, **kwargs)
         except RuntimeError as e:  # gloo / NCCL report a lost or failed peer as a RuntimeError
-            raise PeerFailed(f"another process of this run stopped or failed during {what} ({_reason(e)}); its own "
-                             f"error says why") from None
+            raise PeerFailed(
+                f"another process of this run stopped or failed during {what} ({_reason(e)}); its own error says why"
+            ) from None
 
     @staticmethod
     def _count(kind: str, nbytes: int) -> None:
@@ -154,7 +157,7 @@ class Dist:
         self._run("an all-reduce", td.all_reduce, flat, op=td.ReduceOp.MAX if op == "max" else td.ReduceOp.SUM)
         out, k = [], 0
         for t in tensors:
-            out.append(flat[k:k + t.numel()].view(t.shape).to(device=t.device, dtype=t.dtype))
+            out.append(flat[k : k + t.numel()].view(t.shape).to(device=t.device, dtype=t.dtype))
             k += t.numel()
         return out
 
@@ -196,7 +199,7 @@ class Dist:
         m = -(-n // K)
         dev = self._comm_device(local)
         buf = torch.zeros((m, *local.shape[1:]), dtype=local.dtype, device=dev)
-        buf[:local.shape[0]] = local.detach().to(dev)
+        buf[: local.shape[0]] = local.detach().to(dev)
         parts = [torch.empty_like(buf) for _ in range(K)]
         self._count(kind, buf.numel() * buf.element_size())
         self._run("a gather", self._td().all_gather, parts, buf)
@@ -213,7 +216,7 @@ class Dist:
     def gather_groups(self, parts: Sequence[Tensor], G: int, n: int) -> Tensor:
         """All ``n`` rows in order, on every rank, from each rank's groups: row i is in group i % G, group g is
         rank g % world's, and ``parts`` holds this rank's groups (in order), each its rows in order."""
-        if G < self.world:
+        if self.world > G:
             raise FewstepError(f"{G} groups cannot be shared by {self.world} processes")
         if G == 1 and self.world == 1:
             return parts[0]
@@ -221,11 +224,11 @@ class Dist:
         trail, like = parts[0].shape[1:], parts[0]
         stacked = torch.zeros((len(parts), m, *trail), dtype=like.dtype, device=like.device)
         for j, p in enumerate(parts):
-            stacked[j, :p.shape[0]] = p
+            stacked[j, : p.shape[0]] = p
         full = self.gather_rows(stacked, G)
         out = torch.empty((n, *trail), dtype=like.dtype, device=like.device)
         for g in range(G):
-            out[g::G] = full[g][:len(range(g, n, G))]
+            out[g::G] = full[g][: len(range(g, n, G))]
         return out
 
     def sum_rows(self, t: Tensor) -> Tensor:
@@ -299,12 +302,16 @@ def device_for(device: str | torch.device, d: Dist | None = None) -> str:
     if dev.type != "cuda" or d.world == 1:
         return str(device)
     if dev.index is not None:
-        raise FewstepError(f"--device {device} with {d.world} processes: give --device cuda, and each process takes "
-                           f"the GPU of its local rank")
+        raise FewstepError(
+            f"--device {device} with {d.world} processes: give --device cuda, and each process takes "
+            f"the GPU of its local rank"
+        )
     n = torch.cuda.device_count()
     if d.local_rank >= n:
-        raise FewstepError(f"--device cuda: local rank {d.local_rank} has no GPU of its own (this node has {n}); start at "
-                           f"most {n} processes per node (--nproc-per-node)")
+        raise FewstepError(
+            f"--device cuda: local rank {d.local_rank} has no GPU of its own (this node has {n}); start at "
+            f"most {n} processes per node (--nproc-per-node)"
+        )
     return f"cuda:{d.local_rank}"
 
 
@@ -437,5 +444,18 @@ def fault(point: str) -> None:
         raise FewstepError(f"injected fault at {point} ({FAULT_ENV}={spec})")
 
 
-__all__ = ["Dist", "FAULT_ENV", "PeerFailed", "TIMEOUT_ENV", "backend_threads", "current", "device_for", "env_rank",
-           "exit_process", "fault", "init", "shutdown", "traffic"]
+__all__ = [
+    "Dist",
+    "FAULT_ENV",
+    "PeerFailed",
+    "TIMEOUT_ENV",
+    "backend_threads",
+    "current",
+    "device_for",
+    "env_rank",
+    "exit_process",
+    "fault",
+    "init",
+    "shutdown",
+    "traffic",
+]

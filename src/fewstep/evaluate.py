@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -54,9 +55,11 @@ def check_held_out(solver: Any, lo: int, hi: int) -> None:
     for what in ("train_seeds", "val_seeds", "confirm_seeds"):
         a, b = teacher.get(what) or (0, 0)
         if a < hi and lo < b:
-            raise FewstepError(f"evaluation seeds [{lo}, {hi}) overlap the {what.replace('_', ' ')} [{a}, {b}) that "
-                               f"{solver.path or solver.name} was fitted on: numbers on those noises are not "
-                               f"results; evaluate on seeds from {EVAL_SEED_START} (the default)")
+            raise FewstepError(
+                f"evaluation seeds [{lo}, {hi}) overlap the {what.replace('_', ' ')} [{a}, {b}) that "
+                f"{solver.path or solver.name} was fitted on: numbers on those noises are not "
+                f"results; evaluate on seeds from {EVAL_SEED_START} (the default)"
+            )
 
 
 def per_sample_rmse(x: Tensor, ref: Tensor) -> Tensor:
@@ -76,15 +79,23 @@ def per_seed(model: Denoiser, seeds: Sequence[int], fn: Callable[[list[int]], Te
     return d.gather_rows(local, len(seeds))
 
 
-def solve_batched(model: Denoiser, seeds: Sequence[int], solver: Any, nfe: int | None, grid: Any = "logsnr",
-                  batch_size: int = 500, device: str | torch.device = "cpu") -> Tensor:
+def solve_batched(
+    model: Denoiser,
+    seeds: Sequence[int],
+    solver: Any,
+    nfe: int | None,
+    grid: Any = "logsnr",
+    batch_size: int = 500,
+    device: str | torch.device = "cpu",
+) -> Tensor:
     """Samples for ``seeds`` with ``solver`` in batches; identical for any batch size and, under several
     processes (each solves its share of the seeds; every process gets all samples), for any number of them."""
+
     def solve(chunk_seeds: list[int]) -> Tensor:
         outs = []
         with torch.no_grad():
             for k in range(0, len(chunk_seeds), batch_size):
-                chunk = chunk_seeds[k:k + batch_size]
+                chunk = chunk_seeds[k : k + batch_size]
                 noise = model.noise(chunk, device)
                 outs.append(sample(model, noise, solver, nfe=nfe, grid=grid, cond=model.cond_for(chunk, device)).cpu())
         return torch.cat(outs)
@@ -92,11 +103,19 @@ def solve_batched(model: Denoiser, seeds: Sequence[int], solver: Any, nfe: int |
     return per_seed(model, seeds, solve)
 
 
-def _reference_pair(model: Denoiser, seeds: Sequence[int], reference: str | None, nfe: int | None,
-                    batch_size: int, device: str | torch.device, twice: bool = True) -> tuple[Tensor, Tensor, str, int]:
+def _reference_pair(
+    model: Denoiser,
+    seeds: Sequence[int],
+    reference: str | None,
+    nfe: int | None,
+    batch_size: int,
+    device: str | torch.device,
+    twice: bool = True,
+) -> tuple[Tensor, Tensor, str, int]:
     """(reference samples, the same solve at half the steps, solver label, NFE); exact models: both exact."""
     exact = getattr(model, "exact_solution", None)
     if reference is None and exact is not None:
+
         def solve(chunk: list[int]) -> Tensor:
             with torch.no_grad():
                 return exact(model.noise(chunk, device) * model.schedule.init_noise_scale()).cpu()
@@ -110,8 +129,14 @@ def _reference_pair(model: Denoiser, seeds: Sequence[int], reference: str | None
     return ref2, ref, spec, 2 * n
 
 
-def reference_samples(model: Denoiser, seeds: Sequence[int], reference: str | None = None, nfe: int | None = None,
-                      batch_size: int = 500, device: str | torch.device = "cpu") -> tuple[Tensor, dict[str, Any]]:
+def reference_samples(
+    model: Denoiser,
+    seeds: Sequence[int],
+    reference: str | None = None,
+    nfe: int | None = None,
+    batch_size: int = 500,
+    device: str | torch.device = "cpu",
+) -> tuple[Tensor, dict[str, Any]]:
     """Reference samples and {"solver", "nfe", "self_error"}."""
     ref2, ref, spec, n = _reference_pair(model, seeds, reference, nfe, batch_size, device)
     return ref2, {"solver": spec, "nfe": n, "self_error": float(per_sample_rmse(ref, ref2).mean())}
@@ -129,9 +154,17 @@ class Run:
         return self.row.rmse
 
 
-def run_solver(model: Denoiser, seeds: Sequence[int], solver: Any, nfe: int, ref: Tensor,
-               batch_size: int = 500, device: str | torch.device = "cpu", keep_samples: bool = False,
-               kind: str | None = None) -> Run:
+def run_solver(
+    model: Denoiser,
+    seeds: Sequence[int],
+    solver: Any,
+    nfe: int,
+    ref: Tensor,
+    batch_size: int = 500,
+    device: str | torch.device = "cpu",
+    keep_samples: bool = False,
+    kind: str | None = None,
+) -> Run:
     """Evaluate one solver. A solver that cannot run on this model records its error in the row instead
     of raising; a solver that names nothing runnable (an unknown name, another model's artifact) raises."""
     if isinstance(solver, str) and "@" in solver:
@@ -225,8 +258,9 @@ def evaluate(
     if measured:
         dref = None
         if any(m in DISTRIBUTION for m in names):
-            dref = _data_reference(model, data, seed + samples, data_samples, reference, reference_nfe, batch_size,
-                                   device)
+            dref = _data_reference(
+                model, data, seed + samples, data_samples, reference, reference_nfe, batch_size, device
+            )
         if d.main:
             suite = MetricSuite(model, names, dref, feature)
             cond = model.cond_for(seeds)
@@ -245,8 +279,12 @@ def evaluate(
         sem = float(self_err.std() / math.sqrt(len(self_err))) if len(self_err) > 1 else 0.0
         got = (suite.row(ref, ref_half, cond), suite.info()) if suite is not None else None
         ref_metrics, report.metrics = d.broadcast_object(got)
-        rows.insert(0, Row("reference", "reference", ref_spec, ref_nfe, ref_info["self_error"], sem, ref_secs,
-                           metrics=ref_metrics))
+        rows.insert(
+            0,
+            Row(
+                "reference", "reference", ref_spec, ref_nfe, ref_info["self_error"], sem, ref_secs, metrics=ref_metrics
+            ),
+        )
     return report.as_dict()
 
 
@@ -263,12 +301,21 @@ def _check_runnable(model: Denoiser, jobs: list[tuple[Any, int]]) -> None:
         except FewstepError as e:
             first = first or e
     if first is not None:
-        raise NothingToRunError(f"none of the {len(jobs)} requested solver runs can run on this model; the first "
-                                f"says: {first}")
+        raise NothingToRunError(
+            f"none of the {len(jobs)} requested solver runs can run on this model; the first says: {first}"
+        )
 
 
-def _data_reference(model: Denoiser, data: Tensor | None, first_seed: int, n: int, reference: str | None,
-                    reference_nfe: int | None, batch_size: int, device: str | torch.device) -> DataReference:
+def _data_reference(
+    model: Denoiser,
+    data: Tensor | None,
+    first_seed: int,
+    n: int,
+    reference: str | None,
+    reference_nfe: int | None,
+    batch_size: int,
+    device: str | torch.device,
+) -> DataReference:
     """The user's set, the model's data, or the reference solve on seeds [first_seed, first_seed + n)."""
     if data is not None:
         return user_data(data, model.sample_shape)
@@ -285,5 +332,19 @@ def format_table(report: dict[str, Any], top: int | None = None) -> str:
     return render_plain(Report.from_dict(report), top)
 
 
-__all__ = ["ALL_GRIDS", "FD_REF_NOTE", "Run", "best_classic", "check_held_out", "default_reference", "evaluate",
-           "format_table", "grid_names", "per_sample_rmse", "per_seed", "reference_samples", "run_solver", "solve_batched"]
+__all__ = [
+    "ALL_GRIDS",
+    "FD_REF_NOTE",
+    "Run",
+    "best_classic",
+    "check_held_out",
+    "default_reference",
+    "evaluate",
+    "format_table",
+    "grid_names",
+    "per_sample_rmse",
+    "per_seed",
+    "reference_samples",
+    "run_solver",
+    "solve_batched",
+]

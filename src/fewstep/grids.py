@@ -15,7 +15,7 @@ An explicit grid is any strictly decreasing sequence inside [t_end, t_max].
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -70,8 +70,10 @@ def shifted(schedule: Schedule, n: int) -> Tensor:
     stretched to end at ``terminal``, then 0."""
     g = getattr(schedule, "grid_shift", None)
     if not g:
-        raise GridError("the 'shifted' grid is a flow-matching pipeline's own: this model's schedule has no shift "
-                        "(load it with diffusers:DIR from a flow-matching pipeline)")
+        raise GridError(
+            "the 'shifted' grid is a flow-matching pipeline's own: this model's schedule has no shift "
+            "(load it with diffusers:DIR from a flow-matching pipeline)"
+        )
     T = int(g["num_train_timesteps"])
     dynamic = g.get("mu") is not None
     if g.get("base") == "steps":
@@ -86,10 +88,21 @@ def shifted(schedule: Schedule, n: int) -> Tensor:
     return torch.cat([s, torch.zeros(1, dtype=F64)])
 
 
-GRIDS = {"time": time_uniform, "quadratic": time_quadratic, "logsnr": logsnr_uniform, "karras": karras,
-         "shifted": shifted}
-ALIASES = {"edm": "karras", "uniform": "time", "time_uniform": "time", "time_quadratic": "quadratic",
-           "logSNR": "logsnr", "lambda": "logsnr"}
+GRIDS = {
+    "time": time_uniform,
+    "quadratic": time_quadratic,
+    "logsnr": logsnr_uniform,
+    "karras": karras,
+    "shifted": shifted,
+}
+ALIASES = {
+    "edm": "karras",
+    "uniform": "time",
+    "time_uniform": "time",
+    "time_quadratic": "quadratic",
+    "logSNR": "logsnr",
+    "lambda": "logsnr",
+}
 
 
 def check_grid(t: Tensor, schedule: Schedule) -> Tensor:

@@ -17,9 +17,10 @@ import struct
 import tempfile
 import time
 import zlib
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -152,7 +153,7 @@ def image_grid(x: Tensor, nrow: int | None = None, pad: int = 1) -> Tensor:
     img = torch.zeros(c, ncol * (h + pad) + pad, nrow * (w + pad) + pad)
     for k in range(b):
         r, q = divmod(k, nrow)
-        img[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = x[k]
+        img[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = x[k]
     img = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return img.permute(1, 2, 0)
 
@@ -179,8 +180,9 @@ def is_image(shape: tuple[int, ...]) -> bool:
     return len(shape) == 3 and shape[0] in (1, 3)
 
 
-def save_samples(x: Tensor, out: str | os.PathLike, meta: dict[str, str] | None = None,
-                 decode: Any = None) -> list[Path]:
+def save_samples(
+    x: Tensor, out: str | os.PathLike, meta: dict[str, str] | None = None, decode: Any = None
+) -> list[Path]:
     """Write samples (B, ...) to a safetensors file; for image shapes (or latents ``decode`` turns into
     images, e.g. a pipeline's VAE) also a PNG grid beside it."""
     from safetensors.torch import save_file
@@ -193,7 +195,7 @@ def save_samples(x: Tensor, out: str | os.PathLike, meta: dict[str, str] | None 
     paths = [out]
     if decode is not None:
         with torch.no_grad():
-            x = torch.cat([decode(x[k:k + 16]) for k in range(0, x.shape[0], 16)])
+            x = torch.cat([decode(x[k : k + 16]) for k in range(0, x.shape[0], 16)])
     if is_image(tuple(x.shape[1:])):
         png = out.with_suffix(".png")
         write_png(png, image_grid(x.detach().cpu().float()), scale=max(1, 64 // x.shape[-1]))

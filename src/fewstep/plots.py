@@ -6,8 +6,9 @@ Every function writes one PNG atomically and returns its path.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -15,10 +16,15 @@ from torch import Tensor
 from .errors import FewstepError
 from .io import atomic_path, is_image
 
-METRIC_LABELS = {"rmse": "held-out RMSE to the reference", "fd": "Frechet distance to the data",
-                 "kid": "KID to the data", "fd_ref": "Frechet distance to the reference solve",
-                 "swd": "sliced Wasserstein distance to the data", "psnr": "PSNR to the reference (dB)",
-                 "loglik": "average log-likelihood"}
+METRIC_LABELS = {
+    "rmse": "held-out RMSE to the reference",
+    "fd": "Frechet distance to the data",
+    "kid": "KID to the data",
+    "fd_ref": "Frechet distance to the reference solve",
+    "swd": "sliced Wasserstein distance to the data",
+    "psnr": "PSNR to the reference (dB)",
+    "loglik": "average log-likelihood",
+}
 #: True for the distances, which metric plots also draw on a log axis
 LOWER_IS_BETTER = {"rmse": True, "fd": True, "kid": True, "fd_ref": True, "swd": True, "psnr": False, "loglik": False}
 
@@ -57,8 +63,9 @@ def _rows(report: dict[str, Any], metric: str) -> tuple[list[dict], list[dict], 
     return classic, learned, ref
 
 
-def classic_lines(classic: Sequence[dict[str, Any]], metric: str, asked: Sequence[int]
-                  ) -> tuple[dict[str, dict[int, dict[str, Any]]], dict[int, dict[str, Any]], str]:
+def classic_lines(
+    classic: Sequence[dict[str, Any]], metric: str, asked: Sequence[int]
+) -> tuple[dict[str, dict[int, dict[str, Any]]], dict[int, dict[str, Any]], str]:
     """Which classic rows a metric plot draws: ({solver: {nfe: row at its best grid}}, {nfe: best row
     over every solver and grid at an asked NFE}, the key they were chosen by).
 
@@ -81,8 +88,13 @@ def classic_lines(classic: Sequence[dict[str, Any]], metric: str, asked: Sequenc
     return best, overall, key
 
 
-def metric_vs_nfe(report: dict[str, Any], out: str | Path, metric: str = "rmse",
-                  learned: Sequence[dict[str, Any]] = (), title: str | None = None) -> Path:
+def metric_vs_nfe(
+    report: dict[str, Any],
+    out: str | Path,
+    metric: str = "rmse",
+    learned: Sequence[dict[str, Any]] = (),
+    title: str | None = None,
+) -> Path:
     """Per classic solver (best grid at each NFE) ``metric`` against NFE; learned solvers as stars.
 
     ``report``: an :func:`fewstep.evaluate.evaluate` result over several NFE; ``learned``: extra
@@ -109,8 +121,15 @@ def metric_vs_nfe(report: dict[str, Any], out: str | Path, metric: str = "rmse",
         by_name.setdefault(r["solver"], []).append(r)
     for k, (name, rs) in enumerate(sorted(by_name.items())):
         rs = sorted(rs, key=lambda r: r["nfe"])
-        ax.plot([r["nfe"] for r in rs], [r[metric] for r in rs], marker="*", ms=13, lw=1.5,
-                color=plt.cm.autumn(k / max(1, len(by_name))), label=f"learned: {name}")
+        ax.plot(
+            [r["nfe"] for r in rs],
+            [r[metric] for r in rs],
+            marker="*",
+            ms=13,
+            lw=1.5,
+            color=plt.cm.autumn(k / max(1, len(by_name))),
+            label=f"learned: {name}",
+        )
     if ref is not None:
         ax.axhline(ref[metric], color="green", lw=1, ls=":", label=f"reference solve (floor): {ref['grid']}")
     if LOWER_IS_BETTER.get(metric, False) and all(v > 0 for r in classic + learned for v in [r[metric]]):
@@ -128,8 +147,9 @@ def metric_vs_nfe(report: dict[str, Any], out: str | Path, metric: str = "rmse",
     return _save(fig, out)
 
 
-def error_vs_nfe(report: dict[str, Any], out: str | Path, learned: Sequence[dict[str, Any]] | None = None,
-                 title: str | None = None) -> Path:
+def error_vs_nfe(
+    report: dict[str, Any], out: str | Path, learned: Sequence[dict[str, Any]] | None = None, title: str | None = None
+) -> Path:
     """RMSE against NFE (see :func:`metric_vs_nfe`)."""
     return metric_vs_nfe(report, out, "rmse", learned or (), title)
 
@@ -194,7 +214,14 @@ def solver_vs_start(solver: Any, out: str | Path, start_tableau: Any = None) -> 
     ax.plot(i, tab.t.tolist(), "o-", color="C3", label="learned grid t_i")
     ax.plot(i[:-1], tab.eval_times.tolist(), "x", color="C3", ms=8, label="learned evaluation times c_i")
     if start is not None:
-        ax.plot(i, start.t.tolist(), "s--", color="C0", alpha=0.7, label=f"start grid ({solver.doc.get('start', {}).get('solver')})")
+        ax.plot(
+            i,
+            start.t.tolist(),
+            "s--",
+            color="C0",
+            alpha=0.7,
+            label=f"start grid ({solver.doc.get('start', {}).get('solver')})",
+        )
     ax.set_xlabel("step i")
     ax.set_ylabel("solver time t")
     ax.legend(fontsize=7)

@@ -47,8 +47,9 @@ class PlainProgress:
         units = self.unit if self.total == 1 else f"{self.unit}s"
         tail = f", {self.postfix}" if self.postfix else ""
         what = "stopped at " if stopped else ""
-        self.file.write(f"{self.desc}: {what}{pct}% ({self.n}/{self.total} {units}, "
-                        f"{time.perf_counter() - self._t0:.0f} s{tail})\n")
+        self.file.write(
+            f"{self.desc}: {what}{pct}% ({self.n}/{self.total} {units}, {time.perf_counter() - self._t0:.0f} s{tail})\n"
+        )
         self.file.flush()
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 from .metrics.suite import DISTRIBUTION
 from .metrics.suite import ROW_KEYS as METRIC_KEYS
@@ -20,8 +21,14 @@ from .metrics.suite import ROW_KEYS as METRIC_KEYS
 RowKind = Literal["reference", "classic", "learned"]
 
 #: metric columns: (row key, header, format)
-METRIC_COLUMNS = (("fd", "FD", ".4g"), ("kid", "KID", ".3g"), ("fd_ref", "FD to ref", ".4g"),
-                  ("psnr", "PSNR", ".2f"), ("swd", "SWD", ".4g"), ("loglik", "loglik", ".4g"))
+METRIC_COLUMNS = (
+    ("fd", "FD", ".4g"),
+    ("kid", "KID", ".3g"),
+    ("fd_ref", "FD to ref", ".4g"),
+    ("psnr", "PSNR", ".2f"),
+    ("swd", "SWD", ".4g"),
+    ("loglik", "loglik", ".4g"),
+)
 #: what the "FD to ref" column measures (a caption line under tables that show it)
 FD_REF_NOTE = "FD to ref: to the reference solve's samples from the same seeds"
 _BASE = ("solver", "grid", "nfe", "rmse", "rmse_sem", "seconds")
@@ -46,8 +53,14 @@ class Row:
         return f"{self.solver}@{self.grid}" if self.kind == "classic" else self.solver
 
     def as_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"solver": self.solver, "grid": self.grid, "nfe": self.nfe, "rmse": self.rmse,
-                             "rmse_sem": self.rmse_sem, "seconds": self.seconds}
+        d: dict[str, Any] = {
+            "solver": self.solver,
+            "grid": self.grid,
+            "nfe": self.nfe,
+            "rmse": self.rmse,
+            "rmse_sem": self.rmse_sem,
+            "seconds": self.seconds,
+        }
         if self.error:
             d["error"] = self.error
         if self.metrics is not None:
@@ -57,12 +70,22 @@ class Row:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Row":
-        kind: RowKind = "reference" if d.get("role") == "reference" else \
-            ("learned" if d.get("grid") == "learned" else "classic")
+    def from_dict(cls, d: dict[str, Any]) -> Row:
+        kind: RowKind = (
+            "reference" if d.get("role") == "reference" else ("learned" if d.get("grid") == "learned" else "classic")
+        )
         has = any(k in d for k in METRIC_KEYS)
-        return cls(kind, d["solver"], d.get("grid"), int(d["nfe"]), d.get("rmse"), d.get("rmse_sem"),
-                   d.get("seconds"), d.get("error"), {k: d.get(k) for k in METRIC_KEYS} if has else None)
+        return cls(
+            kind,
+            d["solver"],
+            d.get("grid"),
+            int(d["nfe"]),
+            d.get("rmse"),
+            d.get("rmse_sem"),
+            d.get("seconds"),
+            d.get("error"),
+            {k: d.get(k) for k in METRIC_KEYS} if has else None,
+        )
 
     def get(self, key: str) -> Any:
         """A base field or a metric by its JSON key (None where not measured)."""
@@ -85,19 +108,32 @@ class Report:
     extra: dict[str, Any] = field(default_factory=dict)  # other top-level keys (e.g. "artifact")
 
     def as_dict(self) -> dict[str, Any]:
-        d = {"model": self.model, "nfe": self.nfe, "samples": self.samples, "seed": self.seed,
-             "reference": self.reference, "results": [r.as_dict() for r in self.rows]}
+        d = {
+            "model": self.model,
+            "nfe": self.nfe,
+            "samples": self.samples,
+            "seed": self.seed,
+            "reference": self.reference,
+            "results": [r.as_dict() for r in self.rows],
+        }
         if self.metrics is not None:
             d["metrics"] = self.metrics
         d.update(self.extra)
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Report":
+    def from_dict(cls, d: dict[str, Any]) -> Report:
         known = {"model", "nfe", "samples", "seed", "reference", "results", "metrics"}
-        return cls(d["model"], d["nfe"], d["samples"], d["seed"], d["reference"],
-                   [Row.from_dict(r) for r in d["results"]], d.get("metrics"),
-                   {k: v for k, v in d.items() if k not in known})
+        return cls(
+            d["model"],
+            d["nfe"],
+            d["samples"],
+            d["seed"],
+            d["reference"],
+            [Row.from_dict(r) for r in d["results"]],
+            d.get("metrics"),
+            {k: v for k, v in d.items() if k not in known},
+        )
 
     @property
     def nfes(self) -> list[int]:
@@ -112,7 +148,7 @@ class Report:
     def best_learned(self, nfe: int) -> Row | None:
         return best_of(self.rows, "learned", nfe)
 
-    def sorted_by_rmse(self) -> "Report":
+    def sorted_by_rmse(self) -> Report:
         """The same report with rows in RMSE order (rows without an RMSE last)."""
         rows = sorted(self.rows, key=lambda r: math.inf if r.rmse is None else r.rmse)
         return Report(self.model, self.nfe, self.samples, self.seed, self.reference, rows, self.metrics, self.extra)
@@ -128,15 +164,28 @@ def best_of(rows: Iterable[Row], kind: RowKind, nfe: int) -> Row | None:
 def best_classic(results: list[dict[str, Any]], nfe: int) -> dict[str, Any] | None:
     """:func:`best_of` on JSON rows: the lowest-RMSE classic row at ``nfe``."""
     r = best_of([Row.from_dict(x) for x in results], "classic", nfe)
-    return None if r is None else next(x for x in results if x["solver"] == r.solver and x.get("grid") == r.grid
-                                       and x["nfe"] == r.nfe and x.get("role") != "reference")
+    return (
+        None
+        if r is None
+        else next(
+            x
+            for x in results
+            if x["solver"] == r.solver
+            and x.get("grid") == r.grid
+            and x["nfe"] == r.nfe
+            and x.get("role") != "reference"
+        )
+    )
 
 
 def best_learned(results: list[dict[str, Any]], nfe: int) -> dict[str, Any] | None:
     """:func:`best_of` on JSON rows: the lowest-RMSE learned row at ``nfe``."""
     r = best_of([Row.from_dict(x) for x in results], "learned", nfe)
-    return None if r is None else next(x for x in results if x["solver"] == r.solver and x.get("grid") == "learned"
-                                       and x["nfe"] == r.nfe)
+    return (
+        None
+        if r is None
+        else next(x for x in results if x["solver"] == r.solver and x.get("grid") == "learned" and x["nfe"] == r.nfe)
+    )
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -174,8 +223,9 @@ def render_plain(rep: Report, top: int | None = None) -> str:
     cols = _columns(rep.rows)
     gw = max([11] + [len(str(r.grid)) + 2 for r in rep.rows])
     lines = [f"model {rep.model}  samples {rep.samples}  seeds from {rep.seed}", *_caption(rep, cols)]
-    lines.append(f"{'solver':<14}{'grid':<{gw}}{'nfe':>4}{'rmse':>12}{'± sem':>10}"
-                 + "".join(f"{h:>10}" for _, h, _ in cols))
+    lines.append(
+        f"{'solver':<14}{'grid':<{gw}}{'nfe':>4}{'rmse':>12}{'± sem':>10}" + "".join(f"{h:>10}" for _, h, _ in cols)
+    )
     for r in _visible(rep.rows, top):
         head = f"{r.solver:<14}{str(r.grid):<{gw}}{r.nfe:>4}"
         if r.rmse is None:
@@ -197,9 +247,13 @@ def render_rich(rep: Report, top: int | None = None, file: Any = None) -> None:
         print(render_plain(rep, top), file=file or sys.stdout)
         return
     cols = _columns(rep.rows)
-    table = Table(title=Text(f"{rep.model}: RMSE to reference on {rep.samples} held-out samples "
-                             f"(seeds from {rep.seed})", style="table.title"),
-                  caption=Text("; ".join(_caption(rep, cols)), style="table.caption"))
+    table = Table(
+        title=Text(
+            f"{rep.model}: RMSE to reference on {rep.samples} held-out samples (seeds from {rep.seed})",
+            style="table.title",
+        ),
+        caption=Text("; ".join(_caption(rep, cols)), style="table.caption"),
+    )
     for col, just in (("solver", "left"), ("grid", "left"), ("NFE", "right"), ("RMSE", "right"), ("± sem", "right")):
         table.add_column(col, justify=just)
     for _, head, _ in cols:
@@ -211,8 +265,13 @@ def render_rich(rep: Report, top: int | None = None, file: Any = None) -> None:
             table.add_row(*cells, Text("—"), Text((r.error or "")[:50]))
             continue
         extra = [Text("—" if r.get(k) is None else format(r.get(k), fmt)) for k, _, fmt in cols]
-        table.add_row(*cells, Text(f"{r.rmse:.4g}"), Text(f"{r.rmse_sem:.2g}"), *extra,
-                      style={"reference": "green", "learned": "bold red"}.get(r.kind))
+        table.add_row(
+            *cells,
+            Text(f"{r.rmse:.4g}"),
+            Text(f"{r.rmse_sem:.2g}"),
+            *extra,
+            style={"reference": "green", "learned": "bold red"}.get(r.kind),
+        )
     out = file or sys.stdout
     Console(file=out, width=None if out.isatty() else 200).print(table)
 
@@ -222,9 +281,14 @@ def bench_rows(rep: Report, nfes: Sequence[int]) -> list[dict[str, Any]]:
     out = []
     for n in nfes:
         b, lrn = rep.best_classic(int(n)), rep.best_learned(int(n))
-        out.append({"nfe": int(n), "best_classic": None if b is None else b.as_dict(),
-                    "best_learned": None if lrn is None else lrn.as_dict(),
-                    "ratio": None if not (b and lrn) else lrn.rmse / b.rmse})
+        out.append(
+            {
+                "nfe": int(n),
+                "best_classic": None if b is None else b.as_dict(),
+                "best_learned": None if lrn is None else lrn.as_dict(),
+                "ratio": None if not (b and lrn) else lrn.rmse / b.rmse,
+            }
+        )
     return out
 
 
@@ -232,41 +296,59 @@ def render_bench_markdown(bench: dict[str, Any]) -> str:
     """Markdown table of a bench: per NFE the best classic and best learned solver, RMSE (and FD/SWD), ratio."""
     rep = Report.from_dict(bench["report"])
     extra = [k for k in ("fd", "swd") if any(r.get(k) is not None for r in rep.rows)]
-    head = "| NFE | best classic | RMSE | " + "".join(f"{k.upper()} | " for k in extra) + \
-           "best learned | RMSE | " + "".join(f"{k.upper()} | " for k in extra) + "learned / classic (RMSE) |"
+    head = (
+        "| NFE | best classic | RMSE | "
+        + "".join(f"{k.upper()} | " for k in extra)
+        + "best learned | RMSE | "
+        + "".join(f"{k.upper()} | " for k in extra)
+        + "learned / classic (RMSE) |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in bench["rows"]:
         cells = [str(r["nfe"])]
         for x in (r["best_classic"], r["best_learned"]):
             row = None if x is None else Row.from_dict(x)
-            cells += ["—"] * (2 + len(extra)) if row is None else \
-                [row.label, f"{row.rmse:.4g}"] + [f"{row.get(k):.4g}" if row.get(k) is not None else "—" for k in extra]
+            cells += (
+                ["—"] * (2 + len(extra))
+                if row is None
+                else [row.label, f"{row.rmse:.4g}"]
+                + [f"{row.get(k):.4g}" if row.get(k) is not None else "—" for k in extra]
+            )
         cells.append("—" if r["ratio"] is None else f"**{r['ratio']:.2f}**")
         lines.append("| " + " | ".join(cells) + " |")
     ref = rep.reference_row()
     if ref is not None and extra:
         lines.append("")
-        lines.append(f"reference solve {ref.grid} ({ref.nfe} NFE), the floor: "
-                     + ", ".join(f"{k.upper()} {ref.get(k):.4g}" for k in extra if ref.get(k) is not None))
+        lines.append(
+            f"reference solve {ref.grid} ({ref.nfe} NFE), the floor: "
+            + ", ".join(f"{k.upper()} {ref.get(k):.4g}" for k in extra if ref.get(k) is not None)
+        )
     return "\n".join(lines)
 
 
 def render_guidance_markdown(rows: list[dict[str, Any]], nfe: int, method: str) -> str:
     """Markdown table of a guidance sweep (a solver fitted at one scale, used at others)."""
     w0 = rows[0]["fitted_at"] if rows else 0.0
-    lines = [f"| guidance scale | best classic ({nfe} NFE) | RMSE | {method} fitted at {w0:g} | ratio | "
-             f"{method} refit at this scale | ratio |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| guidance scale | best classic ({nfe} NFE) | RMSE | {method} fitted at {w0:g} | ratio | "
+        f"{method} refit at this scale | ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         mark = " (fit scale)" if r["scale"] == r["fitted_at"] else ""
-        lines.append(f"| {r['scale']:g}{mark} | {r['best_classic']} | {r['best_classic_rmse']:.4g} | "
-                     f"{r['learned_rmse']:.4g} | {r['ratio']:.2f} | {r['refit_rmse']:.4g} | {r['refit_ratio']:.2f} |")
+        lines.append(
+            f"| {r['scale']:g}{mark} | {r['best_classic']} | {r['best_classic_rmse']:.4g} | "
+            f"{r['learned_rmse']:.4g} | {r['ratio']:.2f} | {r['refit_rmse']:.4g} | {r['refit_ratio']:.2f} |"
+        )
     return "\n".join(lines)
 
 
 def render_versus(rep: Report, learned: Row, nfes: Sequence[int]) -> list[str]:
     """Lines of the demo's summary: the learned solver, then the best classic at every NFE and how far off."""
-    lines = [f"  {'solver':<28}{'NFE':>4}{'RMSE':>10}{'vs learned':>12}",
-             f"  {learned.solver + ' (learned)':<28}{learned.nfe:>4}{learned.rmse:>10.4g}{1.0:>11.2f}x"]
+    lines = [
+        f"  {'solver':<28}{'NFE':>4}{'RMSE':>10}{'vs learned':>12}",
+        f"  {learned.solver + ' (learned)':<28}{learned.nfe:>4}{learned.rmse:>10.4g}{1.0:>11.2f}x",
+    ]
     for n in nfes:
         b = rep.best_classic(n)
         if b is not None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -13,8 +14,17 @@ from .errors import FewstepError, ShapeError
 from .solvers.kernel import Tableau, run_tableau
 from .solvers.resolve import Solver, parse_solver, resolve_solver
 
-__all__ = ["build_tableau", "check_max_batch", "check_noise", "chunk_size", "default_solver", "parse_solver",
-           "sample", "solve", "state_dtype"]
+__all__ = [
+    "build_tableau",
+    "check_max_batch",
+    "check_noise",
+    "chunk_size",
+    "default_solver",
+    "parse_solver",
+    "sample",
+    "solve",
+    "state_dtype",
+]
 
 
 def default_solver(model: Denoiser) -> str:
@@ -71,8 +81,18 @@ def sample(
         return (x, [x] * len(s.tableau(model).solution_times())) if return_trajectory else x
     chunk = max_batch or chunk_size(tuple(noise.shape[1:]))
     parts = [(k, min(n, k + chunk)) for k in range(0, n, chunk)]  # a long batch in chunks: flat memory
-    runs = [solve(model, x[a:b], s, take(cond or {}, None if (a, b) == (0, n) else torch.arange(a, b), n), callback,
-                  return_trajectory, use_checkpoint) for a, b in parts]
+    runs = [
+        solve(
+            model,
+            x[a:b],
+            s,
+            take(cond or {}, None if (a, b) == (0, n) else torch.arange(a, b), n),
+            callback,
+            return_trajectory,
+            use_checkpoint,
+        )
+        for a, b in parts
+    ]
     return _joined(runs, return_trajectory)
 
 
@@ -84,8 +104,9 @@ def state_dtype(noise_dtype: torch.dtype) -> torch.dtype:
 
 def check_max_batch(max_batch: Any) -> None:
     """A FewstepError naming ``max_batch`` unless it is None or a whole number of samples >= 1."""
-    if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, numbers.Integral)
-                                  or max_batch < 1):
+    if max_batch is not None and (
+        isinstance(max_batch, bool) or not isinstance(max_batch, numbers.Integral) or max_batch < 1
+    ):
         raise FewstepError(f"max_batch must be a positive number of samples (or None: the default); got {max_batch!r}")
 
 
@@ -102,8 +123,10 @@ def check_noise(model: Denoiser, noise: Any) -> None:
     if noise.is_floating_point() and not bool(torch.isfinite(noise).all()):
         bad = int((~torch.isfinite(noise)).sum())
         kind = "NaN" if bool(torch.isnan(noise).any()) else "inf"
-        raise FewstepError(f"the noise holds {kind} ({bad} of {noise.numel()} values): pass finite starting noise "
-                           f"(e.g. torch.randn or model.noise(seeds))")
+        raise FewstepError(
+            f"the noise holds {kind} ({bad} of {noise.numel()} values): pass finite starting noise "
+            f"(e.g. torch.randn or model.noise(seeds))"
+        )
 
 
 #: the most numbers a chunk of samples holds (its network activations are a multiple of it)
@@ -127,8 +150,9 @@ def _joined(runs: list[Any], trajectory: bool) -> Tensor | tuple[Tensor, list[Te
     return torch.cat(runs)
 
 
-def guidance_groups(model: Denoiser, solver: Solver, cond: dict[str, Any], n: int
-                    ) -> list[tuple[float | None, Tensor | None]]:
+def guidance_groups(
+    model: Denoiser, solver: Solver, cond: dict[str, Any], n: int
+) -> list[tuple[float | None, Tensor | None]]:
     """The runs a batch of ``n`` samples needs: [(None, None)] for a solver that does not depend on the
     guidance scale, else one (scale, sample indices or None for all) per scale among the samples."""
     if solver.guidance_range is None:
@@ -145,13 +169,21 @@ def take(cond: dict[str, Any], idx: Tensor | None, n: int) -> dict[str, Any]:
     """The rows ``idx`` of the per-sample tensors of ``cond`` (n rows); other values as they are."""
     if idx is None:
         return cond
-    return {k: (v[idx.to(v.device)] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n else v)
-            for k, v in cond.items()}
+    return {
+        k: (v[idx.to(v.device)] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n else v)
+        for k, v in cond.items()
+    }
 
 
-def solve(model: Denoiser, x: Tensor, solver: Solver, cond: dict[str, Any] | None = None,
-          callback: Callable[[dict[str, Any]], None] | None = None, return_trajectory: bool = False,
-          use_checkpoint: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+def solve(
+    model: Denoiser,
+    x: Tensor,
+    solver: Solver,
+    cond: dict[str, Any] | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    return_trajectory: bool = False,
+    use_checkpoint: bool = False,
+) -> Tensor | tuple[Tensor, list[Tensor]]:
     """Run a resolved solver from the scaled state x (B, ...) on the kernel: once, or, for a solver fitted
     across guidance scales, once per scale among the samples (``cond["guidance_scale"]`` per sample, else the
     model's scale), the results put back in the samples' order. Differentiable."""
@@ -160,8 +192,17 @@ def solve(model: Denoiser, x: Tensor, solver: Solver, cond: dict[str, Any] | Non
     runs, order = [], []
     for w, idx in guidance_groups(model, solver, cond, n):
         xs = x if idx is None else x[idx.to(x.device)]
-        runs.append(run_tableau(model, xs, solver.tableau(model, w=w) if w is not None else solver.tableau(model),
-                                take(cond, idx, n), callback, return_trajectory, use_checkpoint=use_checkpoint))
+        runs.append(
+            run_tableau(
+                model,
+                xs,
+                solver.tableau(model, w=w) if w is not None else solver.tableau(model),
+                take(cond, idx, n),
+                callback,
+                return_trajectory,
+                use_checkpoint=use_checkpoint,
+            )
+        )
         order.append(idx)
     if order[0] is None:
         return runs[0]

@@ -12,8 +12,9 @@ reversed) is the schedule's business: :meth:`Schedule.net_time` maps solver time
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,12 +42,12 @@ class TimeScalars:
     t_net: float | None = None  # the network's time input, when no gradient needs to reach it
 
     @classmethod
-    def of(cls, schedule: "Schedule", t: Tensor | float) -> "TimeScalars":
+    def of(cls, schedule: Schedule, t: Tensor | float) -> TimeScalars:
         t = torch.as_tensor(t, dtype=F64)
         return cls.many(schedule, t.reshape(1))[0]
 
     @classmethod
-    def many(cls, schedule: "Schedule", t: Tensor, with_net_time: bool = False) -> list["TimeScalars"]:
+    def many(cls, schedule: Schedule, t: Tensor, with_net_time: bool = False) -> list[TimeScalars]:
         """One TimeScalars per entry of the 1-D tensor t, computed in one vectorised pass.
 
         When t carries autograd (learned times), alpha, sigma and their derivatives stay
@@ -316,8 +317,13 @@ class VPLinear(Schedule):
         self.t_max, self.t_min, self.t_end, self.time_scale = 1.0, float(t_min), 0.0, float(time_scale)
 
     def config(self) -> dict[str, Any]:
-        return {"type": "vp_linear", "beta_min": self.beta_min, "beta_max": self.beta_max,
-                "t_min": self.t_min, "time_scale": self.time_scale}
+        return {
+            "type": "vp_linear",
+            "beta_min": self.beta_min,
+            "beta_max": self.beta_max,
+            "t_min": self.t_min,
+            "time_scale": self.time_scale,
+        }
 
     def log_alpha(self, t: Tensor) -> Tensor:
         t = _t(t)
@@ -370,19 +376,35 @@ class Flow(Schedule):
     #: the keys of ``grid_shift`` (the sampling grid a flow-matching pipeline uses by default; see grids.shifted)
     SHIFT_KEYS = ("num_train_timesteps", "shift", "mu", "shift_type", "terminal", "base")
 
-    def __init__(self, t_min: float = 1e-3, time_scale: float = 1.0, time_reversed: bool = False,
-                 grid_shift: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        t_min: float = 1e-3,
+        time_scale: float = 1.0,
+        time_reversed: bool = False,
+        grid_shift: dict[str, Any] | None = None,
+    ):
         self.t_max, self.t_min, self.t_end = 1.0, float(t_min), 0.0
         self.time_scale, self.time_reversed = float(time_scale), bool(time_reversed)
         if grid_shift is not None:
             bad = sorted(set(grid_shift) - set(self.SHIFT_KEYS))
             if bad or not isinstance(grid_shift.get("num_train_timesteps"), int):
-                raise FewstepError(f"grid_shift needs num_train_timesteps and takes {', '.join(self.SHIFT_KEYS)}; "
-                                   f"got {sorted(grid_shift)}")
-            grid_shift = {"shift": 1.0, "mu": None, "shift_type": "exponential", "terminal": None, "base": "train",
-                          **grid_shift}
-            if grid_shift["base"] not in ("train", "steps") or grid_shift["shift_type"] not in ("exponential", "linear") \
-                    or not float(grid_shift["shift"]) > 0:
+                raise FewstepError(
+                    f"grid_shift needs num_train_timesteps and takes {', '.join(self.SHIFT_KEYS)}; "
+                    f"got {sorted(grid_shift)}"
+                )
+            grid_shift = {
+                "shift": 1.0,
+                "mu": None,
+                "shift_type": "exponential",
+                "terminal": None,
+                "base": "train",
+                **grid_shift,
+            }
+            if (
+                grid_shift["base"] not in ("train", "steps")
+                or grid_shift["shift_type"] not in ("exponential", "linear")
+                or not float(grid_shift["shift"]) > 0
+            ):
                 raise FewstepError(f"bad grid_shift {grid_shift}")
         self.grid_shift = grid_shift
 

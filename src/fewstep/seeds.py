@@ -14,7 +14,7 @@ Numbers measured on the noises a solver was fitted on are not results, so fittin
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -47,8 +47,7 @@ def _block(n: int, start: int, lo_range: int, hi_range: int, what: str) -> range
 def check_seeds(start: int, n: int, option: str = "--seed") -> range:
     """The seeds ``[start, start + n)``, refused in one line unless they lie in ``[0, SEED_LIMIT)``."""
     n = _count(n, "requested")
-    if isinstance(start, bool) or int(start) != start or not 0 <= start <= FIRST_SEED_MAX \
-            or start + n > SEED_LIMIT:
+    if isinstance(start, bool) or int(start) != start or not 0 <= start <= FIRST_SEED_MAX or start + n > SEED_LIMIT:
         raise FewstepError(f"{option} {start}: a first seed must be an integer in [0, {FIRST_SEED_MAX}] (2**62)")
     return range(int(start), int(start) + n)
 

@@ -35,24 +35,45 @@ def describe(path: str | Path, as_json: bool = False) -> str:
     start_spec = (doc.get("start") or {}).get("solver")
     start_tab = start_tableau(s)
     if as_json:
-        out = {"learned": {"grid": tab.t.tolist(), "eval_times": tab.eval_times.tolist(), "a": tab.a.tolist(),
-                           "B": tab.B.tolist(), "C": None if tab.C is None else tab.C.tolist()},
-               "start": None if start_tab is None else {"solver": start_spec, "grid": start_tab.t.tolist(),
-                                                        "a": start_tab.a.tolist(), "B": start_tab.B.tolist(),
-                                                        "C": None if start_tab.C is None else start_tab.C.tolist()},
-               "validation": doc.get("validation"), "method": doc["method"], "nfe": doc["nfe"]}
+        out = {
+            "learned": {
+                "grid": tab.t.tolist(),
+                "eval_times": tab.eval_times.tolist(),
+                "a": tab.a.tolist(),
+                "B": tab.B.tolist(),
+                "C": None if tab.C is None else tab.C.tolist(),
+            },
+            "start": None
+            if start_tab is None
+            else {
+                "solver": start_spec,
+                "grid": start_tab.t.tolist(),
+                "a": start_tab.a.tolist(),
+                "B": start_tab.B.tolist(),
+                "C": None if start_tab.C is None else start_tab.C.tolist(),
+            },
+            "validation": doc.get("validation"),
+            "method": doc["method"],
+            "nfe": doc["nfe"],
+        }
         return json.dumps(out, indent=1)
-    lines = [f"{Path(path)}: {doc['method']} solver, {doc['nfe']} NFE, basis {tab.basis}, "
-             f"model {doc['model'].get('name')} ({doc['model']['fingerprint']}), schedule {s.schedule.describe()}"]
+    lines = [
+        f"{Path(path)}: {doc['method']} solver, {doc['nfe']} NFE, basis {tab.basis}, "
+        f"model {doc['model'].get('name')} ({doc['model']['fingerprint']}), schedule {s.schedule.describe()}"
+    ]
     v = doc.get("validation") or {}
     e = v.get("estimate") if isinstance(v.get("estimate"), dict) else None
     if e:
-        lines.append(f"RMSE to teacher on {e.get('noises')} {e.get('on')} noises {e.get('rmse_to_teacher', float('nan')):.4g}"
-                     f" ± {e.get('sem', float('nan')):.2g} (start {e.get('start_rmse_to_teacher', float('nan')):.4g}; "
-                     f"teacher {doc.get('teacher', {}).get('spec')})")
+        lines.append(
+            f"RMSE to teacher on {e.get('noises')} {e.get('on')} noises {e.get('rmse_to_teacher', float('nan')):.4g}"
+            f" ± {e.get('sem', float('nan')):.2g} (start {e.get('start_rmse_to_teacher', float('nan')):.4g}; "
+            f"teacher {doc.get('teacher', {}).get('spec')})"
+        )
     elif v:
-        lines.append(f"validation RMSE to teacher {v.get('rmse_to_teacher', float('nan')):.4g} "
-                     f"(start {v.get('start_rmse_to_teacher', float('nan')):.4g}; teacher {doc.get('teacher', {}).get('spec')})")
+        lines.append(
+            f"validation RMSE to teacher {v.get('rmse_to_teacher', float('nan')):.4g} "
+            f"(start {v.get('start_rmse_to_teacher', float('nan')):.4g}; teacher {doc.get('teacher', {}).get('spec')})"
+        )
     lines.append("")
     lines.append(f"{'i':>3} {'t learned':>12} {'eval time':>12} {'t start':>12} {'lambda learned':>15}")
     lam = s.schedule.lambda_(tab.t)

@@ -32,8 +32,10 @@ def _user_error(spec: str, what: str, e: BaseException) -> ModelSpecError:
     where = ""
     if isinstance(e, SyntaxError) and e.lineno:
         where = f" at line {e.lineno}"
-    return ModelSpecError(f"{spec!r}: {what} raised {type(e).__name__}{where}: {lines[0][:200] if lines else ''} "
-                          f"(rerun with --debug or FEWSTEP_DEBUG=1 for the traceback)")
+    return ModelSpecError(
+        f"{spec!r}: {what} raised {type(e).__name__}{where}: {lines[0][:200] if lines else ''} "
+        f"(rerun with --debug or FEWSTEP_DEBUG=1 for the traceback)"
+    )
 
 
 def _call(fn: Any, spec: str, kind: type, kind_name: str, **kwargs: Any) -> Any:
@@ -45,7 +47,9 @@ def _call(fn: Any, spec: str, kind: type, kind_name: str, **kwargs: Any) -> Any:
     except TypeError as e:
         if _debug():
             raise
-        raise ModelSpecError(f"{spec!r}: calling the factory failed ({e}); it must take no required arguments") from None
+        raise ModelSpecError(
+            f"{spec!r}: calling the factory failed ({e}); it must take no required arguments"
+        ) from None
     except Exception as e:  # noqa: BLE001 - the user's code: any failure becomes one line naming it
         if _debug():
             raise
@@ -66,9 +70,17 @@ def _call_factory(fn: Any, spec: str, **kwargs: Any) -> Denoiser:
 CONDITION_OPTIONS = ("prompts", "classes", "guidance", "height", "width", "dtype")
 
 
-def load_model(spec: str, device: str = "cpu", prompts: Any = None, classes: str | None = None,
-               guidance: Any = None, height: int | None = None, width: int | None = None, dtype: Any = None,
-               **kwargs: Any) -> Denoiser:
+def load_model(
+    spec: str,
+    device: str = "cpu",
+    prompts: Any = None,
+    classes: str | None = None,
+    guidance: Any = None,
+    height: int | None = None,
+    width: int | None = None,
+    dtype: Any = None,
+    **kwargs: Any,
+) -> Denoiser:
     """Build the Denoiser named by ``spec`` on ``device``.
 
     Condition options: ``prompts`` (a prompt set, for text-to-image pipelines), ``classes`` ("0,1,2" or
@@ -82,8 +94,13 @@ def load_model(spec: str, device: str = "cpu", prompts: Any = None, classes: str
     if head == "diffusers":
         if dtype is not None:
             check_dtype(dtype, device)
-        opts = {k: v for k, v in dict(prompts=prompts, classes=classes, guidance=guidance, height=height, width=width,
-                                      dtype=dtype).items() if v is not None}
+        opts = {
+            k: v
+            for k, v in dict(
+                prompts=prompts, classes=classes, guidance=guidance, height=height, width=width, dtype=dtype
+            ).items()
+            if v is not None
+        }
         return _load(spec, device, **opts, **kwargs)
     for name, v in (("prompts", prompts), ("height", height), ("width", width)):
         if v is not None:

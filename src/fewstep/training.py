@@ -48,8 +48,12 @@ def write_weights(path: Path, state: dict[str, Tensor], recipe: dict[str, Any], 
     """Cache ``state`` at ``path`` atomically, with the recipe (and its hash) in the metadata."""
     from safetensors.torch import save_file
 
-    meta = {"recipe_hash": recipe_hash(recipe), "recipe": json.dumps(recipe, sort_keys=True),
-            "train_seconds": f"{seconds:.1f}", "torch": torch.__version__}
+    meta = {
+        "recipe_hash": recipe_hash(recipe),
+        "recipe": json.dumps(recipe, sort_keys=True),
+        "train_seconds": f"{seconds:.1f}",
+        "torch": torch.__version__,
+    }
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=meta)
 
@@ -60,8 +64,14 @@ class ForeachAdamW:
     ``step(grads, lr)`` updates ``params`` in place (call it under ``torch.no_grad()``).
     """
 
-    def __init__(self, params: list[Tensor], lr: float, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+    def __init__(
+        self,
+        params: list[Tensor],
+        lr: float,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
         self.params, self.wd, self.b1, self.b2, self.eps = params, float(weight_decay), *betas, eps
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]

@@ -7,20 +7,27 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import typer
 
 from ..errors import FewstepError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Learned few-step solvers for diffusion and flow models.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Learned few-step solvers for diffusion and flow models.",
+)
 
 FORCE_HELP = "use a learned solver even if it was fitted for another model or schedule"
-MODEL_HELP = ("zoo:NAME, diffusers:DIR, torchcfm:NAME_OR_PATH, path/to/file.py:factory or package.module:factory "
-              "(a factory spec runs that file's or module's code)")
+MODEL_HELP = (
+    "zoo:NAME, diffusers:DIR, torchcfm:NAME_OR_PATH, path/to/file.py:factory or package.module:factory "
+    "(a factory spec runs that file's or module's code)"
+)
 DEBUG_ENV = "FEWSTEP_DEBUG"
 
 
@@ -79,23 +86,27 @@ def errors() -> Iterator[None]:
 # ----------------------------------------------------------------------------- input checks
 def positive_float(name: str) -> Any:
     """A typer callback: None, or a finite number > 0 (one-line error naming the option otherwise)."""
-    def check(value: Optional[float]) -> Optional[float]:
+
+    def check(value: float | None) -> float | None:
         if value is not None and not (math.isfinite(value) and value > 0):
             raise typer.BadParameter(f"{value} is not a finite number > 0", param_hint=name)
         return value
+
     return check
 
 
 def nonneg_float(name: str) -> Any:
     """A typer callback: None, or a finite number >= 0."""
-    def check(value: Optional[float]) -> Optional[float]:
+
+    def check(value: float | None) -> float | None:
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise typer.BadParameter(f"{value} is not a finite number >= 0", param_hint=name)
         return value
+
     return check
 
 
-def setup(device: str, threads: Optional[int]) -> str:
+def setup(device: str, threads: int | None) -> str:
     """Check the device, set the threads and join the other processes of a ``torchrun`` launch (once) before any
     work; returns the device this process runs on (``cuda``: the local rank's GPU under several processes)."""
     import torch
@@ -176,15 +187,19 @@ def check_name_lengths(path: Path, option: str, written: tuple[str, ...] = ()) -
     for part in path.parts:
         n = len(os.fsencode(part))
         if n > limit:
-            fail(f"{option} {_short(str(path))}: the name {_short(part)} is {n} bytes long, and this file system "
-                 f"takes at most {limit}; give a shorter name")
+            fail(
+                f"{option} {_short(str(path))}: the name {_short(part)} is {n} bytes long, and this file system "
+                f"takes at most {limit}; give a shorter name"
+            )
     n = len(os.fsencode(path.name))
     allowed = limit - _temporary_room() - max([0, *(len(os.fsencode(w)) - n for w in written)])
     if n > allowed:
         also = f" and {', '.join(map(_short, written))} beside it" if written else ""
-        fail(f"{option} {_short(str(path))}: the name is {n} bytes long; fewstep writes it{also} under a longer "
-             f"temporary name first, and this file system takes at most {limit} bytes: give a name of at most "
-             f"{allowed} bytes")
+        fail(
+            f"{option} {_short(str(path))}: the name is {n} bytes long; fewstep writes it{also} under a longer "
+            f"temporary name first, and this file system takes at most {limit} bytes: give a name of at most "
+            f"{allowed} bytes"
+        )
 
 
 @contextmanager
@@ -236,23 +251,43 @@ def check_out_file(path: Path, option: str = "--out") -> None:
 
 
 # ----------------------------------------------------------------------------- model options
-PROMPTS_OPT = typer.Option(None, "--prompts", help="prompt file of a text-to-image pipeline: one prompt per line "
-                                                   "(.txt), or .csv / .jsonl with prompt[, negative_prompt][, guidance]; "
-                                                   "each seed draws one (fits use it without its held-out part)")
-EVAL_PROMPTS_OPT = typer.Option(None, "--eval-prompts", help="prompts to evaluate on (default: the held-out part of "
-                                                             "--prompts, which fits never see)")
+PROMPTS_OPT = typer.Option(
+    None,
+    "--prompts",
+    help="prompt file of a text-to-image pipeline: one prompt per line "
+    "(.txt), or .csv / .jsonl with prompt[, negative_prompt][, guidance]; "
+    "each seed draws one (fits use it without its held-out part)",
+)
+EVAL_PROMPTS_OPT = typer.Option(
+    None,
+    "--eval-prompts",
+    help="prompts to evaluate on (default: the held-out part of --prompts, which fits never see)",
+)
 CLASSES_OPT = typer.Option(None, "--classes", help="class labels each seed draws from: 0,1,2 or all")
-GUIDANCE_OPT = typer.Option(None, "--guidance", help="classifier-free guidance (or Flux's guidance input): one scale "
-                                                     "(7.5), several (3,7.5,12) or a range (3:12[:COUNT]); with "
-                                                     "several, each seed draws one and a fit covers them all")
+GUIDANCE_OPT = typer.Option(
+    None,
+    "--guidance",
+    help="classifier-free guidance (or Flux's guidance input): one scale "
+    "(7.5), several (3,7.5,12) or a range (3:12[:COUNT]); with "
+    "several, each seed draws one and a fit covers them all",
+)
 HEIGHT_OPT = typer.Option(None, "--height", min=1, help="image height of a pipeline (default: the pipeline's)")
 WIDTH_OPT = typer.Option(None, "--width", min=1, help="image width of a pipeline (default: the pipeline's)")
 DTYPE_OPT = typer.Option(None, "--dtype", help="precision the network runs in: fp32, fp16 or bf16 (default: as loaded)")
 
 
-def load(spec: str, device: str, guidance: Optional[str] = None, prompts: Optional[Path] = None,
-         classes: Optional[str] = None, height: Optional[int] = None, width: Optional[int] = None,
-         dtype: Optional[str] = None, role: str = "all", eval_prompts: Optional[Path] = None) -> Any:
+def load(
+    spec: str,
+    device: str,
+    guidance: str | None = None,
+    prompts: Path | None = None,
+    classes: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    dtype: str | None = None,
+    role: str = "all",
+    eval_prompts: Path | None = None,
+) -> Any:
     """The model of a command, conditioned as asked. ``role``: "fit" (a prompt file without its held-out
     part), "eval" (``eval_prompts``, else that held-out part) or "all" (the whole file)."""
     from ..conditions import PromptSet
@@ -265,11 +300,12 @@ def load(spec: str, device: str, guidance: Optional[str] = None, prompts: Option
         pset = PromptSet.read(prompts)
         if role in ("fit", "eval"):
             pset = pset.split()[0 if role == "fit" else 1]
-    return load_model(spec, device=device, prompts=pset, classes=classes, guidance=guidance, height=height,
-                      width=width, dtype=dtype)
+    return load_model(
+        spec, device=device, prompts=pset, classes=classes, guidance=guidance, height=height, width=width, dtype=dtype
+    )
 
 
-def eval_model(model: Any, prompts: Optional[Path], eval_prompts: Optional[Path]) -> Any:
+def eval_model(model: Any, prompts: Path | None, eval_prompts: Path | None) -> Any:
     """The model a fit's closing table evaluates: the fitted model with the prompts the fit never saw."""
     if prompts is None and eval_prompts is None:
         return model
@@ -283,14 +319,15 @@ def metrics_arg(value: str) -> Any:
     return None if value.strip().lower() in ("none", "off", "") else value
 
 
-def fit_kwargs(steps: Optional[int], samples: Optional[int]) -> dict[str, Any]:
+def fit_kwargs(steps: int | None, samples: int | None) -> dict[str, Any]:
     """The fit settings a command's options override (none: the method's defaults)."""
     return {k: v for k, v in (("samples", samples), ("steps", steps)) if v}
 
 
 def resolve_solver(spec: str, force: bool = False) -> Any:
     """A classic 'NAME@GRID' string stays a string (its budget comes with --nfe); a path is a learned artifact."""
-    from ..solvers.resolve import is_artifact_spec, resolve_solver as resolve
+    from ..solvers.resolve import is_artifact_spec
+    from ..solvers.resolve import resolve_solver as resolve
 
     return resolve(spec, force=force) if is_artifact_spec(spec) else spec
 
@@ -299,12 +336,14 @@ def cost_line(cost: dict[str, Any]) -> str:
     """One line of what a fit spent (from its artifact's ``cost``)."""
     t, f = cost["teacher"], cost["fit"]
     budget = f" of a budget of {cost['budget']:,}" if cost.get("budget") else ""
-    return (f"cost: {cost['total_evals']:,} network evaluations{budget} (teacher {t['forward_evals']:,} forward, "
-            f"{t['computed_now']:,} of them computed now; fit {f['forward_evals']:,} forward + {f['backward_evals']:,} "
-            f"backward), {cost['wall_s']:.1f} s, peak memory {cost['peak_memory_mib']:,.0f} MiB ({cost['memory']})")
+    return (
+        f"cost: {cost['total_evals']:,} network evaluations{budget} (teacher {t['forward_evals']:,} forward, "
+        f"{t['computed_now']:,} of them computed now; fit {f['forward_evals']:,} forward + {f['backward_evals']:,} "
+        f"backward), {cost['wall_s']:.1f} s, peak memory {cost['peak_memory_mib']:,.0f} MiB ({cost['memory']})"
+    )
 
 
-def print_report(report: dict[str, Any], as_json: bool, top: Optional[int] = None) -> None:
+def print_report(report: dict[str, Any], as_json: bool, top: int | None = None) -> None:
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return

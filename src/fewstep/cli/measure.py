@@ -4,14 +4,36 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
 from ..errors import NothingToRunError
-from .common import (CLASSES_OPT, DTYPE_OPT, EVAL_PROMPTS_OPT, FORCE_HELP, GUIDANCE_OPT, HEIGHT_OPT, MODEL_HELP,
-                     PROMPTS_OPT, SEED_MAX, SEED_RANGE_HELP, WIDTH_OPT, app, check_out_dir, errors, eval_model, fail,
-                     fit_kwargs, is_main, load, log_line, metrics_arg, print_report, resolve_solver, setup)
+from .common import (
+    CLASSES_OPT,
+    DTYPE_OPT,
+    EVAL_PROMPTS_OPT,
+    FORCE_HELP,
+    GUIDANCE_OPT,
+    HEIGHT_OPT,
+    MODEL_HELP,
+    PROMPTS_OPT,
+    SEED_MAX,
+    SEED_RANGE_HELP,
+    WIDTH_OPT,
+    app,
+    check_out_dir,
+    errors,
+    eval_model,
+    fail,
+    fit_kwargs,
+    is_main,
+    load,
+    log_line,
+    metrics_arg,
+    print_report,
+    resolve_solver,
+    setup,
+)
 
 METRICS_HELP = "auto, none, or a comma list of fd,kid,fd_ref,psnr,swd,loglik"
 
@@ -19,32 +41,38 @@ METRICS_HELP = "auto, none, or a comma list of fd,kid,fd_ref,psnr,swd,loglik"
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Option(..., help=MODEL_HELP),
-    nfe: List[int] = typer.Option([5], min=1, help="NFE budget (repeat for several)"),
-    solver: Optional[List[str]] = typer.Option(None, help="NAME@GRID or a learned-solver directory (repeatable); "
-                                                          "default: every classic solver on every grid"),
+    nfe: list[int] = typer.Option([5], min=1, help="NFE budget (repeat for several)"),
+    solver: list[str] | None = typer.Option(
+        None, help="NAME@GRID or a learned-solver directory (repeatable); default: every classic solver on every grid"
+    ),
     samples: int = typer.Option(256, min=1, help="held-out samples"),
-    seed: Optional[int] = typer.Option(None, min=0, max=SEED_MAX, help=f"first per-sample seed, {SEED_RANGE_HELP} "
-                                                                       f"(default: the evaluation range)"),
-    reference: Optional[str] = typer.Option(None, help="reference solver NAME@GRID (default: a long classic solve)"),
-    reference_nfe: Optional[int] = typer.Option(None, min=1, help="reference NFE"),
+    seed: int | None = typer.Option(
+        None, min=0, max=SEED_MAX, help=f"first per-sample seed, {SEED_RANGE_HELP} (default: the evaluation range)"
+    ),
+    reference: str | None = typer.Option(None, help="reference solver NAME@GRID (default: a long classic solve)"),
+    reference_nfe: int | None = typer.Option(None, min=1, help="reference NFE"),
     metrics: str = typer.Option("auto", help=METRICS_HELP),
-    feature: Optional[str] = typer.Option(None, help="feature network for FD/KID: digits, file.py:factory or "
-                                                     "module:factory returning an nn.Module (e.g. Inception; a "
-                                                     "factory spec runs that code)"),
-    guidance: Optional[str] = GUIDANCE_OPT,
-    prompts: Optional[Path] = PROMPTS_OPT,
-    eval_prompts: Optional[Path] = EVAL_PROMPTS_OPT,
-    classes: Optional[str] = CLASSES_OPT,
-    height: Optional[int] = HEIGHT_OPT,
-    width: Optional[int] = WIDTH_OPT,
-    dtype: Optional[str] = DTYPE_OPT,
-    plot: Optional[Path] = typer.Option(None, help="write PNGs here: metrics against NFE, samples side by side, "
-                                                   "learned solvers against their start"),
-    top: Optional[int] = typer.Option(None, min=1, help="show only the best TOP rows per NFE"),
+    feature: str | None = typer.Option(
+        None,
+        help="feature network for FD/KID: digits, file.py:factory or "
+        "module:factory returning an nn.Module (e.g. Inception; a "
+        "factory spec runs that code)",
+    ),
+    guidance: str | None = GUIDANCE_OPT,
+    prompts: Path | None = PROMPTS_OPT,
+    eval_prompts: Path | None = EVAL_PROMPTS_OPT,
+    classes: str | None = CLASSES_OPT,
+    height: int | None = HEIGHT_OPT,
+    width: int | None = WIDTH_OPT,
+    dtype: str | None = DTYPE_OPT,
+    plot: Path | None = typer.Option(
+        None, help="write PNGs here: metrics against NFE, samples side by side, learned solvers against their start"
+    ),
+    top: int | None = typer.Option(None, min=1, help="show only the best TOP rows per NFE"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
     device: str = typer.Option("cpu"),
-    threads: Optional[int] = typer.Option(None, min=1, help="torch threads"),
+    threads: int | None = typer.Option(None, min=1, help="torch threads"),
 ) -> None:
     """Solvers against a converged reference on held-out noise: RMSE, and FD / KID / PSNR / SWD / loglik.
 
@@ -56,8 +84,9 @@ def eval_cmd(
     if plot is not None:
         check_out_dir(plot, "--plot")
     with errors():
-        m = load(model, device, guidance, prompts, classes, height, width, dtype, role="eval",
-                 eval_prompts=eval_prompts)
+        m = load(
+            model, device, guidance, prompts, classes, height, width, dtype, role="eval", eval_prompts=eval_prompts
+        )
         feat = None
         if feature is not None:
             from ..specs import load_feature
@@ -67,10 +96,20 @@ def eval_cmd(
         classic = None if chosen is None else [s for s in chosen if isinstance(s, str)]
         learned = [] if chosen is None else [s for s in chosen if not isinstance(s, str)]
         try:
-            rep = evaluate(m, nfe=nfe, solvers=classic, samples=samples,
-                           seed=EVAL_SEED_START if seed is None else seed, reference=reference,
-                           reference_nfe=reference_nfe, device=device, model_name=model, metrics=metrics_arg(metrics),
-                           learned=learned, feature=feat)
+            rep = evaluate(
+                m,
+                nfe=nfe,
+                solvers=classic,
+                samples=samples,
+                seed=EVAL_SEED_START if seed is None else seed,
+                reference=reference,
+                reference_nfe=reference_nfe,
+                device=device,
+                model_name=model,
+                metrics=metrics_arg(metrics),
+                learned=learned,
+                feature=feat,
+            )
         except NothingToRunError as e:
             fail(str(e), code=1)
         paths = []
@@ -109,13 +148,16 @@ def demo_cmd(
     with errors():
         m = load(model, device)
         res = fit(m, method, nfe, out=out / f"{method}-nfe{nfe}", device=device)
-        rep = evaluate(m, nfe=nfes, samples=samples, seed=EVAL_SEED_START, device=device, model_name=model,
-                       learned=[res.solver])
+        rep = evaluate(
+            m, nfe=nfes, samples=samples, seed=EVAL_SEED_START, device=device, model_name=model, learned=[res.solver]
+        )
         typed = Report.from_dict(rep)
         typer.echo(f"\nlearned solver written to {res.path}")
-        typer.echo(f"held-out RMSE to the reference ({samples} samples, seeds from {EVAL_SEED_START}; "
-                   f"reference {rep['reference']['solver']} at {rep['reference']['nfe']} NFE, "
-                   f"self-error {rep['reference']['self_error']:.2g}):")
+        typer.echo(
+            f"held-out RMSE to the reference ({samples} samples, seeds from {EVAL_SEED_START}; "
+            f"reference {rep['reference']['solver']} at {rep['reference']['nfe']} NFE, "
+            f"self-error {rep['reference']['self_error']:.2g}):"
+        )
         for line in render_versus(typed, typed.best_learned(nfe), nfes):
             typer.echo(line)
         if not is_main():
@@ -129,26 +171,30 @@ def demo_cmd(
 @app.command("bench")
 def bench_cmd(
     model: str = typer.Option(..., help=MODEL_HELP),
-    nfe: List[int] = typer.Option([3, 4, 5, 6, 8, 10], min=1, help="NFE budgets (repeat)"),
-    method: List[str] = typer.Option(["s4s-alt", "dss"], help="learned methods (repeat): s4s, s4s-alt, dss, ld3"),
+    nfe: list[int] = typer.Option([3, 4, 5, 6, 8, 10], min=1, help="NFE budgets (repeat)"),
+    method: list[str] = typer.Option(["s4s-alt", "dss"], help="learned methods (repeat): s4s, s4s-alt, dss, ld3"),
     out: Path = typer.Option(Path("out/bench"), help="artifacts, bench.json and plots go here"),
     samples: int = typer.Option(256, min=1, help="held-out samples"),
     metrics: str = typer.Option("auto", help=METRICS_HELP),
-    guidance: Optional[str] = GUIDANCE_OPT,
-    prompts: Optional[Path] = PROMPTS_OPT,
-    eval_prompts: Optional[Path] = EVAL_PROMPTS_OPT,
-    classes: Optional[str] = CLASSES_OPT,
-    height: Optional[int] = HEIGHT_OPT,
-    width: Optional[int] = WIDTH_OPT,
-    dtype: Optional[str] = DTYPE_OPT,
-    steps: Optional[int] = typer.Option(None, min=1, help="optimisation steps per fit (default: the method's)"),
-    fit_samples: Optional[int] = typer.Option(None, min=1, help="training noises per fit (default: the method's)"),
+    guidance: str | None = GUIDANCE_OPT,
+    prompts: Path | None = PROMPTS_OPT,
+    eval_prompts: Path | None = EVAL_PROMPTS_OPT,
+    classes: str | None = CLASSES_OPT,
+    height: int | None = HEIGHT_OPT,
+    width: int | None = WIDTH_OPT,
+    dtype: str | None = DTYPE_OPT,
+    steps: int | None = typer.Option(None, min=1, help="optimisation steps per fit (default: the method's)"),
+    fit_samples: int | None = typer.Option(None, min=1, help="training noises per fit (default: the method's)"),
     plot: bool = typer.Option(False, "--plot", help="write PNGs into OUT"),
-    reuse: bool = typer.Option(False, "--reuse", help="load the finished fits already in OUT whose settings match "
-                                                      "(after an interruption); others are fitted again"),
+    reuse: bool = typer.Option(
+        False,
+        "--reuse",
+        help="load the finished fits already in OUT whose settings match "
+        "(after an interruption); others are fitted again",
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
     device: str = typer.Option("cpu"),
-    threads: Optional[int] = typer.Option(None, min=1, help="torch threads"),
+    threads: int | None = typer.Option(None, min=1, help="torch threads"),
 ) -> None:
     """Fit learned solvers at every NFE and compare them with the best classic solver (any solver, any grid)."""
     from ..bench import format_bench, report_plots, run_bench
@@ -159,9 +205,21 @@ def bench_cmd(
     log = log_line
     with errors():
         m = load(model, device, guidance, prompts, classes, height, width, dtype, role="fit")
-        b = run_bench(m, nfe, method, out, eval_model=eval_model(m, prompts, eval_prompts), samples=samples, metrics=metrics_arg(metrics), device=device,
-                      progress=not as_json, model_name=model, log=log, fit_kwargs=fit_kwargs(steps, fit_samples),
-                      reuse=reuse)
+        b = run_bench(
+            m,
+            nfe,
+            method,
+            out,
+            eval_model=eval_model(m, prompts, eval_prompts),
+            samples=samples,
+            metrics=metrics_arg(metrics),
+            device=device,
+            progress=not as_json,
+            model_name=model,
+            log=log,
+            fit_kwargs=fit_kwargs(steps, fit_samples),
+            reuse=reuse,
+        )
         paths = report_plots(b["report"], m, out, b["solvers"], device=device) if plot else []
         b.pop("solvers")
         if is_main():
@@ -178,18 +236,18 @@ def bench_cmd(
 def guidance_cmd(
     model: str = typer.Option(..., help="model spec of a guided model (its factory takes guidance_scale)"),
     fit_scale: float = typer.Option(..., help="guidance scale the solver is fitted at"),
-    scale: List[float] = typer.Option(..., help="guidance scales to evaluate at (repeat)"),
+    scale: list[float] = typer.Option(..., help="guidance scales to evaluate at (repeat)"),
     nfe: int = typer.Option(5, min=1, help="NFE budget"),
     method: str = typer.Option("s4s-alt", help="learned method"),
     out: Path = typer.Option(Path("out/guidance"), help="artifacts go here"),
     samples: int = typer.Option(256, min=1, help="held-out samples per scale"),
     refit: bool = typer.Option(True, "--refit/--no-refit", help="also fit a solver at every scale, for comparison"),
-    steps: Optional[int] = typer.Option(None, min=1, help="optimisation steps per fit (default: the method's)"),
-    fit_samples: Optional[int] = typer.Option(None, min=1, help="training noises per fit (default: the method's)"),
+    steps: int | None = typer.Option(None, min=1, help="optimisation steps per fit (default: the method's)"),
+    fit_samples: int | None = typer.Option(None, min=1, help="training noises per fit (default: the method's)"),
     reuse: bool = typer.Option(False, "--reuse", help="load the finished fits already in OUT whose settings match"),
     as_json: bool = typer.Option(False, "--json"),
     device: str = typer.Option("cpu"),
-    threads: Optional[int] = typer.Option(None, min=1, help="torch threads"),
+    threads: int | None = typer.Option(None, min=1, help="torch threads"),
 ) -> None:
     """How a solver fitted at one guidance scale does at others: when to refit."""
     from ..bench import format_guidance, guidance_table
@@ -197,8 +255,19 @@ def guidance_cmd(
     device = setup(device, threads)
     check_out_dir(out)
     with errors():
-        rows = guidance_table(lambda w: load(model, device, str(w)), fit_scale, scale, nfe, method, out, samples=samples,
-                              refit=refit, device=device, progress=not as_json,
-                              fit_kwargs=fit_kwargs(steps, fit_samples),
-                              log=log_line, reuse=reuse)
+        rows = guidance_table(
+            lambda w: load(model, device, str(w)),
+            fit_scale,
+            scale,
+            nfe,
+            method,
+            out,
+            samples=samples,
+            refit=refit,
+            device=device,
+            progress=not as_json,
+            fit_kwargs=fit_kwargs(steps, fit_samples),
+            log=log_line,
+            reuse=reuse,
+        )
     typer.echo(json.dumps(rows, indent=1) if as_json else format_guidance(rows, nfe, method))

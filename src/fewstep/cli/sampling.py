@@ -3,30 +3,49 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
-from .common import (CLASSES_OPT, DTYPE_OPT, FORCE_HELP, GUIDANCE_OPT, HEIGHT_OPT, MODEL_HELP, PROMPTS_OPT, SEED_MAX,
-                     SEED_RANGE_HELP, WIDTH_OPT, app, check_out_file, errors, fail, is_main, load, setup)
+from .common import (
+    CLASSES_OPT,
+    DTYPE_OPT,
+    FORCE_HELP,
+    GUIDANCE_OPT,
+    HEIGHT_OPT,
+    MODEL_HELP,
+    PROMPTS_OPT,
+    SEED_MAX,
+    SEED_RANGE_HELP,
+    WIDTH_OPT,
+    app,
+    check_out_file,
+    errors,
+    fail,
+    is_main,
+    load,
+    setup,
+)
 
 
 @app.command("sample")
 def sample_cmd(
     model: str = typer.Option(..., help=MODEL_HELP),
-    solver: Optional[str] = typer.Option(None, help="NAME@GRID or a learned-solver directory "
-                                                    "(default: adams2@time for flows, dpmpp_3m@logsnr otherwise)"),
-    nfe: Optional[int] = typer.Option(None, min=1, help="NFE budget of a classic solver (default 5; a learned "
-                                                        "solver makes its own)"),
+    solver: str | None = typer.Option(
+        None, help="NAME@GRID or a learned-solver directory (default: adams2@time for flows, dpmpp_3m@logsnr otherwise)"
+    ),
+    nfe: int | None = typer.Option(
+        None, min=1, help="NFE budget of a classic solver (default 5; a learned solver makes its own)"
+    ),
     n: int = typer.Option(16, min=1, help="number of samples"),
     out: Path = typer.Option(..., help="output .safetensors file (a PNG grid is written beside it for images)"),
     seed: int = typer.Option(0, min=0, max=SEED_MAX, help=f"first per-sample seed, {SEED_RANGE_HELP}"),
-    guidance: Optional[str] = GUIDANCE_OPT,
-    prompts: Optional[Path] = PROMPTS_OPT,
-    classes: Optional[str] = CLASSES_OPT,
-    height: Optional[int] = HEIGHT_OPT,
-    width: Optional[int] = WIDTH_OPT,
-    dtype: Optional[str] = DTYPE_OPT,
+    guidance: str | None = GUIDANCE_OPT,
+    prompts: Path | None = PROMPTS_OPT,
+    classes: str | None = CLASSES_OPT,
+    height: int | None = HEIGHT_OPT,
+    width: int | None = WIDTH_OPT,
+    dtype: str | None = DTYPE_OPT,
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     device: str = typer.Option("cpu"),
 ) -> None:
@@ -49,8 +68,9 @@ def sample_cmd(
         x = solve_batched(m, list(range(seed, seed + n)), s, s.nfe, device=device)  # shared out by seed
         paths = []
         if is_main():
-            paths = save_samples(x, out, meta={"model": model, "solver": spec, "nfe": str(s.nfe), "seed": str(seed)},
-                                 decode=m.decode)
+            paths = save_samples(
+                x, out, meta={"model": model, "solver": spec, "nfe": str(s.nfe), "seed": str(seed)}, decode=m.decode
+            )
     for p in paths:
         typer.echo(f"wrote {p}")
 
@@ -78,9 +98,18 @@ def _conditions(d: dict[str, Any]) -> str:
 def zoo_lines(rows: list[dict[str, Any]]) -> list[str]:
     """``fewstep zoo``'s table: one line per model, then what it is in a line below."""
     head = ("model", "kind", "prediction", "shape", "schedule", "conditions", "first use")
-    table = [head] + [(d["name"], d["kind"], d["prediction"], "x".join(map(str, d["sample_shape"])), d["schedule"],
-                       _conditions(d), d["first_use"] + ("; cached now" if d["cached"] and d["first_use_seconds"] >= 10
-                                                         else "")) for d in rows]
+    table = [head] + [
+        (
+            d["name"],
+            d["kind"],
+            d["prediction"],
+            "x".join(map(str, d["sample_shape"])),
+            d["schedule"],
+            _conditions(d),
+            d["first_use"] + ("; cached now" if d["cached"] and d["first_use_seconds"] >= 10 else ""),
+        )
+        for d in rows
+    ]
     widths = [max(len(r[i]) for r in table) for i in range(len(head) - 1)]
     lines = []
     for k, r in enumerate(table):

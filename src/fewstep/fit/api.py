@@ -13,19 +13,28 @@ from typing import Any
 import torch
 
 from ..conditions import Conditioning
+from ..cost import Cost, Meter, Spent
 from ..denoiser import Denoiser
+from ..distributed import current
 from ..errors import FewstepError
-from ..seeds import check_fit_seeds, fit_seeds, val_seeds
 from ..progress import progress_bar
-from ..solvers.artifact import (PARAMS, PARAMS_KIND, SCHEMA, LoadedSolver, load_solver, save_params, save_solver,
-                                solver_doc, tableau_to_doc)
+from ..seeds import check_fit_seeds, fit_seeds, val_seeds
+from ..solvers.artifact import (
+    PARAMS,
+    PARAMS_KIND,
+    SCHEMA,
+    LoadedSolver,
+    load_solver,
+    save_params,
+    save_solver,
+    solver_doc,
+    tableau_to_doc,
+)
 from ..solvers.kernel import Tableau
 from ..solvers.learned import LearnedSolver
-from .checkpoint import FitCheckpoint, fit_key
-from ..cost import Cost, Meter, Spent
-from ..distributed import current
 from ..solvers.registry import classic_specs, solver_info
 from .budget import SIZE_OPTIONS, Sizes, option_names, plan_for
+from .checkpoint import FitCheckpoint, fit_key
 from .config import FitConfig, plan_phases
 from .loop import FitState, noise_groups
 from .methods import FitOutcome, fit_solver
@@ -43,8 +52,7 @@ class FitResult:
 
 def _detach_tab(tab: Tableau) -> Tableau:
     d = lambda v: None if v is None else v.detach().clone()  # noqa: E731
-    return Tableau(tab.basis, d(tab.t), d(tab.a), d(tab.B), d(tab.C), d(tab.c), tab.name, d(tab.B_mask),
-                   d(tab.C_mask))
+    return Tableau(tab.basis, d(tab.t), d(tab.a), d(tab.B), d(tab.C), d(tab.c), tab.name, d(tab.B_mask), d(tab.C_mask))
 
 
 def fit(
@@ -94,16 +102,30 @@ def fit(
     with Meter(model, device) as whole:
         with Meter(model, device) as teach:
             data = FitData.generate(model, cfg, spec, cache_dir, device, progress)
-        bar = _progress(progress and d.main, sum(p.steps for p in plan_phases(cfg)),
-                        f"fit {cfg.method} NFE {cfg.nfe}" + (f", {d.world} processes" if d.world > 1 else ""))
+        bar = _progress(
+            progress and d.main,
+            sum(p.steps for p in plan_phases(cfg)),
+            f"fit {cfg.method} NFE {cfg.nfe}" + (f", {d.world} processes" if d.world > 1 else ""),
+        )
         try:
-            outcome = fit_solver(model, data.train, data.val, cfg, progress=bar, checkpoint=ckpt,
-                                 confirm=data.confirm, already_spent=data.teacher_evals)
+            outcome = fit_solver(
+                model,
+                data.train,
+                data.val,
+                cfg,
+                progress=bar,
+                checkpoint=ckpt,
+                confirm=data.confirm,
+                already_spent=data.teacher_evals,
+            )
         finally:
             if bar is not None:
                 bar.close()
-    timing = {"teacher_s": round(teach.spent.wall_s, 2), "total_s": round(time.perf_counter() - t0, 2),
-              "resumed_from_step": outcome.resumed_from}
+    timing = {
+        "teacher_s": round(teach.spent.wall_s, 2),
+        "total_s": round(time.perf_counter() - t0, 2),
+        "resumed_from_step": outcome.resumed_from,
+    }
     if d.world > 1:
         timing["processes"] = d.world
     teach_spent, whole_spent = run_spent(teach.spent), run_spent(whole.spent)
@@ -116,8 +138,9 @@ def fit(
     return FitResult(LoadedSolver(doc, path, learned=outcome.solver), doc, outcome, path)
 
 
-def open_out(out: str | Path, model: Denoiser, cfg: FitConfig, spec: TeacherSpec, resume: bool, reuse: bool
-             ) -> tuple[FitCheckpoint, FitResult | None]:
+def open_out(
+    out: str | Path, model: Denoiser, cfg: FitConfig, spec: TeacherSpec, resume: bool, reuse: bool
+) -> tuple[FitCheckpoint, FitResult | None]:
     """Before any work: refuse an ``out`` that is not fewstep's to write (:func:`check_out`); the fit's checkpoint
     there (removed unless ``resume``; one of another fit is named in a warning); and with ``reuse`` and ``resume``
     the finished artifact of this fit if ``out`` holds it (else None)."""
@@ -131,8 +154,11 @@ def open_out(out: str | Path, model: Denoiser, cfg: FitConfig, spec: TeacherSpec
     if found is not None and other is None and ckpt.path.is_file():  # killed after the artifact, before this went
         ckpt.remove()
     elif found is None and other is not None and current().main:
-        warnings.warn(f"fit checkpoint {ckpt.path} is of another fit ({'; '.join(other[:4])}): this fit starts "
-                      f"from step 0 and replaces it", stacklevel=3)
+        warnings.warn(
+            f"fit checkpoint {ckpt.path} is of another fit ({'; '.join(other[:4])}): this fit starts "
+            f"from step 0 and replaces it",
+            stacklevel=3,
+        )
     return ckpt, found
 
 
@@ -148,40 +174,65 @@ def run_spent(spent: Spent) -> Spent:
     return Spent(Cost(f, b, r), spent.wall_s, peak, f"{spent.memory}, largest of {d.world} processes")
 
 
-def fit_cost(cfg: FitConfig, data: "FitData", teacher: Spent, whole: Spent, before: Cost | None = None
-             ) -> dict[str, Any]:
+def fit_cost(cfg: FitConfig, data: FitData, teacher: Spent, whole: Spent, before: Cost | None = None) -> dict[str, Any]:
     """The artifact's ``cost``: the teacher's evaluations (what its shards cost when they were made, and what
     this run computed), the fit's own (``before``: what a resumed fit's earlier runs spent up to its checkpoint,
     also in ``fit.earlier_runs_evals``), the total against the budget, wall time and peak memory (this run's)."""
     before = before or Cost()
     fit_part = whole.cost - teacher.cost + before
     total = data.teacher_evals + fit_part.total
-    return {"budget": cfg.budget, "total_evals": total,
-            "teacher": {"forward_evals": data.teacher_evals, "computed_now": teacher.cost.forward,
-                        "wall_s": round(teacher.wall_s, 3)},
-            "fit": {**fit_part.as_dict(), "earlier_runs_evals": before.total,
-                    "wall_s": round(whole.wall_s - teacher.wall_s, 3)},
-            "wall_s": round(whole.wall_s, 3), "peak_memory_mib": round(whole.peak_mib, 1), "memory": whole.memory}
+    return {
+        "budget": cfg.budget,
+        "total_evals": total,
+        "teacher": {
+            "forward_evals": data.teacher_evals,
+            "computed_now": teacher.cost.forward,
+            "wall_s": round(teacher.wall_s, 3),
+        },
+        "fit": {
+            **fit_part.as_dict(),
+            "earlier_runs_evals": before.total,
+            "wall_s": round(whole.wall_s - teacher.wall_s, 3),
+        },
+        "wall_s": round(whole.wall_s, 3),
+        "peak_memory_mib": round(whole.peak_mib, 1),
+        "memory": whole.memory,
+    }
 
 
 def fit_identity(model: Denoiser, cfg: FitConfig, spec: TeacherSpec) -> tuple[str, dict[str, Any]]:
     """(key, parts): what makes a fit this fit (model, guidance, the settings that change the result, teacher,
     seeds) and its hash, which names the fit's checkpoint."""
-    parts = {"fingerprint": model.fingerprint(), "guidance": model.guidance_scale, "cfg": cfg.fit_settings(),
-             "teacher": str(spec), **seed_ranges(cfg)}
+    parts = {
+        "fingerprint": model.fingerprint(),
+        "guidance": model.guidance_scale,
+        "cfg": cfg.fit_settings(),
+        "teacher": str(spec),
+        **seed_ranges(cfg),
+    }
     return fit_key(parts), parts
 
 
 def warn_nfe(cfg: FitConfig, spec: TeacherSpec) -> None:
     """Warn when the student's NFE is not below the teacher's: it can copy the teacher, and a fit learns nothing."""
     if cfg.nfe >= spec.nfe:
-        warnings.warn(f"--nfe {cfg.nfe} is not below the teacher's NFE ({spec}: {spec.nfe}): the student can match "
-                      f"the teacher without learning anything; fit fewer NFE, or give a finer --teacher "
-                      f"NAME@GRID:NFE with NFE above {cfg.nfe}", stacklevel=3)
+        warnings.warn(
+            f"--nfe {cfg.nfe} is not below the teacher's NFE ({spec}: {spec.nfe}): the student can match "
+            f"the teacher without learning anything; fit fewer NFE, or give a finer --teacher "
+            f"NAME@GRID:NFE with NFE above {cfg.nfe}",
+            stacklevel=3,
+        )
 
 
-def fit_plan(model: Denoiser, method: str, nfe: int, teacher: str | TeacherSpec | None = None, seed: int = 0,
-             device: str | torch.device = "cpu", **overrides: Any) -> tuple[FitConfig, TeacherSpec]:
+def fit_plan(
+    model: Denoiser,
+    method: str,
+    nfe: int,
+    teacher: str | TeacherSpec | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    **overrides: Any,
+) -> tuple[FitConfig, TeacherSpec]:
     """The resolved settings and teacher :func:`fit` would use (checked, sized to a budget if one is given;
     nothing runs). Activation checkpointing is on by default on CUDA. Sizes given beside a budget (samples,
     val_samples, confirm_samples, batch, steps) are kept as given and the others sized around them; a budget
@@ -200,8 +251,15 @@ def fit_plan(model: Denoiser, method: str, nfe: int, teacher: str | TeacherSpec 
         base = Sizes(cfg.samples, cfg.val_samples, cfg.confirm_samples, cfg.batch, cfg.steps)
         fixed = {f for k, f in SIZE_OPTIONS.items() if overrides.get(k) is not None}
         sized = plan_for(cfg.budget, cfg, base, per_sample, candidates, shard=SHARD_SIZE, fixed=fixed)
-        cfg = replace(cfg, samples=sized.samples, val_samples=sized.val, confirm_samples=sized.confirm,
-                      batch=sized.batch, steps=sized.steps, rounds=None).resolved()
+        cfg = replace(
+            cfg,
+            samples=sized.samples,
+            val_samples=sized.val,
+            confirm_samples=sized.confirm,
+            batch=sized.batch,
+            steps=sized.steps,
+            rounds=None,
+        ).resolved()
         # the loop stops before a step that would cross the budget, but the teacher comes first: whatever the
         # plan says, its noises (and the closing validations) must leave room for the fit
         closing = 2 * (cfg.val_samples + cfg.confirm_samples) * cfg.nfe
@@ -210,10 +268,11 @@ def fit_plan(model: Denoiser, method: str, nfe: int, teacher: str | TeacherSpec 
             least = cfg.batch if "batch" in fixed else 8
             if "samples" in fixed or not fits(least):
                 given = option_names(fixed, sized)
-                raise FewstepError(f"--budget {cfg.budget:,} does not cover the teacher of the validation and "
-                                   f"confirmation noises and {cfg.samples if 'samples' in fixed else least} training "
-                                   f"noises ({per_sample} evaluations each)"
-                                   + (f": raise it, or leave out {given}" if given else ""))
+                raise FewstepError(
+                    f"--budget {cfg.budget:,} does not cover the teacher of the validation and "
+                    f"confirmation noises and {cfg.samples if 'samples' in fixed else least} training "
+                    f"noises ({per_sample} evaluations each)" + (f": raise it, or leave out {given}" if given else "")
+                )
             lo, hi = least, cfg.samples
             while hi - lo > 1:
                 lo, hi = ((lo + hi) // 2, hi) if fits((lo + hi) // 2) else (lo, (lo + hi) // 2)
@@ -221,8 +280,16 @@ def fit_plan(model: Denoiser, method: str, nfe: int, teacher: str | TeacherSpec 
     return cfg, spec
 
 
-def same_fit(doc: dict[str, Any], model: Denoiser, method: str, nfe: int, teacher: str | TeacherSpec | None = None,
-             seed: int = 0, device: str | torch.device = "cpu", **overrides: Any) -> list[str]:
+def same_fit(
+    doc: dict[str, Any],
+    model: Denoiser,
+    method: str,
+    nfe: int,
+    teacher: str | TeacherSpec | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    **overrides: Any,
+) -> list[str]:
     """How an artifact's recorded fit differs from the fit these arguments ask for ([] if it is the same)."""
     cfg, spec = fit_plan(model, method, nfe, teacher, seed, device=device, **overrides)
     return fit_differences(doc, cfg, spec)
@@ -232,11 +299,21 @@ def fit_differences(doc: dict[str, Any], cfg: FitConfig, spec: TeacherSpec) -> l
     """How an artifact's recorded fit differs from the fit of ``cfg`` and ``spec`` ([] if it is the same; settings
     that do not change the result, such as the micro-batch, are not compared)."""
     r = seed_ranges(cfg)
-    want = {**{f"fit.{k}": v for k, v in cfg.fit_settings().items()}, "teacher": str(spec),
-            "train_seeds": r["train"], "val_seeds": r["val"], "confirm_seeds": r["confirm"]}
+    want = {
+        **{f"fit.{k}": v for k, v in cfg.fit_settings().items()},
+        "teacher": str(spec),
+        "train_seeds": r["train"],
+        "val_seeds": r["val"],
+        "confirm_seeds": r["confirm"],
+    }
     t = doc.get("teacher") or {}
-    have = {**{f"fit.{k}": v for k, v in (doc.get("fit") or {}).items()}, "teacher": t.get("spec"),
-            "train_seeds": t.get("train_seeds"), "val_seeds": t.get("val_seeds"), "confirm_seeds": t.get("confirm_seeds")}
+    have = {
+        **{f"fit.{k}": v for k, v in (doc.get("fit") or {}).items()},
+        "teacher": t.get("spec"),
+        "train_seeds": t.get("train_seeds"),
+        "val_seeds": t.get("val_seeds"),
+        "confirm_seeds": t.get("confirm_seeds"),
+    }
     return [f"{k.removeprefix('fit.')} {have.get(k)!r} -> {v!r}" for k, v in want.items() if have.get(k) != v]
 
 
@@ -264,17 +341,31 @@ class FitData:
     ranges: dict[str, list[int]]
 
     @classmethod
-    def generate(cls, model: Denoiser, cfg: FitConfig, spec: TeacherSpec, cache_dir: str | Path | None,
-                 device: str | torch.device, progress: bool) -> "FitData":
+    def generate(
+        cls,
+        model: Denoiser,
+        cfg: FitConfig,
+        spec: TeacherSpec,
+        cache_dir: str | Path | None,
+        device: str | torch.device,
+        progress: bool,
+    ) -> FitData:
         r = seed_ranges(cfg)
         check_fit_seeds([r["train"][1] - 1, r["val"][1] - 1, r["confirm"][1] - 1])
         # a micro-batch that fits with gradients fits without: the teacher solves in those (else 128 at once)
-        run = lambda lohi, keep=False: generate_teacher(model, range(*lohi), spec, keep_states=keep,  # noqa: E731
-                                                        batch_size=cfg.micro_batch or 128,
-                                                        cache_dir=cache_dir, device=device,
-                                                        progress=progress).to(device)
-        return cls(run(r["train"], cfg.method == "dss"), run(r["val"]),
-                   run(r["confirm"]) if cfg.confirm_samples else None, r)
+        run = lambda lohi, keep=False: generate_teacher(
+            model,
+            range(*lohi),
+            spec,
+            keep_states=keep,  # noqa: E731
+            batch_size=cfg.micro_batch or 128,
+            cache_dir=cache_dir,
+            device=device,
+            progress=progress,
+        ).to(device)
+        return cls(
+            run(r["train"], cfg.method == "dss"), run(r["val"]), run(r["confirm"]) if cfg.confirm_samples else None, r
+        )
 
     def seed_ranges(self) -> dict[str, list[int]]:
         """{"train": [lo, hi], "val": ..., "confirm": ...}."""
@@ -291,32 +382,54 @@ class FitData:
         return sum(shards.values())
 
 
-def artifact_doc(model: Denoiser, cfg: FitConfig, spec: TeacherSpec, data: FitData, outcome: FitOutcome,
-                 timing: dict[str, Any], cost: dict[str, Any]) -> dict[str, Any]:
+def artifact_doc(
+    model: Denoiser,
+    cfg: FitConfig,
+    spec: TeacherSpec,
+    data: FitData,
+    outcome: FitOutcome,
+    timing: dict[str, Any],
+    cost: dict[str, Any],
+) -> dict[str, Any]:
     """The solver.json document of a finished fit."""
     solver = outcome.solver
     scales = solver.guidance
     ref = None if scales is None else scales[len(scales) // 2]
     with torch.no_grad():
         tab = _detach_tab(solver.tableau(w=ref))
-        extra: dict[str, Any] = {} if scales is None else {"guidance": {
-            "scales": list(scales), "reference_scale": ref,
-            "tableaus": {f"{w:g}": tableau_to_doc(_detach_tab(solver.tableau(w=w))) for w in scales}}}
+        extra: dict[str, Any] = (
+            {}
+            if scales is None
+            else {
+                "guidance": {
+                    "scales": list(scales),
+                    "reference_scale": ref,
+                    "tableaus": {f"{w:g}": tableau_to_doc(_detach_tab(solver.tableau(w=w))) for w in scales},
+                }
+            }
+        )
     if isinstance(model.cond_sampler, Conditioning):
         extra["conditions"] = model.cond_sampler.describe()
     r = data.seed_ranges()
     return solver_doc(
-        tab, model.schedule, model, cfg.method,
+        tab,
+        model.schedule,
+        model,
+        cfg.method,
         label=cfg.method,
         start={"solver": outcome.start, "val_rmse": outcome.start_val},
         teacher={"spec": str(spec), "train_seeds": r["train"], "val_seeds": r["val"], "confirm_seeds": r["confirm"]},
         fit=cfg.as_dict(),
-        validation={"estimate": outcome.estimate,
-                    "rmse_to_teacher": outcome.val, "start_rmse_to_teacher": outcome.start_val,
-                    "kept_start": outcome.kept_start, "confirm_rmse_to_teacher": outcome.confirm,
-                    "confirm_start_rmse_to_teacher": outcome.confirm_start,
-                    "classic_ranking": [{"solver": s, "rmse_to_teacher": v} for v, s in outcome.ranking[:8]],
-                    "notes": outcome.notes},
+        validation={
+            "estimate": outcome.estimate,
+            "rmse_to_teacher": outcome.val,
+            "start_rmse_to_teacher": outcome.start_val,
+            "kept_start": outcome.kept_start,
+            "confirm_rmse_to_teacher": outcome.confirm,
+            "confirm_start_rmse_to_teacher": outcome.confirm_start,
+            "classic_ranking": [{"solver": s, "rmse_to_teacher": v} for v, s in outcome.ranking[:8]],
+            "notes": outcome.notes,
+        },
         timing=timing,
         cost=cost,
         history=outcome.state.history,
@@ -346,12 +459,16 @@ def check_out(out: str | Path) -> None:
     if path.exists():
         why = _not_a_solver(path)
         if why:
-            raise FewstepError(f"--out: {path} exists and is not a fewstep solver ({why}); it is left as it is: give "
-                               f"--out a new name, or move that file away")
+            raise FewstepError(
+                f"--out: {path} exists and is not a fewstep solver ({why}); it is left as it is: give "
+                f"--out a new name, or move that file away"
+            )
     params = path.parent / params_name(out)
     if params.exists() and not _is_params(params):
-        raise FewstepError(f"--out: {params} exists and is not a fewstep parameter file; it is left as it is: give "
-                           f"--out a new name, or move that file away")
+        raise FewstepError(
+            f"--out: {params} exists and is not a fewstep parameter file; it is left as it is: give "
+            f"--out a new name, or move that file away"
+        )
 
 
 def _not_a_solver(path: Path) -> str:
@@ -363,7 +480,7 @@ def _not_a_solver(path: Path) -> str:
     except (OSError, ValueError, RecursionError) as e:
         return "unreadable" if isinstance(e, OSError) else "not JSON"
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
-        return f"no \"schema\": \"{SCHEMA}\""
+        return f'no "schema": "{SCHEMA}"'
     return ""
 
 
@@ -389,8 +506,11 @@ def finished_fit(out: str | Path, model: Denoiser, cfg: FitConfig, spec: Teacher
             warnings.simplefilter("ignore")
             loaded = load_solver(path)
             doc = loaded.doc
-            if fit_differences(doc, cfg, spec) or _plain(doc["model"].get("guidance_scale")) != _plain(
-                    model.guidance_scale) or _plain(doc.get("conditions")) != _plain(_conditions(model)):
+            if (
+                fit_differences(doc, cfg, spec)
+                or _plain(doc["model"].get("guidance_scale")) != _plain(model.guidance_scale)
+                or _plain(doc.get("conditions")) != _plain(_conditions(model))
+            ):
                 return None
             loaded.check(model)
             return FitResult(loaded, doc, outcome_from_doc(loaded), path, reused=True)
@@ -413,11 +533,20 @@ def outcome_from_doc(loaded: LoadedSolver) -> FitOutcome:
     v, history = doc["validation"], list(doc.get("history") or [])
     state = FitState(step=max((int(h["step"]) for h in history), default=0), history=history)
     ranking = [(float(r["rmse_to_teacher"]), str(r["solver"])) for r in v.get("classic_ranking") or []]
-    return FitOutcome(loaded.learned(), str(doc["start"]["solver"]), float(doc["start"]["val_rmse"]),
-                      float(v["rmse_to_teacher"]), bool(v["kept_start"]), state, ranking,
-                      confirm=v.get("confirm_rmse_to_teacher"), confirm_start=v.get("confirm_start_rmse_to_teacher"),
-                      notes=list(v.get("notes") or []), seed=int(doc["fit"]["seed"]),
-                      estimate=dict(v.get("estimate") or {}))
+    return FitOutcome(
+        loaded.learned(),
+        str(doc["start"]["solver"]),
+        float(doc["start"]["val_rmse"]),
+        float(v["rmse_to_teacher"]),
+        bool(v["kept_start"]),
+        state,
+        ranking,
+        confirm=v.get("confirm_rmse_to_teacher"),
+        confirm_start=v.get("confirm_start_rmse_to_teacher"),
+        notes=list(v.get("notes") or []),
+        seed=int(doc["fit"]["seed"]),
+        estimate=dict(v.get("estimate") or {}),
+    )
 
 
 def write_artifact(out: str | Path, doc: dict[str, Any], solver: LearnedSolver, write: bool = True) -> Path:

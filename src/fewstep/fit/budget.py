@@ -25,8 +25,13 @@ from .config import FitConfig, plan_phases
 SCREEN_NOISES = 32
 SCREEN_KEEP = 4
 #: the fit settings a budget sizes (FitConfig field -> Sizes field); one given beside a budget is kept as given
-SIZE_OPTIONS = {"samples": "samples", "val_samples": "val", "confirm_samples": "confirm", "batch": "batch",
-                "steps": "steps"}
+SIZE_OPTIONS = {
+    "samples": "samples",
+    "val_samples": "val",
+    "confirm_samples": "confirm",
+    "batch": "batch",
+    "steps": "steps",
+}
 
 
 @dataclass(frozen=True)
@@ -76,8 +81,13 @@ def predicted(cfg: FitConfig, sizes: Sizes, teacher_evals: int, candidates: int,
     checks = math.ceil((sum(math.ceil(p.steps / cfg.eval_every) for p in phases) + 1) * extra) + 1
     screen = min(SCREEN_NOISES, sizes.val)
     start = (candidates * screen + min(candidates, SCREEN_KEEP) * sizes.val) * n if candidates else 0
-    return Parts(teacher=teacher_noises(sizes, shard) * teacher_evals, start=start,
-                 training=training, validation=(checks + 2) * sizes.val * n, confirmation=2 * sizes.confirm * n)
+    return Parts(
+        teacher=teacher_noises(sizes, shard) * teacher_evals,
+        start=start,
+        training=training,
+        validation=(checks + 2) * sizes.val * n,
+        confirmation=2 * sizes.confirm * n,
+    )
 
 
 def option_names(fixed: set[str] | frozenset[str], sizes: Sizes) -> str:
@@ -86,12 +96,20 @@ def option_names(fixed: set[str] | frozenset[str], sizes: Sizes) -> str:
     return " ".join(f"{flag[f]} {getattr(sizes, f)}" for f in flag if f in fixed)
 
 
-def plan_for(budget: int, cfg: FitConfig, base: Sizes, teacher_evals: int, candidates: int, shard: int = 1,
-             fixed: set[str] | frozenset[str] = frozenset()) -> Sizes:
+def plan_for(
+    budget: int,
+    cfg: FitConfig,
+    base: Sizes,
+    teacher_evals: int,
+    candidates: int,
+    shard: int = 1,
+    fixed: set[str] | frozenset[str] = frozenset(),
+) -> Sizes:
     """The largest fit like ``base`` (its shape: noises, batch, steps scaled together) whose predicted spend is
     within ``budget``; the Sizes fields named in ``fixed`` (given by the user) keep ``base``'s values and the
     others are scaled around them. A FewstepError names the smallest budget that works (and the fixed sizes)
     when even one step does not fit."""
+
     def sized(theta: float) -> Sizes:
         samples = max(8, round(base.samples * theta))
         val = max(8, round(base.val * math.sqrt(theta)))
@@ -110,13 +128,17 @@ def plan_for(budget: int, cfg: FitConfig, base: Sizes, teacher_evals: int, candi
     smallest = _keep(Sizes(8, 8, 0, 8, 1))
     floor = predicted(cfg, smallest, teacher_evals, candidates, shard).total
     if budget < floor and fixed:
-        raise FewstepError(f"--budget {budget:,} does not cover {option_names(fixed, base)}: with them the smallest "
-                           f"fit costs {floor:,} network evaluations; give a budget of at least that, or leave those "
-                           f"options out for the budget to size them")
+        raise FewstepError(
+            f"--budget {budget:,} does not cover {option_names(fixed, base)}: with them the smallest "
+            f"fit costs {floor:,} network evaluations; give a budget of at least that, or leave those "
+            f"options out for the budget to size them"
+        )
     if budget < floor:
-        raise FewstepError(f"--budget {budget:,} is too small for one step of {cfg.method} at NFE {cfg.nfe}: the "
-                           f"smallest fit (8 noises, 1 step, its teacher and start search) costs {floor:,} network "
-                           f"evaluations")
+        raise FewstepError(
+            f"--budget {budget:,} is too small for one step of {cfg.method} at NFE {cfg.nfe}: the "
+            f"smallest fit (8 noises, 1 step, its teacher and start search) costs {floor:,} network "
+            f"evaluations"
+        )
     if cost(1.0) <= budget:
         lo = 1.0
         while cost(lo * 2) <= budget and lo < 1e6:

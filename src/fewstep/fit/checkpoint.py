@@ -101,8 +101,14 @@ class FitCheckpoint:
         ``model.cost`` counts from now on (every process's)."""
         self._spend = (model, before, model.cost.copy())
 
-    def save(self, state: FitState, solver: torch.nn.Module, opt: torch.optim.Optimizer | None,
-             relax: Relax | None, extra: dict[str, Any]) -> None:
+    def save(
+        self,
+        state: FitState,
+        solver: torch.nn.Module,
+        opt: torch.optim.Optimizer | None,
+        relax: Relax | None,
+        extra: dict[str, Any],
+    ) -> None:
         from safetensors.torch import save_file
 
         d = current()
@@ -114,8 +120,9 @@ class FitCheckpoint:
         if offsets is not None and d.world > 1:  # each process updates the latents of the noises it owns: gather
             keep = relax.mine if relax.mine is not None else torch.full((offsets.shape[0],), d.main)
             keep = keep.to(offsets.device).view(-1, *[1] * (offsets.dim() - 1))
-            offsets = d.sum_rows(torch.where(keep, offsets, torch.zeros((), dtype=offsets.dtype,
-                                                                        device=offsets.device)))
+            offsets = d.sum_rows(
+                torch.where(keep, offsets, torch.zeros((), dtype=offsets.dtype, device=offsets.device))
+            )
         if not d.main:  # every process holds the same state; rank 0 writes it
             return
         tensors = {f"cur.{k}": v.detach().cpu().contiguous() for k, v in solver.state_dict().items()}
@@ -128,10 +135,22 @@ class FitCheckpoint:
         if opt_state is not None:
             t, opt_plain = _flatten_opt(opt_state)
             tensors.update(t)
-        doc = {"kind": KIND, "key": self.key, "step": state.step, "phase": state.phase,
-               "phase_step": state.phase_step, "best_val": finite_or_none(state.best_val), "history": state.history,
-               "seconds": state.seconds, "skipped": state.skipped, "exhausted": state.exhausted, "opt": opt_plain,
-               "settings": self.parts, "spent": spent, **extra}
+        doc = {
+            "kind": KIND,
+            "key": self.key,
+            "step": state.step,
+            "phase": state.phase,
+            "phase_step": state.phase_step,
+            "best_val": finite_or_none(state.best_val),
+            "history": state.history,
+            "seconds": state.seconds,
+            "skipped": state.skipped,
+            "exhausted": state.exhausted,
+            "opt": opt_plain,
+            "settings": self.parts,
+            "spent": spent,
+            **extra,
+        }
         text = json.dumps(doc, allow_nan=False)
         with atomic_path(self.path) as tmp:
             save_file(tensors, str(tmp), metadata={"doc": text, "checksum": _checksum(tensors, text)})
@@ -156,9 +175,14 @@ class FitCheckpoint:
         bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise self._refuse(f"holds NaN or inf in {bad[0]}")
-        if not isinstance(doc.get("start"), str) or not isinstance(doc.get("ranking"), list) or not all(
+        if (
+            not isinstance(doc.get("start"), str)
+            or not isinstance(doc.get("ranking"), list)
+            or not all(
                 isinstance(r, list) and len(r) == 2 and isinstance(r[0], (int, float)) and isinstance(r[1], str)
-                for r in doc["ranking"]):
+                for r in doc["ranking"]
+            )
+        ):
             raise self._refuse("is malformed (its start or ranking)")
         if doc.get("spent") is not None and _spent(doc) is None:
             raise self._refuse("is malformed (its spend)")
@@ -202,11 +226,18 @@ class FitCheckpoint:
                 got_shapes = {k: tuple(v.shape) for k, v in part.items()}
                 if got_shapes != want:
                     raise ValueError(f"its {what} parameters do not fit this solver")
-            state = FitState(step=_int(doc, "step"), phase=_int(doc, "phase"), phase_step=_int(doc, "phase_step"),
-                             best_val=math.inf if doc.get("best_val") is None else float(doc["best_val"]),
-                             best=best or None, history=_history(doc), seconds=float(doc["seconds"]),
-                             skipped=int(doc.get("skipped", 0)), exhausted=bool(doc.get("exhausted", False)),
-                             opt_state=_unflatten_opt(tensors, doc["opt"]) if doc.get("opt") else None)
+            state = FitState(
+                step=_int(doc, "step"),
+                phase=_int(doc, "phase"),
+                phase_step=_int(doc, "phase_step"),
+                best_val=math.inf if doc.get("best_val") is None else float(doc["best_val"]),
+                best=best or None,
+                history=_history(doc),
+                seconds=float(doc["seconds"]),
+                skipped=int(doc.get("skipped", 0)),
+                exhausted=bool(doc.get("exhausted", False)),
+                opt_state=_unflatten_opt(tensors, doc["opt"]) if doc.get("opt") else None,
+            )
             if state.opt_state is not None:
                 _check_opt(state.opt_state)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -242,8 +273,9 @@ def spent_before(doc: dict[str, Any] | None) -> Cost:
 def _spent(doc: dict[str, Any]) -> Cost | None:
     s = doc.get("spent")
     keys = ("forward_evals", "backward_evals", "network_rows")
-    if not isinstance(s, dict) or not all(isinstance(s.get(k), int) and not isinstance(s.get(k), bool)
-                                          and s[k] >= 0 for k in keys):
+    if not isinstance(s, dict) or not all(
+        isinstance(s.get(k), int) and not isinstance(s.get(k), bool) and s[k] >= 0 for k in keys
+    ):
         return None
     return Cost(*(s[k] for k in keys))
 
@@ -264,8 +296,9 @@ def _history(doc: dict[str, Any]) -> list[dict[str, float | None]]:
 
 def _check_opt(opt_state: dict[str, Any]) -> None:
     groups = opt_state.get("param_groups")
-    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
-                                               for g in groups):
+    if not isinstance(groups, list) or not all(
+        isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups
+    ):
         raise ValueError("the optimiser state has no parameter groups")
     ids = {p for g in groups for p in g["params"]}
     if not set(opt_state["state"]) <= ids:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 METHODS = ("s4s", "s4s-alt", "ld3", "dss")
 LOSSES = ("l2", "mse", "l1")
@@ -55,11 +56,11 @@ class FitConfig:
     screen_share: float = 0.2  # share of the steps the screened candidates run, together, before the best goes on
 
     @classmethod
-    def for_method(cls, method: str, nfe: int = 5, seed: int = 0) -> "FitConfig":
+    def for_method(cls, method: str, nfe: int = 5, seed: int = 0) -> FitConfig:
         """The defaults of ``method``: its paper's fit size (:data:`METHOD_SIZES`)."""
         return cls(method=method, nfe=nfe, seed=seed, **METHOD_SIZES.get(method, {}))
 
-    def resolved(self) -> "FitConfig":
+    def resolved(self) -> FitConfig:
         """This config checked, with every default that depends on the method filled in (rounds, learning
         rates, optimizer), as the artifact records it."""
         from ..errors import FewstepError
@@ -72,22 +73,31 @@ class FitConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise FewstepError(f"{name} must be a positive integer; got {v!r}")
-        if isinstance(self.confirm_samples, bool) or not isinstance(self.confirm_samples, int) or self.confirm_samples < 0:
+        if (
+            isinstance(self.confirm_samples, bool)
+            or not isinstance(self.confirm_samples, int)
+            or self.confirm_samples < 0
+        ):
             raise FewstepError(f"confirm_samples must be an integer >= 0; got {self.confirm_samples!r}")
         if self.micro_batch is not None and not (isinstance(self.micro_batch, int) and self.micro_batch >= 1):
             raise FewstepError(f"micro_batch must be a positive integer; got {self.micro_batch!r}")
         if self.micro_batch is not None and self.micro_batch > self.batch:
-            raise FewstepError(f"--micro-batch {self.micro_batch} is larger than the batch ({self.batch}): give a "
-                               f"micro-batch of at most {self.batch}")
-        if self.noise_groups is not None and (isinstance(self.noise_groups, bool) or not isinstance(
-                self.noise_groups, int) or self.noise_groups < 1):
+            raise FewstepError(
+                f"--micro-batch {self.micro_batch} is larger than the batch ({self.batch}): give a "
+                f"micro-batch of at most {self.batch}"
+            )
+        if self.noise_groups is not None and (
+            isinstance(self.noise_groups, bool) or not isinstance(self.noise_groups, int) or self.noise_groups < 1
+        ):
             raise FewstepError(f"noise_groups must be a positive integer; got {self.noise_groups!r}")
-        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, int)
-                                        or self.budget < 1):
+        if self.budget is not None and (
+            isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1
+        ):
             raise FewstepError(f"budget must be a positive number of network evaluations; got {self.budget!r}")
         if not callable(self.loss) and self.loss not in LOSSES:
-            raise FewstepError(f"unknown loss {self.loss!r}; valid: {', '.join(LOSSES)} or a callable "
-                               f"(student, target) -> (B,)")
+            raise FewstepError(
+                f"unknown loss {self.loss!r}; valid: {', '.join(LOSSES)} or a callable (student, target) -> (B,)"
+            )
         lr_coef, lr_grid = learning_rates(self)
         rounds = self.rounds if self.rounds is not None or self.method != "s4s-alt" else default_rounds(self.steps)
         return replace(self, rounds=rounds, lr_coef=lr_coef, lr_grid=lr_grid, optimizer=optimizer_name(self))
@@ -107,7 +117,6 @@ class FitConfig:
 #: settings that change how a fit runs, not its result (beyond float rounding): the micro-batch (gradients
 #: accumulate over the batch either way) and activation checkpointing (the same forward, recomputed)
 EXECUTION_ONLY = ("micro_batch", "use_checkpoint")
-
 
 
 #: Default fit size per method: the papers' training cost, counting the screening (``screen_share`` of the
@@ -167,5 +176,6 @@ def plan_phases(cfg: FitConfig) -> list[Phase]:
             out.append(Phase("polish", {"grid": lr_grid / 10, "coef": lr_coef / 10}, polish, opt, cfg.batch))
         return out
     # dss: grid and coefficients jointly (the paper: Lion at 1e-2), batch at least the paper's 32
-    return [Phase("dss", {"grid": lr_grid, "coef": lr_coef}, cfg.steps, opt, max(cfg.batch, 32),
-                  dss_weights=(1.0, 1000.0))]
+    return [
+        Phase("dss", {"grid": lr_grid, "coef": lr_coef}, cfg.steps, opt, max(cfg.batch, 32), dss_weights=(1.0, 1000.0))
+    ]

@@ -18,10 +18,11 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -54,7 +55,9 @@ def per_sample_loss(kind: str | LossFn) -> LossFn:
         return lambda x, y: (x - y).flatten(1).pow(2).mean(1)
     if kind == "l1":
         return lambda x, y: (x - y).flatten(1).abs().mean(1)
-    raise ValueError(f"unknown loss {kind!r}; valid: {', '.join(LOSSES)} or a callable (student, target) -> per-sample loss")
+    raise ValueError(
+        f"unknown loss {kind!r}; valid: {', '.join(LOSSES)} or a callable (student, target) -> per-sample loss"
+    )
 
 
 def huber(x: Tensor, y: Tensor, delta: float) -> Tensor:
@@ -101,8 +104,14 @@ class FitState:
     opt_state: dict[str, Any] | None = None  # optimizer state of the phase in progress
 
 
-def student(model: Denoiser, solver: Any, noise: Tensor, cond: dict[str, Any],
-            trajectory: bool = False, use_checkpoint: bool = False):
+def student(
+    model: Denoiser,
+    solver: Any,
+    noise: Tensor,
+    cond: dict[str, Any],
+    trajectory: bool = False,
+    use_checkpoint: bool = False,
+):
     """Run a (learned) solver from unit noise (B, ...) (per guidance scale for a solver fitted across scales)."""
     x = noise * model.schedule.init_noise_scale()
     return solve(model, x, solver, cond, return_trajectory=trajectory, use_checkpoint=use_checkpoint)
@@ -117,9 +126,11 @@ def noise_groups(groups: int | None) -> int:
     against the number of processes."""
     d = current()
     G = d.world if groups is None else int(groups)
-    if G < d.world:
-        raise FewstepError(f"--noise-groups {G} is fewer than the {d.world} processes of this run: give at least "
-                           f"{d.world}, or drop it for one group per process")
+    if d.world > G:
+        raise FewstepError(
+            f"--noise-groups {G} is fewer than the {d.world} processes of this run: give at least "
+            f"{d.world}, or drop it for one group per process"
+        )
     return G
 
 
@@ -139,8 +150,9 @@ def inference_batch(n: int | None) -> Iterator[None]:
 
 
 @torch.no_grad()
-def val_errors(model: Denoiser, solver: Any, val: TeacherData, batch: int | None = None,
-               groups: int | None = None) -> Tensor:
+def val_errors(
+    model: Denoiser, solver: Any, val: TeacherData, batch: int | None = None, groups: int | None = None
+) -> Tensor:
     """Per-sample RMSE (K,) of the solver to the teacher's outputs on the validation noises.
 
     The noises are solved in groups (noise i in group i % G, :func:`noise_groups`), each in batches of its own;
@@ -155,7 +167,7 @@ def val_errors(model: Denoiser, solver: Any, val: TeacherData, batch: int | None
         for g in d.groups(G):
             rows, out = torch.arange(g, len(val), G), []
             for k in range(0, rows.numel(), batch):
-                idx = rows[k:k + batch]
+                idx = rows[k : k + batch]
                 try:
                     x = student(model, solver, val.noise[idx], _cond_rows(val.cond, idx))
                 except ModelOutputError:  # parameters that blow the solve up: infinitely bad, not a crash
@@ -173,8 +185,9 @@ def val_errors(model: Denoiser, solver: Any, val: TeacherData, batch: int | None
     return d.gather_groups(local, G, len(val))
 
 
-def validate(model: Denoiser, solver: Any, val: TeacherData, batch: int | None = None,
-             groups: int | None = None) -> float:
+def validate(
+    model: Denoiser, solver: Any, val: TeacherData, batch: int | None = None, groups: int | None = None
+) -> float:
     """Mean per-sample RMSE of the solver to the teacher's outputs on the validation noises."""
     return float(val_errors(model, solver, val, batch, groups).mean())
 
@@ -209,8 +222,16 @@ def _make_optimizer(name: str, params: list[dict[str, Any]]) -> torch.optim.Opti
     raise ValueError(f"unknown optimizer {name!r}; valid: adam, lion")
 
 
-def _objective(model: Denoiser, solver: LearnedSolver, train: TeacherData, idx: Tensor, noise: Tensor,
-               loss_fn: LossFn, dss_weights: tuple[float, float] | None, use_checkpoint: bool) -> Tensor:
+def _objective(
+    model: Denoiser,
+    solver: LearnedSolver,
+    train: TeacherData,
+    idx: Tensor,
+    noise: Tensor,
+    loss_fn: LossFn,
+    dss_weights: tuple[float, float] | None,
+    use_checkpoint: bool,
+) -> Tensor:
     cond = _cond_rows(train.cond, idx)
     if dss_weights is None:
         x = student(model, solver, noise, cond, use_checkpoint=use_checkpoint)
@@ -221,8 +242,14 @@ def _objective(model: Denoiser, solver: LearnedSolver, train: TeacherData, idx: 
     tt = None if train.times is None else train.times
     for w, rows in guidance_groups(model, solver, cond, n):
         sel = torch.arange(n) if rows is None else rows
-        x, traj = run_tableau(model, noise[sel] * scale, solver.tableau(model, w=w), take(cond, rows, n),
-                              return_trajectory=True, use_checkpoint=use_checkpoint)
+        x, traj = run_tableau(
+            model,
+            noise[sel] * scale,
+            solver.tableau(model, w=w),
+            take(cond, rows, n),
+            return_trajectory=True,
+            use_checkpoint=use_checkpoint,
+        )
         part = idx[sel]
         frac = sel.numel() / n
         L = L + frac * dss_weights[1] * huber(x, train.target[part], 1e-3).mean()
@@ -234,9 +261,18 @@ def _objective(model: Denoiser, solver: LearnedSolver, train: TeacherData, idx: 
     return L
 
 
-def _accumulate(model: Denoiser, solver: LearnedSolver, train: TeacherData, idx: Tensor, off: Tensor | None,
-                scale: float, loss_fn: LossFn, dss_weights: tuple[float, float] | None, cfg: FitConfig,
-                batch: int | None = None) -> Tensor:
+def _accumulate(
+    model: Denoiser,
+    solver: LearnedSolver,
+    train: TeacherData,
+    idx: Tensor,
+    off: Tensor | None,
+    scale: float,
+    loss_fn: LossFn,
+    dss_weights: tuple[float, float] | None,
+    cfg: FitConfig,
+    batch: int | None = None,
+) -> Tensor:
     """The loss of rows ``idx`` of a batch of ``batch`` rows (default: ``idx`` is the whole batch), weighted by
     their share of it and backpropagated in micro-batches of ``cfg.micro_batch`` samples (gradients accumulate:
     the same gradient as the whole batch at once, with memory for a micro-batch only)."""
@@ -244,8 +280,8 @@ def _accumulate(model: Denoiser, solver: LearnedSolver, train: TeacherData, idx:
     batch = batch or idx.numel()
     total = torch.zeros((), dtype=torch.float64)
     for a in range(0, idx.numel(), mb):
-        part = idx[a:a + mb]
-        noise = train.noise[part] if off is None else train.noise[part] + off[a:a + mb] / scale
+        part = idx[a : a + mb]
+        noise = train.noise[part] if off is None else train.noise[part] + off[a : a + mb] / scale
         L = _objective(model, solver, train, part, noise, loss_fn, dss_weights, bool(cfg.use_checkpoint))
         L = L * (part.numel() / batch)
         L.backward()
@@ -305,8 +341,14 @@ def optimise(session: FitSession, phase: Phase, state: FitState | None = None, s
     is never worse on validation than the start. ``state.opt_state`` (if set) restores the optimizer;
     ``session.on_eval(state, opt)`` runs after every validation (a checkpoint hook).
     """
-    model, solver, train, val, cfg, relax = (session.model, session.solver, session.train, session.val,
-                                             session.cfg, session.relax)
+    model, solver, train, val, cfg, relax = (
+        session.model,
+        session.solver,
+        session.train,
+        session.val,
+        session.cfg,
+        session.relax,
+    )
     d = current()
     G = noise_groups(cfg.noise_groups)
     state = state or FitState()
@@ -353,7 +395,8 @@ def optimise(session: FitSession, phase: Phase, state: FitState | None = None, s
         idx = _batch_index(n, phase.batch, cfg.seed, state.step)
         validates = (it + 1) % cfg.eval_every == 0 or it == steps - 1
         if session.budget is not None and not session.budget.allows(
-                step_cost(cfg, idx.numel()) + (len(val) * cfg.nfe if validates else 0) + session.reserve):
+            step_cost(cfg, idx.numel()) + (len(val) * cfg.nfe if validates else 0) + session.reserve
+        ):
             state.exhausted = True  # the next step would cross the budget: stop with the best so far
             break
         # the batch's noises in groups (noise i in group i % G), each its own forward/backward pass; this process
@@ -396,8 +439,9 @@ def optimise(session: FitSession, phase: Phase, state: FitState | None = None, s
             session.progress.set_postfix_str(f"{phase.label} loss {float(L.detach()):.3g} val {state.best_val:.4g}")
         if validates:
             v = validate(model, solver, val, groups=cfg.noise_groups)
-            state.history.append({"step": state.step, "loss": finite_or_none(float(L.detach())),
-                                  "val": finite_or_none(v)})
+            state.history.append(
+                {"step": state.step, "loss": finite_or_none(float(L.detach())), "val": finite_or_none(v)}
+            )
             if v < state.best_val:  # NaN and inf never win
                 state.best_val = v
                 state.best = {k: x.detach().clone() for k, x in solver.state_dict().items()}
@@ -412,8 +456,9 @@ def optimise(session: FitSession, phase: Phase, state: FitState | None = None, s
     return state
 
 
-def _reduce_step(d: Dist, G: int, plist: list[Tensor], parts: list[tuple[Tensor, Tensor | None, Tensor, list]],
-                 blew: bool) -> tuple[Tensor, bool, bool]:
+def _reduce_step(
+    d: Dist, G: int, plist: list[Tensor], parts: list[tuple[Tensor, Tensor | None, Tensor, list]], blew: bool
+) -> tuple[Tensor, bool, bool]:
     """The step's loss and gradients from every group's (each process ran its own groups): sets each parameter's
     gradient to the sum of the groups' in group order, and returns (loss, failed, the relaxed latents'
     gradients are finite). With several processes this is one gather of a few hundred bytes per group: the
@@ -428,11 +473,15 @@ def _reduce_step(d: Dist, G: int, plist: list[Tensor], parts: list[tuple[Tensor,
     width = sum(sizes) + len(plist) + 3
     local = torch.zeros((len(d.groups(G)), width), dtype=torch.float64)
     for j, (_, _, Lg, grads) in enumerate(parts):
-        local[j, :sum(sizes)] = torch.cat([torch.zeros(n, dtype=torch.float64) if g is None
-                                           else g.detach().reshape(-1).to(torch.float64).cpu()
-                                           for g, n in zip(grads, sizes)])
-        local[j, sum(sizes):sum(sizes) + len(plist)] = torch.tensor([float(g is not None) for g in grads],
-                                                                   dtype=torch.float64)
+        local[j, : sum(sizes)] = torch.cat(
+            [
+                torch.zeros(n, dtype=torch.float64) if g is None else g.detach().reshape(-1).to(torch.float64).cpu()
+                for g, n in zip(grads, sizes)
+            ]
+        )
+        local[j, sum(sizes) : sum(sizes) + len(plist)] = torch.tensor(
+            [float(g is not None) for g in grads], dtype=torch.float64
+        )
         local[j, -3] = float(Lg)
     local[:, -2] = float(blew)
     local[:, -1] = float(not off_ok)
@@ -446,7 +495,7 @@ def _reduce_step(d: Dist, G: int, plist: list[Tensor], parts: list[tuple[Tensor,
         acc = None
         for g in range(G):
             if full[g, offs[-1] + i] > 0:
-                v = full[g, offs[i]:offs[i + 1]]
+                v = full[g, offs[i] : offs[i + 1]]
                 acc = v if acc is None else acc + v
         p.grad = None if acc is None else acc.view(p.shape).to(device=p.device, dtype=p.dtype)
     failed = blew or not all(p.grad is None or torch.isfinite(p.grad).all() for p in plist)
@@ -464,8 +513,9 @@ def _restore_optimizer(opt: torch.optim.Optimizer, saved: dict[str, Any], phase:
                 got, kinds = g.get(k), ((int, float), (list, tuple), (bool,), (str,))
                 if v is not None and not any(isinstance(v, t) and isinstance(got, t) for t in kinds):
                     raise ValueError(f"{k} is {got!r}")
-                if isinstance(v, (list, tuple)) and (len(got) != len(v) or not all(
-                        isinstance(a, (int, float)) for a in got)):
+                if isinstance(v, (list, tuple)) and (
+                    len(got) != len(v) or not all(isinstance(a, (int, float)) for a in got)
+                ):
                     raise ValueError(f"{k} is {got!r}")
         for g in opt.param_groups:
             for p in g["params"]:
@@ -473,9 +523,11 @@ def _restore_optimizer(opt: torch.optim.Optimizer, saved: dict[str, Any], phase:
                     if isinstance(v, Tensor) and k != "step" and v.shape != p.shape:
                         raise ValueError(f"{k} has shape {tuple(v.shape)} for a parameter of shape {tuple(p.shape)}")
     except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
-        raise FewstepError(f"{source}: its optimiser state does not fit phase {phase.label!r} "
-                           f"({' '.join(str(e).split())[:160]}); run the same command with --restart to start "
-                           f"the fit over") from None
+        raise FewstepError(
+            f"{source}: its optimiser state does not fit phase {phase.label!r} "
+            f"({' '.join(str(e).split())[:160]}); run the same command with --restart to start "
+            f"the fit over"
+        ) from None
 
 
 def run_phases(session: FitSession, phases: list[Phase], state: FitState, until: int | None = None) -> FitState:

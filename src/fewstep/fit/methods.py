@@ -14,8 +14,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,16 +34,36 @@ from ..solvers.resolve import TableauSolver, is_artifact_spec
 from .budget import SCREEN_KEEP, SCREEN_NOISES
 from .checkpoint import FitCheckpoint, spent_before
 from .config import METHODS, FitConfig, plan_phases
-from .loop import (Budget, FitSession, FitState, Relax, clearly_better, finite_or_none, inference_batch, restore_best, run_phases,
-                   val_errors, validate)
+from .loop import (
+    Budget,
+    FitSession,
+    FitState,
+    Relax,
+    clearly_better,
+    finite_or_none,
+    inference_batch,
+    restore_best,
+    run_phases,
+    val_errors,
+    validate,
+)
 from .teacher import TeacherData
 
 F64 = torch.float64
 
 
-def from_classic(model: Denoiser, tab: Tableau, method: str, k: int = 3, rows_sum_to_one: bool = False,
-                 decouple: float = 0.0, corrector: bool | None = None, start: str = "",
-                 scale_a: bool = False, guidance: tuple[float, ...] | None = None) -> LearnedSolver:
+def from_classic(
+    model: Denoiser,
+    tab: Tableau,
+    method: str,
+    k: int = 3,
+    rows_sum_to_one: bool = False,
+    decouple: float = 0.0,
+    corrector: bool | None = None,
+    start: str = "",
+    scale_a: bool = False,
+    guidance: tuple[float, ...] | None = None,
+) -> LearnedSolver:
     """A learned solver that reproduces the classic tableau ``tab`` exactly at initialisation."""
     n = tab.N
     a, phi = step_scales(model.schedule, tab.t, tab.basis)
@@ -51,15 +72,19 @@ def from_classic(model: Denoiser, tab: Tableau, method: str, k: int = 3, rows_su
     W = tab.B / phi[:, None]
     if rows_sum_to_one:
         if tab.basis not in DSS_FORMS:
-            raise FewstepError(f"DSS works in the velocity form (start from euler or adams2) or the data-prediction "
-                               f"form (ddim, dpmpp_2m); {tab.name} predicts noise: start from a solver of either form")
+            raise FewstepError(
+                f"DSS works in the velocity form (start from euler or adams2) or the data-prediction "
+                f"form (ddim, dpmpp_2m); {tab.name} predicts noise: start from a solver of either form"
+            )
         mask = dss_mask(n)
         outside = (tab.B != 0) & ~(mask | torch.eye(n, dtype=torch.bool))
         if outside.any():
             i = int(torch.nonzero(outside)[0, 0])
-            raise FewstepError(f"cannot start DSS from {tab.name}: its step {i} uses evaluations that DSS's form leaves "
-                               f"out (at N <= 6 the last two steps use only the current and previous one); start "
-                               f"from a lower-order solver (e.g. ddim, dpmpp_2m, euler, adams2)")
+            raise FewstepError(
+                f"cannot start DSS from {tab.name}: its step {i} uses evaluations that DSS's form leaves "
+                f"out (at N <= 6 the last two steps use only the current and previous one); start "
+                f"from a lower-order solver (e.g. ddim, dpmpp_2m, euler, adams2)"
+            )
     else:
         mask = window_mask(n, k) | (tab.B != 0)
     use_c = tab.C is not None if corrector is None else corrector
@@ -73,8 +98,21 @@ def from_classic(model: Denoiser, tab: Tableau, method: str, k: int = 3, rows_su
             V[has] = tab.C[has] / phi[has, None]
         V_mask = window_mask(n, k, corrector=True) | (V != 0)
         V_mask[n - 1] = False
-    s = LearnedSolver(model.schedule, tab.t, tab.basis, W, mask, V, V_mask, rows_sum_to_one=rows_sum_to_one,
-                      decouple=decouple, method=method, start=start, scale_a=scale_a, guidance=guidance)
+    s = LearnedSolver(
+        model.schedule,
+        tab.t,
+        tab.basis,
+        W,
+        mask,
+        V,
+        V_mask,
+        rows_sum_to_one=rows_sum_to_one,
+        decouple=decouple,
+        method=method,
+        start=start,
+        scale_a=scale_a,
+        guidance=guidance,
+    )
     if rows_sum_to_one:
         off = torch.tril(W, -1)
         if not torch.allclose(torch.diag(W), 1.0 - off.sum(1), atol=1e-8):
@@ -87,7 +125,7 @@ def dss_mask(n: int) -> Tensor:
     the previous evaluation beside the current one (the diagonal is implicit: rows sum to one)."""
     mask = window_mask(n, n)
     if n <= 6:
-        mask[max(0, n - 2):] &= window_mask(n, 2)[max(0, n - 2):]
+        mask[max(0, n - 2) :] &= window_mask(n, 2)[max(0, n - 2) :]
     return torch.tril(mask, -1)
 
 
@@ -106,9 +144,15 @@ def dss_start_ok(model: Denoiser, tab: Tableau) -> bool:
 
 
 @torch.no_grad()
-def rank_classic(model: Denoiser, nfe: int, val: TeacherData, predictor_only: bool = False,
-                 candidates: list[str] | None = None,
-                 accept: Callable[[Tableau], bool] | None = None, groups: int | None = None) -> list[tuple[float, str]]:
+def rank_classic(
+    model: Denoiser,
+    nfe: int,
+    val: TeacherData,
+    predictor_only: bool = False,
+    candidates: list[str] | None = None,
+    accept: Callable[[Tableau], bool] | None = None,
+    groups: int | None = None,
+) -> list[tuple[float, str]]:
     """(validation RMSE to the teacher, 'NAME@GRID') of the best classic starts at ``nfe``, best first.
 
     Every candidate is screened on the first SCREEN_NOISES validation noises; the best SCREEN_KEEP are then
@@ -121,14 +165,15 @@ def rank_classic(model: Denoiser, nfe: int, val: TeacherData, predictor_only: bo
             tab = build_tableau(model, spec, nfe)
         except FewstepError:
             continue
-        if tab.staged or tab.N != nfe:  # internal stages: no learned solver starts from them
+        if tab.staged or nfe != tab.N:  # internal stages: no learned solver starts from them
             continue
         if (predictor_only and tab.C is not None) or (accept is not None and not accept(tab)):
             continue
         tabs.append((spec, tab))
     screen = val if len(val) <= SCREEN_NOISES else val[:SCREEN_NOISES]
-    scored = sorted((v, i) for i, (spec, tab) in enumerate(tabs) for v in [_score(model, tab, screen, groups)]
-                    if math.isfinite(v))
+    scored = sorted(
+        (v, i) for i, (spec, tab) in enumerate(tabs) for v in [_score(model, tab, screen, groups)] if math.isfinite(v)
+    )
     if len(screen) == len(val):
         return [(v, tabs[i][0]) for v, i in scored]
     kept = [(_score(model, tabs[i][1], val, groups), tabs[i][0]) for _, i in scored[:SCREEN_KEEP]]
@@ -161,14 +206,24 @@ class FitOutcome:
     spent_before: Cost = field(default_factory=Cost)  # what the interrupted runs spent up to the checkpoint resumed
 
 
-def _build(model: Denoiser, cfg: FitConfig, start: str, tab: Tableau | None = None, learn: bool = True) -> LearnedSolver:
+def _build(
+    model: Denoiser, cfg: FitConfig, start: str, tab: Tableau | None = None, learn: bool = True
+) -> LearnedSolver:
     """The learned solver at ``start`` (``learn=False``: exactly the start, no extra corrector)."""
     tab = tab if tab is not None else build_tableau(model, start, cfg.nfe)
     dss = cfg.method == "dss"
-    return from_classic(model, tab, cfg.method, k=cfg.k, rows_sum_to_one=dss,
-                        decouple=cfg.decouple if learn and cfg.method == "s4s-alt" else 0.0,
-                        corrector=_corrector(cfg, tab.basis) if learn else None, start=start,
-                        scale_a=learn and _scale_a(cfg), guidance=model.guidance_scales() if learn else None)
+    return from_classic(
+        model,
+        tab,
+        cfg.method,
+        k=cfg.k,
+        rows_sum_to_one=dss,
+        decouple=cfg.decouple if learn and cfg.method == "s4s-alt" else 0.0,
+        corrector=_corrector(cfg, tab.basis) if learn else None,
+        start=start,
+        scale_a=learn and _scale_a(cfg),
+        guidance=model.guidance_scales() if learn else None,
+    )
 
 
 def _from_artifact(model: Denoiser, cfg: FitConfig, path: str) -> LearnedSolver:
@@ -176,8 +231,10 @@ def _from_artifact(model: Denoiser, cfg: FitConfig, path: str) -> LearnedSolver:
     loaded = load_solver(path)
     loaded.check(model)
     if loaded.nfe != cfg.nfe or loaded.doc["method"] != cfg.method:
-        raise FewstepError(f"{path} is a {loaded.doc['method']} solver at NFE {loaded.nfe}; refine it with "
-                           f"--method {loaded.doc['method']} --nfe {loaded.nfe}")
+        raise FewstepError(
+            f"{path} is a {loaded.doc['method']} solver at NFE {loaded.nfe}; refine it with "
+            f"--method {loaded.doc['method']} --nfe {loaded.nfe}"
+        )
     s = loaded.learned()
     s.start = str(path)
     return s
@@ -237,10 +294,22 @@ def screen_steps(cfg: FitConfig, candidates: int) -> int:
     return 0 if candidates < 2 else max(cfg.eval_every, int(cfg.steps * cfg.screen_share / candidates))
 
 
-def _screen(model: Denoiser, cfg: FitConfig, cands: list[_Candidate], train: TeacherData, val: TeacherData,
-            phases: list[Any], ranking: list[tuple[float, str]], checkpoint: FitCheckpoint | None,
-            saved: dict[str, Any] | None, progress: Any, budget: Budget | None, reserve: int, source: str,
-            screened: list[dict[str, Any]]) -> _Candidate:
+def _screen(
+    model: Denoiser,
+    cfg: FitConfig,
+    cands: list[_Candidate],
+    train: TeacherData,
+    val: TeacherData,
+    phases: list[Any],
+    ranking: list[tuple[float, str]],
+    checkpoint: FitCheckpoint | None,
+    saved: dict[str, Any] | None,
+    progress: Any,
+    budget: Budget | None,
+    reserve: int,
+    source: str,
+    screened: list[dict[str, Any]],
+) -> _Candidate:
     """Run each candidate for a short stretch; the best on validation (ties: the first) goes on. A checkpoint
     after each candidate keeps the best finished one, so an interrupted screening goes on where it stopped."""
     until = screen_steps(cfg, len(cands))
@@ -261,16 +330,32 @@ def _screen(model: Denoiser, cfg: FitConfig, cands: list[_Candidate], train: Tea
             progress.update(done * each)
     for k in range(done, len(cands)):
         c = cands[k]
-        c.state = run_phases(FitSession(model, c.solver, train, val, replace(cfg, seed=c.seed), c.relax, progress,
-                                        None, budget, reserve, source), phases, c.state, until=until)
+        c.state = run_phases(
+            FitSession(
+                model, c.solver, train, val, replace(cfg, seed=c.seed), c.relax, progress, None, budget, reserve, source
+            ),
+            phases,
+            c.state,
+            until=until,
+        )
         screened.append({"start": c.start, "seed": c.seed, "val_rmse": finite_or_none(c.state.best_val)})
         if best_k is None or c.state.best_val < cands[best_k].state.best_val:
             best_k = k
         if checkpoint is not None:
             b = cands[best_k]
-            checkpoint.save(b.state, b.solver, None, b.relax,
-                            {"start": b.start, "seed": b.seed, "ranking": [list(r) for r in ranking],
-                             "screened": screened, "screening": {"done": k + 1, "best": best_k}})
+            checkpoint.save(
+                b.state,
+                b.solver,
+                None,
+                b.relax,
+                {
+                    "start": b.start,
+                    "seed": b.seed,
+                    "ranking": [list(r) for r in ranking],
+                    "screened": screened,
+                    "screening": {"done": k + 1, "best": best_k},
+                },
+            )
     return cands[best_k]
 
 
@@ -284,13 +369,22 @@ def _check_same_everywhere(solver: LearnedSolver) -> None:
     for k, v in sorted(solver.state_dict().items()):
         h.update(k.encode() + v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     if len(set(d.all_gather_object(h.hexdigest()))) > 1:
-        raise FewstepError("the processes of this run ended with different solver parameters (a collective that is "
-                           "not deterministic?): run it again with one process and report this")
+        raise FewstepError(
+            "the processes of this run ended with different solver parameters (a collective that is "
+            "not deterministic?): run it again with one process and report this"
+        )
 
 
-def fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitConfig, progress: Any = None,
-               checkpoint: FitCheckpoint | None = None, confirm: TeacherData | None = None,
-               already_spent: int = 0) -> FitOutcome:
+def fit_solver(
+    model: Denoiser,
+    train: TeacherData,
+    val: TeacherData,
+    cfg: FitConfig,
+    progress: Any = None,
+    checkpoint: FitCheckpoint | None = None,
+    confirm: TeacherData | None = None,
+    already_spent: int = 0,
+) -> FitOutcome:
     """Fit one method; returns the learned solver (or its start if the fit did not clearly help).
 
     A fit screens candidates first: the best ``cfg.screen_starts`` classic starts (on the validation
@@ -312,8 +406,16 @@ def fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitCo
         return _fit_solver(model, train, val, cfg, progress, checkpoint, confirm, already_spent)
 
 
-def _fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitConfig, progress: Any,
-                checkpoint: FitCheckpoint | None, confirm: TeacherData | None, already_spent: int) -> FitOutcome:
+def _fit_solver(
+    model: Denoiser,
+    train: TeacherData,
+    val: TeacherData,
+    cfg: FitConfig,
+    progress: Any,
+    checkpoint: FitCheckpoint | None,
+    confirm: TeacherData | None,
+    already_spent: int,
+) -> FitOutcome:
     saved = checkpoint.peek() if checkpoint is not None else None
     before = spent_before(saved)  # a resumed fit's earlier runs count: toward its budget and in its cost
     if checkpoint is not None:
@@ -338,23 +440,47 @@ def _fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitC
         else:
             dss = cfg.method == "dss"
             accept = (lambda tab: dss_start_ok(model, tab)) if dss else None
-            ranking = rank_classic(model, cfg.nfe, val, predictor_only=dss, accept=accept,
-                                   groups=cfg.noise_groups) if cfg.start is None else []
-        starts = [cfg.start] if cfg.start else [s for _, s in ranking[:max(1, cfg.screen_starts)]]
+            ranking = (
+                rank_classic(model, cfg.nfe, val, predictor_only=dss, accept=accept, groups=cfg.noise_groups)
+                if cfg.start is None
+                else []
+            )
+        starts = [cfg.start] if cfg.start else [s for _, s in ranking[: max(1, cfg.screen_starts)]]
         if not starts:
             raise FewstepError(f"no classic solver runs at NFE {cfg.nfe} on this model to start from")
         cands = [_candidate(model, cfg, st, seed) for st in starts for seed in screen_seeds(cfg)]
-        best = _screen(model, cfg, cands, train, val, phases, ranking, checkpoint, saved, progress, budget, reserve,
-                       source, screened)
+        best = _screen(
+            model,
+            cfg,
+            cands,
+            train,
+            val,
+            phases,
+            ranking,
+            checkpoint,
+            saved,
+            progress,
+            budget,
+            reserve,
+            source,
+            screened,
+        )
         resumed = int(saved["step"]) if saved is not None else 0
     solver, relax, state = best.solver, best.relax, best.state
     extra = {"start": best.start, "seed": best.seed, "ranking": [list(r) for r in ranking], "screened": screened}
     on_eval = None
     if checkpoint is not None:
+
         def on_eval(st: FitState, opt: Any) -> None:
             checkpoint.save(st, solver, opt, relax, extra)
-    state = run_phases(FitSession(model, solver, train, val, replace(cfg, seed=best.seed), relax, progress, on_eval,
-                                  budget, reserve, source), phases, state)
+
+    state = run_phases(
+        FitSession(
+            model, solver, train, val, replace(cfg, seed=best.seed), relax, progress, on_eval, budget, reserve, source
+        ),
+        phases,
+        state,
+    )
     restore_best(solver, state)
     _check_same_everywhere(solver)
     start_solver = best.start_solver
@@ -372,14 +498,30 @@ def _fit_solver(model: Denoiser, train: TeacherData, val: TeacherData, cfg: FitC
     notes = []
     blown = sum(1 for h in state.history if h.get("val") is None)
     if state.skipped or blown:
-        notes.append(f"the student's solve blew up (NaN/inf) at {state.skipped} of {state.step} steps and "
-                     f"{blown} of {len(state.history)} validations; those were skipped and never chosen"
-                     + ("; the start was kept" if kept else "") + " (lower --lr-coef / --lr-grid if this persists)")
+        notes.append(
+            f"the student's solve blew up (NaN/inf) at {state.skipped} of {state.step} steps and "
+            f"{blown} of {len(state.history)} validations; those were skipped and never chosen"
+            + ("; the start was kept" if kept else "")
+            + " (lower --lr-coef / --lr-grid if this persists)"
+        )
     mean = lambda e: None if e is None else float(e.mean())  # noqa: E731
-    return FitOutcome(solver, best.start, float(start_err.mean()), float(err.mean()), kept, state, ranking, resumed,
-                      mean(co), mean(co_start), notes, screened, best.seed,
-                      fit_estimate(err if co is None else co, co_start if co is not None else start_err,
-                                   co is not None), before)
+    return FitOutcome(
+        solver,
+        best.start,
+        float(start_err.mean()),
+        float(err.mean()),
+        kept,
+        state,
+        ranking,
+        resumed,
+        mean(co),
+        mean(co_start),
+        notes,
+        screened,
+        best.seed,
+        fit_estimate(err if co is None else co, co_start if co is not None else start_err, co is not None),
+        before,
+    )
 
 
 def fit_estimate(errors: Tensor, start_errors: Tensor, unseen: bool) -> dict[str, Any]:
@@ -388,5 +530,10 @@ def fit_estimate(errors: Tensor, start_errors: Tensor, unseen: bool) -> dict[str
     noises, which chose the checkpoint and so flatter it."""
     n = errors.numel()
     sem = float(errors.std() / math.sqrt(n)) if n > 1 else float("nan")
-    return {"rmse_to_teacher": float(errors.mean()), "sem": sem, "start_rmse_to_teacher": float(start_errors.mean()),
-            "noises": n, "on": "confirmation" if unseen else "validation (it chose the checkpoint: optimistic)"}
+    return {
+        "rmse_to_teacher": float(errors.mean()),
+        "sem": sem,
+        "start_rmse_to_teacher": float(start_errors.mean()),
+        "noises": n,
+        "on": "confirmation" if unseen else "validation (it chose the checkpoint: optimistic)",
+    }

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -92,7 +93,7 @@ class TeacherData:
             rows.append(i % n)
         return rows
 
-    def subset(self, idx: Any) -> "TeacherData":
+    def subset(self, idx: Any) -> TeacherData:
         """The rows ``idx`` (int, slice, range, list or index/boolean tensor) as new TeacherData."""
         rows = self._rows(idx)
         ix = torch.tensor(rows, dtype=torch.long)
@@ -112,7 +113,7 @@ class TeacherData:
 
     __getitem__ = subset
 
-    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "TeacherData":
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> TeacherData:
         """Move every tensor to ``device`` (``dtype`` applies to noise, target and states only)."""
 
         def mv(t: Tensor) -> Tensor:
@@ -196,17 +197,16 @@ def _run_block(
     per, shared = _split_cond(model.cond_for(seeds), len(seeds))
     targets, states = [], []
     for i in range(0, len(seeds), batch_size):
-        x = noise[i:i + batch_size].to(device)
-        cond = {k: v[i:i + batch_size].to(device) for k, v in per.items()}
+        x = noise[i : i + batch_size].to(device)
+        cond = {k: v[i : i + batch_size].to(device) for k, v in per.items()}
         cond.update(shared)
-        out = sample(model, x, solver=spec.solver, nfe=spec.nfe, grid=spec.grid,
-                     return_trajectory=keep_states, cond=cond)
+        out = sample(
+            model, x, solver=spec.solver, nfe=spec.nfe, grid=spec.grid, return_trajectory=keep_states, cond=cond
+        )
         if keep_states:
             out, traj = out
             if len(traj) != n_times:
-                raise FewstepError(
-                    f"teacher {spec} returned {len(traj)} states but its grid has {n_times} times"
-                )
+                raise FewstepError(f"teacher {spec} returned {len(traj)} states but its grid has {n_times} times")
             states.append(torch.stack([s.detach().cpu() for s in traj], 1))
         targets.append(out.detach().cpu())
         if bar is not None:
@@ -346,12 +346,22 @@ def generate_teacher(
                 k = missing[j]
                 start, stop = cache.block(k)
                 if bar is not None:
-                    bar.set_postfix_str(f"shard {j + 1}/{len(missing)}, {n_cached} cached"
-                                        + (f", {d.world} processes" if d.world > 1 else ""))
+                    bar.set_postfix_str(
+                        f"shard {j + 1}/{len(missing)}, {n_cached} cached"
+                        + (f", {d.world} processes" if d.world > 1 else "")
+                    )
                 before = model.cost.forward
                 with torch.no_grad():
-                    tensors, sh = _run_block(model, spec, list(range(start, stop)), times.numel(), keep_states,
-                                             batch_size, device, bar if d.world == 1 else None)
+                    tensors, sh = _run_block(
+                        model,
+                        spec,
+                        list(range(start, stop)),
+                        times.numel(),
+                        keep_states,
+                        batch_size,
+                        device,
+                        bar if d.world == 1 else None,
+                    )
                 if keep_states:
                     tensors["times"] = times.clone()
                 cache.store(k, tensors, sh, model.cost.forward - before, index=d.world == 1)
@@ -376,9 +386,11 @@ def generate_teacher(
             if k not in loaded:
                 t = cache.load(k)
                 if t is None:
-                    raise FewstepError(f"teacher cache shard {folder / shard_name(*cache.block(k))} that another "
-                                       f"process wrote cannot be read here: is {folder} on a file system every "
-                                       f"process sees?")
+                    raise FewstepError(
+                        f"teacher cache shard {folder / shard_name(*cache.block(k))} that another "
+                        f"process wrote cannot be read here: is {folder} on a file system every "
+                        f"process sees?"
+                    )
                 loaded[k] = t
     elif unlisted:
         cache.add_entries(unlisted, {})

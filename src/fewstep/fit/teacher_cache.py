@@ -26,8 +26,9 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,8 +43,16 @@ _SHARD_RE = re.compile(r"^seeds-(\d+)-(\d+)\.safetensors$")
 #: the most seeds a shard may hold (a manifest or a shard file naming more is not trusted)
 MAX_SHARD_SIZE = 1 << 16
 #: header fields a manifest must share with the request to be reused
-CHECKED = ("schema", "fingerprint", "teacher", "keep_states", "schedule", "prediction", "sample_shape",
-           "guidance_scale")
+CHECKED = (
+    "schema",
+    "fingerprint",
+    "teacher",
+    "keep_states",
+    "schedule",
+    "prediction",
+    "sample_shape",
+    "guidance_scale",
+)
 
 
 def _safetensors() -> Any:
@@ -68,8 +77,9 @@ def shard_name(start: int, stop: int) -> str:
     return f"seeds-{start}-{stop}.safetensors"
 
 
-def cache_folder(root: str | os.PathLike | None, fingerprint: str, spec_key: str, keep_states: bool,
-                 tag: str = "") -> Path:
+def cache_folder(
+    root: str | os.PathLike | None, fingerprint: str, spec_key: str, keep_states: bool, tag: str = ""
+) -> Path:
     """``<root>/teacher/<fingerprint>-<spec key>-<states|final><tag>``."""
     mode = "states" if keep_states else "final"
     return cache_root(root) / "teacher" / f"{fingerprint}-{spec_key}-{mode}{tag}"
@@ -140,8 +150,9 @@ class ShardCache:
         """Why the manifest's shard size cannot be believed (None if it can): the manifest is only an index, so
         a size beyond this run's must be that of a shard file in the folder."""
         size = man["shard_size"]
-        if size <= shard_size or any(int(m.group(2)) - int(m.group(1)) == size
-                                     for m in map(_SHARD_RE.match, os.listdir(self.folder)) if m):
+        if size <= shard_size or any(
+            int(m.group(2)) - int(m.group(1)) == size for m in map(_SHARD_RE.match, os.listdir(self.folder)) if m
+        ):
             return None
         return f"malformed (shard_size {size}, which no shard in the folder has)"
 
@@ -150,13 +161,18 @@ class ShardCache:
             if man.get(k) != self.header[k]:
                 raise FewstepError(
                     f"teacher cache {self.folder} was written for {k}={man.get(k)!r}, not {self.header[k]!r}: "
-                    f"it cannot be reused; delete that folder or pass another cache_dir")
+                    f"it cannot be reused; delete that folder or pass another cache_dir"
+                )
         have, want = man.get("times"), self.header["times"]
-        if not isinstance(have, list) or len(have) != len(want) or any(
-                not math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=1e-12) for a, b in zip(have, want)):
+        if (
+            not isinstance(have, list)
+            or len(have) != len(want)
+            or any(not math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=1e-12) for a, b in zip(have, want))
+        ):
             raise FewstepError(
                 f"teacher cache {self.folder} holds states at other solver times than {self.header['teacher']} gives "
-                f"now: delete that folder or pass another cache_dir")
+                f"now: delete that folder or pass another cache_dir"
+            )
 
     def _rebuild(self, shard_size: int) -> dict[str, Any]:
         """A new manifest listing the valid shards already in the folder (their own shard size wins)."""
@@ -167,14 +183,22 @@ class ShardCache:
                 continue
             start, stop = int(m.group(1)), int(m.group(2))
             meta = self._shard_meta(p)
-            if meta is None or not 0 < stop - start <= MAX_SHARD_SIZE or (size is not None and stop - start != size) \
-                    or _shared_cond(meta) is None:
+            if (
+                meta is None
+                or not 0 < stop - start <= MAX_SHARD_SIZE
+                or (size is not None and stop - start != size)
+                or _shared_cond(meta) is None
+            ):
                 continue
             size = stop - start
             found.append({"seeds": [start, stop], "file": p.name})
             shared.update(_shared_cond(meta))
-        man = dict(self.header, shard_size=size or int(shard_size), shared_cond=shared,
-                   shards=sorted(found, key=lambda e: e["seeds"][0]))
+        man = dict(
+            self.header,
+            shard_size=size or int(shard_size),
+            shared_cond=shared,
+            shards=sorted(found, key=lambda e: e["seeds"][0]),
+        )
         self._write_manifest(man)
         return man
 
@@ -192,9 +216,12 @@ class ShardCache:
                 meta = f.metadata() or {}
         except Exception:  # noqa: BLE001 - unreadable: not trusted
             return None
-        ok = meta.get("kind") == SHARD_KIND and meta.get("fingerprint") == self.header["fingerprint"] \
-            and meta.get("teacher") == self.header["teacher"] \
+        ok = (
+            meta.get("kind") == SHARD_KIND
+            and meta.get("fingerprint") == self.header["fingerprint"]
+            and meta.get("teacher") == self.header["teacher"]
             and meta.get("keep_states") == str(bool(self.header["keep_states"]))
+        )
         return meta if ok else None
 
     def load(self, k: int) -> dict[str, Tensor] | None:
@@ -247,16 +274,23 @@ class ShardCache:
             return f"holds NaN or inf in {', '.join(bad)}"
         return None
 
-    def store(self, k: int, tensors: dict[str, Tensor], shared: dict[str, Any], forward_evals: int = 0,
-              index: bool = True) -> None:
+    def store(
+        self, k: int, tensors: dict[str, Tensor], shared: dict[str, Any], forward_evals: int = 0, index: bool = True
+    ) -> None:
         """Write shard k (with its metadata, its checksum and the network evaluations it cost), then list it in
         the manifest (``index=False``: leave the manifest alone; one process lists the shards of several)."""
         start, stop = self.block(k)
         name = shard_name(start, stop)
-        meta = {"kind": SHARD_KIND, "teacher": self.header["teacher"], "fingerprint": self.header["fingerprint"],
-                "seeds": f"{start}:{stop}", "keep_states": str(bool(self.header["keep_states"])),
-                "shared_cond": json.dumps(shared), "checksum": checksum(tensors),
-                "forward_evals": str(int(forward_evals))}
+        meta = {
+            "kind": SHARD_KIND,
+            "teacher": self.header["teacher"],
+            "fingerprint": self.header["fingerprint"],
+            "seeds": f"{start}:{stop}",
+            "keep_states": str(bool(self.header["keep_states"])),
+            "shared_cond": json.dumps(shared),
+            "checksum": checksum(tensors),
+            "forward_evals": str(int(forward_evals)),
+        }
         write_bytes(self.folder / name, _safetensors().save(tensors, metadata=meta))
         self.costs[k] = int(forward_evals)
         if index:
@@ -294,9 +328,13 @@ def _malformed(man: Any) -> str | None:
         return f"malformed (shards {shards!r})"
     for e in shards:
         seeds = e.get("seeds") if isinstance(e, dict) else None
-        if not (isinstance(seeds, list) and len(seeds) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
-                                                                    for v in seeds) and seeds[1] - seeds[0] == s
-                and seeds[0] % s == 0):
+        if not (
+            isinstance(seeds, list)
+            and len(seeds) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in seeds)
+            and seeds[1] - seeds[0] == s
+            and seeds[0] % s == 0
+        ):
             return f"malformed (shard entry {e!r})"
     if not isinstance(man.get("shared_cond", {}), dict):
         return "malformed (shared_cond)"

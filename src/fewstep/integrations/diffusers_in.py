@@ -25,9 +25,10 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +46,8 @@ REFUSED_SCHEDULERS = {
     "CMStochasticIterativeScheduler": "a consistency model, not a diffusion ODE",
     "EDMEulerScheduler": "an EDM-preconditioned model (sigma-conditioned, no DDPM betas)",
     "EDMDPMSolverMultistepScheduler": "an EDM-preconditioned model (sigma-conditioned, no DDPM betas)",
-    "ScoreSdeVeScheduler": "a VE score model", "KarrasVeScheduler": "a VE score model",
+    "ScoreSdeVeScheduler": "a VE score model",
+    "KarrasVeScheduler": "a VE score model",
 }
 FEWSTEP_JSON_KEYS = ("sample_shape", "num_classes", "null_class", "guidance_scale", "class_sampler")
 LABEL_SALT = 7919  # label streams are salted so labels are independent of the noise from the same seed
@@ -69,9 +71,7 @@ def scheduler_config(scheduler: Any) -> tuple[str, dict[str, Any]]:
     if isinstance(scheduler, Mapping):
         cfg = dict(scheduler)
         return str(cfg.get("_class_name", "")), cfg
-    raise FewstepError(
-        f"scheduler must be a diffusers scheduler or its config dict; got {type(scheduler).__name__}"
-    )
+    raise FewstepError(f"scheduler must be a diffusers scheduler or its config dict; got {type(scheduler).__name__}")
 
 
 def _refuse(cls: str, what: str, fix: str) -> None:
@@ -85,21 +85,31 @@ def schedule_from_diffusers(scheduler: Any) -> ModelSchedule:
         _refuse(cls, f"describes {REFUSED_SCHEDULERS[cls]}", "fewstep supports DDPM-style and flow-matching models")
     if "schedule" in cfg and "beta_schedule" not in cfg:  # a FewStepScheduler config
         pred = prediction_name(cls, cfg.get("prediction_type", "epsilon"))
-        return ModelSchedule(schedule_from_config(cfg["schedule"]), pred, cls or "FewStepScheduler",
-                             cfg.get("flow_grid"))
+        return ModelSchedule(
+            schedule_from_config(cfg["schedule"]), pred, cls or "FewStepScheduler", cfg.get("flow_grid")
+        )
     if cfg.get("thresholding"):
-        _refuse(cls, "dynamic thresholding clips the data prediction (not a probability-flow ODE)",
-                "set thresholding=False in the scheduler config")
+        _refuse(
+            cls,
+            "dynamic thresholding clips the data prediction (not a probability-flow ODE)",
+            "set thresholding=False in the scheduler config",
+        )
     if cfg.get("timestep_type") == "continuous":
-        _refuse(cls, "continuous (sigma-conditioned) timesteps are an EDM parameterisation fewstep does not map",
-                "use a model whose scheduler feeds DDPM indices")
+        _refuse(
+            cls,
+            "continuous (sigma-conditioned) timesteps are an EDM parameterisation fewstep does not map",
+            "use a model whose scheduler feeds DDPM indices",
+        )
     has_betas = any(k in cfg for k in ("beta_schedule", "trained_betas", "beta_start"))
     # a config mapping (pipe.scheduler.config) carries no class name: a shift without betas is a flow
     if cls.startswith("FlowMatch") or bool(cfg.get("use_flow_sigmas")) or ("shift" in cfg and not has_betas):
         return _flow_schedule(cls, cfg)
     if not has_betas:
-        _refuse(cls, "has neither DDPM betas (beta_schedule / trained_betas) nor a flow-matching shift",
-                "pass the scheduler config the model was trained with")
+        _refuse(
+            cls,
+            "has neither DDPM betas (beta_schedule / trained_betas) nor a flow-matching shift",
+            "pass the scheduler config the model was trained with",
+        )
     return _vp_schedule(cls, cfg)
 
 
@@ -114,8 +124,11 @@ def prediction_name(cls: str, kind: Any) -> str:
 
 def _vp_schedule(cls: str, cfg: dict[str, Any]) -> ModelSchedule:
     if cfg.get("rescale_betas_zero_snr"):
-        _refuse(cls, "rescale_betas_zero_snr gives alpha = 0 at the last training step (infinite noise)",
-                "fewstep's VP schedules need alpha > 0; use the model's config without zero-SNR rescaling")
+        _refuse(
+            cls,
+            "rescale_betas_zero_snr gives alpha = 0 at the last training step (infinite noise)",
+            "fewstep's VP schedules need alpha > 0; use the model's config without zero-SNR rescaling",
+        )
     pred = prediction_name(cls, cfg.get("prediction_type", "epsilon"))
     if pred == "velocity":
         _refuse(cls, "flow_prediction without use_flow_sigmas", "set use_flow_sigmas=True with flow_shift")
@@ -125,8 +138,12 @@ def _vp_schedule(cls: str, cfg: dict[str, Any]) -> ModelSchedule:
         if betas is not None:
             sched = VPDiscrete(betas=betas)
         else:
-            sched = VPDiscrete(cfg.get("beta_schedule", "linear"), T, float(cfg.get("beta_start", 1e-4)),
-                               float(cfg.get("beta_end", 2e-2)))
+            sched = VPDiscrete(
+                cfg.get("beta_schedule", "linear"),
+                T,
+                float(cfg.get("beta_start", 1e-4)),
+                float(cfg.get("beta_end", 2e-2)),
+            )
     except FewstepError as e:
         raise FewstepError(f"{cls or 'scheduler config'}: {e}") from None
     if sched.T != T and betas is not None:
@@ -144,15 +161,29 @@ def _flow_schedule(cls: str, cfg: dict[str, Any]) -> ModelSchedule:
     shift = float(cfg.get("flow_shift", 1.0) if cfg.get("use_flow_sigmas") else cfg.get("shift", 1.0))
     if shift <= 0:
         _refuse(cls, f"shift must be positive; got {shift}", "fix the scheduler config")
-    sigma_grid = next((k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if cfg.get(k)),
-                      None)
-    grid = {"num_train_timesteps": T, "shift": shift, "use_dynamic_shifting": dynamic,
-            "time_shift_type": str(cfg.get("time_shift_type", "exponential")),
-            "shift_terminal": cfg.get("shift_terminal"), "sigma_grid": sigma_grid}
+    sigma_grid = next(
+        (k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if cfg.get(k)), None
+    )
+    grid = {
+        "num_train_timesteps": T,
+        "shift": shift,
+        "use_dynamic_shifting": dynamic,
+        "time_shift_type": str(cfg.get("time_shift_type", "exponential")),
+        "shift_terminal": cfg.get("shift_terminal"),
+        "sigma_grid": sigma_grid,
+    }
     t_min = 1.0 / T if dynamic else float(time_shift(torch.tensor(1.0 / T, dtype=F64), shift))
     # dynamic shifting: mu depends on the image size, known once the pipeline's family sets it (with_mu)
-    gs = None if sigma_grid or dynamic else {"num_train_timesteps": T, "shift": shift,
-                                             "shift_type": grid["time_shift_type"], "terminal": grid["shift_terminal"]}
+    gs = (
+        None
+        if sigma_grid or dynamic
+        else {
+            "num_train_timesteps": T,
+            "shift": shift,
+            "shift_type": grid["time_shift_type"],
+            "terminal": grid["shift_terminal"],
+        }
+    )
     return ModelSchedule(Flow(t_min=t_min, time_scale=float(T), grid_shift=gs), "velocity", cls or "flow_match", grid)
 
 
@@ -161,10 +192,19 @@ def flow_with_mu(info: ModelSchedule, mu: float, base: str = "train") -> Flow:
     (``base`` "steps": sigmas from linspace(1, 1/n, n), as FluxPipeline passes them)."""
     g = info.flow_grid or {}
     sched = info.schedule
-    return Flow(t_min=sched.t_min, time_scale=sched.time_scale, time_reversed=sched.time_reversed,
-                grid_shift={"num_train_timesteps": int(g["num_train_timesteps"]), "shift": float(g["shift"]),
-                            "mu": float(mu), "shift_type": g["time_shift_type"], "terminal": g["shift_terminal"],
-                            "base": base})
+    return Flow(
+        t_min=sched.t_min,
+        time_scale=sched.time_scale,
+        time_reversed=sched.time_reversed,
+        grid_shift={
+            "num_train_timesteps": int(g["num_train_timesteps"]),
+            "shift": float(g["shift"]),
+            "mu": float(mu),
+            "shift_type": g["time_shift_type"],
+            "terminal": g["shift_terminal"],
+            "base": base,
+        },
+    )
 
 
 def dynamic_mu(scheduler_config: dict[str, Any], image_seq_len: int) -> float:
@@ -189,15 +229,21 @@ def shifted_grid(source: Any, nfe: int, mu: float | None = None) -> Tensor:
     if not g:
         raise FewstepError("shifted_grid needs a flow-matching model or scheduler config; this one is not a flow")
     if g.get("sigma_grid"):
-        raise FewstepError(f"the scheduler uses {g['sigma_grid']}: that grid is not reproduced here; "
-                           f"use fewstep's grid='karras' or an explicit list")
+        raise FewstepError(
+            f"the scheduler uses {g['sigma_grid']}: that grid is not reproduced here; "
+            f"use fewstep's grid='karras' or an explicit list"
+        )
     if int(nfe) < 1:
         raise FewstepError(f"nfe must be at least 1; got {nfe}")
     if g["use_dynamic_shifting"] and mu is None:
         raise FewstepError("this scheduler uses dynamic shifting: pass mu= (as the pipeline computes it)")
-    gs = {"num_train_timesteps": int(g["num_train_timesteps"]), "shift": float(g["shift"]),
-          "mu": float(mu) if g["use_dynamic_shifting"] else None, "shift_type": g["time_shift_type"],
-          "terminal": g.get("shift_terminal")}
+    gs = {
+        "num_train_timesteps": int(g["num_train_timesteps"]),
+        "shift": float(g["shift"]),
+        "mu": float(mu) if g["use_dynamic_shifting"] else None,
+        "shift_type": g["time_shift_type"],
+        "terminal": g.get("shift_terminal"),
+    }
     return shifted(Flow(grid_shift=gs), int(nfe))
 
 
@@ -226,8 +272,9 @@ class DiffusersDenoiser(Denoiser):
     tensors with batch 1 are shared across the batch; ``class_labels`` become a LongTensor (B,).
     """
 
-    def __init__(self, *args: Any, defaults: Mapping[str, Any] | None = None, required: tuple[str, ...] = (),
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, defaults: Mapping[str, Any] | None = None, required: tuple[str, ...] = (), **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.defaults = dict(defaults or {})
         self.required = tuple(required)
@@ -256,8 +303,10 @@ class DiffusersDenoiser(Denoiser):
             if v.dim() >= 1 and v.shape[0] == 1 and batch > 1:
                 v = v.expand(batch, *v.shape[1:])
             if v.dim() >= 1 and v.shape[0] != batch:
-                raise ShapeError(f"{k} has batch {v.shape[0]} for a batch of {batch} samples: give one row per "
-                                 f"sample, or a single row shared by all")
+                raise ShapeError(
+                    f"{k} has batch {v.shape[0]} for a batch of {batch} samples: give one row per "
+                    f"sample, or a single row shared by all"
+                )
             out[k] = v
         return out
 
@@ -323,8 +372,9 @@ def _as_cond(value: Any, what: str) -> dict[str, Any]:
         return {"encoder_hidden_states": value}
     if isinstance(value, Mapping):
         return dict(value)
-    raise FewstepError(f"{what} must be a tensor (B or 1, L, D) or a dict of conditioning tensors; "
-                       f"got {type(value).__name__}")
+    raise FewstepError(
+        f"{what} must be a tensor (B or 1, L, D) or a dict of conditioning tensors; got {type(value).__name__}"
+    )
 
 
 # ----------------------------------------------------------------------------- public API
@@ -360,39 +410,50 @@ def from_diffusers(
     info = schedule_from_diffusers(scheduler)
     c_in, c_out, default_shape = _model_shape(model)
     if c_out not in (c_in, 2 * c_in):
-        raise ShapeError(f"{type(model).__name__} outputs {c_out} channels for {c_in} input channels: "
-                         f"fewstep needs {c_in} (a prediction) or {2 * c_in} (prediction + learned variance)")
+        raise ShapeError(
+            f"{type(model).__name__} outputs {c_out} channels for {c_in} input channels: "
+            f"fewstep needs {c_in} (a prediction) or {2 * c_in} (prediction + learned variance)"
+        )
     shape = tuple(int(s) for s in sample_shape) if sample_shape is not None else default_shape
     if shape is not None and shape[0] != c_in:
         raise ShapeError(f"sample_shape {shape} has {shape[0]} channels but {type(model).__name__} takes {c_in}")
     class_cond, table, default_null, text_keys = _conditioning(model)
-    defaults, uncond = _as_cond(encoder_hidden_states, "encoder_hidden_states"), \
-        _as_cond(uncond_encoder_hidden_states, "uncond_encoder_hidden_states")
+    defaults, uncond = (
+        _as_cond(encoder_hidden_states, "encoder_hidden_states"),
+        _as_cond(uncond_encoder_hidden_states, "uncond_encoder_hidden_states"),
+    )
     for k, v in uncond.items():
         d = defaults.get(k)
         if isinstance(d, Tensor) and isinstance(v, Tensor) and tuple(v.shape[1:]) != tuple(d.shape[1:]):
-            raise ShapeError(f"uncond {k} has shape {tuple(v.shape)}, the conditional one {tuple(d.shape)}: "
-                             f"they must agree after the batch dimension")
+            raise ShapeError(
+                f"uncond {k} has shape {tuple(v.shape)}, the conditional one {tuple(d.shape)}: "
+                f"they must agree after the batch dimension"
+            )
     guided = guidance_scale is not None and float(guidance_scale) != 1.0
     if guided:
         if class_cond:
             null_class = default_null if null_class is None else int(null_class)
             if null_class is None:
-                raise FewstepError(f"{type(model).__name__} has no null-class row: pass null_class= (the label "
-                                   f"it was trained with as 'no class') to use guidance")
+                raise FewstepError(
+                    f"{type(model).__name__} has no null-class row: pass null_class= (the label "
+                    f"it was trained with as 'no class') to use guidance"
+                )
             if table is not None and not 0 <= null_class < table:
                 raise FewstepError(f"null_class {null_class} is outside the model's {table} label embeddings")
             uncond["class_labels"] = null_class
         missing = [k for k in text_keys if k not in uncond]
         if missing:
-            raise FewstepError(f"guidance on a text-conditioned model needs the unconditional {missing[0]}: "
-                               f"pass uncond_encoder_hidden_states=")
+            raise FewstepError(
+                f"guidance on a text-conditioned model needs the unconditional {missing[0]}: "
+                f"pass uncond_encoder_hidden_states="
+            )
         if not class_cond and not text_keys:
             raise FewstepError(f"{type(model).__name__} takes no class or text conditioning: drop guidance_scale")
     model.eval().requires_grad_(False)
     net = DiffusersNet(model, c_in, c_out == 2 * c_in)
     identity: dict[str, Any] = {
-        "diffusers": type(model).__name__, "learned_sigma": c_out == 2 * c_in,
+        "diffusers": type(model).__name__,
+        "learned_sigma": c_out == 2 * c_in,
         "guided": bool(guided),  # not the scale: a solver fitted at one scale may be used at another
         "null_class": null_class if guided and class_cond else None,
     }
@@ -402,10 +463,17 @@ def from_diffusers(
         identity["cond"] = _digest({**defaults, **{f"uncond.{k}": v for k, v in uncond.items()}})
     required = (["class_labels"] if class_cond else []) + text_keys
     return DiffusersDenoiser(
-        net, info.schedule, info.prediction, sample_shape=shape,
+        net,
+        info.schedule,
+        info.prediction,
+        sample_shape=shape,
         guidance_scale=float(guidance_scale) if guided else None,
-        uncond=uncond or None, name=name or f"diffusers:{type(model).__name__}", cond_sampler=cond_sampler,
-        identity=identity, defaults=defaults, required=tuple(required),
+        uncond=uncond or None,
+        name=name or f"diffusers:{type(model).__name__}",
+        cond_sampler=cond_sampler,
+        identity=identity,
+        defaults=defaults,
+        required=tuple(required),
     )
 
 
@@ -450,9 +518,11 @@ def refuse_pickled_weights(folder: Path, what: str) -> None:
         return
     pickled = [f for f in files if f.suffix in PICKLE_SUFFIXES]
     if pickled:
-        raise ModelSpecError(f"{pickled[0]} holds pickle-based weights, which can run code when loaded; fewstep loads "
-                             f"safetensors only: convert the {what} with "
-                             f"pipe.save_pretrained(DIR, safe_serialization=True)")
+        raise ModelSpecError(
+            f"{pickled[0]} holds pickle-based weights, which can run code when loaded; fewstep loads "
+            f"safetensors only: convert the {what} with "
+            f"pipe.save_pretrained(DIR, safe_serialization=True)"
+        )
 
 
 def uniform_labels(num_classes: int) -> Callable[[list[int]], dict[str, Tensor]]:

@@ -105,8 +105,10 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         flow_grid: dict[str, Any] | None = None,
     ) -> None:
         if not schedule:
-            raise FewstepError("FewStepScheduler needs the model's schedule: build it with "
-                               "FewStepScheduler.from_solver(solver, pipe.scheduler.config, nfe=N)")
+            raise FewstepError(
+                "FewStepScheduler needs the model's schedule: build it with "
+                "FewStepScheduler.from_solver(solver, pipe.scheduler.config, nfe=N)"
+            )
         sched = schedule_from_config(dict(schedule))
         self._den = Denoiser(_no_net, sched, prediction_name("FewStepScheduler", prediction_type))
         if tableau is not None:
@@ -127,8 +129,15 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
 
     # --------------------------------------------------------------------------- construction
     @classmethod
-    def from_solver(cls, solver: Any, schedule: Any, nfe: int | None = None, grid: Any = None,
-                    prediction_type: str | None = None, **solver_options: Any) -> "FewStepScheduler":
+    def from_solver(
+        cls,
+        solver: Any,
+        schedule: Any,
+        nfe: int | None = None,
+        grid: Any = None,
+        prediction_type: str | None = None,
+        **solver_options: Any,
+    ) -> FewStepScheduler:
         """A scheduler running ``solver`` for the model described by ``schedule``.
 
         Args:
@@ -156,8 +165,12 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
             sched, pred, flow_grid = info.schedule, info.prediction, info.flow_grid
         if prediction_type is not None:
             pred = prediction_name("FewStepScheduler", prediction_type)
-        kw: dict[str, Any] = dict(schedule=sched.config(), prediction_type=DIFFUSERS_NAMES[pred],
-                                  num_train_timesteps=_train_steps(sched), flow_grid=flow_grid)
+        kw: dict[str, Any] = dict(
+            schedule=sched.config(),
+            prediction_type=DIFFUSERS_NAMES[pred],
+            num_train_timesteps=_train_steps(sched),
+            flow_grid=flow_grid,
+        )
         spec = solver
         if isinstance(solver, (str, os.PathLike)):
             solver = resolve_solver(str(solver), sched, nfe, grid, **solver_options)
@@ -189,13 +202,22 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Only 0: the tableau is one solve from the noise end (img2img part-way is refused)."""
         if int(begin_index) != 0:
-            raise FewstepError(f"FewStepScheduler cannot start at step {int(begin_index)} (an img2img / inpainting "
-                               f"strength below 1): its tableau is one solve from the noise end; use strength=1 or "
-                               f"the pipeline's own scheduler")
+            raise FewstepError(
+                f"FewStepScheduler cannot start at step {int(begin_index)} (an img2img / inpainting "
+                f"strength below 1): its tableau is one solve from the noise end; use strength=1 or "
+                f"the pipeline's own scheduler"
+            )
         self._begin_index = 0
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
-                      timesteps: Any = None, sigmas: Any = None, mu: float | None = None, **kwargs: Any) -> None:
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: Any = None,
+        sigmas: Any = None,
+        mu: float | None = None,
+        **kwargs: Any,
+    ) -> None:
         """Reset the solver history and place ``timesteps`` (and ``sigmas``) on ``device``.
 
         The solver's own grid and its N steps are part of the solver: a different ``num_inference_steps``
@@ -204,8 +226,10 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         diffusers' DDPM / Euler / DPM-Solver schedulers). Other keyword arguments are ignored.
         """
         if num_inference_steps is not None and timesteps is not None:
-            raise FewstepError("set_timesteps takes num_inference_steps or timesteps=, not both (as diffusers' "
-                               "schedulers require); either way FewStepScheduler runs its solver's own grid")
+            raise FewstepError(
+                "set_timesteps takes num_inference_steps or timesteps=, not both (as diffusers' "
+                "schedulers require); either way FewStepScheduler runs its solver's own grid"
+            )
         n = self.num_inference_steps
         ignored = []
         if num_inference_steps is not None and int(num_inference_steps) != n:
@@ -216,8 +240,10 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         if mu is not None:
             ignored.append(f"mu={float(mu):.4g}")
         if ignored:
-            msg = (f"FewStepScheduler: solver {self.tab.name} runs its own grid with {n} evaluations; ignoring the "
-                   f"pipeline's {', '.join(ignored)}")
+            msg = (
+                f"FewStepScheduler: solver {self.tab.name} runs its own grid with {n} evaluations; ignoring the "
+                f"pipeline's {', '.join(ignored)}"
+            )
             if msg not in self._told:
                 self._told.add(msg)
                 logger.info(msg)
@@ -255,12 +281,15 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         got = float(torch.as_tensor(timestep).flatten()[0])
         want = float(self._timesteps[i])
         if not math.isclose(got, want, rel_tol=1e-5, abs_tol=1e-5):
-            raise FewstepError(f"step {i} got timestep {got:g} but the solver evaluates at {want:g}: step through "
-                               f"scheduler.timesteps in order, after set_timesteps()")
+            raise FewstepError(
+                f"step {i} got timestep {got:g} but the solver evaluates at {want:g}: step through "
+                f"scheduler.timesteps in order, after set_timesteps()"
+            )
         return i
 
-    def step(self, model_output: Tensor, timestep: Any, sample: Tensor, return_dict: bool = True,
-             **kwargs: Any) -> FewStepSchedulerOutput | tuple:
+    def step(
+        self, model_output: Tensor, timestep: Any, sample: Tensor, return_dict: bool = True, **kwargs: Any
+    ) -> FewStepSchedulerOutput | tuple:
         """One evaluation: the output at the evaluation point x_i -> x_{i+1} (shapes (B, ...)); extra kwargs ignored."""
         i = self._index(timestep)
         st = self._stepper
@@ -295,16 +324,19 @@ def _train_steps(sched: Schedule) -> int:
     return 1000
 
 
-def _classic_tableau(sched: Schedule, solver: str | None, nfe: int | None, grid: Any,
-                     options: dict[str, Any]) -> Tableau:
+def _classic_tableau(
+    sched: Schedule, solver: str | None, nfe: int | None, grid: Any, options: dict[str, Any]
+) -> Tableau:
     if not solver:
         raise FewstepError("FewStepScheduler needs solver='NAME@GRID' or a learned tableau")
     s = resolve_solver(str(solver), sched, nfe, grid, **options)
     if not isinstance(s, ClassicSolver):
         raise SolverNameError(f"{solver!r} is not a classic solver name")
     if s.info.stages > 1:
-        raise SolverNameError(f"{s.name} takes {s.info.stages} evaluations per step at repeated timesteps; "
-                              f"FewStepScheduler runs multistep solvers (one evaluation per step): choose another")
+        raise SolverNameError(
+            f"{s.name} takes {s.info.stages} evaluations per step at repeated timesteps; "
+            f"FewStepScheduler runs multistep solvers (one evaluation per step): choose another"
+        )
     return s.tableau(sched)
 
 
@@ -312,18 +344,25 @@ def _learned_tableau(solver: Any, sched: Schedule, model: Denoiser | None) -> Ta
     s: Solver = resolve_solver(solver)
     if isinstance(s, LoadedSolver):
         if model is None and not s.force:
-            warnings.warn(f"solver {s.path or s.name} can only be checked against the schedule here, not against the "
-                          f"network it was fitted for; pass the model (FewStepScheduler.from_solver(solver, "
-                          f"from_diffusers(unet, config))) to check its fingerprint too", stacklevel=3)
+            warnings.warn(
+                f"solver {s.path or s.name} can only be checked against the schedule here, not against the "
+                f"network it was fitted for; pass the model (FewStepScheduler.from_solver(solver, "
+                f"from_diffusers(unet, config))) to check its fingerprint too",
+                stacklevel=3,
+            )
         w = None
         if s.guidance_range is not None:
             if model is None:
-                raise ArtifactError(f"solver {s.path or s.name} is fitted across guidance scales: pass the model "
-                                    f"(FewStepScheduler.from_solver(solver, model)) so its scale picks the tables")
+                raise ArtifactError(
+                    f"solver {s.path or s.name} is fitted across guidance scales: pass the model "
+                    f"(FewStepScheduler.from_solver(solver, model)) so its scale picks the tables"
+                )
             w = some_scale(model, s)
         with torch.no_grad():
             return s.tableau(model if model is not None else sched, w=w)
     if isinstance(s, LearnedSolver) and s.schedule.config() != sched.config():
-        raise ArtifactError(f"solver {s.name} was made for {s.schedule.describe()}, not this model's {sched.describe()}")
+        raise ArtifactError(
+            f"solver {s.name} was made for {s.schedule.describe()}, not this model's {sched.describe()}"
+        )
     with torch.no_grad():
         return s.tableau(model).validate()

@@ -64,7 +64,8 @@ import inspect
 import logging
 import math
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -97,15 +98,28 @@ def ve_tableau(tab: Tableau, schedule: Schedule) -> tuple[Tableau, Tensor]:
         if not bool((r > 0).all()) or not bool(torch.isfinite(r).all()):
             k = int(torch.nonzero(~(r > 0))[0]) if not bool((r > 0).all()) else 0
             when = float(c[k]) if k < c.numel() else float(t_last[0])
-            raise FewstepError(f"solver {tab.name} evaluates at t={when:g} where alpha = 0 ({schedule.describe()}): "
-                               f"k-diffusion's VE frame (x = x0 + sigma eps) has no finite sigma there; use a "
-                               f"solver whose grid starts below the noise end, or fewstep.sample")
+            raise FewstepError(
+                f"solver {tab.name} evaluates at t={when:g} where alpha = 0 ({schedule.describe()}): "
+                f"k-diffusion's VE frame (x = x0 + sigma eps) has no finite sigma there; use a "
+                f"solver whose grid starts below the noise end, or fewstep.sample"
+            )
         s_grid = torch.cat([schedule.s(c), schedule.s(t_last)])
         a = tab.a.detach().to(F64).cpu() * r[:-1] / r[1:]
         B = tab.B.detach().to(F64).cpu() / r[1:, None]
         C = None if tab.C is None else tab.C.detach().to(F64).cpu() / r[1:, None]
-    out = Tableau(basis=tab.basis, t=s_grid, a=a, B=B, C=C, c=None, name=tab.name, B_mask=tab.B_mask,
-                  C_mask=tab.C_mask, info={**tab.info, "frame": "ve"}, points=tab.points)
+    out = Tableau(
+        basis=tab.basis,
+        t=s_grid,
+        a=a,
+        B=B,
+        C=C,
+        c=None,
+        name=tab.name,
+        B_mask=tab.B_mask,
+        C_mask=tab.C_mask,
+        info={**tab.info, "frame": "ve"},
+        points=tab.points,
+    )
     return out.validate(), c
 
 
@@ -118,8 +132,9 @@ def _ve_schedule(levels: Tensor) -> EDM:
 
 
 # ----------------------------------------------------------------------------- the sampler
-def sampler(solver: Any, nfe: int | None = None, *, model: Denoiser | Schedule | None = None, rtol: float = 1e-3,
-            **options: Any) -> Callable[..., Tensor]:
+def sampler(
+    solver: Any, nfe: int | None = None, *, model: Denoiser | Schedule | None = None, rtol: float = 1e-3, **options: Any
+) -> Callable[..., Tensor]:
     """A k-diffusion sampler ``fn(model, x, sigmas, extra_args=None, callback=None, disable=None) -> Tensor``.
 
     Args:
@@ -142,8 +157,10 @@ def sampler(solver: Any, nfe: int | None = None, *, model: Denoiser | Schedule |
     if isinstance(solver, (str, os.PathLike)) and not is_artifact_spec(str(solver)):
         return _classic_sampler(str(solver), nfe, options)
     if options:
-        raise FewstepError(f"solver options ({', '.join(sorted(options))}) apply to classic solvers only; "
-                           f"a learned solver fixes its own tables")
+        raise FewstepError(
+            f"solver options ({', '.join(sorted(options))}) apply to classic solvers only; "
+            f"a learned solver fixes its own tables"
+        )
     return _learned_sampler(solver, nfe, model, float(rtol))
 
 
@@ -157,16 +174,19 @@ def _classic_sampler(spec: str, nfe: int | None, options: dict[str, Any]) -> Cal
         make_tableau(info.name, _ve_schedule(probe), probe, **options)
     except TypeError as e:
         params = [p for p in inspect.signature(info.make).parameters if p not in ("schedule", "t")]
-        raise SolverNameError(f"{name} does not take {', '.join(sorted(options))} ({e}); its options: "
-                              f"{', '.join(params) or 'none'}") from None
+        raise SolverNameError(
+            f"{name} does not take {', '.join(sorted(options))} ({e}); its options: {', '.join(params) or 'none'}"
+        ) from None
 
     def tables(sigmas: Tensor) -> tuple[Tableau, Tensor, EDM]:
         grid_t = _check_sigmas(sigmas, name)
         steps = grid_t.numel() - 1
         cost = info.cost(steps, final_zero=float(grid_t[-1]) == 0.0)
         if nfe is not None and cost != int(nfe):
-            raise FewstepError(f"{name} on these {steps}-step sigmas makes {cost} evaluations, not nfe={nfe}: "
-                               f"pass sigmas for that budget or drop nfe")
+            raise FewstepError(
+                f"{name} on these {steps}-step sigmas makes {cost} evaluations, not nfe={nfe}: "
+                f"pass sigmas for that budget or drop nfe"
+            )
         sched = _ve_schedule(grid_t)
         tab = make_tableau(info.name, sched, grid_t, **options)
         return tab, tab.eval_times.detach().to(F64), sched
@@ -185,8 +205,10 @@ def _learned_sampler(solver: Any, nfe: int | None, model: Any, rtol: float) -> C
     elif model is None:
         source = getattr(s, "schedule", None)
         if source is None or isinstance(s, TableauSolver):
-            raise FewstepError("a bare Tableau does not say which model it is for: pass model= (the fewstep "
-                               "Denoiser or Schedule it was made for)")
+            raise FewstepError(
+                "a bare Tableau does not say which model it is for: pass model= (the fewstep "
+                "Denoiser or Schedule it was made for)"
+            )
     else:
         raise FewstepError(f"model must be a fewstep Denoiser or Schedule; got {type(model).__name__}")
     if isinstance(s, LearnedSolver) and s.schedule.config() != source.config():
@@ -207,7 +229,8 @@ def _learned_sampler(solver: Any, nfe: int | None, model: Any, rtol: float) -> C
         if got.numel() - 1 != steps or not math.isclose(first, start, rel_tol=rtol):
             raise FewstepError(
                 f"learned solver {tab.name} runs its own grid: it needs sigmas with {steps} steps starting at "
-                f"sigma {start:.6g} (got {got.numel() - 1} steps from {first:.6g}); pass the sampler's .sigmas")
+                f"sigma {start:.6g} (got {got.numel() - 1} steps from {first:.6g}); pass the sampler's .sigmas"
+            )
         return vtab, vtab.t[:-1], _ve_schedule(vtab.t)
 
     fn = _make_fn(tables, tab.name, classic=False, scalars=scal)
@@ -217,8 +240,11 @@ def _learned_sampler(solver: Any, nfe: int | None, model: Any, rtol: float) -> C
 
 def _check_sigmas(sigmas: Any, name: str, learned: bool = False) -> Tensor:
     """sigmas as a float64 CPU tensor: 1-D, finite, >= 0, strictly decreasing (one-line errors)."""
-    t = torch.as_tensor(sigmas).detach().to("cpu", F64).flatten() if not isinstance(sigmas, Tensor) \
+    t = (
+        torch.as_tensor(sigmas).detach().to("cpu", F64).flatten()
+        if not isinstance(sigmas, Tensor)
         else sigmas.detach().to("cpu", F64).flatten()
+    )
     if t.numel() < 2:
         raise FewstepError(f"{name}: sigmas need at least 2 noise levels (one step); got {t.numel()}")
     if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
@@ -228,18 +254,29 @@ def _check_sigmas(sigmas: Any, name: str, learned: bool = False) -> Tensor:
     d = t[1:] - t[:-1]
     if not bool((d < 0).all()):
         k = int(torch.nonzero(d >= 0)[0])
-        raise FewstepError(f"{name}: sigmas must decrease strictly; sigmas[{k}]={float(t[k]):g} is followed by "
-                           f"{float(t[k + 1]):g}")
+        raise FewstepError(
+            f"{name}: sigmas must decrease strictly; sigmas[{k}]={float(t[k]):g} is followed by {float(t[k + 1]):g}"
+        )
     return t
 
 
-def _make_fn(tables: Callable[[Tensor], tuple[Tableau, Tensor, EDM]], name: str, classic: bool,
-             scalars: list[tuple[float, float]] | None = None) -> Callable[..., Tensor]:
+def _make_fn(
+    tables: Callable[[Tensor], tuple[Tableau, Tensor, EDM]],
+    name: str,
+    classic: bool,
+    scalars: list[tuple[float, float]] | None = None,
+) -> Callable[..., Tensor]:
     """The k-diffusion-signature function: a loop over the kernel's Stepper feeding it the model's D."""
 
     @torch.no_grad()
-    def fn(model: Callable[..., Tensor], x: Tensor, sigmas: Tensor, extra_args: dict[str, Any] | None = None,
-           callback: Callable[[dict[str, Any]], None] | None = None, disable: bool | None = None) -> Tensor:
+    def fn(
+        model: Callable[..., Tensor],
+        x: Tensor,
+        sigmas: Tensor,
+        extra_args: dict[str, Any] | None = None,
+        callback: Callable[[dict[str, Any]], None] | None = None,
+        disable: bool | None = None,
+    ) -> Tensor:
         extra_args = {} if extra_args is None else extra_args
         tab, levels, sched = tables(sigmas)
         n = tab.N

@@ -24,12 +24,23 @@ from .families import supported_pipelines
 from .pipelines import load_pipeline, pipeline_class
 
 #: options of the pipeline path (see load_pipeline)
-PIPELINE_OPTIONS = ("prompts", "classes", "guidance", "height", "width", "dtype", "cache_dir", "name",
-                    "max_sequence_length", "clean_caption")
+PIPELINE_OPTIONS = (
+    "prompts",
+    "classes",
+    "guidance",
+    "height",
+    "width",
+    "dtype",
+    "cache_dir",
+    "name",
+    "max_sequence_length",
+    "clean_caption",
+)
 
 
-def load_diffusers(path: str | Path, device: str | torch.device = "cpu", guidance_scale: Any = None,
-                   **kwargs: Any) -> Denoiser:
+def load_diffusers(
+    path: str | Path, device: str | torch.device = "cpu", guidance_scale: Any = None, **kwargs: Any
+) -> Denoiser:
     """Load a saved diffusers pipeline folder as a Denoiser (local files only, safetensors weights).
 
     Pipelines of a supported family take :data:`PIPELINE_OPTIONS` (``guidance_scale`` may be one scale or a
@@ -51,21 +62,27 @@ def load_diffusers(path: str | Path, device: str | torch.device = "cpu", guidanc
         guidance_scale = kwargs.pop("guidance", None)
     cls = pipeline_class(root)
     if cls and cls not in supported_pipelines() and _has_text_encoder(root):
-        raise ModelSpecError(f"{root} holds a {cls}, which no fewstep family handles (it takes text through its own "
-                             f"encoders); supported pipelines: {', '.join(supported_pipelines())}")
+        raise ModelSpecError(
+            f"{root} holds a {cls}, which no fewstep family handles (it takes text through its own "
+            f"encoders); supported pipelines: {', '.join(supported_pipelines())}"
+        )
     if cls and cls in supported_pipelines():
         bad = sorted(set(kwargs) - set(PIPELINE_OPTIONS))
         if bad:
-            raise ModelSpecError(f"a {cls} folder does not take {', '.join(bad)}; it takes: {', '.join(PIPELINE_OPTIONS)}")
+            raise ModelSpecError(
+                f"a {cls} folder does not take {', '.join(bad)}; it takes: {', '.join(PIPELINE_OPTIONS)}"
+            )
         w = guidance_scale if guidance_scale is not None else extra.get("guidance_scale")
         if kwargs.get("classes") is None and extra.get("num_classes"):
             kwargs["classes"] = ",".join(str(k) for k in range(int(extra["num_classes"])))
-        return load_pipeline(root, device=device, guidance=w, name=kwargs.pop("name", None) or f"diffusers:{path}",
-                             **kwargs)
+        return load_pipeline(
+            root, device=device, guidance=w, name=kwargs.pop("name", None) or f"diffusers:{path}", **kwargs
+        )
     gset = None if guidance_scale is None else GuidanceSet.parse(guidance_scale)
     classes, dtype = kwargs.pop("classes", None), kwargs.pop("dtype", None)
-    den = _load_network(root, path, device, None if gset is None else gset.scales[len(gset.scales) // 2], extra,
-                        **kwargs)
+    den = _load_network(
+        root, path, device, None if gset is None else gset.scales[len(gset.scales) // 2], extra, **kwargs
+    )
     den.with_conditions(classes, gset)
     return den if dtype is None else den.set_dtype(dtype)
 
@@ -73,24 +90,36 @@ def load_diffusers(path: str | Path, device: str | torch.device = "cpu", guidanc
 def _has_text_encoder(root: Path) -> bool:
     """Does a pipeline folder name text encoders or tokenizers (a pipeline fewstep cannot drive by its network)?"""
     index = _read_json(root / "model_index.json", "")
-    return any(k.startswith(("text_encoder", "tokenizer", "prior", "image_encoder")) and isinstance(v, list) and v[0]
-               for k, v in index.items())
+    return any(
+        k.startswith(("text_encoder", "tokenizer", "prior", "image_encoder")) and isinstance(v, list) and v[0]
+        for k, v in index.items()
+    )
 
 
-def _load_network(root: Path, path: str | Path, device: str | torch.device, guidance_scale: float | None,
-                  extra: dict[str, Any], **kwargs: Any) -> Denoiser:
+def _load_network(
+    root: Path,
+    path: str | Path,
+    device: str | torch.device,
+    guidance_scale: float | None,
+    extra: dict[str, Any],
+    **kwargs: Any,
+) -> Denoiser:
     """A folder whose network alone fewstep drives (unet/ or transformer/ plus scheduler/)."""
     allowed = set(inspect.signature(from_diffusers).parameters) - {"model", "scheduler", "guidance_scale"}
     bad = sorted(set(kwargs) - allowed)
     if bad:
-        raise ModelSpecError(f"load_diffusers does not take {', '.join(bad)}; it takes: "
-                             f"{', '.join(sorted(allowed | {'classes'}))}")
+        raise ModelSpecError(
+            f"load_diffusers does not take {', '.join(bad)}; it takes: {', '.join(sorted(allowed | {'classes'}))}"
+        )
     sub = next((root / n for n in ("unet", "transformer") if (root / n / "config.json").is_file()), None)
     if sub is None:
-        raise ModelSpecError(f"{root} has no unet/ or transformer/ model folder with a config.json: "
-                             f"save the pipeline with save_pretrained")
-    sched_cfg = _read_json(root / "scheduler" / "scheduler_config.json",
-                           "the folder needs scheduler/ from save_pretrained")
+        raise ModelSpecError(
+            f"{root} has no unet/ or transformer/ model folder with a config.json: "
+            f"save the pipeline with save_pretrained"
+        )
+    sched_cfg = _read_json(
+        root / "scheduler" / "scheduler_config.json", "the folder needs scheduler/ from save_pretrained"
+    )
     cls_name = _read_json(sub / "config.json", "").get("_class_name", "")
     import diffusers
 

@@ -21,8 +21,9 @@ import hashlib
 import importlib.util
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -53,7 +54,9 @@ class ConditionTable:
         self.encoded = 0  # texts the encoder ran on (cache misses)
 
     def _file(self, text: str) -> Path | None:
-        return None if self.cache is None else self.cache / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.safetensors"
+        return (
+            None if self.cache is None else self.cache / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.safetensors"
+        )
 
     def _load(self, text: str) -> dict[str, Tensor] | None:
         f = self._file(text)
@@ -79,7 +82,9 @@ class ConditionTable:
 
         try:
             with atomic_path(f) as tmp:
-                save_file({k: v.detach().cpu().contiguous() for k, v in rows.items()}, str(tmp), metadata={"text": text})
+                save_file(
+                    {k: v.detach().cpu().contiguous() for k, v in rows.items()}, str(tmp), metadata={"text": text}
+                )
         except OSError:  # a read-only cache: the rows stay in memory
             pass
 
@@ -100,7 +105,7 @@ class ConditionTable:
             self._rows[NULL] = null
             self._store(NULL, null)
         for k in range(0, len(todo), self.batch):
-            part = todo[k:k + self.batch]
+            part = todo[k : k + self.batch]
             with torch.no_grad():
                 enc = self.family.encode(part)
             self.encoded += len(part)
@@ -133,8 +138,15 @@ class FamilyNet(nn.Module):
         self.table.ensure([e.prompt for e in entries] + [e.negative or NULL for e in entries])
         return torch.arange(start, len(self.entries))
 
-    def forward(self, x: Tensor, t_net: Tensor, prompt: Tensor | None = None, negative: Tensor | None = None,
-                class_labels: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        t_net: Tensor,
+        prompt: Tensor | None = None,
+        negative: Tensor | None = None,
+        class_labels: Tensor | None = None,
+        guidance: Tensor | None = None,
+    ) -> Tensor:
         b = x.shape[0]
         neg = torch.zeros(b, dtype=torch.bool) if negative is None else negative.reshape(-1).bool().cpu()
         neg = neg.expand(b) if neg.numel() == 1 else neg
@@ -144,12 +156,15 @@ class FamilyNet(nn.Module):
             rows = {"class_labels": torch.where(neg.to(labels.device), null.expand(b), labels)}
         else:
             if prompt is None:
-                raise FewstepError(f"{self.family.name} is text-conditional: each sample needs a prompt: pass "
-                                   f"cond=model.prompt_cond([...]), or cond=model.cond_for(seeds) of a model loaded "
-                                   f"with a prompt set (--prompts FILE)")
+                raise FewstepError(
+                    f"{self.family.name} is text-conditional: each sample needs a prompt: pass "
+                    f"cond=model.prompt_cond([...]), or cond=model.cond_for(seeds) of a model loaded "
+                    f"with a prompt set (--prompts FILE)"
+                )
             idx = torch.as_tensor(prompt).reshape(-1).cpu().long().expand(b).tolist()
-            texts = [(self.entries[i].negative or NULL) if n else self.entries[i].prompt
-                     for i, n in zip(idx, neg.tolist())]
+            texts = [
+                (self.entries[i].negative or NULL) if n else self.entries[i].prompt for i, n in zip(idx, neg.tolist())
+            ]
             rows = self.table.rows(texts, self.family.network_device)
         return self.family.forward(x, t_net, rows, guidance)
 
@@ -166,14 +181,17 @@ class PipelineDenoiser(Denoiser):
 
     def cond_for(self, seeds: list[int] | range, device: str | torch.device = "cpu") -> dict[str, Any]:
         """Per-seed conditioning drawn from the prompt set; refused in one line for a text model loaded without one."""
-        if self.text_conditional and not (isinstance(self.cond_sampler, Conditioning)
-                                          and self.cond_sampler.prompts is not None):
-            raise FewstepError(f"{self.name} was loaded without prompts: give a prompt set (--prompts FILE, or "
-                               f"prompts= / model.with_prompts(...)) to sample, fit or evaluate it, or pass "
-                               f"cond=model.prompt_cond([...]) to fewstep.sample")
+        if self.text_conditional and not (
+            isinstance(self.cond_sampler, Conditioning) and self.cond_sampler.prompts is not None
+        ):
+            raise FewstepError(
+                f"{self.name} was loaded without prompts: give a prompt set (--prompts FILE, or "
+                f"prompts= / model.with_prompts(...)) to sample, fit or evaluate it, or pass "
+                f"cond=model.prompt_cond([...]) to fewstep.sample"
+            )
         return super().cond_for(seeds, device)
 
-    def with_prompts(self, prompts: PromptSet) -> "PipelineDenoiser":
+    def with_prompts(self, prompts: PromptSet) -> PipelineDenoiser:
         """The same model (same network, same encoder cache) drawing its prompts from another set."""
         if not isinstance(self.cond_sampler, Conditioning) or not self.text_conditional:
             raise FewstepError(f"{self.name} is not conditioned on prompts")
@@ -184,8 +202,12 @@ class PipelineDenoiser(Denoiser):
         other.cond_sampler = dataclasses.replace(self.cond_sampler, prompts=prompts)
         return other
 
-    def prompt_cond(self, prompts: Sequence[str], negative: Sequence[str | None] | None = None,
-                    guidance: float | Sequence[float] | None = None) -> dict[str, Tensor]:
+    def prompt_cond(
+        self,
+        prompts: Sequence[str],
+        negative: Sequence[str | None] | None = None,
+        guidance: float | Sequence[float] | None = None,
+    ) -> dict[str, Tensor]:
         """Conditioning for these prompts (one per sample), encoded now: ``{"prompt": indices[, "guidance_scale"]}``."""
         neg = list(negative) if negative is not None else [None] * len(prompts)
         idx = self.net.add_prompts([Entry(p, n) for p, n in zip(prompts, neg)])
@@ -228,8 +250,11 @@ def pipeline_class(root: str | Path) -> str | None:
 
 def _components(index: dict[str, Any]) -> list[str]:
     """The component folders a model_index.json names (text encoders, tokenizers, VAE, network, scheduler)."""
-    return [name for name, spec in index.items()
-            if not name.startswith("_") and isinstance(spec, list) and spec and spec[0] is not None]
+    return [
+        name
+        for name, spec in index.items()
+        if not name.startswith("_") and isinstance(spec, list) and spec and spec[0] is not None
+    ]
 
 
 def freeze(pipe: Any) -> None:
@@ -246,15 +271,20 @@ def _check_components(root: Path, index: dict[str, Any], fam: type[Family]) -> N
     for name in _components(index):
         spec = index[name]
         if not (root / name).is_dir():
-            raise ModelSpecError(f"pipeline folder {root} lacks {name}/ ({spec[-1]}), which the {fam.name} family "
-                                 f"needs; save the whole pipeline with save_pretrained")
+            raise ModelSpecError(
+                f"pipeline folder {root} lacks {name}/ ({spec[-1]}), which the {fam.name} family "
+                f"needs; save the whole pipeline with save_pretrained"
+            )
 
 
 def _encoder_key(family: Family, root: Path | None) -> str:
     """What the conditioning rows depend on: the family and its options, and the text encoders' files
     (or weights, for a pipeline built in memory)."""
-    h = hashlib.sha256(json.dumps({k: v for k, v in family.identity().items()
-                                   if k not in ("image_size", "sample_shape")}, sort_keys=True).encode())
+    h = hashlib.sha256(
+        json.dumps(
+            {k: v for k, v in family.identity().items() if k not in ("image_size", "sample_shape")}, sort_keys=True
+        ).encode()
+    )
     for attr in sorted(a for a in vars(family.pipe) if a.startswith(("text_encoder", "tokenizer"))):
         comp = getattr(family.pipe, attr, None)
         if comp is None:
@@ -278,7 +308,9 @@ def _pipeline(path_or_pipe: Any, device: str | torch.device, dtype: torch.dtype 
         return path_or_pipe, None
     root = Path(path_or_pipe).expanduser()
     if not root.is_dir():
-        raise ModelSpecError(f"pipeline folder {str(path_or_pipe)!r} does not exist (expected a save_pretrained folder)")
+        raise ModelSpecError(
+            f"pipeline folder {str(path_or_pipe)!r} does not exist (expected a save_pretrained folder)"
+        )
     index = _read_index(root)
     fam = family_for(index)
     _check_components(root, index, fam)
@@ -297,11 +329,14 @@ def _pipeline(path_or_pipe: Any, device: str | torch.device, dtype: torch.dtype 
         pass
     lean = importlib.util.find_spec("accelerate") is not None
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(root), local_files_only=True, torch_dtype=dtype,
-                                                 low_cpu_mem_usage=lean, use_safetensors=True)
+        pipe = DiffusionPipeline.from_pretrained(
+            str(root), local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=lean, use_safetensors=True
+        )
     except (OSError, ValueError, RuntimeError, TypeError, AttributeError) as e:
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise ModelSpecError(f"cannot load the {index.get('_class_name')} pipeline from {root} ({first[:200]})") from None
+        raise ModelSpecError(
+            f"cannot load the {index.get('_class_name')} pipeline from {root} ({first[:200]})"
+        ) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device), root
 
@@ -370,19 +405,33 @@ def load_pipeline(
     net = FamilyNet(fam, table, entries)
     distilled = fam.guidance_mode == "distilled"
     if fam.guidance_mode == "none" and gset is not None:
-        raise FewstepError(f"{fam.name}: this network takes no guidance (no guidance embedding, no unconditional "
-                           f"half): drop --guidance")
-    cond = Conditioning(prompts=pset, classes=cset, guidance=gset if gset is not None and len(gset.scales) > 1 else None,
-                        default_guidance=1.0 if w is None else w)
+        raise FewstepError(
+            f"{fam.name}: this network takes no guidance (no guidance embedding, no unconditional "
+            f"half): drop --guidance"
+        )
+    cond = Conditioning(
+        prompts=pset,
+        classes=cset,
+        guidance=gset if gset is not None and len(gset.scales) > 1 else None,
+        default_guidance=1.0 if w is None else w,
+    )
     identity: dict[str, Any] = {"pipeline": fam.identity()}
     if info.flow_grid:
         identity["flow_grid"] = info.flow_grid
     model = PipelineDenoiser(
-        net, schedule, info.prediction, sample_shape=shape,
+        net,
+        schedule,
+        info.prediction,
+        sample_shape=shape,
         guidance_scale=w if distilled or (w is not None and w != 1.0) else None,
-        uncond=None if distilled else _uncond, name=name or f"diffusers:{root or type(pipe).__name__}",
-        cond_sampler=cond, identity=identity, guidance_input=distilled, decode=fam.decode,
-        num_classes=fam.num_classes if class_family else None)
+        uncond=None if distilled else _uncond,
+        name=name or f"diffusers:{root or type(pipe).__name__}",
+        cond_sampler=cond,
+        identity=identity,
+        guidance_input=distilled,
+        decode=fam.decode,
+        num_classes=fam.num_classes if class_family else None,
+    )
     model.family = fam
     model.dtype = fam.network_dtype  # recorded (the family casts its inputs; the weights are loaded in it)
     return model
@@ -411,5 +460,4 @@ def _seq_len(fam: Family, shape: tuple[int, int, int]) -> int:
     return (shape[1] // patch) * (shape[2] // patch)
 
 
-__all__ = ["ConditionTable", "FamilyNet", "PipelineDenoiser", "load_pipeline", "pipeline_class",
-           "supported_pipelines"]
+__all__ = ["ConditionTable", "FamilyNet", "PipelineDenoiser", "load_pipeline", "pipeline_class", "supported_pipelines"]

@@ -18,7 +18,25 @@ from .reference import DataReference, model_data, user_data
 from .sliced import projection_directions, sliced_wasserstein, wasserstein2_sq_1d
 from .suite import METRICS, MetricSuite, select_metrics
 
-__all__ = ["DataReference", "DigitsClassifier", "DigitsFeatures", "FeatureDistances", "FeatureMap", "METRICS",
-           "MetricSuite", "average_log_likelihood", "digits_features", "frechet_distance", "kernel_distance",
-           "load_digits_classifier", "log_likelihood", "model_data", "projection_directions", "psnr",
-           "select_metrics", "sliced_wasserstein", "user_data", "wasserstein2_sq_1d"]
+__all__ = [
+    "DataReference",
+    "DigitsClassifier",
+    "DigitsFeatures",
+    "FeatureDistances",
+    "FeatureMap",
+    "METRICS",
+    "MetricSuite",
+    "average_log_likelihood",
+    "digits_features",
+    "frechet_distance",
+    "kernel_distance",
+    "load_digits_classifier",
+    "log_likelihood",
+    "model_data",
+    "projection_directions",
+    "psnr",
+    "select_metrics",
+    "sliced_wasserstein",
+    "user_data",
+    "wasserstein2_sq_1d",
+]

@@ -149,5 +149,13 @@ def load_digits_classifier(retrain: bool = False, **overrides: Any) -> DigitsCla
     return net.eval().requires_grad_(False)
 
 
-__all__ = ["DigitsClassifier", "RECIPE", "accuracy", "classifier_path", "heldout_split", "load_digits_classifier",
-           "recipe_for", "train_classifier"]
+__all__ = [
+    "DigitsClassifier",
+    "RECIPE",
+    "accuracy",
+    "classifier_path",
+    "heldout_split",
+    "load_digits_classifier",
+    "recipe_for",
+    "train_classifier",
+]

@@ -36,8 +36,14 @@ class FeatureMap(nn.Module):
         label: a short name for reports.
     """
 
-    def __init__(self, net: nn.Module, num_features: int | None = None, example: Tensor | None = None,
-                 batch_size: int = 256, label: str | None = None) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        num_features: int | None = None,
+        example: Tensor | None = None,
+        batch_size: int = 256,
+        label: str | None = None,
+    ) -> None:
         super().__init__()
         if not isinstance(net, nn.Module):
             raise FewstepError(f"a feature network must be a torch.nn.Module; got {type(net).__name__}")
@@ -79,7 +85,7 @@ class FeatureMap(nn.Module):
         out = []
         with torch.no_grad():
             for k in range(0, x.shape[0], self.batch_size):
-                xb = self.prepare(x[k:k + self.batch_size]).to(device=dev, dtype=dtype)
+                xb = self.prepare(x[k : k + self.batch_size]).to(device=dev, dtype=dtype)
                 out.append(self.net(xb).reshape(xb.shape[0], -1).double().cpu())
         return torch.cat(out) if out else torch.zeros(0, getattr(self, "num_features", 0), dtype=torch.float64)
 
@@ -108,8 +114,9 @@ class DigitsFeatures(FeatureMap):
     """
 
     def __init__(self, classifier: nn.Module, batch_size: int = 2048) -> None:
-        super().__init__(_Penultimate(classifier), classifier.num_features, batch_size=batch_size,
-                         label="digits-classifier")
+        super().__init__(
+            _Penultimate(classifier), classifier.num_features, batch_size=batch_size, label="digits-classifier"
+        )
 
     def prepare(self, x: Tensor) -> Tensor:
         check_digits_shape(tuple(x.shape[1:]))
@@ -120,8 +127,10 @@ class DigitsFeatures(FeatureMap):
 def check_digits_shape(shape: tuple[int, ...]) -> None:
     """Raise ShapeError unless ``shape`` is (1, 8k, 8k): what the digits features accept."""
     if not (len(shape) == 3 and shape[0] == 1 and shape[1] == shape[2] and shape[1] % 8 == 0 and shape[1] > 0):
-        raise ShapeError(f"the digits feature network takes one-channel square images of side 8, 16, 32, ...; "
-                         f"got samples of shape {shape}: pass feature=<your nn.Module> for other data")
+        raise ShapeError(
+            f"the digits feature network takes one-channel square images of side 8, 16, 32, ...; "
+            f"got samples of shape {shape}: pass feature=<your nn.Module> for other data"
+        )
 
 
 def digits_features(**classifier_overrides: Any) -> DigitsFeatures:

@@ -59,8 +59,14 @@ class FeatureDistances:
         seed: seeds KID's subset draws (the global RNG is left untouched).
     """
 
-    def __init__(self, y: Tensor, feature: nn.Module | None = None, kid_subsets: int = 20,
-                 kid_subset_size: int = 1000, seed: int = 0) -> None:
+    def __init__(
+        self,
+        y: Tensor,
+        feature: nn.Module | None = None,
+        kid_subsets: int = 20,
+        kid_subset_size: int = 1000,
+        seed: int = 0,
+    ) -> None:
         _need_rows(y, "a distribution metric")
         fid_cls, kid_cls = _torchmetrics_image()
         self.feature: FeatureMap = as_feature_map(feature, y)
@@ -69,8 +75,9 @@ class FeatureDistances:
         self._fid = fid_cls(feature=self.feature, reset_real_features=False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # KID warns that it keeps all features in memory
-            self._kid = kid_cls(feature=self.feature, reset_real_features=False, subsets=self.kid_subsets,
-                                subset_size=2)
+            self._kid = kid_cls(
+                feature=self.feature, reset_real_features=False, subsets=self.kid_subsets, subset_size=2
+            )
         self._fid.update(y, real=True)  # the feature map remembers its last input: y runs through it once
         self._kid.update(y, real=True)
 
@@ -98,8 +105,9 @@ def frechet_distance(x: Tensor, y: Tensor, feature: nn.Module | None = None) -> 
     return FeatureDistances(y, feature).frechet(x)
 
 
-def kernel_distance(x: Tensor, y: Tensor, feature: nn.Module | None = None, subsets: int = 20,
-                    subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+def kernel_distance(
+    x: Tensor, y: Tensor, feature: nn.Module | None = None, subsets: int = 20, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
     """(KID mean, std) between x (N, ...) and y (M, ...) in ``feature`` space (None: raw vectors)."""
     return FeatureDistances(y, feature, subsets, subset_size, seed).kid(x)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,13 +35,16 @@ def log_likelihood(log_prob: Callable[..., Tensor], x: Tensor, cond: dict[str, A
     lp = log_prob(x, class_labels=labels) if labels is not None and _takes_labels(log_prob) else log_prob(x)
     lp = torch.as_tensor(lp).to(torch.float64).reshape(-1)
     if lp.numel() != x.shape[0]:
-        raise FewstepError(f"log_prob returned {lp.numel()} values for {x.shape[0]} samples: it must return one "
-                           "log-density per sample, shape (B,)")
+        raise FewstepError(
+            f"log_prob returned {lp.numel()} values for {x.shape[0]} samples: it must return one "
+            "log-density per sample, shape (B,)"
+        )
     return lp
 
 
-def average_log_likelihood(log_prob: Callable[..., Tensor], x: Tensor,
-                           cond: dict[str, Any] | None = None) -> tuple[float, float]:
+def average_log_likelihood(
+    log_prob: Callable[..., Tensor], x: Tensor, cond: dict[str, Any] | None = None
+) -> tuple[float, float]:
     """(mean, standard error) over samples x (B, *shape) of log p(x)."""
     lp = log_likelihood(log_prob, x, cond)
     sem = float(lp.std() / math.sqrt(lp.numel())) if lp.numel() > 1 else 0.0

@@ -54,8 +54,10 @@ def upsample_digits(x: Tensor, shape: tuple[int, ...]) -> Tensor:
     """Digits x (N, 1, 8, 8) to (N, *shape) with shape (1, 8k, 8k): bilinear, clamped to [-1, 1]."""
     k = shape[-1] // 8 if shape else 0
     if tuple(shape) != (1, 8 * k, 8 * k) or k < 1:
-        raise ShapeError(f"digits can be upsampled to (1, 8k, 8k) only; the model draws {tuple(shape)}: "
-                         "pass data=<your reference samples>")
+        raise ShapeError(
+            f"digits can be upsampled to (1, 8k, 8k) only; the model draws {tuple(shape)}: "
+            "pass data=<your reference samples>"
+        )
     if k == 1:
         return x
     up = torch.nn.functional.interpolate(x, size=tuple(shape[1:]), mode="bilinear", align_corners=False)
@@ -66,8 +68,10 @@ def user_data(data: Tensor, shape: tuple[int, ...] | None) -> DataReference:
     """A user-supplied reference set, checked against the model's sample shape."""
     data = torch.as_tensor(data)
     if shape is not None and tuple(data.shape[1:]) != tuple(shape):
-        raise ShapeError(f"data reference set has shape {tuple(data.shape)}; the model draws samples of shape "
-                         f"{tuple(shape)}: pass a tensor of shape (M, {', '.join(map(str, shape))})")
+        raise ShapeError(
+            f"data reference set has shape {tuple(data.shape)}; the model draws samples of shape "
+            f"{tuple(shape)}: pass a tensor of shape (M, {', '.join(map(str, shape))})"
+        )
     return DataReference(data.detach().cpu(), f"user ({data.shape[0]} samples)")
 
 
@@ -85,8 +89,9 @@ def model_data(model: Any, n: int = 2048, seed: int = 0) -> DataReference | None
     draw = getattr(model, "sample_data", None)
     if callable(draw):
         x = draw(int(n), generator=torch.Generator().manual_seed(int(seed)))
-        return DataReference(torch.as_tensor(x).reshape(int(n), *shape).cpu(),
-                             f"model.sample_data ({int(n)} draws, seed {int(seed)})")
+        return DataReference(
+            torch.as_tensor(x).reshape(int(n), *shape).cpu(), f"model.sample_data ({int(n)} draws, seed {int(seed)})"
+        )
     return None
 
 

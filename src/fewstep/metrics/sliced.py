@@ -37,8 +37,9 @@ def wasserstein2_sq_1d(u: Tensor, v: Tensor) -> Tensor:
     """Exact squared W2 between the empirical measures of the rows: u (P, n), v (P, m) -> (P,)."""
     n, m = u.shape[-1], v.shape[-1]
     us, vs = torch.sort(u.to(F64), dim=-1).values, torch.sort(v.to(F64), dim=-1).values
-    levels = torch.sort(torch.cat([torch.arange(1, n + 1, dtype=F64) / n,
-                                   torch.arange(1, m + 1, dtype=F64) / m])).values
+    levels = torch.sort(
+        torch.cat([torch.arange(1, n + 1, dtype=F64) / n, torch.arange(1, m + 1, dtype=F64) / m])
+    ).values
     widths = torch.diff(levels, prepend=levels.new_zeros(1))
     mid = levels - 0.5 * widths  # inside each piece (zero-width pieces carry no weight)
     i = torch.clamp((mid * n).floor().long(), 0, n - 1)
@@ -50,8 +51,10 @@ def sliced_wasserstein(x: Tensor, y: Tensor, n_projections: int = 256, seed: int
     """SW2 between sample sets x (N, *shape) and y (M, *shape) (rows flattened)."""
     x2, y2 = x.reshape(x.shape[0], -1).to(F64), y.reshape(y.shape[0], -1).to(F64)
     if x2.shape[1] != y2.shape[1]:
-        raise FewstepError(f"sliced Wasserstein: the sets have {x2.shape[1]} and {y2.shape[1]} dimensions; "
-                           "pass samples of the same shape")
+        raise FewstepError(
+            f"sliced Wasserstein: the sets have {x2.shape[1]} and {y2.shape[1]} dimensions; "
+            "pass samples of the same shape"
+        )
     if x2.shape[0] < 1 or y2.shape[0] < 1:
         raise FewstepError("sliced Wasserstein needs at least one sample in each set")
     th = projection_directions(x2.shape[1], n_projections, seed)

@@ -25,7 +25,8 @@ image-shaped samples (C, H, W) with C in {1, 3}; swd when a sample has at most
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -79,14 +80,22 @@ def select_metrics(model: Any, metrics: str | Iterable[str] | None, feature: Any
     has_features = feature is not None or _digits_features_fit(model)
     if req == "auto":
         dim = math.prod(shape) if shape else 0
-        fit = {"fd": has_features, "kid": has_features, "fd_ref": False, "psnr": is_image(shape),
-               "swd": 0 < dim <= SWD_MAX_DIM, "loglik": has_log_prob(model)}
+        fit = {
+            "fd": has_features,
+            "kid": has_features,
+            "fd_ref": False,
+            "psnr": is_image(shape),
+            "swd": 0 < dim <= SWD_MAX_DIM,
+            "loglik": has_log_prob(model),
+        }
         return tuple(m for m in METRICS if fit[m])
     name = getattr(model, "name", "this model")
     for m in req:
         if m in FEATURE_METRICS and not has_features:
-            raise FewstepError(f"metric {m!r} needs a feature network for {name}: pass feature=<nn.Module> "
-                               "(e.g. Inception with your weights), or drop it")
+            raise FewstepError(
+                f"metric {m!r} needs a feature network for {name}: pass feature=<nn.Module> "
+                "(e.g. Inception with your weights), or drop it"
+            )
         if m == "loglik" and not has_log_prob(model):
             raise FewstepError(f"metric 'loglik' needs a model with an exact log_prob(x0); {name} has none: drop it")
     return req
@@ -101,7 +110,9 @@ class Decoded(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         with torch.no_grad():
-            return torch.cat([self.feature(self.decode(x[k:k + self.chunk])) for k in range(0, x.shape[0], self.chunk)])
+            return torch.cat(
+                [self.feature(self.decode(x[k : k + self.chunk])) for k in range(0, x.shape[0], self.chunk)]
+            )
 
 
 class MetricSuite:
@@ -117,15 +128,26 @@ class MetricSuite:
         data_range: max - min of the data, for PSNR (2 for [-1, 1]).
     """
 
-    def __init__(self, model: Any, names: Sequence[str], data: DataReference | None = None,
-                 feature: nn.Module | str | None = None, n_projections: int = 256, kid_subsets: int = 20,
-                 kid_subset_size: int = 1000, seed: int = 0, data_range: float = 2.0) -> None:
+    def __init__(
+        self,
+        model: Any,
+        names: Sequence[str],
+        data: DataReference | None = None,
+        feature: nn.Module | str | None = None,
+        n_projections: int = 256,
+        kid_subsets: int = 20,
+        kid_subset_size: int = 1000,
+        seed: int = 0,
+        data_range: float = 2.0,
+    ) -> None:
         self.model, self.names = model, tuple(names)
         self.data = data
         self.n_projections, self.seed, self.data_range = int(n_projections), int(seed), float(data_range)
         if self.needs_data and data is None:
-            raise FewstepError(f"metrics {', '.join(n for n in self.names if n in DISTRIBUTION)} need a data "
-                               "reference set: pass data=<samples>")
+            raise FewstepError(
+                f"metrics {', '.join(n for n in self.names if n in DISTRIBUTION)} need a data "
+                "reference set: pass data=<samples>"
+            )
         self.distances = None
         self.feature_label: str | None = None
         self.kid_subsets, self.kid_subset_size = int(kid_subsets), int(kid_subset_size)
@@ -148,8 +170,9 @@ class MetricSuite:
         if "fd" in self.names or "kid" in self.names:
             from .frechet import FeatureDistances
 
-            self.distances = FeatureDistances(data.samples, self._fmap(data.samples), self.kid_subsets,
-                                              self.kid_subset_size, seed)
+            self.distances = FeatureDistances(
+                data.samples, self._fmap(data.samples), self.kid_subsets, self.kid_subset_size, seed
+            )
 
     def _fmap(self, example: Tensor) -> Any:
         """The feature map (a user's nn.Module is wrapped once, its output shape probed on ``example``)."""
@@ -199,12 +222,24 @@ class MetricSuite:
 
     def info(self) -> dict[str, Any]:
         """What was measured against what (for reports)."""
-        d: dict[str, Any] = {"names": list(self.names), "feature": self.feature_label,
-                             "data_reference": self.data.describe() if self.data is not None else None}
+        d: dict[str, Any] = {
+            "names": list(self.names),
+            "feature": self.feature_label,
+            "data_reference": self.data.describe() if self.data is not None else None,
+        }
         if "loglik" in self.names and self.data is not None and d["data_reference"] is not None:
             d["data_reference"]["loglik"] = average_log_likelihood(self.model.log_prob, self.data.samples)[0]
         return d
 
 
-__all__ = ["DISTRIBUTION", "FEATURE_METRICS", "METRICS", "MetricSuite", "PSNR_CAP", "ROW_KEYS", "SWD_MAX_DIM",
-           "parse_metrics", "select_metrics"]
+__all__ = [
+    "DISTRIBUTION",
+    "FEATURE_METRICS",
+    "METRICS",
+    "MetricSuite",
+    "PSNR_CAP",
+    "ROW_KEYS",
+    "SWD_MAX_DIM",
+    "parse_metrics",
+    "select_metrics",
+]

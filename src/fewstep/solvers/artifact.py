@@ -52,7 +52,9 @@ def load_params(path: str | os.PathLike, schedule: Schedule) -> LearnedSolver:
 
     p = Path(path)
     if not p.is_file():
-        raise ArtifactError(f"no {PARAMS} at {p.parent}: this artifact keeps only its tables (fit it again to refine it)")
+        raise ArtifactError(
+            f"no {PARAMS} at {p.parent}: this artifact keeps only its tables (fit it again to refine it)"
+        )
     try:
         with safe_open(str(p), "pt") as f:
             meta = f.metadata() or {}
@@ -66,16 +68,29 @@ def load_params(path: str | os.PathLike, schedule: Schedule) -> LearnedSolver:
         mask = tensors["mask"].bool()
         V_mask = tensors["V_mask"].bool() if st["corrector"] else None
         V = torch.zeros(n, n + 1, dtype=F64) if st["corrector"] else None
-        s = LearnedSolver(schedule, t0, st["basis"], torch.zeros(n, n, dtype=F64), mask, V, V_mask,
-                          rows_sum_to_one=bool(st["rows_sum_to_one"]), decouple=float(st["decouple"]),
-                          method=st["method"], start=st.get("start", ""), scale_a=bool(st["scale_a"]),
-                          guidance=None if scales is None else tuple(float(w) for w in scales))
+        s = LearnedSolver(
+            schedule,
+            t0,
+            st["basis"],
+            torch.zeros(n, n, dtype=F64),
+            mask,
+            V,
+            V_mask,
+            rows_sum_to_one=bool(st["rows_sum_to_one"]),
+            decouple=float(st["decouple"]),
+            method=st["method"],
+            start=st.get("start", ""),
+            scale_a=bool(st["scale_a"]),
+            guidance=None if scales is None else tuple(float(w) for w in scales),
+        )
         s.load_state_dict({k: (v.bool() if k.endswith("mask") else v) for k, v in tensors.items()})
     except ArtifactError:
         raise
     except Exception as e:  # noqa: BLE001 - any defect of the file is named, not raised from deep inside
-        raise ArtifactError(f"{p} is not a readable fewstep solver-parameter file ({' '.join(str(e).split())[:200]}); "
-                            f"the artifact is damaged") from None
+        raise ArtifactError(
+            f"{p} is not a readable fewstep solver-parameter file ({' '.join(str(e).split())[:200]}); "
+            f"the artifact is damaged"
+        ) from None
     return s
 
 
@@ -85,8 +100,9 @@ class LoadedSolver:
     kind = "learned"
     grid_label = "learned"
 
-    def __init__(self, doc: dict[str, Any], path: Path | None = None, force: bool = False,
-                 learned: LearnedSolver | None = None) -> None:
+    def __init__(
+        self, doc: dict[str, Any], path: Path | None = None, force: bool = False, learned: LearnedSolver | None = None
+    ) -> None:
         folder = Path(".") if path is None else (path if path.is_dir() else path.parent)
         # a fit's in-memory result has its parameters at hand, not in a file
         self.schedule, self._tab = checked(str(path or "solver"), check_doc, doc, folder, learned is not None)
@@ -115,14 +131,18 @@ class LoadedSolver:
         if isinstance(model, Denoiser):
             self.check(model)
         elif isinstance(model, Schedule) and not self.force and model.config() != self.doc["schedule"]:
-            raise ArtifactError(f"solver {self.path or self.name} was fitted for schedule {self.schedule.describe()}, "
-                                f"not {model.describe()}; refit it for this model (or force=True / --force)")
+            raise ArtifactError(
+                f"solver {self.path or self.name} was fitted for schedule {self.schedule.describe()}, "
+                f"not {model.describe()}; refit it for this model (or force=True / --force)"
+            )
         if self.guidance_range is None:
             return self._tab
         if w is None:
             lo, hi = self.guidance_range
-            raise ArtifactError(f"solver {self.path or self.name} is fitted across guidance scales {lo:g}..{hi:g}: give "
-                                f"the model a scale in that range (--guidance W)")
+            raise ArtifactError(
+                f"solver {self.path or self.name} is fitted across guidance scales {lo:g}..{hi:g}: give "
+                f"the model a scale in that range (--guidance W)"
+            )
         key = float(w)
         if key not in self._at_scale:
             try:
@@ -131,8 +151,9 @@ class LoadedSolver:
             except FewstepError as e:
                 raise ArtifactError(str(e)) from None
             d = lambda v: None if v is None else v.detach().clone()  # noqa: E731
-            self._at_scale[key] = Tableau(tab.basis, d(tab.t), d(tab.a), d(tab.B), d(tab.C), d(tab.c), self.name,
-                                          d(tab.B_mask), d(tab.C_mask))
+            self._at_scale[key] = Tableau(
+                tab.basis, d(tab.t), d(tab.a), d(tab.B), d(tab.C), d(tab.c), self.name, d(tab.B_mask), d(tab.C_mask)
+            )
         return self._at_scale[key]
 
     def learned(self) -> LearnedSolver:
@@ -146,14 +167,17 @@ class LoadedSolver:
         params = folder / checked(str(self.path), check_params_name, self.doc.get("params", PARAMS), folder)
         s = load_params(params, self.schedule)
         g = self.doc.get("guidance")
-        if (s.guidance is None) != (g is None) or (g is not None and list(s.guidance) != [float(v) for v in g["scales"]]):
+        if (s.guidance is None) != (g is None) or (
+            g is not None and list(s.guidance) != [float(v) for v in g["scales"]]
+        ):
             raise ArtifactError(f"{params} does not fit {folder}'s guidance scales; the artifact is damaged")
         with torch.no_grad():
             tab = s.tableau(w=None if g is None else float(g["reference_scale"]))
         for name in ("t", "a", "B"):
             if not torch.allclose(getattr(tab, name), getattr(self._tab, name), rtol=1e-9, atol=1e-12):
-                raise ArtifactError(f"{params} does not reproduce {folder}'s tables ({name} differs); "
-                                    f"the artifact is damaged")
+                raise ArtifactError(
+                    f"{params} does not reproduce {folder}'s tables ({name} differs); the artifact is damaged"
+                )
         return s
 
 
@@ -162,10 +186,16 @@ def _floats(v: Tensor | None) -> Any:
 
 
 def tableau_to_doc(tab: Tableau) -> dict[str, Any]:
-    return {"basis": tab.basis, "t": _floats(tab.t), "eval_times": _floats(tab.eval_times), "a": _floats(tab.a),
-            "B": _floats(tab.B), "C": _floats(tab.C),
-            "B_mask": None if tab.B_mask is None else tab.B_mask.int().tolist(),
-            "C_mask": None if tab.C_mask is None else tab.C_mask.int().tolist()}
+    return {
+        "basis": tab.basis,
+        "t": _floats(tab.t),
+        "eval_times": _floats(tab.eval_times),
+        "a": _floats(tab.a),
+        "B": _floats(tab.B),
+        "C": _floats(tab.C),
+        "B_mask": None if tab.B_mask is None else tab.B_mask.int().tolist(),
+        "C_mask": None if tab.C_mask is None else tab.C_mask.int().tolist(),
+    }
 
 
 def tableau_from_doc(d: dict[str, Any], name: str = "learned", schedule: Schedule | None = None) -> Tableau:
@@ -183,12 +213,24 @@ def save_solver(path: str | os.PathLike, doc: dict[str, Any]) -> Path:
 
 def solver_doc(tab: Tableau, schedule: Schedule, model: Denoiser, method: str, **extra: Any) -> dict[str, Any]:
     """The JSON document of a learned solver."""
-    return {"schema": SCHEMA, "method": method, "label": extra.pop("label", method), "nfe": tab.N,
-            "schedule": schedule.config(),
-            "model": {"fingerprint": model.fingerprint(), "name": model.name, "guidance_scale": model.guidance_scale,
-                      "dtype": str(model.dtype or torch.float32).replace("torch.", ""), "parts": model_parts(model)},
-            "grid": _floats(tab.t), "eval_times": _floats(tab.eval_times),
-            "tableau": tableau_to_doc(tab), **extra}
+    return {
+        "schema": SCHEMA,
+        "method": method,
+        "label": extra.pop("label", method),
+        "nfe": tab.N,
+        "schedule": schedule.config(),
+        "model": {
+            "fingerprint": model.fingerprint(),
+            "name": model.name,
+            "guidance_scale": model.guidance_scale,
+            "dtype": str(model.dtype or torch.float32).replace("torch.", ""),
+            "parts": model_parts(model),
+        },
+        "grid": _floats(tab.t),
+        "eval_times": _floats(tab.eval_times),
+        "tableau": tableau_to_doc(tab),
+        **extra,
+    }
 
 
 def load_solver(path: str | os.PathLike, force: bool = False) -> LoadedSolver:
@@ -204,6 +246,8 @@ def load_solver(path: str | os.PathLike, force: bool = False) -> LoadedSolver:
     except OSError as e:
         raise ArtifactError(f"{f} cannot be read ({e.strerror or e})") from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
-        raise ArtifactError(f"{f} is not a fewstep solver (schema {doc.get('schema') if isinstance(doc, dict) else None!r}, "
-                            f"expected {SCHEMA!r})")
+        raise ArtifactError(
+            f"{f} is not a fewstep solver (schema {doc.get('schema') if isinstance(doc, dict) else None!r}, "
+            f"expected {SCHEMA!r})"
+        )
     return LoadedSolver(doc, p if p.is_dir() else f, force)

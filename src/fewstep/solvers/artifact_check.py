@@ -56,8 +56,10 @@ def _floats(v: Any, field: str, shape: tuple[int, ...], bound: float | None = MA
     if not torch.isfinite(t).all():
         raise _Fail(f"field {field} holds NaN or inf")
     if bound is not None and t.numel() and float(t.abs().max()) > bound:
-        raise _Fail(f"field {field} holds {float(t.abs().max()):.3g}, beyond the largest coefficient a solver can "
-                    f"use ({bound:g})")
+        raise _Fail(
+            f"field {field} holds {float(t.abs().max()):.3g}, beyond the largest coefficient a solver can "
+            f"use ({bound:g})"
+        )
     return t
 
 
@@ -102,11 +104,18 @@ def check_tableau(d: Any, name: str, schedule: Schedule | None = None) -> Tablea
     n = len(a)
     t = _floats(d.get("t"), "tableau.t", (n + 1,), bound=None)
     c = None if d.get("eval_times") is None else _floats(d["eval_times"], "tableau.eval_times", (n,), bound=None)
-    tab = Tableau(basis, t, _floats(a, "tableau.a", (n,)), _floats(d.get("B"), "tableau.B", (n, n)),
-                  None if d.get("C") is None else _floats(d["C"], "tableau.C", (n, n + 1)), c, name=name,
-                  B_mask=_mask(d.get("B_mask"), "tableau.B_mask", (n, n)),
-                  C_mask=_mask(d.get("C_mask"), "tableau.C_mask", (n, n + 1)),
-                  points=_mask(d.get("points"), "tableau.points", (n + 1,)))
+    tab = Tableau(
+        basis,
+        t,
+        _floats(a, "tableau.a", (n,)),
+        _floats(d.get("B"), "tableau.B", (n, n)),
+        None if d.get("C") is None else _floats(d["C"], "tableau.C", (n, n + 1)),
+        c,
+        name=name,
+        B_mask=_mask(d.get("B_mask"), "tableau.B_mask", (n, n)),
+        C_mask=_mask(d.get("C_mask"), "tableau.C_mask", (n, n + 1)),
+        points=_mask(d.get("points"), "tableau.points", (n + 1,)),
+    )
     if tab.C is None and tab.C_mask is not None:
         raise _Fail("field tableau.C_mask is given without tableau.C")
     try:
@@ -119,11 +128,15 @@ def check_tableau(d: Any, name: str, schedule: Schedule | None = None) -> Tablea
         tol = 1e-9 * max(1.0, abs(hi))
         for field, v in (("tableau.t", t), ("tableau.eval_times", tab.eval_times)):
             if float(v.min()) < lo - tol or float(v.max()) > hi + tol:
-                raise _Fail(f"field {field} must lie in [{lo:g}, {hi:g}] (the range of {schedule.describe()}); "
-                            f"got [{float(v.min()):g}, {float(v.max()):g}]")
+                raise _Fail(
+                    f"field {field} must lie in [{lo:g}, {hi:g}] (the range of {schedule.describe()}); "
+                    f"got [{float(v.min()):g}, {float(v.max()):g}]"
+                )
         if float(tab.eval_times.min()) <= lo:
-            raise _Fail(f"field tableau.eval_times must lie above the clean end t = {lo:g}, where the network is "
-                        f"never evaluated")
+            raise _Fail(
+                f"field tableau.eval_times must lie above the clean end t = {lo:g}, where the network is "
+                f"never evaluated"
+            )
     return tab
 
 
@@ -144,8 +157,10 @@ def _check_grid(t: Tensor, points: Tensor | None) -> None:
     last = t[0]
     for k in range(1, t.numel()):  # a stage strictly below the solution point its step starts from
         if not t[k] < last:
-            raise _Fail(f"field tableau.t: state {k} (t={float(t[k]):g}) is not below the solution point its step "
-                        f"starts from (t={float(last):g})")
+            raise _Fail(
+                f"field tableau.t: state {k} (t={float(t[k]):g}) is not below the solution point its step "
+                f"starts from (t={float(last):g})"
+            )
         if bool(points[k]):
             last = t[k]
 
@@ -161,8 +176,12 @@ def check_params_name(v: Any, folder: Path) -> str:
 
 
 def _seed_range(v: Any, field: str) -> None:
-    if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
-            and 0 <= v[0] <= v[1]):
+    if not (
+        isinstance(v, list)
+        and len(v) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+        and 0 <= v[0] <= v[1]
+    ):
         raise _Fail(f"field {field} must be a seed range [lo, hi]; got {v!r}")
 
 
@@ -188,7 +207,7 @@ def check_doc(doc: Any, folder: Path, in_memory: bool = False) -> tuple[Schedule
         raise _Fail(f"field model.guidance_scale must be a finite number or null; got {str(w)[:40]}")
     sched = check_schedule(doc["schedule"])
     tab = check_tableau(doc["tableau"], doc.get("label") or doc["method"], sched)
-    if tab.N != nfe:
+    if nfe != tab.N:
         raise _Fail(f"field nfe is {nfe} but the tables make {tab.N} evaluations")
     if "params" in doc:
         check_params_name(doc["params"], folder)
@@ -213,12 +232,21 @@ def _check_guidance(doc: dict[str, Any], sched: Schedule, need_params: bool = Tr
     if not isinstance(g, dict):
         raise _Fail("field guidance must be an object")
     scales = g.get("scales")
-    if not (isinstance(scales, list) and len(scales) >= 2 and all(
-            isinstance(w, (int, float)) and not isinstance(w, bool) and _finite(w) for w in scales)
-            and scales == sorted(scales) and len(set(scales)) == len(scales)):
+    if not (
+        isinstance(scales, list)
+        and len(scales) >= 2
+        and all(isinstance(w, (int, float)) and not isinstance(w, bool) and _finite(w) for w in scales)
+        and scales == sorted(scales)
+        and len(set(scales)) == len(scales)
+    ):
         raise _Fail(f"field guidance.scales must be two or more increasing numbers; got {scales!r}")
     ref = g.get("reference_scale")
-    if isinstance(ref, bool) or not isinstance(ref, (int, float)) or not _finite(ref) or not scales[0] <= ref <= scales[-1]:
+    if (
+        isinstance(ref, bool)
+        or not isinstance(ref, (int, float))
+        or not _finite(ref)
+        or not scales[0] <= ref <= scales[-1]
+    ):
         raise _Fail(f"field guidance.reference_scale must lie in [{scales[0]:g}, {scales[-1]:g}]; got {ref!r}")
     tabs = g.get("tableaus", {})
     if not isinstance(tabs, dict):

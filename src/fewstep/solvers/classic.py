@@ -40,13 +40,14 @@ class GridPoints:
     lambda_: np.ndarray
 
     @classmethod
-    def of(cls, schedule: Schedule, t: torch.Tensor) -> "GridPoints":
+    def of(cls, schedule: Schedule, t: torch.Tensor) -> GridPoints:
         t = t.detach().to(F64)
         with torch.no_grad():
             # lambda is -inf at a noise end with alpha = 0 (flows at t = 1) and +inf at the clean
             # end; the generators take the limits (a difference over an infinite step drops out)
-            return cls(t.numpy().copy(), schedule.alpha(t).numpy(), schedule.sigma(t).numpy(),
-                       schedule.lambda_(t).numpy())
+            return cls(
+                t.numpy().copy(), schedule.alpha(t).numpy(), schedule.sigma(t).numpy(), schedule.lambda_(t).numpy()
+            )
 
     @property
     def s(self) -> np.ndarray:
@@ -87,8 +88,15 @@ def _empty(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _tableau(name: str, basis: str, t: torch.Tensor, a, B, C=None, **info) -> Tableau:
     tt = lambda v: torch.as_tensor(v, dtype=F64)  # noqa: E731
-    return Tableau(basis=basis, t=t.detach().to(F64).clone(), a=tt(a), B=tt(B),
-                   C=None if C is None else tt(C), name=name, info=info).validate()
+    return Tableau(
+        basis=basis,
+        t=t.detach().to(F64).clone(),
+        a=tt(a),
+        B=tt(B),
+        C=None if C is None else tt(C),
+        name=name,
+        info=info,
+    ).validate()
 
 
 def _a_D(g: GridPoints, i: int) -> float:
@@ -131,9 +139,9 @@ def dpmpp(schedule: Schedule, t: torch.Tensor, order: int = 2, lower_order_final
         r1 = g.h(i - 2) / h
         al = float(g.alpha[i + 1])
         em = math.expm1(-h)
-        c0 = phi                                   # D0 coefficient
-        c1 = al * (em / h + 1.0)                   # D1 coefficient
-        c2 = -al * ((em + h) / h**2 - 0.5)         # D2 coefficient
+        c0 = phi  # D0 coefficient
+        c1 = al * (em / h + 1.0)  # D1 coefficient
+        c2 = -al * ((em + h) / h**2 - 0.5)  # D2 coefficient
         # D1_0 = (m0 - m1)/r0, D1_1 = (m1 - m2)/r1; D1 = D1_0 + r0/(r0+r1) (D1_0 - D1_1); D2 = (D1_0 - D1_1)/(r0+r1)
         d10 = {i: 1 / r0, i - 1: -1 / r0}
         d11 = {i - 1: 1 / r1, i - 2: -1 / r1}
@@ -183,8 +191,14 @@ def _unipc_rows(g: GridPoints, i: int, p: int, variant: str, corrector: bool) ->
     return out
 
 
-def unipc(schedule: Schedule, t: torch.Tensor, order: int = 2, variant: str = "bh2",
-          lower_order_final: bool = True, corrector: bool = True) -> Tableau:
+def unipc(
+    schedule: Schedule,
+    t: torch.Tensor,
+    order: int = 2,
+    variant: str = "bh2",
+    lower_order_final: bool = True,
+    corrector: bool = True,
+) -> Tableau:
     """UniPC (data prediction): UniP-p predictor and UniC corrector, variant bh1 or bh2."""
     if variant not in ("bh1", "bh2"):
         raise FewstepError(f"unipc variant must be 'bh1' or 'bh2'; got {variant!r}")
@@ -249,6 +263,7 @@ def _lagrange(nodes: np.ndarray, k: int) -> Polynomial:
 
 def _int_exp(p: Polynomial, v0: float, v1: float) -> float:
     """Integral of p(v) e^v dv over [v0, v1] (v1 may be -inf), exactly."""
+
     def anti(v: float) -> float:
         if v == -math.inf:
             return 0.0
@@ -259,6 +274,7 @@ def _int_exp(p: Polynomial, v0: float, v1: float) -> float:
                 break
             q, sign = q.deriv(), -sign
         return math.exp(v) * tot
+
     return anti(v1) - anti(v0)
 
 

@@ -13,7 +13,8 @@ The stage sits at t_{i+1}, a repeated time, and is marked as not a solution poin
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,8 +67,15 @@ def heun(schedule: Schedule, t: Tensor) -> Tableau:
             points.append(True)
             k += 1
     tt = lambda v: torch.as_tensor(v, dtype=F64)  # noqa: E731
-    return Tableau(basis="v" if xt_space else "E", t=tt(times), a=tt(a), B=tt(B), name="heun",
-                   points=torch.tensor(points), info={"steps": n}).validate()
+    return Tableau(
+        basis="v" if xt_space else "E",
+        t=tt(times),
+        a=tt(a),
+        B=tt(B),
+        name="heun",
+        points=torch.tensor(points),
+        info={"steps": n},
+    ).validate()
 
 
 def run_heun(

@@ -20,9 +20,10 @@ the same stepper fed by the pipeline's network calls.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -78,10 +79,14 @@ class Tableau:
         return self.t if self.points is None else self.t[self.points]
 
     def requires_grad(self) -> bool:
-        return self.B.requires_grad or self.a.requires_grad or (self.C is not None and self.C.requires_grad) \
+        return (
+            self.B.requires_grad
+            or self.a.requires_grad
+            or (self.C is not None and self.C.requires_grad)
             or self.eval_times.requires_grad
+        )
 
-    def validate(self) -> "Tableau":
+    def validate(self) -> Tableau:
         n = self.N
         if self.basis not in BASES:
             raise FewstepError(f"tableau basis must be one of {', '.join(BASES)}; got {self.basis!r}")
@@ -136,7 +141,7 @@ def _static(tab: Tableau, grad: bool) -> _Static:
     for i in range(tab.N):
         for j in b_rows[i]:
             last_use[j] = max(last_use[j], i)
-        for j in (c_rows[i] if c_rows else []):
+        for j in c_rows[i] if c_rows else []:
             last_use[j] = max(last_use[j], i + 1)
     if grad:
         return _Static(b_rows, c_rows, last_use, tab.a, tab.B, tab.C)
@@ -213,8 +218,13 @@ def checkpointable_blocks(net: Any) -> list[torch.nn.Module]:
     (their own gradient checkpointing) and do not already."""
     if not isinstance(net, torch.nn.Module):
         return []
-    return [m for m in net.modules() if getattr(m, "_supports_gradient_checkpointing", False)
-            and hasattr(m, "enable_gradient_checkpointing") and not getattr(m, "gradient_checkpointing", False)]
+    return [
+        m
+        for m in net.modules()
+        if getattr(m, "_supports_gradient_checkpointing", False)
+        and hasattr(m, "enable_gradient_checkpointing")
+        and not getattr(m, "gradient_checkpointing", False)
+    ]
 
 
 @contextmanager
@@ -264,11 +274,12 @@ def run_tableau(
     c_times = times.detach()
     # the solution step each kernel state closes (internal stages of a multi-stage method close none)
     points = [True] * (n + 1) if tab.points is None else tab.points.tolist()
-    closes = [sum(points[1:k + 1]) - 1 for k in range(n + 1)]
+    closes = [sum(points[1 : k + 1]) - 1 for k in range(n + 1)]
 
     def evaluate(xi: Tensor, j: int) -> Tensor:
         tj = times[j] if times.requires_grad else c_times[j]
         if use_checkpoint and torch.is_grad_enabled():
+
             def call(z: Tensor) -> Tensor:
                 with checkpointed_blocks(blocks):
                     return model.predict(z, tj, tab.basis, scal[j], **cond)

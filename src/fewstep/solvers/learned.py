@@ -52,11 +52,11 @@ def window_mask(n: int, k: int, corrector: bool = False) -> Tensor:
     if corrector:
         m = torch.zeros(n, n + 1, dtype=torch.bool)
         for i in range(n - 1):
-            m[i, max(0, i - k + 1): i + 2] = True
+            m[i, max(0, i - k + 1) : i + 2] = True
         return m
     m = torch.zeros(n, n, dtype=torch.bool)
     for i in range(n):
-        m[i, max(0, i - k + 1): i + 1] = True
+        m[i, max(0, i - k + 1) : i + 1] = True
     return m
 
 
@@ -80,10 +80,22 @@ class LearnedSolver(nn.Module):
     kind = "learned"
     grid_label = "learned"
 
-    def __init__(self, schedule: Schedule, t_init: Tensor, basis: str, W_init: Tensor, mask: Tensor,
-                 V_init: Tensor | None = None, V_mask: Tensor | None = None, rows_sum_to_one: bool = False,
-                 decouple: float = 0.0, method: str = "s4s", start: str = "", scale_a: bool = False,
-                 guidance: tuple[float, ...] | None = None) -> None:
+    def __init__(
+        self,
+        schedule: Schedule,
+        t_init: Tensor,
+        basis: str,
+        W_init: Tensor,
+        mask: Tensor,
+        V_init: Tensor | None = None,
+        V_mask: Tensor | None = None,
+        rows_sum_to_one: bool = False,
+        decouple: float = 0.0,
+        method: str = "s4s",
+        start: str = "",
+        scale_a: bool = False,
+        guidance: tuple[float, ...] | None = None,
+    ) -> None:
         super().__init__()
         self.schedule, self.basis, self.method, self.start = schedule, basis, method, start
         self.rows_sum_to_one, self.decouple = rows_sum_to_one, float(decouple)
@@ -130,11 +142,14 @@ class LearnedSolver(nn.Module):
             return None
         lo, hi = self.guidance_range
         if w is None:
-            raise FewstepError(f"solver {self.name} is fitted across guidance scales {lo:g}..{hi:g}: give the scale "
-                               f"(w=...)")
+            raise FewstepError(
+                f"solver {self.name} is fitted across guidance scales {lo:g}..{hi:g}: give the scale (w=...)"
+            )
         if not lo - 1e-9 * max(1.0, abs(hi)) <= float(w) <= hi + 1e-9 * max(1.0, abs(hi)):
-            raise FewstepError(f"guidance scale {float(w):g} is outside the range {lo:g}..{hi:g} solver {self.name} "
-                               f"was fitted across; refit with --guidance covering it")
+            raise FewstepError(
+                f"guidance scale {float(w):g} is outside the range {lo:g}..{hi:g} solver {self.name} "
+                f"was fitted across; refit with --guidance covering it"
+            )
         u = (2.0 * float(w) - lo - hi) / (hi - lo)
         return torch.tensor([1.0, u, 1.5 * u * u - 0.5][: self.degree + 1], dtype=F64)
 
@@ -186,10 +201,19 @@ class LearnedSolver(nn.Module):
 
     def structure(self) -> dict[str, Any]:
         """What, besides the parameter tensors, rebuilds this solver (see :func:`save_params`)."""
-        return {"N": self.N, "basis": self.basis, "method": self.method, "start": self.start,
-                "rows_sum_to_one": self.rows_sum_to_one, "decouple": self.decouple, "t_max": self.t_max,
-                "t_end": self.t_end, "corrector": self.V is not None, "scale_a": self.u is not None,
-                "guidance": None if self.guidance is None else list(self.guidance)}
+        return {
+            "N": self.N,
+            "basis": self.basis,
+            "method": self.method,
+            "start": self.start,
+            "rows_sum_to_one": self.rows_sum_to_one,
+            "decouple": self.decouple,
+            "t_max": self.t_max,
+            "t_end": self.t_end,
+            "corrector": self.V is not None,
+            "scale_a": self.u is not None,
+            "guidance": None if self.guidance is None else list(self.guidance),
+        }
 
     def tableau(self, model: Denoiser | None = None, w: float | None = None) -> Tableau:
         """The kernel tables (differentiable in the parameters), at guidance scale ``w`` for a solver fitted
@@ -203,5 +227,4 @@ class LearnedSolver(nn.Module):
         B = scale[:, None] * W
         C = None if self.V is None else scale[:, None] * (self._at(self.V, phi) * self.V_mask)
         bm = torch.diag(torch.ones(self.N, dtype=torch.bool)) | self.mask
-        return Tableau(self.basis, t, a, B, C, self.eval_times(t, w), name=self.method, B_mask=bm,
-                       C_mask=self.V_mask)
+        return Tableau(self.basis, t, a, B, C, self.eval_times(t, w), name=self.method, B_mask=bm, C_mask=self.V_mask)

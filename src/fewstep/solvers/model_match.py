@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,9 +60,13 @@ def model_parts(model: Denoiser) -> dict[str, Any]:
     prior = None
     if model.prior is not None:
         prior = hashlib.sha256(model.noise([0, 1]).to(torch.float64).numpy().tobytes()).hexdigest()[:16]
-    return {"prediction": model.prediction,
-            "sample_shape": None if model.sample_shape is None else [int(v) for v in model.sample_shape],
-            "identity": _plain(model.identity), "weights": weights_digest(model), "prior": prior}
+    return {
+        "prediction": model.prediction,
+        "sample_shape": None if model.sample_shape is None else [int(v) for v in model.sample_shape],
+        "identity": _plain(model.identity),
+        "weights": weights_digest(model),
+        "prior": prior,
+    }
 
 
 def _flat(identity: Any, prefix: str = "", depth: int = 0) -> dict[str, Any]:
@@ -110,8 +115,10 @@ def _size_note(parts: Mapping[str, Any], now: dict[str, Any], a: dict[str, Any],
     if img_a == img_b and shape_a == shape_b:
         return None
     if img_a is not None or img_b is not None:
-        return (f"size: fitted for {_show(img_a)} images (latent {_show(shape_a)}), this one {_show(img_b)} "
-                f"(latent {_show(shape_b)})")
+        return (
+            f"size: fitted for {_show(img_a)} images (latent {_show(shape_a)}), this one {_show(img_b)} "
+            f"(latent {_show(shape_b)})"
+        )
     return f"size: fitted for samples {_show(shape_a)}, this one {_show(shape_b)}"
 
 
@@ -170,8 +177,11 @@ def model_mismatch(doc: Mapping[str, Any], model: Denoiser) -> tuple[list[str], 
         block.append("prior: another source noise")
     if parts.get("weights") != now["weights"]:
         dtype = str(model.dtype or torch.float32).replace("torch.", "")
-        block.append("weights: another network's" if rec.get("dtype", dtype) == dtype else
-                     f"weights or precision: fitted with {_show(rec.get('dtype'))} weights, this one {dtype}")
+        block.append(
+            "weights: another network's"
+            if rec.get("dtype", dtype) == dtype
+            else f"weights or precision: fitted with {_show(rec.get('dtype'))} weights, this one {dtype}"
+        )
     return (block or ([] if guided else ["fingerprint"])), guidance + (guided if not guidance else [])
 
 
@@ -182,10 +192,14 @@ def check_model(doc: Mapping[str, Any], model: Denoiser, what: str) -> str | Non
     if block:
         rec = doc["model"]
         detail = "; ".join(b for b in block if b != "fingerprint")
-        raise ArtifactError(f"{what} was fitted for model {rec.get('name')} (fingerprint {rec.get('fingerprint')}), "
-                            f"not this one (fingerprint {model.fingerprint()}){': ' + detail if detail else ''}; "
-                            f"refit it for this model (or force=True / --force)")
+        raise ArtifactError(
+            f"{what} was fitted for model {rec.get('name')} (fingerprint {rec.get('fingerprint')}), "
+            f"not this one (fingerprint {model.fingerprint()}){': ' + detail if detail else ''}; "
+            f"refit it for this model (or force=True / --force)"
+        )
     if not guidance:
         return None
-    return (f"{what} was fitted for this model at another guidance ({'; '.join(guidance)}): its tables may suit "
-            f"this guidance less well; fit one at this scale (or across scales with --guidance LO:HI)")
+    return (
+        f"{what} was fitted for this model at another guidance ({'; '.join(guidance)}): its tables may suit "
+        f"this guidance less well; fit one at this scale (or across scales with --guidance LO:HI)"
+    )

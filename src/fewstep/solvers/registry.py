@@ -8,8 +8,8 @@ step); ``STAGED`` the multi-stage ones (Heun: two); both build a :class:`~.kerne
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -50,8 +50,9 @@ class SolverInfo:
         if self.stages == 2:
             return heun_steps(nfe)
         if nfe < self.min_nfe:
-            raise NFEError(f"{self.name} needs at least {self.min_nfe} NFE (got {nfe}): raise --nfe or use a "
-                           f"lower-order solver")
+            raise NFEError(
+                f"{self.name} needs at least {self.min_nfe} NFE (got {nfe}): raise --nfe or use a lower-order solver"
+            )
         return nfe
 
     def cost(self, steps: int, final_zero: bool = True) -> int:
@@ -67,10 +68,19 @@ SOLVERS: dict[str, SolverInfo] = {}
 STAGED: dict[str, SolverInfo] = {}
 
 
-def _reg(name: str, make: Callable[..., Tableau], min_nfe: int, doc: str, stages: int = 1, needs_alpha: bool = False,
-         alias_of: str | None = None, **kwargs) -> None:
-    (STAGED if stages > 1 else SOLVERS)[name] = SolverInfo(name, make, kwargs, min_nfe, doc, stages, needs_alpha,
-                                                           alias_of)
+def _reg(
+    name: str,
+    make: Callable[..., Tableau],
+    min_nfe: int,
+    doc: str,
+    stages: int = 1,
+    needs_alpha: bool = False,
+    alias_of: str | None = None,
+    **kwargs,
+) -> None:
+    (STAGED if stages > 1 else SOLVERS)[name] = SolverInfo(
+        name, make, kwargs, min_nfe, doc, stages, needs_alpha, alias_of
+    )
 
 
 _reg("ddim", ddim, 1, "DDIM = DPM-Solver++(1), data prediction")
@@ -110,10 +120,15 @@ def make_tableau(name: str, schedule: Schedule, t: torch.Tensor, **kwargs) -> Ta
     info = solver_info(name)
     n = int(t.numel()) - 1
     if info.cost(n) < info.min_nfe or n < 1:
-        raise NFEError(f"{name} needs at least {info.min_nfe} NFE (got {info.cost(n)}): raise --nfe or use a "
-                       f"lower-order solver")
-    key = (name, repr(sorted(schedule.config().items())), tuple(t.detach().to(F64).tolist()),
-           tuple(sorted(kwargs.items())))
+        raise NFEError(
+            f"{name} needs at least {info.min_nfe} NFE (got {info.cost(n)}): raise --nfe or use a lower-order solver"
+        )
+    key = (
+        name,
+        repr(sorted(schedule.config().items())),
+        tuple(t.detach().to(F64).tolist()),
+        tuple(sorted(kwargs.items())),
+    )
     tab = _CACHE.get(key)
     if tab is None:  # tables depend only on (solver, schedule, grid): build once, reuse (read-only)
         tab = info.make(schedule, t, **{**info.kwargs, **kwargs})
@@ -131,5 +146,9 @@ def classic_specs(schedule: Schedule) -> list[str]:
     """Every classic solver ('NAME@GRID') on every grid that suits ``schedule`` (a flow pipeline's own
     ``shifted`` grid too), for the solvers that suit it."""
     grids = [g for g in grid_names(schedule) if g in ALL_GRIDS or g == "shifted"]
-    return [f"{name}@{g}" for name in solver_names() for g in grids
-            if solver_info(name).alias_of is None and solver_info(name).suits(schedule)]
+    return [
+        f"{name}@{g}"
+        for name in solver_names()
+        for g in grids
+        if solver_info(name).alias_of is None and solver_info(name).suits(schedule)
+    ]

@@ -8,9 +8,10 @@ passes (``"NAME@GRID"``, an artifact folder or file, a Tableau, a Solver) into o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -129,7 +130,9 @@ def some_scale(model: Denoiser, solver: Solver) -> float | None:
     if solver.guidance_range is None:
         return None
     scales = model.guidance_scales()
-    return scales[len(scales) // 2] if scales else (1.0 if model.guidance_scale is None else float(model.guidance_scale))
+    return (
+        scales[len(scales) // 2] if scales else (1.0 if model.guidance_scale is None else float(model.guidance_scale))
+    )
 
 
 def is_artifact_spec(spec: str) -> bool:
@@ -140,9 +143,14 @@ def is_artifact_spec(spec: str) -> bool:
     return p.exists() or p.suffix == ".json" or "/" in spec or "\\" in spec
 
 
-def resolve_solver(spec: Any, model: Denoiser | Schedule | None = None, nfe: int | None = None,
-                   grid: str | Sequence[float] | Tensor | None = None, force: bool = False,
-                   **options: Any) -> Solver:
+def resolve_solver(
+    spec: Any,
+    model: Denoiser | Schedule | None = None,
+    nfe: int | None = None,
+    grid: str | Sequence[float] | Tensor | None = None,
+    force: bool = False,
+    **options: Any,
+) -> Solver:
     """The :class:`Solver` named by ``spec``.
 
     Args:
@@ -161,8 +169,9 @@ def resolve_solver(spec: Any, model: Denoiser | Schedule | None = None, nfe: int
     if isinstance(spec, Path):
         spec = str(spec)
     if not isinstance(spec, str):
-        raise SolverNameError(f"solver must be a name, a learned-solver folder, a Tableau or a learned solver; "
-                              f"got {type(spec).__name__}")
+        raise SolverNameError(
+            f"solver must be a name, a learned-solver folder, a Tableau or a learned solver; got {type(spec).__name__}"
+        )
     if is_artifact_spec(spec):
         from .artifact import load_solver
 

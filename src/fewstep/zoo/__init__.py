@@ -33,8 +33,9 @@ its parameters, part of the fingerprint). ``INFO`` says what each model is witho
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -95,22 +96,88 @@ class ZooInfo:
 
 _TRAINED_ON_FIRST_USE = ("trained on first use, ~40 s on 2 CPU cores, then cached", 40.0)
 INFO: dict[str, ZooInfo] = {
-    "gaussian": ZooInfo("analytic", "closed form", "eps", "vp_linear", (16,), None, False, "analytic, instant", 0.0,
-                        "x0 ~ N(mu, diag(c^2)) with c from 0.05 to 2 (stiff); exact ODE solution and log-density"),
-    "gmm2d": ZooInfo("analytic", "closed form", "x0", "vp_linear", (2,), 8, True, "analytic, instant", 0.0,
-                     "8 Gaussians on a ring in 2-D; log-density; class k picks component k"),
-    "gmm": ZooInfo("analytic", "closed form", "x0", "vp_linear", (32,), 10, True, "analytic, instant", 0.0,
-                   "10 unequal Gaussians in 32-D; log-density; class k picks component k"),
-    "digits-empirical": ZooInfo("exact", "the optimal denoiser of the 1797 training digits", "x0", "vp_linear",
-                                (1, 8, 8), 10, True, "exact, a few seconds (reads scikit-learn's digits)", 3.0,
-                                "8x8 digits in [-1, 1]; reproduces training images; class-conditional when guided"),
-    "digits-eps": ZooInfo("trained", "MLP", "eps", "vp_discrete", (1, 8, 8), None, False, *_TRAINED_ON_FIRST_USE,
-                          "8x8 digits, DDPM (1000 steps, linear betas); the network gets the DDPM index"),
-    "digits-flow": ZooInfo("trained", "MLP", "velocity", "flow", (1, 8, 8), None, False, *_TRAINED_ON_FIRST_USE,
-                           "8x8 digits, rectified flow"),
-    "digits-unet": ZooInfo("trained", "diffusers UNet2DModel", "eps", "vp_discrete", (1, 16, 16), 10, True,
-                           "ships weights, a few seconds (imports diffusers)", 5.0,
-                           "16x16 digits, class-conditional, classifier-free guidance (null class 10)"),
+    "gaussian": ZooInfo(
+        "analytic",
+        "closed form",
+        "eps",
+        "vp_linear",
+        (16,),
+        None,
+        False,
+        "analytic, instant",
+        0.0,
+        "x0 ~ N(mu, diag(c^2)) with c from 0.05 to 2 (stiff); exact ODE solution and log-density",
+    ),
+    "gmm2d": ZooInfo(
+        "analytic",
+        "closed form",
+        "x0",
+        "vp_linear",
+        (2,),
+        8,
+        True,
+        "analytic, instant",
+        0.0,
+        "8 Gaussians on a ring in 2-D; log-density; class k picks component k",
+    ),
+    "gmm": ZooInfo(
+        "analytic",
+        "closed form",
+        "x0",
+        "vp_linear",
+        (32,),
+        10,
+        True,
+        "analytic, instant",
+        0.0,
+        "10 unequal Gaussians in 32-D; log-density; class k picks component k",
+    ),
+    "digits-empirical": ZooInfo(
+        "exact",
+        "the optimal denoiser of the 1797 training digits",
+        "x0",
+        "vp_linear",
+        (1, 8, 8),
+        10,
+        True,
+        "exact, a few seconds (reads scikit-learn's digits)",
+        3.0,
+        "8x8 digits in [-1, 1]; reproduces training images; class-conditional when guided",
+    ),
+    "digits-eps": ZooInfo(
+        "trained",
+        "MLP",
+        "eps",
+        "vp_discrete",
+        (1, 8, 8),
+        None,
+        False,
+        *_TRAINED_ON_FIRST_USE,
+        "8x8 digits, DDPM (1000 steps, linear betas); the network gets the DDPM index",
+    ),
+    "digits-flow": ZooInfo(
+        "trained",
+        "MLP",
+        "velocity",
+        "flow",
+        (1, 8, 8),
+        None,
+        False,
+        *_TRAINED_ON_FIRST_USE,
+        "8x8 digits, rectified flow",
+    ),
+    "digits-unet": ZooInfo(
+        "trained",
+        "diffusers UNet2DModel",
+        "eps",
+        "vp_discrete",
+        (1, 16, 16),
+        10,
+        True,
+        "ships weights, a few seconds (imports diffusers)",
+        5.0,
+        "16x16 digits, class-conditional, classifier-free guidance (null class 10)",
+    ),
 }
 
 

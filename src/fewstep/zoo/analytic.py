@@ -19,7 +19,8 @@ with respect to x (and to the time input).
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -116,7 +117,10 @@ def gaussian_exact_solution(model: Any, x: Tensor, t_from: Tensor | float, t_to:
 
 
 def build_gaussian(
-    dim: int = 16, seed: int = 0, c_min: float = 0.05, c_max: float = 2.0,
+    dim: int = 16,
+    seed: int = 0,
+    c_min: float = 0.05,
+    c_max: float = 2.0,
     schedule: Schedule | Mapping[str, Any] | None = None,
 ) -> Denoiser:
     """zoo:gaussian: x0 ~ N(mu, diag(c^2)) in ``dim`` dimensions with exact eps prediction.
@@ -134,7 +138,11 @@ def build_gaussian(
     sched = as_schedule(schedule, VPLinear())
     net = GaussianEps(mu, c, sched)
     den = Denoiser(
-        net, sched, prediction="eps", sample_shape=(dim,), name="zoo:gaussian",
+        net,
+        sched,
+        prediction="eps",
+        sample_shape=(dim,),
+        name="zoo:gaussian",
         identity={"zoo": "gaussian", "dim": dim, "seed": seed, "c_min": float(c_min), "c_max": float(c_max)},
     )
     den.exact_solution = lambda x_T: gaussian_exact_solution(den, x_T, sched.t_max, sched.t_end)
@@ -207,8 +215,7 @@ class GMMDenoiser(nn.Module):
             lw = lw - torch.logsumexp(lw, -1, keepdim=True)
         return torch.logsumexp(lw + comp, -1)
 
-    def sample_data(self, n: int, generator: torch.Generator | None = None,
-                    class_labels: Any = None) -> Tensor:
+    def sample_data(self, n: int, generator: torch.Generator | None = None, class_labels: Any = None) -> Tensor:
         """n draws of x0 (float64, CPU); with class_labels (n,) draws from those components."""
         if class_labels is None:
             k = torch.multinomial(self.weights.cpu(), n, replacement=True, generator=generator)
@@ -219,8 +226,12 @@ class GMMDenoiser(nn.Module):
 
 
 def _mixture_denoiser(
-    net: GMMDenoiser, name: str, sample_shape: tuple[int, ...], identity: dict[str, Any],
-    guidance_scale: float | None, conditional: bool | None,
+    net: GMMDenoiser,
+    name: str,
+    sample_shape: tuple[int, ...],
+    identity: dict[str, Any],
+    guidance_scale: float | None,
+    conditional: bool | None,
 ) -> Denoiser:
     if conditional is None:
         conditional = guidance_scale is not None
@@ -229,8 +240,14 @@ def _mixture_denoiser(
     k = net.means.shape[0]
     cond_sampler = (lambda seeds: {"class_labels": seeded_labels(seeds, net.weights, salt=k)}) if conditional else None
     den = Denoiser(
-        net, net.schedule, prediction="x0", sample_shape=sample_shape, name=name,
-        guidance_scale=guidance_scale, uncond={"class_labels": -1}, cond_sampler=cond_sampler,
+        net,
+        net.schedule,
+        prediction="x0",
+        sample_shape=sample_shape,
+        name=name,
+        guidance_scale=guidance_scale,
+        uncond={"class_labels": -1},
+        cond_sampler=cond_sampler,
         identity={**identity, "conditional": bool(conditional)},
     )
     den.log_prob = lambda x0, class_labels=None: net.log_prob(x0, class_labels)
@@ -240,9 +257,12 @@ def _mixture_denoiser(
 
 
 def build_gmm2d(
-    n_components: int = 8, radius: float = 2.0, std: float = 0.15,
+    n_components: int = 8,
+    radius: float = 2.0,
+    std: float = 0.15,
     schedule: Schedule | Mapping[str, Any] | None = None,
-    guidance_scale: float | None = None, conditional: bool | None = None,
+    guidance_scale: float | None = None,
+    conditional: bool | None = None,
 ) -> Denoiser:
     """zoo:gmm2d: ``n_components`` equal-weight isotropic Gaussians evenly on a ring (2-D)."""
     k = int(n_components)
@@ -257,9 +277,12 @@ def build_gmm2d(
 
 
 def build_gmm(
-    dim: int = 32, n_components: int = 10, seed: int = 0,
+    dim: int = 32,
+    n_components: int = 10,
+    seed: int = 0,
     schedule: Schedule | Mapping[str, Any] | None = None,
-    guidance_scale: float | None = None, conditional: bool | None = None,
+    guidance_scale: float | None = None,
+    conditional: bool | None = None,
 ) -> Denoiser:
     """zoo:gmm: ``n_components`` isotropic Gaussians in ``dim`` dimensions, parameters from ``seed``.
 

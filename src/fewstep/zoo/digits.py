@@ -7,8 +7,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -51,8 +52,12 @@ class EmpiricalDenoiser(nn.Module):
         data = torch.as_tensor(data, dtype=F64).clone()
         self.register_buffer("data", data.reshape(data.shape[0], -1))
         self.register_buffer("sq_norms", (self.data**2).sum(-1))
-        self.register_buffer("labels", torch.as_tensor(labels).long().clone() if labels is not None
-                             else torch.zeros(data.shape[0], dtype=torch.long))
+        self.register_buffer(
+            "labels",
+            torch.as_tensor(labels).long().clone()
+            if labels is not None
+            else torch.zeros(data.shape[0], dtype=torch.long),
+        )
         self.schedule = schedule
         self.chunk = int(chunk)
 
@@ -67,11 +72,11 @@ class EmpiricalDenoiser(nn.Module):
         x64 = x.reshape(b, -1).to(F64)
         outs = []
         for i in range(0, b, self.chunk):
-            xi, ai, wi = x64[i:i + self.chunk], a[i:i + self.chunk], inv2v[i:i + self.chunk]
+            xi, ai, wi = x64[i : i + self.chunk], a[i : i + self.chunk], inv2v[i : i + self.chunk]
             # -||x - a y||^2 / (2 s^2) up to a per-row constant: (2 a x.y - a^2 |y|^2) / (2 s^2)
             logits = (2.0 * ai * (xi @ ys.T) - ai**2 * yn) * wi  # (b_i, N)
             if lab is not None:
-                li = lab[i:i + self.chunk, None]
+                li = lab[i : i + self.chunk, None]
                 keep = (li < 0) | (li == ylab)
                 logits = logits.masked_fill(~keep, float("-inf"))
             outs.append(torch.softmax(logits, -1) @ ys)
@@ -79,8 +84,10 @@ class EmpiricalDenoiser(nn.Module):
 
 
 def build_digits_empirical(
-    schedule: Schedule | Mapping[str, Any] | None = None, chunk: int = 256,
-    guidance_scale: float | None = None, conditional: bool | None = None,
+    schedule: Schedule | Mapping[str, Any] | None = None,
+    chunk: int = 256,
+    guidance_scale: float | None = None,
+    conditional: bool | None = None,
 ) -> Denoiser:
     """zoo:digits-empirical: the exact denoiser of the 1797 training digits (x0-prediction)."""
     from ..seeds import seeded_labels
@@ -95,10 +102,20 @@ def build_digits_empirical(
     counts = torch.bincount(y, minlength=10).to(F64)
     cond_sampler = (lambda seeds: {"class_labels": seeded_labels(seeds, counts, salt=10)}) if conditional else None
     den = Denoiser(
-        net, sched, prediction="x0", sample_shape=SHAPE, name="zoo:digits-empirical",
-        guidance_scale=guidance_scale, uncond={"class_labels": -1}, cond_sampler=cond_sampler,
-        identity={"zoo": "digits-empirical", "data": "sklearn-digits-1797", "scale": "x/8-1",
-                  "conditional": bool(conditional)},
+        net,
+        sched,
+        prediction="x0",
+        sample_shape=SHAPE,
+        name="zoo:digits-empirical",
+        guidance_scale=guidance_scale,
+        uncond={"class_labels": -1},
+        cond_sampler=cond_sampler,
+        identity={
+            "zoo": "digits-empirical",
+            "data": "sklearn-digits-1797",
+            "scale": "x/8-1",
+            "conditional": bool(conditional),
+        },
     )
     # views of the net's buffers, registered so that .to(device) moves them too
     den.register_buffer("data", net.data.reshape(-1, *SHAPE), persistent=False)

@@ -46,8 +46,9 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -75,8 +76,15 @@ _LAYERS = (nn.Linear, nn.SELU, nn.Linear, nn.SELU, nn.Linear, nn.SELU, nn.Linear
 
 def mlp_layout(dim: int = DIM, width: int = WIDTH) -> nn.Sequential:
     """The TorchCFM network: (B, dim + 1) = cat([x, tau]) -> (B, dim) velocity."""
-    return nn.Sequential(nn.Linear(dim + 1, width), nn.SELU(), nn.Linear(width, width), nn.SELU(),
-                         nn.Linear(width, width), nn.SELU(), nn.Linear(width, dim))
+    return nn.Sequential(
+        nn.Linear(dim + 1, width),
+        nn.SELU(),
+        nn.Linear(width, width),
+        nn.SELU(),
+        nn.Linear(width, width),
+        nn.SELU(),
+        nn.Linear(width, dim),
+    )
 
 
 class PickledMLP(nn.Module):
@@ -309,13 +317,33 @@ def load_torchcfm(name_or_path: str | os.PathLike, device: str | torch.device = 
     path = resolve_checkpoint(name_or_path)
     net, kind = read_net(path)
     schedule = Flow(t_min=float(kwargs.get("t_min", 1e-3)), time_reversed=True)
-    den = Denoiser(net, schedule, prediction="velocity", sample_shape=(net.dim,), name=f"torchcfm:{name_or_path}",
-                   identity={"torchcfm": path.name, "sha256": sha256_file(path)})
+    den = Denoiser(
+        net,
+        schedule,
+        prediction="velocity",
+        sample_shape=(net.dim,),
+        name=f"torchcfm:{name_or_path}",
+        identity={"torchcfm": path.name, "sha256": sha256_file(path)},
+    )
     if kind != "library" and net.dim == DIM:
         den.sample_data = moons_data
     return den.to(device)
 
 
-__all__ = ["ALLOWED_GLOBALS", "ENV_DIR", "LIBRARY_CLASS", "LibraryMLP", "NAMES", "NOTEBOOK_CLASS", "PickledMLP",
-           "TorchCFMNet", "default_dir", "load_net", "load_torchcfm", "moons_data", "read_checkpoint", "read_net",
-           "resolve_checkpoint"]
+__all__ = [
+    "ALLOWED_GLOBALS",
+    "ENV_DIR",
+    "LIBRARY_CLASS",
+    "LibraryMLP",
+    "NAMES",
+    "NOTEBOOK_CLASS",
+    "PickledMLP",
+    "TorchCFMNet",
+    "default_dir",
+    "load_net",
+    "load_torchcfm",
+    "moons_data",
+    "read_checkpoint",
+    "read_net",
+    "resolve_checkpoint",
+]

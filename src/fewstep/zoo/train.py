@@ -98,8 +98,15 @@ class DigitsMLP(nn.Module):
     (1/1000 for a DDPM index, 1 for a flow time).
     """
 
-    def __init__(self, hidden: int = 256, blocks: int = 3, temb: int = 128, time_scale: float = 1.0,
-                 dim: int = 64, in_std: Tensor | None = None) -> None:
+    def __init__(
+        self,
+        hidden: int = 256,
+        blocks: int = 3,
+        temb: int = 128,
+        time_scale: float = 1.0,
+        dim: int = 64,
+        in_std: Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.time_scale = float(time_scale)
         # optional input scaling: in_std[k] is the std of x at u = k / (len - 1), u = t_net * time_scale
@@ -185,7 +192,7 @@ def _train(recipe: dict[str, Any], log: bool) -> dict[str, Tensor]:
     for step in range(steps):
         if pos + bs > n:
             perm, pos = torch.randperm(n, generator=g), 0
-        x0 = x_all[perm[pos:pos + bs]]
+        x0 = x_all[perm[pos : pos + bs]]
         pos += bs
         eps = torch.randn(x0.shape, generator=g)
         u = torch.rand(bs, generator=g, dtype=torch.float64) ** float(recipe["t_power"])
@@ -214,8 +221,9 @@ def _train(recipe: dict[str, Any], log: bool) -> dict[str, Tensor]:
             d = min(float(recipe["ema"]), (1.0 + step) / (10.0 + step))
             torch._foreach_lerp_(ema_params, params, 1.0 - d)
         if log and (step + 1) % 500 == 0:
-            print(f"  step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - t0:.1f} s)",
-                  file=sys.stderr)
+            print(
+                f"  step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr
+            )
     return {k: v.detach().clone().contiguous() for k, v in ema.state_dict().items()}
 
 

@@ -26,8 +26,9 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -99,11 +100,17 @@ def make_unet(recipe: dict[str, Any]) -> Any:
     a = recipe["arch"]
     levels = len(a["block_out_channels"])
     return UNet2DModel(
-        sample_size=SHAPE[1], in_channels=SHAPE[0], out_channels=SHAPE[0],
-        block_out_channels=tuple(a["block_out_channels"]), layers_per_block=a["layers_per_block"],
-        down_block_types=("DownBlock2D",) * levels, up_block_types=("UpBlock2D",) * levels,
-        add_attention=bool(a["mid_attention"]), attention_head_dim=a["attention_head_dim"],
-        norm_num_groups=a["norm_num_groups"], num_class_embeds=NUM_CLASSES + 1,
+        sample_size=SHAPE[1],
+        in_channels=SHAPE[0],
+        out_channels=SHAPE[0],
+        block_out_channels=tuple(a["block_out_channels"]),
+        layers_per_block=a["layers_per_block"],
+        down_block_types=("DownBlock2D",) * levels,
+        up_block_types=("UpBlock2D",) * levels,
+        add_attention=bool(a["mid_attention"]),
+        attention_head_dim=a["attention_head_dim"],
+        norm_num_groups=a["norm_num_groups"],
+        num_class_embeds=NUM_CLASSES + 1,
     )
 
 
@@ -112,9 +119,14 @@ def ddpm_scheduler(recipe: dict[str, Any]) -> Any:
     from diffusers import DDPMScheduler
 
     s = recipe["schedule"]
-    return DDPMScheduler(num_train_timesteps=s["num_train_timesteps"], beta_schedule=s["beta_schedule"],
-                         beta_start=s["beta_start"], beta_end=s["beta_end"], prediction_type="epsilon",
-                         clip_sample=False)
+    return DDPMScheduler(
+        num_train_timesteps=s["num_train_timesteps"],
+        beta_schedule=s["beta_schedule"],
+        beta_start=s["beta_start"],
+        beta_end=s["beta_end"],
+        prediction_type="epsilon",
+        clip_sample=False,
+    )
 
 
 # ----------------------------------------------------------------------------- training
@@ -133,7 +145,7 @@ def _batches(n: int, batch: int, g: torch.Generator) -> Iterator[Tensor]:
     while True:
         if pos + batch > n:
             perm, pos = torch.randperm(n, generator=g), 0
-        yield perm[pos:pos + batch]
+        yield perm[pos : pos + batch]
         pos += batch
 
 
@@ -172,14 +184,16 @@ def _train(recipe: dict[str, Any], log: bool) -> dict[str, Tensor]:
             opt.step(grads, lr)
             torch._foreach_lerp_(ema_params, params, 1.0 - min(float(recipe["ema"]), (1.0 + step) / (10.0 + step)))
         if log and (step + 1) % 250 == 0:
-            print(f"  step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - t0:.1f} s)",
-                  file=sys.stderr)
+            print(
+                f"  step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr
+            )
     return {k: v.detach().clone().contiguous() for k, v in ema.state_dict().items()}
 
 
 # ----------------------------------------------------------------------------- pipeline folders
-def save_pipeline(state: dict[str, Tensor], recipe: dict[str, Any], path: str | os.PathLike,
-                  seconds: float | None = None) -> Path:
+def save_pipeline(
+    state: dict[str, Tensor], recipe: dict[str, Any], path: str | os.PathLike, seconds: float | None = None
+) -> Path:
     """Write ``state`` as a DDPMPipeline folder at ``path`` (atomically: built beside it, then renamed).
 
     The folder holds ``model_index.json``, ``unet/``, ``scheduler/`` (diffusers' layout, safetensors
@@ -193,11 +207,19 @@ def save_pipeline(state: dict[str, Tensor], recipe: dict[str, Any], path: str | 
             net = make_unet(recipe)
         net.load_state_dict(state)
         DDPMPipeline(unet=net, scheduler=ddpm_scheduler(recipe)).save_pretrained(tmp, safe_serialization=True)
-        info = {"sample_shape": list(SHAPE), "num_classes": NUM_CLASSES, "null_class": NULL_CLASS,
-                "class_sampler": "uniform"}
+        info = {
+            "sample_shape": list(SHAPE),
+            "num_classes": NUM_CLASSES,
+            "null_class": NULL_CLASS,
+            "class_sampler": "uniform",
+        }
         (tmp / "fewstep.json").write_text(json.dumps(info) + "\n")
-        prov = {"recipe_hash": recipe_hash(recipe), "recipe": recipe, "torch": torch.__version__,
-                "train_seconds": None if seconds is None else round(seconds, 1)}
+        prov = {
+            "recipe_hash": recipe_hash(recipe),
+            "recipe": recipe,
+            "torch": torch.__version__,
+            "train_seconds": None if seconds is None else round(seconds, 1),
+        }
         (tmp / "recipe.json").write_text(json.dumps(prov, indent=1, sort_keys=True) + "\n")
     return path
 
@@ -231,8 +253,11 @@ def trained_pipeline(recipe: dict[str, Any], retrain: bool = False) -> Path:
     if not retrain and folder_recipe_hash(path) == h:
         return path
     minutes = EXPECTED_SECONDS * recipe["steps"] / RECIPE["steps"] / 60.0
-    print(f"training zoo:{NAME} ({'retrain' if retrain else 'first use'}; about {minutes:.0f} min on "
-          f"two CPU cores) into {path}...", file=sys.stderr)
+    print(
+        f"training zoo:{NAME} ({'retrain' if retrain else 'first use'}; about {minutes:.0f} min on "
+        f"two CPU cores) into {path}...",
+        file=sys.stderr,
+    )
     start = time.perf_counter()
     state = train_unet(recipe)
     seconds = time.perf_counter() - start

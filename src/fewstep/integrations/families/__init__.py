@@ -48,8 +48,9 @@ def family_for(pipe_or_class_name: Any) -> type[Family]:
     for n in names:
         if n in _BY_CLASS:
             return _BY_CLASS[n]
-    raise ModelSpecError(f"no fewstep family handles the pipeline class {names[0] or '(none)'!r}; "
-                         f"supported: {', '.join(_BY_CLASS)}")
+    raise ModelSpecError(
+        f"no fewstep family handles the pipeline class {names[0] or '(none)'!r}; supported: {', '.join(_BY_CLASS)}"
+    )
 
 
 def adapt(pipe: Any, **options: Any) -> Family:
@@ -57,5 +58,17 @@ def adapt(pipe: Any, **options: Any) -> Family:
     return family_for(pipe)(pipe, **options)
 
 
-__all__ = ["FAMILIES", "GUIDANCE_MODES", "Family", "SDFamily", "SDXLFamily", "DiTFamily", "PixArtSigmaFamily",
-           "SD3Family", "FluxFamily", "family_for", "adapt", "supported_pipelines"]
+__all__ = [
+    "FAMILIES",
+    "GUIDANCE_MODES",
+    "Family",
+    "SDFamily",
+    "SDXLFamily",
+    "DiTFamily",
+    "PixArtSigmaFamily",
+    "SD3Family",
+    "FluxFamily",
+    "family_for",
+    "adapt",
+    "supported_pipelines",
+]

@@ -79,8 +79,10 @@ class Family(ABC):
         """``pipe``: a loaded pipeline whose components are already on their device / dtype."""
         net = getattr(pipe, self.network_attr, None)
         if not isinstance(net, nn.Module):
-            raise ModelSpecError(f"{type(pipe).__name__} has no {self.network_attr} network: the {self.name} "
-                                 f"family needs a loaded pipeline with its {self.network_attr}")
+            raise ModelSpecError(
+                f"{type(pipe).__name__} has no {self.network_attr} network: the {self.name} "
+                f"family needs a loaded pipeline with its {self.network_attr}"
+            )
         if getattr(pipe, "vae", None) is None:
             raise ModelSpecError(f"{type(pipe).__name__} has no vae: the {self.name} family needs it to decode")
         self.pipe = pipe
@@ -90,8 +92,9 @@ class Family(ABC):
             cfg["_class_name"] = type(pipe.scheduler).__name__
         self.scheduler_config: dict[str, Any] = cfg
         vae_cfg = pipe.vae.config
-        self.vae_scale_factor: int = int(getattr(pipe, "vae_scale_factor", None)
-                                         or 2 ** (len(vae_cfg.block_out_channels) - 1))
+        self.vae_scale_factor: int = int(
+            getattr(pipe, "vae_scale_factor", None) or 2 ** (len(vae_cfg.block_out_channels) - 1)
+        )
         self.image_size: tuple[int, int] = self.default_image_size()
         self._null: dict[str, Tensor] | None = None
 
@@ -156,8 +159,11 @@ class Family(ABC):
 
     def identity(self) -> dict[str, Any]:
         """JSON-able facts that tell models apart (not the weights): family, network, encoders, size."""
-        encoders = [type(getattr(self.pipe, a)).__name__ for a in self.text_encoder_attrs
-                    if getattr(self.pipe, a, None) is not None]
+        encoders = [
+            type(getattr(self.pipe, a)).__name__
+            for a in self.text_encoder_attrs
+            if getattr(self.pipe, a, None) is not None
+        ]
         return {
             "family": self.name,
             "pipeline": type(self.pipe).__name__,
@@ -190,8 +196,10 @@ class Family(ABC):
         """``rows[k]`` for k in keys on the network's device, each with ``batch`` rows (batch 1 is shared)."""
         missing = [k for k in keys if k not in rows]
         if missing:
-            raise FewstepError(f"{self.name} needs the conditioning rows {', '.join(keys)}; missing "
-                               f"{', '.join(missing)} (build them with encode(prompts) / null_rows(n))")
+            raise FewstepError(
+                f"{self.name} needs the conditioning rows {', '.join(keys)}; missing "
+                f"{', '.join(missing)} (build them with encode(prompts) / null_rows(n))"
+            )
         out = {}
         for k in keys:
             v = rows[k]
@@ -202,16 +210,18 @@ class Family(ABC):
             if v.shape[0] == 1 and batch > 1:
                 v = v.expand(batch, *v.shape[1:])
             if v.shape[0] != batch:
-                raise ShapeError(f"{self.name}: rows[{k!r}] has {v.shape[0]} rows for a batch of {batch}: give "
-                                 f"one row per sample")
+                raise ShapeError(
+                    f"{self.name}: rows[{k!r}] has {v.shape[0]} rows for a batch of {batch}: give one row per sample"
+                )
             out[k] = v.to(self.network_device)
         return out
 
     def _check_x(self, x: Tensor, t_net: Tensor | float) -> Tensor:
         """Validate x (B, C, h, w) and return t_net as a float32 (B,) tensor on the network's device."""
         if x.dim() != 4 or x.shape[1] != self.latent_channels:
-            raise ShapeError(f"{self.name}: x must be (B, {self.latent_channels}, h, w) unpacked latents; "
-                             f"got {tuple(x.shape)}")
+            raise ShapeError(
+                f"{self.name}: x must be (B, {self.latent_channels}, h, w) unpacked latents; got {tuple(x.shape)}"
+            )
         t = torch.as_tensor(t_net).detach().to(self.network_device, torch.float32).reshape(-1)
         if t.numel() == 1:
             t = t.expand(x.shape[0])
@@ -221,8 +231,10 @@ class Family(ABC):
 
     def _no_guidance(self, guidance: Tensor | None) -> None:
         if guidance is not None:
-            raise FewstepError(f"{self.name} ({self.guidance_mode} guidance) takes no guidance input: "
-                               f"guide with the Denoiser's guidance_scale instead")
+            raise FewstepError(
+                f"{self.name} ({self.guidance_mode} guidance) takes no guidance input: "
+                f"guide with the Denoiser's guidance_scale instead"
+            )
 
     def _run_vae(self, z: Tensor, upcast: bool = False) -> Tensor:
         """``vae.decode(z)`` on the VAE's device and dtype (float32 if ``upcast``), clamped to [-1, 1]."""
@@ -241,8 +253,10 @@ class Family(ABC):
         return img.clamp(-1.0, 1.0)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({type(self.pipe).__name__}, {type(self.network).__name__}, "
-                f"image_size={self.image_size})")
+        return (
+            f"{type(self).__name__}({type(self.pipe).__name__}, {type(self.network).__name__}, "
+            f"image_size={self.image_size})"
+        )
 
 
 def _param(module: nn.Module) -> Tensor:

@@ -50,8 +50,9 @@ class DiTFamily(_DiTLike):
     def _latent_hw(self, height: int, width: int) -> tuple[int, int]:
         if (height, width) != self.default_image_size():
             H, W = self.default_image_size()
-            raise ShapeError(f"dit: DiTPipeline makes only {H}x{W} images (its transformer's sample_size); "
-                             f"got {height}x{width}")
+            raise ShapeError(
+                f"dit: DiTPipeline makes only {H}x{W} images (its transformer's sample_size); got {height}x{width}"
+            )
         s = int(self.network.config.sample_size)
         return s, s
 
@@ -65,8 +66,11 @@ class DiTFamily(_DiTLike):
                 ids.append(int(text))
             else:
                 known = sorted(getattr(self.pipe, "labels", {}))
-                hint = f" or one of its labels ({', '.join(known[:8])}{', ...' if len(known) > 8 else ''})" \
-                    if known else " (this pipeline has no id2label names)"
+                hint = (
+                    f" or one of its labels ({', '.join(known[:8])}{', ...' if len(known) > 8 else ''})"
+                    if known
+                    else " (this pipeline has no id2label names)"
+                )
                 raise FewstepError(f"dit: {p!r} is not a class: give an integer id 0..{self.num_classes - 1}{hint}")
             if not 0 <= ids[-1] < self.num_classes:
                 raise FewstepError(f"dit: class {ids[-1]} is outside 0..{self.num_classes - 1}")
@@ -80,8 +84,12 @@ class DiTFamily(_DiTLike):
         self._no_guidance(guidance)
         t = self._check_x(x, t_net)
         r = self._rows(rows, x.shape[0], ("class_labels",))
-        out = self.network(x.to(self.network_device, self.network_dtype), timestep=t,
-                           class_labels=r["class_labels"].long(), return_dict=False)
+        out = self.network(
+            x.to(self.network_device, self.network_dtype),
+            timestep=t,
+            class_labels=r["class_labels"].long(),
+            return_dict=False,
+        )
         return self._first_channels(out, x)
 
     def decode(self, latents: Tensor) -> Tensor:
@@ -120,14 +128,22 @@ class PixArtSigmaFamily(_DiTLike):
         h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
         p = int(self.network.config.patch_size)
         if h % p or w % p:
-            raise ShapeError(f"{self.name}: the {h}x{w} latent of a {height}x{width} image is not a multiple of the "
-                             f"transformer's patch size {p}")
+            raise ShapeError(
+                f"{self.name}: the {h}x{w} latent of a {height}x{width} image is not a multiple of the "
+                f"transformer's patch size {p}"
+            )
         return h, w
 
     def _encode(self, prompts: list[str], negatives: bool) -> tuple[Tensor, ...]:
-        return self.pipe.encode_prompt(list(prompts), negatives, negative_prompt="", num_images_per_prompt=1,
-                                       device=self.device, clean_caption=self.clean_caption,
-                                       max_sequence_length=self.max_sequence_length)
+        return self.pipe.encode_prompt(
+            list(prompts),
+            negatives,
+            negative_prompt="",
+            num_images_per_prompt=1,
+            device=self.device,
+            clean_caption=self.clean_caption,
+            max_sequence_length=self.max_sequence_length,
+        )
 
     def encode(self, prompts: list[str]) -> dict[str, Tensor]:
         with torch.no_grad():
@@ -144,8 +160,10 @@ class PixArtSigmaFamily(_DiTLike):
             return {"resolution": None, "aspect_ratio": None}
         H, W = self.image_size
         dev = self.network_device
-        return {"resolution": torch.tensor([[H, W]], dtype=dtype, device=dev).expand(batch, 2),
-                "aspect_ratio": torch.tensor([[float(H / W)]], dtype=dtype, device=dev).expand(batch, 1)}
+        return {
+            "resolution": torch.tensor([[H, W]], dtype=dtype, device=dev).expand(batch, 2),
+            "aspect_ratio": torch.tensor([[float(H / W)]], dtype=dtype, device=dev).expand(batch, 1),
+        }
 
     def forward(self, x: Tensor, t_net: Tensor, rows: dict[str, Tensor], guidance: Tensor | None = None) -> Tensor:
         """transformer(x, encoder_hidden_states, encoder_attention_mask=mask, timestep=t_net,
@@ -154,9 +172,14 @@ class PixArtSigmaFamily(_DiTLike):
         t = self._check_x(x, t_net)
         r = self._rows(rows, x.shape[0], ("encoder_hidden_states", "mask"))
         dt = self.network_dtype
-        out = self.network(x.to(self.network_device, dt), encoder_hidden_states=r["encoder_hidden_states"].to(dt),
-                           encoder_attention_mask=r["mask"], timestep=t,
-                           added_cond_kwargs=self.added_conditions(x.shape[0], dt), return_dict=False)
+        out = self.network(
+            x.to(self.network_device, dt),
+            encoder_hidden_states=r["encoder_hidden_states"].to(dt),
+            encoder_attention_mask=r["mask"],
+            timestep=t,
+            added_cond_kwargs=self.added_conditions(x.shape[0], dt),
+            return_dict=False,
+        )
         return self._first_channels(out, x)
 
     def decode(self, latents: Tensor) -> Tensor:
@@ -165,5 +188,8 @@ class PixArtSigmaFamily(_DiTLike):
         return self._run_vae(z).to(latents.device, latents.dtype)
 
     def _identity_extra(self) -> dict[str, Any]:
-        return {"max_sequence_length": self.max_sequence_length, "clean_caption": self.clean_caption,
-                "additional_conditions": bool(getattr(self.network, "use_additional_conditions", False))}
+        return {
+            "max_sequence_length": self.max_sequence_length,
+            "clean_caption": self.clean_caption,
+            "additional_conditions": bool(getattr(self.network, "use_additional_conditions", False)),
+        }

@@ -30,8 +30,7 @@ class _ShiftedVAE(Family):
         return self._run_vae(z).to(latents.device, latents.dtype)
 
     def _identity_extra(self) -> dict[str, Any]:
-        return {"max_sequence_length": self.max_sequence_length,
-                "text_length": int(self.pipe.tokenizer_max_length)}
+        return {"max_sequence_length": self.max_sequence_length, "text_length": int(self.pipe.tokenizer_max_length)}
 
 
 class SD3Family(_ShiftedVAE):
@@ -66,14 +65,22 @@ class SD3Family(_ShiftedVAE):
         h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
         limit = self.network.config.get("pos_embed_max_size")
         if limit is not None and max(h, w) // p > int(limit):
-            raise ShapeError(f"{self.name}: a {height}x{width} image needs {h // p}x{w // p} patches; the "
-                             f"transformer's position table holds at most {limit} per side")
+            raise ShapeError(
+                f"{self.name}: a {height}x{width} image needs {h // p}x{w // p} patches; the "
+                f"transformer's position table holds at most {limit} per side"
+            )
         return h, w
 
     def _encode(self, prompts: list[str], negatives: bool) -> tuple[Tensor, ...]:
-        return self.pipe.encode_prompt(prompt=list(prompts), prompt_2=None, prompt_3=None, device=self.device,
-                                       num_images_per_prompt=1, do_classifier_free_guidance=negatives,
-                                       max_sequence_length=self.max_sequence_length)
+        return self.pipe.encode_prompt(
+            prompt=list(prompts),
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=negatives,
+            max_sequence_length=self.max_sequence_length,
+        )
 
     def encode(self, prompts: list[str]) -> dict[str, Tensor]:
         with torch.no_grad():
@@ -90,9 +97,13 @@ class SD3Family(_ShiftedVAE):
         t = self._check_x(x, t_net)
         r = self._rows(rows, x.shape[0], ("encoder_hidden_states", "pooled"))
         dt = self.network_dtype
-        out = self.network(hidden_states=x.to(self.network_device, dt), timestep=t,
-                           encoder_hidden_states=r["encoder_hidden_states"].to(dt),
-                           pooled_projections=r["pooled"].to(dt), return_dict=False)
+        out = self.network(
+            hidden_states=x.to(self.network_device, dt),
+            timestep=t,
+            encoder_hidden_states=r["encoder_hidden_states"].to(dt),
+            pooled_projections=r["pooled"].to(dt),
+            return_dict=False,
+        )
         return out_tensor(out)[:, : self.latent_channels].to(x.device, x.dtype)
 
 
@@ -140,8 +151,9 @@ class FluxFamily(_ShiftedVAE):
         k = 2 * self.vae_scale_factor  # the pipeline rounds down to whole 2x2 patches (and warns)
         h, w = 2 * (height // k), 2 * (width // k)
         if h == 0 or w == 0:
-            raise ShapeError(f"{self.name}: a {height}x{width} image is smaller than one 2x2 latent patch "
-                             f"({k}x{k} pixels)")
+            raise ShapeError(
+                f"{self.name}: a {height}x{width} image is smaller than one 2x2 latent patch ({k}x{k} pixels)"
+            )
         return h, w
 
     # ------------------------------------------------------------------ packing
@@ -171,9 +183,13 @@ class FluxFamily(_ShiftedVAE):
     # ------------------------------------------------------------------ conditioning
     def encode(self, prompts: list[str]) -> dict[str, Tensor]:
         with torch.no_grad():
-            emb, pooled, _ = self.pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=self.device,
-                                                     num_images_per_prompt=1,
-                                                     max_sequence_length=self.max_sequence_length)
+            emb, pooled, _ = self.pipe.encode_prompt(
+                prompt=list(prompts),
+                prompt_2=None,
+                device=self.device,
+                num_images_per_prompt=1,
+                max_sequence_length=self.max_sequence_length,
+            )
         return {"encoder_hidden_states": emb, "pooled": pooled}
 
     def _null_row(self) -> dict[str, Tensor]:
@@ -192,8 +208,9 @@ class FluxFamily(_ShiftedVAE):
         dt, dev = self.network_dtype, self.network_device
         if self.guidance_mode == "distilled":
             if guidance is None:
-                raise FewstepError("flux: this transformer embeds the guidance scale (guidance_embeds): pass "
-                                   "guidance=(B,) to forward")
+                raise FewstepError(
+                    "flux: this transformer embeds the guidance scale (guidance_embeds): pass guidance=(B,) to forward"
+                )
             g = torch.as_tensor(guidance).detach().to(dev, torch.float32).reshape(-1)
             g = g.expand(B) if g.numel() == 1 else g
             if g.numel() != B:
@@ -202,8 +219,14 @@ class FluxFamily(_ShiftedVAE):
             self._no_guidance(guidance)
             g = None
         emb = r["encoder_hidden_states"].to(dt)
-        out = self.network(hidden_states=self.pack(x.to(dev, dt)), timestep=t.to(dt) / 1000, guidance=g,
-                           pooled_projections=r["pooled"].to(dt), encoder_hidden_states=emb,
-                           txt_ids=torch.zeros(emb.shape[1], 3, dtype=dt, device=dev),
-                           img_ids=self.image_ids(h, w, dt, dev), return_dict=False)
+        out = self.network(
+            hidden_states=self.pack(x.to(dev, dt)),
+            timestep=t.to(dt) / 1000,
+            guidance=g,
+            pooled_projections=r["pooled"].to(dt),
+            encoder_hidden_states=emb,
+            txt_ids=torch.zeros(emb.shape[1], 3, dtype=dt, device=dev),
+            img_ids=self.image_ids(h, w, dt, dev),
+            return_dict=False,
+        )
         return self.unpack(out_tensor(out), h, w).to(x.device, x.dtype)

@@ -23,8 +23,10 @@ class _UNetFamily(Family):
         super().__init__(pipe)
         cfg = self.network.config
         if cfg.get("time_cond_proj_dim") is not None:
-            raise ModelSpecError(f"{type(pipe).__name__}: this UNet embeds the guidance scale (time_cond_proj_dim, "
-                                 f"an LCM-style distilled model); the {self.name} family needs a CFG UNet")
+            raise ModelSpecError(
+                f"{type(pipe).__name__}: this UNet embeds the guidance scale (time_cond_proj_dim, "
+                f"an LCM-style distilled model); the {self.name} family needs a CFG UNet"
+            )
 
     @property
     def latent_channels(self) -> int:
@@ -39,18 +41,29 @@ class _UNetFamily(Family):
         check_multiple(self.name, height, width, 8, f"{type(self.pipe).__name__} refuses other sizes")
         return height // self.vae_scale_factor, width // self.vae_scale_factor
 
-    def _unet(self, x: Tensor, t_net: Tensor, rows: dict[str, Tensor], keys: tuple[str, ...],
-              added: Any = None) -> Tensor:
+    def _unet(
+        self, x: Tensor, t_net: Tensor, rows: dict[str, Tensor], keys: tuple[str, ...], added: Any = None
+    ) -> Tensor:
         t = self._check_x(x, t_net)
         r = self._rows(rows, x.shape[0], keys)
         dt = self.network_dtype
-        out = self.network(x.to(self.network_device, dt), t, encoder_hidden_states=r["encoder_hidden_states"].to(dt),
-                           added_cond_kwargs=added(r, x.shape[0], dt) if added else None, return_dict=False)
+        out = self.network(
+            x.to(self.network_device, dt),
+            t,
+            encoder_hidden_states=r["encoder_hidden_states"].to(dt),
+            added_cond_kwargs=added(r, x.shape[0], dt) if added else None,
+            return_dict=False,
+        )
         return out_tensor(out)[:, : self.latent_channels].to(x.device, x.dtype)
 
     def _identity_extra(self) -> dict[str, Any]:
-        return {"text_length": int(self.pipe.tokenizer.model_max_length if self.pipe.tokenizer is not None
-                                   else self.pipe.tokenizer_2.model_max_length)}
+        return {
+            "text_length": int(
+                self.pipe.tokenizer.model_max_length
+                if self.pipe.tokenizer is not None
+                else self.pipe.tokenizer_2.model_max_length
+            )
+        }
 
 
 class SDFamily(_UNetFamily):
@@ -101,18 +114,22 @@ class SDXLFamily(_UNetFamily):
     def __init__(self, pipe: Any) -> None:
         super().__init__(pipe)
         if self.network.config.get("addition_embed_type") != "text_time":
-            raise ModelSpecError(f"{type(pipe).__name__}: the UNet has addition_embed_type="
-                                 f"{self.network.config.get('addition_embed_type')!r}; SDXL needs 'text_time'")
+            raise ModelSpecError(
+                f"{type(pipe).__name__}: the UNet has addition_embed_type="
+                f"{self.network.config.get('addition_embed_type')!r}; SDXL needs 'text_time'"
+            )
 
     def encode(self, prompts: list[str]) -> dict[str, Tensor]:
         with torch.no_grad():
-            emb, _, pooled, _ = self.pipe.encode_prompt(list(prompts), device=self.device, num_images_per_prompt=1,
-                                                        do_classifier_free_guidance=False)
+            emb, _, pooled, _ = self.pipe.encode_prompt(
+                list(prompts), device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
         return {"encoder_hidden_states": emb, "pooled": pooled}
 
     def _null_row(self) -> dict[str, Tensor]:
-        _, neg, _, neg_pooled = self.pipe.encode_prompt([""], device=self.device, num_images_per_prompt=1,
-                                                        do_classifier_free_guidance=True)
+        _, neg, _, neg_pooled = self.pipe.encode_prompt(
+            [""], device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=True
+        )
         return {"encoder_hidden_states": neg, "pooled": neg_pooled}
 
     def time_ids(self, batch: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -147,5 +164,7 @@ class SDXLFamily(_UNetFamily):
         return self._run_vae(z, upcast=upcast).to(latents.device, latents.dtype)
 
     def _identity_extra(self) -> dict[str, Any]:
-        return {**super()._identity_extra(),
-                "force_zeros_for_empty_prompt": bool(self.pipe.config.get("force_zeros_for_empty_prompt", False))}
+        return {
+            **super()._identity_extra(),
+            "force_zeros_for_empty_prompt": bool(self.pipe.config.get("force_zeros_for_empty_prompt", False)),
+        }
