@@ -51,7 +51,8 @@ def main() -> None:
         f"full batch, {args.steps} steps"
     )
     print(
-        f"machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n"
+        f"machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}\n"
     )
     print("| start | start's validation RMSE | lowest training RMSE | validation RMSE | held-out RMSE | fit s |")
     print("|---|---|---|---|---|---|", flush=True)

@@ -9,6 +9,7 @@ best classic overall; then sampling time / (NFE x one model call) on digits-eps.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import time
@@ -62,7 +63,8 @@ def overhead(model_name: str = "digits-eps", batch: int = 256, nfe: int = 10, re
     with torch.no_grad():
         net = best(lambda: [m.net(x, tn) for _ in range(nfe)])
         for solver in ("ddim", "dpmpp_3m", "unipc", "ipndm", "adams4"):
-            s = best(lambda: sample(m, x, solver, nfe=nfe, grid="logsnr" if solver != "adams4" else "time"))
+            grid = "logsnr" if solver != "adams4" else "time"
+            s = best(functools.partial(sample, m, x, solver, nfe=nfe, grid=grid))
             out[solver] = s / net
     return out
 

@@ -139,7 +139,8 @@ def launch(args: argparse.Namespace) -> None:
 
     print(
         f"# Several processes: {args.model}, s4s-alt at NFE {args.nfe} ({args.samples} training, "
-        f"{args.val_samples} validation and {args.confirm_samples} confirmation noises, {args.steps} steps{', start ' + args.start if args.start else ''}), eval on {args.eval_samples} noises"
+        f"{args.val_samples} validation and {args.confirm_samples} confirmation noises, {args.steps} steps"
+        f"{', start ' + args.start if args.start else ''}), eval on {args.eval_samples} noises"
     )
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, one thread per process, torch {torch.__version__}, "

@@ -24,6 +24,7 @@ Bad input (a missing folder or prompt file, a bad NFE list, ...) is one ``error:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -152,14 +153,12 @@ def machine(device: str) -> dict[str, Any]:
     import torch
 
     cpu = platform.processor() or platform.machine()
-    try:
+    with contextlib.suppress(OSError, StopIteration):  # no /proc/cpuinfo, or no model name in it
         cpu = next(
             ln.split(":", 1)[1].strip()
             for ln in Path("/proc/cpuinfo").read_text().splitlines()
             if ln.startswith("model name")
         )
-    except (OSError, StopIteration):
-        pass
     gpu = torch.cuda.get_device_name(torch.device(device)) if torch.device(device).type == "cuda" else None
     try:
         commit = (
@@ -342,7 +341,7 @@ def run(a: argparse.Namespace, settings: dict[str, Any], command: str) -> dict[s
         log=lambda s: print(s, file=sys.stderr, flush=True),
         eval_kwargs=eval_kwargs,
     )
-    for f, s in zip(b["fits"], b.pop("solvers")):
+    for f, s in zip(b["fits"], b.pop("solvers"), strict=True):
         f["cost"] = s.doc["cost"]
     peak, what = peak_memory(device)  # CUDA: since the last fit began (fewstep's meter resets the peak there)
     what = f"{what}, the last fit and the table" if what.startswith("CUDA") else what

@@ -43,7 +43,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"# {args.model}: {args.method} at {args.nfe} NFE fitted at guidance {args.fit_scale:g}")
     print(
-        f"machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n"
+        f"machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}\n"
     )
     t0 = time.perf_counter()
     seeds = [int(v) for v in args.seeds.split(",")]

@@ -44,7 +44,8 @@ def main() -> None:
     m = zoo.load("digits-unet", guidance_scale=args.guidance)
     print(f"# zoo:digits-unet, guidance {args.guidance:g}: held-out RMSE and FD ({args.samples} samples)")
     print(
-        f"machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n"
+        f"machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}\n"
     )
     t0 = time.perf_counter()
     fit_kwargs = {"samples": 256, "val_samples": 128, "teacher": "unipc3@logsnr:50", "steps": args.steps, "batch": 16}

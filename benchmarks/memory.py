@@ -104,7 +104,7 @@ def fit_formula(rows: list[dict]) -> dict:
     ck = [r for r in rows if r["checkpoint"]]
     if len(ck) >= 3:
         m = [r["micro_batch"] or r["batch"] for r in ck]
-        A = np.array([[1.0, mi, mi * r["nfe"]] for mi, r in zip(m, ck)])
+        A = np.array([[1.0, mi, mi * r["nfe"]] for mi, r in zip(m, ck, strict=True)])
         y = np.array([r["step_mib"] for r in ck])
         (a, b, c), *_ = np.linalg.lstsq(A, y, rcond=None)
         out["checkpointing"] = {

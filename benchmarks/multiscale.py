@@ -51,7 +51,10 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     scales = [float(w) for w in args.scales.split(",")]
     held = list(range(1_000_000, 1_000_000 + args.samples))
-    load = lambda g: load_model(args.model, classes=args.classes or None, guidance=g)  # noqa: E731
+
+    def load(g):
+        return load_model(args.model, classes=args.classes or None, guidance=g)
+
     print(
         f"# {args.method} at NFE {args.nfe} on {args.model}: one fit over scales {args.fit_scales} against a fit "
         f"at each scale ({args.samples} held-out noises, seeds {args.seeds}, fit {kw})"
@@ -75,7 +78,7 @@ def main() -> None:
             mr.append(run_solver(m, held, multi[s], args.nfe, ref).rmse)
             own = fit(m, args.method, args.nfe, seed=s, progress=False, **kw).solver
             sr.append(run_solver(m, held, own, args.nfe, ref).rmse)
-        ratio = [a / c for a, c in zip(mr, sr)]
+        ratio = [a / c for a, c in zip(mr, sr, strict=True)]
         fitted = " (fitted)" if any(abs(w - f) < 1e-9 for f in GuidanceSet.parse(args.fit_scales).scales) else ""
         rows.append(
             {

@@ -88,11 +88,14 @@ def main() -> None:
         "rows": rows,
         "date": time.strftime("%Y-%m-%d"),
     }
+
+    def sd(v):
+        return statistics.stdev(v) if len(v) > 1 else 0.0
+
     for key, label in (("rmse_fp32_net", "scored with the fp32 network"), ("rmse_own", "each with its own network")):
         a = [r[key] for r in rows if r["dtype"] == "fp32"]
         b = [r[key] for r in rows if r["dtype"] == args.dtype]
-        ratio = [y / x for x, y in zip(a, b)]
-        sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
+        ratio = [y / x for x, y in zip(a, b, strict=True)]
         print(
             f"{label}: fp32 {statistics.mean(a):.5g} ± {sd(a):.2g}, {args.dtype} {statistics.mean(b):.5g} ± "
             f"{sd(b):.2g}; {args.dtype}/fp32 per seed {', '.join(f'{r:.3f}' for r in ratio)} "

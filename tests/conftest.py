@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import textwrap
+
 import pytest
 import torch
 
@@ -39,3 +42,23 @@ def kill_at_call(monkeypatch):
             monkeypatch.setattr(loop, "_objective", real)
 
     return kill
+
+
+#: a user's own model file, as `fewstep --model path/to/file.py:factory` takes it (the tests' Gaussian model)
+FACTORY = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    from fewstep import VPLinear
+    from gauss import make_gauss
+
+    def model():
+        return make_gauss(VPLinear(), "eps", d=6)
+""")
+
+
+@pytest.fixture()
+def user_model(tmp_path):
+    """A ``file.py:factory`` model spec written into ``tmp_path``."""
+    f = tmp_path / "mymodel.py"
+    f.write_text(FACTORY.format(tests=os.path.dirname(__file__)))
+    return f"{f}:model"

@@ -5,16 +5,13 @@ import os
 import pytest
 import torch
 
+from fewstep.fit.methods import from_classic
+from fewstep.integrations.diffusers_in import from_diffusers
+from fewstep.sampling import build_tableau, sample
+from fewstep.solvers.kernel import checkpointable_blocks
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers")
-
-from fewstep.fit.methods import from_classic  # noqa: E402
-from fewstep.integrations.diffusers_in import from_diffusers  # noqa: E402
-from fewstep.sampling import (
-    build_tableau,  # noqa: E402
-    sample,  # noqa: E402
-)
-from fewstep.solvers.kernel import checkpointable_blocks  # noqa: E402
 
 
 def _model():
@@ -50,7 +47,7 @@ def test_checkpointing_recomputes_each_block_and_gives_the_same_gradients():
     x0, g0, n0 = _grads(den, False)
     x1, g1, n1 = _grads(den, True)
     assert torch.allclose(x0, x1, atol=1e-5) and len(g0) == len(g1) > 0
-    for a, b in zip(g0, g1):
+    for a, b in zip(g0, g1, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     # 3 evaluations: plain = one forward each, no block checkpointing; checkpointed = each call recomputed in
     # the backward pass, with the network's own block checkpointing on in both passes (benchmarks/memory.py

@@ -13,25 +13,6 @@ from fewstep.cli import app
 
 runner = CliRunner()
 
-FACTORY = textwrap.dedent("""
-    import sys
-    sys.path.insert(0, {tests!r})
-    from fewstep import VPLinear
-    from gauss import make_gauss
-
-    def model():
-        return make_gauss(VPLinear(), "eps", d=6)
-""")
-
-
-@pytest.fixture()
-def user_model(tmp_path):
-    import os
-
-    f = tmp_path / "mymodel.py"
-    f.write_text(FACTORY.format(tests=os.path.dirname(__file__)))
-    return f"{f}:model"
-
 
 def _run(args, code=0):
     r = runner.invoke(app, args)
@@ -401,6 +382,8 @@ def test_demo_runs_the_main_job(user_model, tmp_path, monkeypatch):
     out = tmp_path / "demo"
     r = _run(["demo", "--model", user_model, "--samples", "32", "--out", str(out)])
     assert "s4s-alt (learned)" in r.stdout and r.stdout.count("best classic:") == 6
+    table = [ln for ln in r.stdout.splitlines() if "(learned)" in ln or "best classic:" in ln or "vs learned" in ln]
+    assert len(table) == 8 and len({len(ln) for ln in table}) == 1  # the columns line up, whatever the labels
     rep = json.loads((out / "report.json").read_text())
     mine = next(x for x in rep["results"] if x["grid"] == "learned")
     best5 = min(x["rmse"] for x in rep["results"] if x["nfe"] == 5 and x["grid"] != "learned" and x["rmse"])

@@ -173,7 +173,7 @@ def test_micro_batches_give_the_full_batchs_gradient(tmp_path):
             )
         for g, off_g, loss in grads[1:]:  # the same to float32 rounding (the solver state is float32)
             assert loss == pytest.approx(grads[0][2], rel=1e-6)
-            for a, b in zip(g, grads[0][0]):
+            for a, b in zip(g, grads[0][0], strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
             torch.testing.assert_close(off_g, grads[0][1], rtol=1e-5, atol=1e-8)
         assert any(float(p.abs().max()) > 1e-3 for p in grads[0][0])  # the gradients are not all zero

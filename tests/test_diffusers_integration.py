@@ -21,14 +21,14 @@ import torch
 import fewstep
 from fewstep.errors import ArtifactError, FewstepError, ModelSpecError, ShapeError, SolverNameError
 from fewstep.fit.methods import from_classic
+from fewstep.integrations.diffusers_in import from_diffusers, shifted_grid
+from fewstep.integrations.load import load_diffusers
 from fewstep.sampling import build_tableau
 from fewstep.solvers.artifact import save_solver, solver_doc
 from fewstep.specs import load_model
 
 diffusers = pytest.importorskip("diffusers")
-from fewstep.integrations.diffusers_in import from_diffusers, shifted_grid  # noqa: E402
-from fewstep.integrations.diffusers_scheduler import FewStepScheduler  # noqa: E402
-from fewstep.integrations.load import load_diffusers  # noqa: E402
+from fewstep.integrations.diffusers_scheduler import FewStepScheduler  # noqa: E402  # imports diffusers: after the skip
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 TOL = 1e-5
@@ -311,14 +311,17 @@ def test_flow_model_in_pipeline(unet):
 def test_scheduler_save_load_round_trip(unet, tmp_path):
     den = from_diffusers(unet, diffusers.DDPMScheduler(prediction_type="v_prediction"))
     grid = [1.0, 0.7, 0.45, 0.2, 0.05, 0.0]
+
+    def public(config):
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+
     for tag, sched in (
         ("learned", FewStepScheduler.from_solver(_learned_solver(den, tmp_path), den)),
         ("classic", FewStepScheduler.from_solver("unipc3", den, nfe=5, grid=grid, order=3)),
     ):
         sched.save_pretrained(tmp_path / tag)
         again = FewStepScheduler.from_pretrained(tmp_path / tag)
-        drop = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
-        assert drop(again.config) == drop(sched.config)
+        assert public(again.config) == public(sched.config)
         assert torch.equal(again.timesteps, sched.timesteps)
         outs = [
             run_pipeline(diffusers.DDPMPipeline(unet=unet, scheduler=s), batch_size=2, seed=15, output_type="pt")[0]

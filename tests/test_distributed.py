@@ -11,10 +11,11 @@ case). What is compared, and how closely:
 * a fit with the default groups (one per process: one group under one process, two under two): to ``RTOL``
   (relative). The batch's gradient is then added up in another order; the first step's parameters differ by
   ~1e-14 (float64) and the float32 network evaluations carry that into ~1e-6 after this fit's 100 steps
-  (measured 3e-7 to 9e-7 at K = 2, 4e-7 at K = 3). How far such differences grow depends on the fit: over a long, unsteady fit they grow as large as
-  what splitting the batch into micro-batches in one process does (benchmarks/distributed.py), which is why
-  ``--noise-groups`` exists. ``RTOL`` leaves two orders of magnitude for other CPUs' kernels; discrete choices
-  (start, screening, kept start) and every network-evaluation count must be equal;
+  (measured 3e-7 to 9e-7 at K = 2, 4e-7 at K = 3). How far such differences grow depends on the fit: over a
+  long, unsteady fit they grow as large as what splitting the batch into micro-batches in one process does
+  (benchmarks/distributed.py), which is why ``--noise-groups`` exists. ``RTOL`` leaves two orders of magnitude
+  for other CPUs' kernels; discrete choices (start, screening, kept start) and every network-evaluation count
+  must be equal;
 * eval tables: bit-identical but for wall times (zoo:gmm is analytic: a sample does not depend on the batch
   it is solved in, and the per-sample errors are gathered in seed order before any mean).
 
@@ -163,10 +164,10 @@ def _same_artifact(a: Path, b: Path, exact: bool = False) -> None:
     for key in ("rmse_to_teacher", "start_rmse_to_teacher", "confirm_rmse_to_teacher", "confirm_start_rmse_to_teacher"):
         assert _close(va[key], vb[key]), (key, va[key], vb[key])
     assert [h["step"] for h in da["history"]] == [h["step"] for h in db["history"]]
-    for ha, hb in zip(da["history"], db["history"]):
+    for ha, hb in zip(da["history"], db["history"], strict=True):
         assert _close(ha["val"], hb["val"]) and _close(ha["loss"], hb["loss"]), (ha, hb)
     for t in (da["grid"], db["grid"]), (da["eval_times"], db["eval_times"]):
-        assert all(_close(x, y) for x, y in zip(*t))
+        assert all(_close(x, y) for x, y in zip(*t, strict=True))
 
 
 def _same_table(a: dict, b: dict, learned_exact: bool = False) -> None:
@@ -175,7 +176,7 @@ def _same_table(a: dict, b: dict, learned_exact: bool = False) -> None:
     }
     ra, rb = a["results"], b["results"]
     assert [(r["solver"], r["grid"], r["nfe"]) for r in ra] == [(r["solver"], r["grid"], r["nfe"]) for r in rb]
-    for x, y in zip(ra, rb):
+    for x, y in zip(ra, rb, strict=True):
         x, y = ({k: v for k, v in r.items() if k != "seconds"} for r in (x, y))
         if x["grid"] == "learned" and not learned_exact:
             assert _close(x["rmse"], y["rmse"]) and _close(x["rmse_sem"], y["rmse_sem"]), (x, y)
@@ -370,8 +371,8 @@ def test_one_process_is_a_world_of_one_with_the_same_helpers():
 # Each run forks two processes from one that imported torch once (a run then costs the processes' own work and
 # their interpreter shutdown, ~1 s, instead of torchrun's ~4 s). They join by env:// as under torchrun, do a
 # collective of each kind, import torch.distributed.nn once joined (what a fit's optimizer imports, through
-# torch._dynamo: it used to keep the group, and so gloo's worker threads, alive after destroy_process_group, and
-# a worker that released a collective's tensors while the interpreter shut down aborted the process after its
+# torch._dynamo: it can keep the group, and so gloo's worker threads, alive after destroy_process_group, and a
+# worker releasing a collective's tensors while the interpreter shuts down would abort the process after its
 # complete output, SIGABRT), and end as ``fewstep.cli.main`` ends a completed run: shutdown(), exit_process(0).
 # MODE "held": something else keeps the group (exit_process must then skip the interpreter's shutdown, and
 # still deliver every line).
@@ -396,12 +397,12 @@ def work(rank, port):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     d = distributed.init("cpu")
-    import torch.distributed.nn  # noqa: F401
+    import torch.distributed.nn  # noqa: F401  # what a fit's optimizer imports: part of the case
     rows = d.gather_rows(torch.arange(6.0).view(6, 1)[d.rank::2], 6)
     objs = d.all_gather_object(d.rank)
     n = d.sum_ints([d.rank + 1])[0]
     doc = d.broadcast_object({"rows": rows.view(-1).tolist(), "objs": objs, "n": n} if d.main else None)
-    held = torch.distributed.group.WORLD if MODE == "held" else None  # noqa: F841
+    held = torch.distributed.group.WORLD if MODE == "held" else None  # noqa: F841  # a reference kept to the end
     if d.main:
         print(json.dumps(doc))  # block-buffered in a pipe: exit_process must flush it
     distributed.shutdown()

@@ -27,11 +27,11 @@ import torch
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
-import tiny_pipelines as T  # noqa: E402
-from fewstep.denoiser import Denoiser  # noqa: E402
-from fewstep.errors import FewstepError, ModelSpecError, ShapeError  # noqa: E402
-from fewstep.integrations.diffusers_in import schedule_from_diffusers  # noqa: E402
-from fewstep.integrations.families import (  # noqa: E402
+import tiny_pipelines as T
+from fewstep.denoiser import Denoiser
+from fewstep.errors import FewstepError, ModelSpecError, ShapeError
+from fewstep.integrations.diffusers_in import schedule_from_diffusers
+from fewstep.integrations.families import (
     FAMILIES,
     DiTFamily,
     FluxFamily,
@@ -42,7 +42,7 @@ from fewstep.integrations.families import (  # noqa: E402
     adapt,
     family_for,
 )
-from fewstep.integrations.families.base import Family  # noqa: E402
+from fewstep.integrations.families.base import Family
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning", "ignore::UserWarning")
 
@@ -329,7 +329,7 @@ def test_forward_reproduces_every_network_call(kind):
     fam.sample_shape(*run.size)
     assert len(run.calls) == STEPS and len(run.timesteps) == STEPS
     cond, null = fam.encode(prompts_of(kind)), fam.null_rows(2)
-    for call, t in zip(run.calls, run.timesteps):
+    for call, t in zip(run.calls, run.timesteps, strict=True):
         args, kwargs, _ = call
         x, out = network_x(run, call), network_out(run, call)
         t_net = torch.full((x.shape[0],), float(t))
@@ -368,7 +368,7 @@ def test_denoiser_guidance_matches_the_pipelines_guided_prediction(kind):
         uncond=lambda cond: fam.null_rows(next(iter(cond.values())).shape[0]),
     )
     cond = fam.encode(prompts_of(kind))
-    for call, t in zip(run.calls, run.timesteps):
+    for call, t in zip(run.calls, run.timesteps, strict=True):
         full = call[2]
         if kind == "pixart_sigma":  # the pipeline guides all channels, then keeps the first half
             u, c = full.chunk(2)
@@ -618,7 +618,10 @@ def test_flux_true_cfg_uses_null_rows_as_the_negative():
     )
     assert len(calls) == 2  # cond, then negative
     t = float(pipe.scheduler.timesteps[0])
-    unpack = lambda z: pipe._unpack_latents(z, H, Wd, pipe.vae_scale_factor)  # noqa: E731
+
+    def unpack(z):
+        return pipe._unpack_latents(z, H, Wd, pipe.vae_scale_factor)
+
     x = unpack(calls[1][1]["hidden_states"])
     g = torch.full((4,), W)
     both = fam.forward(

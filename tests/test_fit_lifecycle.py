@@ -95,6 +95,19 @@ class Killed(BaseException):
     """The process dies here (nothing after it runs; ``finally`` blocks do, as they would not: harmless)."""
 
 
+def _replace_dying_at(k: int, real):
+    """An ``os.replace`` that raises Killed on its k-th call (counted from 1) and calls ``real`` otherwise."""
+    calls = {"n": 0}
+
+    def dies(src, dst, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == k:
+            raise Killed
+        return real(src, dst, *a, **kw)
+
+    return dies
+
+
 @pytest.mark.parametrize("out", ["a", "a/named.json"])
 def test_a_write_stopped_at_any_point_leaves_the_old_or_the_new_artifact(model, cache, tmp_path, monkeypatch, out):
     old = fit(model, "s4s", 4, steps=8, cache_dir=cache, **KW)
@@ -104,15 +117,7 @@ def test_a_write_stopped_at_any_point_leaves_the_old_or_the_new_artifact(model, 
     real, seen = os.replace, set()
     for k in range(1, 10):
         write_artifact(out, old.doc, old.outcome.solver)
-        calls = {"n": 0}
-
-        def dies(src, dst, *a, **kw):
-            calls["n"] += 1
-            if calls["n"] == k:
-                raise Killed
-            return real(src, dst, *a, **kw)
-
-        monkeypatch.setattr(fewstep.io.os, "replace", dies)
+        monkeypatch.setattr(fewstep.io.os, "replace", _replace_dying_at(k, real))
         try:
             write_artifact(out, json.loads(json.dumps(new.doc)), new.outcome.solver)
             finished = True

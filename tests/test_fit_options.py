@@ -145,8 +145,8 @@ def test_dss_trajectory_term_pulls_the_states_to_the_teachers(vp_model, tmp_path
 
 
 def test_a_multi_scale_fit_without_out_samples_from_memory(tmp_path):
-    # found by benchmarks/multiscale.py: the in-memory result of a fit across scales was refused for its
-    # missing parameters file
+    # the in-memory result of a fit across scales samples without a parameters file (found by
+    # benchmarks/multiscale.py)
     from fewstep.specs import load_model
 
     m = load_model("zoo:gmm", classes="all", guidance="2,3")

@@ -1,4 +1,4 @@
-"""Bad input that used to cost minutes, gigabytes or a traceback (issue 20, rows 6-11), and `fewstep zoo`.
+"""Bad input that could cost minutes, gigabytes or a traceback, refused early (issue 20, rows 6-11); `fewstep zoo`.
 
 - a guidance range with a huge count is refused at once (row 6);
 - seeds have a documented upper bound checked at the option, and an output name too long for the file
@@ -298,7 +298,7 @@ def test_a_shard_with_malformed_shared_conditioning_is_recomputed(cache, tmp_pat
     model, data, folder = cache
     shard = folder / "seeds-8-16.safetensors"
     with safe_open(str(shard), "pt") as f:
-        meta, t = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+        meta, t = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  # safe_open is not iterable
     meta["shared_cond"] = '{"x": ' + _deep() + "}" if bad == "deep" else bad
     save_file(t, str(shard), metadata=meta)
     (folder / "manifest.json").unlink()  # the rebuild reads every shard's metadata too

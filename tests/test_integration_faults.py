@@ -22,16 +22,16 @@ import torch
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
-import fewstep  # noqa: E402
-import tiny_pipelines as T  # noqa: E402
-from fewstep.errors import ArtifactError, FewstepError, ModelSpecError  # noqa: E402
-from fewstep.fit.api import fit  # noqa: E402
-from fewstep.integrations.diffusers_scheduler import FewStepScheduler  # noqa: E402
-from fewstep.integrations.load import load_diffusers  # noqa: E402
-from fewstep.sampling import build_tableau  # noqa: E402
-from fewstep.solvers.artifact import save_solver, solver_doc  # noqa: E402
-from fewstep.specs import load_model  # noqa: E402
-from fewstep.zoo.unet import WEIGHTS_DIR  # noqa: E402
+import fewstep
+import tiny_pipelines as T
+from fewstep.errors import ArtifactError, FewstepError, ModelSpecError
+from fewstep.fit.api import fit
+from fewstep.integrations.diffusers_scheduler import FewStepScheduler
+from fewstep.integrations.load import load_diffusers
+from fewstep.sampling import build_tableau
+from fewstep.solvers.artifact import save_solver, solver_doc
+from fewstep.specs import load_model
+from fewstep.zoo.unet import WEIGHTS_DIR
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 PROMPTS = ["a photo of a cat", "a red car on the road", "a small bird in a green tree"]

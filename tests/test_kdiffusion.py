@@ -27,6 +27,7 @@ from torch import nn
 import fewstep
 from fewstep.errors import FewstepError, SolverNameError
 from fewstep.fit.methods import from_classic
+from fewstep.integrations.kdiffusion import sampler, ve_tableau
 from fewstep.sampling import build_tableau
 from fewstep.schedules import Flow, VPDiscrete
 from fewstep.solvers.artifact import save_solver, solver_doc
@@ -52,7 +53,7 @@ def _import_kdiffusion() -> tuple[types.ModuleType, types.ModuleType]:
         pytest.importorskip("k_diffusion")  # not installed: skip the file
     stand_ins: list[str] = []
     try:
-        import torchvision  # noqa: F401
+        import torchvision  # noqa: F401  # only whether it imports
     except ImportError:
         for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
             mod = types.ModuleType(name)
@@ -82,7 +83,6 @@ def _import_kdiffusion() -> tuple[types.ModuleType, types.ModuleType]:
 
 
 K, KX = _import_kdiffusion()
-from fewstep.integrations.kdiffusion import sampler, ve_tableau  # noqa: E402
 
 F64 = torch.float64
 SHAPE = (3, 8, 8)
@@ -195,7 +195,7 @@ def test_classic_matches_kdiffusion(vp, name, kd_name, steps):
     print(f"{name} vs k-diffusion {kd_name} ({steps} Karras sigmas): max rel diff {d:.1e}")
     assert d < TIGHT
     assert len(ours.calls) == len(theirs.calls) == steps  # once per step (Heun: not per evaluation)
-    for a, b in zip(ours.calls, theirs.calls):
+    for a, b in zip(ours.calls, theirs.calls, strict=True):
         assert set(a) == set(b) == {"x", "i", "sigma", "sigma_hat", "denoised"} and a["i"] == b["i"]
         assert float(a["sigma"]) == float(b["sigma"]) and float(a["sigma_hat"]) == float(b["sigma_hat"])
         assert rel(a["x"], b["x"]) < TIGHT and rel(a["denoised"], b["denoised"]) < TIGHT

@@ -3,10 +3,9 @@ classifier (accuracy, determinism, cache), and evaluate(..., metrics=...) on zoo
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-import os
-import sys
 
 import pytest
 import torch
@@ -25,9 +24,7 @@ from fewstep.metrics import (
 )
 from fewstep.metrics import classifier as clf
 from fewstep.metrics.features import digits_features
-
-sys.path.insert(0, os.path.dirname(__file__))
-from gauss import make_gauss  # noqa: E402
+from gauss import make_gauss
 
 F64 = torch.float64
 torch.set_num_threads(1)
@@ -89,10 +86,15 @@ def test_frechet_distance_of_a_set_with_itself_is_zero():
 
 def _poly_mmd_unbiased(fx: torch.Tensor, fy: torch.Tensor) -> float:
     d = fx.shape[1]
-    k = lambda a, b: (a @ b.T / d + 1.0) ** 3  # noqa: E731
     m = fx.shape[0]
+
+    def k(a, b):
+        return (a @ b.T / d + 1.0) ** 3
+
+    def off(kk):  # the mean of the off-diagonal entries
+        return (kk.sum() - kk.diagonal().sum()) / (m * (m - 1))
+
     kxx, kyy, kxy = k(fx, fx), k(fy, fy), k(fx, fy)
-    off = lambda kk: (kk.sum() - kk.diagonal().sum()) / (m * (m - 1))  # noqa: E731
     return float(off(kxx) + off(kyy) - 2 * kxy.mean())
 
 
@@ -141,7 +143,7 @@ def test_sliced_wasserstein_grows_with_a_shift():
     x, y = _gauss(500, mean, chol, 9), _gauss(800, mean, chol, 10)
     s = torch.tensor([0.6, 0.8], dtype=F64)
     d = [sliced_wasserstein(x, y + c * s) for c in (0.0, 0.5, 1.0, 2.0, 4.0)]
-    assert all(a < b for a, b in zip(d, d[1:])), d
+    assert all(a < b for a, b in itertools.pairwise(d)), d
     assert d[0] < 0.2  # two finite samples of one distribution: small, not zero
 
 
@@ -168,7 +170,7 @@ def test_log_likelihood_matches_the_gmm2d_density():
     comps = numpy.stack(
         [
             multivariate_normal(m.numpy(), float(s) ** 2 * numpy.eye(2)).logpdf(x.numpy())
-            for m, s in zip(net.means, net.stds)
+            for m, s in zip(net.means, net.stds, strict=True)
         ]
     )
     ref = logsumexp(comps, axis=0) - math.log(len(comps))

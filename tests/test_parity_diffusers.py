@@ -283,8 +283,11 @@ def test_flow_euler(flow_model, noise, nfe):
     # shift 1: sigmas uniform from 1 to 1 / T, then 0; the flow time is sigma
     grid = np.append(np.linspace(1.0, 1.0 / T, nfe), 0.0).tolist()
     assert sched.sigmas.to(F64).tolist() == pytest.approx(grid, rel=1e-6, abs=1e-7)
+
     # diffusers passes timestep = sigma * T; the network's own time input is net_time(sigma)
-    net = lambda x, ts: m.net(x, m.schedule.net_time(torch.as_tensor(ts).to(F64) / T).to(x.dtype).expand(x.shape[0]))  # noqa: E731
+    def net(x, ts):
+        return m.net(x, m.schedule.net_time(torch.as_tensor(ts).to(F64) / T).to(x.dtype).expand(x.shape[0]))
+
     ref = _run_diffusers(sched, net, noise)
     out = fewstep.sample(m, noise, solver="euler", nfe=nfe, grid=grid)
     assert rel_err(out, ref) < TOL

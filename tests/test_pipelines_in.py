@@ -35,17 +35,17 @@ import torch
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
-import fewstep  # noqa: E402
-import tiny_pipelines as T  # noqa: E402
-from fewstep.conditions import Entry, PromptSet  # noqa: E402
-from fewstep.errors import ArtifactError, FewstepError, ModelSpecError  # noqa: E402
-from fewstep.evaluate import evaluate  # noqa: E402
-from fewstep.fit.api import fit  # noqa: E402
-from fewstep.fit.teacher import generate_teacher  # noqa: E402
-from fewstep.integrations.diffusers_scheduler import FewStepScheduler  # noqa: E402
-from fewstep.integrations.families import FluxFamily  # noqa: E402
-from fewstep.seeds import EVAL_SEED_START, VAL_SEED_START  # noqa: E402
-from fewstep.specs import load_model  # noqa: E402
+import fewstep
+import tiny_pipelines as T
+from fewstep.conditions import Entry, PromptSet
+from fewstep.errors import ArtifactError, FewstepError, ModelSpecError
+from fewstep.evaluate import evaluate
+from fewstep.fit.api import fit
+from fewstep.fit.teacher import generate_teacher
+from fewstep.integrations.diffusers_scheduler import FewStepScheduler
+from fewstep.integrations.families import FluxFamily
+from fewstep.seeds import EVAL_SEED_START, VAL_SEED_START
+from fewstep.specs import load_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning", "ignore::UserWarning")
 

@@ -14,6 +14,7 @@ prior: with standard normal noise the samples would miss N(m1, s1^2) by s1 m0 / 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -141,7 +142,7 @@ def test_evaluation_errors_shrink_with_nfe():
     assert rep["reference"]["solver"] == "exact"
     for name in ("euler", "adams2", "unipc"):
         errs = [r["rmse"] for r in sorted(rep["results"], key=lambda r: r["nfe"]) if r["solver"] == name]
-        assert len(errs) == 4 and all(b < 0.7 * a for a, b in zip(errs, errs[1:])), (name, errs)
+        assert len(errs) == 4 and all(b < 0.7 * a for a, b in itertools.pairwise(errs)), (name, errs)
     euler = [r["rmse"] for r in sorted(rep["results"], key=lambda r: r["nfe"]) if r["solver"] == "euler"]
     assert 1.6 < euler[2] / euler[3] < 2.4  # first order
 

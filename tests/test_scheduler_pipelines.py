@@ -27,16 +27,16 @@ import pytest
 import torch
 
 import fewstep
+import tiny_pipelines as T
 from fewstep.errors import FewstepError
 from fewstep.fit.methods import from_classic
+from fewstep.integrations.diffusers_in import schedule_from_diffusers, shifted_grid
+from fewstep.integrations.families import FluxFamily, adapt
 from fewstep.sampling import build_tableau
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
-import tiny_pipelines as T  # noqa: E402
-from fewstep.integrations.diffusers_in import schedule_from_diffusers, shifted_grid  # noqa: E402
-from fewstep.integrations.diffusers_scheduler import FewStepScheduler  # noqa: E402
-from fewstep.integrations.families import FluxFamily, adapt  # noqa: E402
+from fewstep.integrations.diffusers_scheduler import FewStepScheduler  # noqa: E402  # imports diffusers: after the skip
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning", "ignore::UserWarning")
 
@@ -327,7 +327,7 @@ def test_sd3_flow_euler_guided_parity(dynamic):
     ref = su.sample("euler", nfe=NFE, grid=grid)
     d = maxdiff(got, ref)
     print(
-        f"sd3 own FlowMatchEuler ({'dynamic mu=%.4f' % mu if dynamic else 'shift 3'}) vs fewstep euler: "
+        f"sd3 own FlowMatchEuler ({f'dynamic mu={mu:.4f}' if dynamic else 'shift 3'}) vs fewstep euler: "
         f"max |diff| = {d:.2e}"
     )
     assert close(got, ref), d

@@ -15,9 +15,9 @@ import torch
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
-from diffusers import DiffusionPipeline  # noqa: E402
+from diffusers import DiffusionPipeline
 
-import tiny_pipelines as T  # noqa: E402
+import tiny_pipelines as T
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning", "ignore::UserWarning")
 STEPS = 2
@@ -101,7 +101,10 @@ def test_loads_back_into_the_same_class(kind, pair):
         if isinstance(comp, torch.nn.Module):
             a, b = comp.state_dict(), other.state_dict()
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    public = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}  # noqa: E731
+
+    def public(cfg):
+        return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
     assert public(loaded.scheduler.config) == public(mem.scheduler.config)
 
 

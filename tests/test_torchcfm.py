@@ -164,7 +164,9 @@ def test_the_default_folder_is_beside_the_repository(monkeypatch):
 
 # ----------------------------------------------------------------------------- the moons data
 def test_moons_data_is_the_authors_generator():
-    seeded = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    def seeded(s):
+        return torch.Generator().manual_seed(s)
+
     x = torchcfm.moons_data(20000, seeded(3))
     assert x.shape == (20000, 2) and x.dtype == torch.float32
     assert torch.equal(x, torchcfm.moons_data(20000, seeded(3)))

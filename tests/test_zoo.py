@@ -256,7 +256,10 @@ def test_exact_batch_independent_and_differentiable(name):
     if name != "digits-empirical":
         assert torch.autograd.gradcheck(lambda z: den.predict(z, 0.3, "D"), (x[:2].double().requires_grad_(True),))
     else:
-        f = lambda z: den.predict(z.reshape(1, 1, 8, 8), 0.3, "D").reshape(-1)[:5]  # noqa: E731
+
+        def f(z):
+            return den.predict(z.reshape(1, 1, 8, 8), 0.3, "D").reshape(-1)[:5]
+
         z0 = x[:1].double().reshape(-1).requires_grad_(True)
         assert torch.autograd.gradcheck(f, (z0,))
 

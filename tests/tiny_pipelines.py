@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the hub from here
 
-import torch  # noqa: E402
+import torch
 
 KINDS = ("sd", "sdxl", "dit", "pixart_sigma", "sd3", "flux")
 
@@ -128,7 +129,7 @@ def _learn_merges(words) -> list[tuple[str, str]]:
     seqs = [list(w[:-1]) + [w[-1] + "</w>"] for w in words]
     merges: list[tuple[str, str]] = []
     while True:
-        counts = Counter(p for s in seqs for p in zip(s, s[1:]))
+        counts = Counter(p for s in seqs for p in pairwise(s))
         if not counts:
             return merges
         best = min(counts, key=lambda p: (-counts[p], p))

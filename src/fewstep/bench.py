@@ -16,9 +16,10 @@ import torch
 
 from .denoiser import Denoiser
 from .distributed import current
+from .errors import FewstepError
 from .evaluate import evaluate, solve_batched
 from .fit.checkpoint import NAME as CHECKPOINT_NAME
-from .report import Report, bench_rows, render_bench_markdown, render_guidance_markdown
+from .report import Report, Row, bench_rows, render_bench_markdown, render_guidance_markdown
 from .seeds import EVAL_SEED_START
 from .solvers.artifact import LoadedSolver, load_solver
 
@@ -227,10 +228,15 @@ def guidance_table(
             learned.append(own)
         rep = evaluate(m, nfe=nfe, samples=samples, device=device, learned=learned, **(eval_kwargs or {}))
         typed = Report.from_dict(rep)
-        by_name = {r.solver: r.rmse for r in typed.rows if r.kind == "learned"}
+        by_name = {r.solver: r for r in typed.rows if r.kind == "learned"}
         b = typed.best_classic(nfe)
-        fixed = by_name[base.name]
-        own = by_name[learned[-1].name]
+        if b is None:
+            raise FewstepError(
+                f"guidance {w:g}: no classic solver ran at {nfe} NFE: nothing to compare the learned with"
+            )
+        assert b.rmse is not None  # best_of picks rows with an RMSE only
+        fixed = _rmse_at(by_name[base.name], w)
+        own = _rmse_at(by_name[learned[-1].name], w)
         rows.append(
             {
                 "scale": float(w),
@@ -245,6 +251,13 @@ def guidance_table(
         )
         log(f"guidance {w:g}: best classic {b.rmse:.4g}, fitted at {fit_scale:g} {fixed:.4g}, refit {own:.4g}")
     return rows
+
+
+def _rmse_at(row: Row, scale: float) -> float:
+    """The RMSE of a learned row of the guidance table; FewstepError when that solver did not run."""
+    if row.rmse is None:
+        raise FewstepError(f"guidance {scale:g}: the solver {row.solver} did not run: {row.error or 'no RMSE'}")
+    return row.rmse
 
 
 def format_guidance(rows: list[dict[str, Any]], nfe: int, method: str) -> str:

@@ -62,6 +62,8 @@ class Entry:
 
 @dataclass(frozen=True)
 class PromptSet:
+    """The prompts a model is conditioned on: each seed draws one from the seed alone (:meth:`read`, :meth:`of`)."""
+
     entries: tuple[Entry, ...]
     source: str = "inline"
 
@@ -182,6 +184,8 @@ def _read_jsonl(text: str, p: Path) -> list[Entry]:
 
 @dataclass(frozen=True)
 class ClassSet:
+    """The class labels a class-conditional model samples: each seed draws one from the seed alone."""
+
     labels: tuple[int, ...]
 
     @classmethod
@@ -210,11 +214,14 @@ class ClassSet:
         return _digest(list(self.labels))
 
     def draw(self, seeds: Sequence[int]) -> Tensor:
+        """The class label of each seed, (len(seeds),) long."""
         return torch.tensor(self.labels, dtype=torch.long)[_draw(seeds, len(self.labels), PROMPT_SALT)]
 
 
 @dataclass(frozen=True)
 class GuidanceSet:
+    """The guidance scales a model samples at: one, or several that each seed draws from (:meth:`parse`)."""
+
     scales: tuple[float, ...]
 
     def __post_init__(self) -> None:
@@ -258,6 +265,7 @@ class GuidanceSet:
         return _digest(list(self.scales))
 
     def draw(self, seeds: Sequence[int]) -> Tensor:
+        """The guidance scale of each seed, (len(seeds),) float64."""
         return torch.tensor(self.scales, dtype=torch.float64)[_draw(seeds, len(self.scales), GUIDANCE_SALT)]
 
 

@@ -112,7 +112,14 @@ class Meter:
 
     def __init__(self, model: Any, device: torch.device | str = "cpu") -> None:
         self.model, self.device = model, torch.device(device)
-        self.spent: Spent | None = None
+        self._spent: Spent | None = None
+
+    @property
+    def spent(self) -> Spent:
+        """What the stretch cost (known once the ``with`` block has ended)."""
+        if self._spent is None:
+            raise RuntimeError("Meter.spent is read before its with block has ended")
+        return self._spent
 
     def __enter__(self) -> Meter:
         if self.device.type == "cuda" and torch.cuda.is_available():
@@ -122,7 +129,7 @@ class Meter:
 
     def __exit__(self, *exc: Any) -> None:
         peak, what = peak_memory(self.device)
-        self.spent = Spent(self.model.cost - self._c0, time.perf_counter() - self._t0, peak, what)
+        self._spent = Spent(self.model.cost - self._c0, time.perf_counter() - self._t0, peak, what)
 
 
 __all__ = ["Cost", "Meter", "Spent", "counted", "peak_memory"]

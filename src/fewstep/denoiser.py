@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,12 @@ DTYPES = {
 }
 
 
+@overload
+def torch_dtype(dtype: None) -> None: ...
+@overload
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype: ...
+@overload
+def torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None: ...
 def torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """fp32 / fp16 / bf16 (or a torch dtype) -> torch dtype; None stays None."""
     if dtype is None or isinstance(dtype, torch.dtype):
@@ -210,27 +216,27 @@ class Denoiser(nn.Module):
 
     def _raw(self, x: Tensor, t: Tensor | float, t_net: float | None = None, **cond: Any) -> Tensor:
         if t_net is not None:
-            t_net = torch.full((x.shape[0],), t_net, dtype=x.dtype, device=x.device)
+            tn = torch.full((x.shape[0],), t_net, dtype=x.dtype, device=x.device)
         else:
-            t = torch.as_tensor(t, dtype=torch.float64)
-            t_net = self.schedule.net_time(t).to(device=x.device, dtype=x.dtype).expand(x.shape[0])
+            t64 = torch.as_tensor(t, dtype=torch.float64)
+            tn = self.schedule.net_time(t64).to(device=x.device, dtype=x.dtype).expand(x.shape[0])
         w = cond.pop("guidance_scale", self.guidance_scale)
         if self.guidance_input:  # the network takes the scale itself: one call, no unconditional half
             scale = torch.as_tensor(1.0 if w is None else w, dtype=torch.float32, device=x.device)
-            out = self.net(x, t_net, guidance=scale.expand(x.shape[0]) if scale.dim() == 0 else scale, **cond)
+            out = self.net(x, tn, guidance=scale.expand(x.shape[0]) if scale.dim() == 0 else scale, **cond)
             self._check_shape(out, tuple(x.shape))
             out = counted(out, self.cost, x.shape[0], x.shape[0])
         elif _guided(w):
             unc = self.uncond(cond) if callable(self.uncond) else dict(self.uncond or {})
             both = _cat_cond(cond, unc)
-            out = self.net(torch.cat([x, x], 0), torch.cat([t_net, t_net], 0), **both)
+            out = self.net(torch.cat([x, x], 0), torch.cat([tn, tn], 0), **both)
             self._check_shape(out, (2 * x.shape[0], *x.shape[1:]))
             out_c, out_u = out.chunk(2, 0)
             if isinstance(w, Tensor):  # one scale per sample
                 w = w.to(device=out.device, dtype=out.dtype).reshape(-1, *[1] * (out.dim() - 1))
             out = counted(out_u + w * (out_c - out_u), self.cost, x.shape[0], 2 * x.shape[0])
         else:
-            out = self.net(x, t_net, **cond)
+            out = self.net(x, tn, **cond)
             self._check_shape(out, tuple(x.shape))
             out = counted(out, self.cost, x.shape[0], x.shape[0])
         self.nfe += 1

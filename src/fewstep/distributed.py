@@ -25,6 +25,7 @@ aborts the process (SIGABRT, "terminate called without an active exception") aft
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import os
 import pickle
@@ -330,12 +331,13 @@ def init(device: str | torch.device = "cpu") -> Dist:
     if world <= 1:
         _CURRENT = Dist()
         return _CURRENT
+    no_td = f"WORLD_SIZE={world} but this PyTorch has no torch.distributed: run one process"
     try:
         import torch.distributed as td
     except ImportError:  # pragma: no cover
-        td = None
-    if td is None or not td.is_available():
-        raise FewstepError(f"WORLD_SIZE={world} but this PyTorch has no torch.distributed: run one process")
+        raise FewstepError(no_td) from None
+    if not td.is_available():
+        raise FewstepError(no_td)
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         if not os.environ.get(name):
             raise FewstepError(f"WORLD_SIZE={world} but {name} is not set: start the processes with torchrun")
@@ -365,10 +367,8 @@ def _import_before_joining() -> None:
     was made, it holds the group: ``destroy_process_group`` then leaves the gloo backend and its worker threads
     running until the interpreter shuts down, where a worker still releasing a collective's tensors needs the GIL
     and aborts the process. Imported first, its default is None."""
-    try:
-        import torch.distributed.nn  # noqa: F401
-    except Exception:  # noqa: BLE001 - an optional part of torch: nothing of it can hold the group then
-        pass
+    with contextlib.suppress(Exception):  # an optional part of torch: nothing of it can hold the group then
+        import torch.distributed.nn  # noqa: F401  # imported for its side effect
 
 
 def shutdown() -> None:
@@ -430,10 +430,8 @@ def exit_process(code: int) -> NoReturn:
         sys.exit(code)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):  # a closed stream or a reader that went away
             stream.flush()
-        except (OSError, ValueError):  # a closed stream or a reader that went away: nothing more to say there
-            pass
     os._exit(code)
 
 

@@ -32,7 +32,7 @@ from .errors import ArtifactError, FewstepError, NothingToRunError, SolverNameEr
 from .grids import grid_names
 from .metrics.reference import DataReference, model_data, user_data
 from .metrics.suite import DISTRIBUTION, ROW_KEYS, MetricSuite, parse_metrics, select_metrics
-from .report import FD_REF_NOTE, Report, Row, best_classic, render_plain
+from .report import FD_REF_NOTE, Report, Row, RowKind, best_classic, render_plain
 from .sampling import sample
 from .seeds import EVAL_SEED_START, check_seeds
 from .solvers.artifact import LoadedSolver
@@ -97,7 +97,9 @@ def solve_batched(
             for k in range(0, len(chunk_seeds), batch_size):
                 chunk = chunk_seeds[k : k + batch_size]
                 noise = model.noise(chunk, device)
-                outs.append(sample(model, noise, solver, nfe=nfe, grid=grid, cond=model.cond_for(chunk, device)).cpu())
+                x = sample(model, noise, solver, nfe=nfe, grid=grid, cond=model.cond_for(chunk, device))
+                assert isinstance(x, Tensor)  # no trajectory asked for
+                outs.append(x.cpu())
         return torch.cat(outs)
 
     return per_seed(model, seeds, solve)
@@ -163,7 +165,7 @@ def run_solver(
     batch_size: int = 500,
     device: str | torch.device = "cpu",
     keep_samples: bool = False,
-    kind: str | None = None,
+    kind: RowKind | None = None,
 ) -> Run:
     """Evaluate one solver. A solver that cannot run on this model records its error in the row instead
     of raising; a solver that names nothing runnable (an unknown name, another model's artifact) raises."""
@@ -179,7 +181,7 @@ def run_solver(
         raise  # the user named something that cannot run on this model: stop, do not tabulate
     except FewstepError as e:
         return Run(Row(kind or "classic", name, grid, nfe, error=str(e)))
-    row_kind = kind or ("learned" if s.kind == "learned" else "classic")
+    row_kind: RowKind = kind or ("learned" if s.kind == "learned" else "classic")
     t0 = time.perf_counter()
     try:
         x = solve_batched(model, seeds, s, used, batch_size=batch_size, device=device)
@@ -250,12 +252,12 @@ def evaluate(
     ref, ref_half, ref_spec, ref_nfe = _reference_pair(model, seeds, reference, reference_nfe, batch_size, device)
     ref_secs = time.perf_counter() - t0
     self_err = per_sample_rmse(ref_half, ref)
-    ref_info = {"solver": ref_spec, "nfe": ref_nfe, "self_error": float(self_err.mean())}
+    ref_info: dict[str, Any] = {"solver": ref_spec, "nfe": ref_nfe, "self_error": float(self_err.mean())}
     # under several processes every solve is shared out by seed and gathered (see solve_batched); the metrics
     # are computed by rank 0 and sent to the others, so every process returns the same report
     d = current()
     suite, cond, measured = None, {}, names is not None
-    if measured:
+    if names is not None:
         dref = None
         if any(m in DISTRIBUTION for m in names):
             dref = _data_reference(
@@ -277,8 +279,8 @@ def evaluate(
     report = Report(model_name or model.name, nfes[0] if len(nfes) == 1 else nfes, samples, seed, ref_info, rows)
     if measured:
         sem = float(self_err.std() / math.sqrt(len(self_err))) if len(self_err) > 1 else 0.0
-        got = (suite.row(ref, ref_half, cond), suite.info()) if suite is not None else None
-        ref_metrics, report.metrics = d.broadcast_object(got)
+        ref_got = (suite.row(ref, ref_half, cond), suite.info()) if suite is not None else None
+        ref_metrics, report.metrics = d.broadcast_object(ref_got)
         rows.insert(
             0,
             Row(

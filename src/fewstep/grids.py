@@ -27,15 +27,18 @@ F64 = torch.float64
 
 
 def time_uniform(schedule: Schedule, n: int) -> Tensor:
+    """The ``time`` grid, (n + 1,)."""
     return torch.linspace(schedule.t_max, schedule.t_end, n + 1, dtype=F64)
 
 
 def time_quadratic(schedule: Schedule, n: int) -> Tensor:
+    """The ``quadratic`` grid, (n + 1,)."""
     u = 1.0 - torch.arange(n + 1, dtype=F64) / n
     return schedule.t_end + (schedule.t_max - schedule.t_end) * u**2
 
 
 def logsnr_uniform(schedule: Schedule, n: int) -> Tensor:
+    """The ``logsnr`` grid, (n + 1,)."""
     lo, hi = schedule.lambda_range()
     lam = torch.linspace(lo, hi, n, dtype=F64)
     t = schedule.t_of_lambda(lam)
@@ -46,6 +49,7 @@ def logsnr_uniform(schedule: Schedule, n: int) -> Tensor:
 
 
 def karras(schedule: Schedule, n: int, rho: float = 7.0) -> Tensor:
+    """The ``karras`` grid, (n + 1,)."""
     lo, hi = schedule.lambda_range()
     s_max, s_min = torch.exp(torch.tensor(-lo, dtype=F64)), torch.exp(torch.tensor(-hi, dtype=F64))
     u = torch.arange(n, dtype=F64) / max(n - 1, 1)

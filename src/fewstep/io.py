@@ -69,8 +69,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise
     except Exception as e:  # noqa: BLE001 - safetensors reports a failed write as its own error
-        if type(e).__name__ == "SafetensorError" and "os error" in str(e):
-            code = int(re.search(r"os error (\d+)", str(e)).group(1))
+        m = re.search(r"os error (\d+)", str(e)) if type(e).__name__ == "SafetensorError" else None
+        if m is not None:
+            code = int(m.group(1))
             raise OSError(code, os.strerror(code), str(path)) from None
         raise
     finally:
@@ -177,6 +178,7 @@ def write_png(path: str | os.PathLike, img: Tensor, scale: int = 1) -> None:
 
 
 def is_image(shape: tuple[int, ...]) -> bool:
+    """Is a sample of ``shape`` an image: (C, H, W) with 1 or 3 channels."""
     return len(shape) == 3 and shape[0] in (1, 3)
 
 

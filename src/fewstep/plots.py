@@ -171,7 +171,7 @@ def sample_panels(panels: Sequence[tuple[str, Tensor]], out: str | Path, title: 
         lo, hi = allx.min(0).values, allx.max(0).values
         pad = 0.05 * (hi - lo)
         lim = (lo - pad, hi + pad)
-    for ax, (name, x) in zip(axes[0], panels):
+    for ax, (name, x) in zip(axes[0], panels, strict=True):
         x = x.detach().cpu().float()
         if is_image(shape):
             from .io import image_grid
@@ -182,6 +182,7 @@ def sample_panels(panels: Sequence[tuple[str, Tensor]], out: str | Path, title: 
             ax.set_yticks([])
         else:
             p = x.flatten(1)
+            assert lim is not None  # set above for samples that are not images
             ax.scatter(p[:, 0].numpy(), (p[:, 1] if p.shape[1] > 1 else torch.zeros(len(p))).numpy(), s=3, alpha=0.6)
             ax.set_xlim(float(lim[0][0]), float(lim[1][0]))
             if p.shape[1] > 1:
@@ -228,7 +229,7 @@ def solver_vs_start(solver: Any, out: str | Path, start_tableau: Any = None) -> 
     ax.grid(alpha=0.3)
     mats = [("learned B", tab.B)] + ([("start B", start.B)] if start is not None else [])
     vmax = max(float(m.abs().max()) for _, m in mats) or 1.0
-    for ax, (name, M) in zip(axes[0][1:], mats):
+    for ax, (name, M) in zip(axes[0][1:], mats, strict=True):
         Mm = M.clone().double()
         Mm[torch.triu(torch.ones(n, n, dtype=torch.bool), 1)] = float("nan")
         im = ax.imshow(Mm.numpy(), cmap="coolwarm", vmin=-vmax, vmax=vmax)

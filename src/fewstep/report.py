@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .errors import FewstepError
 from .metrics.suite import DISTRIBUTION
 from .metrics.suite import ROW_KEYS as METRIC_KEYS
 
@@ -157,8 +158,8 @@ class Report:
 def best_of(rows: Iterable[Row], kind: RowKind, nfe: int) -> Row | None:
     """The lowest-RMSE row of ``kind`` at exactly ``nfe`` evaluations (the classic one is chosen over every
     solver and grid on the same held-out noises the learned ones are scored on)."""
-    ok = [r for r in rows if r.kind == kind and r.nfe == nfe and r.rmse is not None]
-    return min(ok, key=lambda r: r.rmse) if ok else None
+    scored = [(r.rmse, r) for r in rows if r.kind == kind and r.nfe == nfe and r.rmse is not None]
+    return min(scored, key=lambda p: p[0])[1] if scored else None
 
 
 def best_classic(results: list[dict[str, Any]], nfe: int) -> dict[str, Any] | None:
@@ -195,7 +196,8 @@ def _columns(rows: Sequence[Row]) -> list[tuple[str, str, str]]:
 
 def _visible(rows: Sequence[Row], top: int | None) -> list[Row]:
     """Rows a table shows: at most ``top`` classic rows per NFE; learned and reference rows always."""
-    out, shown = [], {}
+    out: list[Row] = []
+    shown: dict[int, int] = {}
     for r in rows:
         if r.kind == "classic":
             shown[r.nfe] = shown.get(r.nfe, 0) + 1
@@ -240,7 +242,7 @@ def render_rich(rep: Report, top: int | None = None, file: Any = None) -> None:
     """Print the table with rich (falls back to :func:`render_plain` without it). Every string in it is printed
     as text: a label, model spec, path or error holding ``[...]`` is never read as console markup."""
     try:
-        from rich.console import Console
+        from rich.console import Console, JustifyMethod
         from rich.table import Table
         from rich.text import Text
     except ImportError:
@@ -254,7 +256,14 @@ def render_rich(rep: Report, top: int | None = None, file: Any = None) -> None:
         ),
         caption=Text("; ".join(_caption(rep, cols)), style="table.caption"),
     )
-    for col, just in (("solver", "left"), ("grid", "left"), ("NFE", "right"), ("RMSE", "right"), ("± sem", "right")):
+    base: tuple[tuple[str, JustifyMethod], ...] = (
+        ("solver", "left"),
+        ("grid", "left"),
+        ("NFE", "right"),
+        ("RMSE", "right"),
+        ("± sem", "right"),
+    )
+    for col, just in base:
         table.add_column(col, justify=just)
     for _, head, _ in cols:
         table.add_column(head, justify="right")
@@ -281,12 +290,16 @@ def bench_rows(rep: Report, nfes: Sequence[int]) -> list[dict[str, Any]]:
     out = []
     for n in nfes:
         b, lrn = rep.best_classic(int(n)), rep.best_learned(int(n))
+        ratio = None
+        if b is not None and lrn is not None:
+            assert b.rmse is not None and lrn.rmse is not None  # best_of picks rows with an RMSE only
+            ratio = lrn.rmse / b.rmse
         out.append(
             {
                 "nfe": int(n),
                 "best_classic": None if b is None else b.as_dict(),
                 "best_learned": None if lrn is None else lrn.as_dict(),
-                "ratio": None if not (b and lrn) else lrn.rmse / b.rmse,
+                "ratio": ratio,
             }
         )
     return out
@@ -345,12 +358,16 @@ def render_guidance_markdown(rows: list[dict[str, Any]], nfe: int, method: str) 
 
 def render_versus(rep: Report, learned: Row, nfes: Sequence[int]) -> list[str]:
     """Lines of the demo's summary: the learned solver, then the best classic at every NFE and how far off."""
-    lines = [
-        f"  {'solver':<28}{'NFE':>4}{'RMSE':>10}{'vs learned':>12}",
-        f"  {learned.solver + ' (learned)':<28}{learned.nfe:>4}{learned.rmse:>10.4g}{1.0:>11.2f}x",
-    ]
+    if learned.rmse is None:
+        raise FewstepError(
+            f"the learned solver {learned.solver} has no RMSE to compare: {learned.error or 'not measured'}"
+        )
+    rows = [(f"{learned.solver} (learned)", learned.nfe, learned.rmse)]
     for n in nfes:
         b = rep.best_classic(n)
-        if b is not None:
-            lines.append(f"  {'best classic: ' + b.label:<28}{n:>4}{b.rmse:>10.4g}{b.rmse / learned.rmse:>11.2f}x")
+        if b is not None and b.rmse is not None:  # best_of picks rows with an RMSE only
+            rows.append((f"best classic: {b.label}", n, b.rmse))
+    width = max(len("solver"), *(len(name) for name, _, _ in rows)) + 2  # the longest label sets the column
+    lines = [f"  {'solver':<{width}}{'NFE':>4}{'RMSE':>10}{'vs learned':>12}"]
+    lines += [f"  {name:<{width}}{n:>4}{r:>10.4g}{r / learned.rmse:>11.2f}x" for name, n, r in rows]
     return lines

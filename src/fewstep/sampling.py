@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -146,7 +146,8 @@ def _joined(runs: list[Any], trajectory: bool) -> Tensor | tuple[Tensor, list[Te
     if len(runs) == 1:
         return runs[0]
     if trajectory:
-        return torch.cat([r[0] for r in runs]), [torch.cat(states) for states in zip(*[r[1] for r in runs])]
+        # every chunk ran the same tables: its trajectory has the same number of states
+        return torch.cat([r[0] for r in runs]), [torch.cat(s) for s in zip(*[r[1] for r in runs], strict=True)]
     return torch.cat(runs)
 
 
@@ -189,7 +190,8 @@ def solve(
     model's scale), the results put back in the samples' order. Differentiable."""
     cond = cond or {}
     n = x.shape[0]
-    runs, order = [], []
+    runs: list[Tensor | tuple[Tensor, list[Tensor]]] = []
+    order: list[Tensor] = []  # the sample indices of each run (none: one run over all samples)
     for w, idx in guidance_groups(model, solver, cond, n):
         xs = x if idx is None else x[idx.to(x.device)]
         runs.append(
@@ -203,10 +205,15 @@ def solve(
                 use_checkpoint=use_checkpoint,
             )
         )
-        order.append(idx)
-    if order[0] is None:
+        if idx is not None:
+            order.append(idx)
+    if not order:
         return runs[0]
     inv = torch.argsort(torch.cat(order)).to(x.device)
     if return_trajectory:
-        return torch.cat([r[0] for r in runs])[inv], [torch.cat(s)[inv] for s in zip(*[r[1] for r in runs])]
-    return torch.cat(runs)[inv]
+        trajs = cast(list[tuple[Tensor, list[Tensor]]], runs)
+        # the tables at every scale have the same shape: every trajectory has the same number of states
+        return torch.cat([r[0] for r in trajs])[inv], [
+            torch.cat(s)[inv] for s in zip(*[r[1] for r in trajs], strict=True)
+        ]
+    return torch.cat(cast(list[Tensor], runs))[inv]

@@ -43,6 +43,7 @@ class TimeScalars:
 
     @classmethod
     def of(cls, schedule: Schedule, t: Tensor | float) -> TimeScalars:
+        """The scalars at one solver time t (a float or a 0-d / 1-element tensor)."""
         t = torch.as_tensor(t, dtype=F64)
         return cls.many(schedule, t.reshape(1))[0]
 
@@ -60,10 +61,10 @@ class TimeScalars:
                 da = _grad_or_zero(al, t)
                 ds = _grad_or_zero(sg, t)
             return [cls(al[i], sg[i], da[i], ds[i]) for i in range(t.numel())]
-        al, sg = schedule.alpha(t).tolist(), schedule.sigma(t).tolist()
-        da, ds = schedule.d_alpha(t).tolist(), schedule.d_sigma(t).tolist()
+        fa, fs = schedule.alpha(t).tolist(), schedule.sigma(t).tolist()
+        fda, fds = schedule.d_alpha(t).tolist(), schedule.d_sigma(t).tolist()
         tn = schedule.net_time(t).tolist() if with_net_time else [None] * t.numel()
-        return [cls(al[i], sg[i], da[i], ds[i], tn[i]) for i in range(t.numel())]
+        return [cls(fa[i], fs[i], fda[i], fds[i], tn[i]) for i in range(t.numel())]
 
 
 def _grad_or_zero(y: Tensor, t: Tensor) -> Tensor:
@@ -85,9 +86,11 @@ class Schedule:
 
     # --- to override -------------------------------------------------------------------
     def log_alpha(self, t: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """log alpha_t, float64, same shape as t."""
         raise NotImplementedError
 
     def log_sigma(self, t: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """log sigma_t, float64, same shape as t (-inf at the clean end)."""
         raise NotImplementedError
 
     def t_of_lambda(self, lambda_: Tensor | float) -> Tensor:  # pragma: no cover - abstract
@@ -180,6 +183,7 @@ class Schedule:
         return 1.0
 
     def describe(self) -> str:
+        """A one-line name with the parameters, e.g. ``edm(sigma_min=0.002, sigma_max=80.0, time_scale=1.0)``."""
         cfg = self.config()
         args = ", ".join(f"{k}={v}" for k, v in cfg.items() if k not in ("type", "betas"))
         return f"{cfg['type']}({args})"
@@ -201,7 +205,10 @@ def _betas(name: str, n: int, beta_start: float, beta_end: float) -> Tensor:
     if name == "scaled_linear":
         return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=F64) ** 2
     if name == "squaredcos_cap_v2":
-        f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+
+        def f(u: float) -> float:
+            return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
         return torch.tensor([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)], dtype=F64)
     raise FewstepError(
         f"unknown beta schedule {name!r}: use 'linear', 'scaled_linear', 'squaredcos_cap_v2' or pass betas"

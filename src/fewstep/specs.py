@@ -13,11 +13,16 @@ import importlib
 import importlib.util
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .conditions import GuidanceSet
 from .denoiser import Denoiser, check_dtype
 from .errors import ModelSpecError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+T = TypeVar("T")
 
 FORMS = "zoo:NAME, path/to/file.py:factory, package.module:factory, diffusers:DIR or torchcfm:NAME_OR_PATH"
 
@@ -38,7 +43,7 @@ def _user_error(spec: str, what: str, e: BaseException) -> ModelSpecError:
     )
 
 
-def _call(fn: Any, spec: str, kind: type, kind_name: str, **kwargs: Any) -> Any:
+def _call(fn: Any, spec: str, kind: type[T], kind_name: str, **kwargs: Any) -> T:
     """Call the factory named by ``spec`` and check that it returned a ``kind``."""
     if not callable(fn):
         raise ModelSpecError(f"{spec!r}: the factory is not callable")
@@ -164,7 +169,7 @@ def _factory(spec: str, what: str, forms: str) -> Any:
             if _debug():
                 raise
             raise _user_error(spec, f"importing {path}", e) from None
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - the module's own import-time code: any failure becomes one line
             if _debug():
                 raise
             raise _user_error(spec, f"importing {path}", e) from None
@@ -176,7 +181,7 @@ def _factory(spec: str, what: str, forms: str) -> Any:
 FEATURE_FORMS = "digits, path/to/file.py:factory or package.module:factory (returning a torch nn.Module)"
 
 
-def load_feature(spec: str, device: str = "cpu") -> Any:
+def load_feature(spec: str, device: str = "cpu") -> str | nn.Module:
     """A feature network for FD / KID: ``"digits"`` (the built-in classifier) or a factory spec whose
     callable, taking no required argument, returns an ``nn.Module`` mapping samples (B, ...) to (B, F)."""
     if spec == "digits":

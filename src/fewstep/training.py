@@ -78,6 +78,7 @@ class ForeachAdamW:
         self.t = 0
 
     def step(self, grads: list[Tensor] | tuple[Tensor, ...], lr: float) -> None:
+        """One AdamW update of ``params`` with ``grads`` (one per parameter, same shapes) at rate ``lr``."""
         self.t += 1
         b1, b2 = self.b1, self.b2
         torch._foreach_lerp_(self.m, list(grads), 1.0 - b1)

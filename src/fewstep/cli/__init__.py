@@ -13,10 +13,10 @@ try:
     import typer
 except ImportError:  # pragma: no cover - the cli extra is missing
     sys.stderr.write("the fewstep command needs its CLI extra: pip install 'fewstep[cli]'\n")
-    raise SystemExit(2)
+    raise SystemExit(2) from None
 
 from . import fitting, measure, sampling  # noqa: E402,F401 - the commands register themselves on the app
-from .common import DEBUG_ENV, app, main, resolve_solver  # noqa: E402
+from .common import DEBUG_ENV, app, main, resolve_solver  # noqa: E402 - after the check for the CLI extra
 
 
 @app.callback()

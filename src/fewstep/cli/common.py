@@ -307,15 +307,19 @@ def load(
 
 def eval_model(model: Any, prompts: Path | None, eval_prompts: Path | None) -> Any:
     """The model a fit's closing table evaluates: the fitted model with the prompts the fit never saw."""
-    if prompts is None and eval_prompts is None:
-        return model
     from ..conditions import PromptSet
 
-    pset = PromptSet.read(eval_prompts) if eval_prompts is not None else PromptSet.read(prompts).split()[1]
+    if eval_prompts is not None:
+        pset = PromptSet.read(eval_prompts)
+    elif prompts is not None:
+        pset = PromptSet.read(prompts).split()[1]
+    else:
+        return model
     return model.with_prompts(pset)
 
 
 def metrics_arg(value: str) -> Any:
+    """The ``metrics=`` of :func:`~fewstep.evaluate.evaluate` for a --metrics value ("none", "off", "": None)."""
     return None if value.strip().lower() in ("none", "off", "") else value
 
 
@@ -344,6 +348,7 @@ def cost_line(cost: dict[str, Any]) -> str:
 
 
 def print_report(report: dict[str, Any], as_json: bool, top: int | None = None) -> None:
+    """Print an :func:`~fewstep.evaluate.evaluate` report: JSON, or a table (at most ``top`` classic rows per NFE)."""
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -372,7 +377,7 @@ def main() -> None:
         warnings.formatwarning = _warning_line
     rank, world = _rank()
     if world > 1 and rank > 0:  # tables, JSON and "wrote" lines come from rank 0; errors and warnings stay
-        sys.stdout = open(os.devnull, "w")
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  # stays open for the rest of the process
     try:
         code = app(standalone_mode=False)
         code = code if isinstance(code, int) else 0

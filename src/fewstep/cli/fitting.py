@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -109,7 +110,7 @@ def fit_cmd(
     check_out_dir(out, json_ok=True)
     with errors():
         check_out(out)  # a file of the user's is refused before the model loads
-    over = {
+    over: dict[str, Any] = {  # FitConfig fields given on the command line (fit's **overrides)
         name: v
         for name, v in {
             "start": start,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ..errors import NothingToRunError
+from ..errors import FewstepError, NothingToRunError
 from .common import (
     CLASSES_OPT,
     DTYPE_OPT,
@@ -158,7 +158,11 @@ def demo_cmd(
             f"reference {rep['reference']['solver']} at {rep['reference']['nfe']} NFE, "
             f"self-error {rep['reference']['self_error']:.2g}):"
         )
-        for line in render_versus(typed, typed.best_learned(nfe), nfes):
+        mine = typed.best_learned(nfe)
+        if mine is None:  # its solve failed on the held-out noise (e.g. NaN/inf): the row holds why
+            why = next((r.error for r in typed.rows if r.kind == "learned" and r.error), "no result")
+            raise FewstepError(f"the learned solver in {res.path} did not run on the held-out noise: {why}")
+        for line in render_versus(typed, mine, nfes):
             typer.echo(line)
         if not is_main():
             return

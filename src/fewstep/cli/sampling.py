@@ -113,7 +113,7 @@ def zoo_lines(rows: list[dict[str, Any]]) -> list[str]:
     widths = [max(len(r[i]) for r in table) for i in range(len(head) - 1)]
     lines = []
     for k, r in enumerate(table):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1])
         if k:
             lines.append(f"    {rows[k - 1]['network']}: {rows[k - 1]['summary']}")
     lines.append("use one with --model zoo:NAME; fewstep zoo --json gives every field")

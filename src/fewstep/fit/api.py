@@ -43,6 +43,9 @@ from .teacher import SHARD_SIZE, TeacherData, TeacherSpec, default_teacher, gene
 
 @dataclass
 class FitResult:
+    """What :func:`fit` returns: the solver (as loaded from its artifact), the artifact's document, the fit's
+    outcome and where the artifact is (None: not saved)."""
+
     solver: LoadedSolver
     doc: dict[str, Any]
     outcome: FitOutcome
@@ -51,8 +54,25 @@ class FitResult:
 
 
 def _detach_tab(tab: Tableau) -> Tableau:
-    d = lambda v: None if v is None else v.detach().clone()  # noqa: E731
-    return Tableau(tab.basis, d(tab.t), d(tab.a), d(tab.B), d(tab.C), d(tab.c), tab.name, d(tab.B_mask), d(tab.C_mask))
+    """A copy of ``tab`` with every table detached from the autograd graph."""
+
+    def d(v: torch.Tensor) -> torch.Tensor:
+        return v.detach().clone()
+
+    def maybe(v: torch.Tensor | None) -> torch.Tensor | None:
+        return None if v is None else d(v)
+
+    return Tableau(
+        tab.basis,
+        d(tab.t),
+        d(tab.a),
+        d(tab.B),
+        maybe(tab.C),
+        maybe(tab.c),
+        tab.name,
+        maybe(tab.B_mask),
+        maybe(tab.C_mask),
+    )
 
 
 def fit(
@@ -245,12 +265,13 @@ def fit_plan(
         cfg = replace(cfg, use_checkpoint=torch.device(device).type == "cuda")
     cfg = cfg.resolved()
     spec = parse_teacher(teacher) if isinstance(teacher, str) else (teacher or default_teacher(model))
-    if cfg.budget is not None:
+    limit = cfg.budget
+    if limit is not None:
         per_sample = solver_info(spec.solver).cost(solver_info(spec.solver).steps(spec.nfe))
         candidates = 0 if cfg.start is not None else len(classic_specs(model.schedule))
         base = Sizes(cfg.samples, cfg.val_samples, cfg.confirm_samples, cfg.batch, cfg.steps)
         fixed = {f for k, f in SIZE_OPTIONS.items() if overrides.get(k) is not None}
-        sized = plan_for(cfg.budget, cfg, base, per_sample, candidates, shard=SHARD_SIZE, fixed=fixed)
+        sized = plan_for(limit, cfg, base, per_sample, candidates, shard=SHARD_SIZE, fixed=fixed)
         cfg = replace(
             cfg,
             samples=sized.samples,
@@ -263,7 +284,10 @@ def fit_plan(
         # the loop stops before a step that would cross the budget, but the teacher comes first: whatever the
         # plan says, its noises (and the closing validations) must leave room for the fit
         closing = 2 * (cfg.val_samples + cfg.confirm_samples) * cfg.nfe
-        fits = lambda n: teacher_cost(replace(cfg, samples=n), per_sample) + closing <= cfg.budget  # noqa: E731
+
+        def fits(n: int) -> bool:
+            return teacher_cost(replace(cfg, samples=n), per_sample) + closing <= limit
+
         if not fits(cfg.samples):
             least = cfg.batch if "batch" in fixed else 8
             if "samples" in fixed or not fits(least):
@@ -350,19 +374,23 @@ class FitData:
         device: str | torch.device,
         progress: bool,
     ) -> FitData:
+        """The teacher on the seed ranges of ``cfg`` (training states too for DSS), from the cache where it can."""
         r = seed_ranges(cfg)
         check_fit_seeds([r["train"][1] - 1, r["val"][1] - 1, r["confirm"][1] - 1])
+
         # a micro-batch that fits with gradients fits without: the teacher solves in those (else 128 at once)
-        run = lambda lohi, keep=False: generate_teacher(
-            model,
-            range(*lohi),
-            spec,
-            keep_states=keep,  # noqa: E731
-            batch_size=cfg.micro_batch or 128,
-            cache_dir=cache_dir,
-            device=device,
-            progress=progress,
-        ).to(device)
+        def run(lohi: list[int], keep: bool = False) -> TeacherData:
+            return generate_teacher(
+                model,
+                range(*lohi),
+                spec,
+                keep_states=keep,
+                batch_size=cfg.micro_batch or 128,
+                cache_dir=cache_dir,
+                device=device,
+                progress=progress,
+            ).to(device)
+
         return cls(
             run(r["train"], cfg.method == "dss"), run(r["val"]), run(r["confirm"]) if cfg.confirm_samples else None, r
         )

@@ -44,12 +44,15 @@ def fit_key(parts: dict[str, Any]) -> str:
 def differences(have: Any, want: dict[str, Any]) -> list[str]:
     """What differs between two fits' key parts (:func:`fit_key`'s input; the fit settings under ``cfg``), as
     ``name old -> new`` (``have`` may be anything read from a file)."""
-    flat = lambda p: {**{k: v for k, v in p.items() if k != "cfg"}, **(p.get("cfg") or {})}  # noqa: E731
+
+    def flat(p: dict[str, Any]) -> dict[str, Any]:
+        return {**{k: v for k, v in p.items() if k != "cfg"}, **(p.get("cfg") or {})}
+
     if not isinstance(have, dict) or not isinstance(have.get("cfg", {}), dict):
         return ["its settings are not recorded (a checkpoint of an older fewstep)"]
     old, new = flat(have), flat(want)
-    norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731 - as the file holds it (tuples: lists)
-    return [f"{k} {old.get(k)!r} -> {v!r}" for k, v in norm(new).items() if old.get(k) != v]
+    new = json.loads(json.dumps(new, default=str))  # as the file holds it (tuples: lists)
+    return [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v]
 
 
 def spent_cost(model: Any, base: Cost) -> Cost:
@@ -117,7 +120,8 @@ class FitCheckpoint:
             model, before, base = self._spend
             spent = (before + spent_cost(model, base)).as_dict()
         offsets = None if relax is None else relax.offsets
-        if offsets is not None and d.world > 1:  # each process updates the latents of the noises it owns: gather
+        # each process updates the latents of the noises it owns: gather
+        if relax is not None and offsets is not None and d.world > 1:
             keep = relax.mine if relax.mine is not None else torch.full((offsets.shape[0],), d.main)
             keep = keep.to(offsets.device).view(-1, *[1] * (offsets.dim() - 1))
             offsets = d.sum_rows(
@@ -167,7 +171,7 @@ class FitCheckpoint:
                 doc = json.loads(meta.get("doc", "{}"))
                 if not isinstance(doc, dict) or doc.get("kind") != KIND or doc.get("key") != self.key:
                     return None
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  # safe_open is not iterable
         except Exception as e:  # noqa: BLE001 - a damaged checkpoint is named, not used
             raise self._refuse(f"is unreadable ({_first_line(e)})") from None
         if meta.get("checksum") != _checksum(tensors, meta.get("doc", "")):

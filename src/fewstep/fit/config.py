@@ -25,6 +25,8 @@ class Phase:
 
 @dataclass
 class FitConfig:
+    """A fit's settings (see :func:`fewstep.fit.api.fit`); :meth:`for_method` gives a method's defaults."""
+
     method: str = "s4s-alt"
     nfe: int = 5
     start: str | None = None  # NAME@GRID, or a learned-solver folder to refine; None: the best classic on validation
@@ -123,8 +125,8 @@ EXECUTION_ONLY = ("micro_batch", "use_checkpoint")
 #: steps for each of the 4 screened candidates, so the steps below run about 1.6 times). S4S: 700 noises,
 #: batch 20, 10 epochs; S4S-Alt: 1,200 noises, batch 40, 16 epochs (K = 8 alternations of an epoch each
 #: in the paper; here 4 alternations); LD3: 100 noises; DSS: about 50k noise draws at batch 32. What they
-#: cost and how they compare with the former one-size default: BENCHMARKS.md, section 8.
-METHOD_SIZES: dict[str, dict[str, int]] = {
+#: cost and how they compare with one size for every method: BENCHMARKS.md, section 8.
+METHOD_SIZES: dict[str, dict[str, Any]] = {  # method -> FitConfig fields
     "s4s": {"samples": 700, "batch": 20, "steps": 220},
     "s4s-alt": {"samples": 1200, "batch": 40, "steps": 300},
     "ld3": {"samples": 100, "batch": 10, "steps": 100},

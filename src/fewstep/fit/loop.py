@@ -238,8 +238,8 @@ def _objective(
         return loss_fn(x, train.target[idx]).mean()
     # DSS: the final sample's Huber term and each state's MSE to the teacher's state nearest in time, per
     # guidance scale among the samples (one run unless the solver is fitted across scales)
-    scale, n, L = model.schedule.init_noise_scale(), idx.numel(), 0.0
-    tt = None if train.times is None else train.times
+    scale, n = model.schedule.init_noise_scale(), idx.numel()
+    L: Tensor | float = 0.0
     for w, rows in guidance_groups(model, solver, cond, n):
         sel = torch.arange(n) if rows is None else rows
         x, traj = run_tableau(
@@ -254,10 +254,13 @@ def _objective(
         frac = sel.numel() / n
         L = L + frac * dss_weights[1] * huber(x, train.target[part], 1e-3).mean()
         if dss_weights[0] > 0 and train.states is not None:
+            if train.times is None:
+                raise FewstepError("teacher data holds states but not their times: DSS's state term needs both")
             t = solver.grid(w).detach()
             for i in range(1, len(traj) - 1):
-                j = int(torch.argmin((tt.to(t) - t[i]).abs()))
+                j = int(torch.argmin((train.times.to(t) - t[i]).abs()))
                 L = L + frac * dss_weights[0] * (traj[i] - train.states[part, j]).flatten(1).pow(2).mean()
+    assert isinstance(L, Tensor)  # guidance_groups gives at least one run, and each adds a tensor
     return L
 
 
@@ -354,25 +357,28 @@ def optimise(session: FitSession, phase: Phase, state: FitState | None = None, s
     state = state or FitState()
     steps = phase.steps if steps is None else steps
     groups = solver.coef_groups()
-    params = [{"params": groups[g], "lr": lr} for g, lr in phase.lrs.items() if lr > 0]
-    plist = [p for g in params for p in g["params"]]
+    params: list[dict[str, Any]] = [{"params": groups[g], "lr": lr} for g, lr in phase.lrs.items() if lr > 0]
+    plist: list[Tensor] = [p for group in params for p in group["params"]]
     for p in solver.parameters():
         p.requires_grad_(False)
-    for g in params:
-        for p in g["params"]:
+    for group in params:
+        for p in group["params"]:
             p.requires_grad_(True)
     opt = _make_optimizer(phase.optimizer, params)
     if state.opt_state is not None:
         _restore_optimizer(opt, state.opt_state, phase, session.source)
-        for g, p in zip(opt.param_groups, params):  # the checkpoint holds a warm-up lr: restart from the base
-            g["lr"] = p["lr"]
+        # the checkpoint holds a warm-up lr: restart from the base
+        for restored, group in zip(opt.param_groups, params, strict=True):
+            restored["lr"] = group["lr"]
     loss_fn = per_sample_loss(cfg.loss)
     n = len(train)
     dim = int(train.noise[0].numel())
-    if relax is not None and relax.offsets is None:
-        relax.offsets = torch.zeros_like(train.noise)
-    if relax is not None:  # the latents this process updates: those of the noises in its groups
-        relax.mine = torch.arange(len(train)) % G % d.world == d.rank
+    offsets = None
+    if relax is not None:
+        if relax.offsets is None:
+            relax.offsets = torch.zeros_like(train.noise)
+        offsets = relax.offsets
+        relax.mine = torch.arange(len(train)) % G % d.world == d.rank  # the latents this process updates: its groups
     radius = relax.radius(model, dim) if relax is not None else 0.0
     scale = model.schedule.init_noise_scale()
     if state.best is None:
@@ -390,8 +396,8 @@ def optimise(session: FitSession, phase: Phase, state: FitState | None = None, s
     for it in range(steps):
         # linear warm-up: Adam's first steps move every coefficient by about lr at once, which can
         # throw a solver in a sensitive basis (E near the noise end) far from its start
-        for g, lr in zip(opt.param_groups, base):
-            g["lr"] = lr * min(1.0, (state.phase_step + 1) / warm)
+        for group, lr in zip(opt.param_groups, base, strict=True):
+            group["lr"] = lr * min(1.0, (state.phase_step + 1) / warm)
         idx = _batch_index(n, phase.batch, cfg.seed, state.step)
         validates = (it + 1) % cfg.eval_every == 0 or it == steps - 1
         if session.budget is not None and not session.budget.allows(
@@ -405,7 +411,7 @@ def optimise(session: FitSession, phase: Phase, state: FitState | None = None, s
         blew = False
         for g in d.groups(G):
             rows = idx if G == 1 else idx[idx % G == g]
-            off = relax.offsets[rows].clone().requires_grad_(True) if relax is not None else None
+            off = offsets[rows].clone().requires_grad_(True) if offsets is not None else None
             opt.zero_grad(set_to_none=True)
             try:
                 Lg = _accumulate(model, solver, train, rows, off, scale, loss_fn, phase.dss_weights, cfg, idx.numel())
@@ -425,13 +431,13 @@ def optimise(session: FitSession, phase: Phase, state: FitState | None = None, s
                 restore_best(solver, state)
                 opt.state.clear()
                 bad = 0
-        if relax is not None and not failed and off_ok:
+        if relax is not None and offsets is not None and not failed and off_ok:
             for rows, off, _, _ in parts:
-                if off.grad is None:
+                if off is None or off.grad is None:
                     continue
                 with torch.no_grad():
                     gn = off.grad.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *[1] * (off.dim() - 1))
-                    relax.offsets[rows] = relax.project(off - relax.lr * radius * off.grad / gn, radius)
+                    offsets[rows] = relax.project(off - relax.lr * radius * off.grad / gn, radius)
         state.step += 1
         state.phase_step += 1
         if session.progress is not None:
@@ -476,7 +482,7 @@ def _reduce_step(
         local[j, : sum(sizes)] = torch.cat(
             [
                 torch.zeros(n, dtype=torch.float64) if g is None else g.detach().reshape(-1).to(torch.float64).cpu()
-                for g, n in zip(grads, sizes)
+                for g, n in zip(grads, sizes, strict=True)
             ]
         )
         local[j, sum(sizes) : sum(sizes) + len(plist)] = torch.tensor(
@@ -508,13 +514,15 @@ def _restore_optimizer(opt: torch.optim.Optimizer, saved: dict[str, Any], phase:
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     try:
         opt.load_state_dict(saved)
-        for g, f in zip(opt.param_groups, fresh):
+        for g, f in zip(opt.param_groups, fresh, strict=True):  # load_state_dict checked the group count
             for k, v in f.items():
                 got, kinds = g.get(k), ((int, float), (list, tuple), (bool,), (str,))
                 if v is not None and not any(isinstance(v, t) and isinstance(got, t) for t in kinds):
                     raise ValueError(f"{k} is {got!r}")
                 if isinstance(v, (list, tuple)) and (
-                    len(got) != len(v) or not all(isinstance(a, (int, float)) for a in got)
+                    not isinstance(got, (list, tuple))
+                    or len(got) != len(v)
+                    or not all(isinstance(a, (int, float)) for a in got)
                 ):
                     raise ValueError(f"{k} is {got!r}")
         for g in opt.param_groups:
@@ -558,5 +566,6 @@ def finite_or_none(v: float) -> float | None:
 
 
 def restore_best(solver: LearnedSolver, state: FitState) -> None:
+    """Load ``state.best`` (the best parameters on validation so far) into ``solver``, if there are any."""
     if state.best is not None:
         solver.load_state_dict(state.best)

@@ -189,6 +189,9 @@ def _score(model: Denoiser, tab: Tableau, val: TeacherData, groups: int | None =
 
 @dataclass
 class FitOutcome:
+    """What :func:`fit_solver` returns: the solver (the fitted one, or its start if the fit did not clearly help),
+    its validation and confirmation RMSE to the teacher against its start's, and how the fit went."""
+
     solver: LearnedSolver
     start: str
     start_val: float
@@ -272,6 +275,17 @@ class _Candidate:
     state: FitState = field(default_factory=FitState)
 
 
+def _resume(checkpoint: FitCheckpoint, cand: _Candidate) -> FitState:
+    """``cand``'s state (and parameters) restored from ``checkpoint``, which :meth:`FitCheckpoint.peek` found."""
+    got = checkpoint.load(cand.solver, cand.relax)
+    if got is None:
+        raise FewstepError(
+            f"fit checkpoint {checkpoint.path} went away while this fit resumed from it (another fit in the same "
+            f"folder?): run the command again"
+        )
+    return got[0]
+
+
 def _candidate(model: Denoiser, cfg: FitConfig, start: str, seed: int) -> _Candidate:
     if is_artifact_spec(start):  # refine a learned solver: its own parameters are the start
         start_solver = _from_artifact(model, cfg, start)
@@ -321,11 +335,11 @@ def _screen(
         progress.total = steps + (len(cands) - 1) * each
         progress.refresh()
     best_k, done = None, 0
-    if saved is not None:  # resumed in the middle of screening
+    if saved is not None and checkpoint is not None:  # resumed in the middle of screening
         scr = saved["screening"]
         done, best_k = int(scr["done"]), int(scr["best"])
         screened += list(saved.get("screened", []))
-        cands[best_k].state, _ = checkpoint.load(cands[best_k].solver, cands[best_k].relax)
+        cands[best_k].state = _resume(checkpoint, cands[best_k])
         if progress is not None:
             progress.update(done * each)
     for k in range(done, len(cands)):
@@ -356,6 +370,7 @@ def _screen(
                     "screening": {"done": k + 1, "best": best_k},
                 },
             )
+    assert best_k is not None  # screening runs at least two candidates (until > 0), or resumes with its best
     return cands[best_k]
 
 
@@ -426,10 +441,11 @@ def _fit_solver(
     source = str(checkpoint.path) if checkpoint is not None else "the fit checkpoint"
     phases = plan_phases(cfg)
     resumed, screened = 0, []
-    if saved is not None and saved.get("screening") is None:  # screening was done: go on with its winner
+    # screening was done: go on with its winner (``saved`` comes from the checkpoint)
+    if saved is not None and checkpoint is not None and saved.get("screening") is None:
         ranking = [tuple(r) for r in saved["ranking"]]
         best = _candidate(model, cfg, saved["start"], int(saved.get("seed", cfg.seed)))
-        best.state, _ = checkpoint.load(best.solver, best.relax)
+        best.state = _resume(checkpoint, best)
         resumed = best.state.step
         screened = saved.get("screened", [])
         if progress is not None:
@@ -504,7 +520,14 @@ def _fit_solver(
             + ("; the start was kept" if kept else "")
             + " (lower --lr-coef / --lr-grid if this persists)"
         )
-    mean = lambda e: None if e is None else float(e.mean())  # noqa: E731
+
+    def mean(e: Tensor | None) -> float | None:
+        return None if e is None else float(e.mean())
+
+    if co is not None and co_start is not None:  # on the confirmation noises, which chose nothing
+        estimate = fit_estimate(co, co_start, True)
+    else:
+        estimate = fit_estimate(err, start_err, False)
     return FitOutcome(
         solver,
         best.start,
@@ -519,7 +542,7 @@ def _fit_solver(
         notes,
         screened,
         best.seed,
-        fit_estimate(err if co is None else co, co_start if co is not None else start_err, co is not None),
+        estimate,
         before,
     )
 

@@ -203,7 +203,7 @@ def _run_block(
         out = sample(
             model, x, solver=spec.solver, nfe=spec.nfe, grid=spec.grid, return_trajectory=keep_states, cond=cond
         )
-        if keep_states:
+        if isinstance(out, tuple):  # keep_states: the trajectory too
             out, traj = out
             if len(traj) != n_times:
                 raise FewstepError(f"teacher {spec} returned {len(traj)} states but its grid has {n_times} times")

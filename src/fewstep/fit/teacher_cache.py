@@ -74,6 +74,7 @@ def checksum(tensors: dict[str, Tensor]) -> str:
 
 
 def shard_name(start: int, stop: int) -> str:
+    """The file name of the shard of seeds [start, stop)."""
     return f"seeds-{start}-{stop}.safetensors"
 
 
@@ -167,7 +168,10 @@ class ShardCache:
         if (
             not isinstance(have, list)
             or len(have) != len(want)
-            or any(not math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=1e-12) for a, b in zip(have, want))
+            or any(
+                not math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=1e-12)
+                for a, b in zip(have, want, strict=True)
+            )
         ):
             raise FewstepError(
                 f"teacher cache {self.folder} holds states at other solver times than {self.header['teacher']} gives "
@@ -176,23 +180,21 @@ class ShardCache:
 
     def _rebuild(self, shard_size: int) -> dict[str, Any]:
         """A new manifest listing the valid shards already in the folder (their own shard size wins)."""
-        found, shared, size = [], {}, None
+        found: list[dict[str, Any]] = []
+        shared: dict[str, Any] = {}
+        size: int | None = None
         for p in sorted(self.folder.glob("seeds-*.safetensors")):
             m = _SHARD_RE.match(p.name)
             if m is None:
                 continue
             start, stop = int(m.group(1)), int(m.group(2))
             meta = self._shard_meta(p)
-            if (
-                meta is None
-                or not 0 < stop - start <= MAX_SHARD_SIZE
-                or (size is not None and stop - start != size)
-                or _shared_cond(meta) is None
-            ):
+            cond = None if meta is None else _shared_cond(meta)
+            if cond is None or not 0 < stop - start <= MAX_SHARD_SIZE or (size is not None and stop - start != size):
                 continue
             size = stop - start
             found.append({"seeds": [start, stop], "file": p.name})
-            shared.update(_shared_cond(meta))
+            shared.update(cond)
         man = dict(
             self.header,
             shard_size=size or int(shard_size),
@@ -236,7 +238,7 @@ class ShardCache:
         try:
             with _safetensors().safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
-                t = {key: f.get_tensor(key) for key in f.keys()}
+                t = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118  # safe_open is not iterable
         except Exception as e:  # noqa: BLE001 - any unreadable file is recomputed
             meta, t, problem = {}, {}, f"unreadable ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__})"
         if problem is None:
@@ -244,10 +246,10 @@ class ShardCache:
         if problem:
             warnings.warn(f"teacher cache shard {path} {problem}; recomputing it", stacklevel=3)
             return None
-        try:
+        with contextlib.suppress(
+            KeyError, ValueError
+        ):  # a shard that does not say what it cost: the caller predicts it
             self.costs[k] = int(meta["forward_evals"])
-        except (KeyError, ValueError):
-            pass  # a shard that does not say what it cost: the caller predicts it
         # its shared conditioning, also when the manifest does not list it yet (another process wrote it)
         self.shared.update(_shared_cond(meta) or {})
         return t

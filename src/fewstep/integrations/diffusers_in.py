@@ -192,6 +192,8 @@ def flow_with_mu(info: ModelSchedule, mu: float, base: str = "train") -> Flow:
     (``base`` "steps": sigmas from linspace(1, 1/n, n), as FluxPipeline passes them)."""
     g = info.flow_grid or {}
     sched = info.schedule
+    if not isinstance(sched, Flow):
+        raise FewstepError(f"flow_with_mu needs a flow-matching schedule; got {sched.describe()}")
     return Flow(
         t_min=sched.t_min,
         time_scale=sched.time_scale,
@@ -235,12 +237,15 @@ def shifted_grid(source: Any, nfe: int, mu: float | None = None) -> Tensor:
         )
     if int(nfe) < 1:
         raise FewstepError(f"nfe must be at least 1; got {nfe}")
-    if g["use_dynamic_shifting"] and mu is None:
-        raise FewstepError("this scheduler uses dynamic shifting: pass mu= (as the pipeline computes it)")
+    dyn_mu = None
+    if g["use_dynamic_shifting"]:
+        if mu is None:
+            raise FewstepError("this scheduler uses dynamic shifting: pass mu= (as the pipeline computes it)")
+        dyn_mu = float(mu)
     gs = {
         "num_train_timesteps": int(g["num_train_timesteps"]),
         "shift": float(g["shift"]),
-        "mu": float(mu) if g["use_dynamic_shifting"] else None,
+        "mu": dyn_mu,
         "shift_type": g["time_shift_type"],
         "terminal": g.get("shift_terminal"),
     }
@@ -317,13 +322,13 @@ def _conditioning(model: nn.Module) -> tuple[bool, int | None, int | None, list[
     cfg = dict(getattr(model, "config", {}) or {})
     tables = [m for m in model.modules() if type(m).__name__ == "LabelEmbedding"]
     if tables:
-        emb = tables[0]
-        size = emb.embedding_table.num_embeddings
-        return True, size, (emb.num_classes if size > emb.num_classes else None), _text_keys(model, cfg)
+        emb: Any = tables[0]  # a diffusers LabelEmbedding (matched by class name)
+        size, k = int(emb.embedding_table.num_embeddings), int(emb.num_classes)
+        return True, size, (k if size > k else None), _text_keys(model, cfg)
     class_emb = getattr(model, "class_embedding", None)
     if class_emb is not None:
-        size = class_emb.num_embeddings if isinstance(class_emb, nn.Embedding) else None
-        return True, size, None, _text_keys(model, cfg)
+        rows = class_emb.num_embeddings if isinstance(class_emb, nn.Embedding) else None
+        return True, rows, None, _text_keys(model, cfg)
     return False, None, None, _text_keys(model, cfg)
 
 
@@ -429,7 +434,8 @@ def from_diffusers(
                 f"uncond {k} has shape {tuple(v.shape)}, the conditional one {tuple(d.shape)}: "
                 f"they must agree after the batch dimension"
             )
-    guided = guidance_scale is not None and float(guidance_scale) != 1.0
+    scale = None if guidance_scale is None or float(guidance_scale) == 1.0 else float(guidance_scale)
+    guided = scale is not None
     if guided:
         if class_cond:
             null_class = default_null if null_class is None else int(null_class)
@@ -467,7 +473,7 @@ def from_diffusers(
         info.schedule,
         info.prediction,
         sample_shape=shape,
-        guidance_scale=float(guidance_scale) if guided else None,
+        guidance_scale=scale,
         uncond=uncond or None,
         name=name or f"diffusers:{type(model).__name__}",
         cond_sampler=cond_sampler,

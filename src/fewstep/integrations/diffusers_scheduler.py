@@ -159,7 +159,7 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         elif isinstance(schedule, Schedule):
             if prediction_type is None:
                 raise FewstepError("with a fewstep Schedule, pass prediction_type= (what the network outputs)")
-            sched, pred = schedule, None
+            sched, pred = schedule, prediction_type  # converted below
         else:
             info = schedule_from_diffusers(schedule)
             sched, pred, flow_grid = info.schedule, info.prediction, info.flow_grid
@@ -193,10 +193,12 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
     # --------------------------------------------------------------------------- diffusers API
     @property
     def step_index(self) -> int | None:
+        """The next step's index (None before the first step of a run)."""
         return self._step_index
 
     @property
     def begin_index(self) -> int | None:
+        """0 once a pipeline called ``set_begin_index(0)``, else None."""
         return self._begin_index
 
     def set_begin_index(self, begin_index: int = 0) -> None:
@@ -267,11 +269,14 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         if t.numel() == 1:
             al, sg = al.expand(original_samples.shape[0]), sg.expand(original_samples.shape[0])
         view = (-1,) + (1,) * (original_samples.dim() - 1)
-        conv = lambda v: v.to(original_samples.device, original_samples.dtype).view(view)  # noqa: E731
+
+        def conv(v: Tensor) -> Tensor:
+            return v.to(original_samples.device, original_samples.dtype).view(view)
+
         return conv(al) * original_samples + conv(sg) * noise.to(original_samples.dtype)
 
     def __len__(self) -> int:
-        return int(self.config.num_train_timesteps)
+        return int(self.config["num_train_timesteps"])
 
     def _index(self, timestep: Any) -> int:
         i = self._step_index if self._step_index is not None else (self._begin_index or 0)
@@ -289,7 +294,7 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
 
     def step(
         self, model_output: Tensor, timestep: Any, sample: Tensor, return_dict: bool = True, **kwargs: Any
-    ) -> FewStepSchedulerOutput | tuple:
+    ) -> FewStepSchedulerOutput | tuple[Tensor, Tensor]:
         """One evaluation: the output at the evaluation point x_i -> x_{i+1} (shapes (B, ...)); extra kwargs ignored."""
         i = self._index(timestep)
         st = self._stepper

@@ -64,8 +64,8 @@ import inspect
 import logging
 import math
 import os
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor
@@ -81,7 +81,31 @@ from ..solvers.resolve import ClassicSolver, TableauSolver, is_artifact_spec, pa
 F64 = torch.float64
 logger = logging.getLogger(__name__)
 
-__all__ = ["sampler", "ve_tableau"]
+__all__ = ["KSampler", "sampler", "ve_tableau"]
+
+
+class KSampler(Protocol):
+    """A k-diffusion-signature sampler: ``fn(model, x, sigmas, extra_args=None, callback=None, disable=None)``.
+
+    x: (B, ...) the start state (noise * sigmas[0]); sigmas: (N + 1,) decreasing noise levels; returns the
+    final state, shaped like x. ``sigmas`` (attribute): a learned solver's VE grid to pass, None for a classic one.
+    """
+
+    solver_name: str
+    kind: str
+    sigmas: Tensor | None
+    __name__: str
+    __qualname__: str
+
+    def __call__(
+        self,
+        model: Callable[..., Tensor],
+        x: Tensor,
+        sigmas: Tensor,
+        extra_args: dict[str, Any] | None = None,
+        callback: Callable[[dict[str, Any]], None] | None = None,
+        disable: bool | None = None,
+    ) -> Tensor: ...
 
 
 # ----------------------------------------------------------------------------- the frame change
@@ -134,7 +158,7 @@ def _ve_schedule(levels: Tensor) -> EDM:
 # ----------------------------------------------------------------------------- the sampler
 def sampler(
     solver: Any, nfe: int | None = None, *, model: Denoiser | Schedule | None = None, rtol: float = 1e-3, **options: Any
-) -> Callable[..., Tensor]:
+) -> KSampler:
     """A k-diffusion sampler ``fn(model, x, sigmas, extra_args=None, callback=None, disable=None) -> Tensor``.
 
     Args:
@@ -164,7 +188,7 @@ def sampler(
     return _learned_sampler(solver, nfe, model, float(rtol))
 
 
-def _classic_sampler(spec: str, nfe: int | None, options: dict[str, Any]) -> Callable[..., Tensor]:
+def _classic_sampler(spec: str, nfe: int | None, options: dict[str, Any]) -> KSampler:
     name, grid = parse_solver(spec)
     info = solver_info(name)
     if grid is not None:
@@ -191,24 +215,23 @@ def _classic_sampler(spec: str, nfe: int | None, options: dict[str, Any]) -> Cal
         tab = make_tableau(info.name, sched, grid_t, **options)
         return tab, tab.eval_times.detach().to(F64), sched
 
-    fn = _make_fn(tables, f"{name}", classic=True)
-    fn.kind, fn.sigmas = "classic", None
-    return fn
+    return _make_fn(tables, name, classic=True, grid=None)
 
 
-def _learned_sampler(solver: Any, nfe: int | None, model: Any, rtol: float) -> Callable[..., Tensor]:
+def _learned_sampler(solver: Any, nfe: int | None, model: Any, rtol: float) -> KSampler:
     s = resolve_solver(solver)
     if isinstance(model, Denoiser):
         source = model.schedule
     elif isinstance(model, Schedule):
         source = model
     elif model is None:
-        source = getattr(s, "schedule", None)
-        if source is None or isinstance(s, TableauSolver):
+        own = getattr(s, "schedule", None)
+        if not isinstance(own, Schedule) or isinstance(s, TableauSolver):
             raise FewstepError(
                 "a bare Tableau does not say which model it is for: pass model= (the fewstep "
                 "Denoiser or Schedule it was made for)"
             )
+        source = own
     else:
         raise FewstepError(f"model must be a fewstep Denoiser or Schedule; got {type(model).__name__}")
     if isinstance(s, LearnedSolver) and s.schedule.config() != source.config():
@@ -221,7 +244,7 @@ def _learned_sampler(solver: Any, nfe: int | None, model: Any, rtol: float) -> C
     steps = int(vtab.points.sum()) - 1 if vtab.points is not None else vtab.N
     want = vtab.solution_times()  # the VE noise levels of its solution points (= t' unless staged)
     with torch.no_grad():
-        scal = [(float(da), float(ds)) for da, ds in zip(source.d_alpha(c), source.d_sigma(c))]
+        scal = [(float(da), float(ds)) for da, ds in zip(source.d_alpha(c), source.d_sigma(c), strict=True)]
 
     def tables(sigmas: Tensor) -> tuple[Tableau, Tensor, EDM]:
         got = _check_sigmas(sigmas, tab.name, learned=True)
@@ -233,9 +256,7 @@ def _learned_sampler(solver: Any, nfe: int | None, model: Any, rtol: float) -> C
             )
         return vtab, vtab.t[:-1], _ve_schedule(vtab.t)
 
-    fn = _make_fn(tables, tab.name, classic=False, scalars=scal)
-    fn.kind, fn.sigmas = "learned", want.clone()
-    return fn
+    return _make_fn(tables, tab.name, classic=False, grid=want.clone(), scalars=scal)
 
 
 def _check_sigmas(sigmas: Any, name: str, learned: bool = False) -> Tensor:
@@ -264,9 +285,13 @@ def _make_fn(
     tables: Callable[[Tensor], tuple[Tableau, Tensor, EDM]],
     name: str,
     classic: bool,
+    grid: Tensor | None,
     scalars: list[tuple[float, float]] | None = None,
-) -> Callable[..., Tensor]:
-    """The k-diffusion-signature function: a loop over the kernel's Stepper feeding it the model's D."""
+) -> KSampler:
+    """The k-diffusion-signature function: a loop over the kernel's Stepper feeding it the model's D.
+
+    ``grid``: the ``sigmas`` the function carries (a learned solver's (N + 1,) VE grid; None for a classic one).
+    """
 
     @torch.no_grad()
     def fn(
@@ -302,13 +327,16 @@ def _make_fn(
                 callback({"x": stepper.state, "i": k, "sigma": sig, "sigma_hat": sig, "denoised": denoised})
         return xe
 
-    fn.solver_name = name
-    fn.__name__ = f"sample_fewstep_{name}".replace("-", "_")
-    fn.__qualname__ = fn.__name__
-    return fn
+    out = cast(KSampler, fn)  # a plain function, given KSampler's attributes here
+    out.solver_name = name
+    out.kind = "classic" if classic else "learned"
+    out.sigmas = grid
+    out.__name__ = f"sample_fewstep_{name}".replace("-", "_")
+    out.__qualname__ = out.__name__
+    return out
 
 
-def _steps(n: int, disable: bool | None):
+def _steps(n: int, disable: bool | None) -> Iterable[int]:
     """range(n), with a tqdm progress bar as k-diffusion shows one (when tqdm is installed)."""
     if disable is True:
         return range(n)

@@ -123,9 +123,10 @@ def _load_network(
     cls_name = _read_json(sub / "config.json", "").get("_class_name", "")
     import diffusers
 
-    cls = getattr(diffusers, str(cls_name), None)
-    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+    found = getattr(diffusers, str(cls_name), None)
+    if not (isinstance(found, type) and issubclass(found, diffusers.ModelMixin)):
         raise ModelSpecError(f"{sub}/config.json names {cls_name!r}, not a diffusers model class")
+    cls: Any = found  # a diffusers ModelMixin subclass (checked above): diffusers is Any to mypy
     refuse_pickled_weights(sub, "pipeline")
     try:
         lean = importlib.util.find_spec("accelerate") is not None  # without it diffusers warns, then loads plainly

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..conditions import ClassSet, Conditioning, Entry, GuidanceSet, PromptSet
 from ..denoiser import Denoiser, torch_dtype
-from ..errors import FewstepError, ModelSpecError
+from ..errors import FewstepError, ModelSpecError, ShapeError
 from ..io import atomic_path, cache_root
 from .diffusers_in import dynamic_mu, flow_with_mu, refuse_pickled_weights, schedule_from_diffusers
 from .families import Family, family_for, supported_pipelines
@@ -67,7 +67,7 @@ class ConditionTable:
 
             with safe_open(str(f), "pt") as fh:
                 meta = fh.metadata() or {}
-                rows = {k: fh.get_tensor(k) for k in fh.keys()}
+                rows = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open handles iterate only through keys()
         except Exception:  # noqa: BLE001 - a damaged cache file is recomputed
             return None
         if meta.get("text") != text or any(not torch.isfinite(v).all() for v in rows.values() if v.is_floating_point()):
@@ -115,6 +115,7 @@ class ConditionTable:
                 self._store(text, row)
 
     def rows(self, texts: Sequence[str], device: torch.device | str) -> dict[str, Tensor]:
+        """{key: (len(texts), ...)} on ``device``: each text's rows, stacked (encoded first where new)."""
         self.ensure(texts)
         keys = self._rows[texts[0]].keys()
         return {k: torch.stack([self._rows[t][k] for t in texts]).to(device) for k in keys}
@@ -124,6 +125,8 @@ class FamilyNet(nn.Module):
     """``net(x, t_net, prompt=, negative=, class_labels=, guidance=)`` for a Denoiser: looks up each sample's
     conditioning rows (its prompt's, or its negative prompt's / the unconditional ones where ``negative``)
     and calls the family adapter. x: (B, C, h, w); prompt, negative, class_labels: (B,)."""
+
+    family: Family  # set through __dict__: nn.Module registers nothing for it
 
     def __init__(self, family: Family, table: ConditionTable, prompts: list[Entry]) -> None:
         super().__init__()
@@ -162,8 +165,11 @@ class FamilyNet(nn.Module):
                     f"with a prompt set (--prompts FILE)"
                 )
             idx = torch.as_tensor(prompt).reshape(-1).cpu().long().expand(b).tolist()
+            if neg.numel() != b:
+                raise ShapeError(f"negative has {neg.numel()} entries for a batch of {b}: give one per sample")
             texts = [
-                (self.entries[i].negative or NULL) if n else self.entries[i].prompt for i, n in zip(idx, neg.tolist())
+                (self.entries[i].negative or NULL) if n else self.entries[i].prompt
+                for i, n in zip(idx, neg.tolist(), strict=True)
             ]
             rows = self.table.rows(texts, self.family.network_device)
         return self.family.forward(x, t_net, rows, guidance)
@@ -173,11 +179,12 @@ class PipelineDenoiser(Denoiser):
     """A Denoiser over a diffusers pipeline family (see the module docstring)."""
 
     family: Family
+    net: FamilyNet
 
     @property
     def text_conditional(self) -> bool:
         """Does the network take text (a prompt per sample) rather than class labels?"""
-        return not hasattr(self.family, "num_classes")
+        return self.family.num_classes is None
 
     def cond_for(self, seeds: list[int] | range, device: str | torch.device = "cpu") -> dict[str, Any]:
         """Per-seed conditioning drawn from the prompt set; refused in one line for a text model loaded without one."""
@@ -210,7 +217,12 @@ class PipelineDenoiser(Denoiser):
     ) -> dict[str, Tensor]:
         """Conditioning for these prompts (one per sample), encoded now: ``{"prompt": indices[, "guidance_scale"]}``."""
         neg = list(negative) if negative is not None else [None] * len(prompts)
-        idx = self.net.add_prompts([Entry(p, n) for p, n in zip(prompts, neg)])
+        if len(neg) != len(prompts):
+            raise FewstepError(
+                f"prompt_cond got {len(neg)} negative prompts for {len(prompts)} prompts: give one per prompt "
+                f"(None where a prompt has none)"
+            )
+        idx = self.net.add_prompts([Entry(p, n) for p, n in zip(prompts, neg, strict=True)])
         out: dict[str, Tensor] = {"prompt": idx}
         if guidance is not None:
             w = torch.as_tensor(guidance, dtype=torch.float64)
@@ -346,12 +358,12 @@ def load_pipeline(
     *,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
-    prompts: PromptSet | str | os.PathLike | Sequence[str] | None = None,
+    prompts: PromptSet | str | os.PathLike[str] | Sequence[str] | None = None,
     classes: ClassSet | str | None = None,
     guidance: float | str | Sequence[float] | GuidanceSet | None = None,
     height: int | None = None,
     width: int | None = None,
-    cache_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
     name: str | None = None,
     **family_options: Any,
 ) -> PipelineDenoiser:
@@ -387,11 +399,11 @@ def load_pipeline(
         guidance = default_guidance(pipe)
     gset = guidance if isinstance(guidance, GuidanceSet) or guidance is None else GuidanceSet.parse(guidance)
     w = None if gset is None else gset.scales[len(gset.scales) // 2]
-    class_family = hasattr(fam, "num_classes")
-    if class_family:
+    num_classes = fam.num_classes
+    if num_classes is not None:
         if prompts is not None:
             raise FewstepError(f"{fam.name} is class-conditional: give --classes, not --prompts")
-        cset = classes if isinstance(classes, ClassSet) else ClassSet.parse(classes or "all", fam.num_classes)
+        cset = classes if isinstance(classes, ClassSet) else ClassSet.parse(classes or "all", num_classes)
         pset = None
     else:
         if classes is not None:
@@ -430,18 +442,18 @@ def load_pipeline(
         identity=identity,
         guidance_input=distilled,
         decode=fam.decode,
-        num_classes=fam.num_classes if class_family else None,
+        num_classes=num_classes,
     )
     model.family = fam
     model.dtype = fam.network_dtype  # recorded (the family casts its inputs; the weights are loaded in it)
     return model
 
 
-def _prompt_set(prompts: PromptSet | str | os.PathLike | Sequence[str] | None) -> PromptSet | None:
+def _prompt_set(prompts: PromptSet | str | os.PathLike[str] | Sequence[str] | None) -> PromptSet | None:
     """The prompt set given (None: a model that samples only with explicit prompts, e.g. to build a scheduler)."""
     if prompts is None or isinstance(prompts, PromptSet):
         return prompts
-    return PromptSet.read(prompts) if isinstance(prompts, (str, os.PathLike)) else PromptSet.of(list(prompts))
+    return PromptSet.read(Path(prompts)) if isinstance(prompts, (str, os.PathLike)) else PromptSet.of(list(prompts))
 
 
 def default_guidance(pipe: Any) -> float | None:
@@ -454,7 +466,7 @@ def default_guidance(pipe: Any) -> float | None:
 
 def _seq_len(fam: Family, shape: tuple[int, int, int]) -> int:
     """The image token count a flow pipeline's dynamic shift is computed from (Flux: 2x2 patches)."""
-    patch = int(getattr(fam.network.config, "patch_size", 1) or 1)
+    patch = int(getattr(fam.network_config, "patch_size", 1) or 1)
     if fam.name == "flux":
         patch = 2
     return (shape[1] // patch) * (shape[2] // patch)

@@ -50,6 +50,8 @@ N_CLASSES = 10
 class DigitsClassifier(nn.Module):
     """MLP on flattened 8x8 digits: ``forward(x)`` -> logits (B, 10), ``features(x)`` -> (B, F)."""
 
+    heldout_accuracy: Tensor  # () float64 buffer, NaN until trained
+
     def __init__(self, hidden: int = 256, features: int = 64) -> None:
         super().__init__()
         self.body = nn.Sequential(nn.Linear(64, hidden), nn.SiLU(), nn.Linear(hidden, features), nn.SiLU())
@@ -104,7 +106,7 @@ def _train(recipe: dict[str, Any]) -> dict[str, Tensor]:
         torch.manual_seed(int(recipe["seed"]))
         net = DigitsClassifier(**recipe["arch"])
     g = torch.Generator().manual_seed(int(recipe["seed"]) + 1)
-    params = [p for n, p in net.named_parameters()]
+    params: list[Tensor] = list(net.parameters())
     opt = ForeachAdamW(params, recipe["lr"], recipe["weight_decay"])
     steps, bs, noise = int(recipe["steps"]), int(recipe["batch"]), float(recipe["noise"])
     for step in range(steps):

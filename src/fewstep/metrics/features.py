@@ -16,12 +16,15 @@ at the data's own resolution serves every size and the features stay comparable 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import FewstepError, ShapeError
+
+if TYPE_CHECKING:
+    from .classifier import DigitsClassifier
 
 
 class FeatureMap(nn.Module):
@@ -98,7 +101,7 @@ class Identity(nn.Module):
 
 
 class _Penultimate(nn.Module):
-    def __init__(self, classifier: nn.Module) -> None:
+    def __init__(self, classifier: DigitsClassifier) -> None:
         super().__init__()
         self.classifier = classifier
         self.num_features = classifier.num_features
@@ -113,7 +116,7 @@ class DigitsFeatures(FeatureMap):
     Inputs: (B, 1, 8k, 8k) in [-1, 1] (k = 1, 2, 4, ...), averaged over k x k blocks to 8x8.
     """
 
-    def __init__(self, classifier: nn.Module, batch_size: int = 2048) -> None:
+    def __init__(self, classifier: DigitsClassifier, batch_size: int = 2048) -> None:
         super().__init__(
             _Penultimate(classifier), classifier.num_features, batch_size=batch_size, label="digits-classifier"
         )

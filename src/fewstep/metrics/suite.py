@@ -78,7 +78,7 @@ def select_metrics(model: Any, metrics: str | Iterable[str] | None, feature: Any
     req = parse_metrics(metrics)
     shape = tuple(getattr(model, "sample_shape", None) or ())
     has_features = feature is not None or _digits_features_fit(model)
-    if req == "auto":
+    if isinstance(req, str):  # "auto", the only string parse_metrics returns
         dim = math.prod(shape) if shape else 0
         fit = {
             "fd": has_features,
@@ -170,6 +170,7 @@ class MetricSuite:
         if "fd" in self.names or "kid" in self.names:
             from .frechet import FeatureDistances
 
+            assert data is not None  # fd and kid are in DISTRIBUTION: needs_data raised above without data
             self.distances = FeatureDistances(
                 data.samples, self._fmap(data.samples), self.kid_subsets, self.kid_subset_size, seed
             )
@@ -215,6 +216,7 @@ class MetricSuite:
         if "psnr" in self.names and ref is not None:
             out["psnr"] = float(psnr(x, ref, self.data_range).clamp(max=PSNR_CAP).mean())
         if "swd" in self.names:
+            assert self.data is not None  # swd is in DISTRIBUTION: __init__ refused a suite without data
             out["swd"] = sliced_wasserstein(x, self.data.samples, self.n_projections, self.seed)
         if "loglik" in self.names:
             out["loglik"] = average_log_likelihood(self.model.log_prob, x, cond)[0]

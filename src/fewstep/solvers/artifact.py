@@ -58,7 +58,7 @@ def load_params(path: str | os.PathLike, schedule: Schedule) -> LearnedSolver:
     try:
         with safe_open(str(p), "pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict: keys() is its API
         if meta.get("kind") != PARAMS_KIND:
             raise ValueError(f"kind {meta.get('kind')!r}, expected {PARAMS_KIND!r}")
         st = loads_json(meta["structure"])
@@ -111,7 +111,9 @@ class LoadedSolver:
         self.name = doc.get("label") or f"{doc['method']}"
         g = doc.get("guidance")
         self.guidance_range = None if g is None else (float(g["scales"][0]), float(g["scales"][-1]))
-        self._learned, self._at_scale = learned, {}
+        self._learned = learned
+        self._at_scale: dict[float, Tableau] = {}
+        self._warned: set[str] = set()  # the guidance notes already warned about
         if self.guidance_range is not None and learned is None:
             self._learned = self.learned()  # the tables at any scale come from the parameters: check them now
 
@@ -121,7 +123,7 @@ class LoadedSolver:
         if self.force:
             return
         note = check_model(self.doc, model, f"solver {self.path or self.name}")
-        if note is not None and note not in self.__dict__.setdefault("_warned", set()):
+        if note is not None and note not in self._warned:
             self._warned.add(note)
             warnings.warn(note, stacklevel=3)
 
@@ -145,14 +147,22 @@ class LoadedSolver:
             )
         key = float(w)
         if key not in self._at_scale:
+            assert self._learned is not None  # __init__ loads it for every solver with a guidance_range
             try:
                 with torch.no_grad():
                     tab = self._learned.tableau(w=key)
             except FewstepError as e:
                 raise ArtifactError(str(e)) from None
-            d = lambda v: None if v is None else v.detach().clone()  # noqa: E731
             self._at_scale[key] = Tableau(
-                tab.basis, d(tab.t), d(tab.a), d(tab.B), d(tab.C), d(tab.c), self.name, d(tab.B_mask), d(tab.C_mask)
+                tab.basis,
+                tab.t.detach().clone(),
+                tab.a.detach().clone(),
+                tab.B.detach().clone(),
+                _copy(tab.C),
+                _copy(tab.c),
+                self.name,
+                _copy(tab.B_mask),
+                _copy(tab.C_mask),
             )
         return self._at_scale[key]
 
@@ -167,8 +177,8 @@ class LoadedSolver:
         params = folder / checked(str(self.path), check_params_name, self.doc.get("params", PARAMS), folder)
         s = load_params(params, self.schedule)
         g = self.doc.get("guidance")
-        if (s.guidance is None) != (g is None) or (
-            g is not None and list(s.guidance) != [float(v) for v in g["scales"]]
+        if (None if s.guidance is None else list(s.guidance)) != (
+            None if g is None else [float(v) for v in g["scales"]]
         ):
             raise ArtifactError(f"{params} does not fit {folder}'s guidance scales; the artifact is damaged")
         with torch.no_grad():
@@ -181,11 +191,17 @@ class LoadedSolver:
         return s
 
 
+def _copy(v: Tensor | None) -> Tensor | None:
+    """A detached copy of an optional table."""
+    return None if v is None else v.detach().clone()
+
+
 def _floats(v: Tensor | None) -> Any:
     return None if v is None else v.detach().to(F64).cpu().tolist()
 
 
 def tableau_to_doc(tab: Tableau) -> dict[str, Any]:
+    """The JSON form of the tables (nested float lists; masks as 0/1), read back by :func:`tableau_from_doc`."""
     return {
         "basis": tab.basis,
         "t": _floats(tab.t),

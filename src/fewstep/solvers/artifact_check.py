@@ -251,7 +251,7 @@ def _check_guidance(doc: dict[str, Any], sched: Schedule, need_params: bool = Tr
     tabs = g.get("tableaus", {})
     if not isinstance(tabs, dict):
         raise _Fail("field guidance.tableaus must be an object")
-    for w, t in tabs.items():
+    for t in tabs.values():
         check_tableau(t, doc["method"], sched)
     if need_params and "params" not in doc:
         raise _Fail("field params is missing: a solver fitted across guidance scales needs its parameters file")

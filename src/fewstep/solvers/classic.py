@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ class GridPoints:
 
     @classmethod
     def of(cls, schedule: Schedule, t: torch.Tensor) -> GridPoints:
+        """The quantities at grid t (N+1,)."""
         t = t.detach().to(F64)
         with torch.no_grad():
             # lambda is -inf at a noise end with alpha = 0 (flows at t = 1) and +inf at the clean
@@ -51,11 +53,13 @@ class GridPoints:
 
     @property
     def s(self) -> np.ndarray:
+        """sigma / alpha at the grid points, (N+1,) (inf where alpha = 0)."""
         with np.errstate(divide="ignore"):
             return self.sigma / self.alpha
 
     @property
     def N(self) -> int:
+        """The number of steps."""
         return len(self.t) - 1
 
     def history(self, i: int) -> int:
@@ -63,6 +67,7 @@ class GridPoints:
         return int(np.sum(np.isfinite(self.lambda_[: i + 1])))
 
     def h(self, i: int) -> float:
+        """The log-SNR step lambda_{i+1} - lambda_i."""
         return float(self.lambda_[i + 1] - self.lambda_[i])
 
 
@@ -86,14 +91,16 @@ def _empty(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros(n), np.zeros((n, n))
 
 
-def _tableau(name: str, basis: str, t: torch.Tensor, a, B, C=None, **info) -> Tableau:
-    tt = lambda v: torch.as_tensor(v, dtype=F64)  # noqa: E731
+def _tableau(
+    name: str, basis: str, t: torch.Tensor, a: np.ndarray, B: np.ndarray, C: np.ndarray | None = None, **info: Any
+) -> Tableau:
+    """The validated tableau of a generator's tables a (N,), B (N, N) and C (N, N+1) on grid t (N+1,)."""
     return Tableau(
         basis=basis,
         t=t.detach().to(F64).clone(),
-        a=tt(a),
-        B=tt(B),
-        C=None if C is None else tt(C),
+        a=torch.as_tensor(a, dtype=F64),
+        B=torch.as_tensor(B, dtype=F64),
+        C=None if C is None else torch.as_tensor(C, dtype=F64),
         name=name,
         info=info,
     ).validate()
@@ -110,6 +117,7 @@ def _phi_D(g: GridPoints, i: int) -> float:
 
 # ----------------------------------------------------------------------------- data prediction
 def ddim(schedule: Schedule, t: torch.Tensor) -> Tableau:
+    """DDIM (first-order, data prediction) on grid t (N+1,)."""
     g = GridPoints.of(schedule, t)
     a, B = _empty(g.N)
     for i in range(g.N):

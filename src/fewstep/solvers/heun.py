@@ -66,12 +66,11 @@ def heun(schedule: Schedule, t: Tensor) -> Tableau:
             times.append(float(t[i + 1]))
             points.append(True)
             k += 1
-    tt = lambda v: torch.as_tensor(v, dtype=F64)  # noqa: E731
     return Tableau(
         basis="v" if xt_space else "E",
-        t=tt(times),
-        a=tt(a),
-        B=tt(B),
+        t=torch.as_tensor(times, dtype=F64),
+        a=torch.as_tensor(a, dtype=F64),
+        B=torch.as_tensor(B, dtype=F64),
         name="heun",
         points=torch.tensor(points),
         info={"steps": n},

@@ -23,7 +23,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeGuard
 
 import torch
 from torch import Tensor
@@ -67,6 +67,7 @@ class Tableau:
 
     @property
     def eval_times(self) -> Tensor:
+        """The times the model is evaluated at, (N,): ``c`` if decoupled, else t_0 .. t_{N-1}."""
         return self.t[:-1] if self.c is None else self.c
 
     @property
@@ -79,6 +80,7 @@ class Tableau:
         return self.t if self.points is None else self.t[self.points]
 
     def requires_grad(self) -> bool:
+        """Do the tables carry autograd (a learned solver being fitted)?"""
         return (
             self.B.requires_grad
             or self.a.requires_grad
@@ -87,6 +89,7 @@ class Tableau:
         )
 
     def validate(self) -> Tableau:
+        """``self`` if the tables' shapes and structure fit N steps, else a FewstepError naming the defect."""
         n = self.N
         if self.basis not in BASES:
             raise FewstepError(f"tableau basis must be one of {', '.join(BASES)}; got {self.basis!r}")
@@ -174,16 +177,18 @@ class Stepper:
         self.times = tab.eval_times
         self.scalars = schedule.scalars(self.times)  # differentiable when the times are learned
         self.F: dict[int, Tensor] = {}
-        self.state: Tensor | None = None  # the corrected state x_i of the step in progress
-        self._x_eval: Tensor | None = None
+        # set by start(): the corrected state x_i of the step in progress, and the next evaluation point
+        self.state: Tensor
+        self._x_eval: Tensor
 
     def start(self, x0: Tensor) -> Tensor:
         """Begin a solve at x0 (the state at t_0); returns the first evaluation point."""
         self.F = {}
         self.state, self._x_eval = x0, x0
         if self.grad:  # the tables' autograd carries over into the state's dtype and device
-            conv = lambda v: None if v is None else v.to(device=x0.device, dtype=x0.dtype)  # noqa: E731
-            self._a, self._B, self._C = conv(self.tab.a), conv(self.tab.B), conv(self.tab.C)
+            dev, dt = x0.device, x0.dtype
+            self._a, self._B = self.tab.a.to(device=dev, dtype=dt), self.tab.B.to(device=dev, dtype=dt)
+            self._C = None if self.tab.C is None else self.tab.C.to(device=dev, dtype=dt)
         return x0
 
     def step(self, i: int, F_i: Tensor, x_eval: Tensor | None = None) -> Tensor:
@@ -213,22 +218,33 @@ class Stepper:
         return acc
 
 
-def checkpointable_blocks(net: Any) -> list[torch.nn.Module]:
+class BlockCheckpointing(Protocol):
+    """A network that can checkpoint its own blocks (a diffusers ``ModelMixin``)."""
+
+    def enable_gradient_checkpointing(self) -> None: ...
+
+    def disable_gradient_checkpointing(self) -> None: ...
+
+
+def _checkpoints_blocks(m: torch.nn.Module) -> TypeGuard[BlockCheckpointing]:
+    """Does ``m`` support checkpointing its own blocks, and not do so already?"""
+    return (
+        bool(getattr(m, "_supports_gradient_checkpointing", False))
+        and hasattr(m, "enable_gradient_checkpointing")
+        and not getattr(m, "gradient_checkpointing", False)
+    )
+
+
+def checkpointable_blocks(net: Any) -> list[BlockCheckpointing]:
     """The diffusers networks inside ``net`` that can recompute each of their blocks in the backward pass
     (their own gradient checkpointing) and do not already."""
     if not isinstance(net, torch.nn.Module):
         return []
-    return [
-        m
-        for m in net.modules()
-        if getattr(m, "_supports_gradient_checkpointing", False)
-        and hasattr(m, "enable_gradient_checkpointing")
-        and not getattr(m, "gradient_checkpointing", False)
-    ]
+    return [m for m in net.modules() if _checkpoints_blocks(m)]
 
 
 @contextmanager
-def checkpointed_blocks(mods: list[torch.nn.Module]) -> Iterator[None]:
+def checkpointed_blocks(mods: list[BlockCheckpointing]) -> Iterator[None]:
     """While open, ``mods`` (from :func:`checkpointable_blocks`) checkpoint their blocks. Opened inside a
     checkpointed network call, it is open again when the backward pass recomputes that call: the backward
     then holds the call's block inputs and one block's activations, not the whole call's."""
@@ -325,4 +341,4 @@ def run_tableau(
         if i >= 1:
             settled(i - 1, stepper.state, F)
     settled(n - 1, xe, None)
-    return (xe, traj) if return_trajectory else xe
+    return xe if traj is None else (xe, traj)

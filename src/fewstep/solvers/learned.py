@@ -79,6 +79,11 @@ class LearnedSolver(nn.Module):
 
     kind = "learned"
     grid_label = "learned"
+    # buffers and optional parameters, set in __init__
+    mask: Tensor
+    V_mask: Tensor | None
+    V: nn.Parameter | None
+    u: nn.Parameter | None
 
     def __init__(
         self,
@@ -113,6 +118,8 @@ class LearnedSolver(nn.Module):
         self.register_buffer("mask", m.clone())
         self.W = self._poly(W_init.to(F64) * m)
         if V_init is not None:
+            if V_mask is None:
+                raise FewstepError("a learned corrector (V_init) needs V_mask: which of its weights are free")
             self.register_buffer("V_mask", V_mask.bool().clone())
             self.V = self._poly(V_init.to(F64) * V_mask)
         else:
@@ -138,9 +145,10 @@ class LearnedSolver(nn.Module):
         return None if self.guidance is None else (self.guidance[0], self.guidance[-1])
 
     def _basis(self, w: float | None) -> Tensor | None:
-        if self.degree == 0:
+        """The Legendre basis values at scale ``w``, (degree + 1,); None for a solver not fitted across scales."""
+        if self.guidance is None:  # degree 0
             return None
-        lo, hi = self.guidance_range
+        lo, hi = self.guidance[0], self.guidance[-1]
         if w is None:
             raise FewstepError(
                 f"solver {self.name} is fitted across guidance scales {lo:g}..{hi:g}: give the scale (w=...)"
@@ -153,9 +161,9 @@ class LearnedSolver(nn.Module):
         u = (2.0 * float(w) - lo - hi) / (hi - lo)
         return torch.tensor([1.0, u, 1.5 * u * u - 0.5][: self.degree + 1], dtype=F64)
 
-    def _at(self, P: Tensor | None, phi: Tensor | None) -> Tensor | None:
-        """A raw parameter's value at the scale whose basis values are ``phi``."""
-        if P is None or phi is None:
+    def _at(self, P: Tensor, phi: Tensor | None) -> Tensor:
+        """A raw parameter's value at the scale whose basis values are ``phi`` (None: ``P`` itself)."""
+        if phi is None:
             return P
         return torch.tensordot(phi.to(P.device), P, dims=1)
 
@@ -168,13 +176,14 @@ class LearnedSolver(nn.Module):
         however far the logits r move.
         """
         r = self._at(self.r, self._basis(w))
-        w = MIN_STEP + (1.0 - self.N * MIN_STEP) * torch.softmax(r, 0)
-        cum = torch.cat([torch.zeros(1, dtype=F64, device=w.device), torch.cumsum(w, 0)])
+        steps = MIN_STEP + (1.0 - self.N * MIN_STEP) * torch.softmax(r, 0)
+        cum = torch.cat([torch.zeros(1, dtype=F64, device=steps.device), torch.cumsum(steps, 0)])
         t = self.t_max - (self.t_max - self.t_end) * cum
-        ends = torch.tensor([self.t_max, self.t_end], dtype=F64, device=w.device)  # constants: no gradient path
+        ends = torch.tensor([self.t_max, self.t_end], dtype=F64, device=steps.device)  # constants: no gradient path
         return torch.cat([ends[:1], t[1:-1], ends[1:]])
 
     def eval_times(self, t: Tensor, w: float | None = None) -> Tensor | None:
+        """Decoupled evaluation times (N,) for grid t (N+1,); None when they are not learned (c = t[:-1])."""
         if self.decouple <= 0:
             return None
         delta = self._at(self.delta, self._basis(w))
@@ -185,6 +194,7 @@ class LearnedSolver(nn.Module):
         return t[:-1] + d * torch.tanh(delta)
 
     def weights(self, w: float | None = None) -> Tensor:
+        """The predictor weights W (N, N), masked (DSS: the diagonal makes every row sum to one)."""
         W = self._at(self.W, self._basis(w))
         if not self.rows_sum_to_one:
             return W * self.mask
@@ -192,6 +202,7 @@ class LearnedSolver(nn.Module):
         return off + torch.diag(1.0 - off.sum(1))
 
     def coef_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The raw parameters by optimiser group: "grid" (grid logits, offsets) and "coef" (weights)."""
         g = {"grid": [self.r] + ([self.delta] if self.decouple > 0 else []), "coef": [self.W]}
         if self.V is not None:
             g["coef"].append(self.V)
@@ -225,6 +236,9 @@ class LearnedSolver(nn.Module):
             a = a * torch.exp(self._at(self.u, phi))
         W = self.weights(w)
         B = scale[:, None] * W
-        C = None if self.V is None else scale[:, None] * (self._at(self.V, phi) * self.V_mask)
+        C = None
+        if self.V is not None:
+            assert self.V_mask is not None  # registered together with V in __init__
+            C = scale[:, None] * (self._at(self.V, phi) * self.V_mask)
         bm = torch.diag(torch.ones(self.N, dtype=torch.bool)) | self.mask
         return Tableau(self.basis, t, a, B, C, self.eval_times(t, w), name=self.method, B_mask=bm, C_mask=self.V_mask)

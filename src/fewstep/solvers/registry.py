@@ -104,6 +104,7 @@ _reg("heun", heun, 3, "Heun (EDM), 2 evaluations a step", stages=2)
 
 
 def solver_names() -> list[str]:
+    """The names of every registered classic solver."""
     return list(SOLVERS) + list(STAGED)
 
 

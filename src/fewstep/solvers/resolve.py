@@ -35,13 +35,27 @@ class Solver(Protocol):
     ``guidance_range`` and gives its tables at a scale: ``tableau(model, w)``.
     """
 
-    kind: str
-    name: str
-    grid_label: str
-    nfe: int
-    guidance_range: tuple[float, float] | None  # a solver fitted across guidance scales: the scales it covers
+    # read-only members: a class attribute, a dataclass field or a property each satisfies them
+    @property
+    def kind(self) -> str: ...
 
-    def tableau(self, model: Any = None, w: float | None = None) -> Tableau: ...
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def grid_label(self) -> str: ...
+
+    @property
+    def nfe(self) -> int: ...
+
+    @property
+    def guidance_range(self) -> tuple[float, float] | None:
+        """A solver fitted across guidance scales: the (lowest, highest) scale it covers; else None."""
+        ...
+
+    def tableau(self, model: Any = None, w: float | None = None) -> Tableau:
+        """The kernel tables for ``model`` (a Denoiser or its Schedule), at guidance scale ``w`` if fitted across."""
+        ...
 
 
 def label(solver: Solver) -> str:
@@ -76,6 +90,7 @@ class ClassicSolver:
 
     @property
     def info(self) -> SolverInfo:
+        """The registry entry of the solver."""
         return solver_info(self.name)
 
     @property
@@ -93,6 +108,7 @@ class ClassicSolver:
         return self.info.cost(self.steps)
 
     def grid_times(self, schedule: Schedule) -> Tensor:
+        """The grid (steps + 1,) on ``schedule``."""
         return make_grid(schedule, self.steps, self.grid if isinstance(self.grid, str) else list(self.grid))
 
     def tableau(self, model: Denoiser | Schedule | None = None, w: float | None = None) -> Tableau:
@@ -184,7 +200,7 @@ def resolve_solver(
     if not isinstance(chosen, str):
         chosen = tuple(float(v) for v in torch.as_tensor(chosen, dtype=torch.float64).flatten().tolist())
     out = ClassicSolver(info.name, chosen, int(nfe), tuple(sorted(options.items())))
-    out.steps  # NFEError now, not at the first solve  # noqa: B018
+    _ = out.steps  # raises NFEError now, not at the first solve
     if model is not None and not info.suits(_schedule(model)):
         out.tableau(model)  # the generator names what the schedule lacks
     return out

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from ..errors import ModelSpecError
 from ..schedules import Schedule, schedule_from_config
+
+if TYPE_CHECKING:
+    from ..denoiser import Denoiser
 
 F64 = torch.float64
 
@@ -44,3 +47,29 @@ def labels_or_none(class_labels: Any, batch: int, device: torch.device) -> Tenso
     if lab.numel() != batch:
         raise ModelSpecError(f"class_labels must hold one label per sample: got {lab.numel()} for a batch of {batch}")
     return lab
+
+
+def attach(
+    den: Denoiser,
+    *,
+    exact_solution: Callable[[Tensor], Tensor] | None = None,
+    exact_map: Callable[[Tensor, Tensor | float, Tensor | float], Tensor] | None = None,
+    log_prob: Callable[..., Tensor] | None = None,
+    sample_data: Callable[..., Tensor] | None = None,
+) -> Denoiser:
+    """Give ``den`` the optional methods that evaluation and the metrics look up with ``getattr``.
+
+    ``exact_solution(x_T (B, ...)) -> x_0``, ``exact_map(x (B, ...), t_from, t_to)``,
+    ``log_prob(x0 (B, ...), [class_labels]) -> (B,)``, ``sample_data(n, generator=None, ...) -> (n, ...)``.
+    A method left None stays absent (``hasattr`` is False), which is how its lack is detected.
+    """
+    methods = {
+        "exact_solution": exact_solution,
+        "exact_map": exact_map,
+        "log_prob": log_prob,
+        "sample_data": sample_data,
+    }
+    for name, fn in methods.items():
+        if fn is not None:
+            setattr(den, name, fn)
+    return den

@@ -29,7 +29,7 @@ from ..denoiser import Denoiser
 from ..errors import ModelSpecError
 from ..schedules import Schedule, VPLinear
 from ..seeds import seeded_labels
-from ._common import F64, as_schedule, batch_times, labels_or_none
+from ._common import F64, as_schedule, attach, batch_times, labels_or_none
 
 LOG2PI = math.log(2.0 * math.pi)
 
@@ -37,6 +37,9 @@ LOG2PI = math.log(2.0 * math.pi)
 # ----------------------------------------------------------------------------- Gaussian
 class GaussianEps(nn.Module):
     """Exact noise prediction of x0 ~ N(mu, diag(c^2)) under ``schedule``; x has shape (B, d)."""
+
+    mu: Tensor  # (d,) float64 buffer
+    c: Tensor  # (d,) float64 buffer
 
     def __init__(self, mu: Tensor, c: Tensor, schedule: Schedule) -> None:
         super().__init__()
@@ -145,11 +148,13 @@ def build_gaussian(
         name="zoo:gaussian",
         identity={"zoo": "gaussian", "dim": dim, "seed": seed, "c_min": float(c_min), "c_max": float(c_max)},
     )
-    den.exact_solution = lambda x_T: gaussian_exact_solution(den, x_T, sched.t_max, sched.t_end)
-    den.exact_map = lambda x, t_from, t_to: gaussian_exact_solution(den, x, t_from, t_to)
-    den.log_prob = net.log_prob
-    den.sample_data = net.sample_data
-    return den
+    return attach(
+        den,
+        exact_solution=lambda x_T: gaussian_exact_solution(den, x_T, sched.t_max, sched.t_end),
+        exact_map=lambda x, t_from, t_to: gaussian_exact_solution(den, x, t_from, t_to),
+        log_prob=net.log_prob,
+        sample_data=net.sample_data,
+    )
 
 
 # ----------------------------------------------------------------------------- mixtures
@@ -159,6 +164,10 @@ class GMMDenoiser(nn.Module):
     Called as ``net(x, t_net, class_labels=None)``; x has shape (B, *shape) with prod(shape) = D.
     ``class_labels`` (LongTensor (B,)): k >= 0 restricts row to component k, -1 keeps the mixture.
     """
+
+    means: Tensor  # (K, D) float64 buffer
+    stds: Tensor  # (K,) float64 buffer
+    log_weights: Tensor  # (K,) float64 buffer, normalised
 
     def __init__(self, means: Tensor, stds: Tensor, weights: Tensor, schedule: Schedule) -> None:
         super().__init__()
@@ -249,11 +258,11 @@ def _mixture_denoiser(
         uncond={"class_labels": -1},
         cond_sampler=cond_sampler,
         identity={**identity, "conditional": bool(conditional)},
+        num_classes=k,
     )
-    den.log_prob = lambda x0, class_labels=None: net.log_prob(x0, class_labels)
-    den.sample_data = net.sample_data
-    den.num_classes = k
-    return den
+    return attach(
+        den, log_prob=lambda x0, class_labels=None: net.log_prob(x0, class_labels), sample_data=net.sample_data
+    )
 
 
 def build_gmm2d(

@@ -47,6 +47,10 @@ class EmpiricalDenoiser(nn.Module):
     training images of class k (-1: all of them). Rows are processed in chunks of ``chunk``.
     """
 
+    data: Tensor  # (N, prod(shape)) float64 buffer
+    sq_norms: Tensor  # (N,) float64 buffer: squared norms of the rows of data
+    labels: Tensor  # (N,) long buffer
+
     def __init__(self, data: Tensor, labels: Tensor | None, schedule: Schedule, chunk: int = 256) -> None:
         super().__init__()
         data = torch.as_tensor(data, dtype=F64).clone()

@@ -46,7 +46,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ from torch import Tensor, nn
 from ..denoiser import Denoiser
 from ..errors import ModelSpecError
 from ..schedules import Flow
+from ._common import attach
 
 NAMES: tuple[str, ...] = ("cfm", "otcfm", "sbcfm", "flow_matching", "stochastic_interpolant", "vp_flow")
 ENV_DIR = "FEWSTEP_TORCHCFM_DIR"
@@ -199,7 +200,13 @@ def read_checkpoint(path: Path) -> Any:
     """``torch.load(path, weights_only=True)`` with only the TorchCFM MLP classes allowed."""
     _check_torch()
     _refuse_foreign_globals(path)
-    allowed = [(PickledMLP, NOTEBOOK_CLASS), (LibraryMLP, LIBRARY_CLASS), nn.Sequential, nn.Linear, nn.SELU]
+    allowed: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
+        (PickledMLP, NOTEBOOK_CLASS),
+        (LibraryMLP, LIBRARY_CLASS),
+        nn.Sequential,
+        nn.Linear,
+        nn.SELU,
+    ]
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(str(path), map_location="cpu", weights_only=True)
@@ -326,7 +333,7 @@ def load_torchcfm(name_or_path: str | os.PathLike, device: str | torch.device = 
         identity={"torchcfm": path.name, "sha256": sha256_file(path)},
     )
     if kind != "library" and net.dim == DIM:
-        den.sample_data = moons_data
+        attach(den, sample_data=moons_data)
     return den.to(device)
 
 

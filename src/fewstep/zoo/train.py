@@ -98,6 +98,8 @@ class DigitsMLP(nn.Module):
     (1/1000 for a DDPM index, 1 for a flow time).
     """
 
+    in_std: Tensor | None  # buffer (L,): the std of x at L evenly spaced u in [0, 1], or None (no input scaling)
+
     def __init__(
         self,
         hidden: int = 256,
@@ -157,6 +159,15 @@ def make_net(recipe: dict[str, Any]) -> tuple[DigitsMLP, Schedule]:
 
 
 # ----------------------------------------------------------------------------- training
+def _ddpm_steps(sched: Schedule) -> int:
+    """T of a VPDiscrete schedule: the eps objective trains on its DDPM index."""
+    if not isinstance(sched, VPDiscrete):
+        raise ModelSpecError(
+            f"the eps objective trains on a DDPM index and needs a VPDiscrete schedule; got {sched.describe()}"
+        )
+    return sched.T
+
+
 def train(recipe: dict[str, Any], log: bool = False) -> dict[str, Tensor]:
     """Train a network from ``recipe`` on the CPU; returns the EMA state dict (float32).
 
@@ -178,14 +189,14 @@ def _train(recipe: dict[str, Any], log: bool) -> dict[str, Tensor]:
     ema = copy.deepcopy(net).requires_grad_(False)
     g = torch.Generator().manual_seed(int(recipe["seed"]) + 1)
     steps, bs = int(recipe["steps"]), int(recipe["batch"])
-    params = [p for p in net.parameters()]
+    params: list[Tensor] = list(net.parameters())
     opt = ForeachAdamW(params, recipe["lr"], recipe["weight_decay"])
-    ema_params = list(ema.parameters())
+    ema_params: list[Tensor] = list(ema.parameters())
     warm = max(1, int(recipe["warmup"]))
     objective = recipe["objective"]
     if objective == "eps":
         # continuous DDPM index u in [0, T - 1]; alpha, sigma from the schedule at t = (u + 1) / T
-        T = sched.T
+        T = _ddpm_steps(sched)
     perm, pos = torch.randperm(n, generator=g), 0
     net.train()
     t0 = time.perf_counter()

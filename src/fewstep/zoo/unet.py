@@ -153,6 +153,10 @@ def _train(recipe: dict[str, Any], log: bool) -> dict[str, Tensor]:
     x_all, y_all = digits16()
     n = x_all.shape[0]
     sched = schedule_from_config(recipe["schedule"])
+    if not isinstance(sched, VPDiscrete):
+        raise ModelSpecError(
+            f"zoo:{NAME} trains on a DDPM index and needs a VPDiscrete schedule; got {sched.describe()}"
+        )
     T = sched.T
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(recipe["seed"]))
@@ -166,7 +170,7 @@ def _train(recipe: dict[str, Any], log: bool) -> dict[str, Tensor]:
     batches = _batches(n, bs, g)
     net.train()
     t0 = time.perf_counter()
-    for step, idx in zip(range(steps), batches):
+    for step, idx in zip(range(steps), batches, strict=False):  # batches is endless: range(steps) ends the loop
         x0, labels = x_all[idx], y_all[idx].clone()
         labels[torch.rand(bs, generator=g) < float(recipe["label_dropout"])] = int(recipe["null_class"])
         eps = torch.randn(x0.shape, generator=g)

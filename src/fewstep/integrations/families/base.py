@@ -137,6 +137,21 @@ class Family(ABC):
         """Unpacked latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1], in the latents' dtype."""
 
     # ------------------------------------------------------------------ shared
+    @property
+    def network_config(self) -> Any:
+        """The network's diffusers config (a FrozenDict that also reads as attributes: ``.in_channels``)."""
+        cfg = getattr(self.network, "config", None)
+        if cfg is None:
+            raise ModelSpecError(
+                f"{type(self.network).__name__} has no config: the {self.name} family needs a diffusers model"
+            )
+        return cfg
+
+    @property
+    def num_classes(self) -> int | None:
+        """How many class labels a class-conditional family takes; None for a text-conditional one."""
+        return None
+
     def sample_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
         """(C, h, w) of one UNPACKED latent for a height x width image (default: the pipeline's size).
 
@@ -190,6 +205,7 @@ class Family(ABC):
 
     @property
     def network_device(self) -> torch.device:
+        """Where the network's parameters are (its inputs are moved there)."""
         return _param(self.network).device
 
     def _rows(self, rows: dict[str, Tensor], batch: int, keys: tuple[str, ...]) -> dict[str, Tensor]:

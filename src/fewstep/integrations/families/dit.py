@@ -21,10 +21,10 @@ class _DiTLike(Family):
 
     @property
     def latent_channels(self) -> int:
-        return int(self.network.config.in_channels)
+        return int(self.network_config.in_channels)
 
     def default_image_size(self) -> tuple[int, int]:
-        s = int(self.network.config.sample_size)
+        s = int(self.network_config.sample_size)
         return s * self.vae_scale_factor, s * self.vae_scale_factor
 
     def _first_channels(self, out: Any, x: Tensor) -> Tensor:
@@ -45,7 +45,8 @@ class DiTFamily(_DiTLike):
 
     @property
     def num_classes(self) -> int:
-        return int(self.network.config.num_embeds_ada_norm)
+        """K, the transformer's class count (its label table has one more row: the null class K)."""
+        return int(self.network_config.num_embeds_ada_norm)
 
     def _latent_hw(self, height: int, width: int) -> tuple[int, int]:
         if (height, width) != self.default_image_size():
@@ -53,7 +54,7 @@ class DiTFamily(_DiTLike):
             raise ShapeError(
                 f"dit: DiTPipeline makes only {H}x{W} images (its transformer's sample_size); got {height}x{width}"
             )
-        s = int(self.network.config.sample_size)
+        s = int(self.network_config.sample_size)
         return s, s
 
     def encode(self, prompts: list[str]) -> dict[str, Tensor]:
@@ -126,7 +127,7 @@ class PixArtSigmaFamily(_DiTLike):
     def _latent_hw(self, height: int, width: int) -> tuple[int, int]:
         check_multiple(self.name, height, width, 8, f"{type(self.pipe).__name__} refuses other sizes")
         h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
-        p = int(self.network.config.patch_size)
+        p = int(self.network_config.patch_size)
         if h % p or w % p:
             raise ShapeError(
                 f"{self.name}: the {h}x{w} latent of a {height}x{width} image is not a multiple of the "

@@ -53,17 +53,17 @@ class SD3Family(_ShiftedVAE):
 
     @property
     def latent_channels(self) -> int:
-        return int(self.network.config.in_channels)
+        return int(self.network_config.in_channels)
 
     def default_image_size(self) -> tuple[int, int]:
-        s = int(getattr(self.pipe, "default_sample_size", None) or self.network.config.sample_size)
+        s = int(getattr(self.pipe, "default_sample_size", None) or self.network_config.sample_size)
         return s * self.vae_scale_factor, s * self.vae_scale_factor
 
     def _latent_hw(self, height: int, width: int) -> tuple[int, int]:
-        p = int(self.network.config.patch_size)
+        p = int(self.network_config.patch_size)
         check_multiple(self.name, height, width, self.vae_scale_factor * p, "the VAE factor times the patch size")
         h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
-        limit = self.network.config.get("pos_embed_max_size")
+        limit = self.network_config.get("pos_embed_max_size")
         if limit is not None and max(h, w) // p > int(limit):
             raise ShapeError(
                 f"{self.name}: a {height}x{width} image needs {h // p}x{w // p} patches; the "
@@ -137,11 +137,11 @@ class FluxFamily(_ShiftedVAE):
     def __init__(self, pipe: Any, *, max_sequence_length: int = 512) -> None:
         super().__init__(pipe)
         self.max_sequence_length = int(max_sequence_length)
-        self.guidance_mode = "distilled" if self.network.config.get("guidance_embeds") else "none"
+        self.guidance_mode = "distilled" if self.network_config.get("guidance_embeds") else "none"
 
     @property
     def latent_channels(self) -> int:
-        return int(self.network.config.in_channels) // 4
+        return int(self.network_config.in_channels) // 4
 
     def default_image_size(self) -> tuple[int, int]:
         s = int(getattr(self.pipe, "default_sample_size", None) or 128)

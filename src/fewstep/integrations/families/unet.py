@@ -21,7 +21,7 @@ class _UNetFamily(Family):
 
     def __init__(self, pipe: Any) -> None:
         super().__init__(pipe)
-        cfg = self.network.config
+        cfg = self.network_config
         if cfg.get("time_cond_proj_dim") is not None:
             raise ModelSpecError(
                 f"{type(pipe).__name__}: this UNet embeds the guidance scale (time_cond_proj_dim, "
@@ -30,10 +30,10 @@ class _UNetFamily(Family):
 
     @property
     def latent_channels(self) -> int:
-        return int(self.network.config.in_channels)
+        return int(self.network_config.in_channels)
 
     def default_image_size(self) -> tuple[int, int]:
-        s = self.network.config.sample_size
+        s = self.network_config.sample_size
         h, w = (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
         return h * self.vae_scale_factor, w * self.vae_scale_factor
 
@@ -113,10 +113,10 @@ class SDXLFamily(_UNetFamily):
 
     def __init__(self, pipe: Any) -> None:
         super().__init__(pipe)
-        if self.network.config.get("addition_embed_type") != "text_time":
+        if self.network_config.get("addition_embed_type") != "text_time":
             raise ModelSpecError(
                 f"{type(pipe).__name__}: the UNet has addition_embed_type="
-                f"{self.network.config.get('addition_embed_type')!r}; SDXL needs 'text_time'"
+                f"{self.network_config.get('addition_embed_type')!r}; SDXL needs 'text_time'"
             )
 
     def encode(self, prompts: list[str]) -> dict[str, Tensor]:
