@@ -72,9 +72,9 @@ def one(batch: int, nfe: int, checkpoint: bool, micro: int | None) -> dict:
     )
     val = train[:1]
     session = FitSession(model, solver, train, val, cfg)
-    from fewstep.fit.loop import FitState, validate
+    from fewstep.fit.loop import FitState, mean_val_error
 
-    state = FitState(best_val=validate(model, solver, val))
+    state = FitState(best_val=mean_val_error(model, solver, val))
     state.best = {k: v.detach().clone() for k, v in solver.state_dict().items()}
     before = peak_mib()
     t0 = time.perf_counter()

@@ -10,7 +10,7 @@ from torch import nn
 
 import fewstep
 from fewstep.errors import FewstepError
-from fewstep.fit import TeacherData, TeacherSpec, default_teacher, dss_teacher, generate_teacher, parse_teacher
+from fewstep.fit import TeacherData, TeacherSpec, default_teacher, generate_teacher, parse_teacher
 from fewstep.fit.teacher import teacher_cache_dir, teacher_times
 from fewstep.seeds import (
     EVAL_SEED_START,
@@ -126,10 +126,8 @@ def test_parse_teacher_invalid_parts(bad, what):
 def test_default_teachers():
     vp = make_model()
     assert str(default_teacher(vp)) == "unipc3@logsnr:100"
-    assert str(dss_teacher(vp)) == "ddim@time:100"
     flow = fewstep.Denoiser(lambda x, t: x, fewstep.Flow(), prediction="velocity", sample_shape=(D,))
     assert str(default_teacher(flow)) == "adams4@time:100"
-    assert str(dss_teacher(flow)) == "euler@time:100"
 
 
 # ------------------------------------------------------------------------------------- generation

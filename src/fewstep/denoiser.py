@@ -10,7 +10,6 @@ The probability-flow velocity of any schedule is dx/dt = alpha' D + sigma' E.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Mapping
 from typing import Any, overload
 
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 from .conditions import ClassSet, Conditioning, GuidanceSet
 from .cost import Cost, counted
 from .errors import FewstepError, ModelOutputError, ShapeError
+from .io import sha256_tensors
 from .schedules import Schedule, TimeScalars
 
 PREDICTIONS = ("eps", "x0", "v", "velocity")
@@ -347,19 +347,13 @@ class Denoiser(nn.Module):
         )
 
     def _hash_weights(self) -> str:
-        h = hashlib.sha256()
-        h.update(repr(sorted(self.schedule.config().items())).encode())
-        h.update(self.prediction.encode())
-        h.update(repr(sorted(self.identity.items())).encode())
+        head = repr(sorted(self.schedule.config().items())).encode()
+        head += self.prediction.encode()
+        head += repr(sorted(self.identity.items())).encode()
         if self.prior is not None:  # another source distribution is another model
-            h.update(self.noise([0, 1]).to(torch.float64).numpy().tobytes())
-        if isinstance(self.net, nn.Module):
-            for k, v in sorted(self.net.state_dict().items()):
-                h.update(k.encode())
-                h.update(
-                    v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b""
-                )
-        return h.hexdigest()[:16]
+            head += self.noise([0, 1]).to(torch.float64).numpy().tobytes()
+        weights = self.net.state_dict() if isinstance(self.net, nn.Module) else {}
+        return sha256_tensors(weights, head)[:16]
 
     def noise(self, seeds: list[int] | range, device: str | torch.device = "cpu") -> Tensor:
         """Standard starting noise, one generator per seed: shape (len(seeds), *sample_shape).

@@ -1,6 +1,17 @@
-"""Errors that fewstep raises for bad input: each names the problem and the fix."""
+"""Errors that fewstep raises for bad input: each names the problem and the fix; :func:`debug`: whether to show
+tracebacks instead."""
 
 from __future__ import annotations
+
+import os
+
+#: set (not "0") to show tracebacks instead of one-line errors; ``fewstep --debug`` sets it
+DEBUG_ENV = "FEWSTEP_DEBUG"
+
+
+def debug() -> bool:
+    """Show tracebacks instead of one-line errors (``--debug`` or FEWSTEP_DEBUG=1)."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 class FewstepError(ValueError):

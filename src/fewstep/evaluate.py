@@ -30,6 +30,7 @@ from .denoiser import Denoiser
 from .distributed import current
 from .errors import ArtifactError, FewstepError, NothingToRunError, SolverNameError
 from .grids import grid_names
+from .metrics.pixel import per_sample_rmse
 from .metrics.reference import DataReference, model_data, user_data
 from .metrics.suite import DISTRIBUTION, ROW_KEYS, MetricSuite, parse_metrics, select_metrics
 from .report import FD_REF_NOTE, Report, Row, RowKind, best_classic, render_plain
@@ -60,11 +61,6 @@ def check_held_out(solver: Any, lo: int, hi: int) -> None:
                 f"{solver.path or solver.name} was fitted on: numbers on those noises are not "
                 f"results; evaluate on seeds from {EVAL_SEED_START} (the default)"
             )
-
-
-def per_sample_rmse(x: Tensor, ref: Tensor) -> Tensor:
-    """RMSE over all but the batch dimension: shape (B,)."""
-    return (x - ref).double().flatten(1).pow(2).mean(1).sqrt()
 
 
 def per_seed(model: Denoiser, seeds: Sequence[int], fn: Callable[[list[int]], Tensor]) -> Tensor:

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 from torch import Tensor
 
 from .errors import GridError, SolverNameError
-from .schedules import Schedule
-
-F64 = torch.float64
+from .schedules import F64, Schedule
 
 
 def time_uniform(schedule: Schedule, n: int) -> Tensor:
@@ -143,12 +142,7 @@ def make_grid(schedule: Schedule, n: int, grid: str | Sequence[float] | Tensor =
             raise SolverNameError(f"unknown grid {grid!r}; valid: {', '.join(GRIDS)} (or an explicit list of times)")
         if n < 1:
             raise GridError(f"a grid needs at least 1 step; got {n}")
-        key = (name, n, repr(sorted(schedule.config().items())), tuple(sorted(kwargs.items())))
-        if key not in _CACHE:  # named grids depend only on (schedule, n): build once
-            if len(_CACHE) > 512:
-                _CACHE.clear()
-            _CACHE[key] = check_grid(GRIDS[name](schedule, n, **kwargs), schedule)
-        return _CACHE[key].clone()
+        return _named_grid(name, n, schedule, tuple(sorted(kwargs.items()))).clone()
     t = torch.as_tensor(grid, dtype=F64).detach().clone() if not isinstance(grid, Tensor) else grid.to(F64)
     check_grid(t, schedule)
     if t.numel() != n + 1:
@@ -156,7 +150,10 @@ def make_grid(schedule: Schedule, n: int, grid: str | Sequence[float] | Tensor =
     return t
 
 
-_CACHE: dict[tuple, Tensor] = {}
+@lru_cache(maxsize=512)
+def _named_grid(name: str, n: int, schedule: Schedule, kwargs: tuple) -> Tensor:
+    """A named grid, built once per (name, n, schedule, options): a schedule is hashed by its config."""
+    return check_grid(GRIDS[name](schedule, n, **dict(kwargs)), schedule)
 
 
 def grid_names(schedule: Schedule | None = None) -> list[str]:

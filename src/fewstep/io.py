@@ -1,4 +1,5 @@
-"""Files: the one atomic writer (files and folders), the cache root, sample files and PNG grids.
+"""Files: the one atomic writer (files and folders), the cache root, sample files and PNG grids, the one
+tensor checksum (:func:`sha256_tensors`).
 
 Everything fewstep writes goes through :func:`atomic_path` / :func:`atomic_dir`: written beside its
 target under a temporary name, flushed to disk, given the usual permissions (0644 / 0755 under the
@@ -8,6 +9,7 @@ process's umask) and renamed into place, so a target is either the old one or th
 from __future__ import annotations
 
 import glob
+import hashlib
 import math
 import os
 import re
@@ -17,7 +19,7 @@ import struct
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -203,6 +205,17 @@ def save_samples(
         write_png(png, image_grid(x.detach().cpu().float()), scale=max(1, 64 // x.shape[-1]))
         paths.append(png)
     return paths
+
+
+def sha256_tensors(tensors: Mapping[str, Tensor], head: bytes = b"", layout: bool = False) -> str:
+    """Hex sha256 of ``head`` then every tensor in name order: its name (with ``layout``: ``name|dtype|shape|``)
+    and its raw bytes. The one tensor checksum: weights, fitted parameters, teacher shards, checkpoints."""
+    h = hashlib.sha256(head)
+    for k in sorted(tensors):
+        v = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode() if layout else k.encode())
+        h.update(v.view(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
 
 
 #: the deepest nesting fewstep reads in a JSON document it did not just write (its own files nest a few levels)

@@ -179,16 +179,6 @@ def best_classic(results: list[dict[str, Any]], nfe: int) -> dict[str, Any] | No
     )
 
 
-def best_learned(results: list[dict[str, Any]], nfe: int) -> dict[str, Any] | None:
-    """:func:`best_of` on JSON rows: the lowest-RMSE learned row at ``nfe``."""
-    r = best_of([Row.from_dict(x) for x in results], "learned", nfe)
-    return (
-        None
-        if r is None
-        else next(x for x in results if x["solver"] == r.solver and x.get("grid") == "learned" and x["nfe"] == r.nfe)
-    )
-
-
 # ----------------------------------------------------------------------------- rendering
 def _columns(rows: Sequence[Row]) -> list[tuple[str, str, str]]:
     return [c for c in METRIC_COLUMNS if any(r.get(c[0]) is not None for r in rows)]

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .errors import FewstepError
 
+#: the dtype of solver times and coefficient tables: the one definition every module imports
 F64 = torch.float64
 
 

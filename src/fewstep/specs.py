@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .conditions import GuidanceSet
 from .denoiser import Denoiser, check_dtype
-from .errors import ModelSpecError
+from .errors import ModelSpecError, debug
 
 if TYPE_CHECKING:
     from torch import nn
@@ -25,10 +25,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 FORMS = "zoo:NAME, path/to/file.py:factory, package.module:factory, diffusers:DIR or torchcfm:NAME_OR_PATH"
-
-
-def _debug() -> bool:
-    return os.environ.get("FEWSTEP_DEBUG", "") not in ("", "0")
 
 
 def _user_error(spec: str, what: str, e: BaseException) -> ModelSpecError:
@@ -50,13 +46,13 @@ def _call(fn: Any, spec: str, kind: type[T], kind_name: str, **kwargs: Any) -> T
     try:
         obj = fn(**kwargs) if kwargs else fn()
     except TypeError as e:
-        if _debug():
+        if debug():
             raise
         raise ModelSpecError(
             f"{spec!r}: calling the factory failed ({e}); it must take no required arguments"
         ) from None
     except Exception as e:  # noqa: BLE001 - the user's code: any failure becomes one line naming it
-        if _debug():
+        if debug():
             raise
         raise _user_error(spec, "the factory", e) from None
     if not isinstance(obj, kind):
@@ -157,7 +153,7 @@ def _factory(spec: str, what: str, forms: str) -> Any:
             mspec.loader.exec_module(mod)
         except Exception as e:  # noqa: BLE001 - SyntaxError, ImportError, anything the file raises
             sys.modules.pop(name, None)
-            if _debug():
+            if debug():
                 raise
             raise _user_error(spec, f"running {path}", e) from None
     else:
@@ -166,11 +162,11 @@ def _factory(spec: str, what: str, forms: str) -> Any:
         except ModuleNotFoundError as e:
             if e.name and path.startswith(e.name):
                 raise ModelSpecError(f"cannot import module {path!r} ({e}); expected {forms}") from None
-            if _debug():
+            if debug():
                 raise
             raise _user_error(spec, f"importing {path}", e) from None
         except Exception as e:  # noqa: BLE001 - the module's own import-time code: any failure becomes one line
-            if _debug():
+            if debug():
                 raise
             raise _user_error(spec, f"importing {path}", e) from None
     if not hasattr(mod, attr):

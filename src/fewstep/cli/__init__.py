@@ -15,8 +15,9 @@ except ImportError:  # pragma: no cover - the cli extra is missing
     sys.stderr.write("the fewstep command needs its CLI extra: pip install 'fewstep[cli]'\n")
     raise SystemExit(2) from None
 
+from ..errors import DEBUG_ENV  # noqa: E402
 from . import fitting, measure, sampling  # noqa: E402,F401 - the commands register themselves on the app
-from .common import DEBUG_ENV, app, main, resolve_solver  # noqa: E402 - after the check for the CLI extra
+from .common import app, main  # noqa: E402 - after the check for the CLI extra
 
 
 @app.callback()
@@ -26,4 +27,4 @@ def _options(debug: bool = typer.Option(False, "--debug", help="show tracebacks 
         os.environ[DEBUG_ENV] = "1"
 
 
-__all__ = ["app", "main", "resolve_solver"]
+__all__ = ["app", "main"]

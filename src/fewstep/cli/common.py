@@ -14,7 +14,7 @@ from typing import Any
 
 import typer
 
-from ..errors import FewstepError
+from ..errors import FewstepError, debug
 
 app = typer.Typer(
     add_completion=False,
@@ -28,14 +28,6 @@ MODEL_HELP = (
     "zoo:NAME, diffusers:DIR, torchcfm:NAME_OR_PATH, path/to/file.py:factory or package.module:factory "
     "(a factory spec runs that file's or module's code)"
 )
-DEBUG_ENV = "FEWSTEP_DEBUG"
-
-
-def debug() -> bool:
-    """Show tracebacks instead of one-line errors (``--debug`` or FEWSTEP_DEBUG=1)."""
-    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
-
-
 #: seconds a process other than rank 0 waits before it prints its error: when every process fails alike (a bad
 #: option), rank 0 says it once and torchrun stops the others meanwhile; an error of one process still shows
 PEER_GRACE = 1.0
@@ -328,8 +320,9 @@ def fit_kwargs(steps: int | None, samples: int | None) -> dict[str, Any]:
     return {k: v for k, v in (("samples", samples), ("steps", steps)) if v}
 
 
-def resolve_solver(spec: str, force: bool = False) -> Any:
-    """A classic 'NAME@GRID' string stays a string (its budget comes with --nfe); a path is a learned artifact."""
+def solver_option(spec: str, force: bool = False) -> Any:
+    """One --solver value: a classic 'NAME@GRID' string stays a string (its budget comes with --nfe); a path is
+    read as a learned artifact (:func:`fewstep.solvers.resolve.resolve_solver`, the one that makes solvers)."""
     from ..solvers.resolve import is_artifact_spec
     from ..solvers.resolve import resolve_solver as resolve
 

@@ -31,8 +31,8 @@ from .common import (
     log_line,
     metrics_arg,
     print_report,
-    resolve_solver,
     setup,
+    solver_option,
 )
 
 METRICS_HELP = "auto, none, or a comma list of fd,kid,fd_ref,psnr,swd,loglik"
@@ -92,7 +92,7 @@ def eval_cmd(
             from ..specs import load_feature
 
             feat = load_feature(feature, device)
-        chosen = [resolve_solver(s, force) for s in solver] if solver else None
+        chosen = [solver_option(s, force) for s in solver] if solver else None
         classic = None if chosen is None else [s for s in chosen if isinstance(s, str)]
         learned = [] if chosen is None else [s for s in chosen if not isinstance(s, str)]
         try:

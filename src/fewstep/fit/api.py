@@ -17,6 +17,7 @@ from ..cost import Cost, Meter, Spent
 from ..denoiser import Denoiser
 from ..distributed import current
 from ..errors import FewstepError
+from ..io import sha256_tensors
 from ..progress import progress_bar
 from ..seeds import check_fit_seeds, fit_seeds, val_seeds
 from ..solvers.artifact import (
@@ -30,7 +31,6 @@ from ..solvers.artifact import (
     solver_doc,
     tableau_to_doc,
 )
-from ..solvers.kernel import Tableau
 from ..solvers.learned import LearnedSolver
 from ..solvers.registry import classic_specs, solver_info
 from .budget import SIZE_OPTIONS, Sizes, option_names, plan_for
@@ -51,28 +51,6 @@ class FitResult:
     outcome: FitOutcome
     path: Path | None = None
     reused: bool = False  # ``out`` already held this finished fit, and it was loaded instead of fitted again
-
-
-def _detach_tab(tab: Tableau) -> Tableau:
-    """A copy of ``tab`` with every table detached from the autograd graph."""
-
-    def d(v: torch.Tensor) -> torch.Tensor:
-        return v.detach().clone()
-
-    def maybe(v: torch.Tensor | None) -> torch.Tensor | None:
-        return None if v is None else d(v)
-
-    return Tableau(
-        tab.basis,
-        d(tab.t),
-        d(tab.a),
-        d(tab.B),
-        maybe(tab.C),
-        maybe(tab.c),
-        tab.name,
-        maybe(tab.B_mask),
-        maybe(tab.C_mask),
-    )
 
 
 def fit(
@@ -122,10 +100,13 @@ def fit(
     with Meter(model, device) as whole:
         with Meter(model, device) as teach:
             data = FitData.generate(model, cfg, spec, cache_dir, device, progress)
-        bar = _progress(
-            progress and d.main,
-            sum(p.steps for p in plan_phases(cfg)),
-            f"fit {cfg.method} NFE {cfg.nfe}" + (f", {d.world} processes" if d.world > 1 else ""),
+        bar = (
+            progress_bar(
+                sum(p.steps for p in plan_phases(cfg)),
+                f"fit {cfg.method} NFE {cfg.nfe}" + (f", {d.world} processes" if d.world > 1 else ""),
+            )
+            if progress and d.main
+            else None
         )
         try:
             outcome = fit_solver(
@@ -362,7 +343,7 @@ class FitData:
     train: TeacherData
     val: TeacherData
     confirm: TeacherData | None
-    ranges: dict[str, list[int]]
+    ranges: dict[str, list[int]]  # seed_ranges(cfg): {"train": [lo, hi], "val": ..., "confirm": ...}
 
     @classmethod
     def generate(
@@ -395,10 +376,6 @@ class FitData:
             run(r["train"], cfg.method == "dss"), run(r["val"]), run(r["confirm"]) if cfg.confirm_samples else None, r
         )
 
-    def seed_ranges(self) -> dict[str, list[int]]:
-        """{"train": [lo, hi], "val": ..., "confirm": ...}."""
-        return self.ranges
-
     @property
     def teacher_evals(self) -> int:
         """What the teacher data cost when it was made (forward evaluations, counted at the network; a shard
@@ -424,7 +401,7 @@ def artifact_doc(
     scales = solver.guidance
     ref = None if scales is None else scales[len(scales) // 2]
     with torch.no_grad():
-        tab = _detach_tab(solver.tableau(w=ref))
+        tab = solver.tableau(w=ref).detached()
         extra: dict[str, Any] = (
             {}
             if scales is None
@@ -432,13 +409,13 @@ def artifact_doc(
                 "guidance": {
                     "scales": list(scales),
                     "reference_scale": ref,
-                    "tableaus": {f"{w:g}": tableau_to_doc(_detach_tab(solver.tableau(w=w))) for w in scales},
+                    "tableaus": {f"{w:g}": tableau_to_doc(solver.tableau(w=w).detached()) for w in scales},
                 }
             }
         )
     if isinstance(model.cond_sampler, Conditioning):
         extra["conditions"] = model.cond_sampler.describe()
-    r = data.seed_ranges()
+    r = data.ranges
     return solver_doc(
         tab,
         model.schedule,
@@ -606,12 +583,7 @@ def _swap_in(path: Path, params: str, doc: dict[str, Any], solver: LearnedSolver
 
 def _interim_name(params: str, solver: LearnedSolver) -> str:
     """``params`` with the hash of the solver's parameters before its extension."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for k, v in sorted(solver.state_dict().items()):
-        h.update(k.encode() + v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return f"{params.removesuffix('.safetensors')}.{h.hexdigest()[:16]}.safetensors"
+    return f"{params.removesuffix('.safetensors')}.{sha256_tensors(solver.state_dict())[:16]}.safetensors"
 
 
 def _remove_interim_params(folder: Path, params: str) -> None:
@@ -621,8 +593,3 @@ def _remove_interim_params(folder: Path, params: str) -> None:
     for p in folder.glob("*.safetensors") if folder.is_dir() else []:
         if pattern.fullmatch(p.name):
             p.unlink(missing_ok=True)
-
-
-def _progress(progress: bool, total: int, desc: str) -> Any:
-    """The fit's progress (None when off): a bar on a terminal, plain lines in a log (:mod:`fewstep.progress`)."""
-    return progress_bar(total, desc, unit="step") if progress else None

@@ -29,7 +29,7 @@ from torch import Tensor
 from ..cost import Cost
 from ..distributed import current
 from ..errors import FewstepError
-from ..io import atomic_path
+from ..io import atomic_path, sha256_tensors
 from .loop import FitState, Relax, finite_or_none
 
 NAME = "fit-checkpoint.safetensors"
@@ -260,12 +260,7 @@ class FitCheckpoint:
 
 
 def _checksum(tensors: dict[str, Tensor], doc: str) -> str:
-    h = hashlib.sha256(doc.encode())
-    for k in sorted(tensors):
-        v = tensors[k].detach().cpu().contiguous()
-        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
-        h.update(v.view(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
-    return h.hexdigest()
+    return sha256_tensors(tensors, doc.encode(), layout=True)
 
 
 def spent_before(doc: dict[str, Any] | None) -> Cost:

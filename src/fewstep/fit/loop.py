@@ -30,6 +30,7 @@ from torch import Tensor
 from ..denoiser import Denoiser
 from ..distributed import Dist, current, fault
 from ..errors import FewstepError, ModelOutputError
+from ..metrics.pixel import per_sample_rmse
 from ..sampling import guidance_groups, solve, take
 from ..solvers.kernel import run_tableau
 from ..solvers.learned import LearnedSolver
@@ -117,10 +118,6 @@ def student(
     return solve(model, x, solver, cond, return_trajectory=trajectory, use_checkpoint=use_checkpoint)
 
 
-def _cond_rows(cond: dict[str, Any], idx: Tensor) -> dict[str, Any]:
-    return {k: (v[idx] if isinstance(v, Tensor) else v) for k, v in cond.items()}
-
-
 def noise_groups(groups: int | None) -> int:
     """The number of noise groups of a fit (``FitConfig.noise_groups``; default one per process), checked
     against the number of processes."""
@@ -169,10 +166,10 @@ def val_errors(
             for k in range(0, rows.numel(), batch):
                 idx = rows[k : k + batch]
                 try:
-                    x = student(model, solver, val.noise[idx], _cond_rows(val.cond, idx))
+                    x = student(model, solver, val.noise[idx], take(val.cond, idx, len(val)))
                 except ModelOutputError:  # parameters that blow the solve up: infinitely bad, not a crash
                     return None
-                out.append((x - val.target[idx]).double().flatten(1).pow(2).mean(1).sqrt().cpu())
+                out.append(per_sample_rmse(x, val.target[idx]).cpu())
             parts.append(torch.cat(out) if out else torch.zeros(0, dtype=torch.float64))
         return parts
 
@@ -185,7 +182,7 @@ def val_errors(
     return d.gather_groups(local, G, len(val))
 
 
-def validate(
+def mean_val_error(
     model: Denoiser, solver: Any, val: TeacherData, batch: int | None = None, groups: int | None = None
 ) -> float:
     """Mean per-sample RMSE of the solver to the teacher's outputs on the validation noises."""
@@ -232,7 +229,7 @@ def _objective(
     dss_weights: tuple[float, float] | None,
     use_checkpoint: bool,
 ) -> Tensor:
-    cond = _cond_rows(train.cond, idx)
+    cond = take(train.cond, idx, len(train))
     if dss_weights is None:
         x = student(model, solver, noise, cond, use_checkpoint=use_checkpoint)
         return loss_fn(x, train.target[idx]).mean()
@@ -387,7 +384,7 @@ def optimise(session: FitSession, phase: Phase, state: FitState | None = None, s
             for p in solver.parameters():
                 p.requires_grad_(False)
             return state
-        state.best_val = validate(model, solver, val, groups=cfg.noise_groups)
+        state.best_val = mean_val_error(model, solver, val, groups=cfg.noise_groups)
         state.best = {k: v.detach().clone() for k, v in solver.state_dict().items()}
     base = [g["lr"] for g in opt.param_groups]
     warm = max(1, min(50, phase.steps // 10)) if cfg.warmup else 1
@@ -444,7 +441,7 @@ def optimise(session: FitSession, phase: Phase, state: FitState | None = None, s
             session.progress.update(1)
             session.progress.set_postfix_str(f"{phase.label} loss {float(L.detach()):.3g} val {state.best_val:.4g}")
         if validates:
-            v = validate(model, solver, val, groups=cfg.noise_groups)
+            v = mean_val_error(model, solver, val, groups=cfg.noise_groups)
             state.history.append(
                 {"step": state.step, "loss": finite_or_none(float(L.detach())), "val": finite_or_none(v)}
             )

@@ -12,7 +12,6 @@ and keeps its starting point when it cannot beat it on validation.
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -25,7 +24,9 @@ from ..cost import Cost
 from ..denoiser import Denoiser
 from ..distributed import current
 from ..errors import FewstepError
+from ..io import sha256_tensors
 from ..sampling import build_tableau
+from ..schedules import F64
 from ..solvers.artifact import load_solver
 from ..solvers.kernel import Tableau
 from ..solvers.learned import LearnedSolver, step_scales, window_mask
@@ -42,14 +43,12 @@ from .loop import (
     clearly_better,
     finite_or_none,
     inference_batch,
+    mean_val_error,
     restore_best,
     run_phases,
     val_errors,
-    validate,
 )
 from .teacher import TeacherData
-
-F64 = torch.float64
 
 
 def from_classic(
@@ -182,7 +181,7 @@ def rank_classic(
 
 def _score(model: Denoiser, tab: Tableau, val: TeacherData, groups: int | None = None) -> float:
     try:
-        return validate(model, TableauSolver(tab), val, groups=groups)
+        return mean_val_error(model, TableauSolver(tab), val, groups=groups)
     except FewstepError:
         return math.inf
 
@@ -380,10 +379,7 @@ def _check_same_everywhere(solver: LearnedSolver) -> None:
     d = current()
     if d.world == 1:
         return
-    h = hashlib.sha256()
-    for k, v in sorted(solver.state_dict().items()):
-        h.update(k.encode() + v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    if len(set(d.all_gather_object(h.hexdigest()))) > 1:
+    if len(set(d.all_gather_object(sha256_tensors(solver.state_dict())))) > 1:
         raise FewstepError(
             "the processes of this run ended with different solver parameters (a collective that is "
             "not deterministic?): run it again with one process and report this"

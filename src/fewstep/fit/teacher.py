@@ -28,7 +28,7 @@ from ..progress import progress_bar
 from ..sampling import build_tableau, sample
 from ..seeds import check_fit_seeds
 from .teacher_cache import MANIFEST, SCHEMA_VERSION, ShardCache, cache_folder, shard_name
-from .teacher_spec import TeacherSpec, default_teacher, dss_teacher, parse_teacher, teacher_times
+from .teacher_spec import TeacherSpec, default_teacher, parse_teacher, teacher_times
 
 __all__ = [
     "MANIFEST",
@@ -36,7 +36,6 @@ __all__ = [
     "TeacherData",
     "TeacherSpec",
     "default_teacher",
-    "dss_teacher",
     "generate_teacher",
     "parse_teacher",
     "teacher_cache_dir",
@@ -242,11 +241,6 @@ def _check_same_model(model: Denoiser, t: dict[str, Tensor], start: int, folder:
             )
 
 
-def _progress_bar(progress: bool, total: int, desc: str) -> Any:
-    """The teacher's progress (None when off): a bar on a terminal, plain lines in a log (:mod:`fewstep.progress`)."""
-    return progress_bar(total, desc, unit="sample", leave=False) if progress else None
-
-
 #: seeds per teacher shard file (a new cache's; an existing cache keeps its own)
 SHARD_SIZE = 128
 
@@ -337,7 +331,11 @@ def generate_teacher(
     unlisted = [k for k in blocks if k not in missing and cache.block(k)[0] not in cache.entries]
 
     n_cached = len(blocks) - len(missing)
-    bar = _progress_bar(progress and d.main, len(missing) * size, f"teacher {spec}")
+    bar = (
+        progress_bar(len(missing) * size, f"teacher {spec}", unit="sample", leave=False)
+        if progress and d.main
+        else None
+    )
     shared: dict[str, Any] = {}
     try:
         for r in range(-(-len(missing) // d.world)):  # rounds: every rank computes one shard per round

@@ -20,7 +20,6 @@ process left behind are removed on the next run.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -34,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..errors import FewstepError
-from ..io import cache_root, loads_json, remove_stale_temporaries, write_bytes
+from ..io import cache_root, loads_json, remove_stale_temporaries, sha256_tensors, write_bytes
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -65,12 +64,7 @@ def _safetensors() -> Any:
 
 def checksum(tensors: dict[str, Tensor]) -> str:
     """sha256 over every tensor's name, dtype, shape and bytes (names in order)."""
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        v = tensors[k].detach().cpu().contiguous()
-        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
-        h.update(v.view(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
-    return h.hexdigest()
+    return sha256_tensors(tensors, layout=True)
 
 
 def shard_name(start: int, stop: int) -> str:

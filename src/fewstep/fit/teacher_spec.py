@@ -9,16 +9,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from ..denoiser import Denoiser
 from ..errors import FewstepError
 from ..grids import ALIASES, GRIDS
 from ..sampling import build_tableau
+from ..schedules import F64
 from ..solvers.registry import solver_info, solver_names
 
-F64 = torch.float64
 _FORM = "expected NAME@GRID:NFE, e.g. unipc@logsnr:20 or euler@time:100"
 _SPEC_RE = re.compile(r"^\s*([A-Za-z][A-Za-z0-9_]*)\s*@\s*([A-Za-z][A-Za-z0-9_]*)\s*:\s*([+-]?\d+)\s*$")
 
@@ -73,20 +72,6 @@ def default_teacher(model: Denoiser) -> TeacherSpec:
     if model.schedule.kind == "flow":
         return TeacherSpec("adams4", "time", 100)
     return TeacherSpec("unipc3", "logsnr", 100)
-
-
-def dss_teacher(model: Denoiser) -> TeacherSpec:
-    """The DSS paper's teacher: ``euler@time:100`` for flows, ``ddim@time:100`` for VP models.
-
-    For a VE/EDM schedule (t = sigma) a time-uniform grid wastes almost every step at large
-    sigma, so this returns ``ddim@karras:100`` there.
-    """
-    kind = model.schedule.kind
-    if kind == "flow":
-        return TeacherSpec("euler", "time", 100)
-    if kind == "ve":
-        return TeacherSpec("ddim", "karras", 100)
-    return TeacherSpec("ddim", "time", 100)
 
 
 def teacher_times(model: Denoiser, spec: str | TeacherSpec) -> Tensor:

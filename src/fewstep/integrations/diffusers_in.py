@@ -36,9 +36,8 @@ from torch import Tensor, nn
 from ..denoiser import Denoiser
 from ..errors import FewstepError, ModelSpecError, ShapeError
 from ..grids import shifted, time_shift
-from ..schedules import Flow, Schedule, VPDiscrete, schedule_from_config
+from ..schedules import F64, Flow, Schedule, VPDiscrete, schedule_from_config
 
-F64 = torch.float64
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "velocity"}
 REFUSED_SCHEDULERS = {
     "LCMScheduler": "a consistency-distilled model (its denoiser mixes in c_skip / c_out boundary scalings)",

@@ -72,13 +72,12 @@ from torch import Tensor
 
 from ..denoiser import Denoiser
 from ..errors import FewstepError, SolverNameError
-from ..schedules import EDM, Schedule
+from ..schedules import EDM, F64, Schedule
 from ..solvers.kernel import Stepper, Tableau
 from ..solvers.learned import LearnedSolver
 from ..solvers.registry import make_tableau, solver_info
 from ..solvers.resolve import ClassicSolver, TableauSolver, is_artifact_spec, parse_solver, resolve_solver
 
-F64 = torch.float64
 logger = logging.getLogger(__name__)
 
 __all__ = ["KSampler", "sampler", "ve_tableau"]

@@ -13,7 +13,7 @@ from .classifier import DigitsClassifier, load_digits_classifier
 from .features import DigitsFeatures, FeatureMap, digits_features
 from .frechet import FeatureDistances, frechet_distance, kernel_distance
 from .likelihood import average_log_likelihood, log_likelihood
-from .pixel import psnr
+from .pixel import per_sample_rmse, psnr
 from .reference import DataReference, model_data, user_data
 from .sliced import projection_directions, sliced_wasserstein, wasserstein2_sq_1d
 from .suite import METRICS, MetricSuite, select_metrics
@@ -33,6 +33,7 @@ __all__ = [
     "load_digits_classifier",
     "log_likelihood",
     "model_data",
+    "per_sample_rmse",
     "projection_directions",
     "psnr",
     "select_metrics",

@@ -1,4 +1,4 @@
-"""Per-sample PSNR against the reference sample from the same seed."""
+"""Per-sample RMSE and PSNR against the reference sample from the same seed."""
 
 from __future__ import annotations
 
@@ -6,6 +6,11 @@ import torch
 from torch import Tensor
 
 from ..errors import ShapeError
+
+
+def per_sample_rmse(x: Tensor, ref: Tensor) -> Tensor:
+    """RMSE over all but the batch dimension: shape (B,), float64 (the difference is taken in the inputs' dtype)."""
+    return (x - ref).double().flatten(1).pow(2).mean(1).sqrt()
 
 
 def psnr(x: Tensor, ref: Tensor, data_range: float = 2.0) -> Tensor:
@@ -19,4 +24,4 @@ def psnr(x: Tensor, ref: Tensor, data_range: float = 2.0) -> Tensor:
     return 10.0 * torch.log10(float(data_range) ** 2 / mse)
 
 
-__all__ = ["psnr"]
+__all__ = ["per_sample_rmse", "psnr"]

@@ -18,8 +18,7 @@ import torch
 from torch import Tensor
 
 from ..errors import FewstepError
-
-F64 = torch.float64
+from ..schedules import F64
 
 
 def projection_directions(dim: int, n_projections: int = 256, seed: int = 0) -> Tensor:

@@ -17,13 +17,12 @@ from torch import Tensor
 from ..denoiser import Denoiser
 from ..errors import ArtifactError, FewstepError
 from ..io import atomic_path, loads_json, write_text
-from ..schedules import Schedule
+from ..schedules import F64, Schedule
 from .artifact_check import check_doc, check_params_name, check_tableau, checked
 from .kernel import Tableau
 from .learned import LearnedSolver
 from .model_match import check_model, model_parts
 
-F64 = torch.float64
 SCHEMA = "fewstep.solver/1"
 
 
@@ -153,17 +152,7 @@ class LoadedSolver:
                     tab = self._learned.tableau(w=key)
             except FewstepError as e:
                 raise ArtifactError(str(e)) from None
-            self._at_scale[key] = Tableau(
-                tab.basis,
-                tab.t.detach().clone(),
-                tab.a.detach().clone(),
-                tab.B.detach().clone(),
-                _copy(tab.C),
-                _copy(tab.c),
-                self.name,
-                _copy(tab.B_mask),
-                _copy(tab.C_mask),
-            )
+            self._at_scale[key] = tab.detached(self.name)
         return self._at_scale[key]
 
     def learned(self) -> LearnedSolver:
@@ -189,11 +178,6 @@ class LoadedSolver:
                     f"{params} does not reproduce {folder}'s tables ({name} differs); the artifact is damaged"
                 )
         return s
-
-
-def _copy(v: Tensor | None) -> Tensor | None:
-    """A detached copy of an optional table."""
-    return None if v is None else v.detach().clone()
 
 
 def _floats(v: Tensor | None) -> Any:

@@ -19,10 +19,9 @@ from torch import Tensor
 
 from ..denoiser import BASES
 from ..errors import ArtifactError, FewstepError
-from ..schedules import Schedule, schedule_from_config
+from ..schedules import F64, Schedule, schedule_from_config
 from .kernel import Tableau
 
-F64 = torch.float64
 #: the largest coefficient magnitude an artifact may hold (classic and fitted tables stay far below)
 MAX_COEF = 1e6
 _FINGERPRINT = re.compile(r"^[0-9a-f]{16}$")

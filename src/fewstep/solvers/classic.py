@@ -25,10 +25,8 @@ import torch
 from numpy.polynomial import Polynomial
 
 from ..errors import FewstepError
-from ..schedules import Schedule
+from ..schedules import F64, Schedule
 from .kernel import Tableau
-
-F64 = torch.float64
 
 
 @dataclass

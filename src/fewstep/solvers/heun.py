@@ -13,19 +13,13 @@ The stage sits at t_{i+1}, a repeated time, and is marked as not a solution poin
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..denoiser import Denoiser
 from ..errors import NFEError
-from ..schedules import Schedule
-from .kernel import Tableau, run_tableau
-
-F64 = torch.float64
+from ..schedules import F64, Schedule
+from .kernel import Tableau
 
 
 def heun_steps(nfe: int, final_zero: bool = True) -> int:
@@ -75,15 +69,3 @@ def heun(schedule: Schedule, t: Tensor) -> Tableau:
         points=torch.tensor(points),
         info={"steps": n},
     ).validate()
-
-
-def run_heun(
-    model: Denoiser,
-    x: Tensor,
-    t: Tensor,
-    cond: dict[str, Any] | None = None,
-    callback: Callable[[dict[str, Any]], None] | None = None,
-    return_trajectory: bool = False,
-) -> Tensor | tuple[Tensor, list[Tensor]]:
-    """Heun from x at t[0] through the grid t (n + 1 times) on the kernel. Shapes: x (B, ...), t (n+1,)."""
-    return run_tableau(model, x, heun(model.schedule, t), cond, callback, return_trajectory)

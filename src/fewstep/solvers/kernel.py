@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeGuard
 
 import torch
@@ -32,8 +32,6 @@ from torch.utils.checkpoint import checkpoint
 from ..denoiser import BASES, Denoiser, check_finite
 from ..errors import FewstepError, ModelOutputError
 from ..schedules import Schedule
-
-F64 = torch.float64
 
 
 @dataclass
@@ -78,6 +76,26 @@ class Tableau:
     def solution_times(self) -> Tensor:
         """The times of the solution points (t without internal stages), (M + 1,)."""
         return self.t if self.points is None else self.t[self.points]
+
+    def detached(self, name: str | None = None) -> Tableau:
+        """A copy whose tables are detached from autograd and own their memory (``name``: renamed)."""
+
+        def own(v: Tensor | None) -> Tensor | None:
+            return None if v is None else v.detach().clone()
+
+        return replace(
+            self,
+            t=self.t.detach().clone(),
+            a=self.a.detach().clone(),
+            B=self.B.detach().clone(),
+            C=own(self.C),
+            c=own(self.c),
+            name=self.name if name is None else name,
+            B_mask=own(self.B_mask),
+            C_mask=own(self.C_mask),
+            info=dict(self.info),
+            points=own(self.points),
+        )
 
     def requires_grad(self) -> bool:
         """Do the tables carry autograd (a learned solver being fitted)?"""

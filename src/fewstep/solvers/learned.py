@@ -27,10 +27,9 @@ from torch import Tensor, nn
 
 from ..denoiser import Denoiser
 from ..errors import FewstepError
-from ..schedules import Schedule
+from ..schedules import F64, Schedule
 from .kernel import Tableau
 
-F64 = torch.float64
 #: the smallest step of a learned grid, as a fraction of [t_end, t_max] (keeps it strictly monotone)
 MIN_STEP = 1e-9
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..denoiser import Denoiser
 from ..errors import ArtifactError
+from ..io import sha256_tensors
 
 SIZE_KEYS = ("image_size", "sample_shape")  # identity entries that are the sample size
 GUIDANCE_KEYS = ("guided", "null_class")  # identity entries that only say how the model is guided
@@ -46,11 +47,7 @@ def weights_digest(model: Denoiser) -> str:
     cached = model.__dict__.get("_weights_digest")
     if cached is not None and cached[0] == key:
         return cached[1]
-    h = hashlib.sha256()
-    for k, v in sorted(state.items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
-    model.__dict__["_weights_digest"] = (key, h.hexdigest()[:16])
+    model.__dict__["_weights_digest"] = (key, sha256_tensors(state)[:16])
     return model.__dict__["_weights_digest"][1]
 
 

@@ -15,12 +15,10 @@ import torch
 
 from ..errors import NFEError, SolverNameError
 from ..grids import grid_names
-from ..schedules import Schedule
+from ..schedules import F64, Schedule
 from .classic import adams, ddim, deis, deis_tab, dpmpp, ipndm, unipc
 from .heun import heun, heun_nfe, heun_steps
 from .kernel import Tableau
-
-F64 = torch.float64
 
 #: grids each classic solver is run on when no solver is named
 ALL_GRIDS = ("time", "quadratic", "logsnr", "karras")
@@ -146,7 +144,7 @@ _CACHE: dict[tuple, Tableau] = {}
 def classic_specs(schedule: Schedule) -> list[str]:
     """Every classic solver ('NAME@GRID') on every grid that suits ``schedule`` (a flow pipeline's own
     ``shifted`` grid too), for the solvers that suit it."""
-    grids = [g for g in grid_names(schedule) if g in ALL_GRIDS or g == "shifted"]
+    grids = grid_names(schedule)
     return [
         f"{name}@{g}"
         for name in solver_names()

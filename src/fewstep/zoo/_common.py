@@ -9,12 +9,10 @@ import torch
 from torch import Tensor
 
 from ..errors import ModelSpecError
-from ..schedules import Schedule, schedule_from_config
+from ..schedules import F64, Schedule, schedule_from_config
 
 if TYPE_CHECKING:
     from ..denoiser import Denoiser
-
-F64 = torch.float64
 
 
 def as_schedule(schedule: Schedule | Mapping[str, Any] | None, default: Schedule) -> Schedule:

@@ -27,9 +27,9 @@ from torch import Tensor, nn
 
 from ..denoiser import Denoiser
 from ..errors import ModelSpecError
-from ..schedules import Schedule, VPLinear
+from ..schedules import F64, Schedule, VPLinear
 from ..seeds import seeded_labels
-from ._common import F64, as_schedule, attach, batch_times, labels_or_none
+from ._common import as_schedule, attach, batch_times, labels_or_none
 
 LOG2PI = math.log(2.0 * math.pi)
 

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from ..denoiser import Denoiser
 from ..errors import ModelSpecError
-from ..schedules import Schedule, VPLinear
-from ._common import F64, as_schedule, batch_times, labels_or_none
+from ..schedules import F64, Schedule, VPLinear
+from ._common import as_schedule, batch_times, labels_or_none
 
 SHAPE = (1, 8, 8)
 
