@@ -298,6 +298,9 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         """One evaluation: the output at the evaluation point x_i -> x_{i+1} (shapes (B, ...)); extra kwargs ignored."""
         i = self._index(timestep)
         st = self._stepper
+        work = torch.promote_types(sample.dtype, torch.float32)  # the solver state: float32 under a half pipeline
+        if sample.dtype != work:
+            return self._half_step(i, model_output, sample, work, return_dict)
         if i == 0:
             st.start(sample)
         out = model_output.to(sample.dtype)
@@ -309,6 +312,31 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return (x_next, D)
         return FewStepSchedulerOutput(prev_sample=x_next, pred_original_sample=D)
+
+    def _half_step(
+        self, i: int, model_output: Tensor, sample: Tensor, work: torch.dtype, return_dict: bool
+    ) -> FewStepSchedulerOutput | tuple[Tensor, Tensor]:
+        """:meth:`step` for a pipeline whose latents are in half precision: the solver state stays in ``work``
+        (float32), as ``fewstep.sample`` keeps it; the pipeline gets its latents back in their own dtype. A
+        ``sample`` that is what the last step returned continues from the float32 state; one the pipeline
+        changed in between (a mask blended in) is taken as given."""
+        st = self._stepper
+        if i == 0:
+            x = st.start(sample.to(work))
+        else:
+            last = self.__dict__.get("_returned")
+            x = st.state_at_eval() if last is not None and torch.equal(sample, last) else sample.to(work)
+        out = model_output.to(work)
+        sc, c = st.scalars[i], float(st.times[i])
+        F = self._den.convert(out, x, c, self.tab.basis, sc)
+        x_next = st.step(i, F.clone() if F is model_output else F, x_eval=x)
+        self._step_index = i + 1
+        D = F if self.tab.basis == "D" else self._den.convert(out, x, c, "D", sc)
+        prev, D = x_next.to(sample.dtype), D.to(sample.dtype)
+        self.__dict__["_returned"] = prev
+        if not return_dict:
+            return (prev, D)
+        return FewStepSchedulerOutput(prev_sample=prev, pred_original_sample=D)
 
 
 def _noise_levels(sched: Schedule, times: Tensor, t_last: Tensor) -> Tensor:

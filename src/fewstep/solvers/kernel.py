@@ -209,6 +209,10 @@ class Stepper:
             self._C = None if self.tab.C is None else self.tab.C.to(device=dev, dtype=dt)
         return x0
 
+    def state_at_eval(self) -> Tensor:
+        """The next evaluation point x_{i+1}, as the last :meth:`step` returned it (x_0 after :meth:`start`)."""
+        return self._x_eval
+
     def step(self, i: int, F_i: Tensor, x_eval: Tensor | None = None) -> Tensor:
         """Record F_i (the output at the evaluation point x_i), correct x_i, predict x_{i+1}."""
         if x_eval is None:
