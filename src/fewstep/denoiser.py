@@ -209,10 +209,12 @@ class Denoiser(nn.Module):
         half-precision network given as such runs in half under a float32 solver state); None for a function."""
         if self.dtype is not None or not isinstance(self.net, nn.Module):
             return self.dtype
-        for w in self.net.parameters():
-            if w.is_floating_point():
-                return w.dtype
-        return None
+        cached = self.__dict__.get("_dtype_probe")  # (net, its first floating weight): looked up once per network
+        if cached is None or cached[0] is not self.net:
+            probe = next((w for w in self.net.parameters() if w.is_floating_point()), None)
+            cached = (self.net, probe)
+            self.__dict__["_dtype_probe"] = cached
+        return None if cached[1] is None else cached[1].dtype
 
     def _raw(self, x: Tensor, t: Tensor | float, t_net: float | None = None, **cond: Any) -> Tensor:
         if t_net is not None:

@@ -37,15 +37,14 @@ from .report import FD_REF_NOTE, Report, Row, RowKind, best_classic, render_plai
 from .sampling import sample
 from .seeds import EVAL_SEED_START, check_seeds
 from .solvers.artifact import LoadedSolver
-from .solvers.registry import ALL_GRIDS, classic_specs
+from .solvers.registry import ALL_GRIDS, classic_default, classic_specs
 from .solvers.resolve import Solver, resolve_solver, some_scale
 
 
 def default_reference(model: Denoiser) -> tuple[str, int]:
     """A converged reference solve: (NAME@GRID, NFE)."""
-    if model.schedule.kind == "flow":
-        return "adams4@time", 400
-    return "dpmpp_3m@logsnr", 400
+    name, grid, nfe = classic_default(model.schedule, "reference")
+    return f"{name}@{grid}", nfe
 
 
 def check_held_out(solver: Any, lo: int, hi: int) -> None:

@@ -12,6 +12,7 @@ from torch import Tensor
 from .denoiser import Denoiser
 from .errors import FewstepError, ShapeError
 from .solvers.kernel import Tableau, run_tableau
+from .solvers.registry import classic_default
 from .solvers.resolve import Solver, parse_solver, resolve_solver
 
 __all__ = [
@@ -30,7 +31,8 @@ __all__ = [
 def default_solver(model: Denoiser) -> str:
     """A sound classic default: ``adams2@time`` for flows (logSNR grids crowd the steps at the ends of
     a flow's path), ``dpmpp_3m@logsnr`` otherwise. ``fewstep eval`` finds the best for a model."""
-    return "adams2@time" if model.schedule.kind == "flow" else "dpmpp_3m@logsnr"
+    name, grid, _ = classic_default(model.schedule, "sample")
+    return f"{name}@{grid}"
 
 
 def build_tableau(model: Denoiser, solver: Any, nfe: int | None, grid: Any = "logsnr", **solver_kwargs: Any) -> Tableau:
@@ -117,16 +119,19 @@ def check_noise(model: Denoiser, noise: Any) -> None:
         raise ShapeError(f"noise must be a torch.Tensor; got {type(noise).__name__}")
     if noise.dtype.is_complex or noise.dtype == torch.bool:
         raise ShapeError(f"noise must hold real numbers; got {noise.dtype}")
-    want = "(B, " + ", ".join(map(str, model.sample_shape or ("...",))) + ")"
     if noise.dim() == 0 or (model.sample_shape is not None and tuple(noise.shape[1:]) != model.sample_shape):
+        want = "(B, " + ", ".join(map(str, model.sample_shape or ("...",))) + ")"
         raise ShapeError(f"noise has shape {tuple(noise.shape)} but this model's samples have shape {want}")
-    if noise.is_floating_point() and not bool(torch.isfinite(noise).all()):
+    # one reduction without a mask: NaN or inf anywhere makes the sum non-finite (so may finite values past the
+    # dtype's range, hence the exact count before refusing)
+    if noise.is_floating_point() and not bool(torch.isfinite(noise.sum())):
         bad = int((~torch.isfinite(noise)).sum())
-        kind = "NaN" if bool(torch.isnan(noise).any()) else "inf"
-        raise FewstepError(
-            f"the noise holds {kind} ({bad} of {noise.numel()} values): pass finite starting noise "
-            f"(e.g. torch.randn or model.noise(seeds))"
-        )
+        if bad:
+            kind = "NaN" if bool(torch.isnan(noise).any()) else "inf"
+            raise FewstepError(
+                f"the noise holds {kind} ({bad} of {noise.numel()} values): pass finite starting noise "
+                f"(e.g. torch.randn or model.noise(seeds))"
+            )
 
 
 #: the most numbers a chunk of samples holds (its network activations are a multiple of it)

@@ -137,6 +137,10 @@ class Schedule:
         """d sigma / dt (float64), by autograd through :meth:`sigma`."""
         return self._derivative(self.sigma, t)
 
+    def d_s(self, t: Tensor | float) -> Tensor:
+        """d s / dt (float64), by autograd through :meth:`s` (DEIS integrates against it)."""
+        return self._derivative(self.s, t)
+
     @staticmethod
     def _derivative(fn, t: Tensor | float) -> Tensor:
         t = _t(t).detach().clone().requires_grad_(True)

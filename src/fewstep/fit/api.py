@@ -19,7 +19,7 @@ from ..distributed import current
 from ..errors import FewstepError
 from ..io import sha256_tensors
 from ..progress import progress_bar
-from ..seeds import check_fit_seeds, fit_seeds, val_seeds
+from ..seeds import check_fit_seeds
 from ..solvers.artifact import (
     PARAMS,
     PARAMS_KIND,
@@ -32,10 +32,10 @@ from ..solvers.artifact import (
     tableau_to_doc,
 )
 from ..solvers.learned import LearnedSolver
-from ..solvers.registry import classic_specs, solver_info
-from .budget import SIZE_OPTIONS, Sizes, option_names, plan_for
+from ..solvers.registry import classic_specs
+from .budget import SIZE_OPTIONS, Sizes, cap_teacher, plan_for, teacher_per_sample, with_sizes
 from .checkpoint import FitCheckpoint, fit_key
-from .config import FitConfig, plan_phases
+from .config import FitConfig, plan_phases, seed_ranges
 from .loop import FitState, noise_groups
 from .methods import FitOutcome, fit_solver
 from .teacher import SHARD_SIZE, TeacherData, TeacherSpec, default_teacher, generate_teacher, parse_teacher
@@ -248,40 +248,12 @@ def fit_plan(
     spec = parse_teacher(teacher) if isinstance(teacher, str) else (teacher or default_teacher(model))
     limit = cfg.budget
     if limit is not None:
-        per_sample = solver_info(spec.solver).cost(solver_info(spec.solver).steps(spec.nfe))
+        per_sample = teacher_per_sample(spec)
         candidates = 0 if cfg.start is not None else len(classic_specs(model.schedule))
         base = Sizes(cfg.samples, cfg.val_samples, cfg.confirm_samples, cfg.batch, cfg.steps)
         fixed = {f for k, f in SIZE_OPTIONS.items() if overrides.get(k) is not None}
         sized = plan_for(limit, cfg, base, per_sample, candidates, shard=SHARD_SIZE, fixed=fixed)
-        cfg = replace(
-            cfg,
-            samples=sized.samples,
-            val_samples=sized.val,
-            confirm_samples=sized.confirm,
-            batch=sized.batch,
-            steps=sized.steps,
-            rounds=None,
-        ).resolved()
-        # the loop stops before a step that would cross the budget, but the teacher comes first: whatever the
-        # plan says, its noises (and the closing validations) must leave room for the fit
-        closing = 2 * (cfg.val_samples + cfg.confirm_samples) * cfg.nfe
-
-        def fits(n: int) -> bool:
-            return teacher_cost(replace(cfg, samples=n), per_sample) + closing <= limit
-
-        if not fits(cfg.samples):
-            least = cfg.batch if "batch" in fixed else 8
-            if "samples" in fixed or not fits(least):
-                given = option_names(fixed, sized)
-                raise FewstepError(
-                    f"--budget {cfg.budget:,} does not cover the teacher of the validation and "
-                    f"confirmation noises and {cfg.samples if 'samples' in fixed else least} training "
-                    f"noises ({per_sample} evaluations each)" + (f": raise it, or leave out {given}" if given else "")
-                )
-            lo, hi = least, cfg.samples
-            while hi - lo > 1:
-                lo, hi = ((lo + hi) // 2, hi) if fits((lo + hi) // 2) else (lo, (lo + hi) // 2)
-            cfg = replace(cfg, samples=lo, batch=min(cfg.batch, lo)).resolved()
+        cfg = cap_teacher(limit, with_sizes(cfg, sized), per_sample, SHARD_SIZE, fixed, sized)
     return cfg, spec
 
 
@@ -320,20 +292,6 @@ def fit_differences(doc: dict[str, Any], cfg: FitConfig, spec: TeacherSpec) -> l
         "confirm_seeds": t.get("confirm_seeds"),
     }
     return [f"{k.removeprefix('fit.')} {have.get(k)!r} -> {v!r}" for k, v in want.items() if have.get(k) != v]
-
-
-def teacher_cost(cfg: FitConfig, per_sample: int, shard_size: int = SHARD_SIZE) -> int:
-    """What the teacher of ``cfg``'s noises costs made from scratch: whole shards of ``shard_size`` seeds
-    (the teacher cache's unit) at ``per_sample`` evaluations each."""
-    blocks = {s // shard_size for lo, hi in seed_ranges(cfg).values() for s in range(lo, hi)}
-    return len(blocks) * shard_size * per_sample
-
-
-def seed_ranges(cfg: FitConfig) -> dict[str, list[int]]:
-    """The fit's seed blocks: {"train": [lo, hi], "val": ..., "confirm": ...} (confirmation right after validation)."""
-    tr, va = fit_seeds(cfg.samples, cfg.seed), val_seeds(cfg.val_samples, cfg.seed)
-    co = val_seeds(cfg.confirm_samples, cfg.seed + cfg.val_samples)
-    return {"train": [tr.start, tr.stop], "val": [va.start, va.stop], "confirm": [co.start, co.stop]}
 
 
 @dataclass

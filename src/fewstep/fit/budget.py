@@ -8,9 +8,13 @@ The unit is one sample through the network at one time (:mod:`fewstep.cost`); a 
 * validation:   every ``eval_every`` steps and at each phase's end, the validation noises x NFE (forward),
 * confirmation: the fitted solver and its start on the confirmation noises, x NFE (forward).
 
-:func:`predicted` gives that sum for a plan; :func:`plan_for` sizes noises, batch and steps so that it
-fits a budget. The fit itself counts what it spends where the network is called and stops before a
-step that would cross the budget, so a budget is never exceeded whatever the prediction says.
+:func:`step_cost`, :func:`forward_cost` and :func:`closing_cost` are the cost of one training step, one
+pass over some noises and what a fit keeps for after its phases: the loop checks its budget with them and
+:func:`predicted` sums them for a plan. :func:`plan_for` sizes noises, batch and steps so that the sum fits a
+budget, from a bound on the teacher (:func:`teacher_noises`: whole shards, whatever the seed);
+:func:`cap_teacher` then checks the teacher the sized fit will really solve (:func:`teacher_cost`, its seeds'
+shards) and leaves room for the fit. The fit itself counts what it spends where the network is called and
+stops before a step that would cross the budget, so a budget is never exceeded whatever the prediction says.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import math
 from dataclasses import dataclass, replace
 
 from ..errors import FewstepError
-from .config import FitConfig, plan_phases
+from ..solvers.registry import solver_info
+from .config import FitConfig, plan_phases, seed_ranges
+from .teacher_spec import TeacherSpec
 
 #: classic starts are screened on this many validation noises; the best SCREEN_KEEP go on to all of them
 SCREEN_NOISES = 32
@@ -60,33 +66,68 @@ class Parts:
         return self.teacher + self.start + self.training + self.validation + self.confirmation
 
 
+def passes(cfg: FitConfig) -> int:
+    """Network passes per student evaluation in training: forward and backward (and a recomputation with
+    activation checkpointing)."""
+    return 3 if cfg.use_checkpoint else 2
+
+
+def step_cost(cfg: FitConfig, batch: int) -> int:
+    """Network evaluations of one training step on ``batch`` noises (summed over steps: of all of them)."""
+    return batch * cfg.nfe * passes(cfg)
+
+
+def forward_cost(cfg: FitConfig, noises: int) -> int:
+    """Network evaluations of one solve of ``noises`` noises by the student (a validation, a confirmation)."""
+    return noises * cfg.nfe
+
+
+def closing_cost(cfg: FitConfig, val: int, confirm: int) -> int:
+    """What a fit keeps for after its phases: the fitted solver and its start on the validation and
+    confirmation noises."""
+    return 2 * forward_cost(cfg, val + confirm)
+
+
+def teacher_per_sample(spec: TeacherSpec) -> int:
+    """The teacher's network evaluations per noise."""
+    info = solver_info(spec.solver)
+    return info.cost(info.steps(spec.nfe))
+
+
 def teacher_noises(sizes: Sizes, shard: int = 1) -> int:
-    """The noises a teacher solves for ``sizes``: the teacher cache works in shards of ``shard`` seeds, so
-    each seed range is rounded up to whole shards (one more for a range that does not start on a shard)."""
+    """The noises a teacher solves for ``sizes`` at most (the planner's bound, the same for every seed): the
+    teacher cache works in shards of ``shard`` seeds, so each seed range is rounded up to whole shards (one more
+    for a range that does not start on a shard)."""
     if shard <= 1:
         return sizes.samples + sizes.val + sizes.confirm
     return (math.ceil(sizes.samples / shard) + math.ceil((sizes.val + sizes.confirm) / shard) + 2) * shard
 
 
+def teacher_cost(cfg: FitConfig, per_sample: int, shard: int) -> int:
+    """What the teacher of ``cfg``'s noises costs made from scratch: the whole shards of ``shard`` seeds (the
+    teacher cache's unit) its seed ranges touch, at ``per_sample`` evaluations each (at most
+    ``teacher_noises`` x ``per_sample``)."""
+    blocks = {s // shard for lo, hi in seed_ranges(cfg).values() for s in range(lo, hi)}
+    return len(blocks) * shard * per_sample
+
+
 def predicted(cfg: FitConfig, sizes: Sizes, teacher_evals: int, candidates: int, shard: int = 1) -> Parts:
     """The spend of a fit with ``cfg`` and ``sizes`` (``teacher_evals`` per sample; ``candidates`` classic
     starts to screen, 0 with a given start; teacher noises rounded to whole shards of ``shard``)."""
-    n = cfg.nfe
     cfg = replace(cfg, steps=sizes.steps, batch=sizes.batch)
     phases = plan_phases(cfg)
-    passes = 3 if cfg.use_checkpoint else 2
     screened = (1 if cfg.start else max(1, cfg.screen_starts)) * max(1, cfg.screen_seeds)
     extra = 1.0 + (screened - 1) * cfg.screen_share / screened if screened > 1 else 1.0  # losers' screening
-    training = math.ceil(sum(p.steps * min(p.batch, sizes.samples) for p in phases) * n * passes * extra)
+    training = math.ceil(step_cost(cfg, sum(p.steps * min(p.batch, sizes.samples) for p in phases)) * extra)
     checks = math.ceil((sum(math.ceil(p.steps / cfg.eval_every) for p in phases) + 1) * extra) + 1
     screen = min(SCREEN_NOISES, sizes.val)
-    start = (candidates * screen + min(candidates, SCREEN_KEEP) * sizes.val) * n if candidates else 0
+    start = forward_cost(cfg, candidates * screen + min(candidates, SCREEN_KEEP) * sizes.val) if candidates else 0
     return Parts(
         teacher=teacher_noises(sizes, shard) * teacher_evals,
         start=start,
         training=training,
-        validation=(checks + 2) * sizes.val * n,
-        confirmation=2 * sizes.confirm * n,
+        validation=(checks + 2) * forward_cost(cfg, sizes.val),
+        confirmation=2 * forward_cost(cfg, sizes.confirm),
     )
 
 
@@ -150,3 +191,49 @@ def plan_for(
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid)
     return sized(lo) if lo > 0 and cost(lo) <= budget else smallest
+
+
+def with_sizes(cfg: FitConfig, sizes: Sizes) -> FitConfig:
+    """``cfg`` with the noises, batch and steps of ``sizes`` (S4S-Alt's rounds follow the steps again)."""
+    return replace(
+        cfg,
+        samples=sizes.samples,
+        val_samples=sizes.val,
+        confirm_samples=sizes.confirm,
+        batch=sizes.batch,
+        steps=sizes.steps,
+        rounds=None,
+    ).resolved()
+
+
+def cap_teacher(
+    budget: int,
+    cfg: FitConfig,
+    per_sample: int,
+    shard: int,
+    fixed: set[str] | frozenset[str],
+    sizes: Sizes,
+) -> FitConfig:
+    """``cfg`` (sized by :func:`plan_for` to ``sizes``, ``fixed`` as there) with as many training noises as the
+    teacher of its real seeds (:func:`teacher_cost`) and the closing validations leave within ``budget``. The
+    loop stops before a step that would cross the budget, but the teacher comes first: whatever the plan says,
+    it must leave room for the fit. A FewstepError when even the fewest training noises do not fit."""
+    closing = closing_cost(cfg, cfg.val_samples, cfg.confirm_samples)
+
+    def fits(n: int) -> bool:
+        return teacher_cost(replace(cfg, samples=n), per_sample, shard) + closing <= budget
+
+    if fits(cfg.samples):
+        return cfg
+    least = cfg.batch if "batch" in fixed else 8
+    if "samples" in fixed or not fits(least):
+        given = option_names(fixed, sizes)
+        raise FewstepError(
+            f"--budget {budget:,} does not cover the teacher of the validation and "
+            f"confirmation noises and {cfg.samples if 'samples' in fixed else least} training "
+            f"noises ({per_sample} evaluations each)" + (f": raise it, or leave out {given}" if given else "")
+        )
+    lo, hi = least, cfg.samples  # fits(lo), not fits(hi): the largest that fits, by bisection
+    while hi - lo > 1:
+        lo, hi = ((lo + hi) // 2, hi) if fits((lo + hi) // 2) else (lo, (lo + hi) // 2)
+    return replace(cfg, samples=lo, batch=min(cfg.batch, lo)).resolved()

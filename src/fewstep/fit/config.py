@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..seeds import fit_seeds, val_seeds
+
 METHODS = ("s4s", "s4s-alt", "ld3", "dss")
 LOSSES = ("l2", "mse", "l1")
 
@@ -181,3 +183,10 @@ def plan_phases(cfg: FitConfig) -> list[Phase]:
     return [
         Phase("dss", {"grid": lr_grid, "coef": lr_coef}, cfg.steps, opt, max(cfg.batch, 32), dss_weights=(1.0, 1000.0))
     ]
+
+
+def seed_ranges(cfg: FitConfig) -> dict[str, list[int]]:
+    """The fit's seed blocks: {"train": [lo, hi], "val": ..., "confirm": ...} (confirmation right after validation)."""
+    tr, va = fit_seeds(cfg.samples, cfg.seed), val_seeds(cfg.val_samples, cfg.seed)
+    co = val_seeds(cfg.confirm_samples, cfg.seed + cfg.val_samples)
+    return {"train": [tr.start, tr.stop], "val": [va.start, va.stop], "confirm": [co.start, co.stop]}

@@ -34,6 +34,7 @@ from ..metrics.pixel import per_sample_rmse
 from ..sampling import guidance_groups, solve, take
 from ..solvers.kernel import run_tableau
 from ..solvers.learned import LearnedSolver
+from .budget import forward_cost, step_cost
 from .config import LOSSES, FitConfig, Phase
 from .teacher import TeacherData
 
@@ -289,12 +290,6 @@ def _accumulate(
     return total
 
 
-def step_cost(cfg: FitConfig, batch: int) -> int:
-    """Network evaluations of one training step: forward and backward (and a recomputation with
-    activation checkpointing) through every student evaluation."""
-    return batch * cfg.nfe * (3 if cfg.use_checkpoint else 2)
-
-
 @dataclass
 class Budget:
     """What a fit may still spend: ``limit`` less what was spent before the counter's baseline (``before``:
@@ -379,7 +374,7 @@ def optimise(session: FitSession, phase: Phase, state: FitState | None = None, s
     radius = relax.radius(model, dim) if relax is not None else 0.0
     scale = model.schedule.init_noise_scale()
     if state.best is None:
-        if session.budget is not None and not session.budget.allows(len(val) * cfg.nfe + session.reserve):
+        if session.budget is not None and not session.budget.allows(forward_cost(cfg, len(val)) + session.reserve):
             state.exhausted = True
             for p in solver.parameters():
                 p.requires_grad_(False)
@@ -398,7 +393,7 @@ def optimise(session: FitSession, phase: Phase, state: FitState | None = None, s
         idx = _batch_index(n, phase.batch, cfg.seed, state.step)
         validates = (it + 1) % cfg.eval_every == 0 or it == steps - 1
         if session.budget is not None and not session.budget.allows(
-            step_cost(cfg, idx.numel()) + (len(val) * cfg.nfe if validates else 0) + session.reserve
+            step_cost(cfg, idx.numel()) + (forward_cost(cfg, len(val)) if validates else 0) + session.reserve
         ):
             state.exhausted = True  # the next step would cross the budget: stop with the best so far
             break

@@ -32,7 +32,7 @@ from ..solvers.kernel import Tableau
 from ..solvers.learned import LearnedSolver, step_scales, window_mask
 from ..solvers.registry import classic_specs
 from ..solvers.resolve import TableauSolver, is_artifact_spec
-from .budget import SCREEN_KEEP, SCREEN_NOISES
+from .budget import SCREEN_KEEP, SCREEN_NOISES, closing_cost
 from .checkpoint import FitCheckpoint, spent_before
 from .config import METHODS, FitConfig, plan_phases
 from .loop import (
@@ -433,7 +433,7 @@ def _fit_solver(
         checkpoint.count_from(model, before)
     budget = None if cfg.budget is None else Budget(cfg.budget, model, already_spent + before.total, model.cost.total)
     # kept for after the phases: the fitted solver and its start on the validation and confirmation noises
-    reserve = (2 * len(val) + 2 * (len(confirm) if confirm is not None else 0)) * cfg.nfe
+    reserve = closing_cost(cfg, len(val), len(confirm) if confirm is not None else 0)
     source = str(checkpoint.path) if checkpoint is not None else "the fit checkpoint"
     phases = plan_phases(cfg)
     resumed, screened = 0, []

@@ -16,7 +16,7 @@ from ..errors import FewstepError
 from ..grids import ALIASES, GRIDS
 from ..sampling import build_tableau
 from ..schedules import F64
-from ..solvers.registry import solver_info, solver_names
+from ..solvers.registry import classic_default, solver_info, solver_names
 
 _FORM = "expected NAME@GRID:NFE, e.g. unipc@logsnr:20 or euler@time:100"
 _SPEC_RE = re.compile(r"^\s*([A-Za-z][A-Za-z0-9_]*)\s*@\s*([A-Za-z][A-Za-z0-9_]*)\s*:\s*([+-]?\d+)\s*$")
@@ -69,9 +69,7 @@ def default_teacher(model: Denoiser) -> TeacherSpec:
     a fit (the teachers' own errors on the zoo models: BENCHMARKS.md). Pass ``teacher=`` to choose
     another.
     """
-    if model.schedule.kind == "flow":
-        return TeacherSpec("adams4", "time", 100)
-    return TeacherSpec("unipc3", "logsnr", 100)
+    return TeacherSpec(*classic_default(model.schedule, "teacher"))
 
 
 def teacher_times(model: Denoiser, spec: str | TeacherSpec) -> Tensor:

@@ -323,7 +323,7 @@ def deis_tab(schedule: Schedule, t: torch.Tensor, order: int = 3, lower_order_fi
         p = orders[i]
         nodes = np.array([g.t[i - k] for k in range(p)]) - g.t[i]
         tq, wq = _gauss(0.0, float(g.t[i + 1] - g.t[i]))
-        ds = schedule._derivative(schedule.s, torch.as_tensor(tq + g.t[i], dtype=F64)).numpy()
+        ds = schedule.d_s(torch.as_tensor(tq + g.t[i], dtype=F64)).numpy()
         for k in range(p):
             B[i, i - k] = float(g.alpha[i + 1]) * float(np.sum(wq * ds * _lagrange(nodes, k)(tq)))
     return _tableau(f"deis_tab{order}" if order != 3 else "deis_tab", "E", t, a, B, orders=orders)

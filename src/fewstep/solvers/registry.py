@@ -141,6 +141,21 @@ def make_tableau(name: str, schedule: Schedule, t: torch.Tensor, **kwargs) -> Ta
 _CACHE: dict[tuple, Tableau] = {}
 
 
+#: the classic solver each use defaults to, (NAME, GRID, NFE) for a flow and for a diffusion schedule: flows on
+#: the time-uniform grid (logSNR grids crowd the steps at the ends of a flow's path), diffusion on the logSNR grid
+DEFAULTS: dict[str, tuple[tuple[str, str, int], tuple[str, str, int]]] = {
+    "sample": (("adams2", "time", 5), ("dpmpp_3m", "logsnr", 5)),  # sound at few steps
+    "teacher": (("adams4", "time", 100), ("unipc3", "logsnr", 100)),  # near-converged, cheap next to a fit
+    "reference": (("adams4", "time", 400), ("dpmpp_3m", "logsnr", 400)),  # converged, for held-out errors
+}
+
+
+def classic_default(schedule: Schedule, use: str) -> tuple[str, str, int]:
+    """(NAME, GRID, NFE) of the classic solver that ``use`` (a key of ``DEFAULTS``) defaults to on ``schedule``."""
+    flow, diffusion = DEFAULTS[use]
+    return flow if schedule.kind == "flow" else diffusion
+
+
 def classic_specs(schedule: Schedule) -> list[str]:
     """Every classic solver ('NAME@GRID') on every grid that suits ``schedule`` (a flow pipeline's own
     ``shifted`` grid too), for the solvers that suit it."""
