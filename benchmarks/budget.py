@@ -61,7 +61,7 @@ def main() -> None:
         m = load_model(spec)
         held = list(range(1_000_000, 1_000_000 + args.samples))
         ref, info = reference_samples(m, held)
-        rep = evaluate(m, nfe=args.nfe, samples=args.samples, model_name=spec)
+        rep = evaluate(m, nfe=args.nfe, samples=args.samples, model_name=spec).as_dict()
         b = min((r for r in rep["results"] if r["rmse"] is not None), key=lambda r: r["rmse"])
         print(f"\n## {spec}: best classic {b['solver']}@{b['grid']} {b['rmse']:.4g} ± {b['rmse_sem']:.2g}\n")
         print("| method | budget | spent (mean) | ratio to best classic (mean ± std) | held-out RMSE (mean) | fits |")

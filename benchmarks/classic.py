@@ -17,7 +17,8 @@ import time
 import torch
 
 from fewstep import sample, zoo
-from fewstep.evaluate import best_classic, evaluate
+from fewstep.evaluate import evaluate
+from fewstep.report import Report
 
 NFES = [3, 4, 5, 6, 8, 10]
 
@@ -37,8 +38,8 @@ def classic_table(rep: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     cells = []
     for n in NFES:
-        b = best_classic(rep["results"], n)
-        cells.append(f"**{b['rmse']:.4g}** {b['solver']}@{b['grid']}" if b else "—")
+        b = Report.from_dict(rep).best_classic(n)
+        cells.append(f"**{b.rmse:.4g}** {b.label}" if b else "—")
     lines.append("| **best classic** | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -114,7 +115,7 @@ def main() -> None:
     for name in [n for n in args.models.split(",") if n]:
         m = zoo.load(name)
         t0 = time.perf_counter()
-        rep = evaluate(m, nfe=NFES, samples=args.samples, model_name=f"zoo:{name}")
+        rep = evaluate(m, nfe=NFES, samples=args.samples, model_name=f"zoo:{name}").as_dict()
         ref = rep["reference"]
         print(
             f"## zoo:{name}\nreference {ref['solver']} at {ref['nfe']} NFE, self-error {ref['self_error']:.2g}; "

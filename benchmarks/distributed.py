@@ -75,7 +75,7 @@ def worker(args: argparse.Namespace) -> None:
     out["traffic"] = sent
     out["steps"] = sent.get("gradients", [0, 0])[0]
     out["params"] = sum(p.numel() for p in res.outcome.solver.parameters())
-    rep = timed("eval_s", lambda: evaluate(m, nfe=args.nfe, samples=args.eval_samples, learned=[res.solver]))
+    rep = timed("eval_s", lambda: evaluate(m, nfe=args.nfe, samples=args.eval_samples, learned=[res.solver]).as_dict())
     out["held_out"] = {f"{r['solver']}@{r['grid']}": r["rmse"] for r in rep["results"]}
     out["learned_rmse"] = next(r["rmse"] for r in rep["results"] if r["grid"] == "learned")
     if d.main:

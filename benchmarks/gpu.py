@@ -123,7 +123,8 @@ def check_paths(a: argparse.Namespace) -> None:
 def check_args(a: argparse.Namespace) -> dict[str, Any]:
     """The checks that need fewstep (methods, fit settings, teacher), before anything loads; the fit settings."""
     from fewstep.errors import FewstepError
-    from fewstep.fit.config import METHODS, FitConfig
+    from fewstep.fit.config import RECORDED, FitConfig
+    from fewstep.fit.registry import METHODS, resolve
     from fewstep.fit.teacher_spec import parse_teacher
 
     a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
@@ -131,16 +132,16 @@ def check_args(a: argparse.Namespace) -> dict[str, Any]:
     if bad:
         raise BadInput(f"--methods: unknown method {bad[0]}; valid: {', '.join(METHODS)}")
     user = a.fit
-    unknown = sorted(set(user) - set(FitConfig.__dataclass_fields__) - {"method", "nfe"})
+    unknown = sorted(set(user) - set(RECORDED) - {"method", "nfe"})
     if unknown or "method" in user or "nfe" in user:
         raise BadInput(
             f"--fit: {(unknown or ['method/nfe'])[0]} is not a fit setting here; valid: "
-            f"{', '.join(k for k in FitConfig.__dataclass_fields__ if k not in ('method', 'nfe'))}"
+            f"{', '.join(k for k in RECORDED if k not in ('method', 'nfe'))}"
         )
     settings = {**(SMOKE_FIT if a.smoke else {}), **user}
     for m in a.methods:  # value errors now, not after the pipeline has loaded
         try:
-            FitConfig(method=m, nfe=a.nfe[0], **settings).resolved()
+            resolve(FitConfig(method=m, nfe=a.nfe[0], **settings))
         except FewstepError as e:
             raise BadInput(f"--fit: {e}") from None
     a.teacher = a.teacher or (SMOKE_TEACHER if a.smoke else None)

@@ -25,6 +25,7 @@ import torch
 
 from fewstep import zoo
 from fewstep.bench import format_bench, report_plots, run_bench
+from fewstep.report import Report
 
 
 def main() -> None:
@@ -62,7 +63,7 @@ def main() -> None:
         eval_kwargs={"reference_nfe": 200},
         reuse=args.reuse,
     )
-    paths = report_plots(b["report"], m, args.out, b["solvers"])
+    paths = report_plots(Report.from_dict(b["report"]), m, args.out, b["solvers"])
     b.pop("solvers")
     Path(args.out, "bench.json").write_text(json.dumps(b, indent=1))
     print(format_bench(b))

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from fewstep.evaluate import best_classic, evaluate
+from fewstep.evaluate import evaluate
 from fewstep.fit.api import fit
 from fewstep.specs import load_model
 
@@ -44,7 +44,8 @@ def main() -> None:
     for name in args.models.split(","):
         spec = name if ":" in name else f"zoo:{name}"
         m = load_model(spec)
-        rep = evaluate(m, nfe=nfes, samples=args.samples, model_name=spec)
+        report = evaluate(m, nfe=nfes, samples=args.samples, model_name=spec)
+        rep = report.as_dict()
         classic = {(r["solver"], r["grid"], r["nfe"]): r["rmse"] for r in rep["results"] if r["rmse"] is not None}
         fits = {}
         for n in nfes:
@@ -59,7 +60,7 @@ def main() -> None:
             solvers=[],
             model_name=spec,
             learned=[res.solver for res, _ in fits.values()],
-        )["results"]
+        ).as_dict()["results"]
         learned = {(r["solver"], r["nfe"]): r for r in done}  # a method's label is its name
         print(
             f"## {spec} (reference {rep['reference']['solver']} at {rep['reference']['nfe']} NFE, "
@@ -68,7 +69,9 @@ def main() -> None:
         head = "| NFE | best classic | " + " | ".join(methods) + " | best learned / best classic |"
         print(head + "\n|" + "---|" * (len(methods) + 3), flush=True)
         for n in nfes:
-            b = best_classic(rep["results"], n)
+            best_row = report.best_classic(n)
+            assert best_row is not None, f"no classic solver ran at {n} NFE"
+            b = best_row.as_dict()
             cells, best = [], None
             for meth in methods:
                 res, secs = fits[(meth, n)]

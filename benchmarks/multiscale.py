@@ -71,7 +71,7 @@ def main() -> None:
     for w in scales:
         m = load(f"{w:g}")
         ref, _ = reference_samples(m, held, nfe=args.reference_nfe)
-        rep = evaluate(m, nfe=args.nfe, samples=args.samples, reference_nfe=args.reference_nfe)
+        rep = evaluate(m, nfe=args.nfe, samples=args.samples, reference_nfe=args.reference_nfe).as_dict()
         b = min((r for r in rep["results"] if r["rmse"] is not None), key=lambda r: r["rmse"])
         mr, sr = [], []
         for s in seeds:

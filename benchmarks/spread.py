@@ -75,7 +75,7 @@ def main() -> None:
         m = load_model(spec, **({"guidance_scale": args.guidance} if args.guidance is not None else {}))
         held = list(range(1_000_000, 1_000_000 + args.samples))
         ref, info = reference_samples(m, held, nfe=args.reference_nfe)
-        rep = evaluate(m, nfe=nfes, samples=args.samples, model_name=spec, reference_nfe=args.reference_nfe)
+        rep = evaluate(m, nfe=nfes, samples=args.samples, model_name=spec, reference_nfe=args.reference_nfe).as_dict()
         print(f"\n## {spec} (reference {info['solver']} at {info['nfe']} NFE, self-error {info['self_error']:.2g})\n")
         print("| NFE | best classic (± sem) | mean ± std | min | max | worst / best | starts |")
         print("|---|---|---|---|---|---|---|", flush=True)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from fewstep.evaluate import best_classic, evaluate, reference_samples, run_solver
+from fewstep.evaluate import evaluate, reference_samples, run_solver
 from fewstep.fit.api import fit
 from fewstep.metrics.frechet import FeatureDistances
 from fewstep.metrics.sliced import sliced_wasserstein
@@ -59,8 +59,9 @@ def bench_model(
     rep = evaluate(m, nfe=nfes, samples=samples, model_name=f"torchcfm:{name}")
     rows = []
     for n in nfes:
-        b = best_classic(rep["results"], n)
-        spec = f"{b['solver']}@{b['grid']}"
+        b = rep.best_classic(n)
+        assert b is not None, f"no classic solver ran at {n} NFE"
+        spec = b.label
         classic = run_solver(m, seeds, spec, n, ref, keep_samples=True)
         rows.append(
             {

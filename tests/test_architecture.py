@@ -16,9 +16,10 @@ ROOT = Path(fewstep.__file__).parent
 #: the layers of the package, bottom first; a module may import from lower ranks only (same rank: no)
 LAYERS = [
     ["errors"],
-    ["seeds", "io", "conditions", "cost", "distributed", "progress"],
+    ["seeds", "io", "conditions", "cost", "distributed", "progress", "recompute"],
     ["training", "schedules"],
-    ["grids", "denoiser"],
+    ["grids", "conversions", "guidance", "fingerprint"],
+    ["denoiser"],
     ["solvers"],
     ["sampling"],
     ["integrations"],
@@ -44,7 +45,10 @@ INNER = {
     ],
     "fit": [
         ["config", "teacher_spec", "teacher_cache"],
-        ["teacher", "budget"],
+        ["teacher"],
+        ["objectives"],
+        ["registry"],
+        ["budget"],
         ["loop"],
         ["checkpoint"],
         ["methods"],

@@ -7,8 +7,8 @@ import torch
 
 from fewstep.fit.methods import from_classic
 from fewstep.integrations.diffusers_in import from_diffusers
+from fewstep.recompute import checkpointable_blocks
 from fewstep.sampling import build_tableau, sample
-from fewstep.solvers.kernel import checkpointable_blocks
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers")

@@ -3,6 +3,7 @@ exceeded, micro-batches that give the full batch's gradient, half precision that
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -12,8 +13,9 @@ import fewstep
 from fewstep import VPLinear
 from fewstep.errors import FewstepError
 from fewstep.fit.api import fit, fit_plan
-from fewstep.fit.budget import Sizes, plan_for, predicted
-from fewstep.fit.config import METHOD_SIZES
+from fewstep.fit.budget import plan_for, predicted
+from fewstep.fit.config import Sizes
+from fewstep.fit.registry import method_info
 from gauss import GaussNet, make_gauss
 
 F64 = torch.float64
@@ -103,7 +105,7 @@ def test_a_budget_is_never_exceeded(tmp_path, budget):
     assert c["total_evals"] >= 0.5 * budget  # sized to use it, not to leave most of it
     # counted at the network, not by formula
     assert c["teacher"]["forward_evals"] + c["fit"]["forward_evals"] == m.net.forward_rows
-    f, d = res.doc["fit"], METHOD_SIZES["s4s-alt"]
+    f, d = res.doc["fit"], dataclasses.asdict(method_info("s4s-alt").sizes)
     # the default's shape scaled by one factor: noises and steps both below or both above the default
     assert (f["samples"] - d["samples"]) * (f["steps"] - d["steps"]) > 0
 
@@ -124,7 +126,7 @@ def test_a_budget_too_small_names_the_smallest_that_works():
     with pytest.raises(FewstepError, match=r"--budget 1,000 is too small .* costs [\d,]+ network evaluations") as e:
         fit_plan(m, "s4s-alt", 5, teacher=SPEC, budget=1000)
     smallest = int(str(e.value).split("costs ")[1].split(" ")[0].replace(",", ""))
-    cfg, _ = fit_plan(m, "s4s-alt", 5, teacher=SPEC, budget=smallest)  # that one works
+    cfg = fit_plan(m, "s4s-alt", 5, teacher=SPEC, budget=smallest)[0].sizes  # that one works
     assert cfg.steps >= 1
 
 
@@ -138,9 +140,9 @@ def test_the_budget_plan_predicts_its_parts():
 
 
 def test_micro_batches_give_the_full_batchs_gradient(tmp_path):
-    from fewstep.fit.config import FitConfig
-    from fewstep.fit.loop import _accumulate, per_sample_loss
+    from fewstep.fit.loop import _accumulate, _Pass
     from fewstep.fit.methods import from_classic
+    from fewstep.fit.objectives import FinalSample, StatesAndFinal, per_sample_loss
     from fewstep.fit.teacher import generate_teacher
     from fewstep.sampling import build_tableau
     from fewstep.seeds import fit_seeds
@@ -161,9 +163,8 @@ def test_micro_batches_give_the_full_batchs_gradient(tmp_path):
             off = torch.full((16, 6), 0.01, dtype=torch.float32).requires_grad_(True)
             for p in s.parameters():
                 p.requires_grad_(True)
-            L = _accumulate(
-                m, s, data, idx, off, 1.0, per_sample_loss("l2"), dss, FitConfig(method=method, nfe=4, micro_batch=mb)
-            )
+            objective = FinalSample() if dss is None else StatesAndFinal(*dss)
+            L = _accumulate(_Pass(m, s, data, objective, per_sample_loss("l2"), False, mb), idx, off, 1.0)
             grads.append(
                 (
                     [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in s.parameters()],

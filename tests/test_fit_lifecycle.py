@@ -18,7 +18,7 @@ import fewstep.io
 from fewstep import VPLinear
 from fewstep.errors import FewstepError
 from fewstep.fit.api import FitData, fit, fit_plan, write_artifact
-from fewstep.fit.budget import Sizes, predicted
+from fewstep.fit.budget import predicted
 from fewstep.progress import PlainProgress, progress_bar
 from fewstep.solvers.artifact import load_solver
 from fewstep.solvers.registry import classic_specs
@@ -233,14 +233,15 @@ def test_the_command_says_it_found_the_finished_fit(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- row 5: --budget beside sizes
 def test_a_budget_keeps_the_sizes_given_beside_it(model):
-    cfg0, _ = fit_plan(model, "s4s-alt", 5, teacher=SPEC, budget=600_000)
-    cfg, _ = fit_plan(model, "s4s-alt", 5, teacher=SPEC, budget=600_000, samples=300, steps=40)
+    plan0, _ = fit_plan(model, "s4s-alt", 5, teacher=SPEC, budget=600_000)
+    plan, _ = fit_plan(model, "s4s-alt", 5, teacher=SPEC, budget=600_000, samples=300, steps=40)
+    cfg0, cfg = plan0.sizes, plan.sizes
     assert (cfg.samples, cfg.steps) == (300, 40) and (cfg0.samples, cfg0.steps) != (300, 40)
     assert cfg.val_samples >= 8 and cfg.batch <= 300
-    sizes = Sizes(cfg.samples, cfg.val_samples, cfg.confirm_samples, cfg.batch, cfg.steps)
-    total = predicted(cfg, sizes, 40, len(classic_specs(model.schedule)), shard=128).total
+    sizes = cfg
+    total = predicted(plan, sizes, 40, len(classic_specs(model.schedule)), shard=128).total
     assert total <= 600_000
-    big, _ = fit_plan(model, "s4s-alt", 5, teacher=SPEC, budget=600_000, samples=4000, steps=3000)
+    big = fit_plan(model, "s4s-alt", 5, teacher=SPEC, budget=600_000, samples=4000, steps=3000)[0].sizes
     assert (big.samples, big.steps) == (4000, 3000) and 8 <= big.batch < cfg0.batch  # fits, with a small batch
     with pytest.raises(
         FewstepError,

@@ -3,6 +3,8 @@ and DSS's trajectory objective."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -10,8 +12,8 @@ import fewstep
 from fewstep import Flow, VPLinear
 from fewstep.errors import FewstepError
 from fewstep.fit.api import fit
-from fewstep.fit.loop import _objective, per_sample_loss
 from fewstep.fit.methods import FitConfig, dss_start_ok, from_classic, plan_phases
+from fewstep.fit.objectives import FinalSample, StatesAndFinal, per_sample_loss
 from fewstep.fit.teacher import generate_teacher
 from fewstep.sampling import build_tableau
 from fewstep.seeds import fit_seeds
@@ -108,7 +110,8 @@ def _grads(model, solver, data, idx, dss_weights, use_checkpoint):
     solver.zero_grad()
     for p in solver.parameters():
         p.requires_grad_(True)
-    L = _objective(model, solver, data, idx, data.noise[idx], per_sample_loss("l2"), dss_weights, use_checkpoint)
+    objective = FinalSample() if dss_weights is None else StatesAndFinal(*dss_weights)
+    L = objective(model, solver, data, idx, data.noise[idx], per_sample_loss("l2"), use_checkpoint)
     L.backward()
     return float(L.detach()), {n: p.grad.clone() for n, p in solver.named_parameters() if p.grad is not None}
 
@@ -170,3 +173,53 @@ def test_a_multi_scale_fit_without_out_samples_from_memory(tmp_path):
         at, at.noise(list(range(1_000_000, 1_000_004))), res.solver, cond=at.cond_for(list(range(1_000_000, 1_000_004)))
     )
     assert x.shape == (4, *at.sample_shape) and torch.isfinite(x).all()
+
+
+@dataclass(frozen=True)
+class _CountedFinalSample:
+    """The final-sample objective, recording each call: (rows, teacher states present, noise moved off the rows')."""
+
+    calls: list
+
+    @property
+    def needs_states(self) -> bool:
+        return True
+
+    def __call__(self, model, solver, train, idx, noise, loss, use_checkpoint):
+        moved = bool((noise != train.noise[idx]).any())
+        self.calls.append((idx.numel(), train.states is not None, moved))
+        return FinalSample()(model, solver, train, idx, noise, loss, use_checkpoint)
+
+
+def test_a_new_method_is_one_registry_entry(vp_model, tmp_path, monkeypatch):
+    # every behaviour of a method flows from its entry: sizes, phases, optimiser and rates, the batch floor, the
+    # solver's form, the relaxation, the objective and the teacher states it needs
+    from fewstep.fit import methods, registry
+    from fewstep.fit.config import Sizes
+
+    calls = []
+    entry = registry.FitMethod(
+        "grid-then-coef",
+        "a grid phase, then a coefficient phase",
+        sizes=Sizes(samples=48, val_samples=24, confirm_samples=24, batch=12, steps=16),
+        phases=lambda p: registry.grid(p) + registry.coefficients(p),
+        form=registry.SolverForm(corrector=True, settable=frozenset()),
+        optimizer="lion",
+        min_batch=16,
+        relax=0.02,
+        objective=_CountedFinalSample(calls),
+    )
+    monkeypatch.setitem(registry.METHODS, entry.name, entry)
+    kw = dict(teacher="dpmpp_3m@logsnr:60", start="ddim@logsnr", screen_seeds=1, eval_every=4, progress=False)
+    res = fit(vp_model, entry.name, 4, cache_dir=tmp_path, corrector=False, **kw)
+    f = res.doc["fit"]
+    assert res.doc["method"] == entry.name and (f["samples"], f["batch"], f["steps"]) == (48, 12, 16)
+    assert f["optimizer"] == "lion" and (f["lr_coef"], f["lr_grid"]) == (1e-2, 1e-2)
+    assert res.outcome.state.step == 32 and len(calls) == 32  # both phases, one objective call a step
+    assert all(n == 16 and states for n, states, _ in calls)  # the batch floor; the teacher kept its states
+    assert any(moved for _, _, moved in calls[1:])  # the relaxed latents moved the noises
+    cfg = registry.resolve(registry.method_defaults(entry.name, 4).with_options(corrector=False))
+    cand = methods._candidate(vp_model, cfg, "ddim@logsnr", 0)
+    assert cand.relax is not None and cand.relax.r == 0.02  # the entry's ball
+    assert cand.solver.V is not None  # a corrector, which the settings cannot turn off (not settable)
+    assert [p.label for p in registry.plan_phases(cfg)] == ["grid", "coef"]

@@ -9,6 +9,7 @@ import pytest
 
 from fewstep import bench
 from fewstep.errors import FewstepError, ModelSpecError
+from fewstep.report import Report
 from fewstep.schedules import Flow, VPLinear
 from fewstep.zoo import train, unet
 
@@ -32,9 +33,11 @@ def _fake_guidance_run(monkeypatch: pytest.MonkeyPatch, results: list[dict[str, 
     def fit_or_reuse(*args: Any, **kwargs: Any) -> tuple[Any, float, str]:
         return SimpleNamespace(name="s4s"), 0.0, "fitted"
 
-    def evaluate(model: Any, nfe: int, **kwargs: Any) -> dict[str, Any]:
+    def evaluate(model: Any, nfe: int, **kwargs: Any) -> Report:
         ref = {"solver": "heun@karras", "nfe": 200, "self_error": 1e-6}
-        return {"model": "m", "nfe": nfe, "samples": 8, "seed": 0, "reference": ref, "results": results}
+        return Report.from_dict(
+            {"model": "m", "nfe": nfe, "samples": 8, "seed": 0, "reference": ref, "results": results}
+        )
 
     monkeypatch.setattr(bench, "_fit_or_reuse", fit_or_reuse)
     monkeypatch.setattr(bench, "evaluate", evaluate)

@@ -232,7 +232,7 @@ def _by(rep, solver, nfe):
 
 def test_evaluate_metrics_on_gmm2d():
     den = zoo.load("gmm2d")
-    rep = evaluate(den, nfe=[3, 10], solvers=["ddim@logsnr"], samples=128, metrics="auto", reference_nfe=100)
+    rep = evaluate(den, nfe=[3, 10], solvers=["ddim@logsnr"], samples=128, metrics="auto", reference_nfe=100).as_dict()
     json.dumps(rep, allow_nan=False)
     assert rep["metrics"]["names"] == ["swd", "loglik"]
     ref_row = rep["results"][0]
@@ -253,7 +253,7 @@ def test_evaluate_metrics_on_gmm2d():
 
 def test_evaluate_metrics_on_digits_empirical():
     den = zoo.load("digits-empirical")
-    rep = evaluate(den, nfe=[3, 10], solvers=["dpmpp_2m@time"], samples=96, metrics="auto", reference_nfe=100)
+    rep = evaluate(den, nfe=[3, 10], solvers=["dpmpp_2m@time"], samples=96, metrics="auto", reference_nfe=100).as_dict()
     json.dumps(rep, allow_nan=False)
     assert rep["metrics"]["names"] == ["fd", "kid", "psnr"] and rep["metrics"]["feature"] == "digits-classifier"
     assert rep["metrics"]["data_reference"]["n"] == 1797
@@ -274,15 +274,15 @@ def _reference_of(den, n):
 
 def test_evaluate_metrics_choices_and_errors():
     den = make_gauss(__import__("fewstep").VPLinear(), "eps", d=3)  # no data, no log_prob
-    fast = evaluate(den, nfe=4, solvers=["ddim@logsnr"], samples=16)
+    fast = evaluate(den, nfe=4, solvers=["ddim@logsnr"], samples=16).as_dict()
     assert set(fast) == {"model", "nfe", "samples", "seed", "reference", "results"}
     assert set(fast["results"][0]) == {"solver", "grid", "nfe", "rmse", "rmse_sem", "seconds"}
-    rep = evaluate(den, nfe=4, solvers=["ddim@logsnr"], samples=32, metrics=["swd"], data_samples=64)
+    rep = evaluate(den, nfe=4, solvers=["ddim@logsnr"], samples=32, metrics=["swd"], data_samples=64).as_dict()
     src = rep["metrics"]["data_reference"]["source"]
     assert src.startswith("reference solve dpmpp_3m@logsnr") and "1000032..1000095" in src
     assert [r["solver"] for r in rep["results"]] == ["reference", "ddim"]
     data = torch.randn(50, 3, generator=torch.Generator().manual_seed(0))
-    user = evaluate(den, nfe=4, solvers=["ddim@logsnr"], samples=16, metrics="swd", data=data)
+    user = evaluate(den, nfe=4, solvers=["ddim@logsnr"], samples=16, metrics="swd", data=data).as_dict()
     assert user["metrics"]["data_reference"] == {"source": "user (50 samples)", "n": 50}
     # any user feature network serves FD / KID (here torch's Identity: FD of the raw vectors)
     own = evaluate(
@@ -293,7 +293,7 @@ def test_evaluate_metrics_choices_and_errors():
         metrics=["fd", "kid"],
         data=data,
         feature=torch.nn.Identity(),
-    )
+    ).as_dict()
     assert own["metrics"]["feature"] == "Identity"
     assert own["results"][0]["fd"] == pytest.approx(frechet_distance(_reference_of(den, 64), data), rel=1e-9)
     assert _by(own, "ddim", 3)["fd"] > _by(own, "ddim", 8)["fd"]
@@ -312,7 +312,7 @@ def test_fd_to_the_reference_solve_needs_no_data():
     den = make_gauss(__import__("fewstep").VPLinear(), "eps", d=3)
     rep = evaluate(
         den, nfe=[3, 8], solvers=["ddim@logsnr"], samples=64, metrics=["fd_ref"], feature=torch.nn.Identity()
-    )
+    ).as_dict()
     assert rep["metrics"]["data_reference"] is None and rep["metrics"]["feature"] == "Identity"
     ref_row, few, many = rep["results"][0], _by(rep, "ddim", 3), _by(rep, "ddim", 8)
     assert few["fd"] is None and few["fd_ref"] > many["fd_ref"] > ref_row["fd_ref"] >= 0
@@ -328,7 +328,7 @@ def test_fd_to_the_reference_solve_needs_no_data():
         "fd_ref"
         not in evaluate(
             zoo.load("gmm2d"), nfe=3, solvers=["ddim@logsnr"], samples=16, metrics="auto", reference_nfe=40
-        )["metrics"]["names"]
+        ).as_dict()["metrics"]["names"]
     )
     with pytest.raises(FewstepError, match="feature="):
         evaluate(den, nfe=4, solvers=["ddim@logsnr"], samples=8, metrics="fd_ref")

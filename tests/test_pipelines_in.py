@@ -523,7 +523,7 @@ def test_prompts_encoded_once(env, kind, tmp_path, monkeypatch):
     generate_teacher(fm, range(4, 8), teacher_of(kind, 3), shard_size=4, progress=False)
     rep = evaluate(
         model.with_prompts(held), nfe=2, solvers=[start_of(kind)], samples=2, reference=start_of(kind), reference_nfe=4
-    )
+    ).as_dict()
     assert [r["rmse"] is not None for r in rep["results"]] == [True]
     model.prompt_cond([PROMPTS[3]])
     assert enc.calls == loaded_calls and model.net.table.encoded == len(texts)
@@ -567,7 +567,7 @@ def test_fit_artifact_and_learned_row(env, kind):
     ev = model if kind == "dit" else model.with_prompts(PromptSet.read(env.prompt_file(kind)).split()[1])
     rep = evaluate(
         ev, nfe=NFE, solvers=[start_of(kind)], samples=6, reference=start_of(kind), reference_nfe=10, learned=[solver]
-    )
+    ).as_dict()
     rows = {r["grid"]: r for r in rep["results"]}
     assert set(rows) == {"learned", start_of(kind).split("@")[1]}
     learned = rows["learned"]

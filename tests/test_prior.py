@@ -138,7 +138,7 @@ def test_a_changed_prior_does_not_reuse_cached_teacher_pairs(tmp_path):
 # ----------------------------------------------------------------------------- (c) evaluate
 def test_evaluation_errors_shrink_with_nfe():
     den = make_bridge()
-    rep = evaluate(den, nfe=[2, 4, 8, 16], solvers=["euler@time", "adams2@time", "unipc@time"], samples=64)
+    rep = evaluate(den, nfe=[2, 4, 8, 16], solvers=["euler@time", "adams2@time", "unipc@time"], samples=64).as_dict()
     assert rep["reference"]["solver"] == "exact"
     for name in ("euler", "adams2", "unipc"):
         errs = [r["rmse"] for r in sorted(rep["results"], key=lambda r: r["nfe"]) if r["solver"] == name]
@@ -170,7 +170,7 @@ def test_a_tiny_fit_does_not_end_worse_than_its_start(method, tmp_path):
         val["kept_start"] is False and val["rmse_to_teacher"] < 0.8 * val["start_rmse_to_teacher"]
     )  # a better fit is kept
     start = res.doc["start"]["solver"]
-    rep = evaluate(den, nfe=3, solvers=[res.solver, start], samples=64)
+    rep = evaluate(den, nfe=3, solvers=[res.solver, start], samples=64).as_dict()
     rmse = {r["grid"] == "learned": r["rmse"] for r in rep["results"]}
     # held-out, against the exact map: measured adams3@time 0.069 -> s4s-alt 0.014, dss 0.0064
     assert rmse[True] < 0.5 * rmse[False], (start, rmse)

@@ -104,7 +104,7 @@ def saved_solver_for(model: fewstep.Denoiser, path: Path) -> None:
 @pytest.fixture
 def small_fits(monkeypatch, tmp_path):
     """The README's ``fit(...)`` at a test's size: tiny method sizes and a 20-NFE teacher, a private cache."""
-    from fewstep.fit import api, config
+    from fewstep.fit import api
     from fewstep.fit.teacher_spec import TeacherSpec
 
     small = {
@@ -117,8 +117,8 @@ def small_fits(monkeypatch, tmp_path):
         "screen_starts": 1,
         "screen_seeds": 1,
     }
-    for method in config.METHODS:
-        monkeypatch.setitem(config.METHOD_SIZES, method, small)
+    method_defaults = api.method_defaults
+    monkeypatch.setattr(api, "method_defaults", lambda *a: method_defaults(*a).with_options(**small))
     monkeypatch.setattr(api, "default_teacher", lambda model: TeacherSpec("unipc3", "logsnr", 20))
     monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
 

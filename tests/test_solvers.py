@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -207,6 +208,29 @@ def test_trajectory_and_callback():
     seen = []
     x, traj = sample(m, noise, "dpmpp_2m", nfe=5, return_trajectory=True, callback=lambda d: seen.append(d["i"]))
     assert len(traj) == 6 and torch.equal(traj[-1], x) and seen == [0, 1, 2, 3, 4]
+
+
+def test_a_staged_solve_reports_solution_points_only():
+    """Heun on 3 grid steps ending at sigma = 0: 5 evaluations, states x0 | stage, x1 | stage, x2 | x3; the
+    callback and the trajectory see the 4 solution points, numbered by the step each closes."""
+    m = make_gauss(VPLinear(), "eps")
+    tab = heun(m.schedule, make_grid(m.schedule, 3, "logsnr"))
+    assert tab.N == 5 and tab.solution_index() == [0, None, 1, None, 2, 3]
+    assert make_tableau("ddim", m.schedule, make_grid(m.schedule, 3, "logsnr")).solution_index() == [0, 1, 2, 3]
+    seen = []
+    noise = torch.randn(4, 6, dtype=F64)
+    x, traj = sample(m, noise, "heun", nfe=5, return_trajectory=True, callback=lambda d: seen.append((d["i"], d["t"])))
+    assert [i for i, _ in seen] == [0, 1, 2] and len(traj) == 4 and torch.equal(traj[-1], x)
+    assert [t for _, t in seen] == tab.solution_times()[1:].tolist()
+
+
+def test_a_tableau_must_start_at_a_solution_point():
+    m = make_gauss(VPLinear(), "eps")
+    tab = heun(m.schedule, make_grid(m.schedule, 3, "logsnr"))
+    points = tab.points.clone()
+    points[0] = False
+    with pytest.raises(fewstep.FewstepError, match="first state"):
+        dataclasses.replace(tab, points=points).validate()
 
 
 # ------------------------------------------------------------------------------------- bad input

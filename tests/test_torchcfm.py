@@ -263,7 +263,7 @@ def test_data_and_noise_basis_solvers_still_converge_on_curved_paths(name):
     from fewstep.evaluate import evaluate
 
     solvers = ["ddim@time", "dpmpp_3m@logsnr", "unipc@time", "adams4@time"]
-    rep = evaluate(_model(name), nfe=[25, 100], solvers=solvers, samples=64)
+    rep = evaluate(_model(name), nfe=[25, 100], solvers=solvers, samples=64).as_dict()
     assert rep["reference"]["solver"] == "adams4@time" and rep["reference"]["self_error"] < 1e-4
     err = {(r["solver"], r["nfe"]): r["rmse"] for r in rep["results"]}
     for s in solvers:

@@ -77,7 +77,7 @@ def run_bench(
     reported. ``eval_model``: the model the table measures (the same network with the prompts the
     fits never saw; default ``model``).
 
-    Returns {"report": the evaluate() report with classic and learned rows, "rows": one summary per
+    Returns {"report": the evaluate() report's JSON with classic and learned rows, "rows": one summary per
     NFE ({"nfe", "best_classic", "best_learned", "ratio"}), "fits": per-fit wall times and artifacts,
     "solvers": the loaded learned solvers}.
     """
@@ -115,11 +115,11 @@ def run_bench(
         learned=arts,
         **(eval_kwargs or {}),
     )
-    return {"report": rep, "rows": bench_rows(Report.from_dict(rep), nfes), "fits": fits, "solvers": arts}
+    return {"report": rep.as_dict(), "rows": bench_rows(rep, nfes), "fits": fits, "solvers": arts}
 
 
 def report_plots(
-    rep: dict[str, Any],
+    rep: Report,
     model: Denoiser,
     out: str | Path,
     learned: Sequence[Any] = (),
@@ -137,16 +137,14 @@ def report_plots(
     paths = []
     main = current().main
     for metric in METRIC_LABELS:
-        if main and any(r.get(metric) is not None for r in rep["results"]):
-            paths.append(metric_vs_nfe(rep, out / f"{metric}_vs_nfe.png", metric))
-    asked = rep["nfe"] if isinstance(rep["nfe"], list) else [rep["nfe"]]
-    asked = sorted(set(asked) | {int(s.nfe) for s in learned})
+        if main and any(r.get(metric) is not None for r in rep.rows):
+            paths.append(metric_vs_nfe(rep.as_dict(), out / f"{metric}_vs_nfe.png", metric))
+    asked = sorted(set(rep.nfes) | {int(s.nfe) for s in learned})
     show = show_nfe or (PREFERRED_NFE if PREFERRED_NFE in asked else asked[len(asked) // 2])
     shape = model.sample_shape or ()
     n_show = n_show or (36 if len(shape) == 3 else 1000)
-    seeds = list(range(rep["seed"], rep["seed"] + n_show))
-    typed = Report.from_dict(rep)
-    ref = rep["reference"]
+    seeds = list(range(rep.seed, rep.seed + n_show))
+    ref = rep.reference
     panels = []
     if ref["solver"] != "exact":
         panels.append(
@@ -155,12 +153,12 @@ def report_plots(
                 solve_batched(model, seeds, ref["solver"], ref["nfe"], device=device),
             )
         )
-    b = typed.best_classic(show)
+    b = rep.best_classic(show)
     if b:
         panels.append(
             (f"best classic {b.label} ({show} NFE)", solve_batched(model, seeds, b.label, show, device=device))
         )
-    lrn = typed.best_learned(show)
+    lrn = rep.best_learned(show)
     pick = [s for s in learned if int(s.nfe) == show and lrn is not None and s.name == lrn.solver]
     if pick:
         panels.append(
@@ -172,7 +170,7 @@ def report_plots(
         with torch.no_grad():
             panels = [(title, model.decode(x)) for title, x in panels]
     if panels:
-        paths.append(sample_panels(panels, out / f"samples_nfe{show}.png", title=f"{rep['model']}: the same noises"))
+        paths.append(sample_panels(panels, out / f"samples_nfe{show}.png", title=f"{rep.model}: the same noises"))
     for s in learned:
         if isinstance(s, LoadedSolver):
             paths.append(solver_vs_start(s, out / f"{s.name}-nfe{s.nfe}_vs_start.png"))
@@ -227,9 +225,8 @@ def guidance_table(
             own.name = f"{method} fitted at w={w:g}"
             learned.append(own)
         rep = evaluate(m, nfe=nfe, samples=samples, device=device, learned=learned, **(eval_kwargs or {}))
-        typed = Report.from_dict(rep)
-        by_name = {r.solver: r for r in typed.rows if r.kind == "learned"}
-        b = typed.best_classic(nfe)
+        by_name = {r.solver: r for r in rep.rows if r.kind == "learned"}
+        b = rep.best_classic(nfe)
         if b is None:
             raise FewstepError(
                 f"guidance {w:g}: no classic solver ran at {nfe} NFE: nothing to compare the learned with"

@@ -13,6 +13,8 @@ reproducible and do not depend on batch size or on the number of processes.
 - :class:`Conditioning`: a model's condition sampler built from those; its :meth:`~Conditioning.digest`
   names the set (the teacher cache keys on it; the model fingerprint does not, so a solver fitted on
   one prompt set can be evaluated on another).
+- :class:`ConditionSpec`: what a model is asked to be conditioned on (prompts, classes, guidance), parsed
+  once from a command's or a call's options and passed whole to the loaders.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import hashlib
 import io
 import json
 import math
+import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -261,6 +264,11 @@ class GuidanceSet:
     def range(self) -> tuple[float, float]:
         return self.scales[0], self.scales[-1]
 
+    @property
+    def middle(self) -> float:
+        """The middle scale (the upper middle of an even count): the one scale a model built for the set gets."""
+        return self.scales[len(self.scales) // 2]
+
     def digest(self) -> str:
         return _digest(list(self.scales))
 
@@ -343,3 +351,55 @@ class Conditioning:
         if self.guidance is not None:
             d["guidance"] = list(self.guidance.scales)
         return d
+
+
+@dataclass(frozen=True)
+class ConditionSpec:
+    """What a model is asked to be conditioned on, parsed once (:meth:`parse`) and passed whole to the loaders.
+
+    ``prompts``: the prompt set of a text-to-image pipeline; ``classes``: class labels ("0,1,2", "all" or a
+    :class:`ClassSet`: the model knows how many it has); ``guidance``: one scale, or several that each seed draws
+    from (a model is built at the :attr:`scale`, the set's middle).
+    """
+
+    prompts: PromptSet | None = None
+    classes: str | ClassSet | None = None
+    guidance: GuidanceSet | None = None
+
+    @classmethod
+    def parse(
+        cls,
+        prompts: PromptSet | str | os.PathLike[str] | Sequence[str] | None = None,
+        classes: str | ClassSet | None = None,
+        guidance: GuidanceSet | str | float | Sequence[float] | None = None,
+    ) -> ConditionSpec:
+        """From options as given: ``prompts`` a PromptSet, a prompt file or a list of prompts; ``classes`` as is;
+        ``guidance`` a GuidanceSet or what :meth:`GuidanceSet.parse` takes (7.5, "3,7.5,12", "3:12")."""
+        if isinstance(prompts, (str, os.PathLike)):
+            prompts = PromptSet.read(Path(prompts))
+        elif prompts is not None and not isinstance(prompts, PromptSet):
+            prompts = PromptSet.of(list(prompts))
+        if guidance is not None and not isinstance(guidance, GuidanceSet):
+            guidance = GuidanceSet.parse(guidance)
+        return cls(prompts, classes, guidance)
+
+    @property
+    def scale(self) -> float | None:
+        """The one scale a model is built with: the middle of the guidance set (None: no guidance asked)."""
+        return None if self.guidance is None else self.guidance.middle
+
+    def class_set(self, num_classes: int | None, default: str | None = None) -> ClassSet | None:
+        """The class labels asked for (``default`` when none were), checked against the model's ``num_classes``."""
+        spec = self.classes if self.classes is not None else default
+        if spec is None or isinstance(spec, ClassSet):
+            return spec
+        return ClassSet.parse(spec, num_classes)
+
+    def for_role(self, role: str, eval_prompts: PromptSet | None = None) -> ConditionSpec:
+        """The spec of a fit ("fit": the prompts without their held-out part), of an evaluation ("eval":
+        ``eval_prompts``, else that held-out part) or of anything else ("all": the whole set)."""
+        if role == "eval" and eval_prompts is not None:
+            return replace(self, prompts=eval_prompts)
+        if role in ("fit", "eval") and self.prompts is not None:
+            return replace(self, prompts=self.prompts.split()[0 if role == "fit" else 1])
+        return self

@@ -1,28 +1,29 @@
-"""Denoiser: a network, its schedule and its prediction type, seen as D, E or velocity.
+"""Denoiser: a network, its schedule, its prediction type and its sample shape, seen as D, E or velocity.
 
-With x = alpha x0 + sigma eps, D the data prediction and E the noise prediction:
-    eps:      E = out,            D = (x - sigma E) / alpha
-    x0:       D = out,            E = (x - alpha D) / sigma
-    v:        D = alpha x - sigma v, E = sigma x + alpha v      (v = alpha eps - sigma x0, alpha^2 + sigma^2 = 1)
-    velocity: D = x - t v,        E = x + (1 - t) v           (flow x = (1 - t) x0 + t eps, v = dx/dt)
-The probability-flow velocity of any schedule is dx/dt = alpha' D + sigma' E.
+The pieces it is made of live in their own modules: the output conversions (:mod:`fewstep.conversions`), the
+guidance around the network call and what the samples are conditioned on (:mod:`fewstep.guidance`), the
+fingerprint (:mod:`fewstep.fingerprint`). The Denoiser calls the network (in its precision, counting the
+evaluations) and draws each seed's starting noise.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping
 from typing import Any, overload
 
 import torch
 from torch import Tensor, nn
 
-from .conditions import ClassSet, Conditioning, GuidanceSet
+from .conditions import ConditionSpec
+from .conversions import BASES, check_prediction, to_basis, to_DE, to_DE_fast
 from .cost import Cost, counted
-from .errors import FewstepError, ModelOutputError, ShapeError
-from .io import sha256_tensors
+from .errors import FewstepError, ModelOutputError
+from .fingerprint import fingerprint, pin
+from .guidance import Conditions, Guidance
 from .schedules import Schedule, TimeScalars
 
-PREDICTIONS = ("eps", "x0", "v", "velocity")
+__all__ = ["BASES", "DTYPES", "Denoiser", "check_dtype", "check_finite", "torch_dtype"]
 DTYPES = {
     "fp32": torch.float32,
     "float32": torch.float32,
@@ -63,37 +64,11 @@ def check_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.d
     return dt
 
 
-BASES = ("D", "E", "v")
-
-
-def _guided(w: Any) -> bool:
-    """Does a scale (None, a number, or a (B,) tensor) ask for classifier-free guidance?"""
-    if w is None:
-        return False
-    if isinstance(w, Tensor):
-        return bool((w != 1.0).any())
-    return float(w) != 1.0
-
-
-def _cat_cond(cond: Mapping[str, Any], uncond: Mapping[str, Any]) -> dict[str, Any]:
-    """Concatenate cond and uncond keyword arguments along the batch dimension.
-
-    A tensor only the unconditional half names (a flag such as ``negative``) is zero in the conditional half.
-    """
-    out: dict[str, Any] = {}
-    for k, u in uncond.items():
-        if k not in cond and isinstance(u, Tensor) and u.dim() > 0:
-            out[k] = torch.cat([torch.zeros_like(u), u], 0)
-    for k, v in cond.items():
-        u = uncond.get(k, v)
-        if isinstance(v, Tensor):
-            u = u if isinstance(u, Tensor) else torch.as_tensor(u, dtype=v.dtype, device=v.device)
-            if u.shape != v.shape:
-                u = u.expand_as(v) if u.dim() == v.dim() or u.numel() == 1 else u
-            out[k] = torch.cat([v, u.to(v.device, v.dtype)], 0)
-        else:
-            out[k] = v
-    return out
+def _alias(path: str, doc: str) -> Any:
+    """A read-write attribute that is ``self.<path>`` (the Denoiser's flat names for its conditions)."""
+    owner, _, last = path.rpartition(".")
+    get_owner = operator.attrgetter(owner)
+    return property(operator.attrgetter(path), lambda self, v: setattr(get_owner(self), last, v), doc=doc)
 
 
 class Denoiser(nn.Module):
@@ -105,30 +80,39 @@ class Denoiser(nn.Module):
         schedule: the model's :class:`~fewstep.schedules.Schedule`.
         prediction: what the network outputs: ``eps``, ``x0``, ``v`` or ``velocity``.
         sample_shape: shape of one sample, without the batch dimension (used by ``eval``).
+        name: a label used in tables.
+        prior: optional callable ``prior(generator, shape) -> Tensor`` for the starting noise
+            (default: standard normal).
+        identity: JSON-able facts that tell models with the same weights apart (part of the fingerprint).
+        decode: optional ``decode(x) -> images`` for metrics and pictures of latent models (e.g. the VAE).
+        dtype: the precision the network runs in (``torch.bfloat16``, "bf16", "fp16", ...; default: as
+            given, a module's weights' dtype: :meth:`network_dtype`). Inputs are cast to it and outputs back to
+            the solver state's dtype: the state, the coefficients and everything fitted stay in float32 (or
+            float64).
+        conditions: what the samples are conditioned on, as one :class:`~fewstep.guidance.Conditions`; or,
+            one by one (the same object is built from them):
         guidance_scale: classifier-free guidance weight w (None: no guidance); guided
             E = E_u + w (E_c - E_u), cond and uncond run in one batched call (1 NFE).
         uncond: keyword arguments for the unconditional half (e.g. ``{"class_labels": null}``);
             a callable ``uncond(cond) -> dict`` is also accepted.
-        name: a label used in tables.
-        prior: optional callable ``prior(generator, shape) -> Tensor`` for the starting noise
-            (default: standard normal).
         cond_sampler: optional callable ``cond_sampler(seeds: list[int]) -> dict`` giving the
             conditioning for samples drawn from those seeds (e.g. class labels; a
             :class:`~fewstep.conditions.Conditioning` for prompt, class and guidance sets).
         guidance_input: the network takes the guidance scale itself (guidance-distilled models such as
             FLUX.1-dev): it gets ``guidance=`` (B,) and there is no unconditional half.
-        decode: optional ``decode(x) -> images`` for metrics and pictures of latent models (e.g. the VAE).
         num_classes: how many class labels a class-conditional network takes (for ``--classes all``).
-        dtype: the precision the network runs in (``torch.bfloat16``, "bf16", "fp16", ...; default: as
-            given, a module's weights' dtype: :meth:`network_dtype`). Inputs are cast to it and outputs back to
-            the solver state's dtype: the state, the coefficients and everything fitted stay in float32 (or
-            float64).
 
     ``cost`` counts the network evaluations made (:mod:`fewstep.cost`).
 
     Per-sample guidance: a conditioning key ``guidance_scale`` holding a (B,) tensor overrides
     ``guidance_scale`` sample by sample (a model fitted across several scales sees several at once).
     """
+
+    guidance_scale = _alias("conditions.guidance.scale", "The guidance scale w (None: unguided).")
+    uncond = _alias("conditions.guidance.uncond", "The unconditional half's keyword arguments (or a callable).")
+    guidance_input = _alias("conditions.guidance.takes_scale", "Does the network take the scale itself?")
+    cond_sampler = _alias("conditions.sampler", "cond_sampler(seeds) -> the samples' keyword arguments.")
+    num_classes = _alias("conditions.num_classes", "How many class labels the network takes (None: unknown).")
 
     def __init__(
         self,
@@ -146,27 +130,25 @@ class Denoiser(nn.Module):
         decode: Callable[[Tensor], Tensor] | None = None,
         num_classes: int | None = None,
         dtype: torch.dtype | str | None = None,
+        conditions: Conditions | None = None,
     ) -> None:
         super().__init__()
-        if prediction not in PREDICTIONS:
-            raise FewstepError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
-        if prediction == "v" and schedule.kind != "vp":
-            raise FewstepError("prediction 'v' needs a VP schedule (alpha^2 + sigma^2 = 1)")
-        if prediction == "velocity" and schedule.kind != "flow":
-            raise FewstepError("prediction 'velocity' needs the Flow schedule (x = (1 - t) x0 + t eps)")
+        check_prediction(prediction, schedule.kind)
         self.net = net
         self.schedule = schedule
         self.prediction = prediction
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
-        self.guidance_scale = guidance_scale
-        self.uncond = uncond
+        flat = Conditions(Guidance(guidance_scale, uncond, bool(guidance_input)), cond_sampler, num_classes)
+        if conditions is not None and flat != Conditions():
+            raise FewstepError(
+                "give conditions= or its parts (guidance_scale, uncond, cond_sampler, guidance_input, num_classes), "
+                "not both"
+            )
+        self.conditions = conditions or flat
         self.name = name or getattr(net, "__class__", type(net)).__name__
         self.prior = prior
-        self.cond_sampler = cond_sampler
         self.identity = dict(identity or {})
-        self.guidance_input = bool(guidance_input)
         self.decode = decode
-        self.num_classes = num_classes
         self.nfe = 0
         self.cost = Cost()
         self.dtype: torch.dtype | None = None
@@ -181,7 +163,7 @@ class Denoiser(nn.Module):
         if isinstance(self.net, nn.Module):
             self.net.to(dt)
         self.dtype = dt
-        self.__dict__["_fingerprint"] = (self._fingerprint_key(), fp)
+        pin(self, fp)
         return self
 
     def raw(self, x: Tensor, t: Tensor | float, t_net: float | None = None, **cond: Any) -> Tensor:
@@ -222,38 +204,9 @@ class Denoiser(nn.Module):
         else:
             t64 = torch.as_tensor(t, dtype=torch.float64)
             tn = self.schedule.net_time(t64).to(device=x.device, dtype=x.dtype).expand(x.shape[0])
-        w = cond.pop("guidance_scale", self.guidance_scale)
-        if self.guidance_input:  # the network takes the scale itself: one call, no unconditional half
-            scale = torch.as_tensor(1.0 if w is None else w, dtype=torch.float32, device=x.device)
-            out = self.net(x, tn, guidance=scale.expand(x.shape[0]) if scale.dim() == 0 else scale, **cond)
-            self._check_shape(out, tuple(x.shape))
-            out = counted(out, self.cost, x.shape[0], x.shape[0])
-        elif _guided(w):
-            unc = self.uncond(cond) if callable(self.uncond) else dict(self.uncond or {})
-            both = _cat_cond(cond, unc)
-            out = self.net(torch.cat([x, x], 0), torch.cat([tn, tn], 0), **both)
-            self._check_shape(out, (2 * x.shape[0], *x.shape[1:]))
-            out_c, out_u = out.chunk(2, 0)
-            if isinstance(w, Tensor):  # one scale per sample
-                w = w.to(device=out.device, dtype=out.dtype).reshape(-1, *[1] * (out.dim() - 1))
-            out = counted(out_u + w * (out_c - out_u), self.cost, x.shape[0], 2 * x.shape[0])
-        else:
-            out = self.net(x, tn, **cond)
-            self._check_shape(out, tuple(x.shape))
-            out = counted(out, self.cost, x.shape[0], x.shape[0])
+        out, rows = self.conditions.guidance(self.net, x, tn, cond, self.prediction)
         self.nfe += 1
-        return out
-
-    def _check_shape(self, out: Any, want: tuple[int, ...]) -> None:
-        if not isinstance(out, Tensor):
-            out = getattr(out, "sample", out)
-            if not isinstance(out, Tensor):
-                raise ShapeError(f"the network must return a tensor; got {type(out).__name__}")
-        if tuple(out.shape) != want:
-            raise ShapeError(
-                f"the network returned shape {tuple(out.shape)} for input shape {want}: "
-                f"it must return one {self.prediction} prediction shaped like its input"
-            )
+        return counted(out, self.cost, x.shape[0], rows)
 
     # ------------------------------------------------------------------ conversions
     def scalars(self, t: Tensor | float) -> TimeScalars:
@@ -261,101 +214,38 @@ class Denoiser(nn.Module):
         return TimeScalars.of(self.schedule, t)
 
     def convert(self, out: Tensor, x: Tensor, t: Tensor | float, basis: str, sc: TimeScalars | None = None) -> Tensor:
-        """Convert a raw network output at (x, t) to basis 'D', 'E' or 'v' (dx/dt).
+        """Convert a raw network output at (x, t) to basis 'D', 'E' or 'v' (dx/dt): :func:`~.conversions.to_basis`.
 
         ``sc`` are precomputed scalars at t (the kernel computes them once per solve); their
         alpha, sigma keep autograd when t does, so learned evaluation times get exact gradients.
         """
-        p = self.prediction
-        if (p, basis) in (("x0", "D"), ("eps", "E"), ("velocity", "v")):
-            return out
-        if basis not in BASES:
-            raise FewstepError(f"unknown basis {basis!r}; valid: {', '.join(BASES)}")
-        sc = sc or self.scalars(t)
-        D, E = self.to_DE(out, x, t, sc)
-        if basis == "D":
-            return D
-        if basis == "E":
-            return E
-        return sc.d_alpha * D + sc.d_sigma * E
+        return to_basis(self.prediction, out, x, basis, sc or self.scalars(t))
 
     def to_DE(self, out: Tensor, x: Tensor, t: Tensor | float, sc: TimeScalars | None = None) -> tuple[Tensor, Tensor]:
         """(D, E) from a raw output at solver time t."""
         sc = sc or self.scalars(t)
-        a, g = sc.alpha, sc.sigma
-        p = self.prediction
-        if isinstance(a, float) and not (out.requires_grad or x.requires_grad):
-            return self._to_DE_fast(out, x, a, g)
-        if p == "eps":
-            E = out
-            D = (x - g * E) / a
-        elif p == "x0":
-            D = out
-            E = (x - a * D) / g
-        elif p == "v":
-            D = a * x - g * out
-            E = g * x + a * out
-        else:  # velocity, flow schedule: alpha = 1 - t, sigma = t
-            D = x - g * out
-            E = x + a * out
-        return D, E
+        return to_DE(self.prediction, out, x, sc.alpha, sc.sigma)
 
     def _to_DE_fast(self, out: Tensor, x: Tensor, a: float, g: float) -> tuple[Tensor, Tensor]:
         """The same conversions with fused in-place ops (no autograd): the sampling hot path."""
-        p = self.prediction
-        if p == "eps":
-            return torch.add(x, out, alpha=-g).div_(a), out
-        if p == "x0":
-            return out, torch.add(x, out, alpha=-a).div_(g)
-        if p == "v":
-            return torch.mul(x, a).add_(out, alpha=-g), torch.mul(x, g).add_(out, alpha=a)
-        return torch.add(x, out, alpha=-g), torch.add(x, out, alpha=a)
+        return to_DE_fast(self.prediction, out, x, a, g)
 
     def predict(
         self, x: Tensor, t: Tensor | float, basis: str = "D", sc: TimeScalars | None = None, **cond: Any
     ) -> Tensor:
         """One network call at solver time t, returned in ``basis`` ('D', 'E' or 'v')."""
-        return self.convert(self.raw(x, t, sc.t_net if sc is not None else None, **cond), x, t, basis, sc)
+        out = self.raw(x, t, sc.t_net if sc is not None else None, **cond)
+        return to_basis(self.prediction, out, x, basis, sc or self.scalars(t))
 
     def forward(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
         """The data prediction D(x, t)."""
         return self.predict(x, t, "D", **cond)
 
-    # ------------------------------------------------------------------ identity
+    # ------------------------------------------------------------------ identity and noise
     def fingerprint(self) -> str:
-        """sha256 over the schedule, prediction and every parameter and buffer of ``net`` (16 hex digits).
-
-        Hashing every weight is slow for a large network, so the result is kept and reused until a
-        weight tensor is replaced or changed in place (its version counter moves), or the schedule,
-        prediction, identity or prior change.
-        """
-        key = self._fingerprint_key()
-        cached = self.__dict__.get("_fingerprint")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        fp = self._hash_weights()
-        self.__dict__["_fingerprint"] = (key, fp)
-        return fp
-
-    def _fingerprint_key(self) -> tuple:
-        """What the cached fingerprint depends on: the weight tensors (by storage and version) and the rest."""
-        tensors = self.net.state_dict() if isinstance(self.net, nn.Module) else {}
-        return (
-            repr(sorted(self.schedule.config().items())),
-            self.prediction,
-            repr(sorted(self.identity.items())),
-            id(self.prior),
-            tuple((k, v.data_ptr(), v._version) for k, v in tensors.items()),
-        )
-
-    def _hash_weights(self) -> str:
-        head = repr(sorted(self.schedule.config().items())).encode()
-        head += self.prediction.encode()
-        head += repr(sorted(self.identity.items())).encode()
-        if self.prior is not None:  # another source distribution is another model
-            head += self.noise([0, 1]).to(torch.float64).numpy().tobytes()
-        weights = self.net.state_dict() if isinstance(self.net, nn.Module) else {}
-        return sha256_tensors(weights, head)[:16]
+        """sha256 over the schedule, prediction, identity, prior and every weight of ``net`` (16 hex digits;
+        :mod:`fewstep.fingerprint`), hashed once per weight version."""
+        return fingerprint(self)
 
     def noise(self, seeds: list[int] | range, device: str | torch.device = "cpu") -> Tensor:
         """Standard starting noise, one generator per seed: shape (len(seeds), *sample_shape).
@@ -373,41 +263,25 @@ class Denoiser(nn.Module):
                 rows.append(torch.randn(self.sample_shape, generator=g))
         return torch.stack(rows).to(device)
 
-    def with_conditions(self, classes: str | None = None, guidance: GuidanceSet | None = None) -> Denoiser:
-        """This model drawing its class labels from ``classes`` ("0,1,2" or "all") and, for several scales, its
-        guidance scale per seed (each seed draws one). Returns ``self``."""
-        if classes is None and (guidance is None or len(guidance.scales) < 2):
-            return self
-        if classes is not None and self.num_classes is None and self.cond_sampler is None:
-            raise FewstepError(f"{self.name} takes no class labels: drop --classes")
-        if guidance is not None and len(guidance.scales) > 1 and self.uncond is None and not self.guidance_input:
-            raise FewstepError(f"{self.name} has no unconditional half for guidance: give one scale or none")
-        cset = None if classes is None else ClassSet.parse(classes, self.num_classes)
-        self.cond_sampler = Conditioning(
-            classes=cset,
-            guidance=guidance if guidance and len(guidance.scales) > 1 else None,
-            base=self.cond_sampler if cset is None else None,
-            default_guidance=float(self.guidance_scale or 1.0),
-        )
+    # ------------------------------------------------------------------ conditions (fewstep.guidance.Conditions)
+    def with_conditions(self, spec: ConditionSpec) -> Denoiser:
+        """This model drawing its class labels from ``spec.classes`` ("0,1,2" or "all") and, for several scales,
+        its guidance scale per seed from ``spec.guidance`` (each seed draws one). Returns ``self``."""
+        self.conditions = self.conditions.narrowed(spec, str(self.name))
         return self
 
     def guidance_scales(self) -> tuple[float, ...] | None:
         """The guidance scales the seeds draw from when there are several (a fit covers them all), else None."""
-        c = self.cond_sampler
-        if isinstance(c, Conditioning) and c.guidance is not None and len(c.guidance.scales) > 1:
-            return c.guidance.scales
-        return None
+        return self.conditions.scales()
 
     def cond_key(self) -> str:
         """A name for the set conditions are drawn from ('' when the sampler does not name it): the teacher
         cache keys on it, the fingerprint does not (a solver fitted on one prompt set runs on another)."""
-        return self.cond_sampler.digest() if isinstance(self.cond_sampler, Conditioning) else ""
+        return self.conditions.key()
 
     def cond_for(self, seeds: list[int] | range, device: str | torch.device = "cpu") -> dict[str, Any]:
         """Conditioning keyword arguments for samples drawn from ``seeds`` (empty if unconditional)."""
-        if self.cond_sampler is None:
-            return {}
-        return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.cond_sampler(list(seeds)).items()}
+        return self.conditions.draw(list(seeds), device)
 
 
 def check_finite(out: Tensor, where: str) -> None:

@@ -33,7 +33,7 @@ from .grids import grid_names
 from .metrics.pixel import per_sample_rmse
 from .metrics.reference import DataReference, model_data, user_data
 from .metrics.suite import DISTRIBUTION, ROW_KEYS, MetricSuite, parse_metrics, select_metrics
-from .report import FD_REF_NOTE, Report, Row, RowKind, best_classic, render_plain
+from .report import FD_REF_NOTE, Report, Row, RowKind, render_plain
 from .sampling import sample
 from .seeds import EVAL_SEED_START, check_seeds
 from .solvers.artifact import LoadedSolver
@@ -206,7 +206,7 @@ def evaluate(
     feature: nn.Module | str | None = None,
     data_samples: int = 2048,
     learned: Sequence[Any] = (),
-) -> dict[str, Any]:
+) -> Report:
     """Compare solvers on ``samples`` held-out seeds starting at ``seed``.
 
     Args:
@@ -226,8 +226,9 @@ def evaluate(
     rows at the same ``samples`` and read them against the reference row, which measures the floor.
 
     Returns:
-        {"model", "nfe", "samples", "seed", "reference": {...}, "results": [{"solver", "grid",
-        "nfe", "rmse", "rmse_sem", "seconds", ("error")}]}, results sorted by NFE then RMSE.
+        the typed :class:`~fewstep.report.Report`, rows sorted by NFE then RMSE; its JSON
+        (``Report.as_dict()``) is {"model", "nfe", "samples", "seed", "reference": {...}, "results":
+        [{"solver", "grid", "nfe", "rmse", "rmse_sem", "seconds", ("error")}]}.
         With metrics: every result also has "fd", "kid", "kid_std", "fd_ref", "psnr", "swd", "loglik" (None
         where not measured); results[0] is the reference row ({"solver": "reference", "grid": the
         reference solver, "role": "reference", "rmse": its self-error, ...}); and "metrics" says
@@ -235,54 +236,119 @@ def evaluate(
     """
     nfes = [int(nfe)] if isinstance(nfe, int) else [int(n) for n in nfe]
     seeds = list(check_seeds(seed, samples, "seed="))  # one line for a seed torch cannot take
-    names = None
-    if parse_metrics(metrics) != ():
-        names = select_metrics(model, metrics, feature)  # bad metric requests fail before any solve
-    specs = list(solvers) if solvers is not None else classic_specs(model.schedule)
-    for s in [*specs, *learned]:  # before any solve
-        check_held_out(s, seed, seed + samples)
-    jobs = [(s, n) for n in nfes for s in specs] + [(s, int(s.nfe)) for s in learned]
-    _check_runnable(model, jobs)
-    t0 = time.perf_counter()
-    ref, ref_half, ref_spec, ref_nfe = _reference_pair(model, seeds, reference, reference_nfe, batch_size, device)
-    ref_secs = time.perf_counter() - t0
-    self_err = per_sample_rmse(ref_half, ref)
-    ref_info: dict[str, Any] = {"solver": ref_spec, "nfe": ref_nfe, "self_error": float(self_err.mean())}
-    # under several processes every solve is shared out by seed and gathered (see solve_batched); the metrics
-    # are computed by rank 0 and sent to the others, so every process returns the same report
-    d = current()
-    suite, cond, measured = None, {}, names is not None
+    names = select_metrics(model, metrics, feature) if parse_metrics(metrics) != () else None  # before any solve
+    jobs = _jobs(model, solvers, learned, nfes, seed, samples)
+    ref = _Reference.solve(model, seeds, reference, reference_nfe, batch_size, device)
+    scorer = None
     if names is not None:
         dref = None
         if any(m in DISTRIBUTION for m in names):
             dref = _data_reference(
                 model, data, seed + samples, data_samples, reference, reference_nfe, batch_size, device
             )
-        if d.main:
-            suite = MetricSuite(model, names, dref, feature)
-            cond = model.cond_for(seeds)
-    rows: list[Row] = []
-    for s, n in jobs:
-        run = run_solver(model, seeds, s, n, ref, batch_size, device, keep_samples=measured)
-        if measured:
-            got = None
-            if suite is not None:
-                got = suite.row(run.samples, ref, cond) if run.samples is not None else dict.fromkeys(ROW_KEYS)
-            run.row.metrics = d.broadcast_object(got)
-        rows.append(run.row)
+        scorer = _Scorer(model, names, dref, feature, ref, seeds)
+    rows = [_measure(model, seeds, s, n, ref, scorer, batch_size, device) for s, n in jobs]
     rows.sort(key=lambda r: (r.nfe, math.inf if r.rmse is None else r.rmse))
-    report = Report(model_name or model.name, nfes[0] if len(nfes) == 1 else nfes, samples, seed, ref_info, rows)
-    if measured:
-        sem = float(self_err.std() / math.sqrt(len(self_err))) if len(self_err) > 1 else 0.0
-        ref_got = (suite.row(ref, ref_half, cond), suite.info()) if suite is not None else None
-        ref_metrics, report.metrics = d.broadcast_object(ref_got)
-        rows.insert(
-            0,
-            Row(
-                "reference", "reference", ref_spec, ref_nfe, ref_info["self_error"], sem, ref_secs, metrics=ref_metrics
-            ),
+    report = Report(model_name or model.name, nfes[0] if len(nfes) == 1 else nfes, samples, seed, ref.info, rows)
+    if scorer is not None:
+        rows.insert(0, scorer.reference_row(report))
+    return report
+
+
+def _jobs(
+    model: Denoiser, solvers: Sequence[Any] | None, learned: Sequence[Any], nfes: list[int], seed: int, samples: int
+) -> list[tuple[Any, int]]:
+    """(solver, NFE) of every row: each of ``solvers`` (default: every classic one) at each budget, each learned
+    solver at its own; checked before any solve (held-out seeds, at least one runnable)."""
+    specs = list(solvers) if solvers is not None else classic_specs(model.schedule)
+    for s in [*specs, *learned]:
+        check_held_out(s, seed, seed + samples)
+    jobs = [(s, n) for n in nfes for s in specs] + [(s, int(s.nfe)) for s in learned]
+    _check_runnable(model, jobs)
+    return jobs
+
+
+@dataclass
+class _Reference:
+    """An evaluation's converged reference solve and the same solve at half the steps (its self-error)."""
+
+    x: Tensor  # (n, ...) the samples every row is scored against
+    half: Tensor  # (n, ...) the same solve at half the steps
+    self_error: Tensor  # (n,) per-sample RMSE between the two
+    spec: str
+    nfe: int
+    seconds: float
+    info: dict[str, Any]  # the report's "reference": {"solver", "nfe", "self_error"}
+
+    @classmethod
+    def solve(
+        cls,
+        model: Denoiser,
+        seeds: list[int],
+        reference: str | None,
+        nfe: int | None,
+        batch_size: int,
+        device: str | torch.device,
+    ) -> _Reference:
+        """The reference for ``seeds`` (the model's exact solution where it has one), timed."""
+        t0 = time.perf_counter()
+        x, half, spec, n = _reference_pair(model, seeds, reference, nfe, batch_size, device)
+        secs = time.perf_counter() - t0
+        err = per_sample_rmse(half, x)
+        return cls(x, half, err, spec, n, secs, {"solver": spec, "nfe": n, "self_error": float(err.mean())})
+
+
+class _Scorer:
+    """The metrics of every row, computed by rank 0 and sent to the other processes (under several processes
+    every solve is shared out by seed and gathered: every process returns the same report)."""
+
+    def __init__(
+        self,
+        model: Denoiser,
+        names: Sequence[str],
+        dref: DataReference | None,
+        feature: nn.Module | str | None,
+        ref: _Reference,
+        seeds: list[int],
+    ) -> None:
+        main = current().main
+        self.ref = ref
+        self.suite = MetricSuite(model, names, dref, feature) if main else None
+        self.cond = model.cond_for(seeds) if main else {}
+
+    def metrics(self, samples: Tensor | None) -> dict[str, float | None]:
+        """A row's metric columns (all None when its solver did not run)."""
+        got = None
+        if self.suite is not None:
+            got = self.suite.row(samples, self.ref.x, self.cond) if samples is not None else dict.fromkeys(ROW_KEYS)
+        return current().broadcast_object(got)
+
+    def reference_row(self, report: Report) -> Row:
+        """The reference solve's own row (the floor: its RMSE is its self-error); sets ``report.metrics``."""
+        ref, err = self.ref, self.ref.self_error
+        sem = float(err.std() / math.sqrt(len(err))) if len(err) > 1 else 0.0
+        got = (self.suite.row(ref.x, ref.half, self.cond), self.suite.info()) if self.suite is not None else None
+        metrics, report.metrics = current().broadcast_object(got)
+        return Row(
+            "reference", "reference", ref.spec, ref.nfe, ref.info["self_error"], sem, ref.seconds, metrics=metrics
         )
-    return report.as_dict()
+
+
+def _measure(
+    model: Denoiser,
+    seeds: list[int],
+    solver: Any,
+    nfe: int,
+    ref: _Reference,
+    scorer: _Scorer | None,
+    batch_size: int,
+    device: str | torch.device,
+) -> Row:
+    """One solver's row: its RMSE to the reference (and, with a scorer, its metrics)."""
+    run = run_solver(model, seeds, solver, nfe, ref.x, batch_size, device, keep_samples=scorer is not None)
+    if scorer is not None:
+        run.row.metrics = scorer.metrics(run.samples)
+    return run.row
 
 
 def _check_runnable(model: Denoiser, jobs: list[tuple[Any, int]]) -> None:
@@ -324,16 +390,15 @@ def _data_reference(
     return DataReference(x, f"reference solve {spec} at {nfe} NFE ({n} samples, seeds {seeds[0]}..{seeds[-1]})")
 
 
-def format_table(report: dict[str, Any], top: int | None = None) -> str:
-    """Plain-text table of an :func:`evaluate` report (see :func:`fewstep.report.render_plain`)."""
-    return render_plain(Report.from_dict(report), top)
+def format_table(report: Report | dict[str, Any], top: int | None = None) -> str:
+    """Plain-text table of an :func:`evaluate` report or of its JSON (see :func:`fewstep.report.render_plain`)."""
+    return render_plain(report if isinstance(report, Report) else Report.from_dict(report), top)
 
 
 __all__ = [
     "ALL_GRIDS",
     "FD_REF_NOTE",
     "Run",
-    "best_classic",
     "check_held_out",
     "default_reference",
     "evaluate",

@@ -1,7 +1,7 @@
 """Measurement reports: typed rows, the choice of the best classic and best learned rows, and every
 rendering of them (plain text, rich, markdown, JSON).
 
-A report's JSON (``Report.as_dict``) is what ``fewstep eval --json`` prints and ``evaluate`` returns:
+``evaluate`` returns a :class:`Report`; its JSON (``Report.as_dict``) is what ``fewstep eval --json`` prints:
 ``{"model", "nfe", "samples", "seed", "reference": {"solver", "nfe", "self_error"}, "results": [...],
 ("metrics": {...})}``. A result row is ``{"solver", "grid", "nfe", "rmse", "rmse_sem", "seconds",
 ("error"), (metric columns), ("role": "reference")}``; a learned row has ``"grid": "learned"``.
@@ -160,23 +160,6 @@ def best_of(rows: Iterable[Row], kind: RowKind, nfe: int) -> Row | None:
     solver and grid on the same held-out noises the learned ones are scored on)."""
     scored = [(r.rmse, r) for r in rows if r.kind == kind and r.nfe == nfe and r.rmse is not None]
     return min(scored, key=lambda p: p[0])[1] if scored else None
-
-
-def best_classic(results: list[dict[str, Any]], nfe: int) -> dict[str, Any] | None:
-    """:func:`best_of` on JSON rows: the lowest-RMSE classic row at ``nfe``."""
-    r = best_of([Row.from_dict(x) for x in results], "classic", nfe)
-    return (
-        None
-        if r is None
-        else next(
-            x
-            for x in results
-            if x["solver"] == r.solver
-            and x.get("grid") == r.grid
-            and x["nfe"] == r.nfe
-            and x.get("role") != "reference"
-        )
-    )
 
 
 # ----------------------------------------------------------------------------- rendering

@@ -163,8 +163,7 @@ def guidance_groups(
     guidance scale, else one (scale, sample indices or None for all) per scale among the samples."""
     if solver.guidance_range is None:
         return [(None, None)]
-    w = cond.get("guidance_scale", model.guidance_scale)
-    w = 1.0 if w is None else w
+    w = model.conditions.scale_of(cond)
     if not isinstance(w, Tensor) or w.numel() == 1 or bool((w == w.reshape(-1)[0]).all()):
         return [(float(w.reshape(-1)[0]) if isinstance(w, Tensor) else float(w), None)]
     w = w.reshape(-1).cpu()

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .conditions import GuidanceSet
+from .conditions import ConditionSpec
 from .denoiser import Denoiser, check_dtype
 from .errors import ModelSpecError, debug
 
@@ -80,36 +80,36 @@ def load_model(
     height: int | None = None,
     width: int | None = None,
     dtype: Any = None,
+    conditions: ConditionSpec | None = None,
     **kwargs: Any,
 ) -> Denoiser:
     """Build the Denoiser named by ``spec`` on ``device``.
 
-    Condition options: ``prompts`` (a prompt set, for text-to-image pipelines), ``classes`` ("0,1,2" or
-    "all", for class-conditional models), ``guidance`` (one scale, or several: "3,7.5,12", "3:12"; each
-    seed draws one), ``height``/``width`` (image size of a pipeline), ``dtype`` (fp32 / fp16 / bf16 of a
-    pipeline). ``kwargs`` go to the model's own builder.
+    What it is conditioned on: ``conditions`` (a :class:`~fewstep.conditions.ConditionSpec`), or its parts
+    ``prompts`` (a prompt set, for text-to-image pipelines), ``classes`` ("0,1,2" or "all", for
+    class-conditional models) and ``guidance`` (one scale, or several: "3,7.5,12", "3:12"; each seed draws
+    one). ``height``/``width`` (image size of a pipeline), ``dtype`` (fp32 / fp16 / bf16 the network runs in).
+    ``kwargs`` go to the model's own builder; a zoo model or factory gets the one scale as ``guidance_scale``.
     """
     if not isinstance(spec, str) or ":" not in spec:
         raise ModelSpecError(f"model spec {spec!r} is not one of: {FORMS}")
+    if conditions is not None and any(v is not None for v in (prompts, classes, guidance)):
+        raise ModelSpecError("give conditions= or prompts= / classes= / guidance=, not both")
     head = spec.partition(":")[0]
+    if head != "diffusers":
+        given = prompts if conditions is None else conditions.prompts
+        for name, v in (("prompts", given), ("height", height), ("width", width)):
+            if v is not None:
+                raise ModelSpecError(f"{spec!r}: --{name} applies to diffusers pipelines (diffusers:DIR) only")
+    conditions = conditions or ConditionSpec.parse(prompts, classes, guidance)
     if head == "diffusers":
         if dtype is not None:
             check_dtype(dtype, device)
-        opts = {
-            k: v
-            for k, v in dict(
-                prompts=prompts, classes=classes, guidance=guidance, height=height, width=width, dtype=dtype
-            ).items()
-            if v is not None
-        }
-        return _load(spec, device, **opts, **kwargs)
-    for name, v in (("prompts", prompts), ("height", height), ("width", width)):
-        if v is not None:
-            raise ModelSpecError(f"{spec!r}: --{name} applies to diffusers pipelines (diffusers:DIR) only")
-    gset = None if guidance is None else GuidanceSet.parse(guidance)
-    if gset is not None:
-        kwargs["guidance_scale"] = gset.scales[len(gset.scales) // 2]
-    model = _load(spec, device, **kwargs).with_conditions(classes, gset)
+        size = {k: v for k, v in dict(height=height, width=width, dtype=dtype).items() if v is not None}
+        return _load(spec, device, conditions=conditions, **size, **kwargs)
+    if conditions.scale is not None:
+        kwargs["guidance_scale"] = conditions.scale
+    model = _load(spec, device, **kwargs).with_conditions(conditions)
     return model if dtype is None else model.set_dtype(check_dtype(dtype, device))
 
 
@@ -128,8 +128,6 @@ def _load(spec: str, device: str, **kwargs: Any) -> Denoiser:
             from .integrations.load import load_diffusers
         except ImportError as e:
             raise ModelSpecError(f"{spec!r}: the diffusers integration is not available ({e})") from None
-        if "guidance_scale" in kwargs:
-            kwargs["guidance"] = kwargs.pop("guidance_scale")
         return load_diffusers(tail, device=device, **kwargs)
     model = _call_factory(_factory(spec, "model", FORMS), spec, **kwargs)
     return model.to(device) if hasattr(model, "to") else model

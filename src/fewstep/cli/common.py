@@ -10,11 +10,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from ..errors import FewstepError, debug
+
+if TYPE_CHECKING:
+    from ..report import Report
 
 app = typer.Typer(
     add_completion=False,
@@ -268,6 +271,22 @@ WIDTH_OPT = typer.Option(None, "--width", min=1, help="image width of a pipeline
 DTYPE_OPT = typer.Option(None, "--dtype", help="precision the network runs in: fp32, fp16 or bf16 (default: as loaded)")
 
 
+def conditions(
+    guidance: str | None = None,
+    prompts: Path | None = None,
+    classes: str | None = None,
+    role: str = "all",
+    eval_prompts: Path | None = None,
+) -> Any:
+    """The command's :class:`~fewstep.conditions.ConditionSpec`, parsed once from its options. ``role``: "fit" (a
+    prompt file without its held-out part), "eval" (``eval_prompts``, else that held-out part) or "all"."""
+    from ..conditions import ConditionSpec, PromptSet
+
+    evaluated = PromptSet.read(eval_prompts) if role == "eval" and eval_prompts is not None else None
+    pset = PromptSet.read(prompts) if prompts is not None and evaluated is None else None
+    return ConditionSpec.parse(pset, classes, guidance).for_role(role, evaluated)
+
+
 def load(
     spec: str,
     device: str,
@@ -280,34 +299,17 @@ def load(
     role: str = "all",
     eval_prompts: Path | None = None,
 ) -> Any:
-    """The model of a command, conditioned as asked. ``role``: "fit" (a prompt file without its held-out
-    part), "eval" (``eval_prompts``, else that held-out part) or "all" (the whole file)."""
-    from ..conditions import PromptSet
+    """The model of a command, conditioned as asked (:func:`conditions`)."""
     from ..specs import load_model
 
-    pset = None
-    if role == "eval" and eval_prompts is not None:
-        pset = PromptSet.read(eval_prompts)
-    elif prompts is not None:
-        pset = PromptSet.read(prompts)
-        if role in ("fit", "eval"):
-            pset = pset.split()[0 if role == "fit" else 1]
-    return load_model(
-        spec, device=device, prompts=pset, classes=classes, guidance=guidance, height=height, width=width, dtype=dtype
-    )
+    cond = conditions(guidance, prompts, classes, role, eval_prompts)
+    return load_model(spec, device=device, conditions=cond, height=height, width=width, dtype=dtype)
 
 
 def eval_model(model: Any, prompts: Path | None, eval_prompts: Path | None) -> Any:
     """The model a fit's closing table evaluates: the fitted model with the prompts the fit never saw."""
-    from ..conditions import PromptSet
-
-    if eval_prompts is not None:
-        pset = PromptSet.read(eval_prompts)
-    elif prompts is not None:
-        pset = PromptSet.read(prompts).split()[1]
-    else:
-        return model
-    return model.with_prompts(pset)
+    held = conditions(prompts=prompts, role="eval", eval_prompts=eval_prompts).prompts
+    return model if held is None else model.with_prompts(held)
 
 
 def metrics_arg(value: str) -> Any:
@@ -340,14 +342,14 @@ def cost_line(cost: dict[str, Any]) -> str:
     )
 
 
-def print_report(report: dict[str, Any], as_json: bool, top: int | None = None) -> None:
+def print_report(report: Report, as_json: bool, top: int | None = None) -> None:
     """Print an :func:`~fewstep.evaluate.evaluate` report: JSON, or a table (at most ``top`` classic rows per NFE)."""
     if as_json:
-        typer.echo(json.dumps(report, indent=2))
+        typer.echo(json.dumps(report.as_dict(), indent=2))
         return
-    from ..report import Report, render_rich
+    from ..report import render_rich
 
-    render_rich(Report.from_dict(report), top)
+    render_rich(report, top)
 
 
 def _warning_line(message: Any, category: type, *_: Any, **__: Any) -> str:

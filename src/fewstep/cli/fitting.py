@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -29,6 +30,9 @@ from .common import (
     print_report,
     setup,
 )
+
+if TYPE_CHECKING:
+    from ..fit.api import FitResult
 
 
 @app.command("fit")
@@ -102,91 +106,158 @@ def fit_cmd(
     threads: int | None = typer.Option(None, min=1, help="torch threads"),
 ) -> None:
     """Fit a learned solver, write it to OUT, and compare it with the best classic solvers."""
-    from ..evaluate import evaluate
-    from ..fit.api import check_out, fit
-    from ..seeds import EVAL_SEED_START
+    from ..fit.api import check_out
 
     device = setup(device, threads)
     check_out_dir(out, json_ok=True)
     with errors():
         check_out(out)  # a file of the user's is refused before the model loads
-    over: dict[str, Any] = {  # FitConfig fields given on the command line (fit's **overrides)
-        name: v
-        for name, v in {
-            "start": start,
-            "steps": steps,
-            "relax": relax,
-            "batch": batch,
-            "lr_coef": lr_coef,
-            "lr_grid": lr_grid,
-            "k": k,
-            "samples": samples,
-            "val_samples": val_samples,
-            "confirm_samples": confirm_samples,
-            "budget": budget,
-            "micro_batch": micro_batch,
-            "noise_groups": noise_groups,
-        }.items()
-        if v is not None
-    }
-    over.update(loss=loss)
-    if checkpoint:
-        over["use_checkpoint"] = True
+    source = ModelArgs(model, guidance, prompts, eval_prompts, classes, height, width, dtype)
+    settings = given(
+        start=start,
+        steps=steps,
+        relax=relax,
+        batch=batch,
+        lr_coef=lr_coef,
+        lr_grid=lr_grid,
+        k=k,
+        samples=samples,
+        val_samples=val_samples,
+        confirm_samples=confirm_samples,
+        budget=budget,
+        micro_batch=micro_batch,
+        noise_groups=noise_groups,
+        loss=loss,
+        use_checkpoint=True if checkpoint else None,
+    )
+    request = FitRequest(method, nfe, out, teacher, seed, restart, settings)
     with errors():
-        m = load(model, device, guidance, prompts, classes, height, width, dtype, role="fit")
+        m = source.load(device)
+        res = request.run(m, device, quiet=as_json)
+    if not as_json:
+        echo_fit(res, table=eval_samples > 0)
+    if eval_samples > 0:
+        closing_table(source, m, res, eval_samples, device, as_json)
+    elif as_json:
+        typer.echo(json.dumps({"artifact": str(res.path), "solver": res.doc}, indent=2))
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """The model a command names and what it is conditioned on, as the command line gives them."""
+
+    spec: str
+    guidance: str | None
+    prompts: Path | None
+    eval_prompts: Path | None
+    classes: str | None
+    height: int | None
+    width: int | None
+    dtype: str | None
+
+    def load(self, device: str) -> Any:
+        """The model a fit trains on (the fitting prompts)."""
+        return load(
+            self.spec,
+            device,
+            self.guidance,
+            self.prompts,
+            self.classes,
+            self.height,
+            self.width,
+            self.dtype,
+            role="fit",
+        )
+
+    def held_out(self, model: Any) -> Any:
+        """The fitted ``model`` with the prompts the fit never saw (the closing table's)."""
+        return eval_model(model, self.prompts, self.eval_prompts)
+
+
+def given(**settings: Any) -> dict[str, Any]:
+    """The fit settings given on the command line (:func:`fewstep.fit.api.fit`'s keywords): those not None."""
+    return {name: v for name, v in settings.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class FitRequest:
+    """What ``fewstep fit`` fits: ``method`` at ``nfe`` into ``out`` from a teacher and a first seed, with the
+    ``settings`` given (``restart``: ignore an interrupted or finished fit in ``out``)."""
+
+    method: str
+    nfe: int
+    out: Path
+    teacher: str | None
+    seed: int
+    restart: bool
+    settings: dict[str, Any]
+
+    def run(self, model: Any, device: str, quiet: bool) -> FitResult:
+        """The :class:`~fewstep.fit.api.FitResult` (``quiet``: no progress); an interrupt is one line (the state
+        is saved)."""
+        from ..fit.api import fit
+
         try:
-            res = fit(
-                m,
-                method,
-                nfe,
-                out=out,
-                teacher=teacher,
-                seed=seed,
-                progress=not as_json,
+            return fit(
+                model,
+                self.method,
+                self.nfe,
+                out=self.out,
+                teacher=self.teacher,
+                seed=self.seed,
+                progress=not quiet,
                 device=device,
-                resume=not restart,
-                reuse=not restart,
-                **over,
+                resume=not self.restart,
+                reuse=not self.restart,
+                **self.settings,
             )
         except KeyboardInterrupt:
-            fail(f"interrupted: the fit's state is saved in {out}; run the same command again to resume", code=130)
-    if res.outcome.resumed_from and not as_json:
+            fail(f"interrupted: the fit's state is saved in {self.out}; run the same command again to resume", code=130)
+            raise  # not reached: fail() ends the command
+
+
+def echo_fit(res: FitResult, table: bool) -> None:
+    """What a fit did, in a few lines: resumed or reused, the artifact, its error against its start's, notes and
+    cost (``table``: the closing table follows)."""
+    if res.outcome.resumed_from:
         typer.echo(f"resumed an interrupted fit from step {res.outcome.resumed_from}")
     v = res.doc["validation"]
-    if not as_json:
-        e = v["estimate"]
-        if res.reused:
-            typer.echo(
-                f"{res.path} already holds this fit (same model, settings, teacher and seeds): not fitted "
-                f"again{', only the table runs' if eval_samples > 0 else ''} (--restart fits it again)"
-            )
-        else:
-            typer.echo(f"wrote {res.path}  (start {res.doc['start']['solver']}; {res.doc['timing']['total_s']:.0f} s)")
+    e = v["estimate"]
+    if res.reused:
         typer.echo(
-            f"RMSE to the teacher on {e['noises']} {e['on']} noises: start {e['start_rmse_to_teacher']:.4g}"
-            f" -> {e['rmse_to_teacher']:.4g} ± {e['sem']:.2g}{', kept the start' if v['kept_start'] else ''}"
-            f" (validation, which chose the checkpoint: {v['rmse_to_teacher']:.4g})"
+            f"{res.path} already holds this fit (same model, settings, teacher and seeds): not fitted "
+            f"again{', only the table runs' if table else ''} (--restart fits it again)"
         )
-        for note in v.get("notes") or []:
-            typer.echo(f"note: {note}")
-        typer.echo(cost_line(res.doc["cost"]))
-    if eval_samples <= 0:
-        if as_json:
-            typer.echo(json.dumps({"artifact": str(res.path), "solver": res.doc}, indent=2))
-        return
+    else:
+        typer.echo(f"wrote {res.path}  (start {res.doc['start']['solver']}; {res.doc['timing']['total_s']:.0f} s)")
+    typer.echo(
+        f"RMSE to the teacher on {e['noises']} {e['on']} noises: start {e['start_rmse_to_teacher']:.4g}"
+        f" -> {e['rmse_to_teacher']:.4g} ± {e['sem']:.2g}{', kept the start' if v['kept_start'] else ''}"
+        f" (validation, which chose the checkpoint: {v['rmse_to_teacher']:.4g})"
+    )
+    for note in v.get("notes") or []:
+        typer.echo(f"note: {note}")
+    typer.echo(cost_line(res.doc["cost"]))
+
+
+def closing_table(source: ModelArgs, model: Any, res: FitResult, samples: int, device: str, as_json: bool) -> None:
+    """The fitted solver beside the classic solvers at its NFE on ``samples`` held-out noises (best first)."""
+    from ..evaluate import evaluate
+    from ..seeds import EVAL_SEED_START
+
     with errors():
         rep = evaluate(
-            eval_model(m, prompts, eval_prompts),
-            nfe=nfe,
+            source.held_out(model),
+            nfe=res.solver.nfe,
             solvers=None,
-            samples=eval_samples,
+            samples=samples,
             seed=EVAL_SEED_START,
             device=device,
-            model_name=model,
+            model_name=source.spec,
             learned=[res.solver],
         )
-    rep["results"] = sorted(rep["results"], key=lambda r: float("inf") if r["rmse"] is None else r["rmse"])
-    rep["artifact"] = str(res.path)
+    rep = rep.sorted_by_rmse()
+    rep.extra["artifact"] = str(res.path)
     print_report(rep, as_json, top=6)
 
 

@@ -121,7 +121,7 @@ def eval_cmd(
     if not as_json:
         for p in paths:
             typer.echo(f"wrote {p}")
-    if all(r["rmse"] is None for r in rep["results"] if r.get("role") != "reference"):
+    if all(r.rmse is None for r in rep.rows if r.kind != "reference"):
         fail("no requested solver ran on this model (see the errors in the table)", code=1)
 
 
@@ -139,7 +139,7 @@ def demo_cmd(
     from ..fit.api import fit
     from ..io import write_text
     from ..plots import error_vs_nfe, solver_vs_start
-    from ..report import Report, render_versus
+    from ..report import render_versus
     from ..seeds import EVAL_SEED_START
 
     device = setup(device, None)
@@ -151,24 +151,23 @@ def demo_cmd(
         rep = evaluate(
             m, nfe=nfes, samples=samples, seed=EVAL_SEED_START, device=device, model_name=model, learned=[res.solver]
         )
-        typed = Report.from_dict(rep)
         typer.echo(f"\nlearned solver written to {res.path}")
         typer.echo(
             f"held-out RMSE to the reference ({samples} samples, seeds from {EVAL_SEED_START}; "
-            f"reference {rep['reference']['solver']} at {rep['reference']['nfe']} NFE, "
-            f"self-error {rep['reference']['self_error']:.2g}):"
+            f"reference {rep.reference['solver']} at {rep.reference['nfe']} NFE, "
+            f"self-error {rep.reference['self_error']:.2g}):"
         )
-        mine = typed.best_learned(nfe)
+        mine = rep.best_learned(nfe)
         if mine is None:  # its solve failed on the held-out noise (e.g. NaN/inf): the row holds why
-            why = next((r.error for r in typed.rows if r.kind == "learned" and r.error), "no result")
+            why = next((r.error for r in rep.rows if r.kind == "learned" and r.error), "no result")
             raise FewstepError(f"the learned solver in {res.path} did not run on the held-out noise: {why}")
-        for line in render_versus(typed, mine, nfes):
+        for line in render_versus(rep, mine, nfes):
             typer.echo(line)
         if not is_main():
             return
-        png = error_vs_nfe(rep, out / "error_vs_nfe.png", title=f"{model}: held-out RMSE vs NFE")
+        png = error_vs_nfe(rep.as_dict(), out / "error_vs_nfe.png", title=f"{model}: held-out RMSE vs NFE")
         tables = solver_vs_start(res.solver, out / "solver_vs_start.png")
-        write_text(out / "report.json", json.dumps(rep, indent=1))
+        write_text(out / "report.json", json.dumps(rep.as_dict(), indent=1))
     typer.echo(f"plots: {png} (error against NFE), {tables} (the learned solver against its start)")
 
 
@@ -203,6 +202,7 @@ def bench_cmd(
     """Fit learned solvers at every NFE and compare them with the best classic solver (any solver, any grid)."""
     from ..bench import format_bench, report_plots, run_bench
     from ..io import write_text
+    from ..report import Report
 
     device = setup(device, threads)
     check_out_dir(out)
@@ -224,7 +224,7 @@ def bench_cmd(
             fit_kwargs=fit_kwargs(steps, fit_samples),
             reuse=reuse,
         )
-        paths = report_plots(b["report"], m, out, b["solvers"], device=device) if plot else []
+        paths = report_plots(Report.from_dict(b["report"]), m, out, b["solvers"], device=device) if plot else []
         b.pop("solvers")
         if is_main():
             write_text(out / "bench.json", json.dumps(b, indent=1))

@@ -6,7 +6,7 @@ import json
 import re
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +33,12 @@ from ..solvers.artifact import (
 )
 from ..solvers.learned import LearnedSolver
 from ..solvers.registry import classic_specs
-from .budget import SIZE_OPTIONS, Sizes, cap_teacher, plan_for, teacher_per_sample, with_sizes
+from .budget import cap_teacher, plan_for, teacher_per_sample, with_sizes
 from .checkpoint import FitCheckpoint, fit_key
-from .config import FitConfig, plan_phases, seed_ranges
+from .config import FitConfig, Sizes, check_options, seed_ranges
 from .loop import FitState, noise_groups
 from .methods import FitOutcome, fit_solver
+from .registry import method_defaults, method_info, plan_phases, resolve
 from .teacher import SHARD_SIZE, TeacherData, TeacherSpec, default_teacher, generate_teacher, parse_teacher
 
 
@@ -89,7 +90,7 @@ def fit(
     bit (one process included).
     """
     cfg, spec = fit_plan(model, method, nfe, teacher, seed, device=device, **overrides)
-    noise_groups(cfg.noise_groups)  # enough groups for the processes, before any work
+    noise_groups(cfg.execution.noise_groups)  # enough groups for the processes, before any work
     d = current()
     if d.main:
         warn_nfe(cfg, spec)
@@ -100,28 +101,7 @@ def fit(
     with Meter(model, device) as whole:
         with Meter(model, device) as teach:
             data = FitData.generate(model, cfg, spec, cache_dir, device, progress)
-        bar = (
-            progress_bar(
-                sum(p.steps for p in plan_phases(cfg)),
-                f"fit {cfg.method} NFE {cfg.nfe}" + (f", {d.world} processes" if d.world > 1 else ""),
-            )
-            if progress and d.main
-            else None
-        )
-        try:
-            outcome = fit_solver(
-                model,
-                data.train,
-                data.val,
-                cfg,
-                progress=bar,
-                checkpoint=ckpt,
-                confirm=data.confirm,
-                already_spent=data.teacher_evals,
-            )
-        finally:
-            if bar is not None:
-                bar.close()
+        outcome = fit_with_progress(model, cfg, data, ckpt, progress)
     timing = {
         "teacher_s": round(teach.spent.wall_s, 2),
         "total_s": round(time.perf_counter() - t0, 2),
@@ -137,6 +117,35 @@ def fit(
     if ckpt is not None:
         ckpt.remove()
     return FitResult(LoadedSolver(doc, path, learned=outcome.solver), doc, outcome, path)
+
+
+def fit_with_progress(
+    model: Denoiser, cfg: FitConfig, data: FitData, checkpoint: FitCheckpoint | None, progress: bool
+) -> FitOutcome:
+    """:func:`.methods.fit_solver` on ``data``, with a progress bar over the fit's steps (rank 0, if ``progress``)."""
+    d = current()
+    bar = (
+        progress_bar(
+            sum(p.steps for p in plan_phases(cfg)),
+            f"fit {cfg.method} NFE {cfg.nfe}" + (f", {d.world} processes" if d.world > 1 else ""),
+        )
+        if progress and d.main
+        else None
+    )
+    try:
+        return fit_solver(
+            model,
+            data.train,
+            data.val,
+            cfg,
+            progress=bar,
+            checkpoint=checkpoint,
+            confirm=data.confirm,
+            already_spent=data.teacher_evals,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def open_out(
@@ -183,7 +192,7 @@ def fit_cost(cfg: FitConfig, data: FitData, teacher: Spent, whole: Spent, before
     fit_part = whole.cost - teacher.cost + before
     total = data.teacher_evals + fit_part.total
     return {
-        "budget": cfg.budget,
+        "budget": cfg.execution.budget,
         "total_evals": total,
         "teacher": {
             "forward_evals": data.teacher_evals,
@@ -238,23 +247,27 @@ def fit_plan(
     nothing runs). Activation checkpointing is on by default on CUDA. Sizes given beside a budget (samples,
     val_samples, confirm_samples, batch, steps) are kept as given and the others sized around them; a budget
     that cannot cover them is refused, naming them."""
-    bad = set(overrides) - set(FitConfig.__dataclass_fields__)
-    if bad:
-        raise FewstepError(f"unknown fit settings {sorted(bad)}; valid: {', '.join(FitConfig.__dataclass_fields__)}")
-    cfg = replace(FitConfig.for_method(method, nfe, seed), **overrides)
-    if cfg.use_checkpoint is None:
-        cfg = replace(cfg, use_checkpoint=torch.device(device).type == "cuda")
-    cfg = cfg.resolved()
+    check_options(overrides)
+    cfg = method_defaults(method, nfe, seed).with_options(**overrides)
+    if cfg.execution.use_checkpoint is None:
+        cfg = cfg.with_options(use_checkpoint=torch.device(device).type == "cuda")
+    cfg = resolve(cfg)
     spec = parse_teacher(teacher) if isinstance(teacher, str) else (teacher or default_teacher(model))
-    limit = cfg.budget
-    if limit is not None:
-        per_sample = teacher_per_sample(spec)
-        candidates = 0 if cfg.start is not None else len(classic_specs(model.schedule))
-        base = Sizes(cfg.samples, cfg.val_samples, cfg.confirm_samples, cfg.batch, cfg.steps)
-        fixed = {f for k, f in SIZE_OPTIONS.items() if overrides.get(k) is not None}
-        sized = plan_for(limit, cfg, base, per_sample, candidates, shard=SHARD_SIZE, fixed=fixed)
-        cfg = cap_teacher(limit, with_sizes(cfg, sized), per_sample, SHARD_SIZE, fixed, sized)
+    if cfg.execution.budget is not None:
+        fixed = {f.name for f in fields(Sizes) if overrides.get(f.name) is not None}
+        cfg = sized_to_budget(model, cfg, spec, fixed)
     return cfg, spec
+
+
+def sized_to_budget(model: Denoiser, cfg: FitConfig, spec: TeacherSpec, fixed: set[str]) -> FitConfig:
+    """``cfg`` with the sizes its budget affords (:func:`.budget.plan_for`; the sizes named in ``fixed`` kept),
+    its training noises capped to leave room for the teacher of their real seeds (:func:`.budget.cap_teacher`)."""
+    limit = cfg.execution.budget
+    assert limit is not None  # called for a fit with a budget
+    per_sample = teacher_per_sample(spec)
+    candidates = 0 if cfg.training.start is not None else len(classic_specs(model.schedule))
+    sized = plan_for(limit, cfg, cfg.sizes, per_sample, candidates, shard=SHARD_SIZE, fixed=fixed)
+    return cap_teacher(limit, with_sizes(cfg, sized), per_sample, SHARD_SIZE, fixed)
 
 
 def same_fit(
@@ -313,7 +326,8 @@ class FitData:
         device: str | torch.device,
         progress: bool,
     ) -> FitData:
-        """The teacher on the seed ranges of ``cfg`` (training states too for DSS), from the cache where it can."""
+        """The teacher on the seed ranges of ``cfg`` (training states too if the method's objective needs them),
+        from the cache where it can."""
         r = seed_ranges(cfg)
         check_fit_seeds([r["train"][1] - 1, r["val"][1] - 1, r["confirm"][1] - 1])
 
@@ -324,15 +338,14 @@ class FitData:
                 range(*lohi),
                 spec,
                 keep_states=keep,
-                batch_size=cfg.micro_batch or 128,
+                batch_size=cfg.execution.micro_batch or 128,
                 cache_dir=cache_dir,
                 device=device,
                 progress=progress,
             ).to(device)
 
-        return cls(
-            run(r["train"], cfg.method == "dss"), run(r["val"]), run(r["confirm"]) if cfg.confirm_samples else None, r
-        )
+        train = run(r["train"], method_info(cfg.method).teacher_states)
+        return cls(train, run(r["val"]), run(r["confirm"]) if cfg.sizes.confirm_samples else None, r)
 
     @property
     def teacher_evals(self) -> int:
@@ -357,7 +370,7 @@ def artifact_doc(
     """The solver.json document of a finished fit."""
     solver = outcome.solver
     scales = solver.guidance
-    ref = None if scales is None else scales[len(scales) // 2]
+    ref = solver.reference_scale
     with torch.no_grad():
         tab = solver.tableau(w=ref).detached()
         extra: dict[str, Any] = (

@@ -20,35 +20,17 @@ stops before a step that would cross the budget, so a budget is never exceeded w
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from ..errors import FewstepError
 from ..solvers.registry import solver_info
-from .config import FitConfig, plan_phases, seed_ranges
+from .config import FitConfig, Sizes, seed_ranges
+from .registry import plan_phases, resolve
 from .teacher_spec import TeacherSpec
 
 #: classic starts are screened on this many validation noises; the best SCREEN_KEEP go on to all of them
 SCREEN_NOISES = 32
 SCREEN_KEEP = 4
-#: the fit settings a budget sizes (FitConfig field -> Sizes field); one given beside a budget is kept as given
-SIZE_OPTIONS = {
-    "samples": "samples",
-    "val_samples": "val",
-    "confirm_samples": "confirm",
-    "batch": "batch",
-    "steps": "steps",
-}
-
-
-@dataclass(frozen=True)
-class Sizes:
-    """How many noises a fit uses and how long it runs."""
-
-    samples: int
-    val: int
-    confirm: int
-    batch: int
-    steps: int
 
 
 @dataclass(frozen=True)
@@ -69,7 +51,7 @@ class Parts:
 def passes(cfg: FitConfig) -> int:
     """Network passes per student evaluation in training: forward and backward (and a recomputation with
     activation checkpointing)."""
-    return 3 if cfg.use_checkpoint else 2
+    return 3 if cfg.execution.use_checkpoint else 2
 
 
 def step_cost(cfg: FitConfig, batch: int) -> int:
@@ -98,9 +80,10 @@ def teacher_noises(sizes: Sizes, shard: int = 1) -> int:
     """The noises a teacher solves for ``sizes`` at most (the planner's bound, the same for every seed): the
     teacher cache works in shards of ``shard`` seeds, so each seed range is rounded up to whole shards (one more
     for a range that does not start on a shard)."""
+    n, held_out = sizes.samples, sizes.val_samples + sizes.confirm_samples
     if shard <= 1:
-        return sizes.samples + sizes.val + sizes.confirm
-    return (math.ceil(sizes.samples / shard) + math.ceil((sizes.val + sizes.confirm) / shard) + 2) * shard
+        return n + held_out
+    return (math.ceil(n / shard) + math.ceil(held_out / shard) + 2) * shard
 
 
 def teacher_cost(cfg: FitConfig, per_sample: int, shard: int) -> int:
@@ -114,27 +97,28 @@ def teacher_cost(cfg: FitConfig, per_sample: int, shard: int) -> int:
 def predicted(cfg: FitConfig, sizes: Sizes, teacher_evals: int, candidates: int, shard: int = 1) -> Parts:
     """The spend of a fit with ``cfg`` and ``sizes`` (``teacher_evals`` per sample; ``candidates`` classic
     starts to screen, 0 with a given start; teacher noises rounded to whole shards of ``shard``)."""
-    cfg = replace(cfg, steps=sizes.steps, batch=sizes.batch)
-    phases = plan_phases(cfg)
-    screened = (1 if cfg.start else max(1, cfg.screen_starts)) * max(1, cfg.screen_seeds)
-    extra = 1.0 + (screened - 1) * cfg.screen_share / screened if screened > 1 else 1.0  # losers' screening
+    cfg = replace(cfg, sizes=sizes)  # the method's settings as they are (S4S-Alt's rounds included)
+    phases, scr = plan_phases(cfg), cfg.screening
+    screened = (1 if cfg.training.start else max(1, scr.screen_starts)) * max(1, scr.screen_seeds)
+    extra = 1.0 + (screened - 1) * scr.screen_share / screened if screened > 1 else 1.0  # losers' screening
     training = math.ceil(step_cost(cfg, sum(p.steps * min(p.batch, sizes.samples) for p in phases)) * extra)
-    checks = math.ceil((sum(math.ceil(p.steps / cfg.eval_every) for p in phases) + 1) * extra) + 1
-    screen = min(SCREEN_NOISES, sizes.val)
-    start = forward_cost(cfg, candidates * screen + min(candidates, SCREEN_KEEP) * sizes.val) if candidates else 0
+    checks = math.ceil((sum(math.ceil(p.steps / cfg.training.eval_every) for p in phases) + 1) * extra) + 1
+    val = sizes.val_samples
+    screen = min(SCREEN_NOISES, val)
+    start = forward_cost(cfg, candidates * screen + min(candidates, SCREEN_KEEP) * val) if candidates else 0
     return Parts(
         teacher=teacher_noises(sizes, shard) * teacher_evals,
         start=start,
         training=training,
-        validation=(checks + 2) * forward_cost(cfg, sizes.val),
-        confirmation=2 * forward_cost(cfg, sizes.confirm),
+        validation=(checks + 2) * forward_cost(cfg, val),
+        confirmation=2 * forward_cost(cfg, sizes.confirm_samples),
     )
 
 
 def option_names(fixed: set[str] | frozenset[str], sizes: Sizes) -> str:
     """The command-line options of the ``fixed`` Sizes fields with their values, e.g. ``--samples 300 --steps 40``."""
-    flag = {v: f"--{k.replace('_', '-')}" for k, v in SIZE_OPTIONS.items()}
-    return " ".join(f"{flag[f]} {getattr(sizes, f)}" for f in flag if f in fixed)
+    names = [f.name for f in fields(Sizes) if f.name in fixed]
+    return " ".join(f"--{name.replace('_', '-')} {getattr(sizes, name)}" for name in names)
 
 
 def plan_for(
@@ -153,8 +137,8 @@ def plan_for(
 
     def sized(theta: float) -> Sizes:
         samples = max(8, round(base.samples * theta))
-        val = max(8, round(base.val * math.sqrt(theta)))
-        confirm = 0 if base.confirm == 0 else max(16, round(base.confirm * math.sqrt(theta)))
+        val = max(8, round(base.val_samples * math.sqrt(theta)))
+        confirm = 0 if base.confirm_samples == 0 else max(16, round(base.confirm_samples * math.sqrt(theta)))
         return _keep(Sizes(samples, val, confirm, min(base.batch, samples), max(1, round(base.steps * theta))))
 
     def _keep(s: Sizes) -> Sizes:
@@ -194,46 +178,34 @@ def plan_for(
 
 
 def with_sizes(cfg: FitConfig, sizes: Sizes) -> FitConfig:
-    """``cfg`` with the noises, batch and steps of ``sizes`` (S4S-Alt's rounds follow the steps again)."""
-    return replace(
-        cfg,
-        samples=sizes.samples,
-        val_samples=sizes.val,
-        confirm_samples=sizes.confirm,
-        batch=sizes.batch,
-        steps=sizes.steps,
-        rounds=None,
-    ).resolved()
+    """``cfg`` with the noises, batch and steps of ``sizes``, resolved again (S4S-Alt's rounds follow the steps)."""
+    return resolve(replace(cfg, sizes=sizes).with_options(rounds=None))
 
 
 def cap_teacher(
-    budget: int,
-    cfg: FitConfig,
-    per_sample: int,
-    shard: int,
-    fixed: set[str] | frozenset[str],
-    sizes: Sizes,
+    budget: int, cfg: FitConfig, per_sample: int, shard: int, fixed: set[str] | frozenset[str]
 ) -> FitConfig:
-    """``cfg`` (sized by :func:`plan_for` to ``sizes``, ``fixed`` as there) with as many training noises as the
-    teacher of its real seeds (:func:`teacher_cost`) and the closing validations leave within ``budget``. The
-    loop stops before a step that would cross the budget, but the teacher comes first: whatever the plan says,
-    it must leave room for the fit. A FewstepError when even the fewest training noises do not fit."""
-    closing = closing_cost(cfg, cfg.val_samples, cfg.confirm_samples)
+    """``cfg`` (sized by :func:`plan_for`, ``fixed`` as there) with as many training noises as the teacher of its
+    real seeds (:func:`teacher_cost`) and the closing validations leave within ``budget``. The loop stops before a
+    step that would cross the budget, but the teacher comes first: whatever the plan says, it must leave room for
+    the fit. A FewstepError when even the fewest training noises do not fit."""
+    sizes = cfg.sizes
+    closing = closing_cost(cfg, sizes.val_samples, sizes.confirm_samples)
 
     def fits(n: int) -> bool:
-        return teacher_cost(replace(cfg, samples=n), per_sample, shard) + closing <= budget
+        return teacher_cost(cfg.with_options(samples=n), per_sample, shard) + closing <= budget
 
-    if fits(cfg.samples):
+    if fits(sizes.samples):
         return cfg
-    least = cfg.batch if "batch" in fixed else 8
+    least = sizes.batch if "batch" in fixed else 8
     if "samples" in fixed or not fits(least):
         given = option_names(fixed, sizes)
         raise FewstepError(
             f"--budget {budget:,} does not cover the teacher of the validation and "
-            f"confirmation noises and {cfg.samples if 'samples' in fixed else least} training "
+            f"confirmation noises and {sizes.samples if 'samples' in fixed else least} training "
             f"noises ({per_sample} evaluations each)" + (f": raise it, or leave out {given}" if given else "")
         )
-    lo, hi = least, cfg.samples  # fits(lo), not fits(hi): the largest that fits, by bisection
+    lo, hi = least, sizes.samples  # fits(lo), not fits(hi): the largest that fits, by bisection
     while hi - lo > 1:
         lo, hi = ((lo + hi) // 2, hi) if fits((lo + hi) // 2) else (lo, (lo + hi) // 2)
-    return replace(cfg, samples=lo, batch=min(cfg.batch, lo)).resolved()
+    return resolve(cfg.with_options(samples=lo, batch=min(sizes.batch, lo)))

@@ -7,7 +7,7 @@ validation, so a killed fit loses at most ``eval_every`` steps, and a fit starte
 same model, method, settings, teacher and seeds continues from it and ends exactly where an
 uninterrupted run would. A checkpoint for other settings is ignored (and replaced); it records those settings,
 so :meth:`FitCheckpoint.other_fit` can name what differs. Settings that change how a fit runs but not what it
-computes (``EXECUTION_ONLY``: the micro-batch, activation checkpointing) are not part of a fit's key: a fit
+computes (``RESULT_NEUTRAL``: the micro-batch, activation checkpointing) are not part of a fit's key: a fit
 interrupted for lack of memory resumes with a smaller micro-batch. The checkpoint also records what the fit
 has spent so far (network evaluations), so a resumed fit's cost is the whole fit's.
 

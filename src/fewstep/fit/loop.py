@@ -1,8 +1,9 @@
-"""The optimisation loop shared by every method: phases of steps, losses, the relaxed objective,
-validation with keep-the-best, progress, and a state that a checkpoint can restore exactly.
+"""The optimisation loop shared by every method: phases of steps on the method's objective
+(:mod:`.objectives`), the relaxed latents, validation with keep-the-best, progress, and a state that a
+checkpoint can restore exactly.
 
-A fit is a list of :class:`~.config.Phase` (S4S: one coefficient phase; S4S-Alt: grid and coefficient
-phases in turn; DSS: one joint phase). The training batch of global step k is drawn from a
+A fit is a list of :class:`~.config.Phase` (its method's plan: :mod:`.registry`). The training batch of global
+step k is drawn from a
 generator seeded by (seed, k) alone, so a run resumed from a checkpoint takes the same batches,
 and ends with the same parameters, as a run that was never interrupted.
 
@@ -31,41 +32,13 @@ from ..denoiser import Denoiser
 from ..distributed import Dist, current, fault
 from ..errors import FewstepError, ModelOutputError
 from ..metrics.pixel import per_sample_rmse
-from ..sampling import guidance_groups, solve, take
-from ..solvers.kernel import run_tableau
+from ..sampling import take
 from ..solvers.learned import LearnedSolver
 from .budget import forward_cost, step_cost
-from .config import LOSSES, FitConfig, Phase
+from .config import FitConfig, Phase
+from .objectives import LossFn, Objective, per_sample_loss, student
+from .registry import method_info
 from .teacher import TeacherData
-
-LossFn = Callable[[Tensor, Tensor], Tensor]  # (student (B, ...), target (B, ...)) -> (B,)
-
-
-def per_sample_loss(kind: str | LossFn) -> LossFn:
-    """Per-sample losses (B,) between student and teacher samples.
-
-    'l2': the L2 distance ||x - y|| / sqrt(dim), i.e. the per-sample RMSE the evaluation reports
-    (default; on digits-eps at NFE 5 it beat its square by 8% on held-out noise: the square lets the
-    few worst samples dominate); 'mse': its square; 'l1': mean absolute error; or a user callable
-    (student, target) -> (B,), e.g. LPIPS.
-    """
-    if callable(kind):
-        return kind
-    if kind == "l2":
-        return lambda x, y: (x - y).flatten(1).pow(2).mean(1).clamp_min(1e-20).sqrt()
-    if kind == "mse":
-        return lambda x, y: (x - y).flatten(1).pow(2).mean(1)
-    if kind == "l1":
-        return lambda x, y: (x - y).flatten(1).abs().mean(1)
-    raise ValueError(
-        f"unknown loss {kind!r}; valid: {', '.join(LOSSES)} or a callable (student, target) -> per-sample loss"
-    )
-
-
-def huber(x: Tensor, y: Tensor, delta: float) -> Tensor:
-    """Per-sample mean Huber loss (B,)."""
-    d = (x - y).flatten(1).abs()
-    return torch.where(d < delta, 0.5 * d**2, delta * (d - 0.5 * delta)).mean(1)
 
 
 @dataclass
@@ -104,19 +77,6 @@ class FitState:
     skipped: int = 0  # steps skipped because the student's solve blew up (NaN/inf) at the parameters of the time
     exhausted: bool = False  # the budget ended the fit early
     opt_state: dict[str, Any] | None = None  # optimizer state of the phase in progress
-
-
-def student(
-    model: Denoiser,
-    solver: Any,
-    noise: Tensor,
-    cond: dict[str, Any],
-    trajectory: bool = False,
-    use_checkpoint: bool = False,
-):
-    """Run a (learned) solver from unit noise (B, ...) (per guidance scale for a solver fitted across scales)."""
-    x = noise * model.schedule.init_noise_scale()
-    return solve(model, x, solver, cond, return_trajectory=trajectory, use_checkpoint=use_checkpoint)
 
 
 def noise_groups(groups: int | None) -> int:
@@ -220,70 +180,36 @@ def _make_optimizer(name: str, params: list[dict[str, Any]]) -> torch.optim.Opti
     raise ValueError(f"unknown optimizer {name!r}; valid: adam, lion")
 
 
-def _objective(
-    model: Denoiser,
-    solver: LearnedSolver,
-    train: TeacherData,
-    idx: Tensor,
-    noise: Tensor,
-    loss_fn: LossFn,
-    dss_weights: tuple[float, float] | None,
-    use_checkpoint: bool,
-) -> Tensor:
-    cond = take(train.cond, idx, len(train))
-    if dss_weights is None:
-        x = student(model, solver, noise, cond, use_checkpoint=use_checkpoint)
-        return loss_fn(x, train.target[idx]).mean()
-    # DSS: the final sample's Huber term and each state's MSE to the teacher's state nearest in time, per
-    # guidance scale among the samples (one run unless the solver is fitted across scales)
-    scale, n = model.schedule.init_noise_scale(), idx.numel()
-    L: Tensor | float = 0.0
-    for w, rows in guidance_groups(model, solver, cond, n):
-        sel = torch.arange(n) if rows is None else rows
-        x, traj = run_tableau(
-            model,
-            noise[sel] * scale,
-            solver.tableau(model, w=w),
-            take(cond, rows, n),
-            return_trajectory=True,
-            use_checkpoint=use_checkpoint,
-        )
-        part = idx[sel]
-        frac = sel.numel() / n
-        L = L + frac * dss_weights[1] * huber(x, train.target[part], 1e-3).mean()
-        if dss_weights[0] > 0 and train.states is not None:
-            if train.times is None:
-                raise FewstepError("teacher data holds states but not their times: DSS's state term needs both")
-            t = solver.grid(w).detach()
-            for i in range(1, len(traj) - 1):
-                j = int(torch.argmin((train.times.to(t) - t[i]).abs()))
-                L = L + frac * dss_weights[0] * (traj[i] - train.states[part, j]).flatten(1).pow(2).mean()
-    assert isinstance(L, Tensor)  # guidance_groups gives at least one run, and each adds a tensor
-    return L
+@dataclass(frozen=True)
+class _Pass:
+    """What each forward/backward pass of a phase computes: ``objective`` of ``solver`` on rows of ``train``."""
+
+    model: Denoiser
+    solver: LearnedSolver
+    train: TeacherData
+    objective: Objective
+    loss: LossFn
+    use_checkpoint: bool
+    micro_batch: int | None
 
 
-def _accumulate(
-    model: Denoiser,
-    solver: LearnedSolver,
-    train: TeacherData,
-    idx: Tensor,
-    off: Tensor | None,
-    scale: float,
-    loss_fn: LossFn,
-    dss_weights: tuple[float, float] | None,
-    cfg: FitConfig,
-    batch: int | None = None,
-) -> Tensor:
+def _objective(run: _Pass, idx: Tensor, noise: Tensor) -> Tensor:
+    """The objective on the training rows ``idx`` from unit ``noise``: one forward pass."""
+    return run.objective(run.model, run.solver, run.train, idx, noise, run.loss, run.use_checkpoint)
+
+
+def _accumulate(run: _Pass, idx: Tensor, off: Tensor | None, scale: float, batch: int | None = None) -> Tensor:
     """The loss of rows ``idx`` of a batch of ``batch`` rows (default: ``idx`` is the whole batch), weighted by
-    their share of it and backpropagated in micro-batches of ``cfg.micro_batch`` samples (gradients accumulate:
-    the same gradient as the whole batch at once, with memory for a micro-batch only)."""
-    mb = cfg.micro_batch or max(1, idx.numel())
+    their share of it and backpropagated in micro-batches of ``run.micro_batch`` samples (gradients accumulate:
+    the same gradient as the whole batch at once, with memory for a micro-batch only). ``off`` (len(idx), ...):
+    the rows' relaxed latents less their noise, in units of the schedule's noise ``scale`` (None: no relaxation)."""
+    mb = run.micro_batch or max(1, idx.numel())
     batch = batch or idx.numel()
     total = torch.zeros((), dtype=torch.float64)
     for a in range(0, idx.numel(), mb):
         part = idx[a : a + mb]
-        noise = train.noise[part] if off is None else train.noise[part] + off[a : a + mb] / scale
-        L = _objective(model, solver, train, part, noise, loss_fn, dss_weights, bool(cfg.use_checkpoint))
+        noise = run.train.noise[part] if off is None else run.train.noise[part] + off[a : a + mb] / scale
+        L = _objective(run, part, noise)
         L = L * (part.numel() / batch)
         L.backward()
         total = total + L.detach().to(total.dtype)
@@ -293,25 +219,38 @@ def _accumulate(
 @dataclass
 class Budget:
     """What a fit may still spend: ``limit`` less what was spent before the counter's baseline (``before``:
-    the teacher's recorded cost) and what ``model.cost`` recorded since ``base``."""
+    the teacher's recorded cost) and what ``model.cost`` recorded since ``base``, keeping ``reserve`` evaluations
+    for after the phases (the closing validations)."""
 
     limit: int
     model: Denoiser
     before: int
     base: int
+    reserve: int = 0
 
     def spent(self) -> int:
         """Spent so far by the whole run (under several processes: summed over them, a collective)."""
         return self.before + current().sum_ints([self.model.cost.total - self.base])[0]
 
     def allows(self, more: int) -> bool:
-        return self.spent() + more <= self.limit
+        """Can ``more`` evaluations be spent and the reserve still be left?"""
+        return self.spent() + (more + self.reserve) <= self.limit
+
+
+@dataclass
+class Hooks:
+    """What a fit reports to on its way: a progress bar, a checkpoint after each validation, and the name of
+    where a restored state came from (for errors)."""
+
+    progress: Any = None
+    on_eval: Callable[[FitState, torch.optim.Optimizer], None] | None = None
+    source: str = "the fit checkpoint"
 
 
 @dataclass
 class FitSession:
-    """What one fit works on, beside its phases: the model, the solver being fitted, the teacher data,
-    the settings, the relaxed latents (LD3) and the hooks (progress bar, checkpoint after validation)."""
+    """What one fit works on, beside its phases: the model, the solver being fitted, the teacher data, the
+    settings, the relaxed latents (LD3), the budget and the hooks."""
 
     model: Denoiser
     solver: LearnedSolver
@@ -319,143 +258,196 @@ class FitSession:
     val: TeacherData
     cfg: FitConfig = field(default_factory=FitConfig)
     relax: Relax | None = None
-    progress: Any = None
-    on_eval: Callable[[FitState, torch.optim.Optimizer], None] | None = None
     budget: Budget | None = None
-    reserve: int = 0  # evaluations kept for after the phases (final validation, confirmation)
-    source: str = "the fit checkpoint"  # where a restored state came from (named in errors)
+    hooks: Hooks = field(default_factory=Hooks)
 
 
 def optimise(session: FitSession, phase: Phase, state: FitState | None = None, steps: int | None = None) -> FitState:
     """Run ``phase`` (its parameter groups, learning rates, optimizer and batch) for ``steps`` steps
-    (default: the phase's), continuing ``state``.
+    (default: the phase's), continuing ``state``, on the objective of ``session.cfg``'s method.
 
-    A phase with ``dss_weights=(w_traj, w_final)`` uses DSS's objective: per-step state MSE to the
-    teacher's nearest state plus w_final * Huber(1e-3) on the final sample. Keeps (in ``state.best``)
-    the parameters with the best validation RMSE, starting from the current parameters, so the result
-    is never worse on validation than the start. ``state.opt_state`` (if set) restores the optimizer;
-    ``session.on_eval(state, opt)`` runs after every validation (a checkpoint hook).
+    Keeps (in ``state.best``) the parameters with the best validation RMSE, starting from the current
+    parameters, so the result is never worse on validation than the start. ``state.opt_state`` (if set)
+    restores the optimizer; ``session.hooks.on_eval(state, opt)`` runs after every validation (a checkpoint hook).
     """
-    model, solver, train, val, cfg, relax = (
-        session.model,
-        session.solver,
-        session.train,
-        session.val,
-        session.cfg,
-        session.relax,
-    )
-    d = current()
-    G = noise_groups(cfg.noise_groups)
     state = state or FitState()
-    steps = phase.steps if steps is None else steps
-    groups = solver.coef_groups()
-    params: list[dict[str, Any]] = [{"params": groups[g], "lr": lr} for g, lr in phase.lrs.items() if lr > 0]
-    plist: list[Tensor] = [p for group in params for p in group["params"]]
-    for p in solver.parameters():
-        p.requires_grad_(False)
-    for group in params:
-        for p in group["params"]:
-            p.requires_grad_(True)
-    opt = _make_optimizer(phase.optimizer, params)
-    if state.opt_state is not None:
-        _restore_optimizer(opt, state.opt_state, phase, session.source)
-        # the checkpoint holds a warm-up lr: restart from the base
-        for restored, group in zip(opt.param_groups, params, strict=True):
-            restored["lr"] = group["lr"]
-    loss_fn = per_sample_loss(cfg.loss)
-    n = len(train)
-    dim = int(train.noise[0].numel())
-    offsets = None
-    if relax is not None:
-        if relax.offsets is None:
-            relax.offsets = torch.zeros_like(train.noise)
-        offsets = relax.offsets
-        relax.mine = torch.arange(len(train)) % G % d.world == d.rank  # the latents this process updates: its groups
-    radius = relax.radius(model, dim) if relax is not None else 0.0
-    scale = model.schedule.init_noise_scale()
-    if state.best is None:
-        if session.budget is not None and not session.budget.allows(forward_cost(cfg, len(val)) + session.reserve):
-            state.exhausted = True
-            for p in solver.parameters():
-                p.requires_grad_(False)
-            return state
-        state.best_val = mean_val_error(model, solver, val, groups=cfg.noise_groups)
-        state.best = {k: v.detach().clone() for k, v in solver.state_dict().items()}
-    base = [g["lr"] for g in opt.param_groups]
-    warm = max(1, min(50, phase.steps // 10)) if cfg.warmup else 1
-    t0 = time.perf_counter()
-    bad = 0
-    for it in range(steps):
-        # linear warm-up: Adam's first steps move every coefficient by about lr at once, which can
-        # throw a solver in a sensitive basis (E near the noise end) far from its start
-        for group, lr in zip(opt.param_groups, base, strict=True):
-            group["lr"] = lr * min(1.0, (state.phase_step + 1) / warm)
-        idx = _batch_index(n, phase.batch, cfg.seed, state.step)
-        validates = (it + 1) % cfg.eval_every == 0 or it == steps - 1
-        if session.budget is not None and not session.budget.allows(
-            step_cost(cfg, idx.numel()) + (forward_cost(cfg, len(val)) if validates else 0) + session.reserve
-        ):
-            state.exhausted = True  # the next step would cross the budget: stop with the best so far
-            break
-        # the batch's noises in groups (noise i in group i % G), each its own forward/backward pass; this process
-        # runs the groups it owns (all of them for one process) and the groups' gradients are added in order
-        parts: list[tuple[Tensor, Tensor | None, Tensor, list[Tensor | None]]] = []
-        blew = False
-        for g in d.groups(G):
-            rows = idx if G == 1 else idx[idx % G == g]
-            off = offsets[rows].clone().requires_grad_(True) if offsets is not None else None
-            opt.zero_grad(set_to_none=True)
-            try:
-                Lg = _accumulate(model, solver, train, rows, off, scale, loss_fn, phase.dss_weights, cfg, idx.numel())
-            except ModelOutputError:  # the solve blew up at these parameters: skip the step
-                blew = True
-                break
-            parts.append((rows, off, Lg, [p.grad for p in plist]))
-        fault(f"fit step {state.step}")
-        L, failed, off_ok = _reduce_step(d, G, plist, parts, blew)
-        if not failed:
-            opt.step()
-            bad = 0
-        else:
-            bad += 1
-            state.skipped += 1
-            if bad >= 10 and state.best is not None:  # stuck where every solve blows up: back to the best
-                restore_best(solver, state)
-                opt.state.clear()
-                bad = 0
-        if relax is not None and offsets is not None and not failed and off_ok:
-            for rows, off, _, _ in parts:
-                if off is None or off.grad is None:
-                    continue
-                with torch.no_grad():
-                    gn = off.grad.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *[1] * (off.dim() - 1))
-                    offsets[rows] = relax.project(off - relax.lr * radius * off.grad / gn, radius)
-        state.step += 1
-        state.phase_step += 1
-        if session.progress is not None:
-            session.progress.update(1)
-            session.progress.set_postfix_str(f"{phase.label} loss {float(L.detach()):.3g} val {state.best_val:.4g}")
-        if validates:
-            v = mean_val_error(model, solver, val, groups=cfg.noise_groups)
-            state.history.append(
-                {"step": state.step, "loss": finite_or_none(float(L.detach())), "val": finite_or_none(v)}
-            )
-            if v < state.best_val:  # NaN and inf never win
-                state.best_val = v
-                state.best = {k: x.detach().clone() for k, x in solver.state_dict().items()}
-            state.seconds += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            if session.on_eval is not None:
-                session.on_eval(state, opt)
-    state.seconds += time.perf_counter() - t0
-    state.opt_state = copy.deepcopy(opt.state_dict())  # a phase stopped part-way goes on with its moments
-    for p in solver.parameters():
-        p.requires_grad_(False)
+    run = _PhaseRun.open(session, phase, state)
+    if state.best is None and not run.first_validation(state):
+        return state  # the budget does not cover even one validation
+    run.run_steps(state, phase.steps if steps is None else steps)
     return state
 
 
+#: one noise group's pass: its rows, their relaxed latents (or None), its loss and its gradients
+_GroupPass = tuple[Tensor, Tensor | None, Tensor, list[Tensor | None]]
+
+
+@dataclass
+class _PhaseRun:
+    """One call of :func:`optimise`: the optimiser over the phase's parameter groups and the steps' context."""
+
+    session: FitSession
+    phase: Phase
+    opt: torch.optim.Optimizer
+    params: list[Tensor]  # the parameters that move, in the optimiser's order
+    groups: int  # noise groups (:func:`noise_groups`)
+    work: _Pass
+    offsets: Tensor | None  # the relaxed latents less their noise (K, ...), or None
+    radius: float  # of the relaxation ball
+    base_lrs: list[float]
+    bad: int = 0  # failed steps in a row
+
+    @classmethod
+    def open(cls, session: FitSession, phase: Phase, state: FitState) -> _PhaseRun:
+        """The optimiser of ``phase`` (restored from ``state.opt_state`` if set) and the relaxed latents."""
+        cfg, solver, train = session.cfg, session.solver, session.train
+        d, G = current(), noise_groups(cfg.execution.noise_groups)
+        params, opt = _optimizer(solver, phase, state, session.hooks.source)
+        loss = per_sample_loss(cfg.training.loss)
+        objective = method_info(cfg.method).objective
+        use_checkpoint = bool(cfg.execution.use_checkpoint)
+        offsets, relax, radius = None, session.relax, 0.0
+        if relax is not None:
+            if relax.offsets is None:
+                relax.offsets = torch.zeros_like(train.noise)
+            offsets = relax.offsets
+            relax.mine = torch.arange(len(train)) % G % d.world == d.rank  # the latents this process updates
+            radius = relax.radius(session.model, int(train.noise[0].numel()))
+        work = _Pass(session.model, solver, train, objective, loss, use_checkpoint, cfg.execution.micro_batch)
+        return cls(session, phase, opt, params, G, work, offsets, radius, [g["lr"] for g in opt.param_groups])
+
+    def first_validation(self, state: FitState) -> bool:
+        """Validate the start (the best so far); False, with the state exhausted, if the budget does not allow it."""
+        s = self.session
+        if s.budget is not None and not s.budget.allows(forward_cost(s.cfg, len(s.val))):
+            state.exhausted = True
+            _freeze(s.solver)
+            return False
+        state.best_val = mean_val_error(s.model, s.solver, s.val, groups=s.cfg.execution.noise_groups)
+        state.best = {k: v.detach().clone() for k, v in s.solver.state_dict().items()}
+        return True
+
+    def run_steps(self, state: FitState, steps: int) -> None:
+        """Take ``steps`` steps (fewer if the budget runs out), validating every ``eval_every`` and at the end."""
+        s, cfg = self.session, self.session.cfg
+        warm = max(1, min(50, self.phase.steps // 10)) if cfg.training.warmup else 1
+        t0 = time.perf_counter()
+        for it in range(steps):
+            # linear warm-up: Adam's first steps move every coefficient by about lr at once, which can
+            # throw a solver in a sensitive basis (E near the noise end) far from its start
+            for group, lr in zip(self.opt.param_groups, self.base_lrs, strict=True):
+                group["lr"] = lr * min(1.0, (state.phase_step + 1) / warm)
+            idx = _batch_index(len(s.train), self.phase.batch, cfg.seed, state.step)
+            validates = (it + 1) % cfg.training.eval_every == 0 or it == steps - 1
+            if s.budget is not None and not s.budget.allows(
+                step_cost(cfg, idx.numel()) + (forward_cost(cfg, len(s.val)) if validates else 0)
+            ):
+                state.exhausted = True  # the next step would cross the budget: stop with the best so far
+                break
+            L = self.step(state, idx)
+            state.step += 1
+            state.phase_step += 1
+            if s.hooks.progress is not None:
+                s.hooks.progress.update(1)
+                s.hooks.progress.set_postfix_str(
+                    f"{self.phase.label} loss {float(L.detach()):.3g} val {state.best_val:.4g}"
+                )
+            if validates:
+                self.validate(state, L)
+                state.seconds += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                if s.hooks.on_eval is not None:
+                    s.hooks.on_eval(state, self.opt)
+        state.seconds += time.perf_counter() - t0
+        state.opt_state = copy.deepcopy(self.opt.state_dict())  # a phase stopped part-way goes on with its moments
+        _freeze(s.solver)
+
+    def step(self, state: FitState, idx: Tensor) -> Tensor:
+        """One optimisation step on the training rows ``idx``; its loss (inf if the solve blew up)."""
+        d = current()
+        parts, blew = self.passes(d, idx)
+        fault(f"fit step {state.step}")
+        L, failed, off_ok = _reduce_step(d, self.groups, self.params, parts, blew)
+        if not failed:
+            self.opt.step()
+            self.bad = 0
+        else:
+            self.bad += 1
+            state.skipped += 1
+            if self.bad >= 10 and state.best is not None:  # stuck where every solve blows up: back to the best
+                restore_best(self.session.solver, state)
+                self.opt.state.clear()
+                self.bad = 0
+        if self.offsets is not None and not failed and off_ok:
+            self.move_latents(parts)
+        return L
+
+    def passes(self, d: Dist, idx: Tensor) -> tuple[list[_GroupPass], bool]:
+        """The batch's noises in groups (noise i in group i % G), each its own forward/backward pass: this process
+        runs the groups it owns (all of them for one process); each group's (rows, latents, loss, gradients), and
+        whether a solve blew up (the step is then skipped)."""
+        G = self.groups
+        parts: list[_GroupPass] = []
+        scale = self.session.model.schedule.init_noise_scale()
+        for g in d.groups(G):
+            rows = idx if G == 1 else idx[idx % G == g]
+            off = self.offsets[rows].clone().requires_grad_(True) if self.offsets is not None else None
+            self.opt.zero_grad(set_to_none=True)
+            try:
+                Lg = _accumulate(self.work, rows, off, scale, idx.numel())
+            except ModelOutputError:  # the solve blew up at these parameters: skip the step
+                return parts, True
+            parts.append((rows, off, Lg, [p.grad for p in self.params]))
+        return parts, False
+
+    def move_latents(self, parts: list[_GroupPass]) -> None:
+        """LD3's latent step: each relaxed latent moves ``relax.lr`` x radius against its normalised gradient,
+        projected back into its ball."""
+        relax, offsets = self.session.relax, self.offsets
+        assert relax is not None and offsets is not None  # only called with relaxed latents
+        for rows, off, _, _ in parts:
+            if off is None or off.grad is None:
+                continue
+            with torch.no_grad():
+                gn = off.grad.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *[1] * (off.dim() - 1))
+                offsets[rows] = relax.project(off - relax.lr * self.radius * off.grad / gn, self.radius)
+
+    def validate(self, state: FitState, L: Tensor) -> None:
+        """Record the validation RMSE in the history; keep the parameters if they are the best so far."""
+        s = self.session
+        v = mean_val_error(s.model, s.solver, s.val, groups=s.cfg.execution.noise_groups)
+        state.history.append({"step": state.step, "loss": finite_or_none(float(L.detach())), "val": finite_or_none(v)})
+        if v < state.best_val:  # NaN and inf never win
+            state.best_val = v
+            state.best = {k: x.detach().clone() for k, x in s.solver.state_dict().items()}
+
+
+def _optimizer(
+    solver: LearnedSolver, phase: Phase, state: FitState, source: str
+) -> tuple[list[Tensor], torch.optim.Optimizer]:
+    """(the parameters ``phase`` moves, its optimiser): only those require gradients; the optimiser's state is
+    restored from ``state.opt_state`` if set (at the phase's base rates, not the saved warm-up ones)."""
+    groups = solver.coef_groups()
+    params: list[dict[str, Any]] = [{"params": groups[g], "lr": lr} for g, lr in phase.lrs.items() if lr > 0]
+    plist: list[Tensor] = [p for group in params for p in group["params"]]
+    _freeze(solver)
+    for p in plist:
+        p.requires_grad_(True)
+    opt = _make_optimizer(phase.optimizer, params)
+    if state.opt_state is not None:
+        _restore_optimizer(opt, state.opt_state, phase, source)
+        for restored, group in zip(opt.param_groups, params, strict=True):
+            restored["lr"] = group["lr"]
+    return plist, opt
+
+
+def _freeze(solver: LearnedSolver) -> None:
+    for p in solver.parameters():
+        p.requires_grad_(False)
+
+
 def _reduce_step(
-    d: Dist, G: int, plist: list[Tensor], parts: list[tuple[Tensor, Tensor | None, Tensor, list]], blew: bool
+    d: Dist, G: int, plist: list[Tensor], parts: list[_GroupPass], blew: bool
 ) -> tuple[Tensor, bool, bool]:
     """The step's loss and gradients from every group's (each process ran its own groups): sets each parameter's
     gradient to the sum of the groups' in group order, and returns (loss, failed, the relaxed latents'

@@ -1,12 +1,9 @@
-"""S4S, S4S-Alt, LD3 and DSS on the one learned-solver parameterisation.
+"""Fitting one method (:mod:`.registry` says what tells the methods apart) on the one learned-solver
+parameterisation: the learned solver at a classic start (:func:`from_classic`), the classic starts ranked
+(:func:`rank_classic`), candidates screened, the best run to the end (:func:`fit_solver`).
 
-- ``s4s``: coefficients only (last k evaluations, free rows, optional corrector), grid fixed.
-- ``ld3``: the grid only (the starting solver's normalised coefficients held), relaxed objective.
-- ``s4s-alt``: alternate grid (with decoupled evaluation times) and coefficient phases.
-- ``dss``: grid (softmax steps) and full-history coefficients with rows summing to one, jointly,
-  Lion, per-step trajectory MSE to the teacher's states plus 1000 x Huber(1e-3) on the final sample.
-Every method starts from a classic solver (by default the best one on the validation noises)
-and keeps its starting point when it cannot beat it on validation.
+Every method starts from a classic solver (by default the best one on the validation noises) and keeps its
+starting point when it cannot clearly beat it on the confirmation noises.
 """
 
 from __future__ import annotations
@@ -34,11 +31,12 @@ from ..solvers.registry import classic_specs
 from ..solvers.resolve import TableauSolver, is_artifact_spec
 from .budget import SCREEN_KEEP, SCREEN_NOISES, closing_cost
 from .checkpoint import FitCheckpoint, spent_before
-from .config import METHODS, FitConfig, plan_phases
+from .config import FitConfig, Phase
 from .loop import (
     Budget,
     FitSession,
     FitState,
+    Hooks,
     Relax,
     clearly_better,
     finite_or_none,
@@ -48,6 +46,7 @@ from .loop import (
     run_phases,
     val_errors,
 )
+from .registry import method_info, plan_phases
 from .teacher import TeacherData
 
 
@@ -211,19 +210,20 @@ class FitOutcome:
 def _build(
     model: Denoiser, cfg: FitConfig, start: str, tab: Tableau | None = None, learn: bool = True
 ) -> LearnedSolver:
-    """The learned solver at ``start`` (``learn=False``: exactly the start, no extra corrector)."""
+    """The learned solver of ``cfg``'s method at ``start`` (``learn=False``: exactly the start, no extra
+    corrector)."""
     tab = tab if tab is not None else build_tableau(model, start, cfg.nfe)
-    dss = cfg.method == "dss"
+    form, t = method_info(cfg.method).form, cfg.training
     return from_classic(
         model,
         tab,
         cfg.method,
-        k=cfg.k,
-        rows_sum_to_one=dss,
-        decouple=cfg.decouple if learn and cfg.method == "s4s-alt" else 0.0,
-        corrector=_corrector(cfg, tab.basis) if learn else None,
+        k=t.k,
+        rows_sum_to_one=form.rows_sum_to_one,
+        decouple=t.decouple if learn and form.decouple else 0.0,
+        corrector=form.corrector_for(t.corrector, tab.basis) if learn else None,
         start=start,
-        scale_a=learn and _scale_a(cfg),
+        scale_a=learn and form.scale_a_for(t.scale_a),
         guidance=model.guidance_scales() if learn else None,
     )
 
@@ -242,26 +242,6 @@ def _from_artifact(model: Denoiser, cfg: FitConfig, path: str) -> LearnedSolver:
     return s
 
 
-def _corrector(cfg: FitConfig, basis: str) -> bool | None:
-    """S4S's predictor-corrector variant by default: a learned corrector reuses each next evaluation (no
-    extra NFE). It helps from velocity and data-prediction starts and made fits from noise-prediction
-    starts (iPNDM, basis E) diverge, so it is off for basis E unless asked for (BENCHMARKS.md, section 2)."""
-    if cfg.method == "dss":
-        return None
-    if cfg.corrector is None:
-        return True if cfg.method in ("s4s", "s4s-alt") and basis != "E" else None
-    return cfg.corrector
-
-
-def _scale_a(cfg: FitConfig) -> bool:
-    """Learn a_i -> a_i exp(u_i) for the S4S family by default: it lets the update absorb the linear
-    part of the ODE that the basis does not integrate exactly (e.g. velocity-basis Adams on a VP
-    model); measured gains in BENCHMARKS.md, section 2."""
-    if cfg.method in ("dss", "ld3"):
-        return False
-    return cfg.method in ("s4s", "s4s-alt") if cfg.scale_a is None else bool(cfg.scale_a)
-
-
 @dataclass
 class _Candidate:
     """One way a fit can go: a start and a batch order, with its solver and its state."""
@@ -274,17 +254,6 @@ class _Candidate:
     state: FitState = field(default_factory=FitState)
 
 
-def _resume(checkpoint: FitCheckpoint, cand: _Candidate) -> FitState:
-    """``cand``'s state (and parameters) restored from ``checkpoint``, which :meth:`FitCheckpoint.peek` found."""
-    got = checkpoint.load(cand.solver, cand.relax)
-    if got is None:
-        raise FewstepError(
-            f"fit checkpoint {checkpoint.path} went away while this fit resumed from it (another fit in the same "
-            f"folder?): run the command again"
-        )
-    return got[0]
-
-
 def _candidate(model: Denoiser, cfg: FitConfig, start: str, seed: int) -> _Candidate:
     if is_artifact_spec(start):  # refine a learned solver: its own parameters are the start
         start_solver = _from_artifact(model, cfg, start)
@@ -293,81 +262,96 @@ def _candidate(model: Denoiser, cfg: FitConfig, start: str, seed: int) -> _Candi
         tab = build_tableau(model, start, cfg.nfe)
         start_solver = _build(model, cfg, start, tab, learn=False)
         solver = _build(model, cfg, start, tab)
-    relax = Relax(cfg.relax) if cfg.relax > 0 else (Relax(0.05) if cfg.method == "ld3" else None)
-    return _Candidate(start, seed, solver, start_solver, relax)
+    radius = cfg.training.relax if cfg.training.relax > 0 else method_info(cfg.method).relax
+    return _Candidate(start, seed, solver, start_solver, Relax(radius) if radius > 0 else None)
 
 
 def screen_seeds(cfg: FitConfig) -> list[int]:
     """The batch orders a fit screens: cfg.seed and ``screen_seeds - 1`` others derived from it."""
-    return [cfg.seed + 7919 * k for k in range(max(1, cfg.screen_seeds))]
+    return [cfg.seed + 7919 * k for k in range(max(1, cfg.screening.screen_seeds))]
 
 
 def screen_steps(cfg: FitConfig, candidates: int) -> int:
     """Steps each screened candidate runs before the best on validation goes on (0: no screening)."""
-    return 0 if candidates < 2 else max(cfg.eval_every, int(cfg.steps * cfg.screen_share / candidates))
+    share = cfg.screening.screen_share
+    return 0 if candidates < 2 else max(cfg.training.eval_every, int(cfg.sizes.steps * share / candidates))
 
 
-def _screen(
-    model: Denoiser,
-    cfg: FitConfig,
-    cands: list[_Candidate],
-    train: TeacherData,
-    val: TeacherData,
-    phases: list[Any],
-    ranking: list[tuple[float, str]],
-    checkpoint: FitCheckpoint | None,
-    saved: dict[str, Any] | None,
-    progress: Any,
-    budget: Budget | None,
-    reserve: int,
-    source: str,
-    screened: list[dict[str, Any]],
-) -> _Candidate:
+@dataclass
+class _Fit:
+    """What every candidate of one fit shares: the model, settings, teacher data, phases, budget and hooks; the
+    checkpoint and what it held when the fit began (None: a fresh fit); the classic ranking and the screened
+    candidates, which the checkpoint records beside the state."""
+
+    model: Denoiser
+    cfg: FitConfig
+    train: TeacherData
+    val: TeacherData
+    phases: list[Phase]
+    budget: Budget | None
+    hooks: Hooks
+    checkpoint: FitCheckpoint | None
+    saved: dict[str, Any] | None
+    ranking: list[tuple[float, str]] = field(default_factory=list)
+    screened: list[dict[str, Any]] = field(default_factory=list)
+
+    def session(self, cand: _Candidate, on_eval: Callable[[FitState, Any], None] | None = None) -> FitSession:
+        """The loop's session of ``cand`` (its solver, latents and batch order)."""
+        cfg = replace(self.cfg, seed=cand.seed)
+        hooks = replace(self.hooks, on_eval=on_eval)
+        return FitSession(self.model, cand.solver, self.train, self.val, cfg, cand.relax, self.budget, hooks)
+
+    def record(self, cand: _Candidate) -> dict[str, Any]:
+        """What a checkpoint records beside ``cand``'s state: its start and batch order, the ranking, the screening."""
+        return {
+            "start": cand.start,
+            "seed": cand.seed,
+            "ranking": [list(r) for r in self.ranking],
+            "screened": self.screened,
+        }
+
+    def resume(self, cand: _Candidate) -> FitState:
+        """``cand``'s state (and parameters) restored from the checkpoint :meth:`FitCheckpoint.peek` found."""
+        assert self.checkpoint is not None  # only called when the checkpoint held this fit
+        got = self.checkpoint.load(cand.solver, cand.relax)
+        if got is None:
+            raise FewstepError(
+                f"fit checkpoint {self.checkpoint.path} went away while this fit resumed from it (another fit in the "
+                f"same folder?): run the command again"
+            )
+        return got[0]
+
+
+def _screen(fit: _Fit, cands: list[_Candidate]) -> _Candidate:
     """Run each candidate for a short stretch; the best on validation (ties: the first) goes on. A checkpoint
     after each candidate keeps the best finished one, so an interrupted screening goes on where it stopped."""
-    until = screen_steps(cfg, len(cands))
+    until = screen_steps(fit.cfg, len(cands))
     if not until:
         return cands[0]
-    steps = sum(p.steps for p in phases)
+    steps = sum(p.steps for p in fit.phases)
     each = min(until, steps)  # a screening longer than the fit runs the whole fit
+    progress = fit.hooks.progress
     if progress is not None:
         progress.total = steps + (len(cands) - 1) * each
         progress.refresh()
     best_k, done = None, 0
-    if saved is not None and checkpoint is not None:  # resumed in the middle of screening
-        scr = saved["screening"]
+    if fit.saved is not None:  # resumed in the middle of screening
+        scr = fit.saved["screening"]
         done, best_k = int(scr["done"]), int(scr["best"])
-        screened += list(saved.get("screened", []))
-        cands[best_k].state = _resume(checkpoint, cands[best_k])
+        fit.screened += list(fit.saved.get("screened", []))
+        cands[best_k].state = fit.resume(cands[best_k])
         if progress is not None:
             progress.update(done * each)
     for k in range(done, len(cands)):
         c = cands[k]
-        c.state = run_phases(
-            FitSession(
-                model, c.solver, train, val, replace(cfg, seed=c.seed), c.relax, progress, None, budget, reserve, source
-            ),
-            phases,
-            c.state,
-            until=until,
-        )
-        screened.append({"start": c.start, "seed": c.seed, "val_rmse": finite_or_none(c.state.best_val)})
+        c.state = run_phases(fit.session(c), fit.phases, c.state, until=until)
+        fit.screened.append({"start": c.start, "seed": c.seed, "val_rmse": finite_or_none(c.state.best_val)})
         if best_k is None or c.state.best_val < cands[best_k].state.best_val:
             best_k = k
-        if checkpoint is not None:
+        if fit.checkpoint is not None:
             b = cands[best_k]
-            checkpoint.save(
-                b.state,
-                b.solver,
-                None,
-                b.relax,
-                {
-                    "start": b.start,
-                    "seed": b.seed,
-                    "ranking": [list(r) for r in ranking],
-                    "screened": screened,
-                    "screening": {"done": k + 1, "best": best_k},
-                },
+            fit.checkpoint.save(
+                b.state, b.solver, None, b.relax, {**fit.record(b), "screening": {"done": k + 1, "best": best_k}}
             )
     assert best_k is not None  # screening runs at least two candidates (until > 0), or resumes with its best
     return cands[best_k]
@@ -398,128 +382,117 @@ def fit_solver(
 ) -> FitOutcome:
     """Fit one method; returns the learned solver (or its start if the fit did not clearly help).
 
-    A fit screens candidates first: the best ``cfg.screen_starts`` classic starts (on the validation
-    noises; a given start alone), each with ``cfg.screen_seeds`` batch orders, run for a short stretch
-    (``cfg.screen_share`` of the steps, shared among them); the best on validation continues to the end.
+    A fit screens candidates first: the best ``screen_starts`` classic starts (on the validation
+    noises; a given start alone), each with ``screen_seeds`` batch orders, run for a short stretch
+    (``screen_share`` of the steps, shared among them); the best on validation continues to the end.
     The best parameters are chosen on ``val``; whether they beat the start is decided by a paired
     test on ``confirm`` (noises the choice never saw: choosing the best of many checkpoints on the
     same noises flatters it), or on ``val`` when no confirmation set is given.
     With ``checkpoint``, the state is saved after every validation after screening and a matching
-    checkpoint is resumed from; the result is the same as that of an uninterrupted fit. With
-    ``cfg.budget``, the fit stops before a step that would spend more than the budget (``already_spent``
+    checkpoint is resumed from; the result is the same as that of an uninterrupted fit. With a
+    ``budget``, the fit stops before a step that would spend more than the budget (``already_spent``
     counts toward it: the teacher; so does what a resumed fit's earlier runs spent, which the checkpoint
-    records and ``FitOutcome.spent_before`` returns). Validation solves in ``cfg.micro_batch`` noises at a
+    records and ``FitOutcome.spent_before`` returns). Validation solves in ``micro_batch`` noises at a
     time when one is set.
     """
-    if cfg.method not in METHODS:
-        raise FewstepError(f"unknown method {cfg.method!r}; valid: {', '.join(METHODS)}")
-    with inference_batch(cfg.micro_batch):
-        return _fit_solver(model, train, val, cfg, progress, checkpoint, confirm, already_spent)
-
-
-def _fit_solver(
-    model: Denoiser,
-    train: TeacherData,
-    val: TeacherData,
-    cfg: FitConfig,
-    progress: Any,
-    checkpoint: FitCheckpoint | None,
-    confirm: TeacherData | None,
-    already_spent: int,
-) -> FitOutcome:
-    saved = checkpoint.peek() if checkpoint is not None else None
-    before = spent_before(saved)  # a resumed fit's earlier runs count: toward its budget and in its cost
-    if checkpoint is not None:
-        checkpoint.count_from(model, before)
-    budget = None if cfg.budget is None else Budget(cfg.budget, model, already_spent + before.total, model.cost.total)
-    # kept for after the phases: the fitted solver and its start on the validation and confirmation noises
-    reserve = closing_cost(cfg, len(val), len(confirm) if confirm is not None else 0)
-    source = str(checkpoint.path) if checkpoint is not None else "the fit checkpoint"
-    phases = plan_phases(cfg)
-    resumed, screened = 0, []
-    # screening was done: go on with its winner (``saved`` comes from the checkpoint)
-    if saved is not None and checkpoint is not None and saved.get("screening") is None:
-        ranking = [tuple(r) for r in saved["ranking"]]
-        best = _candidate(model, cfg, saved["start"], int(saved.get("seed", cfg.seed)))
-        best.state = _resume(checkpoint, best)
-        resumed = best.state.step
-        screened = saved.get("screened", [])
-        if progress is not None:
-            progress.update(resumed)
-    else:
-        if saved is not None:
-            ranking = [tuple(r) for r in saved["ranking"]]
-        else:
-            dss = cfg.method == "dss"
-            accept = (lambda tab: dss_start_ok(model, tab)) if dss else None
-            ranking = (
-                rank_classic(model, cfg.nfe, val, predictor_only=dss, accept=accept, groups=cfg.noise_groups)
-                if cfg.start is None
-                else []
-            )
-        starts = [cfg.start] if cfg.start else [s for _, s in ranking[: max(1, cfg.screen_starts)]]
-        if not starts:
-            raise FewstepError(f"no classic solver runs at NFE {cfg.nfe} on this model to start from")
-        cands = [_candidate(model, cfg, st, seed) for st in starts for seed in screen_seeds(cfg)]
-        best = _screen(
+    method_info(cfg.method)  # a known method, before any work
+    with inference_batch(cfg.execution.micro_batch):
+        saved = checkpoint.peek() if checkpoint is not None else None
+        before = spent_before(saved)  # a resumed fit's earlier runs count: toward its budget and in its cost
+        if checkpoint is not None:
+            checkpoint.count_from(model, before)
+        fit = _Fit(
             model,
             cfg,
-            cands,
             train,
             val,
-            phases,
-            ranking,
+            plan_phases(cfg),
+            _budget(model, cfg, len(val), len(confirm) if confirm is not None else 0, already_spent + before.total),
+            Hooks(progress, None, str(checkpoint.path) if checkpoint is not None else "the fit checkpoint"),
             checkpoint,
             saved,
-            progress,
-            budget,
-            reserve,
-            source,
-            screened,
         )
-        resumed = int(saved["step"]) if saved is not None else 0
-    solver, relax, state = best.solver, best.relax, best.state
-    extra = {"start": best.start, "seed": best.seed, "ranking": [list(r) for r in ranking], "screened": screened}
-    on_eval = None
-    if checkpoint is not None:
+        best, resumed = _winner(fit)
+        state = run_phases(fit.session(best, _checkpoint_hook(fit, best)), fit.phases, best.state)
+        outcome = _close(fit, best, state, confirm)
+        outcome.resumed_from, outcome.spent_before = resumed, before
+        return outcome
 
-        def on_eval(st: FitState, opt: Any) -> None:
-            checkpoint.save(st, solver, opt, relax, extra)
 
-    state = run_phases(
-        FitSession(
-            model, solver, train, val, replace(cfg, seed=best.seed), relax, progress, on_eval, budget, reserve, source
-        ),
-        phases,
-        state,
+def _budget(model: Denoiser, cfg: FitConfig, val: int, confirm: int, spent: int) -> Budget | None:
+    """The fit's budget (None without one): what is left after ``spent``, keeping the closing validations of the
+    fitted solver and its start on ``val`` and ``confirm`` noises."""
+    limit = cfg.execution.budget
+    if limit is None:
+        return None
+    return Budget(limit, model, spent, model.cost.total, reserve=closing_cost(cfg, val, confirm))
+
+
+def _winner(fit: _Fit) -> tuple[_Candidate, int]:
+    """(the candidate that goes on to the end, the global step it resumes from): the one a checkpoint taken after
+    screening holds, or the best of the screening (resumed where it stopped, if it did)."""
+    cfg, saved = fit.cfg, fit.saved
+    if saved is not None and saved.get("screening") is None:  # screening was done: go on with its winner
+        fit.ranking = [tuple(r) for r in saved["ranking"]]
+        best = _candidate(fit.model, cfg, saved["start"], int(saved.get("seed", cfg.seed)))
+        best.state = fit.resume(best)
+        fit.screened = saved.get("screened", [])
+        if fit.hooks.progress is not None:
+            fit.hooks.progress.update(best.state.step)
+        return best, best.state.step
+    fit.ranking = [tuple(r) for r in saved["ranking"]] if saved is not None else _ranking(fit)
+    t = cfg.training
+    starts = [t.start] if t.start else [s for _, s in fit.ranking[: max(1, cfg.screening.screen_starts)]]
+    if not starts:
+        raise FewstepError(f"no classic solver runs at NFE {cfg.nfe} on this model to start from")
+    cands = [_candidate(fit.model, cfg, st, seed) for st in starts for seed in screen_seeds(cfg)]
+    return _screen(fit, cands), int(saved["step"]) if saved is not None else 0
+
+
+def _ranking(fit: _Fit) -> list[tuple[float, str]]:
+    """The classic starts the method can represent, best first on validation ([] when a start is given)."""
+    cfg = fit.cfg
+    if cfg.training.start is not None:
+        return []
+    rows_sum_to_one = method_info(cfg.method).form.rows_sum_to_one  # DSS's form takes only some starts
+    model = fit.model
+    accept = (lambda tab: dss_start_ok(model, tab)) if rows_sum_to_one else None
+    return rank_classic(
+        model, cfg.nfe, fit.val, predictor_only=rows_sum_to_one, accept=accept, groups=cfg.execution.noise_groups
     )
+
+
+def _checkpoint_hook(fit: _Fit, best: _Candidate) -> Callable[[FitState, Any], None] | None:
+    """Save the state of ``best`` after every validation (None without a checkpoint)."""
+    checkpoint = fit.checkpoint
+    if checkpoint is None:
+        return None
+    extra = fit.record(best)
+
+    def on_eval(st: FitState, opt: Any) -> None:
+        checkpoint.save(st, best.solver, opt, best.relax, extra)
+
+    return on_eval
+
+
+def _close(fit: _Fit, best: _Candidate, state: FitState, confirm: TeacherData | None) -> FitOutcome:
+    """The best parameters on validation, or the start if they do not clearly beat it (on the confirmation noises
+    if there are some), with the errors of both and notes on what went wrong."""
+    solver = best.solver
     restore_best(solver, state)
     _check_same_everywhere(solver)
-    start_solver = best.start_solver
-    G = cfg.noise_groups
-    start_err = val_errors(model, start_solver, val, groups=G)
+    model, val, G = fit.model, fit.val, fit.cfg.execution.noise_groups
+    start_err = val_errors(model, best.start_solver, val, groups=G)
     err = val_errors(model, solver, val, groups=G)
     co = co_start = None
     if confirm is not None:
-        co, co_start = val_errors(model, solver, confirm, groups=G), val_errors(model, start_solver, confirm, groups=G)
+        co = val_errors(model, solver, confirm, groups=G)
+        co_start = val_errors(model, best.start_solver, confirm, groups=G)
         kept = not clearly_better(co, co_start)
     else:
         kept = not clearly_better(err, start_err)
     if kept:  # the fit did not clearly help: return the starting solver itself
-        solver, err, co = start_solver, start_err, co_start
-    notes = []
-    blown = sum(1 for h in state.history if h.get("val") is None)
-    if state.skipped or blown:
-        notes.append(
-            f"the student's solve blew up (NaN/inf) at {state.skipped} of {state.step} steps and "
-            f"{blown} of {len(state.history)} validations; those were skipped and never chosen"
-            + ("; the start was kept" if kept else "")
-            + " (lower --lr-coef / --lr-grid if this persists)"
-        )
-
-    def mean(e: Tensor | None) -> float | None:
-        return None if e is None else float(e.mean())
-
+        solver, err, co = best.start_solver, start_err, co_start
     if co is not None and co_start is not None:  # on the confirmation noises, which chose nothing
         estimate = fit_estimate(co, co_start, True)
     else:
@@ -531,16 +504,27 @@ def _fit_solver(
         float(err.mean()),
         kept,
         state,
-        ranking,
-        resumed,
-        mean(co),
-        mean(co_start),
-        notes,
-        screened,
-        best.seed,
-        estimate,
-        before,
+        fit.ranking,
+        confirm=None if co is None else float(co.mean()),
+        confirm_start=None if co_start is None else float(co_start.mean()),
+        notes=_notes(state, kept),
+        screened=fit.screened,
+        seed=best.seed,
+        estimate=estimate,
     )
+
+
+def _notes(state: FitState, kept: bool) -> list[str]:
+    """What went wrong on the way, in words: steps and validations where the student's solve blew up."""
+    blown = sum(1 for h in state.history if h.get("val") is None)
+    if not state.skipped and not blown:
+        return []
+    return [
+        f"the student's solve blew up (NaN/inf) at {state.skipped} of {state.step} steps and "
+        f"{blown} of {len(state.history)} validations; those were skipped and never chosen"
+        + ("; the start was kept" if kept else "")
+        + " (lower --lr-coef / --lr-grid if this persists)"
+    ]
 
 
 def fit_estimate(errors: Tensor, start_errors: Tensor, unseen: bool) -> dict[str, Any]:

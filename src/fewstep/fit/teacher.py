@@ -278,22 +278,37 @@ def generate_teacher(
     Returns:
         :class:`TeacherData` for exactly ``seeds``.
     """
-    seeds = [int(s) for s in seeds]
-    if not seeds:
-        raise FewstepError("generate_teacher needs at least one seed (e.g. fewstep.seeds.fit_seeds(700))")
-    if not allow_eval_seeds:
-        check_fit_seeds(seeds)
+    seeds = _checked_seeds(seeds, allow_eval_seeds)
     for name, v in (("shard_size", shard_size), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise FewstepError(f"{name} must be a positive integer; got {v!r}")
     if model.sample_shape is None:
         raise FewstepError("this Denoiser has no sample_shape: pass sample_shape=(...) when you build it")
     spec = default_teacher(model) if spec is None else parse_teacher(spec)
-    times = teacher_times(model, spec)
-    fp = model.fingerprint()
-    folder = teacher_cache_dir(model, spec, keep_states, cache_dir, fingerprint=fp)
+    job = _Job.open(model, spec, keep_states, cache_dir, shard_size, batch_size, device)
+    blocks = sorted({s // job.cache.size for s in seeds})
+    loaded, missing = job.find(blocks)
+    unlisted = [k for k in blocks if k not in missing and job.cache.block(k)[0] not in job.cache.entries]
+    shared = job.compute(missing, loaded, len(blocks) - len(missing), progress)
+    job.index(blocks, missing, unlisted, loaded, shared)
+    return job.assemble(seeds, blocks, loaded, missing)
+
+
+def _checked_seeds(seeds: Iterable[int], allow_eval_seeds: bool) -> list[int]:
+    """``seeds`` as a list of ints: at least one, and fitting seeds unless ``allow_eval_seeds``."""
+    out = [int(s) for s in seeds]
+    if not out:
+        raise FewstepError("generate_teacher needs at least one seed (e.g. fewstep.seeds.fit_seeds(700))")
+    if not allow_eval_seeds:
+        check_fit_seeds(out)
+    return out
+
+
+def _header(model: Denoiser, spec: TeacherSpec, keep_states: bool, times: Tensor, fp: str) -> dict[str, Any]:
+    """What a teacher cache folder holds (its manifest's header): the model, the teacher and its times."""
+    assert model.sample_shape is not None  # generate_teacher checked it
     w = model.guidance_scale
-    header = {
+    return {
         "schema": SCHEMA_VERSION,
         "kind": "fewstep-teacher-cache",
         "fingerprint": fp,
@@ -306,74 +321,131 @@ def generate_teacher(
         "keep_states": bool(keep_states),
         "times": [float(t) for t in times.tolist()],
     }
-    d = current()
-    # rank 0 opens the folder first (it may rebuild the manifest), finds what is there and what is missing; the
-    # k-th missing shard is computed by rank k % world, which writes it without touching the manifest
-    cache = ShardCache(folder, header, shard_size) if d.main else None
-    d.barrier()
-    cache = cache or ShardCache(folder, header, shard_size)
-    size = cache.size
 
-    blocks = sorted({s // size for s in seeds})
-    loaded: dict[int, dict[str, Tensor]] = {}
-    missing: list[int] = []
-    if d.main:
-        for k in blocks:
-            t = cache.load(k)
-            if t is None:
-                missing.append(k)
-            else:
-                loaded[k] = t
-        if loaded:
-            k0 = next(iter(loaded))
-            _check_same_model(model, loaded[k0], k0 * size, folder)
-    missing = d.broadcast_object(missing)
-    unlisted = [k for k in blocks if k not in missing and cache.block(k)[0] not in cache.entries]
 
-    n_cached = len(blocks) - len(missing)
-    bar = (
-        progress_bar(len(missing) * size, f"teacher {spec}", unit="sample", leave=False)
-        if progress and d.main
-        else None
-    )
-    shared: dict[str, Any] = {}
-    try:
-        for r in range(-(-len(missing) // d.world)):  # rounds: every rank computes one shard per round
-            j = r * d.world + d.rank
-            if j < len(missing):
-                k = missing[j]
-                start, stop = cache.block(k)
-                if bar is not None:
-                    bar.set_postfix_str(
-                        f"shard {j + 1}/{len(missing)}, {n_cached} cached"
-                        + (f", {d.world} processes" if d.world > 1 else "")
-                    )
-                before = model.cost.forward
-                with torch.no_grad():
-                    tensors, sh = _run_block(
-                        model,
-                        spec,
-                        list(range(start, stop)),
-                        times.numel(),
-                        keep_states,
-                        batch_size,
-                        device,
-                        bar if d.world == 1 else None,
-                    )
-                if keep_states:
-                    tensors["times"] = times.clone()
-                cache.store(k, tensors, sh, model.cost.forward - before, index=d.world == 1)
-                loaded[k] = tensors
-                shared.update(sh)
-            fault(f"teacher round {r}")
-            if d.world > 1:  # samples done this round by every rank: the bar shows the whole run's rate
-                done = d.sum_ints([size if j < len(missing) else 0])[0]
-                if bar is not None:
-                    bar.update(done)
-    finally:
-        if bar is not None:
-            bar.close()
-    if d.world > 1:
+@dataclass
+class _Job:
+    """One :func:`generate_teacher` call: the teacher, its cache folder and how it runs."""
+
+    model: Denoiser
+    spec: TeacherSpec
+    keep_states: bool
+    times: Tensor  # (M + 1,) the teacher's grid
+    folder: Path
+    cache: ShardCache
+    batch_size: int
+    device: str | torch.device
+
+    @classmethod
+    def open(
+        cls,
+        model: Denoiser,
+        spec: TeacherSpec,
+        keep_states: bool,
+        cache_dir: str | os.PathLike | None,
+        shard_size: int,
+        batch_size: int,
+        device: str | torch.device,
+    ) -> _Job:
+        """The job, with its cache folder opened: rank 0 first (it may rebuild the manifest), then the others."""
+        times = teacher_times(model, spec)
+        fp = model.fingerprint()
+        folder = teacher_cache_dir(model, spec, keep_states, cache_dir, fingerprint=fp)
+        header = _header(model, spec, keep_states, times, fp)
+        d = current()
+        cache = ShardCache(folder, header, shard_size) if d.main else None
+        d.barrier()
+        cache = cache or ShardCache(folder, header, shard_size)
+        return cls(model, spec, keep_states, times, folder, cache, batch_size, device)
+
+    def find(self, blocks: list[int]) -> tuple[dict[int, dict[str, Tensor]], list[int]]:
+        """(the shards of ``blocks`` in the cache, loaded; the blocks missing): rank 0 looks, every rank learns
+        which are missing. The first cached shard is checked against the model's noise and conditioning."""
+        d = current()
+        loaded: dict[int, dict[str, Tensor]] = {}
+        missing: list[int] = []
+        if d.main:
+            for k in blocks:
+                t = self.cache.load(k)
+                if t is None:
+                    missing.append(k)
+                else:
+                    loaded[k] = t
+            if loaded:
+                k0 = next(iter(loaded))
+                _check_same_model(self.model, loaded[k0], k0 * self.cache.size, self.folder)
+        return loaded, d.broadcast_object(missing)
+
+    def compute(
+        self, missing: list[int], loaded: dict[int, dict[str, Tensor]], cached: int, progress: bool
+    ) -> dict[str, Any]:
+        """Compute and store the ``missing`` shards (the k-th by rank k % world, one a round; each added to
+        ``loaded``); the shared conditioning values they returned."""
+        d, size = current(), self.cache.size
+        bar = (
+            progress_bar(len(missing) * size, f"teacher {self.spec}", unit="sample", leave=False)
+            if progress and d.main
+            else None
+        )
+        shared: dict[str, Any] = {}
+        try:
+            for r in range(-(-len(missing) // d.world)):  # rounds: every rank computes one shard per round
+                j = r * d.world + d.rank
+                if j < len(missing):
+                    if bar is not None:
+                        bar.set_postfix_str(
+                            f"shard {j + 1}/{len(missing)}, {cached} cached"
+                            + (f", {d.world} processes" if d.world > 1 else "")
+                        )
+                    k = missing[j]
+                    loaded[k] = self.shard(k, shared, bar if d.world == 1 else None)
+                fault(f"teacher round {r}")
+                if d.world > 1:  # samples done this round by every rank: the bar shows the whole run's rate
+                    done = d.sum_ints([size if j < len(missing) else 0])[0]
+                    if bar is not None:
+                        bar.update(done)
+        finally:
+            if bar is not None:
+                bar.close()
+        return shared
+
+    def shard(self, k: int, shared: dict[str, Any], bar: Any) -> dict[str, Tensor]:
+        """Run the teacher on block ``k`` and store it (indexed in the manifest by a single process only);
+        its tensors (its shared conditioning values go into ``shared``)."""
+        start, stop = self.cache.block(k)
+        before = self.model.cost.forward
+        with torch.no_grad():
+            tensors, sh = _run_block(
+                self.model,
+                self.spec,
+                list(range(start, stop)),
+                self.times.numel(),
+                self.keep_states,
+                self.batch_size,
+                self.device,
+                bar,
+            )
+        if self.keep_states:
+            tensors["times"] = self.times.clone()
+        self.cache.store(k, tensors, sh, self.model.cost.forward - before, index=current().world == 1)
+        shared.update(sh)
+        return tensors
+
+    def index(
+        self,
+        blocks: list[int],
+        missing: list[int],
+        unlisted: list[int],
+        loaded: dict[int, dict[str, Tensor]],
+        shared: dict[str, Any],
+    ) -> None:
+        """List the new (and unlisted) shards in the manifest; under several processes, share the conditioning
+        values out and read the shards the other ranks made into ``loaded``."""
+        d, cache = current(), self.cache
+        if d.world == 1:
+            if unlisted:
+                cache.add_entries(unlisted, {})
+            return
         for sh in d.all_gather_object(shared):  # also: every rank's shards are on disk past this point
             shared.update(sh)
         if d.main and (missing or unlisted):
@@ -385,20 +457,23 @@ def generate_teacher(
                 t = cache.load(k)
                 if t is None:
                     raise FewstepError(
-                        f"teacher cache shard {folder / shard_name(*cache.block(k))} that another "
-                        f"process wrote cannot be read here: is {folder} on a file system every "
+                        f"teacher cache shard {self.folder / shard_name(*cache.block(k))} that another "
+                        f"process wrote cannot be read here: is {self.folder} on a file system every "
                         f"process sees?"
                     )
                 loaded[k] = t
-    elif unlisted:
-        cache.add_entries(unlisted, {})
 
-    data = _assemble(seeds, blocks, loaded, size, keep_states, times, cache.shared, spec)
-    per_sample = build_tableau(model, spec.solver, spec.nfe, spec.grid).N  # for shards that do not record it
-    data.shard_costs = {f"{folder.name}/{k}": cache.costs.get(k, size * per_sample) for k in blocks}
-    data.forward_evals = sum(data.shard_costs.values())
-    data.computed_evals = sum(cache.costs.get(k, 0) for k in missing)
-    return data
+    def assemble(
+        self, seeds: list[int], blocks: list[int], loaded: dict[int, dict[str, Tensor]], missing: list[int]
+    ) -> TeacherData:
+        """Exactly ``seeds`` from the loaded blocks, with what their shards cost (when made, and by this call)."""
+        cache, size = self.cache, self.cache.size
+        data = _assemble(seeds, blocks, loaded, size, self.keep_states, self.times, cache.shared, self.spec)
+        per_sample = build_tableau(self.model, self.spec.solver, self.spec.nfe, self.spec.grid).N  # old shards
+        data.shard_costs = {f"{self.folder.name}/{k}": cache.costs.get(k, size * per_sample) for k in blocks}
+        data.forward_evals = sum(data.shard_costs.values())
+        data.computed_evals = sum(cache.costs.get(k, 0) for k in missing)
+        return data
 
 
 def _assemble(

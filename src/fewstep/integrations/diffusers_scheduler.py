@@ -52,6 +52,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput, logging
 from torch import Tensor
 
+from ..conversions import to_basis
 from ..denoiser import Denoiser
 from ..errors import ArtifactError, FewstepError, SolverNameError
 from ..schedules import Flow, Schedule, VPDiscrete, schedule_from_config
@@ -71,10 +72,6 @@ class FewStepSchedulerOutput(BaseOutput):
 
     prev_sample: Tensor
     pred_original_sample: Tensor | None = None
-
-
-def _no_net(*_: Any, **__: Any) -> Tensor:
-    raise FewstepError("FewStepScheduler only converts outputs; the pipeline calls the network")
 
 
 class FewStepScheduler(SchedulerMixin, ConfigMixin):
@@ -110,7 +107,8 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
                 "FewStepScheduler.from_solver(solver, pipe.scheduler.config, nfe=N)"
             )
         sched = schedule_from_config(dict(schedule))
-        self._den = Denoiser(_no_net, sched, prediction_name("FewStepScheduler", prediction_type))
+        self._schedule = sched
+        self._prediction = prediction_name("FewStepScheduler", prediction_type)  # what the outputs are converted from
         if tableau is not None:
             tab = tableau_from_doc(dict(tableau), name=solver_label or "learned")
         else:
@@ -263,7 +261,7 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         For pipelines that make their starting state from an image at strength 1 (the first timestep);
         a start part-way is refused by :meth:`set_begin_index`.
         """
-        sched = self._den.schedule
+        sched = self._schedule
         t = sched.solver_time(torch.as_tensor(timesteps, dtype=torch.float64).detach().cpu().flatten())
         al, sg = sched.alpha(t), sched.sigma(t)
         if t.numel() == 1:
@@ -304,11 +302,11 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         if i == 0:
             st.start(sample)
         out = model_output.to(sample.dtype)
-        sc, c = st.scalars[i], float(st.times[i])
-        F = self._den.convert(out, sample, c, self.tab.basis, sc)
+        sc = st.scalars[i]
+        F = to_basis(self._prediction, out, sample, self.tab.basis, sc)
         x_next = st.step(i, F.clone() if F is model_output else F, x_eval=sample)
         self._step_index = i + 1
-        D = F if self.tab.basis == "D" else self._den.convert(out, sample, c, "D", sc)
+        D = F if self.tab.basis == "D" else to_basis(self._prediction, out, sample, "D", sc)
         if not return_dict:
             return (x_next, D)
         return FewStepSchedulerOutput(prev_sample=x_next, pred_original_sample=D)
@@ -327,11 +325,11 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
             last = self.__dict__.get("_returned")
             x = st.state_at_eval() if last is not None and torch.equal(sample, last) else sample.to(work)
         out = model_output.to(work)
-        sc, c = st.scalars[i], float(st.times[i])
-        F = self._den.convert(out, x, c, self.tab.basis, sc)
+        sc = st.scalars[i]
+        F = to_basis(self._prediction, out, x, self.tab.basis, sc)
         x_next = st.step(i, F.clone() if F is model_output else F, x_eval=x)
         self._step_index = i + 1
-        D = F if self.tab.basis == "D" else self._den.convert(out, x, c, "D", sc)
+        D = F if self.tab.basis == "D" else to_basis(self._prediction, out, x, "D", sc)
         prev, D = x_next.to(sample.dtype), D.to(sample.dtype)
         self.__dict__["_returned"] = prev
         if not return_dict:

@@ -70,9 +70,10 @@ from typing import Any, Protocol, cast
 import torch
 from torch import Tensor
 
+from ..conversions import to_basis
 from ..denoiser import Denoiser
 from ..errors import FewstepError, SolverNameError
-from ..schedules import EDM, F64, Schedule
+from ..schedules import EDM, F64, Schedule, TimeScalars
 from ..solvers.kernel import Stepper, Tableau
 from ..solvers.learned import LearnedSolver
 from ..solvers.registry import make_tableau, solver_info
@@ -240,8 +241,8 @@ def _learned_sampler(solver: Any, nfe: int | None, model: Any, rtol: float) -> K
     if nfe is not None and int(nfe) != tab.N:
         raise FewstepError(f"solver {tab.name} makes {tab.N} evaluations, not nfe={nfe}; drop nfe")
     vtab, c = ve_tableau(tab, source)
-    steps = int(vtab.points.sum()) - 1 if vtab.points is not None else vtab.N
     want = vtab.solution_times()  # the VE noise levels of its solution points (= t' unless staged)
+    steps = want.numel() - 1
     with torch.no_grad():
         scal = [(float(da), float(ds)) for da, ds in zip(source.d_alpha(c), source.d_sigma(c), strict=True)]
 
@@ -306,22 +307,20 @@ def _make_fn(
         n = tab.N
         stepper = Stepper(tab, sched)
         lev = levels.tolist()
-        points = [True] * (n + 1) if tab.points is None else tab.points.tolist()
+        index = tab.solution_index()
         basis = tab.basis
         sig_t = sigmas if isinstance(sigmas, Tensor) else torch.as_tensor(sigmas)
         xe = stepper.start(x)
         for i in _steps(n, disable):
             s = lev[i]
             denoised = model(xe, x.new_full((x.shape[0],), s), **extra_args)
-            if basis == "D":
-                F = denoised
-            else:
-                E = (xe - denoised) / s
-                da, ds = (0.0, 1.0) if scalars is None else scalars[i]
-                F = E if basis == "E" or (da == 0.0 and ds == 1.0) else denoised * da + E * ds
+            # the data prediction in the VE frame (alpha = 1, sigma = s), its velocity with the source
+            # schedule's derivatives (a classic solver: the VE's own, alpha' = 0 and sigma' = 1)
+            da, ds = (0.0, 1.0) if scalars is None else scalars[i]
+            F = to_basis("x0", denoised, xe, basis, TimeScalars(1.0, s, da, ds))
             xe = stepper.step(i, F)
-            if callback is not None and points[i]:
-                k = sum(points[: i + 1]) - 1  # the solution step this evaluation opens
+            k = index[i]  # the solution step this evaluation opens (None: an internal stage)
+            if callback is not None and k is not None:
                 sig = sig_t[k] if classic else sig_t.new_tensor(s)
                 callback({"x": stepper.state, "i": k, "sigma": sig, "sigma_hat": sig, "denoised": denoised})
         return xe

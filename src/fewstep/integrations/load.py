@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..conditions import GuidanceSet
+from ..conditions import ConditionSpec, GuidanceSet
 from ..denoiser import Denoiser
 from ..errors import ModelSpecError
 from .diffusers_in import _fewstep_json, _read_json, from_diffusers, refuse_pickled_weights, uniform_labels
@@ -39,12 +40,14 @@ PIPELINE_OPTIONS = (
 
 
 def load_diffusers(
-    path: str | Path, device: str | torch.device = "cpu", guidance_scale: Any = None, **kwargs: Any
+    path: str | Path, device: str | torch.device = "cpu", conditions: ConditionSpec | None = None, **kwargs: Any
 ) -> Denoiser:
     """Load a saved diffusers pipeline folder as a Denoiser (local files only, safetensors weights).
 
-    Pipelines of a supported family take :data:`PIPELINE_OPTIONS` (``guidance_scale`` may be one scale or a
-    set, e.g. "3,7.5,12"); a text pipeline loads without ``prompts`` too (e.g. to build a FewStepScheduler),
+    What it is conditioned on: ``conditions`` (a :class:`~fewstep.conditions.ConditionSpec`), or its parts
+    ``prompts``, ``classes`` and ``guidance`` (one scale or a set, e.g. "3,7.5,12"; ``guidance_scale`` is the
+    same option under the name model builders give it). Pipelines of a supported family take the other
+    :data:`PIPELINE_OPTIONS`; a text pipeline loads without prompts too (e.g. to build a FewStepScheduler),
     but then samples only with explicit prompts. Weights load from safetensors only: a folder holding only
     pickle-based ``.bin`` weights is refused. The networks are frozen (eval mode, no gradients).
 
@@ -58,8 +61,7 @@ def load_diffusers(
     if not root.is_dir():
         raise ModelSpecError(f"diffusers folder {str(path)!r} does not exist (expected a save_pretrained folder)")
     extra = _fewstep_json(root)
-    if guidance_scale is None:
-        guidance_scale = kwargs.pop("guidance", None)
+    spec = _condition_spec(conditions, kwargs, extra)
     cls = pipeline_class(root)
     if cls and cls not in supported_pipelines() and _has_text_encoder(root):
         raise ModelSpecError(
@@ -72,19 +74,31 @@ def load_diffusers(
             raise ModelSpecError(
                 f"a {cls} folder does not take {', '.join(bad)}; it takes: {', '.join(PIPELINE_OPTIONS)}"
             )
-        w = guidance_scale if guidance_scale is not None else extra.get("guidance_scale")
-        if kwargs.get("classes") is None and extra.get("num_classes"):
-            kwargs["classes"] = ",".join(str(k) for k in range(int(extra["num_classes"])))
-        return load_pipeline(
-            root, device=device, guidance=w, name=kwargs.pop("name", None) or f"diffusers:{path}", **kwargs
-        )
-    gset = None if guidance_scale is None else GuidanceSet.parse(guidance_scale)
-    classes, dtype = kwargs.pop("classes", None), kwargs.pop("dtype", None)
-    den = _load_network(
-        root, path, device, None if gset is None else gset.scales[len(gset.scales) // 2], extra, **kwargs
-    )
-    den.with_conditions(classes, gset)
+        if spec.classes is None and extra.get("num_classes"):
+            spec = replace(spec, classes=",".join(str(k) for k in range(int(extra["num_classes"]))))
+        name = kwargs.pop("name", None) or f"diffusers:{path}"
+        return load_pipeline(root, device=device, conditions=spec, name=name, **kwargs)
+    if spec.prompts is not None:
+        raise ModelSpecError(f"{root} is not a text-to-image pipeline: load_diffusers does not take prompts here")
+    dtype = kwargs.pop("dtype", None)
+    den = _load_network(root, path, device, spec.scale, extra, **kwargs).with_conditions(spec)
     return den if dtype is None else den.set_dtype(dtype)
+
+
+def _condition_spec(given: ConditionSpec | None, kwargs: dict[str, Any], extra: dict[str, Any]) -> ConditionSpec:
+    """The one condition spec of a load: ``given``, or the options prompts / classes / guidance (or
+    guidance_scale) taken out of ``kwargs``; fewstep.json's guidance_scale when no guidance is asked."""
+    opts = {k: kwargs.pop(k) for k in ("prompts", "classes", "guidance", "guidance_scale") if k in kwargs}
+    opts = {k: v for k, v in opts.items() if v is not None}
+    if "guidance" in opts and "guidance_scale" in opts:
+        raise ModelSpecError("give guidance= or guidance_scale= (the same option), not both")
+    guidance = opts.pop("guidance", opts.pop("guidance_scale", None))
+    if given is not None and (opts or guidance is not None):
+        raise ModelSpecError(f"give conditions= or {', '.join(sorted(opts) or ['guidance'])}=, not both")
+    spec = given or ConditionSpec.parse(opts.get("prompts"), opts.get("classes"), guidance)
+    if spec.guidance is None and extra.get("guidance_scale") is not None:
+        spec = replace(spec, guidance=GuidanceSet.parse(extra["guidance_scale"]))
+    return spec
 
 
 def _has_text_encoder(root: Path) -> bool:
@@ -139,9 +153,8 @@ def _load_network(
     if num_classes:
         opts["cond_sampler"] = uniform_labels(num_classes)
     opts.update(kwargs)
-    w = guidance_scale if guidance_scale is not None else extra.get("guidance_scale")
     name = opts.pop("name", None) or f"diffusers:{path}"
-    den = from_diffusers(model.to(device), sched_cfg, guidance_scale=w, name=name, **opts)
+    den = from_diffusers(model.to(device), sched_cfg, guidance_scale=guidance_scale, name=name, **opts)
     den.num_classes = int(num_classes) if num_classes else None
     if num_classes and "cond_sampler" not in kwargs:
         den.identity.update(num_classes=int(num_classes), class_sampler="uniform")

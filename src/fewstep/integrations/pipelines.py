@@ -28,11 +28,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..conditions import ClassSet, Conditioning, Entry, GuidanceSet, PromptSet
+from ..conditions import ClassSet, Conditioning, ConditionSpec, Entry, GuidanceSet, PromptSet
 from ..denoiser import Denoiser, torch_dtype
 from ..errors import FewstepError, ModelSpecError, ShapeError
+from ..guidance import Conditions, Guidance
 from ..io import atomic_path, cache_root
-from .diffusers_in import dynamic_mu, flow_with_mu, refuse_pickled_weights, schedule_from_diffusers
+from ..schedules import Schedule
+from .diffusers_in import ModelSchedule, dynamic_mu, flow_with_mu, refuse_pickled_weights, schedule_from_diffusers
 from .families import Family, family_for, supported_pipelines
 from .quiet import quiet_torchvision_notices
 
@@ -184,7 +186,7 @@ class PipelineDenoiser(Denoiser):
     @property
     def text_conditional(self) -> bool:
         """Does the network take text (a prompt per sample) rather than class labels?"""
-        return self.family.num_classes is None
+        return self.family.text_conditional
 
     def cond_for(self, seeds: list[int] | range, device: str | torch.device = "cpu") -> dict[str, Any]:
         """Per-seed conditioning drawn from the prompt set; refused in one line for a text model loaded without one."""
@@ -206,7 +208,9 @@ class PipelineDenoiser(Denoiser):
         other._modules = dict(self._modules)
         other.net = FamilyNet(self.family, self.net.table, list(prompts.entries))
         other.net.table.ensure([e.prompt for e in prompts.entries] + [e.negative or NULL for e in prompts.entries])
-        other.cond_sampler = dataclasses.replace(self.cond_sampler, prompts=prompts)
+        other.conditions = dataclasses.replace(
+            self.conditions, sampler=dataclasses.replace(self.cond_sampler, prompts=prompts)
+        )
         return other
 
     def prompt_cond(
@@ -365,6 +369,7 @@ def load_pipeline(
     width: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     name: str | None = None,
+    conditions: ConditionSpec | None = None,
     **family_options: Any,
 ) -> PipelineDenoiser:
     """A Denoiser for a text-to-image or class-conditional pipeline (a saved folder or a loaded pipeline).
@@ -375,85 +380,84 @@ def load_pipeline(
     Args:
         path_or_pipe: a ``save_pretrained`` folder of a supported pipeline, or a loaded pipeline object.
         device, dtype: where and in which precision the pipeline runs (fp32 / fp16 / bf16).
+        conditions: what the samples are conditioned on (a :class:`~fewstep.conditions.ConditionSpec`), or its
+            parts (see :meth:`~fewstep.conditions.ConditionSpec.parse`):
         prompts: the prompt set (a PromptSet, a prompt file, or a list of prompts) each seed draws from. A
             text model loaded without one builds schedulers and samples with explicit prompts
             (``cond=model.prompt_cond([...])``); drawing per-seed conditions (``cond_for``: fits, evaluations)
             is refused in one line.
         classes: class labels for a class-conditional family (DiT): "0,1,2" or "all" (the default).
         guidance: one scale (classifier-free guidance, or Flux's guidance input), several ("3,7.5,12", a
-            range "3:12"): each seed draws one, so a solver can be fitted across them.
+            range "3:12"): each seed draws one, so a solver can be fitted across them. Default: the
+            pipeline's own scale.
         height, width: the image size (default: the pipeline's); the latent shape follows.
         cache_dir: cache root for the prompt embeddings (default ``$FEWSTEP_CACHE``).
         family_options: options of the family adapter (e.g. ``max_sequence_length``).
     """
+    if conditions is not None and any(v is not None for v in (prompts, classes, guidance)):
+        raise FewstepError("load_pipeline: give conditions= or prompts= / classes= / guidance=, not both")
+    spec = conditions or ConditionSpec.parse(prompts, classes, guidance)
     pipe, root = _pipeline(path_or_pipe, device, torch_dtype(dtype))
     freeze(pipe)
     fam = family_for(pipe)(pipe, **family_options)
     shape = fam.sample_shape(height, width)
     info = schedule_from_diffusers(fam.scheduler_config)
-    schedule = info.schedule
-    if info.flow_grid and info.flow_grid.get("use_dynamic_shifting"):  # the shift at this image size
-        mu = dynamic_mu(fam.scheduler_config, _seq_len(fam, shape))
-        schedule = flow_with_mu(info, mu, base="steps" if fam.name == "flux" else "train")
-    if guidance is None and fam.guidance_mode != "none":
-        guidance = default_guidance(pipe)
-    gset = guidance if isinstance(guidance, GuidanceSet) or guidance is None else GuidanceSet.parse(guidance)
-    w = None if gset is None else gset.scales[len(gset.scales) // 2]
-    num_classes = fam.num_classes
-    if num_classes is not None:
-        if prompts is not None:
-            raise FewstepError(f"{fam.name} is class-conditional: give --classes, not --prompts")
-        cset = classes if isinstance(classes, ClassSet) else ClassSet.parse(classes or "all", num_classes)
-        pset = None
-    else:
-        if classes is not None:
-            raise FewstepError(f"{fam.name} is text-conditional: give --prompts FILE, not --classes")
-        pset = _prompt_set(prompts)
-        cset = None
+    pset, cset = fam.condition_sets(spec)
     table = ConditionTable(fam, cache_root(cache_dir) / "embeddings" / _encoder_key(fam, root))
     entries = list(pset.entries) if pset is not None else []
     if entries:
         table.ensure([e.prompt for e in entries] + [e.negative or NULL for e in entries])
-    net = FamilyNet(fam, table, entries)
-    distilled = fam.guidance_mode == "distilled"
-    if fam.guidance_mode == "none" and gset is not None:
-        raise FewstepError(
-            f"{fam.name}: this network takes no guidance (no guidance embedding, no unconditional "
-            f"half): drop --guidance"
-        )
-    cond = Conditioning(
-        prompts=pset,
-        classes=cset,
-        guidance=gset if gset is not None and len(gset.scales) > 1 else None,
-        default_guidance=1.0 if w is None else w,
-    )
     identity: dict[str, Any] = {"pipeline": fam.identity()}
     if info.flow_grid:
         identity["flow_grid"] = info.flow_grid
     model = PipelineDenoiser(
-        net,
-        schedule,
+        FamilyNet(fam, table, entries),
+        _schedule(fam, info, shape),
         info.prediction,
         sample_shape=shape,
-        guidance_scale=w if distilled or (w is not None and w != 1.0) else None,
-        uncond=None if distilled else _uncond,
         name=name or f"diffusers:{root or type(pipe).__name__}",
-        cond_sampler=cond,
         identity=identity,
-        guidance_input=distilled,
         decode=fam.decode,
-        num_classes=num_classes,
+        conditions=_conditions(fam, spec, pset, cset),
     )
     model.family = fam
     model.dtype = fam.network_dtype  # recorded (the family casts its inputs; the weights are loaded in it)
     return model
 
 
-def _prompt_set(prompts: PromptSet | str | os.PathLike[str] | Sequence[str] | None) -> PromptSet | None:
-    """The prompt set given (None: a model that samples only with explicit prompts, e.g. to build a scheduler)."""
-    if prompts is None or isinstance(prompts, PromptSet):
-        return prompts
-    return PromptSet.read(Path(prompts)) if isinstance(prompts, (str, os.PathLike)) else PromptSet.of(list(prompts))
+def _schedule(fam: Family, info: ModelSchedule, shape: tuple[int, int, int]) -> Schedule:
+    """The pipeline's schedule at this latent shape (a dynamically shifted flow: the shift of its token count)."""
+    if info.flow_grid and info.flow_grid.get("use_dynamic_shifting"):
+        return flow_with_mu(info, dynamic_mu(fam.scheduler_config, fam.image_tokens(shape)), base=fam.shift_base)
+    return info.schedule
+
+
+def _conditions(fam: Family, spec: ConditionSpec, pset: PromptSet | None, cset: ClassSet | None) -> Conditions:
+    """The model's conditions: the family's guidance at the spec's scale (default: the pipeline's own), drawn per
+    seed from a set of several, and the prompt or class set."""
+    gset = spec.guidance
+    if gset is None and fam.guidance_mode != "none":
+        default = default_guidance(fam.pipe)
+        gset = None if default is None else GuidanceSet.parse(default)
+    if fam.guidance_mode == "none" and gset is not None:
+        raise FewstepError(
+            f"{fam.name}: this network takes no guidance (no guidance embedding, no unconditional "
+            f"half): drop --guidance"
+        )
+    w = None if gset is None else gset.middle
+    distilled = fam.guidance_mode == "distilled"
+    sampler = Conditioning(
+        prompts=pset,
+        classes=cset,
+        guidance=gset if gset is not None and len(gset.scales) > 1 else None,
+        default_guidance=1.0 if w is None else w,
+    )
+    guidance = Guidance(
+        scale=w if distilled or (w is not None and w != 1.0) else None,
+        uncond=None if distilled else _uncond,
+        takes_scale=distilled,
+    )
+    return Conditions(guidance, sampler, fam.num_classes)
 
 
 def default_guidance(pipe: Any) -> float | None:
@@ -462,14 +466,6 @@ def default_guidance(pipe: Any) -> float | None:
 
     p = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
     return None if p is None or not isinstance(p.default, (int, float)) else float(p.default)
-
-
-def _seq_len(fam: Family, shape: tuple[int, int, int]) -> int:
-    """The image token count a flow pipeline's dynamic shift is computed from (Flux: 2x2 patches)."""
-    patch = int(getattr(fam.network_config, "patch_size", 1) or 1)
-    if fam.name == "flux":
-        patch = 2
-    return (shape[1] // patch) * (shape[2] // patch)
 
 
 __all__ = ["ConditionTable", "FamilyNet", "PipelineDenoiser", "load_pipeline", "pipeline_class", "supported_pipelines"]

@@ -20,17 +20,16 @@ the same stepper fed by the pipeline's network calls.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, TypeGuard
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from ..denoiser import BASES, Denoiser, check_finite
 from ..errors import FewstepError, ModelOutputError
+from ..recompute import Recompute
 from ..schedules import Schedule
 
 
@@ -77,6 +76,18 @@ class Tableau:
         """The times of the solution points (t without internal stages), (M + 1,)."""
         return self.t if self.points is None else self.t[self.points]
 
+    def solution_index(self) -> list[int | None]:
+        """Per state k = 0 .. N, its place m among the solution points (0 .. M), None for an internal stage:
+        solution point m closes solution step m - 1, and an evaluation there opens step m."""
+        if self.points is None:
+            return list(range(self.N + 1))
+        out: list[int | None] = []
+        m = -1
+        for p in self.points.tolist():
+            m += p
+            out.append(m if p else None)
+        return out
+
     def detached(self, name: str | None = None) -> Tableau:
         """A copy whose tables are detached from autograd and own their memory (``name``: renamed)."""
 
@@ -121,6 +132,8 @@ class Tableau:
             raise FewstepError(f"tableau eval times have shape {tuple(self.c.shape)}; need ({n},)")
         if self.points is not None and tuple(self.points.shape) != (n + 1,):
             raise FewstepError(f"tableau points have shape {tuple(self.points.shape)}; need ({n + 1},)")
+        if self.points is not None and not bool(self.points[0]):
+            raise FewstepError("tableau points must mark the first state (the starting noise) as a solution point")
         if torch.triu(self._mask(self.B, self.B_mask), 1).any():
             raise FewstepError("tableau B must be lower triangular (a step can only use past evaluations)")
         if self.C is not None and torch.triu(self._mask(self.C, self.C_mask), 2).any():
@@ -240,45 +253,6 @@ class Stepper:
         return acc
 
 
-class BlockCheckpointing(Protocol):
-    """A network that can checkpoint its own blocks (a diffusers ``ModelMixin``)."""
-
-    def enable_gradient_checkpointing(self) -> None: ...
-
-    def disable_gradient_checkpointing(self) -> None: ...
-
-
-def _checkpoints_blocks(m: torch.nn.Module) -> TypeGuard[BlockCheckpointing]:
-    """Does ``m`` support checkpointing its own blocks, and not do so already?"""
-    return (
-        bool(getattr(m, "_supports_gradient_checkpointing", False))
-        and hasattr(m, "enable_gradient_checkpointing")
-        and not getattr(m, "gradient_checkpointing", False)
-    )
-
-
-def checkpointable_blocks(net: Any) -> list[BlockCheckpointing]:
-    """The diffusers networks inside ``net`` that can recompute each of their blocks in the backward pass
-    (their own gradient checkpointing) and do not already."""
-    if not isinstance(net, torch.nn.Module):
-        return []
-    return [m for m in net.modules() if _checkpoints_blocks(m)]
-
-
-@contextmanager
-def checkpointed_blocks(mods: list[BlockCheckpointing]) -> Iterator[None]:
-    """While open, ``mods`` (from :func:`checkpointable_blocks`) checkpoint their blocks. Opened inside a
-    checkpointed network call, it is open again when the backward pass recomputes that call: the backward
-    then holds the call's block inputs and one block's activations, not the whole call's."""
-    for m in mods:
-        m.enable_gradient_checkpointing()
-    try:
-        yield
-    finally:
-        for m in mods:
-            m.disable_gradient_checkpointing()
-
-
 def run_tableau(
     model: Denoiser,
     x: Tensor,
@@ -299,68 +273,98 @@ def run_tableau(
         callback: called after every solution step with {"i", "t", "x", "F"}.
         return_trajectory: also return the states at the solution points [x_0, ..., x_N].
         use_checkpoint: recompute each model call in the backward pass, and each block of a diffusers
-            network inside it (:func:`checkpointed_blocks`): memory of one block, not of NFE calls.
+            network inside it (:class:`~fewstep.recompute.Recompute`): memory of one block, not of NFE calls.
         check: stop with a clear error if the model returns NaN or inf.
     Returns:
         x_N, shape (B, ...), or (x_N, trajectory).
     """
-    cond = cond or {}
-    n = tab.N
-    blocks = checkpointable_blocks(model.net) if use_checkpoint else []
     stepper = Stepper(tab, model.schedule)
-    times, scal = stepper.times, stepper.scalars
-    c_times = times.detach()
-    # the solution step each kernel state closes (internal stages of a multi-stage method close none)
-    points = [True] * (n + 1) if tab.points is None else tab.points.tolist()
-    closes = [sum(points[1 : k + 1]) - 1 for k in range(n + 1)]
-
-    def evaluate(xi: Tensor, j: int) -> Tensor:
-        tj = times[j] if times.requires_grad else c_times[j]
-        if use_checkpoint and torch.is_grad_enabled():
-
-            def call(z: Tensor) -> Tensor:
-                with checkpointed_blocks(blocks):
-                    return model.predict(z, tj, tab.basis, scal[j], **cond)
-
-            out = checkpoint(call, xi, use_reentrant=False)
-        else:
-            out = model.predict(xi, tj, tab.basis, scal[j], **cond)
-        if check and not math.isfinite(float(out.detach().sum())):
-            if not bool(torch.isfinite(xi.detach()).all()):
-                if j == 0:  # the starting state, not the model: checked here only once something is wrong
-                    raise FewstepError("the starting noise holds NaN or inf: pass finite noise (e.g. torch.randn)")
-                raise unstable(j - 1)  # the solver's own state went first, not the model
-            try:
-                check_finite(out, f"at step {j} (t={float(tj.detach()):.6g}) of solver {tab.name}")
-            except ModelOutputError as e:
-                raise ModelOutputError(str(e)) from None
-        return out
-
-    def unstable(i: int) -> ModelOutputError:
-        return ModelOutputError(
-            f"solver {tab.name} produced NaN/inf at step {i} (t={float(tab.t[i + 1]):.6g}) from finite model "
-            f"outputs: its coefficients are unstable on this grid; try another solver or grid"
-        )
-
-    def settled(i: int, xi: Tensor, F: Tensor | None) -> None:
-        """x_{i+1} is final: report it (solution points only). Only the last state is checked here: a
-        non-finite state before it reaches the next model call, whose check names the solver (no extra
-        reduction per step on the sampling hot path)."""
-        if check and i == n - 1 and not math.isfinite(float(xi.detach().sum())):
-            raise unstable(i)
-        if not points[i + 1]:
-            return
-        if traj is not None:
-            traj.append(xi)
-        if callback is not None:
-            callback({"i": closes[i + 1], "t": float(tab.t[i + 1]), "x": xi, "F": F})
-
-    traj = [x] if return_trajectory else None
+    predict = _predictor(model, stepper, cond or {}, use_checkpoint)
+    guard = _Guard(tab, stepper.times, check)
+    points = _Points(tab, x, callback, return_trajectory)
     xe = stepper.start(x)
-    for i in range(n):
-        F = evaluate(xe, i)
+    for i in range(tab.N):
+        F = predict(xe, i)
+        guard.output(F, xe, i)
         xe = stepper.step(i, F)
         if i >= 1:
-            settled(i - 1, stepper.state, F)
-    settled(n - 1, xe, None)
-    return xe if traj is None else (xe, traj)
+            points.reached(i, stepper.state, F)
+    guard.end(xe)
+    points.reached(tab.N, xe, None)
+    return points.result(xe)
+
+
+def _predictor(
+    model: Denoiser, stepper: Stepper, cond: dict[str, Any], use_checkpoint: bool
+) -> Callable[[Tensor, int], Tensor]:
+    """``predict(x_j, j)``: the model's output F_j at evaluation point x_j in the tableau's basis (with
+    ``use_checkpoint``, recomputed in the backward pass)."""
+    times = stepper.times if stepper.times.requires_grad else stepper.times.detach()
+    scal, basis = stepper.scalars, stepper.tab.basis
+
+    def predict(xj: Tensor, j: int) -> Tensor:
+        return model.predict(xj, times[j], basis, scal[j], **cond)
+
+    if not use_checkpoint:
+        return predict
+    recompute = Recompute(model.net)
+
+    def predict_recomputed(xj: Tensor, j: int) -> Tensor:
+        tj = times[j]
+        return recompute(lambda z: model.predict(z, tj, basis, scal[j], **cond), xj)
+
+    return predict_recomputed
+
+
+class _Guard:
+    """Stops a solve at the first NaN or inf with an error naming where it came from: the starting noise, the
+    model, or the solver's own coefficients. One reduction per model call, none per state: a non-finite state
+    reaches the next model call, whose check names the solver; only the last state is checked on its own."""
+
+    def __init__(self, tab: Tableau, times: Tensor, on: bool) -> None:
+        self.tab, self.times, self.on = tab, times, on
+
+    def output(self, F: Tensor, x_eval: Tensor, j: int) -> None:
+        """Check F_j, the model's output at x_j."""
+        if not self.on or math.isfinite(float(F.detach().sum())):
+            return
+        if not bool(torch.isfinite(x_eval.detach()).all()):
+            if j == 0:  # the starting state, not the model: checked here only once something is wrong
+                raise FewstepError("the starting noise holds NaN or inf: pass finite noise (e.g. torch.randn)")
+            raise self.unstable(j - 1)  # the solver's own state went first, not the model
+        try:
+            check_finite(F, f"at step {j} (t={float(self.times[j].detach()):.6g}) of solver {self.tab.name}")
+        except ModelOutputError as e:
+            raise ModelOutputError(str(e)) from None
+
+    def end(self, x: Tensor) -> None:
+        """Check the last state x_N."""
+        if self.on and not math.isfinite(float(x.detach().sum())):
+            raise self.unstable(self.tab.N - 1)
+
+    def unstable(self, i: int) -> ModelOutputError:
+        return ModelOutputError(
+            f"solver {self.tab.name} produced NaN/inf at step {i} (t={float(self.tab.t[i + 1]):.6g}) from finite "
+            f"model outputs: its coefficients are unstable on this grid; try another solver or grid"
+        )
+
+
+class _Points:
+    """The solution points of a solve as they become final: the trajectory kept, the callback told."""
+
+    def __init__(self, tab: Tableau, x0: Tensor, callback: Callable[[dict[str, Any]], None] | None, keep: bool) -> None:
+        self.index, self.t, self.callback = tab.solution_index(), tab.t, callback
+        self.traj = [x0] if keep else None
+
+    def reached(self, k: int, x: Tensor, F: Tensor | None) -> None:
+        """State k (k >= 1) is final (F: the model's output there, if evaluated); internal stages are skipped."""
+        m = self.index[k]
+        if m is None:
+            return
+        if self.traj is not None:
+            self.traj.append(x)
+        if self.callback is not None:
+            self.callback({"i": m - 1, "t": float(self.t[k]), "x": x, "F": F})
+
+    def result(self, x: Tensor) -> Tensor | tuple[Tensor, list[Tensor]]:
+        return x if self.traj is None else (x, self.traj)

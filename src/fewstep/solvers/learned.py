@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..conditions import GuidanceSet
 from ..denoiser import Denoiser
 from ..errors import FewstepError
 from ..schedules import F64, Schedule
@@ -142,6 +143,12 @@ class LearnedSolver(nn.Module):
     def guidance_range(self) -> tuple[float, float] | None:
         """(lowest, highest) guidance scale this solver is defined for (None: one solver for every scale)."""
         return None if self.guidance is None else (self.guidance[0], self.guidance[-1])
+
+    @property
+    def reference_scale(self) -> float | None:
+        """The scale an artifact's main tables are written at: the middle of the fitted scales (None: one solver
+        for every scale)."""
+        return None if self.guidance is None else GuidanceSet(self.guidance).middle
 
     def _basis(self, w: float | None) -> Tensor | None:
         """The Legendre basis values at scale ``w``, (degree + 1,); None for a solver not fitted across scales."""

@@ -15,11 +15,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..denoiser import Denoiser
 from ..errors import ArtifactError
-from ..io import sha256_tensors
+from ..fingerprint import weights_digest
 
 SIZE_KEYS = ("image_size", "sample_shape")  # identity entries that are the sample size
 GUIDANCE_KEYS = ("guided", "null_class")  # identity entries that only say how the model is guided
@@ -36,19 +35,6 @@ def _plain(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return [_plain(x) for x in v]
     return repr(v)
-
-
-def weights_digest(model: Denoiser) -> str:
-    """sha256 (16 hex digits) of the network's parameters and buffers alone, kept until a weight changes."""
-    if not isinstance(model.net, nn.Module):
-        return ""
-    state = model.net.state_dict()
-    key = tuple((k, v.data_ptr(), v._version) for k, v in state.items())
-    cached = model.__dict__.get("_weights_digest")
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    model.__dict__["_weights_digest"] = (key, sha256_tensors(state)[:16])
-    return model.__dict__["_weights_digest"][1]
 
 
 def model_parts(model: Denoiser) -> dict[str, Any]:
@@ -97,7 +83,7 @@ def _guidance_scale_note(doc: Mapping[str, Any], model: Denoiser) -> str | None:
     if doc.get("guidance") is not None:  # fitted across scales: the scale picks the tables
         return None
     fitted = _scale(doc["model"].get("guidance_scale"))
-    several = model.guidance_scales()
+    several = model.conditions.scales()
     if several:
         return f"fitted at scale {fitted:g}, this model samples at {several[0]:g}..{several[-1]:g}"
     now = _scale(model.guidance_scale)

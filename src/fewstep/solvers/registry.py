@@ -24,11 +24,22 @@ from .kernel import Tableau
 ALL_GRIDS = ("time", "quadratic", "logsnr", "karras")
 
 
+def one_a_step(nfe: int) -> int:
+    """Grid steps of a one-evaluation-a-step solver for ``nfe`` evaluations: nfe."""
+    return nfe
+
+
+def one_eval_a_step(steps: int, final_zero: bool = True) -> int:
+    """Evaluations of ``steps`` grid steps of a one-evaluation-a-step solver: steps."""
+    return int(steps)
+
+
 @dataclass(frozen=True)
 class SolverInfo:
     """One classic solver.
 
-    ``stages``: evaluations per grid step (Heun: 2, and 1 on a last step to sigma = 0).
+    ``stages``: evaluations per grid step (Heun: 2, and 1 on a last step to sigma = 0); ``grid_steps`` and
+    ``evaluations``: the solver's own rule between NFE and grid steps (default: one evaluation a step).
     ``needs_alpha``: works in y = x / alpha, so needs alpha > 0 at the noise end (not a flow at t = 1).
     ``alias_of``: another name of that solver (left out of sweeps).
     """
@@ -41,21 +52,22 @@ class SolverInfo:
     stages: int = 1
     needs_alpha: bool = False
     alias_of: str | None = None
+    grid_steps: Callable[[int], int] = one_a_step  # NFE budget -> grid steps (may raise its own NFEError)
+    evaluations: Callable[[int, bool], int] = one_eval_a_step  # (grid steps, final_zero) -> NFE
 
     def steps(self, nfe: int) -> int:
         """Grid steps whose cost fits in ``nfe`` evaluations (NFEError below the solver's minimum)."""
         nfe = int(nfe)
-        if self.stages == 2:
-            return heun_steps(nfe)
+        steps = self.grid_steps(nfe)
         if nfe < self.min_nfe:
             raise NFEError(
                 f"{self.name} needs at least {self.min_nfe} NFE (got {nfe}): raise --nfe or use a lower-order solver"
             )
-        return nfe
+        return steps
 
     def cost(self, steps: int, final_zero: bool = True) -> int:
         """Evaluations of ``steps`` grid steps (``final_zero``: the grid ends at sigma = 0)."""
-        return heun_nfe(steps, final_zero) if self.stages == 2 else int(steps)
+        return self.evaluations(steps, final_zero)
 
     def suits(self, schedule: Schedule) -> bool:
         """Can this solver run on ``schedule`` at all?"""
@@ -74,10 +86,12 @@ def _reg(
     stages: int = 1,
     needs_alpha: bool = False,
     alias_of: str | None = None,
+    grid_steps: Callable[[int], int] = one_a_step,
+    evaluations: Callable[[int, bool], int] = one_eval_a_step,
     **kwargs,
 ) -> None:
     (STAGED if stages > 1 else SOLVERS)[name] = SolverInfo(
-        name, make, kwargs, min_nfe, doc, stages, needs_alpha, alias_of
+        name, make, kwargs, min_nfe, doc, stages, needs_alpha, alias_of, grid_steps, evaluations
     )
 
 
@@ -98,7 +112,7 @@ _reg("euler", adams, 1, "Euler on dx/dt", order=1)
 _reg("adams2", adams, 2, "Adams-Bashforth 2 on dx/dt", order=2)
 _reg("adams3", adams, 3, "Adams-Bashforth 3 on dx/dt", order=3)
 _reg("adams4", adams, 4, "Adams-Bashforth 4 on dx/dt", order=4)
-_reg("heun", heun, 3, "Heun (EDM), 2 evaluations a step", stages=2)
+_reg("heun", heun, 3, "Heun (EDM), 2 evaluations a step", stages=2, grid_steps=heun_steps, evaluations=heun_nfe)
 
 
 def solver_names() -> list[str]:

@@ -142,13 +142,8 @@ class TableauSolver:
 
 def some_scale(model: Denoiser, solver: Solver) -> float | None:
     """A guidance scale the model's samples use, for a solver fitted across scales (None for any other): the
-    model's scale, else the middle of the scales its seeds draw from (the tables' shape is the same at all)."""
-    if solver.guidance_range is None:
-        return None
-    scales = model.guidance_scales()
-    return (
-        scales[len(scales) // 2] if scales else (1.0 if model.guidance_scale is None else float(model.guidance_scale))
-    )
+    middle of the scales its seeds draw from, else the model's (the tables' shape is the same at all)."""
+    return None if solver.guidance_range is None else model.conditions.some_scale()
 
 
 def is_artifact_spec(spec: str) -> bool:

@@ -44,6 +44,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ...conditions import ClassSet, ConditionSpec, PromptSet
 from ...errors import FewstepError, ModelSpecError, ShapeError
 
 GUIDANCE_MODES = ("cfg", "distilled", "none")
@@ -62,6 +63,9 @@ class Family(ABC):
         pipeline_classes: diffusers pipeline class names handled (model_index.json ``_class_name``).
         guidance_mode: "cfg" (second, unconditional half), "distilled" (guidance scale is a network
             input, no second half) or "none" (neither).
+        text_conditional: each sample takes a prompt (else a class label: :attr:`num_classes`).
+        shift_base: the grid a dynamically shifted flow pipeline shifts: "train" (its training sigmas) or
+            "steps" (sigmas linspace(1, 1/n, n), as FluxPipeline passes them).
         network: the denoising network (``pipe.unet`` or ``pipe.transformer``).
         scheduler_config: ``dict(pipe.scheduler.config)`` (with ``_class_name`` filled in when the
             in-memory config lacks it): what the model was trained with.
@@ -72,6 +76,8 @@ class Family(ABC):
     name: ClassVar[str]
     pipeline_classes: ClassVar[tuple[str, ...]]
     guidance_mode: str = "cfg"
+    text_conditional: ClassVar[bool] = True
+    shift_base: ClassVar[str] = "train"
     network_attr: ClassVar[str] = "unet"  # the pipeline component holding the network
     text_encoder_attrs: ClassVar[tuple[str, ...]] = ()  # pipeline components named in identity()
 
@@ -151,6 +157,19 @@ class Family(ABC):
     def num_classes(self) -> int | None:
         """How many class labels a class-conditional family takes; None for a text-conditional one."""
         return None
+
+    def condition_sets(self, spec: ConditionSpec) -> tuple[PromptSet | None, ClassSet | None]:
+        """(prompt set, class set) the seeds draw from, of the conditions asked for: a text family takes prompts
+        (none: it samples with explicit prompts only) and refuses classes in one line."""
+        if spec.classes is not None:
+            raise FewstepError(f"{self.name} is text-conditional: give --prompts FILE, not --classes")
+        return spec.prompts, None
+
+    def image_tokens(self, shape: tuple[int, int, int]) -> int:
+        """The image tokens of one latent (C, h, w), the count a flow pipeline's dynamic shift is computed from:
+        (h / p) (w / p) for the network's patch size p (1 without one)."""
+        patch = int(getattr(self.network_config, "patch_size", 1) or 1)
+        return (shape[1] // patch) * (shape[2] // patch)
 
     def sample_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
         """(C, h, w) of one UNPACKED latent for a height x width image (default: the pipeline's size).

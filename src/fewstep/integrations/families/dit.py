@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ...conditions import ClassSet, ConditionSpec, PromptSet
 from ...errors import FewstepError, ShapeError
 from .base import Family, check_multiple, out_tensor
 
@@ -42,11 +43,18 @@ class DiTFamily(_DiTLike):
 
     name = "dit"
     pipeline_classes = ("DiTPipeline",)
+    text_conditional = False
 
     @property
     def num_classes(self) -> int:
         """K, the transformer's class count (its label table has one more row: the null class K)."""
         return int(self.network_config.num_embeds_ada_norm)
+
+    def condition_sets(self, spec: ConditionSpec) -> tuple[PromptSet | None, ClassSet | None]:
+        """(None, the class labels asked for: all K by default); prompts are refused in one line."""
+        if spec.prompts is not None:
+            raise FewstepError(f"{self.name} is class-conditional: give --classes, not --prompts")
+        return None, spec.class_set(self.num_classes, default="all")
 
     def _latent_hw(self, height: int, width: int) -> tuple[int, int]:
         if (height, width) != self.default_image_size():

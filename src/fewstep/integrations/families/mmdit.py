@@ -133,6 +133,7 @@ class FluxFamily(_ShiftedVAE):
     network_attr = "transformer"
     text_encoder_attrs = ("text_encoder", "text_encoder_2")
     guidance_mode = "distilled"
+    shift_base = "steps"
 
     def __init__(self, pipe: Any, *, max_sequence_length: int = 512) -> None:
         super().__init__(pipe)
@@ -155,6 +156,10 @@ class FluxFamily(_ShiftedVAE):
                 f"{self.name}: a {height}x{width} image is smaller than one 2x2 latent patch ({k}x{k} pixels)"
             )
         return h, w
+
+    def image_tokens(self, shape: tuple[int, int, int]) -> int:
+        """(h / 2) (w / 2): the transformer sees 2x2 latent patches (see :meth:`pack`)."""
+        return (shape[1] // 2) * (shape[2] // 2)
 
     # ------------------------------------------------------------------ packing
     @staticmethod
