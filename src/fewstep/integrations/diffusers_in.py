@@ -48,7 +48,7 @@ REFUSED_SCHEDULERS = {
     "ScoreSdeVeScheduler": "a VE score model",
     "KarrasVeScheduler": "a VE score model",
 }
-FEWSTEP_JSON_KEYS = ("sample_shape", "num_classes", "null_class", "guidance_scale", "class_sampler")
+FEWSTEP_JSON_KEYS = ("sample_shape", "num_classes", "null_class", "guidance_scale", "class_sampler", "vocabulary")
 LABEL_SALT = 7919  # label streams are salted so labels are independent of the noise from the same seed
 
 
@@ -507,6 +507,9 @@ def _fewstep_json(root: Path) -> dict[str, Any]:
     k = doc.get("num_classes")
     if k is not None and (not isinstance(k, int) or k < 1):
         raise ModelSpecError(f"{path}: num_classes must be a positive integer; got {k!r}")
+    words = doc.get("vocabulary")
+    if words is not None and (not isinstance(words, list) or not words or not all(isinstance(w, str) for w in words)):
+        raise ModelSpecError(f"{path}: vocabulary must be a non-empty list of words; got {str(words)[:60]}")
     return doc
 
 

@@ -77,7 +77,8 @@ def load_diffusers(
         if spec.classes is None and extra.get("num_classes"):
             spec = replace(spec, classes=",".join(str(k) for k in range(int(extra["num_classes"]))))
         name = kwargs.pop("name", None) or f"diffusers:{path}"
-        return load_pipeline(root, device=device, conditions=spec, name=name, **kwargs)
+        vocabulary = extra.get("vocabulary")
+        return load_pipeline(root, device=device, conditions=spec, name=name, vocabulary=vocabulary, **kwargs)
     if spec.prompts is not None:
         raise ModelSpecError(f"{root} is not a text-to-image pipeline: load_diffusers does not take prompts here")
     dtype = kwargs.pop("dtype", None)

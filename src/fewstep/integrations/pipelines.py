@@ -50,8 +50,11 @@ class ConditionTable:
     one with the same text encoders) are not encoded again.
     """
 
-    def __init__(self, family: Family, cache: Path | None = None, batch: int = 16) -> None:
+    def __init__(
+        self, family: Family, cache: Path | None = None, batch: int = 16, vocabulary: Sequence[str] | None = None
+    ) -> None:
         self.family, self.cache, self.batch = family, cache, int(batch)
+        self.vocabulary = None if vocabulary is None else frozenset(vocabulary)
         self._rows: dict[str, dict[str, Tensor]] = {}
         self.encoded = 0  # texts the encoder ran on (cache misses)
 
@@ -91,11 +94,12 @@ class ConditionTable:
             pass
 
     def ensure(self, texts: Sequence[str]) -> None:
-        """Encode (or load) every text not yet in the table."""
+        """Encode (or load) every text not yet in the table (a FewstepError names words it cannot encode)."""
         todo = []
         for text in dict.fromkeys(texts):
             if text in self._rows:
                 continue
+            self.check_words(text)
             got = self._load(text)
             if got is not None:
                 self._rows[text] = got
@@ -115,6 +119,29 @@ class ConditionTable:
                 row = {key: v[i].detach().cpu() for key, v in enc.items()}
                 self._rows[text] = row
                 self._store(text, row)
+
+    def check_words(self, text: str) -> None:
+        """Refuse a prompt with words outside the model's ``vocabulary`` (when it declares one) or that one of its
+        tokenizers would turn into its unknown token: in one line naming them, never a silent unknown token."""
+        if text == NULL:
+            return
+        bad = [w for w in dict.fromkeys(text.split()) if self._unknown(w)]
+        if not bad:
+            return
+        known = f" (it knows: {', '.join(sorted(self.vocabulary))})" if self.vocabulary is not None else ""
+        raise FewstepError(
+            f"prompt {text[:80]!r}: {', '.join(map(repr, bad))} cannot be encoded by this model's tokenizers"
+            f"{known}; use the words of its prompt files"
+        )
+
+    def _unknown(self, word: str) -> bool:
+        if self.vocabulary is not None and word not in self.vocabulary:
+            return True
+        for tok in self.family.tokenizers():
+            unk = getattr(tok, "unk_token_id", None)
+            if unk is not None and unk in tok(word, add_special_tokens=False)["input_ids"]:
+                return True
+        return False
 
     def rows(self, texts: Sequence[str], device: torch.device | str) -> dict[str, Tensor]:
         """{key: (len(texts), ...)} on ``device``: each text's rows, stacked (encoded first where new)."""
@@ -370,6 +397,7 @@ def load_pipeline(
     cache_dir: str | os.PathLike[str] | None = None,
     name: str | None = None,
     conditions: ConditionSpec | None = None,
+    vocabulary: Sequence[str] | None = None,
     **family_options: Any,
 ) -> PipelineDenoiser:
     """A Denoiser for a text-to-image or class-conditional pipeline (a saved folder or a loaded pipeline).
@@ -392,6 +420,8 @@ def load_pipeline(
             pipeline's own scale.
         height, width: the image size (default: the pipeline's); the latent shape follows.
         cache_dir: cache root for the prompt embeddings (default ``$FEWSTEP_CACHE``).
+        vocabulary: the words prompts may use (a pipeline folder's ``fewstep.json`` may list them); prompts with other
+            words, or words a tokenizer maps to its unknown token, are refused in one line.
         family_options: options of the family adapter (e.g. ``max_sequence_length``).
     """
     if conditions is not None and any(v is not None for v in (prompts, classes, guidance)):
@@ -403,7 +433,7 @@ def load_pipeline(
     shape = fam.sample_shape(height, width)
     info = schedule_from_diffusers(fam.scheduler_config)
     pset, cset = fam.condition_sets(spec)
-    table = ConditionTable(fam, cache_root(cache_dir) / "embeddings" / _encoder_key(fam, root))
+    table = ConditionTable(fam, cache_root(cache_dir) / "embeddings" / _encoder_key(fam, root), vocabulary=vocabulary)
     entries = list(pset.entries) if pset is not None else []
     if entries:
         table.ensure([e.prompt for e in entries] + [e.negative or NULL for e in entries])

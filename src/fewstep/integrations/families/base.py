@@ -191,6 +191,11 @@ class Family(ABC):
                 self._null = {k: v.detach() for k, v in self._null_row().items()}
         return {k: v.repeat(int(n), *([1] * (v.dim() - 1))) for k, v in self._null.items()}
 
+    def tokenizers(self) -> list[Any]:
+        """The pipeline's tokenizers, one per text encoder it has (none for class-conditional families)."""
+        names = [a.replace("text_encoder", "tokenizer") for a in self.text_encoder_attrs]
+        return [t for t in (getattr(self.pipe, n, None) for n in names) if t is not None]
+
     def identity(self) -> dict[str, Any]:
         """JSON-able facts that tell models apart (not the weights): family, network, encoders, size."""
         encoders = [
