@@ -32,9 +32,10 @@ class _Net(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(2, 2, 3, padding=1)
         self.cond = nn.Linear(3, 2)
+        self.drop = nn.Dropout(0.1)  # draws from the global generator, as DiT's label dropout does
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, rows: dict[str, torch.Tensor]) -> torch.Tensor:
-        c = self.cond(rows["emb"])[:, :, None, None]
+        c = self.drop(self.cond(rows["emb"]))[:, :, None, None]
         return self.conv(x) + c + 1e-3 * t[:, None, None, None]
 
 

@@ -13,8 +13,9 @@ sigma moved by the scheduler's shift (where a shifted sampler spends its steps).
 classifier-free guidance needs.
 
 Deterministic for a given recipe and thread count: the network is initialised by the caller under
-the recipe's seed; every batch, dropout, time and noise comes from one seeded generator whose state is
-part of the checkpoint. A checkpoint (weights, EMA, AdamW moments, generator, step) is written
+the recipe's seed; every batch, dropout, time and noise comes from one seeded generator, and anything the
+network draws itself (DiT's label dropout) from the global generator, seeded per run; both states are part
+of the checkpoint. A checkpoint (weights, EMA, AdamW moments, generator, step) is written
 atomically every ``save_every`` steps; a run given the same checkpoint path resumes from it when its
 recipe hash matches, and otherwise starts over. Resumed and uninterrupted runs give the same weights.
 """
@@ -128,6 +129,7 @@ def _save(path: Path, st: _State, recipe: dict[str, Any]) -> None:
         "v": st.opt.v,
         "t": st.opt.t,
         "g": st.g.get_state(),
+        "global_rng": torch.get_rng_state(),
         "losses": st.losses,
         "acc": st.acc,
         "first": st.first,
@@ -153,6 +155,7 @@ def _load(path: Path | None, st: _State, recipe: dict[str, Any]) -> bool:
             return False
         st.opt.m, st.opt.v, st.opt.t = list(doc["m"]), list(doc["v"]), int(doc["t"])
         st.g.set_state(doc["g"])
+        torch.set_rng_state(doc["global_rng"])
         st.step, st.losses, st.acc = int(doc["step"]), [float(x) for x in doc["losses"]], float(doc["acc"])
         st.first = [float(x) for x in doc["first"]]
     except Exception as e:  # noqa: BLE001 - a damaged or foreign checkpoint: start over
@@ -193,7 +196,9 @@ def train_network(
     time_shift, save_every, log_every. ``stop_after`` stops (with a checkpoint) after that many steps
     in total: an interruption, for tests. Returns the EMA state dict (float32, detached).
     """
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
+        # randomness inside the network (DiT's label dropout draws from the global generator) is seeded too
+        torch.manual_seed(int(recipe["seed"]) + 2)
         return _train(net, forward, schedule, prediction, data, recipe, checkpoint, log, stop_after)
 
 
