@@ -58,7 +58,7 @@ def main() -> None:
         doc = json.loads((pipeline_folder(family) / "recipe.json").read_text())
         prov, rec = doc["provenance"], doc["recipe"]
         params = None
-        best: tuple[float, float, torch.Tensor] | None = None
+        best: tuple[float, float, torch.Tensor, str] | None = None
         for w in [float(x) for x in args.guidance.split(",")]:
             model = _model(family, w)
             if params is None:
@@ -79,7 +79,7 @@ def main() -> None:
                 flush=True,
             )
             if best is None or adh["adherence"] > best[0]:
-                best = (adh["adherence"], w, images[:16])
+                best = (adh["adherence"], w, images[:16], f"{name}@{grid}:{nfe}")
         training.append((family, params, rec, prov))
         if args.docs and best is not None:
             path = Path(args.docs) / f"scenes-{family}.png"
@@ -87,7 +87,7 @@ def main() -> None:
             write_png(path, image_grid(best[2], nrow=8), scale=3)
             caps = captions_of(_model(family, best[1]), seeds[:16])
             (path.with_suffix(".txt")).write_text(
-                f"zoo:scenes-{family}, guidance {best[1]:g}, reference solver; row by row:\n" + "\n".join(caps) + "\n"
+                f"zoo:scenes-{family}, guidance {best[1]:g}, {best[3]}; row by row:\n" + "\n".join(caps) + "\n"
             )
     print("\n| pipeline | guidance | solver | prompt adherence | all attributes | chance | seconds |")
     print("|---|---|---|---|---|---|---|")

@@ -45,6 +45,10 @@ def test_names_and_errors():
         "digits-eps",
         "digits-flow",
         "digits-unet",
+        "scenes-sd",
+        "scenes-sd3",
+        "scenes-pixart",
+        "scenes-dit",
     }
     with pytest.raises(ModelSpecError) as e:
         zoo.load("nope")

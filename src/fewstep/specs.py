@@ -96,13 +96,16 @@ def load_model(
     if conditions is not None and any(v is not None for v in (prompts, classes, guidance)):
         raise ModelSpecError("give conditions= or prompts= / classes= / guidance=, not both")
     head = spec.partition(":")[0]
-    if head != "diffusers":
+    pipeline = head == "diffusers" or _zoo_pipeline(spec)
+    if not pipeline:
         given = prompts if conditions is None else conditions.prompts
         for name, v in (("prompts", given), ("height", height), ("width", width)):
             if v is not None:
-                raise ModelSpecError(f"{spec!r}: --{name} applies to diffusers pipelines (diffusers:DIR) only")
+                raise ModelSpecError(
+                    f"{spec!r}: --{name} applies to pipelines (diffusers:DIR and the zoo's scenes-*) only"
+                )
     conditions = conditions or ConditionSpec.parse(prompts, classes, guidance)
-    if head == "diffusers":
+    if pipeline:
         if dtype is not None:
             check_dtype(dtype, device)
         size = {k: v for k, v in dict(height=height, width=width, dtype=dtype).items() if v is not None}
@@ -111,6 +114,16 @@ def load_model(
         kwargs["guidance_scale"] = conditions.scale
     model = _load(spec, device, **kwargs).with_conditions(conditions)
     return model if dtype is None else model.set_dtype(check_dtype(dtype, device))
+
+
+def _zoo_pipeline(spec: str) -> bool:
+    """Is ``spec`` a zoo model that is a whole diffusers pipeline (``zoo:scenes-sd``, ...)?"""
+    head, _, tail = spec.partition(":")
+    if head != "zoo":
+        return False
+    from .zoo import PIPELINES
+
+    return tail in PIPELINES
 
 
 def _load(spec: str, device: str, **kwargs: Any) -> Denoiser:

@@ -66,6 +66,23 @@ def _build_trained(name: str) -> Callable[..., Denoiser]:
     return build
 
 
+def _build_scenes(family: str) -> Callable[..., Denoiser]:
+    def build(
+        conditions: Any = None,
+        device: str | torch.device = "cpu",
+        dtype: Any = None,
+        height: int | None = None,
+        width: int | None = None,
+        retrain: bool = False,
+    ) -> Denoiser:
+        from .scenes.models import build_scenes
+
+        return build_scenes(family, conditions, device, dtype, height, width, retrain)
+
+    build.__name__ = f"build_scenes_{family}"
+    return build
+
+
 _BUILDERS: dict[str, Callable[..., Denoiser]] = {
     "gaussian": build_gaussian,
     "gmm2d": build_gmm2d,
@@ -74,8 +91,14 @@ _BUILDERS: dict[str, Callable[..., Denoiser]] = {
     "digits-eps": _build_trained("digits-eps"),
     "digits-flow": _build_trained("digits-flow"),
     "digits-unet": build_digits_unet,
+    "scenes-sd": _build_scenes("sd"),
+    "scenes-sd3": _build_scenes("sd3"),
+    "scenes-pixart": _build_scenes("pixart"),
+    "scenes-dit": _build_scenes("dit"),
 }
 NAMES: tuple[str, ...] = tuple(_BUILDERS)
+#: zoo models that are whole diffusers pipelines (they take prompts, classes, image size and dtype as pipelines do)
+PIPELINES = ("scenes-sd", "scenes-sd3", "scenes-pixart", "scenes-dit")
 
 
 @dataclass(frozen=True)
@@ -92,9 +115,11 @@ class ZooInfo:
     first_use: str  # what the first load costs
     first_use_seconds: float  # about how long (0: instant)
     summary: str
+    family: str | None = None  # the diffusers pipeline family of a pipeline model (sd, sd3, pixart-sigma, dit)
 
 
 _TRAINED_ON_FIRST_USE = ("trained on first use, ~40 s on 2 CPU cores, then cached", 40.0)
+_SCENES_FIRST_USE = ("ships weights; the pipeline folder is assembled once (~10 s) and cached", 10.0)
 INFO: dict[str, ZooInfo] = {
     "gaussian": ZooInfo(
         "analytic",
@@ -178,6 +203,55 @@ INFO: dict[str, ZooInfo] = {
         5.0,
         "16x16 digits, class-conditional, classifier-free guidance (null class 10)",
     ),
+    "scenes-sd": ZooInfo(
+        "trained",
+        "diffusers UNet2DConditionModel in a StableDiffusionPipeline (CLIP text, scenes VAE)",
+        "eps",
+        "vp_discrete",
+        (4, 8, 8),
+        None,
+        True,
+        *_SCENES_FIRST_USE,
+        "32x32 captioned scenes, text-to-image, scaled-linear DDPM, classifier-free guidance",
+        "sd",
+    ),
+    "scenes-sd3": ZooInfo(
+        "trained",
+        "diffusers SD3Transformer2DModel in a StableDiffusion3Pipeline (CLIP x2 + T5, scenes VAE)",
+        "velocity",
+        "flow",
+        (4, 8, 8),
+        None,
+        True,
+        "trained on first use (~35 min on one CPU thread; resumable), then cached",
+        2100.0,
+        "32x32 captioned scenes, text-to-image, rectified flow with shift 3, classifier-free guidance",
+        "sd3",
+    ),
+    "scenes-pixart": ZooInfo(
+        "trained",
+        "diffusers PixArtTransformer2DModel in a PixArtSigmaPipeline (T5, scenes VAE)",
+        "eps",
+        "vp_discrete",
+        (4, 8, 8),
+        None,
+        True,
+        *_SCENES_FIRST_USE,
+        "32x32 captioned scenes, text-to-image, linear-beta DDPM, learned sigma, classifier-free guidance",
+        "pixart-sigma",
+    ),
+    "scenes-dit": ZooInfo(
+        "trained",
+        "diffusers DiTTransformer2DModel in a DiTPipeline (scenes VAE)",
+        "eps",
+        "vp_discrete",
+        (4, 8, 8),
+        24,
+        True,
+        *_SCENES_FIRST_USE,
+        "32x32 single-object scenes, 24 classes (colour, shape), linear-beta DDPM, classifier-free guidance",
+        "dit",
+    ),
 }
 
 
@@ -192,6 +266,10 @@ def _cached(name: str) -> bool | None:
         from .unet import WEIGHTS_DIR, folder_recipe_hash, unet_recipe
 
         return folder_recipe_hash(WEIGHTS_DIR) == recipe_hash(unet_recipe())
+    if name in PIPELINES:
+        from .scenes.models import folder_path
+
+        return (folder_path(name.removeprefix("scenes-")) / "recipe.json").is_file()
     return None
 
 
@@ -203,7 +281,19 @@ def describe(name: str) -> dict[str, Any]:
         raise ModelSpecError(f"unknown zoo model {name!r}; valid: {', '.join(NAMES)}")
     d = asdict(INFO[key])
     d["sample_shape"] = list(d["sample_shape"])
-    return {"name": f"zoo:{key}", **d, "cached": _cached(key)}
+    out = {"name": f"zoo:{key}", **d, "cached": _cached(key)}
+    if key in PIPELINES:
+        from .scenes.models import folder_path
+
+        folder = folder_path(key.removeprefix("scenes-"))
+        out["pipeline_folder"] = str(folder)
+        text = key != "scenes-dit"
+        out["prompt_files"] = (
+            {"train": str(folder / "prompts" / "train.txt"), "heldout": str(folder / "prompts" / "heldout.txt")}
+            if text
+            else None
+        )
+    return out
 
 
 def load(name: str, device: str | torch.device = "cpu", **kwargs: Any) -> Denoiser:
@@ -224,4 +314,6 @@ def load(name: str, device: str | torch.device = "cpu", **kwargs: Any) -> Denois
         raise ModelSpecError(
             f"zoo:{key} does not take {', '.join(map(repr, bad))}; it takes: {', '.join(params) or 'nothing'}"
         )
+    if "device" in params:
+        return build(device=device, **kwargs)
     return build(**kwargs).to(device)

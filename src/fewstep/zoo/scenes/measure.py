@@ -45,6 +45,7 @@ def decoded_samples(
         part = list(seeds[i : i + batch])
         with torch.no_grad():
             x = sample(model, model.noise(part), solver=solver, nfe=nfe, cond=model.cond_for(part))
+            assert isinstance(x, Tensor)  # no trajectory asked
             out.append(model.decode(x).float().clamp(-1, 1))
     return torch.cat(out)
 
