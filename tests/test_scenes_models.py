@@ -3,6 +3,8 @@ prompts they follow, and the ways a user reaches them (zoo:, diffusers:DIR, the 
 
 from __future__ import annotations
 
+import json
+import math
 import os
 
 import pytest
@@ -157,3 +159,24 @@ def test_fewstep_scheduler_inside_the_unmodified_sd_pipeline_matches_fewstep_sam
     with torch.no_grad():
         ref = sample(model, noise, "dpmpp_3m@logsnr", nfe=5, cond=model.prompt_cond([prompt] * 2))
     torch.testing.assert_close(got.images, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_fit_and_eval_on_the_dit_pipeline(cache, tmp_path):
+    from typer.testing import CliRunner
+
+    from fewstep.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "solver"
+    fit_args = ["fit", "--model", "zoo:scenes-dit", "--method", "s4s", "--nfe", "4", "--samples", "16"]
+    fit_args += ["--val-samples", "8", "--confirm-samples", "8", "--steps", "6", "--teacher", "dpmpp_3m@logsnr:20"]
+    r = runner.invoke(app, [*fit_args, "--eval-samples", "0", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "solver.json").read_text())["nfe"] == 4
+    eval_args = ["eval", "--model", "zoo:scenes-dit", "--solver", "ddim", "--solver", str(out), "--nfe", "4"]
+    eval_args += ["--samples", "8", "--reference-nfe", "50", "--metrics", "none", "--json"]
+    r = runner.invoke(app, eval_args)
+    assert r.exit_code == 0, r.output
+    rows = [row for row in json.loads(r.stdout)["results"] if row.get("role") != "reference"]
+    assert sorted(row["solver"] == "ddim" for row in rows) == [False, True]  # the classic row and the learned one
+    assert all(math.isfinite(row["rmse"]) and row["rmse"] > 0 for row in rows)
