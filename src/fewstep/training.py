@@ -90,3 +90,9 @@ class ForeachAdamW:
         if self.wd:
             torch._foreach_mul_(self.params, 1.0 - lr * self.wd)
         torch._foreach_addcdiv_(self.params, self.m, denom, value=-lr / (1.0 - b1**self.t))
+
+
+def recipe_lr(recipe: dict[str, Any], step: int) -> float:
+    """The learning rate of ``recipe`` (``lr``, ``warmup``, ``steps``) at ``step``: linear warm-up, cosine to zero."""
+    warm, steps = max(1, int(recipe["warmup"])), int(recipe["steps"])
+    return float(recipe["lr"]) * min(1.0, (step + 1) / warm) * 0.5 * (1.0 + math.cos(math.pi * step / steps))

@@ -23,7 +23,6 @@ recipe hash matches, and otherwise starts over. Resumed and uninterrupted runs g
 from __future__ import annotations
 
 import copy
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -37,7 +36,7 @@ from torch import Tensor, nn
 from ...errors import ModelSpecError
 from ...io import atomic_path
 from ...schedules import Flow, Schedule, VPDiscrete
-from ...training import ForeachAdamW, recipe_hash
+from ...training import ForeachAdamW, recipe_hash, recipe_lr
 
 CHECKPOINT_SCHEMA = "fewstep.zoo-train-checkpoint/1"
 #: the first steps' losses are kept, so a test can check that the recipe reproduces a run's start
@@ -97,12 +96,6 @@ def _rows_for(data: TrainingSet, idx: Tensor, drop: Tensor) -> dict[str, Tensor]
         mask = drop.view(-1, *([1] * (r.dim() - 1)))
         out[k] = torch.where(mask, null, r)
     return out
-
-
-def _lr(recipe: dict[str, Any], step: int) -> float:
-    """Linear warm-up then cosine decay to zero."""
-    warm, steps = max(1, int(recipe["warmup"])), int(recipe["steps"])
-    return float(recipe["lr"]) * min(1.0, (step + 1) / warm) * 0.5 * (1.0 + math.cos(math.pi * step / steps))
 
 
 @dataclass
@@ -243,7 +236,7 @@ def _train(
             norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
             if clip and norm > clip:
                 grads = torch._foreach_mul(grads, clip / norm)
-            st.opt.step(grads, _lr(recipe, st.step))
+            st.opt.step(grads, recipe_lr(recipe, st.step))
             decay = min(float(recipe["ema"]), (1.0 + st.step) / (10.0 + st.step))
             torch._foreach_lerp_(ema_params, params, 1.0 - decay)
         st.step += 1

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from ...errors import ModelSpecError
 from ...io import atomic_dir, atomic_path, sha256_tensors
-from ...training import ForeachAdamW, recipe_hash, weights_dir
+from ...training import ForeachAdamW, recipe_hash, recipe_lr, weights_dir
 
 NAME = "scenes-vae"
 IMAGE_SHAPE = (3, 32, 32)
@@ -145,11 +145,6 @@ def loss_terms(vae: Any, x: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor,
     return torch.mean(err**2), torch.mean(err.abs()), torch.mean(post.kl()) / x[0].numel()
 
 
-def _lr(recipe: dict[str, Any], step: int) -> float:
-    warm, steps = max(1, int(recipe["warmup"])), int(recipe["steps"])
-    return float(recipe["lr"]) * min(1.0, (step + 1) / warm) * 0.5 * (1.0 + math.cos(math.pi * step / steps))
-
-
 def train_vae(
     recipe: dict[str, Any], checkpoint: Path | None = None, log: bool = False, stop_after: int | None = None
 ) -> TrainResult:
@@ -192,7 +187,7 @@ def _train(recipe: dict[str, Any], checkpoint: Path | None, log: bool, stop_afte
             norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
             if clip and norm > clip:
                 grads = torch._foreach_mul(grads, clip / norm)
-            st.opt.step(grads, _lr(recipe, st.step))
+            st.opt.step(grads, recipe_lr(recipe, st.step))
             decay = min(float(recipe["ema"]), (1.0 + st.step) / (10.0 + st.step))
             torch._foreach_lerp_(ema_params, params, 1.0 - decay)
         st.step += 1
