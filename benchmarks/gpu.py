@@ -5,18 +5,24 @@
         --md gpu.md --json gpu.json
 
 For every method and NFE a learned solver is fitted (teacher generation included) on the fit part of the
-prompt file; then one held-out table (``fewstep.bench.run_bench``, what ``fewstep bench`` runs) scores every
-classic solver on every grid and the learned solvers on the prompts the fits never saw: RMSE to the converged
-reference and, with ``--feature`` (a ``file.py:factory`` returning an ``nn.Module`` over decoded images), FD
+prompt file (with ``--eval-prompts FILE``: on all of it); then one held-out table (``fewstep.bench.run_bench``,
+what ``fewstep bench`` runs) scores every classic solver on every grid (``--solvers``: those) and the learned
+solvers on the prompts the fits never saw (the held-out part, or FILE's): RMSE to the converged reference and,
+with ``--feature`` (``file.py:factory`` or ``module:factory``, making an ``nn.Module`` over decoded images), FD
 in that network; without it, RMSE only. The markdown (header: command, machine, torch, date, git commit) has
 per NFE the best classic solver, each learned method and their RMSE ratio, then what each fit cost: wall time,
 network evaluations (teacher and fit, from the artifact's ``cost``), peak memory. ``--json`` keeps everything.
 
 ``--fit '{"samples": 700, "steps": 2000}'`` sets fit settings (``FitConfig`` fields); ``--teacher NAME@GRID:NFE``
 the teacher. ``--smoke`` shrinks the fits, the teacher, the reference and the held-out set and marks the
-output as a smoke run (for the tiny random-weight pipelines of tests/tiny_pipelines.py):
+output as a smoke run (e.g. for the tiny random-weight pipelines of tests/tiny_pipelines.py):
 
     python benchmarks/gpu.py --pipeline /tmp/gpu_smoke/sd --prompts /tmp/gpu_smoke/prompts.txt --nfe 4,5 --smoke
+
+On a trained scenes pipeline (``zoo:scenes-sd``: its training and held-out captions, FD in the scenes attribute
+classifier's features), sized for one H100 in at most ~8 minutes, or tiny on the CPU with ``--smoke``:
+
+    bash benchmarks/gpu_check.sh OUTDIR [--smoke] [--family sd|pixart|sd3]
 
 Bad input (a missing folder or prompt file, a bad NFE list, ...) is one ``error:`` line and exit code 2.
 """
@@ -38,7 +44,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-SMOKE_BANNER = "SMOKE RUN: tiny random-weight pipeline, numbers are not results"
+SMOKE_BANNER = "SMOKE RUN: tiny fits, teacher and held-out set; numbers are not results"
 SMOKE_FIT = {
     "samples": 16,
     "val_samples": 8,
@@ -65,8 +71,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pipeline", required=True, type=Path, help="a diffusers save_pretrained folder")
     p.add_argument("--prompts", required=True, type=Path, help="prompt file (.txt, .csv, .jsonl)")
+    p.add_argument(
+        "--eval-prompts",
+        type=Path,
+        help="the held-out table's prompt file; the fits then use all of --prompts "
+        "(default: the held-out part of --prompts, which the fits never see)",
+    )
     p.add_argument("--nfe", required=True, help="NFE budgets, e.g. 4,5,6,8,10")
     p.add_argument("--methods", default="s4s-alt", help="learned methods, comma separated (s4s, s4s-alt, dss, ld3)")
+    p.add_argument(
+        "--solvers", help="the table's classic solvers, NAME@GRID comma separated (default: every solver, every grid)"
+    )
     p.add_argument("--feature", help="feature network for FD: file.py:factory or module:factory (default: RMSE only)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", help="fp32, fp16 or bf16 (default: as saved)")
@@ -97,8 +112,9 @@ def check_paths(a: argparse.Namespace) -> None:
             f"--pipeline {a.pipeline}: no model_index.json, not a diffusers pipeline folder "
             f"(give a save_pretrained folder)"
         )
-    if not a.prompts.is_file():
-        raise BadInput(f"--prompts {a.prompts}: no such file")
+    for opt, path in (("--prompts", a.prompts), ("--eval-prompts", a.eval_prompts)):
+        if path is not None and not path.is_file():
+            raise BadInput(f"{opt} {path}: no such file (give a prompt file: .txt, .csv or .jsonl)")
     try:
         a.nfe = [int(x) for x in a.nfe.split(",")]
     except ValueError:
@@ -138,6 +154,7 @@ def check_args(a: argparse.Namespace) -> dict[str, Any]:
             f"--fit: {(unknown or ['method/nfe'])[0]} is not a fit setting here; valid: "
             f"{', '.join(k for k in RECORDED if k not in ('method', 'nfe'))}"
         )
+    a.solvers = None if a.solvers is None else classic_list(a.solvers)
     settings = {**(SMOKE_FIT if a.smoke else {}), **user}
     for m in a.methods:  # value errors now, not after the pipeline has loaded
         try:
@@ -148,6 +165,24 @@ def check_args(a: argparse.Namespace) -> dict[str, Any]:
     if a.teacher is not None:
         parse_teacher(a.teacher)
     return settings
+
+
+def classic_list(value: str) -> list[str]:
+    """The --solvers list, each NAME@GRID (or NAME: its default grid) checked against fewstep's registries."""
+    from fewstep.grids import GRIDS
+    from fewstep.solvers.registry import solver_names
+    from fewstep.solvers.resolve import parse_solver
+
+    specs = [s.strip() for s in value.split(",") if s.strip()]
+    if not specs:
+        raise BadInput("--solvers is empty; give NAME@GRID pairs, e.g. dpmpp_2m@logsnr,unipc3@time")
+    for spec in specs:
+        name, grid = parse_solver(spec)
+        if name not in solver_names():
+            raise BadInput(f"--solvers: unknown solver {name!r}; valid: {', '.join(solver_names())}")
+        if grid is not None and grid not in GRIDS:
+            raise BadInput(f"--solvers: unknown grid {grid!r} in {spec}; valid: {', '.join(GRIDS)}")
+    return specs
 
 
 def machine(device: str) -> dict[str, Any]:
@@ -237,6 +272,19 @@ def tables(res: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, An
     return rows, fits
 
 
+def prompt_line(res: dict[str, Any]) -> str:
+    """Which prompts the fits and the table used (the markdown header's words)."""
+    if res.get("eval_prompts_file") is None:
+        return (
+            f"prompts {res['prompts']}: fits on {res['fit_prompts']}, "
+            f"the table on {res['eval_prompts']} held-out prompts"
+        )
+    return (
+        f"fits on all {res['fit_prompts']} prompts of {res['prompts']}, "
+        f"the table on the {res['eval_prompts']} of {res['eval_prompts_file']}"
+    )
+
+
 def markdown(res: dict[str, Any]) -> str:
     mc, ref, fd = res["machine"], res["bench"]["report"]["reference"], res["feature"] is not None
     where = f"GPU {mc['gpu']}" if mc["gpu"] else "no GPU used"
@@ -252,10 +300,10 @@ def markdown(res: dict[str, Any]) -> str:
         f"- command: `{res['command']}`",
         f"- machine: {mc['platform']}, CPU {mc['cpu']} ({mc['cores']} cores), {where} (device {res['device']})",
         f"- torch {mc['torch']}, Python {mc['python']}; date {mc['date']}; git commit {mc['commit']}",
-        f"- model: dtype {res['dtype'] or 'as saved'}, guidance {res['guidance']}; prompts {res['prompts']}: "
-        f"fits on {res['fit_prompts']}, the table on {res['eval_prompts']} held-out prompts",
+        f"- model: dtype {res['dtype'] or 'as saved'}, guidance {res['guidance']}; {prompt_line(res)}",
         f"- held-out: {res['samples']} samples (seeds from {res['bench']['report']['seed']:,}), RMSE to "
-        f"{ref['solver']} at {ref['nfe']} NFE (self-error {ref['self_error']:.2g}){metric}",
+        f"{ref['solver']} at {ref['nfe']} NFE (self-error {ref['self_error']:.2g}){metric}; classic solvers: "
+        f"{'every solver on every grid' if res.get('solvers') is None else ', '.join(res['solvers'])}",
         f"- fits: teacher {res['teacher'] or 'default'}, settings {json.dumps(res['fit_settings']) or '{}'}; "
         f"run {res['wall_s']:.0f} s, peak memory {res['peak_mib']:,.0f} MiB ({res['peak_memory']})",
         "",
@@ -302,10 +350,18 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def prompt_sets(prompts: Path, eval_prompts: Path | None) -> tuple[Any, Any]:
+    """(the fits' PromptSet, the table's): the split of ``prompts``, or all of it and ``eval_prompts``."""
+    from fewstep.conditions import PromptSet
+
+    if eval_prompts is None:
+        return PromptSet.read(prompts).split()
+    return PromptSet.read(prompts), PromptSet.read(eval_prompts)
+
+
 def run(a: argparse.Namespace, settings: dict[str, Any], command: str) -> dict[str, Any]:
     from fewstep.bench import run_bench
     from fewstep.cli.common import check_out_dir, check_out_file, eval_model, load, setup
-    from fewstep.conditions import PromptSet
     from fewstep.cost import peak_memory
 
     device = setup(a.device, None) or a.device
@@ -313,7 +369,7 @@ def run(a: argparse.Namespace, settings: dict[str, Any], command: str) -> dict[s
     for opt, path in (("--md", a.md), ("--json", a.json)):
         if path is not None:
             check_out_file(path, opt)
-    fit_part, held_out = PromptSet.read(a.prompts).split()
+    fit_part, held_out = prompt_sets(a.prompts, a.eval_prompts)
     t0 = time.perf_counter()
     spec = f"diffusers:{a.pipeline}"
     feat, data = None, a.data_samples or (SMOKE_DATA if a.smoke else 2048)
@@ -321,9 +377,10 @@ def run(a: argparse.Namespace, settings: dict[str, Any], command: str) -> dict[s
         from fewstep.specs import load_feature
 
         feat = load_feature(a.feature, device)
-    model = load(spec, device, guidance=a.guidance, prompts=a.prompts, dtype=a.dtype, role="fit")
+    role = "fit" if a.eval_prompts is None else "all"  # with --eval-prompts the fits use the whole file
+    model = load(spec, device, guidance=a.guidance, prompts=a.prompts, dtype=a.dtype, role=role)
     samples = a.samples or (SMOKE_SAMPLES if a.smoke else 256)
-    eval_kwargs: dict[str, Any] = {"feature": feat, "data_samples": data}
+    eval_kwargs: dict[str, Any] = {"feature": feat, "data_samples": data, "solvers": a.solvers}
     ref_nfe = a.reference_nfe or (SMOKE_REFERENCE_NFE if a.smoke else None)
     if ref_nfe is not None:
         eval_kwargs["reference_nfe"] = ref_nfe
@@ -333,7 +390,7 @@ def run(a: argparse.Namespace, settings: dict[str, Any], command: str) -> dict[s
         a.nfe,
         a.methods,
         a.out,
-        eval_model=eval_model(model, a.prompts, None),
+        eval_model=eval_model(model, a.prompts, a.eval_prompts),
         samples=samples,
         metrics=["fd"] if feat is not None else None,
         device=device,
@@ -356,9 +413,11 @@ def run(a: argparse.Namespace, settings: dict[str, Any], command: str) -> dict[s
         "prompts": str(a.prompts),
         "fit_prompts": len(fit_part),
         "eval_prompts": len(held_out),
+        "eval_prompts_file": None if a.eval_prompts is None else str(a.eval_prompts),
         "nfe": a.nfe,
         "methods": a.methods,
         "samples": samples,
+        "solvers": a.solvers,
         "feature": a.feature,
         "data_samples": data if feat is not None else None,
         "teacher": a.teacher,

@@ -29,7 +29,7 @@ LAYERS = [
     ["fit", "evaluate"],  # fitting never imports the evaluation module, nor the other way round
     ["show"],
     ["plots"],
-    ["bench", "specs"],
+    ["bench", "specs", "showcase"],
     ["cli"],
     ["__main__"],
 ]

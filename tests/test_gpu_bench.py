@@ -68,6 +68,16 @@ def test_bad_input_and_smoke(tmp_path: Path) -> None:
         "no such folder": ["--pipeline", str(tmp_path / "nope"), "--prompts", str(prompts), "--nfe", "3"],
         "no such file": ["--pipeline", str(fake), "--prompts", str(tmp_path / "nope.txt"), "--nfe", "3"],
         "--nfe": ["--pipeline", str(fake), "--prompts", str(prompts), "--nfe", "3,x"],
+        "unknown solver 'nosuch'": [
+            "--pipeline",
+            str(fake),
+            "--prompts",
+            str(prompts),
+            "--nfe",
+            "3",
+            "--solvers",
+            "nosuch",
+        ],
     }
     md, js, folder = tmp_path / "smoke.md", tmp_path / "smoke.json", tmp_path / "sd"
     fit = {"samples": 8, "val_samples": 4, "confirm_samples": 0, "steps": 2, "batch": 4, "eval_every": 2}
@@ -111,6 +121,9 @@ def test_bad_input_and_smoke(tmp_path: Path) -> None:
     rows = [ln for ln in out.splitlines() if ln.startswith("| 3 |")]
     assert len(rows) == 1, out
     res = json.loads(js.read_text())
+    # no --eval-prompts: the fits on one part of the prompt file, the table on the rest
+    assert res["eval_prompts_file"] is None and res["solvers"] is None
+    assert res["fit_prompts"] + res["eval_prompts"] == len(PROMPTS) and 0 < res["eval_prompts"] < len(PROMPTS)
     assert [r["nfe"] for r in res["rows"]] == [3]
     r = res["rows"][0]
     assert math.isfinite(r["classic_rmse"]) and math.isfinite(r["learned"]["s4s-alt"]["rmse"])

@@ -21,7 +21,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -163,7 +163,10 @@ def run_solver(
     kind: RowKind | None = None,
 ) -> Run:
     """Evaluate one solver. A solver that cannot run on this model records its error in the row instead
-    of raising; a solver that names nothing runnable (an unknown name, another model's artifact) raises."""
+    of raising; a solver that names nothing runnable (an unknown name, another model's artifact) raises.
+    A :class:`Sampler` (e.g. a pipeline's own scheduler) is run as it is, at its own NFE."""
+    if isinstance(solver, Sampler):
+        return _run_sampler(model, seeds, solver, ref, device, keep_samples, kind)
     if isinstance(solver, str) and "@" in solver:
         name, grid = solver.split("@", 1)
     else:
@@ -190,6 +193,49 @@ def run_solver(
     return Run(Row(row_kind, name, grid, used, float(r.mean()), sem, secs), x if keep_samples else None)
 
 
+@runtime_checkable
+class Sampler(Protocol):
+    """Something that is not a fewstep tableau but makes samples at a fixed NFE (a pipeline's own scheduler:
+    :class:`fewstep.integrations.native.OwnScheduler`); measured beside the solvers, in a row of its own."""
+
+    @property
+    def nfe(self) -> int: ...
+
+    @property
+    def grid_label(self) -> str: ...
+
+    def label(self, model: Denoiser) -> str:
+        """The row's solver name."""
+        ...
+
+    def samples(self, model: Denoiser, seeds: Sequence[int], device: str | torch.device = "cpu") -> Tensor:
+        """Samples of ``seeds`` (their noise and conditions), (N, *sample_shape), on the CPU."""
+        ...
+
+
+def _run_sampler(
+    model: Denoiser,
+    seeds: Sequence[int],
+    sampler: Sampler,
+    ref: Tensor,
+    device: str | torch.device,
+    keep_samples: bool,
+    kind: RowKind | None,
+) -> Run:
+    """A :class:`Sampler`'s row (its error in the row when it cannot run on this model)."""
+    try:
+        name = sampler.label(model)
+        t0 = time.perf_counter()
+        x = per_seed(model, seeds, lambda chunk: sampler.samples(model, chunk, device))
+    except FewstepError as e:
+        return Run(Row(kind or "classic", type(sampler).__name__, sampler.grid_label, sampler.nfe, error=str(e)))
+    secs = time.perf_counter() - t0
+    r = per_sample_rmse(x, ref)
+    sem = float(r.std() / math.sqrt(len(r))) if len(r) > 1 else 0.0
+    row = Row(kind or "classic", name, sampler.grid_label, sampler.nfe, float(r.mean()), sem, secs)
+    return Run(row, x if keep_samples else None)
+
+
 def evaluate(
     model: Denoiser,
     nfe: int | Iterable[int] = 5,
@@ -206,6 +252,7 @@ def evaluate(
     feature: nn.Module | str | None = None,
     data_samples: int = 2048,
     learned: Sequence[Any] = (),
+    samplers: Sequence[Sampler] = (),
 ) -> Report:
     """Compare solvers on ``samples`` held-out seeds starting at ``seed``.
 
@@ -222,6 +269,7 @@ def evaluate(
             or "digits"); default: the built-in digits classifier for digits models.
         data_samples: size of a drawn data reference set (analytic models, reference-solver fallback).
         learned: learned solvers (artifacts) evaluated once each at their own NFE, beside ``solvers``.
+        samplers: other samplers (:class:`Sampler`, e.g. the pipeline's own scheduler) at their own NFE.
     FD is biased upwards at small sample counts (see :mod:`fewstep.metrics.frechet`): compare
     rows at the same ``samples`` and read them against the reference row, which measures the floor.
 
@@ -237,7 +285,7 @@ def evaluate(
     nfes = [int(nfe)] if isinstance(nfe, int) else [int(n) for n in nfe]
     seeds = list(check_seeds(seed, samples, "seed="))  # one line for a seed torch cannot take
     names = select_metrics(model, metrics, feature) if parse_metrics(metrics) != () else None  # before any solve
-    jobs = _jobs(model, solvers, learned, nfes, seed, samples)
+    jobs = _jobs(model, solvers, learned, nfes, seed, samples) + [(s, int(s.nfe)) for s in samplers]
     ref = _Reference.solve(model, seeds, reference, reference_nfe, batch_size, device)
     scorer = None
     if names is not None:
@@ -355,6 +403,8 @@ def _check_runnable(model: Denoiser, jobs: list[tuple[Any, int]]) -> None:
     """Raise NothingToRunError (before the expensive reference solve) if no job can build its tables."""
     first = None
     for s, n in jobs:
+        if isinstance(s, Sampler):
+            continue
         try:
             r = resolve_solver(s, model, n)
             r.tableau(model, w=some_scale(model, r))

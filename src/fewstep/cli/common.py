@@ -303,12 +303,16 @@ def load(
     from ..specs import load_model
 
     cond = conditions(guidance, prompts, classes, role, eval_prompts)
-    return load_model(spec, device=device, conditions=cond, height=height, width=width, dtype=dtype)
+    model = load_model(spec, device=device, conditions=cond, height=height, width=width, dtype=dtype)
+    return eval_model(model, prompts, eval_prompts) if role == "eval" and cond.prompts is None else model
 
 
 def eval_model(model: Any, prompts: Path | None, eval_prompts: Path | None) -> Any:
-    """The model a fit's closing table evaluates: the fitted model with the prompts the fit never saw."""
+    """The model a fit's closing table evaluates: the fitted model with the prompts the fit never saw (no prompt
+    file given: the model's own held-out prompts, e.g. a zoo pipeline's ``prompts/heldout.txt``, if it has them)."""
     held = conditions(prompts=prompts, role="eval", eval_prompts=eval_prompts).prompts
+    if held is None:
+        held = getattr(model, "held_out_prompts", None)
     return model if held is None else model.with_prompts(held)
 
 

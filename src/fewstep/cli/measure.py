@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from ..errors import FewstepError, NothingToRunError
+from ..integrations.native import OwnScheduler
 from .common import (
     CLASSES_OPT,
     DTYPE_OPT,
@@ -131,29 +132,54 @@ def demo_cmd(
     nfe: int = typer.Option(5, min=1, help="NFE of the learned solver"),
     method: str = typer.Option("s4s-alt"),
     out: Path = typer.Option(Path("out/demo"), help="output directory"),
-    samples: int = typer.Option(512, min=1, help="held-out samples for the comparison"),
+    samples: int | None = typer.Option(
+        None, min=1, help="held-out samples for the comparison (default 512; a pipeline: 32)"
+    ),
+    guidance: str | None = GUIDANCE_OPT,
     device: str = typer.Option("cpu"),
+    threads: int | None = typer.Option(None, min=1, help="torch threads"),
 ) -> None:
-    """The main job: fit a learned solver, compare it with every classic solver, plot error vs NFE."""
+    """The main job: fit a learned solver, compare it with every classic solver, plot error vs NFE. On a
+    pipeline (zoo:scenes-*, diffusers:DIR) also its own scheduler, and a picture of the same held-out prompts."""
     from ..evaluate import evaluate
     from ..fit.api import fit
     from ..io import write_text
     from ..plots import error_vs_nfe, solver_vs_start
     from ..report import render_versus
     from ..seeds import EVAL_SEED_START
+    from ..showcase import (
+        PIPELINE_FIT,
+        PIPELINE_NFES,
+        PIPELINE_REFERENCE_NFE,
+        PIPELINE_SAMPLES,
+        is_pipeline,
+        picture_columns,
+        pipeline_picture,
+    )
 
-    device = setup(device, None)
+    device = setup(device, threads)
     check_out_dir(out)
-    nfes = [3, 4, 5, 6, 8, 10]
     with errors():
-        m = load(model, device)
-        res = fit(m, method, nfe, out=out / f"{method}-nfe{nfe}", device=device)
+        m = load(model, device, guidance=guidance, role="fit")
+        pipeline = is_pipeline(m)
+        nfes = sorted({*PIPELINE_NFES, nfe}) if pipeline else [3, 4, 5, 6, 8, 10]
+        n_eval = samples or (PIPELINE_SAMPLES if pipeline else 512)
+        res = fit(m, method, nfe, out=out / f"{method}-nfe{nfe}", device=device, **(PIPELINE_FIT if pipeline else {}))
+        held = eval_model(m, None, None)
+        extra: dict = {"samplers": [OwnScheduler(nfe)], "reference_nfe": PIPELINE_REFERENCE_NFE} if pipeline else {}
         rep = evaluate(
-            m, nfe=nfes, samples=samples, seed=EVAL_SEED_START, device=device, model_name=model, learned=[res.solver]
+            held,
+            nfe=nfes,
+            samples=n_eval,
+            seed=EVAL_SEED_START,
+            device=device,
+            model_name=model,
+            learned=[res.solver],
+            **extra,
         )
         typer.echo(f"\nlearned solver written to {res.path}")
         typer.echo(
-            f"held-out RMSE to the reference ({samples} samples, seeds from {EVAL_SEED_START}; "
+            f"held-out RMSE to the reference ({n_eval} samples, seeds from {EVAL_SEED_START}; "
             f"reference {rep.reference['solver']} at {rep.reference['nfe']} NFE, "
             f"self-error {rep.reference['self_error']:.2g}):"
         )
@@ -163,11 +189,19 @@ def demo_cmd(
             raise FewstepError(f"the learned solver in {res.path} did not run on the held-out noise: {why}")
         for line in render_versus(rep, mine, nfes):
             typer.echo(line)
+        if pipeline:
+            own = next((r for r in rep.rows if r.grid == OwnScheduler.grid_label and r.rmse is not None), None)
+            if own is not None:
+                typer.echo(f"  the pipeline's own scheduler ({own.solver}) at NFE {own.nfe}: RMSE {own.rmse:.4g}")
         if not is_main():
             return
         png = error_vs_nfe(rep.as_dict(), out / "error_vs_nfe.png", title=f"{model}: held-out RMSE vs NFE")
         tables = solver_vs_start(res.solver, out / "solver_vs_start.png")
         write_text(out / "report.json", json.dumps(rep.as_dict(), indent=1))
+        if pipeline:
+            seeds = list(range(EVAL_SEED_START, EVAL_SEED_START + min(8, n_eval)))
+            pic, txt = pipeline_picture(held, seeds, picture_columns(rep, res.solver, nfe), out / "samples.png")
+            typer.echo(f"picture: {pic} (rows: reference, own scheduler, best classic, learned; {txt} names them)")
     typer.echo(f"plots: {png} (error against NFE), {tables} (the learned solver against its start)")
 
 

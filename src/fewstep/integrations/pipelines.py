@@ -209,6 +209,9 @@ class PipelineDenoiser(Denoiser):
 
     family: Family
     net: FamilyNet
+    #: prompts the model's author holds out from fitting (a zoo pipeline's unseen captions): what a closing table
+    #: or an evaluation given no prompt file measures on
+    held_out_prompts: PromptSet | None = None
 
     @property
     def text_conditional(self) -> bool:

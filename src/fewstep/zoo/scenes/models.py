@@ -376,4 +376,6 @@ def build_scenes(
     name = f"zoo:scenes-{family}"
     den = load_diffusers(folder, device=device, conditions=spec, name=name, **size, **family_options(family))
     den.identity.update(zoo=f"scenes-{family}", recipe_hash=recipe_hash(recipe_for(family)))
+    if family != "dit":
+        den.held_out_prompts = PromptSet.read(folder / "prompts" / "heldout.txt")
     return den
