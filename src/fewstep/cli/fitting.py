@@ -100,7 +100,9 @@ def fit_cmd(
     height: int | None = HEIGHT_OPT,
     width: int | None = WIDTH_OPT,
     dtype: str | None = DTYPE_OPT,
-    eval_samples: int = typer.Option(256, min=0, help="held-out samples for the closing table (0: skip)"),
+    eval_samples: int | None = typer.Option(
+        None, min=0, help="held-out samples for the closing table (0: skip; default 256, a pipeline 32)"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the closing comparison as JSON"),
     device: str = typer.Option("cpu"),
     threads: int | None = typer.Option(None, min=1, help="torch threads"),
@@ -135,8 +137,8 @@ def fit_cmd(
         m = source.load(device)
         res = request.run(m, device, quiet=as_json)
     if not as_json:
-        echo_fit(res, table=eval_samples > 0)
-    if eval_samples > 0:
+        echo_fit(res, table=eval_samples != 0)
+    if eval_samples != 0:
         closing_table(source, m, res, eval_samples, device, as_json)
     elif as_json:
         typer.echo(json.dumps({"artifact": str(res.path), "solver": res.doc}, indent=2))
@@ -240,21 +242,32 @@ def echo_fit(res: FitResult, table: bool) -> None:
     typer.echo(cost_line(res.doc["cost"]))
 
 
-def closing_table(source: ModelArgs, model: Any, res: FitResult, samples: int, device: str, as_json: bool) -> None:
-    """The fitted solver beside the classic solvers at its NFE on ``samples`` held-out noises (best first)."""
+def closing_table(
+    source: ModelArgs, model: Any, res: FitResult, samples: int | None, device: str, as_json: bool
+) -> None:
+    """The fitted solver beside the classic solvers at its NFE on ``samples`` held-out noises (best first); on a
+    pipeline (its network costs far more per evaluation) also its own scheduler, on fewer noises by default
+    against a shorter reference (:mod:`fewstep.showcase`)."""
     from ..evaluate import evaluate
+    from ..integrations.native import OwnScheduler
     from ..seeds import EVAL_SEED_START
+    from ..showcase import PIPELINE_REFERENCE_NFE, PIPELINE_SAMPLES, is_pipeline
 
+    pipeline = is_pipeline(model)
+    extra: dict[str, Any] = {}
+    if pipeline:
+        extra = {"samplers": [OwnScheduler(res.solver.nfe)], "reference_nfe": PIPELINE_REFERENCE_NFE}
     with errors():
         rep = evaluate(
             source.held_out(model),
             nfe=res.solver.nfe,
             solvers=None,
-            samples=samples,
+            samples=samples or (PIPELINE_SAMPLES if pipeline else 256),
             seed=EVAL_SEED_START,
             device=device,
             model_name=source.spec,
             learned=[res.solver],
+            **extra,
         )
     rep = rep.sorted_by_rmse()
     rep.extra["artifact"] = str(res.path)

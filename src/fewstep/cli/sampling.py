@@ -63,6 +63,8 @@ def sample_cmd(
         spec = solver or default_solver(m)
         learned = is_artifact_spec(spec)
         s = resolve_solver(spec, m, None if learned else (nfe or 5), force=force)
+        if learned and force:
+            forced_warning(s, m, spec)
         if learned and nfe is not None and nfe != s.nfe:
             fail(f"--nfe {nfe}: the learned solver {spec} makes {s.nfe} evaluations; drop --nfe or pass --nfe {s.nfe}")
         x = solve_batched(m, list(range(seed, seed + n)), s, s.nfe, device=device)  # shared out by seed
@@ -73,6 +75,19 @@ def sample_cmd(
             )
     for p in paths:
         typer.echo(f"wrote {p}")
+
+
+def forced_warning(solver: Any, model: Any, spec: str) -> None:
+    """One warning line when ``--force`` makes a learned solver run on a model it was not fitted for (another
+    size, schedule or network: what differs)."""
+    import warnings
+
+    from ..solvers.model_match import forced_note
+
+    doc = getattr(solver, "doc", None)
+    note = forced_note(doc, model, f"solver {spec}") if isinstance(doc, dict) else None
+    if note:
+        warnings.warn(note, stacklevel=2)
 
 
 @app.command("zoo")

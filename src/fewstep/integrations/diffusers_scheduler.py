@@ -36,10 +36,19 @@ round-trip exactly; a pipeline saved with it records this module, so ``Diffusion
 loads it back (or ``FewStepScheduler.from_pretrained(dir, subfolder="scheduler")``).
 Image-to-image part-way along the grid (``set_begin_index(k)`` with k > 0, strength < 1) is refused:
 the tableau is one solve from the noise end to the data.
+
+A learned solver is fitted at one sample size (a pipeline's ``height`` / ``width``). The config records it
+(``fitted_for``: the latent shape, the image size, and a flow pipeline's resolution-dependent shift ``mu``), and
+the first ``step`` of a run at another size is refused in one line (:class:`~fewstep.errors.ArtifactError`)
+naming both sizes and the fix: a fit at that size, or ``from_solver(..., force=True)``, which runs it with one
+warning instead. Measured on zoo:scenes-sd (S4S-Alt NFE 5, guidance 4, two fit seeds, 128 held-out noises): fitted
+at 32x32 and run at 64x64, RMSE 0.308 against 0.279 for fits at 64x64 (+10%; +5% and +16% by seed), so another
+size is refused rather than only warned about (see :mod:`fewstep.solvers.model_match`).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import warnings
@@ -59,6 +68,7 @@ from ..schedules import Flow, Schedule, VPDiscrete, schedule_from_config
 from ..solvers.artifact import LoadedSolver, tableau_from_doc, tableau_to_doc
 from ..solvers.kernel import Stepper, Tableau
 from ..solvers.learned import LearnedSolver
+from ..solvers.model_match import forced_note
 from ..solvers.resolve import ClassicSolver, Solver, resolve_solver, some_scale
 from .diffusers_in import PREDICTION_TYPES, prediction_name, schedule_from_diffusers
 
@@ -100,6 +110,8 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         solver_label: str | None = None,
         num_train_timesteps: int = 1000,
         flow_grid: dict[str, Any] | None = None,
+        fitted_for: dict[str, Any] | None = None,
+        force: bool = False,
     ) -> None:
         if not schedule:
             raise FewstepError(
@@ -123,6 +135,7 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = tab.N
         self._told: set[str] = set()
         self._begin_index: int | None = None
+        self._mu: float | None = None  # the shift the pipeline passed for this run's image size
         self._reset()
 
     # --------------------------------------------------------------------------- construction
@@ -134,6 +147,7 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         nfe: int | None = None,
         grid: Any = None,
         prediction_type: str | None = None,
+        force: bool = False,
         **solver_options: Any,
     ) -> FewStepScheduler:
         """A scheduler running ``solver`` for the model described by ``schedule``.
@@ -147,6 +161,8 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
             nfe: evaluations for a classic solver (a learned solver fixes its own; must agree if given).
             grid: grid name or explicit (nfe + 1,) list of solver times for a classic solver.
             prediction_type: what the network outputs (diffusers or fewstep name); overrides the schedule's.
+            force: use a learned solver fitted for another model or another sample size anyway (one warning
+                instead of the refusal, here and when a pipeline runs it at another size).
             solver_options: keyword arguments of the classic solver (e.g. ``order=3``).
         """
         model = schedule if isinstance(schedule, Denoiser) else None
@@ -171,7 +187,7 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         )
         spec = solver
         if isinstance(solver, (str, os.PathLike)):
-            solver = resolve_solver(str(solver), sched, nfe, grid, **solver_options)
+            solver = resolve_solver(str(solver), sched, nfe, grid, force=force, **solver_options)
         if isinstance(solver, ClassicSolver):
             if grid is not None and not isinstance(grid, str):
                 grid = [float(v) for v in torch.as_tensor(grid, dtype=torch.float64).flatten().tolist()]
@@ -180,10 +196,26 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
             return cls(solver=spec, nfe=solver.budget, grid=grid, solver_options=solver_options or None, **kw)
         if solver_options or grid is not None:
             raise FewstepError("grid and solver options apply to classic solvers only; a tableau fixes its own")
-        tab = _learned_tableau(solver, sched, model)
+        s = resolve_solver(solver)
+        if isinstance(s, LoadedSolver):
+            s, sched = _forced(s, force), _fitted_schedule(s, sched, model, flow_grid)
+            kw["schedule"] = sched.config()
+            note = forced_note(s.doc, model, f"solver {s.path or s.name}", sizes=False) if s.force and model else None
+            if note:  # another size is told per run, where the pipeline's size is known
+                warnings.warn(note, stacklevel=2)
+        tab = _learned_tableau(s, sched, model)
         if nfe is not None and int(nfe) != tab.N:
             raise FewstepError(f"solver {tab.name} makes {tab.N} evaluations, not nfe={nfe}; drop nfe or refit")
-        return cls(solver=None, nfe=tab.N, tableau=tableau_to_doc(tab), solver_label=tab.name, **kw)
+        fitted = _fitted_for(s, model)
+        return cls(
+            solver=None,
+            nfe=tab.N,
+            tableau=tableau_to_doc(tab),
+            solver_label=tab.name,
+            fitted_for=fitted,
+            force=bool(force or getattr(s, "force", False)) if fitted else False,
+            **kw,
+        )
 
     def _reset(self) -> None:
         self._step_index: int | None = None
@@ -239,6 +271,7 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
                 ignored.append(f"{key} ({len(v)} values)" if hasattr(v, "__len__") else key)
         if mu is not None:
             ignored.append(f"mu={float(mu):.4g}")
+        self._mu = None if mu is None else float(mu)
         if ignored:
             msg = (
                 f"FewStepScheduler: solver {self.tab.name} runs its own grid with {n} evaluations; ignoring the "
@@ -295,6 +328,8 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
     ) -> FewStepSchedulerOutput | tuple[Tensor, Tensor]:
         """One evaluation: the output at the evaluation point x_i -> x_{i+1} (shapes (B, ...)); extra kwargs ignored."""
         i = self._index(timestep)
+        if i == 0:
+            self._check_size(sample)
         st = self._stepper
         work = torch.promote_types(sample.dtype, torch.float32)  # the solver state: float32 under a half pipeline
         if sample.dtype != work:
@@ -310,6 +345,27 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return (x_next, D)
         return FewStepSchedulerOutput(prev_sample=x_next, pred_original_sample=D)
+
+    def _check_size(self, sample: Tensor) -> None:
+        """Refuse (one line) a run whose latents are not the size the learned solver was fitted at; with
+        ``force``, one warning instead. ``sample``: (B, ...) as the pipeline passes it (Flux: packed)."""
+        fitted = self.config.get("fitted_for") or {}
+        shape = tuple(sample.shape[1:])
+        note = size_mismatch(fitted, shape, self._mu)
+        if note is None:
+            return
+        if not self.config.get("force"):
+            size = _run_size(fitted, shape)
+            how = f"--height {size[0]} --width {size[1]}" if size else "--height H --width W"
+            raise ArtifactError(
+                f"FewStepScheduler: {note}: a solver fitted at one size does not carry over to another; fit one at "
+                f"this size (fewstep fit ... {how}), or build the scheduler with "
+                f"FewStepScheduler.from_solver(..., force=True) to use it anyway"
+            )
+        msg = f"FewStepScheduler: {note}; using it anyway (force=True): expect a larger error than a fit at this size"
+        if msg not in self._told:
+            self._told.add(msg)
+            warnings.warn(msg, stacklevel=3)
 
     def _half_step(
         self, i: int, model_output: Tensor, sample: Tensor, work: torch.dtype, return_dict: bool
@@ -369,6 +425,110 @@ def _classic_tableau(
             f"FewStepScheduler runs multistep solvers (one evaluation per step): choose another"
         )
     return s.tableau(sched)
+
+
+def _shape(v: Any) -> str:
+    return "x".join(str(int(d)) for d in v)
+
+
+def size_mismatch(fitted: dict[str, Any], shape: tuple[int, ...], mu: float | None = None) -> str | None:
+    """What differs between the size a learned solver was fitted at (``fitted``: the scheduler config's
+    ``fitted_for``) and a pipeline's latents of per-sample ``shape`` (and the flow shift ``mu`` it passed for its
+    image size): "solver X was fitted for 32x32 images (latent 4x8x8), this pipeline runs 64x64 images (latent
+    4x16x16)", or None when they agree (or nothing was recorded). Packed latents (Flux's (seq, 64)) are compared
+    by their number of values."""
+    want = fitted.get("sample_shape")
+    if not want:
+        return None
+    want = [int(v) for v in want]
+    same = list(shape) == want if len(shape) == len(want) else math.prod(shape) == math.prod(want)
+    if same:
+        return None
+    img, size = fitted.get("image_size"), _run_size(fitted, shape)
+    was = f"{_shape(img)} images (latent {_shape(want)})" if img else f"samples {_shape(want)}"
+    now = f"samples {_shape(shape)}"
+    if size:
+        now = f"{_shape(size)} images (latent {_shape(shape)})"
+    elif img:
+        now = f"another image size (latents {_shape(shape)}: {math.prod(shape)} values a sample, not {math.prod(want)})"
+    note = f"{fitted.get('what', 'the solver')} was fitted for {was}, this pipeline runs {now}"
+    fitted_mu = fitted.get("mu")
+    if fitted_mu is not None and mu is not None and not math.isclose(float(fitted_mu), mu, rel_tol=1e-6):
+        note += (
+            f", and it shifts its flow schedule with the image size (mu {float(fitted_mu):.4g} fitted, "
+            f"{mu:.4g} now): the fitted times were placed for the other shift"
+        )
+    return note
+
+
+def _run_size(fitted: dict[str, Any], shape: tuple[int, ...]) -> list[int] | None:
+    """The (height, width) in pixels of a run's unpacked (C, h, w) latents, at the fitted image size's pixels per
+    latent cell; None for packed latents or without a recorded image size."""
+    img, want = fitted.get("image_size"), fitted.get("sample_shape") or []
+    if not img or len(shape) != 3 or len(want) != 3 or shape[0] != want[0] or not (want[1] and want[2]):
+        return None
+    return [int(shape[1]) * int(img[0]) // int(want[1]), int(shape[2]) * int(img[1]) // int(want[2])]
+
+
+def _forced(s: LoadedSolver, force: bool) -> LoadedSolver:
+    """``s``, or the same solver with ``force`` set (it is not checked against the model)."""
+    if not force or s.force:
+        return s
+    forced = copy.copy(s)
+    forced.force = True
+    return forced
+
+
+def _fitted_schedule(s: LoadedSolver, sched: Schedule, model: Denoiser | None, flow_grid: Any) -> Schedule:
+    """The schedule to check ``s`` against without a model: a flow pipeline with dynamic shifting knows its
+    shift (mu) only at an image size, so its config's schedule lacks the ``grid_shift`` the solver recorded;
+    the solver's own schedule stands in when they agree on everything else (the size is checked per run)."""
+    rec = s.doc.get("schedule")
+    dynamic = isinstance(flow_grid, dict) and bool(flow_grid.get("use_dynamic_shifting"))
+    if model is not None or not dynamic or not isinstance(rec, dict) or not isinstance(sched, Flow):
+        return sched
+    mine = {k: v for k, v in sched.config().items() if k != "grid_shift"}
+    if mine != {k: v for k, v in rec.items() if k != "grid_shift"}:
+        return sched
+    return schedule_from_config(dict(rec))
+
+
+def _fitted_for(s: Solver, model: Denoiser | None) -> dict[str, Any] | None:
+    """The size a learned solver was fitted at, for the per-run check: ``{"what", "sample_shape", "image_size",
+    "mu"}`` from a loaded solver's record, else from ``model`` (an in-memory solver is taken to be for the
+    model it is built with); None when neither says."""
+    if isinstance(s, LoadedSolver):
+        parts = (s.doc.get("model") or {}).get("parts") or {}
+        shape, identity = parts.get("sample_shape"), parts.get("identity")
+        gs = (s.doc.get("schedule") or {}).get("grid_shift") or {}
+        what = f"solver {s.path or s.name}"
+    elif model is not None:
+        shape, identity = model.sample_shape, model.identity
+        gs = model.schedule.config().get("grid_shift") or {}
+        what = f"solver {getattr(s, 'name', 'learned')}"
+    else:
+        return None
+    if not shape:
+        return None
+    img = _image_size_of(identity)
+    mu = gs.get("mu") if isinstance(gs, dict) else None
+    return {
+        "what": what,
+        "sample_shape": [int(v) for v in shape],
+        "image_size": img,
+        "mu": None if mu is None else float(mu),
+    }
+
+
+def _image_size_of(identity: Any) -> list[int] | None:
+    """(height, width) from a pipeline model's identity (its family's ``image_size``), else None."""
+    if not isinstance(identity, dict):
+        return None
+    for v in [identity, *[x for x in identity.values() if isinstance(x, dict)]]:
+        size = v.get("image_size")
+        if isinstance(size, (list, tuple)) and len(size) == 2:
+            return [int(size[0]), int(size[1])]
+    return None
 
 
 def _learned_tableau(solver: Any, sched: Schedule, model: Denoiser | None) -> Tableau:
