@@ -179,4 +179,5 @@ def test_cli_fit_and_eval_on_the_dit_pipeline(cache, tmp_path):
     assert r.exit_code == 0, r.output
     rows = [row for row in json.loads(r.stdout)["results"] if row.get("role") != "reference"]
     assert sorted(row["solver"] == "ddim" for row in rows) == [False, True]  # the classic row and the learned one
+    assert [row.get("artifact") for row in rows if row["solver"] != "ddim"] == [str(out)]  # which artifact it was
     assert all(math.isfinite(row["rmse"]) and row["rmse"] > 0 for row in rows)

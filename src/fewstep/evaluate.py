@@ -190,7 +190,9 @@ def run_solver(
     secs = time.perf_counter() - t0
     r = per_sample_rmse(x, ref)
     sem = float(r.std() / math.sqrt(len(r))) if len(r) > 1 else 0.0
-    return Run(Row(row_kind, name, grid, used, float(r.mean()), sem, secs), x if keep_samples else None)
+    path = getattr(s, "path", None)
+    row = Row(row_kind, name, grid, used, float(r.mean()), sem, secs, artifact=None if path is None else str(path))
+    return Run(row, x if keep_samples else None)
 
 
 @runtime_checkable
@@ -276,7 +278,8 @@ def evaluate(
     Returns:
         the typed :class:`~fewstep.report.Report`, rows sorted by NFE then RMSE; its JSON
         (``Report.as_dict()``) is {"model", "nfe", "samples", "seed", "reference": {...}, "results":
-        [{"solver", "grid", "nfe", "rmse", "rmse_sem", "seconds", ("error")}]}.
+        [{"solver", "grid", "nfe", "rmse", "rmse_sem", "seconds", ("error"), ("artifact": a learned
+        solver's folder)}]}.
         With metrics: every result also has "fd", "kid", "kid_std", "fd_ref", "psnr", "swd", "loglik" (None
         where not measured); results[0] is the reference row ({"solver": "reference", "grid": the
         reference solver, "role": "reference", "rmse": its self-error, ...}); and "metrics" says

@@ -48,6 +48,7 @@ class Row:
     seconds: float | None = None
     error: str | None = None
     metrics: dict[str, float | None] | None = None  # None: metrics were not measured
+    artifact: str | None = None  # a learned row's artifact folder (rows of one method tell apart by it)
 
     @property
     def label(self) -> str:
@@ -68,6 +69,8 @@ class Row:
             d.update({k: self.metrics.get(k) for k in METRIC_KEYS})
         if self.kind == "reference":
             d["role"] = "reference"
+        if self.artifact is not None:
+            d["artifact"] = self.artifact
         return d
 
     @classmethod
@@ -86,6 +89,7 @@ class Row:
             d.get("seconds"),
             d.get("error"),
             {k: d.get(k) for k in METRIC_KEYS} if has else None,
+            d.get("artifact"),
         )
 
     def get(self, key: str) -> Any:
