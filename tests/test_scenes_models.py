@@ -95,7 +95,7 @@ def test_zoo_describes_the_pipelines_without_building_them():
     d = zoo.describe("scenes-sd3")
     assert (d["family"], d["prediction"], d["schedule"], d["sample_shape"]) == ("sd3", "velocity", "flow", [4, 8, 8])
     assert d["pipeline_folder"].endswith(f"scenes-sd3-{recipe_hash(M.recipe_for('sd3'))}")
-    assert d["first_use"].startswith("trained on first use")
+    assert d["first_use"].startswith("ships weights")
     assert d["prompt_files"]["heldout"].endswith("prompts/heldout.txt")
     assert zoo.describe("scenes-dit")["prompt_files"] is None and zoo.describe("scenes-dit")["classes"] == 24
 

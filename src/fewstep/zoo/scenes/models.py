@@ -51,7 +51,7 @@ NETWORK_ATTR = {"sd": "unet", "sd3": "transformer", "pixart": "transformer", "di
 DIT_CLASSES = tuple(f"{c} {s}" for s in scenes_data.SHAPES for c in scenes_data.COLOURS)
 HELDOUT_PROMPTS, TRAIN_PROMPTS = 256, 256
 #: the families whose trained network weights ship in ``weights/scenes/`` (the others train on first use)
-SHIPPED_FAMILIES = ("sd", "pixart", "dit")
+SHIPPED_FAMILIES = ("sd", "sd3", "pixart", "dit")
 
 _COMMON: dict[str, Any] = {
     "version": 1,
