@@ -95,7 +95,8 @@ def measure(family: str, w: float, args: argparse.Namespace, fit_kw: dict, log: 
         rows.append(row)
         return row
 
-    for n in nfes:
+    compare = [int(n) for n in args.compare_nfe.split(",") if n] if args.compare_nfe else []
+    for n in sorted({*nfes, *compare}):
         classic = [run_solver(held, seeds, s, n, ref) for s in classic_specs(held.schedule)]
         ok = [r for r in classic if r.row.rmse is not None and r.row.nfe == n]
         best = min(ok, key=lambda r: r.row.rmse or float("inf"))
@@ -145,6 +146,15 @@ def markdown(groups: list[dict[str, Any]], nfes: list[int]) -> str:
                     f"{best.get('adherence', float('nan')):.3f} / {_cell(adh)} | {_cell(ev)} | {_cell(secs)} | "
                     f"{max(mib):.0f} |"
                 )
+    more = [
+        f"| scenes-{g['family']} | {g['guidance']:g} | {r['nfe']} | {r['kind']}: {r['solver']} | {r['rmse']:.4g} | "
+        f"{r.get('fd', float('nan')):.3g} | {r.get('adherence', float('nan')):.3f} |"
+        for g in groups
+        for r in g["rows"]
+        if r["kind"] != "learned"
+    ]
+    out += ["", "| pipeline | guidance | NFE | solver | RMSE | FD | adherence |", "|---|---|---|---|---|---|---|"]
+    out += more
     return "\n".join(out) + "\n"
 
 
@@ -154,6 +164,7 @@ def main() -> None:
     ap.add_argument("--guidance", default="1.5,4,7.5", help="scales (DiT skips those above 4)")
     ap.add_argument("--nfe", default="4,5,6,8")
     ap.add_argument("--methods", default="s4s-alt,dss,ld3")
+    ap.add_argument("--compare-nfe", default="", help="NFEs with classic rows only (e.g. 8: learned 5 against them)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--reference-nfe", type=int, default=None)

@@ -161,3 +161,16 @@ def test_scheduler_from_a_flow_config_checks_the_size_per_run(flux):
     msg = str(e.value)
     assert "\n" not in msg and "fitted for 16x16 images (latent 16x8x8), this pipeline runs another image size" in msg
     assert "4096 values a sample, not 1024" in msg and "(mu 0.4594 fitted, 0.4675 now)" in msg
+
+
+def test_eval_force_warns_once_about_another_size(sd):
+    """``fewstep eval --force`` with a solver of another size says so in one warning (it was silent)."""
+    folder, prompts, art = sd
+    args = ["eval", "--model", f"diffusers:{folder}", "--solver", str(art), "--prompts", str(prompts)]
+    args += ["--height", str(OTHER), "--width", str(OTHER), "--samples", "2", "--reference-nfe", "6"]
+    args += ["--metrics", "none", "--json"]
+    assert runner.invoke(app, args).exit_code == 2  # refused without --force
+    with pytest.warns(UserWarning, match=rf"fitted for another model \(size: .*{OTHER}x{OTHER}.*using it anyway") as w:
+        r = runner.invoke(app, [*args, "--force"])
+    assert r.exit_code == 0, r.output
+    assert sum("using it anyway" in str(x.message) for x in w) == 1

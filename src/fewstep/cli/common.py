@@ -394,3 +394,16 @@ def main() -> None:
     except KeyboardInterrupt:
         code = 130
     exit_process(code)
+
+
+def forced_warning(solver: Any, model: Any, spec: str) -> None:
+    """One warning line when ``--force`` makes a learned solver run on a model it was not fitted for (another
+    size, schedule or network: what differs)."""
+    import warnings
+
+    from ..solvers.model_match import forced_note
+
+    doc = getattr(solver, "doc", None)
+    note = forced_note(doc, model, f"solver {spec}") if isinstance(doc, dict) else None
+    if note:
+        warnings.warn(note, stacklevel=2)

@@ -27,6 +27,7 @@ from .common import (
     eval_model,
     fail,
     fit_kwargs,
+    forced_warning,
     is_main,
     load,
     log_line,
@@ -96,6 +97,9 @@ def eval_cmd(
         chosen = [solver_option(s, force) for s in solver] if solver else None
         classic = None if chosen is None else [s for s in chosen if isinstance(s, str)]
         learned = [] if chosen is None else [s for s in chosen if not isinstance(s, str)]
+        if force:
+            for s in learned:
+                forced_warning(s, m, str(getattr(s, "path", None) or s.name))
         try:
             rep = evaluate(
                 m,

@@ -22,6 +22,7 @@ from .common import (
     check_out_file,
     errors,
     fail,
+    forced_warning,
     is_main,
     load,
     setup,
@@ -75,19 +76,6 @@ def sample_cmd(
             )
     for p in paths:
         typer.echo(f"wrote {p}")
-
-
-def forced_warning(solver: Any, model: Any, spec: str) -> None:
-    """One warning line when ``--force`` makes a learned solver run on a model it was not fitted for (another
-    size, schedule or network: what differs)."""
-    import warnings
-
-    from ..solvers.model_match import forced_note
-
-    doc = getattr(solver, "doc", None)
-    note = forced_note(doc, model, f"solver {spec}") if isinstance(doc, dict) else None
-    if note:
-        warnings.warn(note, stacklevel=2)
 
 
 @app.command("zoo")
