@@ -21,19 +21,23 @@ from .integrations.native import OwnScheduler
 from .io import image_grid, write_png, write_text
 from .report import Report, best_of
 from .sampling import sample
+from .solvers.registry import classic_default
 
-#: the demo's fit on a pipeline: S4S-Alt's shape at a size that takes about a minute on two CPU threads
-PIPELINE_FIT: dict[str, Any] = {
-    "samples": 48,
-    "val_samples": 16,
-    "confirm_samples": 16,
-    "batch": 16,
-    "steps": 40,
-    "teacher": "dpmpp_3m@logsnr:20",
-}
+#: the demo's fit on a pipeline: S4S-Alt's shape at a small size (its teacher: :func:`pipeline_fit`)
+PIPELINE_FIT: dict[str, Any] = {"samples": 48, "val_samples": 16, "confirm_samples": 16, "batch": 16, "steps": 40}
+PIPELINE_TEACHER_NFE = 20
 PIPELINE_NFES = (4, 5, 6, 8)
 PIPELINE_SAMPLES = 32
 PIPELINE_REFERENCE_NFE = 100
+
+
+def pipeline_fit(model: Denoiser) -> dict[str, Any]:
+    """The demo's fit settings for ``model``: :data:`PIPELINE_FIT` and fewstep's teacher solver for its schedule
+    (a flow's or a diffusion's) at :data:`PIPELINE_TEACHER_NFE` evaluations."""
+    if "teacher" in PIPELINE_FIT:
+        return dict(PIPELINE_FIT)
+    name, grid, _ = classic_default(model.schedule, "teacher")
+    return {**PIPELINE_FIT, "teacher": f"{name}@{grid}:{PIPELINE_TEACHER_NFE}"}
 
 
 def is_pipeline(model: Any) -> bool:
@@ -104,8 +108,10 @@ __all__ = [
     "PIPELINE_NFES",
     "PIPELINE_REFERENCE_NFE",
     "PIPELINE_SAMPLES",
+    "PIPELINE_TEACHER_NFE",
     "decoded",
     "is_pipeline",
     "picture_columns",
+    "pipeline_fit",
     "pipeline_picture",
 ]

@@ -152,12 +152,12 @@ def demo_cmd(
     from ..report import render_versus
     from ..seeds import EVAL_SEED_START
     from ..showcase import (
-        PIPELINE_FIT,
         PIPELINE_NFES,
         PIPELINE_REFERENCE_NFE,
         PIPELINE_SAMPLES,
         is_pipeline,
         picture_columns,
+        pipeline_fit,
         pipeline_picture,
     )
 
@@ -168,7 +168,8 @@ def demo_cmd(
         pipeline = is_pipeline(m)
         nfes = sorted({*PIPELINE_NFES, nfe}) if pipeline else [3, 4, 5, 6, 8, 10]
         n_eval = samples or (PIPELINE_SAMPLES if pipeline else 512)
-        res = fit(m, method, nfe, out=out / f"{method}-nfe{nfe}", device=device, **(PIPELINE_FIT if pipeline else {}))
+        sizes = pipeline_fit(m) if pipeline else {}
+        res = fit(m, method, nfe, out=out / f"{method}-nfe{nfe}", device=device, **sizes)
         held = eval_model(m, None, None)
         extra: dict = {"samplers": [OwnScheduler(nfe)], "reference_nfe": PIPELINE_REFERENCE_NFE} if pipeline else {}
         rep = evaluate(
