@@ -1,4 +1,5 @@
-"""The pipeline's own scheduler as an evaluation row: the unmodified pipeline's samples, bit for bit, at its NFE."""
+"""The pipeline's own scheduler as an evaluation row: the unmodified pipeline's samples (bit for bit, or to float
+rounding where the pipeline orders its batch otherwise) at its NFE."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def _model(family: str):
 
 @pytest.mark.parametrize(
     ("family", "steps", "extra"),
-    [("sd", 4, {}), ("pixart", 5, {"use_resolution_binning": False, "max_sequence_length": 20})],
+    [("sd", 4, {}), ("pixart", 5, {"use_resolution_binning": False, "max_sequence_length": 20}), ("sd3", 5, {})],
 )
 def test_own_scheduler_is_the_pipelines_call(family: str, steps: int, extra: dict) -> None:
     torch.set_num_threads(1)
@@ -43,7 +44,10 @@ def test_own_scheduler_is_the_pipelines_call(family: str, steps: int, extra: dic
         width=32,
         **extra,
     ).images
-    assert torch.equal(ours, theirs)
+    if family == "sd3":  # its pipeline batches the unconditional half first: the same sums in another order
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-4)
+    else:
+        assert torch.equal(ours, theirs)
 
 
 def test_own_scheduler_row_in_evaluate() -> None:

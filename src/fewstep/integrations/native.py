@@ -6,7 +6,8 @@ the pipeline ships, set to the most inference steps whose timesteps fit in ``nfe
 PLMS spends one more evaluation than it has steps), then the pipeline's loop: ``scale_model_input``, one guided
 network call at the scheduler's timestep, ``step``. The network call is the model's (:meth:`Denoiser.raw`, the
 call fewstep's own solvers make, counted the same way), so the samples are the pipeline's own for the same
-noise, prompts and guidance (``tests/test_native.py`` checks them against the pipeline's ``__call__``).
+noise, prompts and guidance (``tests/test_native.py`` checks them against the pipeline's ``__call__``: bit for
+bit, or to float rounding where a pipeline batches its guidance halves in the other order).
 """
 
 from __future__ import annotations
@@ -73,10 +74,11 @@ class OwnScheduler:
         """Samples (B, *sample_shape) from standard ``noise`` (B, *sample_shape), as the pipeline's loop makes them."""
         sched = pipeline_scheduler(model)
         _set_steps(sched, steps_for(model, self.nfe), model)
-        x = noise.to(torch.float32) * float(sched.init_noise_sigma)
+        x = noise.to(torch.float32) * float(getattr(sched, "init_noise_sigma", 1.0))  # flow schedulers: unit noise
+        scale_input = getattr(sched, "scale_model_input", None)  # flow schedulers do not scale the network input
         with torch.no_grad():
             for t in sched.timesteps:
-                x_in = sched.scale_model_input(x, t)
+                x_in = x if scale_input is None else scale_input(x, t)
                 t_net = float(t)
                 out = model.raw(x_in, model.schedule.solver_time(torch.tensor(t_net)), t_net=t_net, **cond)
                 x = sched.step(out, t, x, return_dict=False)[0]
