@@ -29,11 +29,13 @@ from typing import Any
 import torch
 
 from fewstep.evaluate import reference_samples, run_solver
-from fewstep.fit.api import fit
+from fewstep.fit.api import fit, same_fit
+from fewstep.fit.checkpoint import NAME as CHECKPOINT_NAME
 from fewstep.integrations.native import OwnScheduler
 from fewstep.metrics.frechet import frechet_distance
 from fewstep.seeds import EVAL_SEED_START
 from fewstep.showcase import pipeline_picture
+from fewstep.solvers.artifact import load_solver
 from fewstep.solvers.registry import classic_specs
 from fewstep.specs import load_model
 from fewstep.zoo.scenes.classifier import Features, prompt_adherence
@@ -45,6 +47,14 @@ def _models(family: str, w: float) -> tuple[Any, Any]:
     fitted = load_model(f"zoo:scenes-{family}", guidance=w)
     held = getattr(fitted, "held_out_prompts", None)
     return fitted, (fitted if held is None else fitted.with_prompts(held))
+
+
+def _finished(out: Path, model: Any, method: str, nfe: int, seed: int, fit_kw: dict) -> Any:
+    """The finished fit in ``out`` made with these settings (after an interruption), else None."""
+    if not (out / "solver.json").is_file() or (out / CHECKPOINT_NAME).exists():
+        return None
+    solver = load_solver(out)
+    return None if same_fit(solver.doc, model, method, nfe, seed=seed, **fit_kw) else solver
 
 
 def _scores(model: Any, x: torch.Tensor, ref_feats: torch.Tensor, captions: list[str], feat: Features) -> dict:
@@ -75,10 +85,13 @@ def measure(family: str, w: float, args: argparse.Namespace, fit_kw: dict, log: 
             for seed in [int(s) for s in args.seeds.split(",")]:
                 out = Path(args.out) / f"scenes-{family}" / f"w{w:g}" / f"{method}-nfe{n}-seed{seed}"
                 t0 = time.perf_counter()
-                res = fit(fitted, method, n, out=out, seed=seed, progress=False, **fit_kw)
-                cost = res.solver.doc["cost"]
-                log(f"  {family} w={w:g} {method} NFE {n} seed {seed}: {time.perf_counter() - t0:.0f} s")
-                fits.append({"method": method, "nfe": n, "seed": seed, "solver": res.solver, "cost": cost})
+                solver = _finished(out, fitted, method, n, seed, fit_kw)
+                how = "found"
+                if solver is None:
+                    solver, how = fit(fitted, method, n, out=out, seed=seed, progress=False, **fit_kw).solver, "fitted"
+                cost = solver.doc["cost"]
+                log(f"  {family} w={w:g} {method} NFE {n} seed {seed}: {how}, {time.perf_counter() - t0:.0f} s")
+                fits.append({"method": method, "nfe": n, "seed": seed, "solver": solver, "cost": cost})
     seeds = list(range(EVAL_SEED_START, EVAL_SEED_START + args.samples))
     ref, info = reference_samples(held, seeds, nfe=args.reference_nfe)
     captions = captions_of(held, seeds)

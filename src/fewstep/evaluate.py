@@ -21,6 +21,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -190,9 +191,16 @@ def run_solver(
     secs = time.perf_counter() - t0
     r = per_sample_rmse(x, ref)
     sem = float(r.std() / math.sqrt(len(r))) if len(r) > 1 else 0.0
-    path = getattr(s, "path", None)
-    row = Row(row_kind, name, grid, used, float(r.mean()), sem, secs, artifact=None if path is None else str(path))
+    row = Row(row_kind, name, grid, used, float(r.mean()), sem, secs, artifact=_folder(getattr(s, "path", None)))
     return Run(row, x if keep_samples else None)
+
+
+def _folder(path: Any) -> str | None:
+    """A learned solver's artifact folder (its ``path`` may name the folder or its solver.json)."""
+    if path is None:
+        return None
+    p = Path(path)
+    return str(p.parent if p.name == "solver.json" else p)
 
 
 @runtime_checkable
