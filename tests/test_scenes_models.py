@@ -181,3 +181,14 @@ def test_cli_fit_and_eval_on_the_dit_pipeline(cache, tmp_path):
     assert sorted(row["solver"] == "ddim" for row in rows) == [False, True]  # the classic row and the learned one
     assert [row.get("artifact") for row in rows if row["solver"] != "ddim"] == [str(out)]  # which artifact it was
     assert all(math.isfinite(row["rmse"]) and row["rmse"] > 0 for row in rows)
+
+
+def test_a_text_pipeline_is_evaluated_on_its_held_out_captions_by_default(cache):
+    """Fits draw the training captions; `fewstep eval` and a fit's closing table, given no prompt file, the
+    held-out ones (attribute pairs training never saw)."""
+    from fewstep.cli.common import eval_model, load
+
+    fitted = load("zoo:scenes-sd", "cpu", role="fit")
+    assert fitted.cond_sampler.prompts.source.endswith("prompts/train.txt")
+    assert eval_model(fitted, None, None).cond_sampler.prompts.source.endswith("prompts/heldout.txt")
+    assert load("zoo:scenes-sd", "cpu", role="eval").cond_sampler.prompts.source.endswith("prompts/heldout.txt")

@@ -367,6 +367,7 @@ def build_scenes(
     (``prompts/train.txt``; evaluate on ``prompts/heldout.txt``, whose attribute pairs training never saw).
     """
     from ...integrations.load import load_diffusers
+    from ...integrations.pipelines import PipelineDenoiser
 
     folder = pipeline_folder(family, retrain=bool(retrain))
     spec = conditions or ConditionSpec()
@@ -376,6 +377,6 @@ def build_scenes(
     name = f"zoo:scenes-{family}"
     den = load_diffusers(folder, device=device, conditions=spec, name=name, **size, **family_options(family))
     den.identity.update(zoo=f"scenes-{family}", recipe_hash=recipe_hash(recipe_for(family)))
-    if family != "dit":
+    if isinstance(den, PipelineDenoiser) and family != "dit":
         den.held_out_prompts = PromptSet.read(folder / "prompts" / "heldout.txt")
     return den
