@@ -207,6 +207,15 @@ def save_samples(
     return paths
 
 
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def sha256_tensors(tensors: Mapping[str, Tensor], head: bytes = b"", layout: bool = False) -> str:
     """Hex sha256 of ``head`` then every tensor in name order: its name (with ``layout``: ``name|dtype|shape|``)
     and its raw bytes. The one tensor checksum: weights, fitted parameters, teacher shards, checkpoints."""

@@ -43,7 +43,6 @@ same keys is accepted too, its sizes read off the weight shapes like a library c
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 from collections.abc import Callable, Mapping
@@ -55,6 +54,7 @@ from torch import Tensor, nn
 
 from ..denoiser import Denoiser
 from ..errors import ModelSpecError
+from ..io import sha256_file
 from ..schedules import Flow
 from ._common import attach
 
@@ -154,15 +154,6 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     if not path.is_file():
         raise ModelSpecError(f"torchcfm:{key}: checkpoint {path} does not exist; names: {', '.join(NAMES)}")
     return path
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- safe loading

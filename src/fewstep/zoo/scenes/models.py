@@ -18,7 +18,6 @@ every weights file: a cached folder whose files do not match is rebuilt, never t
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import sys
@@ -33,7 +32,7 @@ from torch import Tensor
 from ...conditions import ConditionSpec, PromptSet
 from ...denoiser import Denoiser
 from ...errors import ModelSpecError
-from ...io import atomic_dir, write_text
+from ...io import atomic_dir, sha256_file, write_text
 from ...training import recipe_hash, weights_dir
 from . import data as scenes_data
 from .networks import FAMILIES, make_network, make_scheduler, time_shift
@@ -246,14 +245,6 @@ def read_network(path: Path, recipe: dict[str, Any]) -> tuple[dict[str, Tensor],
         return None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _weight_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*.safetensors") if p.is_file())
 
@@ -270,7 +261,7 @@ def save_folder(
             {"num_classes": len(DIT_CLASSES)} if family == "dit" else {"vocabulary": scenes_data.vocabulary()}
         )
         write_text(tmp / "fewstep.json", json.dumps(info, indent=1) + "\n")
-        files = {str(p.relative_to(tmp)): _sha256(p) for p in _weight_files(tmp)}
+        files = {str(p.relative_to(tmp)): sha256_file(p) for p in _weight_files(tmp)}
         doc = {"recipe_hash": recipe_hash(recipe), "recipe": recipe, "provenance": prov, "sha256": files}
         doc["torch"] = torch.__version__
         write_text(tmp / "recipe.json", json.dumps(doc, indent=1, sort_keys=True) + "\n")
@@ -299,7 +290,7 @@ def folder_problem(path: Path, recipe: dict[str, Any]) -> str | None:
     have = {str(p.relative_to(path)): p for p in _weight_files(path)}
     if not isinstance(want, dict) or set(want) != set(have):
         return "weights files missing or extra"
-    bad = [k for k, p in have.items() if _sha256(p) != want[k]]
+    bad = [k for k, p in have.items() if sha256_file(p) != want[k]]
     return f"damaged weights ({', '.join(bad)})" if bad else None
 
 
