@@ -105,9 +105,11 @@ def test_a_budget_is_never_exceeded(tmp_path, budget):
     assert c["total_evals"] >= 0.5 * budget  # sized to use it, not to leave most of it
     # counted at the network, not by formula
     assert c["teacher"]["forward_evals"] + c["fit"]["forward_evals"] == m.net.forward_rows
-    f, d = res.doc["fit"], dataclasses.asdict(method_info("s4s-alt").sizes)
-    # the default's shape scaled by one factor: noises and steps both below or both above the default
-    assert (f["samples"] - d["samples"]) * (f["steps"] - d["steps"]) > 0
+    f = res.doc["fit"]
+    shapes = [dataclasses.asdict(s) for s in method_info("s4s-alt").shapes]
+    # one of the method's measured shapes (its noises and batch), with the steps the budget pays for
+    chosen = [s for s in shapes if (s["samples"], s["batch"]) == (f["samples"], f["batch"])]
+    assert chosen and f["steps"] >= chosen[0]["steps"] or f["samples"] <= shapes[0]["samples"]
 
 
 def test_the_cap_holds_when_the_plan_is_wrong(tmp_path, monkeypatch):
@@ -137,6 +139,25 @@ def test_the_budget_plan_predicts_its_parts():
     assert p.confirmation == 2 * 20 * 5 and p.total == p.teacher + p.training + p.validation + p.confirmation
     sized = plan_for(p.total, cfg, Sizes(100, 50, 20, 10, 30), 40, 0)
     assert predicted(cfg, sized, 40, 0).total <= p.total
+
+
+def test_the_planner_takes_the_largest_measured_shape_the_budget_affords():
+    cfg, _ = fit_plan(counting_model(), "s4s", 5, teacher=SPEC, start="ddim@logsnr", screen_seeds=1)
+    small, large = Sizes(64, 32, 32, 16, 50), Sizes(300, 100, 100, 40, 200)
+
+    def cost(s):
+        return predicted(cfg, s, 40, 0).total
+
+    for budget in (cost(small), (cost(small) + cost(large)) // 2, cost(large) - 1):
+        got = plan_for(budget, cfg, Sizes(), 40, 0, shapes=(small, large))
+        assert (got.samples, got.val_samples, got.batch) == (64, 32, 16) and got.steps >= 50
+        assert cost(got) <= budget < cost(dataclasses.replace(got, steps=got.steps + 1))  # the steps fill the budget
+    got = plan_for(3 * cost(large), cfg, Sizes(), 40, 0, shapes=(small, large))
+    assert (got.samples, got.batch) == (300, 40) and got.steps > 200 and cost(got) <= 3 * cost(large)
+    got = plan_for(cost(small) // 2, cfg, Sizes(), 40, 0, shapes=(small, large))  # below the smallest: scaled down
+    assert got.samples < 64 and got.steps < 50 and cost(got) <= cost(small) // 2
+    got = plan_for(cost(large), cfg, Sizes(), 40, 0, shapes=(small, large), fixed={"samples"})
+    assert got.samples == Sizes().samples  # a size the user gave is kept
 
 
 def test_micro_batches_give_the_full_batchs_gradient(tmp_path):

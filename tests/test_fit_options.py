@@ -63,9 +63,10 @@ def test_dss_refuses_a_start_outside_its_forms(vp_model, flow_model, tmp_path):
 
 
 def test_learning_rates_follow_the_optimiser_unless_given():
-    (dss,) = plan_phases(FitConfig(method="dss", steps=10))
+    dss, polish = plan_phases(FitConfig(method="dss", steps=10))
     assert dss.optimizer == "lion" and dss.lrs == {"grid": 1e-2, "coef": 1e-2} and dss.batch >= 32
-    (dss,) = plan_phases(FitConfig(method="dss", steps=10, lr_coef=0.003, lr_grid=0.004))
+    assert polish.lrs == {"grid": 1e-3, "coef": 1e-3} and (dss.steps, polish.steps) == (8, 2)  # its default quarter
+    dss, _ = plan_phases(FitConfig(method="dss", steps=10, lr_coef=0.003, lr_grid=0.004))
     assert dss.lrs == {"grid": 0.004, "coef": 0.003}  # the user's rates reach DSS
     grid, coef = plan_phases(FitConfig(method="s4s-alt", steps=300))[:2]
     assert grid.optimizer == "adam" and grid.lrs == {"grid": 5e-2} and coef.lrs == {"coef": 3e-2}
@@ -223,3 +224,17 @@ def test_a_new_method_is_one_registry_entry(vp_model, tmp_path, monkeypatch):
     assert cand.relax is not None and cand.relax.r == 0.02  # the entry's ball
     assert cand.solver.V is not None  # a corrector, which the settings cannot turn off (not settable)
     assert [p.label for p in registry.plan_phases(cfg)] == ["grid", "coef"]
+
+
+def test_polish_ends_any_method_with_its_groups_at_a_tenth_of_the_rates():
+    *rest, last = plan_phases(FitConfig(method="dss", steps=100, polish=0.2))
+    assert [p.steps for p in rest] == [80] and last.label == "polish" and last.steps == 20
+    assert last.lrs == {"grid": 1e-3, "coef": 1e-3} and last.optimizer == "lion" and last.batch == rest[0].batch
+    *rest, last = plan_phases(FitConfig(method="s4s", steps=50, polish=0.5))
+    assert [p.steps for p in rest] == [25] and last.lrs == {"coef": 3e-3}  # only what the method moves
+    *rest, last = plan_phases(FitConfig(method="s4s-alt", steps=300, rounds=2, polish=0.25))
+    assert [p.steps for p in rest] == [56] * 4 and last.steps == 75 and last.lrs == {"grid": 5e-3, "coef": 3e-3}
+    assert all(p.label != "polish" for p in plan_phases(FitConfig(method="dss", steps=100, polish=0.0)))
+    for bad in (1.0, -0.1, "0.2", True):
+        with pytest.raises(FewstepError, match="polish must be"):
+            FitConfig(method="dss", polish=bad).check()

@@ -337,7 +337,9 @@ def test_clearly_better_is_a_paired_test():
 
 @pytest.mark.parametrize("steps,rounds,per", [(2000, 8, 125), (300, 4, 37), (60, 1, 30), (1000, 8, 62)])
 def test_s4s_alt_rounds_adapt_to_the_step_budget(steps, rounds, per):
-    phases = plan_phases(FitConfig(method="s4s-alt", steps=steps))
+    phases = plan_phases(FitConfig(method="s4s-alt", steps=steps, polish=0.0))
     assert len(phases) == 2 * rounds and {p.steps for p in phases} == {per}
     assert [p.label for p in phases[:2]] == ["round 1 grid", "round 1 coef"]
-    assert len(plan_phases(FitConfig(method="s4s-alt", steps=steps, rounds=3))) == 6  # an explicit choice wins
+    assert len(plan_phases(FitConfig(method="s4s-alt", steps=steps, rounds=3, polish=0.0))) == 6  # explicit wins
+    *alternation, polish = plan_phases(FitConfig(method="s4s-alt", steps=steps))  # by default a quarter polishes
+    assert len(alternation) == 2 * rounds and polish.label == "polish" and polish.steps == steps // 4

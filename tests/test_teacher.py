@@ -125,9 +125,9 @@ def test_parse_teacher_invalid_parts(bad, what):
 
 def test_default_teachers():
     vp = make_model()
-    assert str(default_teacher(vp)) == "unipc3@logsnr:100"
+    assert str(default_teacher(vp)) == "unipc3@logsnr:40"
     flow = fewstep.Denoiser(lambda x, t: x, fewstep.Flow(), prediction="velocity", sample_shape=(D,))
-    assert str(default_teacher(flow)) == "adams4@time:100"
+    assert str(default_teacher(flow)) == "adams4@time:40"
 
 
 # ------------------------------------------------------------------------------------- generation

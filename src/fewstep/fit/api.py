@@ -266,7 +266,9 @@ def sized_to_budget(model: Denoiser, cfg: FitConfig, spec: TeacherSpec, fixed: s
     assert limit is not None  # called for a fit with a budget
     per_sample = teacher_per_sample(spec)
     candidates = 0 if cfg.training.start is not None else len(classic_specs(model.schedule))
-    sized = plan_for(limit, cfg, cfg.sizes, per_sample, candidates, shard=SHARD_SIZE, fixed=fixed)
+    shapes = method_info(cfg.method).shapes
+    free = cfg.with_options(rounds=None)  # as :func:`.budget.with_sizes` will resolve it: rounds follow the steps
+    sized = plan_for(limit, free, cfg.sizes, per_sample, candidates, shard=SHARD_SIZE, fixed=fixed, shapes=shapes)
     return cap_teacher(limit, with_sizes(cfg, sized), per_sample, SHARD_SIZE, fixed)
 
 

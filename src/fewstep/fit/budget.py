@@ -20,6 +20,7 @@ stops before a step that would cross the budget, so a budget is never exceeded w
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 from ..errors import FewstepError
@@ -129,29 +130,62 @@ def plan_for(
     candidates: int,
     shard: int = 1,
     fixed: set[str] | frozenset[str] = frozenset(),
+    shapes: tuple[Sizes, ...] = (),
 ) -> Sizes:
-    """The largest fit like ``base`` (its shape: noises, batch, steps scaled together) whose predicted spend is
-    within ``budget``; the Sizes fields named in ``fixed`` (given by the user) keep ``base``'s values and the
-    others are scaled around them. A FewstepError names the smallest budget that works (and the fixed sizes)
-    when even one step does not fit."""
+    """The fit ``budget`` affords. With ``shapes`` (a method's measured fit shapes, smallest first:
+    :attr:`.registry.FitMethod.shapes`), the largest shape whose predicted spend is within ``budget`` keeps its
+    noises and batch and gets the steps the rest of the budget pays for (:func:`fill_steps`); a budget below the
+    smallest shape (or no shapes) gets the largest fit like ``base`` (the smallest shape, if any: noises, batch and
+    steps scaled together). The Sizes fields named in ``fixed`` (given by the user) keep ``base``'s values. A
+    FewstepError names the smallest budget that works (and the fixed sizes) when even one step does not fit."""
 
-    def sized(theta: float) -> Sizes:
-        samples = max(8, round(base.samples * theta))
-        val = max(8, round(base.val_samples * math.sqrt(theta)))
-        confirm = 0 if base.confirm_samples == 0 else max(16, round(base.confirm_samples * math.sqrt(theta)))
-        return _keep(Sizes(samples, val, confirm, min(base.batch, samples), max(1, round(base.steps * theta))))
-
-    def _keep(s: Sizes) -> Sizes:
+    def keep(s: Sizes) -> Sizes:
         s = replace(s, **{f: getattr(base, f) for f in fixed})
         if "batch" in fixed and "samples" not in fixed:  # a given batch needs as many noises
             s = replace(s, samples=max(s.samples, s.batch))
         return s if "batch" in fixed else replace(s, batch=min(s.batch, s.samples))
 
-    def cost(theta: float) -> int:
-        return predicted(cfg, sized(theta), teacher_evals, candidates, shard).total
+    def cost(s: Sizes) -> int:
+        return predicted(cfg, s, teacher_evals, candidates, shard).total
 
-    smallest = _keep(Sizes(8, 8, 0, 8, 1))
-    floor = predicted(cfg, smallest, teacher_evals, candidates, shard).total
+    fitting = [keep(s) for s in shapes if cost(keep(s)) <= budget]
+    if fitting:
+        return fill_steps(budget, fitting[-1], cost, "steps" in fixed)
+    return _scaled(budget, cfg, keep(shapes[0]) if shapes else base, keep, cost, fixed)
+
+
+def fill_steps(budget: int, shape: Sizes, cost: Callable[[Sizes], int], steps_fixed: bool = False) -> Sizes:
+    """``shape`` with as many steps as ``budget`` pays for (at least its own; as given when ``steps_fixed``)."""
+    if steps_fixed:
+        return shape
+    lo, hi = shape.steps, shape.steps * 2
+    while cost(replace(shape, steps=hi)) <= budget and hi < 10**7:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # cost(lo) within the budget, cost(hi) not
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if cost(replace(shape, steps=mid)) <= budget else (lo, mid)
+    return replace(shape, steps=lo)
+
+
+def _scaled(
+    budget: int,
+    cfg: FitConfig,
+    base: Sizes,
+    keep: Callable[[Sizes], Sizes],
+    cost: Callable[[Sizes], int],
+    fixed: set[str] | frozenset[str],
+) -> Sizes:
+    """The largest fit like ``base`` (noises, batch and steps scaled together, validation and confirmation noises
+    with the square root) whose predicted spend is within ``budget``; ``keep`` puts back the fixed sizes."""
+
+    def sized(theta: float) -> Sizes:
+        samples = max(8, round(base.samples * theta))
+        val = max(8, round(base.val_samples * math.sqrt(theta)))
+        confirm = 0 if base.confirm_samples == 0 else max(16, round(base.confirm_samples * math.sqrt(theta)))
+        return keep(Sizes(samples, val, confirm, min(base.batch, samples), max(1, round(base.steps * theta))))
+
+    smallest = keep(Sizes(8, 8, 0, 8, 1))
+    floor = cost(smallest)
     if budget < floor and fixed:
         raise FewstepError(
             f"--budget {budget:,} does not cover {option_names(fixed, base)}: with them the smallest "
@@ -164,17 +198,17 @@ def plan_for(
             f"smallest fit (8 noises, 1 step, its teacher and start search) costs {floor:,} network "
             f"evaluations"
         )
-    if cost(1.0) <= budget:
+    if cost(sized(1.0)) <= budget:
         lo = 1.0
-        while cost(lo * 2) <= budget and lo < 1e6:
+        while cost(sized(lo * 2)) <= budget and lo < 1e6:
             lo *= 2
         hi = lo * 2
     else:
         lo, hi = 0.0, 1.0
     for _ in range(40):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid)
-    return sized(lo) if lo > 0 and cost(lo) <= budget else smallest
+        lo, hi = (mid, hi) if cost(sized(mid)) <= budget else (lo, mid)
+    return sized(lo) if lo > 0 and cost(sized(lo)) <= budget else smallest
 
 
 def with_sizes(cfg: FitConfig, sizes: Sizes) -> FitConfig:

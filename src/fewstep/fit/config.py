@@ -63,14 +63,16 @@ class Training:
     eval_every: int = 25  # steps between validations
     corrector: bool | None = None  # learn a corrector (None: the method's default)
     scale_a: bool | None = None  # also learn a scale of each step's carried state a_i (None: the method's default)
-    polish: float = (
-        0.0  # alternating methods: fraction of the steps spent on a final joint phase at a tenth of the rates
-    )
+    polish: float | None = None  # share of the steps in a last joint phase at a tenth of the rates (None: the method's)
     warmup: bool = True  # linear learning-rate warm-up over the first tenth (at most 50 steps) of each phase
 
     def check(self) -> None:
         """A FewstepError naming the first setting that cannot be used."""
         _check_count("eval_every", self.eval_every, least=1)
+        if self.polish is not None and not (
+            isinstance(self.polish, int | float) and not isinstance(self.polish, bool) and 0 <= self.polish < 1
+        ):
+            raise FewstepError(f"polish must be a share of the steps in [0, 1); got {self.polish!r}")
         _check_count("k", self.k, least=1)
         if not callable(self.loss) and self.loss not in LOSSES:
             raise FewstepError(

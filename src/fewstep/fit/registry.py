@@ -64,7 +64,6 @@ class PhaseSettings:
     lr_coef: float
     lr_grid: float
     rounds: int | None  # alternations (None: the method does not alternate)
-    polish: float
 
 
 PhasePlan = Callable[[PhaseSettings], list[Phase]]
@@ -84,6 +83,8 @@ class FitMethod:
     rounds: Callable[[int], int] | None = None  # default alternations for a number of steps (alternating plans)
     relax: float = 0.0  # default relaxation ball radius (relative to the noise norm; 0: none)
     objective: Objective = FinalSample()
+    polish: float = 0.0  # default share of the steps spent on the last, joint phase at a tenth of the rates
+    shapes: tuple[Sizes, ...] = ()  # measured fit shapes for budgets, smallest first (:func:`.budget.plan_for`)
 
     @property
     def teacher_states(self) -> bool:
@@ -120,18 +121,26 @@ def grid(p: PhaseSettings) -> list[Phase]:
 
 
 def alternate(p: PhaseSettings) -> list[Phase]:
-    """Grid and coefficient phases in turn (``rounds`` of each), then a joint polish at a tenth of the rates from
-    the best so far (``polish`` of the steps; none at 0)."""
-    polish = int(p.steps * p.polish)
+    """Grid and coefficient phases in turn (``rounds`` of each)."""
     rounds = p.rounds or 1
-    per = max(1, (p.steps - polish) // (2 * rounds))
+    per = max(1, p.steps // (2 * rounds))
     out = []
     for r in range(rounds):
         out.append(Phase(f"round {r + 1} grid", {"grid": p.lr_grid}, per, p.optimizer, p.batch))
         out.append(Phase(f"round {r + 1} coef", {"coef": p.lr_coef}, per, p.optimizer, p.batch))
-    if polish:
-        out.append(Phase("polish", {"grid": p.lr_grid / 10, "coef": p.lr_coef / 10}, polish, p.optimizer, p.batch))
     return out
+
+
+def polish_phase(phases: list[Phase], steps: int) -> Phase:
+    """A last phase of ``steps`` steps from the best so far that moves every parameter group ``phases`` move
+    together, at a tenth of their rates: the iterate of a constant rate wanders around a minimum, a tenth of it
+    settles there (and lets an alternating method move grid and coefficients at once)."""
+    lrs: dict[str, float] = {}
+    for ph in phases:
+        for g, lr in ph.lrs.items():
+            lrs[g] = max(lrs.get(g, 0.0), lr / 10)
+    last = phases[-1]
+    return Phase("polish", lrs, steps, last.optimizer, last.batch)
 
 
 def joint(p: PhaseSettings) -> list[Phase]:
@@ -140,8 +149,7 @@ def joint(p: PhaseSettings) -> list[Phase]:
 
 
 def default_rounds(steps: int) -> int:
-    """S4S-Alt's alternations for a budget of ``steps``: 8, but no round (a grid phase and a coefficient
-    phase) shorter than 75 steps.
+    """S4S-Alt's alternations for a fit of ``steps`` steps (its polish included): one per 75 steps, at most 8.
 
     Short phases do not settle before the other half of the parameters moves (measured: BENCHMARKS.md,
     the image model and the default-size study).
@@ -150,11 +158,9 @@ def default_rounds(steps: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------- methods
-#: Sizes: the papers' training cost, counting the screening (``screen_share`` of the steps for each of the 4
-#: screened candidates, so the steps run about 1.6 times). S4S: 700 noises, batch 20, 10 epochs; S4S-Alt: 1,200
-#: noises, batch 40, 16 epochs (K = 8 alternations of an epoch each in the paper; here 4 alternations); LD3: 100
-#: noises; DSS: about 50k noise draws at batch 32. What they cost and how they compare with one size for every
-#: method: BENCHMARKS.md, section 8.
+#: Sizes: S4S and LD3 at their papers' training cost (S4S: 700 noises, batch 20, about 10 epochs counting the
+#: screening; LD3: 100 noises); S4S-Alt and DSS at the shapes measured best for about the same spend (below). What
+#: they cost and how they compare: BENCHMARKS.md, section 8.
 register(
     FitMethod(
         "s4s",
@@ -164,14 +170,21 @@ register(
         form=SolverForm(corrector=True, scale_a=True),
     )
 )
+#: S4S-Alt's default and budget shapes were measured (BENCHMARKS.md, section 8, "Where a fit's evaluations go"):
+#: at its former spend (363k on the zoo models) 400 noises at batch 36 for 600 steps with a 40-NFE teacher and a
+#: last quarter polished beat 1,200 noises at batch 40 for 300 steps with a 100-NFE teacher on every zoo model
+#: (gmm 0.35x against 0.57x the best classic); at 120k, 256 noises at batch 32 with 100 validation and 100
+#: confirmation noises beat the default's shape scaled down (digits-eps 0.54x against 0.69x).
 register(
     FitMethod(
         "s4s-alt",
         "grid (with decoupled evaluation times) and coefficient phases in turn",
-        sizes=Sizes(samples=1200, batch=40, steps=300),
+        sizes=Sizes(samples=400, batch=36, steps=600),
         phases=alternate,
         form=SolverForm(decouple=True, corrector=True, scale_a=True),
         rounds=default_rounds,
+        polish=0.25,
+        shapes=(Sizes(256, 100, 100, 32, 150), Sizes(400, 200, 200, 36, 600)),
     )
 )
 register(
@@ -184,16 +197,20 @@ register(
         relax=0.05,
     )
 )
+#: DSS's default was measured like S4S-Alt's (BENCHMARKS.md, section 8): 700 noises at batch 48 for 1,000 steps,
+#: the last quarter polished, with a 40-NFE teacher (664k evaluations) beat 2,000 noises at batch 32 for 1,000
+#: steps with a 100-NFE teacher (685k) on gmm (0.29x against 0.37x, and a fifth of its spread over seeds).
 register(
     FitMethod(
         "dss",
         "grid and full-history coefficients with rows summing to one, jointly; states and final sample",
-        sizes=Sizes(samples=2000, batch=32, steps=1000),
+        sizes=Sizes(samples=700, batch=48, steps=1000),
         phases=joint,
         form=SolverForm(rows_sum_to_one=True, settable=frozenset()),
         optimizer="lion",
         min_batch=32,  # the paper's
         objective=StatesAndFinal(states=1.0, final=1000.0, delta=1e-3),
+        polish=0.25,
     )
 )
 
@@ -228,24 +245,29 @@ def resolve(cfg: FitConfig) -> FitConfig:
     rounds = cfg.training.rounds
     if rounds is None and m.rounds is not None:
         rounds = m.rounds(cfg.sizes.steps)
-    return cfg.with_options(rounds=rounds, lr_coef=lr_coef, lr_grid=lr_grid, optimizer=optimizer_name(cfg))
+    polish = m.polish if cfg.training.polish is None else cfg.training.polish
+    return cfg.with_options(
+        rounds=rounds, lr_coef=lr_coef, lr_grid=lr_grid, optimizer=optimizer_name(cfg), polish=polish
+    )
 
 
 def plan_phases(cfg: FitConfig) -> list[Phase]:
-    """The optimisation phases of ``cfg``'s method."""
+    """The optimisation phases of ``cfg``'s method, then its polish (``polish`` of the steps; none at 0)."""
     m = method_info(cfg.method)
     lr_coef, lr_grid = learning_rates(cfg)
     steps = cfg.sizes.steps
     rounds = (cfg.training.rounds or m.rounds(steps)) if m.rounds is not None else None
-    return m.phases(
+    share = m.polish if cfg.training.polish is None else cfg.training.polish
+    polish = min(steps - 1, int(steps * share))
+    phases = m.phases(
         PhaseSettings(
             label=m.name,
-            steps=steps,
+            steps=steps - polish,
             batch=max(cfg.sizes.batch, m.min_batch),
             optimizer=optimizer_name(cfg),
             lr_coef=lr_coef,
             lr_grid=lr_grid,
             rounds=rounds,
-            polish=cfg.training.polish,
         )
     )
+    return phases + [polish_phase(phases, polish)] if polish > 0 else phases

@@ -62,12 +62,13 @@ def parse_teacher(spec: str | TeacherSpec) -> TeacherSpec:
 
 
 def default_teacher(model: Denoiser) -> TeacherSpec:
-    """A near-converged teacher: ``unipc3@logsnr:100`` (diffusion) or ``adams4@time:100`` (flows).
+    """A near-converged teacher: ``unipc3@logsnr:40`` (diffusion) or ``adams4@time:40`` (flows).
 
     The S4S paper uses UniPC at 20 NFE for pixel models, but what a teacher leaves unconverged
-    bounds how close a learned solver gets to the true ODE solution, and 100 NFE is cheap next to
-    a fit (the teachers' own errors on the zoo models: BENCHMARKS.md). Pass ``teacher=`` to choose
-    another.
+    bounds how close a learned solver gets to the true ODE solution. At 40 NFE the teachers' own
+    errors on the zoo models are 10-40x below a learned NFE-5 solver's, and the evaluations a 100-NFE
+    teacher took buy more optimisation instead (BENCHMARKS.md, section 8). Pass ``teacher=`` to choose
+    another (a stiffer model, e.g. at a high guidance scale, may need a finer one).
     """
     return TeacherSpec(*classic_default(model.schedule, "teacher"))
 
