@@ -201,7 +201,7 @@ def test_teacher_shards_are_bit_identical_to_one_process(runs):
 def test_an_interrupted_multi_process_teacher_resumes_in_one_process_with_the_same_shards(runs, tmp_path, one_thread):
     """What a killed two-process teacher run leaves (one rank's shard written, not listed; another never written)
     is completed by one process: the missing shard bit-identical, the unlisted one reused and listed."""
-    from fewstep.fit.teacher import generate_teacher
+    from fewstep.fit.teacher import default_teacher, generate_teacher
     from fewstep.seeds import fit_seeds
     from fewstep.specs import load_model
 
@@ -214,10 +214,11 @@ def test_an_interrupted_multi_process_teacher_resumes_in_one_process_with_the_sa
     train = "seeds-0-128.safetensors"
     (folder / train).unlink()  # never written
     m = load_model("zoo:gmm")
-    got = generate_teacher(m, fit_seeds(64), "unipc3@logsnr:100", cache_dir=cache, progress=False)
+    spec = default_teacher(m)  # the one the runs' fits used
+    got = generate_teacher(m, fit_seeds(64), spec, cache_dir=cache, progress=False)
     assert got.computed_evals > 0
     val = [p for p in folder.glob("seeds-*.safetensors") if p.name != train]
-    got_val = generate_teacher(m, range(500000, 500032), "unipc3@logsnr:100", cache_dir=cache, progress=False)
+    got_val = generate_teacher(m, range(500000, 500032), spec, cache_dir=cache, progress=False)
     assert got_val.computed_evals == 0 and val  # the unlisted shard was used as it is
     want = _shards(root / "cache-k1")
     for name, t in _shards(cache).items():

@@ -343,8 +343,9 @@ class _Guard:
             raise self.unstable(self.tab.N - 1)
 
     def unstable(self, i: int) -> ModelOutputError:
+        t = float(self.tab.t[i + 1].detach())  # a learned grid carries gradients
         return ModelOutputError(
-            f"solver {self.tab.name} produced NaN/inf at step {i} (t={float(self.tab.t[i + 1]):.6g}) from finite "
+            f"solver {self.tab.name} produced NaN/inf at step {i} (t={t:.6g}) from finite "
             f"model outputs: its coefficients are unstable on this grid; try another solver or grid"
         )
 
