@@ -238,3 +238,12 @@ def test_polish_ends_any_method_with_its_groups_at_a_tenth_of_the_rates():
     for bad in (1.0, -0.1, "0.2", True):
         with pytest.raises(FewstepError, match="polish must be"):
             FitConfig(method="dss", polish=bad).check()
+
+
+def test_a_method_may_default_to_a_finer_teacher(vp_model, flow_model):
+    from fewstep.fit.api import fit_plan
+
+    assert str(fit_plan(vp_model, "s4s-alt", 5)[1]) == "unipc3@logsnr:40"  # the schedule's default
+    assert str(fit_plan(vp_model, "ld3", 5)[1]) == "unipc3@logsnr:100"  # LD3's own
+    assert str(fit_plan(flow_model, "ld3", 5)[1]) == "adams4@time:100"
+    assert str(fit_plan(vp_model, "ld3", 5, teacher="ddim@time:30")[1]) == "ddim@time:30"  # a given one wins

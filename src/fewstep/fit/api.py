@@ -252,7 +252,11 @@ def fit_plan(
     if cfg.execution.use_checkpoint is None:
         cfg = cfg.with_options(use_checkpoint=torch.device(device).type == "cuda")
     cfg = resolve(cfg)
-    spec = parse_teacher(teacher) if isinstance(teacher, str) else (teacher or default_teacher(model))
+    spec = (
+        parse_teacher(teacher)
+        if isinstance(teacher, str)
+        else (teacher or default_teacher(model, method_info(method).teacher_nfe))
+    )
     if cfg.execution.budget is not None:
         fixed = {f.name for f in fields(Sizes) if overrides.get(f.name) is not None}
         cfg = sized_to_budget(model, cfg, spec, fixed)

@@ -85,6 +85,7 @@ class FitMethod:
     objective: Objective = FinalSample()
     polish: float = 0.0  # default share of the steps spent on the last, joint phase at a tenth of the rates
     shapes: tuple[Sizes, ...] = ()  # measured fit shapes for budgets, smallest first (:func:`.budget.plan_for`)
+    teacher_nfe: int | None = None  # the default teacher's NFE for this method (None: the schedule's default)
 
     @property
     def teacher_states(self) -> bool:
@@ -195,6 +196,10 @@ register(
         phases=grid,
         form=SolverForm(settable=frozenset({"corrector"})),
         relax=0.05,
+        # LD3's relaxed latents land each training noise on its teacher sample, so the teacher's error passes
+        # straight into the fit; on 100 noises a finer teacher is cheap (digits-empirical NFE 5, 3 seeds: 0.73x
+        # the best classic with a 100-NFE teacher, 0.85x with 40; BENCHMARKS.md, section 8)
+        teacher_nfe=100,
     )
 )
 #: DSS's default was measured like S4S-Alt's (BENCHMARKS.md, section 8): 700 noises at batch 48 for 1,000 steps,

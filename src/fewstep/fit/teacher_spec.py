@@ -61,16 +61,18 @@ def parse_teacher(spec: str | TeacherSpec) -> TeacherSpec:
     return TeacherSpec(name, grid, nfe)
 
 
-def default_teacher(model: Denoiser) -> TeacherSpec:
+def default_teacher(model: Denoiser, nfe: int | None = None) -> TeacherSpec:
     """A near-converged teacher: ``unipc3@logsnr:40`` (diffusion) or ``adams4@time:40`` (flows).
 
     The S4S paper uses UniPC at 20 NFE for pixel models, but what a teacher leaves unconverged
     bounds how close a learned solver gets to the true ODE solution. At 40 NFE the teachers' own
-    errors on the zoo models are 10-40x below a learned NFE-5 solver's, and the evaluations a 100-NFE
+    errors on the zoo models are 9-22x below a learned NFE-5 solver's, and the evaluations a 100-NFE
     teacher took buy more optimisation instead (BENCHMARKS.md, section 8). Pass ``teacher=`` to choose
-    another (a stiffer model, e.g. at a high guidance scale, may need a finer one).
+    another (a stiffer model, e.g. at a high guidance scale, may need a finer one). ``nfe``: the same solver at
+    another NFE (a method's own default, :attr:`fewstep.fit.registry.FitMethod.teacher_nfe`).
     """
-    return TeacherSpec(*classic_default(model.schedule, "teacher"))
+    name, grid, default_nfe = classic_default(model.schedule, "teacher")
+    return TeacherSpec(name, grid, default_nfe if nfe is None else int(nfe))
 
 
 def teacher_times(model: Denoiser, spec: str | TeacherSpec) -> Tensor:
