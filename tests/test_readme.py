@@ -119,7 +119,7 @@ def small_fits(monkeypatch, tmp_path):
     }
     method_defaults = api.method_defaults
     monkeypatch.setattr(api, "method_defaults", lambda *a: method_defaults(*a).with_options(**small))
-    monkeypatch.setattr(api, "default_teacher", lambda model: TeacherSpec("unipc3", "logsnr", 20))
+    monkeypatch.setattr(api, "default_teacher", lambda model, nfe=None: TeacherSpec("unipc3", "logsnr", 20))
     monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
 
 
