@@ -1,15 +1,15 @@
 """The fitting methods by name, as data (as :mod:`fewstep.solvers.registry` holds the classic solvers).
 
-A :class:`FitMethod` says everything that tells one method from another: its paper-sized fit (:class:`.Sizes`),
+A :class:`FitMethod` says everything that tells one method from another: its default fit (:class:`.Sizes`),
 its phases, optimiser, the learned solver's form (:class:`SolverForm`), its relaxation, its objective (and so
 whether the teacher keeps its states). Nothing else names a method: a fifth method is one more
 :func:`register` call.
 
 - ``s4s``: coefficients only (last k evaluations, free rows, a learned corrector), grid fixed.
-- ``s4s-alt``: grid (with decoupled evaluation times) and coefficient phases in turn.
+- ``s4s-alt``: grid (with decoupled evaluation times) and coefficient phases in turn, then a polish.
 - ``ld3``: the grid only (the start's normalised coefficients held), relaxed objective.
 - ``dss``: grid (softmax steps) and full-history coefficients with rows summing to one, jointly, Lion,
-  per-step state MSE to the teacher's states plus 1000 x Huber(1e-3) on the final sample.
+  per-step state MSE to the teacher's states plus 1000 x Huber(1e-3) on the final sample, then a polish.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class FitMethod:
 
     name: str
     doc: str
-    sizes: Sizes  # the paper's fit size; a budget scales it (:func:`.budget.plan_for`)
+    sizes: Sizes  # the default fit size (the paper's, or measured: below)
     phases: PhasePlan
     form: SolverForm
     optimizer: str = "adam"
@@ -222,7 +222,7 @@ register(
 
 # ----------------------------------------------------------------------------------- settings per method
 def method_defaults(method: str, nfe: int = 5, seed: int = 0) -> FitConfig:
-    """The defaults of ``method``: its paper's fit size."""
+    """The defaults of ``method``: its default fit size."""
     return FitConfig(method, nfe, seed, sizes=method_info(method).sizes)
 
 
