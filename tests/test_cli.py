@@ -116,6 +116,8 @@ def test_fit_show_eval_with_the_artifact(user_model, tmp_path, monkeypatch):
             "0.02",
             "--k",
             "2",
+            "--polish",
+            "0.25",
             "--json",
         ]
     )
@@ -124,7 +126,9 @@ def test_fit_show_eval_with_the_artifact(user_model, tmp_path, monkeypatch):
     assert any(x["grid"] == "learned" for x in rep["results"])
     doc = json.loads((art / "solver.json").read_text())
     assert doc["method"] == "s4s" and doc["nfe"] == 4
-    assert (doc["fit"]["batch"], doc["fit"]["lr_coef"], doc["fit"]["k"]) == (16, 0.02, 2)  # the options reach the fit
+    f = doc["fit"]
+    assert (f["batch"], f["lr_coef"], f["k"], f["polish"]) == (16, 0.02, 2, 0.25)  # the options reach the fit
+    assert [h["step"] for h in doc["history"]][-1] == 40  # the polish is inside the 40 steps
     r = _run(["show", str(art)])
     assert "predictor coefficients" in r.stdout and "start" in r.stdout
     r = _run(["eval", "--model", user_model, "--nfe", "4", "--solver", str(art), "--samples", "16", "--json"])

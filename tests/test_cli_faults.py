@@ -797,12 +797,13 @@ OPTIONS: dict[str, tuple[list[str], list[str]]] = {
     "fit-k-0": (FIT_ARGS + ["--k", "0"], ["--k", r"(>=|greater than or equal to) 1"]),
     "fit-lr-coef-nan": (FIT_ARGS + ["--lr-coef", "nan"], ["--lr-coef", "finite number > 0"]),
     "fit-lr-coef-neg": (FIT_ARGS + ["--lr-coef", "-0.1"], ["--lr-coef", "finite number > 0"]),
+    "fit-polish-1": (FIT_ARGS + ["--polish", "1"], ["--polish", r"share in \[0, 1\)"]),
     "fit-device-foo": (FIT_ARGS + ["--device", "foo"], ["--device foo", "cpu, cuda"]),
     "fit-threads-neg": (FIT_ARGS + ["--threads", "-1"], ["--threads", r"(>=|greater than or equal to) 1"]),
     "eval-nfe-0": (["eval", "--model", MODEL, "--nfe", "0"], ["--nfe", r"(>=|greater than or equal to) 1"]),
 }
 # by default one option per kind of check: an integer range, a float callback, the device (fit: no X written)
-OPTIONS_DEFAULT = ["eval-samples-neg", "fit-lr-coef-nan", "fit-device-foo"]
+OPTIONS_DEFAULT = ["eval-samples-neg", "fit-lr-coef-nan", "fit-device-foo", "fit-polish-1"]
 
 
 def _option_case(name: str) -> Callable:

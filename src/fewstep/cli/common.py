@@ -101,6 +101,17 @@ def nonneg_float(name: str) -> Any:
     return check
 
 
+def share(name: str) -> Any:
+    """A typer callback: None, or a share in [0, 1)."""
+
+    def check(value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and 0 <= value < 1):
+            raise typer.BadParameter(f"{value} is not a share in [0, 1)", param_hint=name)
+        return value
+
+    return check
+
+
 def setup(device: str, threads: int | None) -> str:
     """Check the device, set the threads and join the other processes of a ``torchrun`` launch (once) before any
     work; returns the device this process runs on (``cuda``: the local rank's GPU under several processes)."""

@@ -29,6 +29,7 @@ from .common import (
     positive_float,
     print_report,
     setup,
+    share,
 )
 
 if TYPE_CHECKING:
@@ -80,6 +81,12 @@ def fit_cmd(
         None, callback=positive_float("--lr-grid"), help="learning rate of the grid and evaluation times"
     ),
     k: int | None = typer.Option(None, min=1, help="past evaluations each step combines (S4S)"),
+    polish: float | None = typer.Option(
+        None,
+        callback=share("--polish"),
+        help="share of the steps in a last phase that moves every learned group at a tenth of the rates "
+        "(default: the method's, 0.25 for s4s-alt and dss; 0 off)",
+    ),
     loss: str = typer.Option("l2", help="l2 (per-sample L2 distance), mse or l1 (a callable, e.g. LPIPS, from Python)"),
     relax: float | None = typer.Option(
         None, callback=nonneg_float("--relax"), help="LD3 relaxation radius (relative to the noise norm; 0 off)"
@@ -123,6 +130,7 @@ def fit_cmd(
         lr_coef=lr_coef,
         lr_grid=lr_grid,
         k=k,
+        polish=polish,
         samples=samples,
         val_samples=val_samples,
         confirm_samples=confirm_samples,
