@@ -34,8 +34,6 @@ PIPELINE_REFERENCE_NFE = 100
 def pipeline_fit(model: Denoiser) -> dict[str, Any]:
     """The demo's fit settings for ``model``: :data:`PIPELINE_FIT` and fewstep's teacher solver for its schedule
     (a flow's or a diffusion's) at :data:`PIPELINE_TEACHER_NFE` evaluations."""
-    if "teacher" in PIPELINE_FIT:
-        return dict(PIPELINE_FIT)
     name, grid, _ = classic_default(model.schedule, "teacher")
     return {**PIPELINE_FIT, "teacher": f"{name}@{grid}:{PIPELINE_TEACHER_NFE}"}
 

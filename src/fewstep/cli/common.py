@@ -7,7 +7,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,37 +79,31 @@ def errors() -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------- input checks
-def positive_float(name: str) -> Any:
-    """A typer callback: None, or a finite number > 0 (one-line error naming the option otherwise)."""
+def float_check(name: str, ok: Callable[[float], bool], what: str) -> Any:
+    """A typer callback for option ``name``: None, or a finite number for which ``ok`` holds (else one line
+    saying the value is not ``what``)."""
 
     def check(value: float | None) -> float | None:
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise typer.BadParameter(f"{value} is not a finite number > 0", param_hint=name)
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise typer.BadParameter(f"{value} is not {what}", param_hint=name)
         return value
 
     return check
+
+
+def positive_float(name: str) -> Any:
+    """A typer callback: None, or a finite number > 0."""
+    return float_check(name, lambda v: v > 0, "a finite number > 0")
 
 
 def nonneg_float(name: str) -> Any:
     """A typer callback: None, or a finite number >= 0."""
-
-    def check(value: float | None) -> float | None:
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise typer.BadParameter(f"{value} is not a finite number >= 0", param_hint=name)
-        return value
-
-    return check
+    return float_check(name, lambda v: v >= 0, "a finite number >= 0")
 
 
 def share(name: str) -> Any:
     """A typer callback: None, or a share in [0, 1)."""
-
-    def check(value: float | None) -> float | None:
-        if value is not None and not (math.isfinite(value) and 0 <= value < 1):
-            raise typer.BadParameter(f"{value} is not a share in [0, 1)", param_hint=name)
-        return value
-
-    return check
+    return float_check(name, lambda v: 0 <= v < 1, "a share in [0, 1)")
 
 
 def setup(device: str, threads: int | None) -> str:
